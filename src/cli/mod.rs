@@ -1,0 +1,150 @@
+//! The command line: turns arguments into library calls and results into tables or JSON.
+//!
+//! One file per command group; each defines its own clap `Args` and a `run` function, so
+//! adding a flag never touches another group's file.
+
+mod controller;
+mod daemon;
+mod inventory;
+mod misc;
+pub mod output;
+mod ports;
+mod vm;
+
+use crate::sysfs::SysfsRoot;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Default path of the daemon's control socket.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/usbroute/control.sock";
+
+/// Give virtual machines the USB hardware they should have.
+#[derive(Debug, Parser)]
+#[command(name = "usbroute", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Options every command shares.
+    #[command(flatten)]
+    pub global: Global,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command shares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Global {
+    /// Read sysfs, procfs and /dev under DIR instead of / (a recording from `record-sysfs`).
+    #[arg(
+        long,
+        global = true,
+        env = "USBROUTE_SYSFS_ROOT",
+        value_name = "DIR",
+        default_value = "/"
+    )]
+    pub sysfs_root: PathBuf,
+    /// The daemon's control socket (default: from --config, else /run/usbroute/control.sock).
+    #[arg(long, global = true, value_name = "SOCKET")]
+    pub control: Option<PathBuf>,
+    /// The daemon's config file (for `serve`, and to find the control socket).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl Global {
+    /// The sysfs root to read under.
+    pub fn root(&self) -> SysfsRoot {
+        SysfsRoot::new(self.sysfs_root.clone())
+    }
+}
+
+/// Every command.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show controllers, buses, hubs and devices as a tree.
+    List(inventory::ListArgs),
+    /// Show every field of the devices a selector matches.
+    Show(inventory::ShowArgs),
+    /// USB controllers, their IOMMU groups, and whether each can go to a VM.
+    Controllers(inventory::ControllersArgs),
+    /// Copy what usbroute reads from sysfs into DIR, for bug reports and tests.
+    RecordSysfs(inventory::RecordArgs),
+    /// Attach a device to a VM (directly over QMP, or through the daemon).
+    Attach(vm::AttachArgs),
+    /// Detach a device from a VM.
+    Detach(vm::DetachArgs),
+    /// Look at a VM directly over QMP.
+    Vm(vm::VmArgs),
+    /// Run the policy daemon.
+    Serve(daemon::ServeArgs),
+    /// Where each device is, and why (asks the daemon).
+    Status(daemon::StatusArgs),
+    /// Which rule decides a device, and why the others do not.
+    Why(daemon::WhyArgs),
+    /// Make the daemon re-read its config.
+    Reload(daemon::ReloadArgs),
+    /// Whole-controller passthrough: bind to vfio-pci, restore, hand to a VM.
+    Controller(controller::ControllerArgs),
+    /// Intel PCH USB 2.0 port routing between xHCI and EHCI.
+    Ports(ports::PortsArgs),
+    /// Switch the routing profile (for a host hotkey).
+    Toggle(ports::ToggleArgs),
+    /// Print shell completions.
+    Completions(misc::CompletionsArgs),
+    /// Print the man page (roff).
+    Man(misc::ManArgs),
+}
+
+/// Parse the process arguments, run, and turn the result into an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.global.verbose);
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("usbroute: {}", output::error_chain(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Run one parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let g = &cli.global;
+    match cli.command {
+        Command::List(a) => inventory::list(g, a),
+        Command::Show(a) => inventory::show(g, a),
+        Command::Controllers(a) => inventory::controllers(g, a),
+        Command::RecordSysfs(a) => inventory::record(g, a),
+        Command::Attach(a) => vm::attach(g, a),
+        Command::Detach(a) => vm::detach(g, a),
+        Command::Vm(a) => vm::vm(g, a),
+        Command::Serve(a) => daemon::serve(g, a),
+        Command::Status(a) => daemon::status(g, a),
+        Command::Why(a) => daemon::why(g, a),
+        Command::Reload(a) => daemon::reload(g, a),
+        Command::Controller(a) => controller::controller(g, a),
+        Command::Ports(a) => ports::ports(g, a),
+        Command::Toggle(a) => ports::toggle(g, a),
+        Command::Completions(a) => misc::completions(a),
+        Command::Man(a) => misc::man(a),
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

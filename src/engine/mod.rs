@@ -1,0 +1,1 @@
+//! Engine: diff desired against actual, act through backends, retry with backoff.

@@ -1,0 +1,1 @@
+//! Kernel uevents from netlink, checked to come from the kernel.

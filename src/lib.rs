@@ -1,0 +1,21 @@
+//! usbroute: give virtual machines the USB hardware they should have.
+//!
+//! Data flows one way (see `../shared/notes/architecture.md`):
+//! sysfs → [`inventory`] → [`policy`] (pure) → [`engine`] → [`backend`] (QMP, later xl/virsh).
+//! Everything that touches the host goes through [`sysfs::SysfsRoot`] or a small trait,
+//! so the same code runs on the real `/sys`, on a recorded fixture and inside the test guest.
+
+pub mod backend;
+pub mod cli;
+pub mod engine;
+pub mod events;
+pub mod inventory;
+pub mod policy;
+pub mod qemu;
+pub mod qmp;
+pub mod routing;
+pub mod selector;
+pub mod service;
+pub mod sysfs;
+pub mod toggle;
+pub mod vfio;

@@ -1,0 +1,1 @@
+//! QEMU backend: usb-host attach, detach and list over [`crate::qmp`].

@@ -1,0 +1,1 @@
+//! QMP: an async client of our own for the QEMU Machine Protocol.

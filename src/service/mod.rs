@@ -1,0 +1,1 @@
+//! Control socket: line-delimited JSON requests from the CLI to `usbroute serve`.

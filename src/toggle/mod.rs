@@ -1,0 +1,1 @@
+//! The toggle service: a line protocol that switches routing profiles.

@@ -1,0 +1,1 @@
+//! Whole-controller passthrough: IOMMU group verdicts and vfio-pci bind/restore.

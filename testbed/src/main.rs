@@ -1,0 +1,2 @@
+//! usbroute real-kernel test bed harness.
+fn main() {}
