@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Default path of the daemon's control socket.
-pub const DEFAULT_CONTROL_SOCKET: &str = "/run/usbroute/control.sock";
+pub use crate::service::DEFAULT_CONTROL_SOCKET;
 
 /// Give virtual machines the USB hardware they should have.
 #[derive(Debug, Parser)]
