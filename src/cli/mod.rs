@@ -4,7 +4,7 @@
 //! adding a flag never touches another group's file.
 
 mod controller;
-mod daemon;
+pub mod daemon;
 mod inventory;
 mod misc;
 pub mod output;
