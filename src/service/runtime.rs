@@ -243,8 +243,24 @@ impl Daemon {
     /// Start tasks for VMs new in the policy, stop those gone, and re-arm the socket watcher.
     pub(super) fn sync_vms(&mut self) {
         let wanted: BTreeMap<String, PathBuf> = self.policy.vms().into_iter().collect();
-        self.vms
-            .retain(|name, vm| wanted.get(name).is_some_and(|q| *q == vm.qmp));
+        let gone: Vec<String> = self
+            .vms
+            .iter()
+            .filter(|(name, vm)| wanted.get(*name) != Some(&vm.qmp))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            // Dropping its sender ends the VM's task; what it holds stays in it.
+            self.vms.remove(&name);
+            tracing::info!(vm = %name, "VM no longer in the config (or its socket moved); its devices stay where they are");
+            self.answer_waiters_of(
+                &name,
+                Reply::error(
+                    super::ErrorKind::NotFound,
+                    format!("VM {name} left the config"),
+                ),
+            );
+        }
         for (name, qmp) in &wanted {
             if self.vms.contains_key(name) {
                 continue;
@@ -404,7 +420,10 @@ impl Daemon {
                         false => tracing::debug!(vm = %vm, "VM not reachable: {reason}"),
                     }
                 }
-                self.fail_waiters(&vm, &format!("VM {vm} is down: {reason}"));
+                self.answer_waiters_of(
+                    &vm,
+                    Reply::done(format!("override kept: VM {vm} is down ({reason}); it gets the device when it is back")),
+                );
                 self.reconcile();
             }
             FromVm::Done { vm, action, result } => self.on_done(vm, &action, result),
@@ -449,15 +468,14 @@ impl Daemon {
         }
     }
 
-    fn fail_waiters(&mut self, vm: &str, why: &str) {
-        let (failed, rest): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
+    /// Answer every request waiting on `vm` with `reply`.
+    fn answer_waiters_of(&mut self, vm: &str, reply: Reply) {
+        let (answered, rest): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
             .into_iter()
             .partition(|w| w.vm == vm);
         self.waiters = rest;
-        for w in failed {
-            let _ = w.reply.send(Reply::done(format!(
-                "override kept: {why}; it is applied when the VM is back"
-            )));
+        for w in answered {
+            let _ = w.reply.send(reply.clone());
         }
     }
 
