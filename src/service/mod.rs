@@ -11,6 +11,7 @@ pub mod client;
 pub mod connectors;
 mod control;
 pub mod decide;
+pub mod mounts;
 pub mod protocol;
 pub mod runtime;
 pub mod server;
