@@ -50,7 +50,12 @@ fn main() {
     println!("== event storm");
     let seconds = if full { 5 } else { 1 };
     let rate = if full { 10_000 } else { 1_000 };
-    rt.block_on(storm(rate, seconds));
+    println!("   8 MiB buffer (SO_RCVBUFFORCE), listener always reading:");
+    rt.block_on(storm(rate, seconds, 8 << 20, Duration::ZERO));
+    println!(
+        "   208 KiB buffer (the default rmem_max), listener stalled 1 s mid-storm (a slow rescan):"
+    );
+    rt.block_on(storm(rate, seconds, 212_992, Duration::from_secs(1)));
 }
 
 /// (a) `query-status` on an open, negotiated QMP connection.
@@ -130,10 +135,13 @@ async fn uevent_receipt(n: usize) -> Percentiles {
     Percentiles::new(samples)
 }
 
-/// Kernel uevents at `rate`/s for `seconds` s into a listener; the listener does what the
-/// daemon's does (parse, classify, mark dirty). Counts drops and Resyncs.
-async fn storm(rate: u64, seconds: u64) {
-    let mut sock = UeventSocket::open().unwrap();
+/// Kernel uevents at `rate`/s for `seconds` s into a listener with a `buffer`-byte receive
+/// buffer that stops reading for `stall` half-way; the listener does what the daemon's
+/// does (parse, classify, mark dirty). Counts drops and Resyncs.
+async fn storm(rate: u64, seconds: u64, buffer: usize, stall: Duration) {
+    let mut sock = UeventSocket::open_with_buffer(buffer).unwrap();
+    let stall_at = Instant::now() + Duration::from_secs(seconds) / 2;
+    let mut stalled = stall.is_zero();
     let total = rate * seconds;
     let writer = std::thread::spawn(move || {
         let start = Instant::now();
@@ -153,6 +161,10 @@ async fn storm(rate: u64, seconds: u64) {
     let (mut received, mut resyncs, mut rescans) = (0u64, 0u64, 0u64);
     let mut last_seen_at = Instant::now();
     loop {
+        if !stalled && Instant::now() >= stall_at {
+            stalled = true;
+            tokio::time::sleep(stall).await;
+        }
         let item = tokio::time::timeout(Duration::from_millis(500), sock.recv()).await;
         match item {
             Ok(Received::Event(ev)) => {
