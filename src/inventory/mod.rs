@@ -56,3 +56,6 @@ fn finish(
     snapshot.warnings = warnings;
     (snapshot, log)
 }
+
+#[cfg(test)]
+mod scan_tests;

@@ -76,15 +76,8 @@ fn read_controller(
     });
     let members = match iommu_group {
         Some(g) => {
-            if !groups.contains_key(&g) {
-                let read = read_group(r, g, classes);
-                groups.insert(g, read);
-            }
-            groups[&g]
-                .iter()
-                .filter(|m| m.pci != pci)
-                .cloned()
-                .collect()
+            let group = groups.entry(g).or_insert_with(|| read_group(r, g, classes));
+            group.iter().filter(|m| m.pci != pci).cloned().collect()
         }
         None => Vec::new(),
     };
