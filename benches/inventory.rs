@@ -42,22 +42,42 @@ fn main() {
         snapshot.controllers.len()
     );
 
-    let baseline = measure(iterations, || black_box(minimal_walk(dir.path())));
-    let scanned = measure(iterations, || black_box(scan(&root)).devices.len());
-    let json = measure(iterations, || {
-        black_box(serde_json::to_string_pretty(&Listing::from(&snapshot)).unwrap()).len()
-    });
-    let tree = measure(iterations, || black_box(render::tree(&snapshot)).len());
-    let whole = measure(iterations, || {
-        let s: Snapshot = scan(&root);
-        black_box(serde_json::to_string_pretty(&Listing::from(&s)).unwrap()).len()
-    });
-
-    report("baseline: list + readlink + 1 attr", &baseline, None, made);
-    report("scan", &scanned, Some(&baseline), made);
-    report("render list --json", &json, None, made);
-    report("render list tree", &tree, None, made);
-    report("scan + list --json", &whole, Some(&baseline), made);
+    // Interleaved: every round runs each case once, so a busy machine (these run on
+    // shared cores) slows all cases alike and the ratios stay meaningful.
+    let mut cases: Vec<Case> = vec![
+        (
+            "baseline: list + readlink + 1 attr",
+            Box::new(|| minimal_walk(dir.path())),
+        ),
+        ("scan", Box::new(|| scan(&root).devices.len())),
+        (
+            "render list --json",
+            Box::new(|| {
+                serde_json::to_string_pretty(&Listing::from(&snapshot))
+                    .unwrap()
+                    .len()
+            }),
+        ),
+        (
+            "render list tree",
+            Box::new(|| render::tree(&snapshot).len()),
+        ),
+        (
+            "scan + list --json",
+            Box::new(|| {
+                let s: Snapshot = scan(&root);
+                serde_json::to_string_pretty(&Listing::from(&s))
+                    .unwrap()
+                    .len()
+            }),
+        ),
+    ];
+    let stats = measure(iterations, &mut cases);
+    let baseline = &stats[0];
+    for ((name, _), s) in cases.iter().zip(&stats) {
+        let with_ratio = name.starts_with("scan").then_some(baseline);
+        report(name, s, with_ratio, made);
+    }
 }
 
 /// Build the tree: per controller a USB 2 and a USB 3 bus; on each root port a hub whose
@@ -134,31 +154,43 @@ fn minimal_walk(dir: &Path) -> usize {
     n
 }
 
+/// A named thing to time; returns a size so the work cannot be optimised away.
+type Case<'a> = (&'static str, Box<dyn FnMut() -> usize + 'a>);
+
 struct Stats {
     mean: Duration,
     p50: Duration,
     p99: Duration,
 }
 
-fn measure<T>(iterations: usize, mut f: impl FnMut() -> T) -> Stats {
-    for _ in 0..iterations.min(10) {
-        black_box(f());
+/// Per case: mean, p50 and p99 over `iterations` interleaved rounds (after 10 warm-up rounds).
+fn measure(iterations: usize, cases: &mut [Case]) -> Vec<Stats> {
+    for _ in 0..10 {
+        for (_, f) in cases.iter_mut() {
+            black_box(f());
+        }
     }
-    let mut times: Vec<Duration> = (0..iterations)
-        .map(|_| {
+    let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(iterations); cases.len()];
+    for _ in 0..iterations {
+        for ((_, f), t) in cases.iter_mut().zip(&mut times) {
             let start = Instant::now();
             black_box(f());
-            start.elapsed()
-        })
-        .collect();
-    times.sort_unstable();
-    let total: Duration = times.iter().sum();
-    let pick = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
-    Stats {
-        mean: total / iterations as u32,
-        p50: pick(0.50),
-        p99: pick(0.99),
+            t.push(start.elapsed());
+        }
     }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_unstable();
+            let total: Duration = t.iter().sum();
+            let pick = |q: f64| t[((t.len() as f64 * q) as usize).min(t.len() - 1)];
+            Stats {
+                mean: total / iterations as u32,
+                p50: pick(0.50),
+                p99: pick(0.99),
+            }
+        })
+        .collect()
 }
 
 fn report(name: &str, s: &Stats, baseline: Option<&Stats>, devices: usize) {

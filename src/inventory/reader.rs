@@ -3,7 +3,7 @@
 //! `record-sysfs` copies exactly what was read and nothing else.
 
 use crate::sysfs::SysfsRoot;
-use std::io;
+use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
 
 /// How a logged path was used, which decides how a recording reproduces it.
@@ -82,7 +82,7 @@ impl<'a> Reader<'a> {
     /// The raw value of an attribute: `Ok(None)` when absent.
     pub(crate) fn raw(&mut self, path: &Path) -> io::Result<Option<String>> {
         self.mark(path, Access::File);
-        self.root.read_attr(path)
+        read_attribute(&self.root.path(path))
     }
 
     /// Read and parse attribute `name` of `dir` for the thing called `who`.
@@ -150,6 +150,45 @@ impl<'a> Reader<'a> {
             Err(_) => path.to_path_buf(),
         }
     }
+}
+
+/// Read a sysfs attribute like [`SysfsRoot::read_attr`] (trailing newline and NULs
+/// trimmed, lossy UTF-8, `Ok(None)` if absent) in four system calls: open, read, read
+/// (end), close. `std::fs::read` adds a `statx` for a size hint that sysfs answers with
+/// 4096 for every attribute anyway; on a scan that reads ~15 attributes per device,
+/// that is a fifth of the system calls.
+fn read_attribute(path: &Path) -> io::Result<Option<String>> {
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut page = [0u8; 4096];
+    let mut len = 0;
+    let mut rest = Vec::new();
+    loop {
+        if len == page.len() {
+            // Larger than a page (not a sysfs attribute, but a recording may hold one).
+            file.read_to_end(&mut rest)?;
+            break;
+        }
+        match file.read(&mut page[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let bytes: std::borrow::Cow<[u8]> = if rest.is_empty() {
+        (&page[..len]).into()
+    } else {
+        [&page[..len], &rest[..]].concat().into()
+    };
+    Ok(Some(
+        String::from_utf8_lossy(&bytes)
+            .trim_end_matches(['\n', '\0'])
+            .to_string(),
+    ))
 }
 
 /// Resolve `.` and `..` without touching the file system (`..` at `/` stays at `/`).
