@@ -289,3 +289,19 @@ fn recording_refuses_a_non_empty_directory_and_leaves_it_alone() {
         "data"
     );
 }
+
+#[test]
+fn bus_of_a_platform_controller_is_listed_under_not_on_pci() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = SysfsBuilder::new(dir.path());
+    let usb7 = "/sys/devices/platform/dummy_hcd.0/usb7";
+    b.attr(usb7, "speed", "480").unwrap();
+    b.link("/sys/bus/usb/devices/usb7", usb7).unwrap();
+    b.device(&device("7-1", 2, 0, "480")).unwrap();
+
+    let s = scan_of(&dir);
+
+    assert_eq!(s.buses[0].controller, None);
+    assert_eq!(s.devices[0].controller, None);
+    assert!(render::tree(&s).starts_with("not on PCI\n└── bus 7  480 Mb/s\n    └── 7-1  dev 2"));
+}
