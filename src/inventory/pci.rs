@@ -9,6 +9,7 @@ const PCI_DEVICES: &str = "/sys/bus/pci/devices";
 const IOMMU_GROUPS: &str = "/sys/kernel/iommu_groups";
 /// PCI class of a PCI-to-PCI bridge (base 06, sub 04), without the prog-if byte.
 const PCI_BRIDGE_CLASS: u32 = 0x0604;
+const CLASS_CODE: &str = "a class code";
 
 /// Every USB host controller, sorted by address, with group members and companions filled
 /// in; `buses` is left empty for the caller, who knows the root hubs.
@@ -23,14 +24,9 @@ pub(super) fn read_controllers(r: &mut Reader) -> Vec<Controller> {
             continue;
         };
         let entry = Path::new(PCI_DEVICES).join(name);
-        let class = r.parse(
-            &format!("pci {pci}"),
-            &entry,
-            "class",
-            true,
-            "a class code",
-            parse_hex_u32,
-        );
+        let class =
+            r.attrs(&format!("pci {pci}"), &entry)
+                .required("class", CLASS_CODE, parse_hex_u32);
         classes.insert(pci, class);
         if let Some(kind) = class.and_then(ControllerKind::from_pci_class) {
             usb.push((pci, kind, entry));
@@ -57,15 +53,17 @@ fn read_controller(
 ) -> Controller {
     let who = format!("pci {pci}");
     let dir = r.resolve(entry);
-    let vendor_id = r.parse(&who, &dir, "vendor", true, "a hex id", parse_hex_id);
-    let device_id = r.parse(&who, &dir, "device", true, "a hex id", parse_hex_id);
+    let mut a = r.attrs(&who, &dir);
+    let vendor_id = a.required("vendor", "a hex id", parse_hex_id);
+    let device_id = a.required("device", "a hex id", parse_hex_id);
+    let driver = a.link("driver");
+    let group_link = a.link("iommu_group");
     let vendor_name = vendor_id.and_then(pci_vendor_name);
     let device_name = match (vendor_id, device_id) {
         (Some(v), Some(d)) => pci_ids::Device::from_vid_pid(v.0, d.0).map(|d| d.name().to_string()),
         _ => None,
     };
-    let driver = r.link_name(&dir.join("driver"));
-    let iommu_group = r.link_name(&dir.join("iommu_group")).and_then(|n| {
+    let iommu_group = group_link.and_then(|n| {
         let parsed = n.parse::<u32>().ok();
         if parsed.is_none() {
             r.warn(format!(
@@ -123,18 +121,13 @@ fn read_group(
         };
         let entry = devices.join(&name);
         r.mark(&entry, Access::Link);
+        let who = format!("pci {pci}");
+        let mut a = r.attrs(&who, &entry);
         let class = match classes.get(&pci) {
             Some(class) => *class,
-            None => r.parse(
-                &format!("pci {pci}"),
-                &entry,
-                "class",
-                true,
-                "a class code",
-                parse_hex_u32,
-            ),
+            None => a.required("class", CLASS_CODE, parse_hex_u32),
         };
-        let driver = r.link_name(&entry.join("driver"));
+        let driver = a.link("driver");
         members.push(GroupMember {
             pci,
             class,

@@ -85,6 +85,11 @@ impl<'a> Reader<'a> {
         read_attribute(&self.root.path(path))
     }
 
+    /// The attributes of one sysfs object (`dir`), warnings naming it `who`.
+    pub(crate) fn attrs<'r>(&'r mut self, who: &'r str, dir: &'r Path) -> Attrs<'r, 'a> {
+        Attrs { r: self, who, dir }
+    }
+
     /// Read and parse attribute `name` of `dir` for the thing called `who`.
     ///
     /// Missing: `None`, with a warning only if `required`. Unreadable or unparsable:
@@ -149,6 +154,45 @@ impl<'a> Reader<'a> {
             Ok(target) => normalize(&path.parent().unwrap_or(Path::new("/")).join(target)),
             Err(_) => path.to_path_buf(),
         }
+    }
+}
+
+/// The attributes of one sysfs object, read through its [`Reader`].
+pub(crate) struct Attrs<'r, 'a> {
+    r: &'r mut Reader<'a>,
+    who: &'r str,
+    dir: &'r Path,
+}
+
+impl Attrs<'_, '_> {
+    /// An attribute every such object has: missing is worth a warning.
+    pub(crate) fn required<T>(
+        &mut self,
+        name: &str,
+        what: &str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Option<T> {
+        self.r.parse(self.who, self.dir, name, true, what, parse)
+    }
+
+    /// An attribute some objects lack (older kernels, optional strings).
+    pub(crate) fn optional<T>(
+        &mut self,
+        name: &str,
+        what: &str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Option<T> {
+        self.r.parse(self.who, self.dir, name, false, what, parse)
+    }
+
+    /// An optional text attribute (`serial`, `product`): absent is normal, empty is none.
+    pub(crate) fn text(&mut self, name: &str) -> Option<String> {
+        self.r.text(self.who, self.dir, name)
+    }
+
+    /// The target name of link `name` (`driver` → `usbhid`), `None` if there is none.
+    pub(crate) fn link(&mut self, name: &str) -> Option<String> {
+        self.r.link_name(&self.dir.join(name))
     }
 }
 

@@ -1,12 +1,14 @@
 //! Buses (root hubs), devices and their interfaces from `/sys/bus/usb/devices`.
 
 use super::pci::parse_hex_id;
-use super::reader::{Access, Reader};
-use super::{Bus, ClassTriple, Device, Interface, PciAddress, PortPath, Speed};
+use super::reader::{Access, Attrs, Reader};
+use super::{Bus, ClassTriple, Device, HexId, Interface, PciAddress, PortPath, Speed};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 const USB_DEVICES: &str = "/sys/bus/usb/devices";
+const SPEED: &str = "a speed in Mb/s";
+const HEX_ID: &str = "a 4-digit hex id";
 
 /// What one entry of `/sys/bus/usb/devices` is, from its name alone.
 #[derive(Debug, PartialEq)]
@@ -84,47 +86,34 @@ pub(super) fn read_usb(r: &mut Reader) -> (Vec<Bus>, Vec<Device>) {
 fn read_bus(r: &mut Reader, number: u8, name: &str) -> Bus {
     let who = format!("bus {number}");
     let dir = r.resolve(&Path::new(USB_DEVICES).join(name));
+    let mut a = r.attrs(&who, &dir);
     Bus {
         number,
         controller: pci_ancestor(&dir),
-        speed_mbps: r
-            .parse(&who, &dir, "speed", true, "a speed in Mb/s", parse_speed)
-            .flatten(),
-        ports: r.parse(&who, &dir, "maxchild", false, "a port count", |v| {
-            v.trim().parse().ok()
-        }),
-        version: r.text(&who, &dir, "version"),
+        speed_mbps: a.required("speed", SPEED, parse_speed).flatten(),
+        ports: a.optional("maxchild", "a port count", parse_decimal),
+        version: a.text("version"),
     }
 }
 
 fn read_device(r: &mut Reader, port: PortPath, name: &str, ifaces: Vec<(u8, String)>) -> Device {
     let who = format!("usb {name}");
     let dir = r.resolve(&Path::new(USB_DEVICES).join(name));
-    let address = r.parse(&who, &dir, "devnum", true, "a device number", |v| {
-        v.trim().parse().ok()
-    });
-    let vendor_id = r.parse(
-        &who,
-        &dir,
-        "idVendor",
-        true,
-        "a 4-digit hex id",
-        parse_hex_id,
-    );
-    let product_id = r.parse(
-        &who,
-        &dir,
-        "idProduct",
-        true,
-        "a 4-digit hex id",
-        parse_hex_id,
-    );
+    let mut a = r.attrs(&who, &dir);
+    let address = a.required("devnum", "a device number", parse_decimal);
+    let vendor_id = a.required("idVendor", HEX_ID, parse_hex_id);
+    let product_id = a.required("idProduct", HEX_ID, parse_hex_id);
     let class = class_triple(
-        r,
-        &who,
-        &dir,
+        &mut a,
         ["bDeviceClass", "bDeviceSubClass", "bDeviceProtocol"],
     );
+    let speed_mbps = a.required("speed", SPEED, parse_speed).flatten();
+    let manufacturer = a.text("manufacturer");
+    let product = a.text("product");
+    let serial = a.text("serial");
+    let removable = a.text("removable");
+    let driver = a.link("driver");
+
     let mut netdevs = Vec::new();
     let mut block_devices = Vec::new();
     let mut interfaces: Vec<Interface> = Vec::with_capacity(ifaces.len());
@@ -138,41 +127,24 @@ fn read_device(r: &mut Reader, port: PortPath, name: &str, ifaces: Vec<(u8, Stri
     interfaces.sort_by_key(|i| i.number);
     netdevs.sort();
     block_devices.sort();
-    let hub = class.is_some_and(|c| c.class == ClassTriple::HUB_CLASS)
-        || interfaces
-            .iter()
-            .any(|i| i.class.is_some_and(|c| c.class == ClassTriple::HUB_CLASS));
-    let manufacturer = r.text(&who, &dir, "manufacturer").or_else(|| {
-        use usb_ids::FromId;
-        vendor_id
-            .and_then(|v| usb_ids::Vendor::from_id(v.0))
-            .map(|v| v.name().to_string())
-    });
-    let product = r
-        .text(&who, &dir, "product")
-        .or_else(|| match (vendor_id, product_id) {
-            (Some(v), Some(p)) => {
-                usb_ids::Device::from_vid_pid(v.0, p.0).map(|d| d.name().to_string())
-            }
-            _ => None,
-        });
+    let is_hub_class =
+        |c: Option<ClassTriple>| c.is_some_and(|c| c.class == ClassTriple::HUB_CLASS);
+
     Device {
         bus: port.bus,
         parent: port.parent(),
         address,
         vendor_id,
         product_id,
-        manufacturer,
-        product,
-        serial: r.text(&who, &dir, "serial"),
+        manufacturer: manufacturer.or_else(|| usb_vendor_name(vendor_id?)),
+        product: product.or_else(|| usb_product_name(vendor_id?, product_id?)),
+        serial,
         class,
-        speed_mbps: r
-            .parse(&who, &dir, "speed", true, "a speed in Mb/s", parse_speed)
-            .flatten(),
-        hub,
-        removable: r.text(&who, &dir, "removable"),
+        speed_mbps,
+        hub: is_hub_class(class) || interfaces.iter().any(|i| is_hub_class(i.class)),
+        removable,
         controller: pci_ancestor(&dir),
-        driver: r.link_name(&dir.join("driver")),
+        driver,
         sysfs_path: dir.display().to_string(),
         interfaces,
         netdevs,
@@ -185,32 +157,40 @@ fn read_device(r: &mut Reader, port: PortPath, name: &str, ifaces: Vec<(u8, Stri
 fn read_interface(r: &mut Reader, number: u8, name: &str) -> (Interface, PathBuf) {
     let who = format!("usb {name}");
     let dir = r.resolve(&Path::new(USB_DEVICES).join(name));
+    let mut a = r.attrs(&who, &dir);
     let interface = Interface {
         number,
         class: class_triple(
-            r,
-            &who,
-            &dir,
+            &mut a,
             [
                 "bInterfaceClass",
                 "bInterfaceSubClass",
                 "bInterfaceProtocol",
             ],
         ),
-        driver: r.link_name(&dir.join("driver")),
+        driver: a.link("driver"),
     };
     (interface, dir)
 }
 
 /// The three class bytes (hex in sysfs); unknown if any of them is.
-fn class_triple(r: &mut Reader, who: &str, dir: &Path, names: [&str; 3]) -> Option<ClassTriple> {
-    let [class, subclass, protocol] =
-        names.map(|n| r.parse(who, dir, n, true, "a hex byte", parse_hex_u8));
+fn class_triple(a: &mut Attrs, names: [&str; 3]) -> Option<ClassTriple> {
+    let [class, subclass, protocol] = names.map(|n| a.required(n, "a hex byte", parse_hex_u8));
     Some(ClassTriple {
         class: class?,
         subclass: subclass?,
         protocol: protocol?,
     })
+}
+
+/// Name fallbacks from the usb-ids database, for devices without the strings.
+fn usb_vendor_name(vendor: HexId) -> Option<String> {
+    use usb_ids::FromId;
+    usb_ids::Vendor::from_id(vendor.0).map(|v| v.name().to_string())
+}
+
+fn usb_product_name(vendor: HexId, product: HexId) -> Option<String> {
+    usb_ids::Device::from_vid_pid(vendor.0, product.0).map(|d| d.name().to_string())
 }
 
 /// The names below `dir`, each marked for the recording; none if `dir` does not exist.
@@ -271,6 +251,10 @@ fn parse_speed(v: &str) -> Option<Option<Speed>> {
         .ok()
         .filter(|s| s.is_finite() && *s > 0.0)
         .map(|s| Some(Speed(s)))
+}
+
+fn parse_decimal<T: std::str::FromStr>(v: &str) -> Option<T> {
+    v.trim().parse().ok()
 }
 
 fn parse_hex_u8(v: &str) -> Option<u8> {
