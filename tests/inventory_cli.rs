@@ -252,3 +252,14 @@ fn record_sysfs_of_the_fixture_lists_the_same_json() {
     let replayed: Value = serde_json::from_slice(&replayed.get_output().stdout).unwrap();
     assert_eq!(replayed, json_of(&["list", "--json"]));
 }
+
+#[test]
+fn show_json_without_a_match_prints_an_empty_array_and_exits_1() {
+    let out = usbroute(&fixture())
+        .args(["show", "serial:nope", "--json"])
+        .assert()
+        .code(1);
+
+    let v: Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    assert_eq!(v, json!([]));
+}
