@@ -61,7 +61,7 @@ pub fn tree(snapshot: &Snapshot) -> String {
     for c in &snapshot.controllers {
         out.push_str(&controller_line(c));
         out.push('\n');
-        let buses: Vec<u8> = c.buses.clone();
+        let buses = &c.buses;
         if buses.is_empty() {
             let why = c
                 .driver
