@@ -166,7 +166,7 @@ async fn serve_connection(
     if let Err(why) = authorize(&peer, &supplementary, Uid::effective().as_raw(), group) {
         tracing::warn!(uid = peer.uid, pid = ?peer.pid, "control request refused: {why}");
         send(&mut write, &Reply::error(ErrorKind::PermissionDenied, why)).await?;
-        return Ok(());
+        return linger(read, write).await;
     }
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
@@ -183,6 +183,7 @@ async fn serve_connection(
             if n >= MAX_LINE {
                 let msg = format!("request line longer than {MAX_LINE} bytes; connection closed");
                 send(&mut write, &Reply::error(ErrorKind::BadRequest, msg)).await?;
+                return linger(reader.into_inner(), write).await;
             }
             // Over-long, or the peer closed mid-line: either way this connection is done.
             return Ok(());
@@ -199,6 +200,28 @@ async fn serve_connection(
         };
         send(&mut write, &reply).await?;
     }
+}
+
+/// Close after a final reply without losing it: closing a unix socket with unread input
+/// resets the connection, and the peer may then never read the reply. So: end our side,
+/// and read and drop what the peer still sends, for a bounded time and amount.
+async fn linger(
+    mut read: tokio::net::unix::OwnedReadHalf,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<()> {
+    write.shutdown().await?;
+    let drain = async {
+        let mut sink = [0u8; 8192];
+        let mut left = 4 * MAX_LINE;
+        while left > 0 {
+            match read.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
+    Ok(())
 }
 
 async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, reply: &Reply) -> std::io::Result<()> {
