@@ -108,9 +108,48 @@ impl Selector {
             .filter_map(|t| t.mismatch(device).map(|why| (t, why)))
             .collect()
     }
+
+    /// `true` when no device can match both selectors, judged from the terms alone (two
+    /// different ports, ids, addresses, serials or controllers, a port outside a hub...).
+    /// `false` means "they might overlap": the config loader uses it to reject ties.
+    pub fn provably_disjoint(&self, other: &Selector) -> bool {
+        self.terms
+            .iter()
+            .any(|a| other.terms.iter().any(|b| a.excludes(b) || b.excludes(a)))
+    }
 }
 
 impl Term {
+    /// `true` when no device can satisfy both `self` and `other` (checked one way round).
+    fn excludes(&self, other: &Term) -> bool {
+        let differ = |a: &Pattern<u16>, b: &Pattern<u16>| matches!((a, b), (Pattern::Exact(x), Pattern::Exact(y)) if x != y);
+        let nested = |a: &PortPath, b: &PortPath| a == b || a.is_behind(b) || b.is_behind(a);
+        match (self, other) {
+            (Term::Port(a), Term::Port(b)) => a != b,
+            (Term::Port(p), Term::Hub(h)) => !p.is_behind(h),
+            (Term::Port(p), Term::Addr { bus, .. }) => p.bus != *bus,
+            (Term::Hub(a), Term::Hub(b)) => !nested(a, b),
+            (Term::Hub(h), Term::Addr { bus, .. }) => h.bus != *bus,
+            (
+                Term::Addr { bus, address },
+                Term::Addr {
+                    bus: b2,
+                    address: a2,
+                },
+            ) => (bus, address) != (b2, a2),
+            (
+                Term::Id { vendor, product },
+                Term::Id {
+                    vendor: v2,
+                    product: p2,
+                },
+            ) => differ(vendor, v2) || differ(product, p2),
+            (Term::Serial(a), Term::Serial(b)) => a != b,
+            (Term::Controller(a), Term::Controller(b)) => a != b,
+            _ => false,
+        }
+    }
+
     /// Does this device satisfy this term?
     pub fn matches(&self, device: &Device) -> bool {
         self.mismatch(device).is_none()
