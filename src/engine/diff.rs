@@ -4,7 +4,8 @@
 //! - nothing already right is touched (an id present where it is wanted stays);
 //! - nothing is attached twice (an id a VM lists is never attached to it again);
 //! - a device is never on two VMs: an attach is emitted only when no usb-host of ours in
-//!   any VM could be holding the device; otherwise only the detach is emitted now, and the
+//!   any VM could be holding a device the new one could take (for `by = "id"`, any device
+//!   of that kind); otherwise only the detach is emitted now, and the
 //!   attach follows on a later round, after the VM confirmed the detach;
 //! - usb-host devices that are not ours (ids without the `usbroute-` form) are left alone.
 
@@ -73,14 +74,14 @@ pub type Actual = BTreeMap<String, VmView>;
 /// attaches; both sorted by VM and id, so the same inputs always give the same list.
 pub fn reconcile(desired: &Desired, actual: &Actual, devices: &[Device]) -> Vec<Action> {
     let by_port: BTreeMap<_, _> = devices.iter().map(|d| (&d.port, d)).collect();
-    let mut wanted: BTreeMap<(&str, String), (&Device, AttachMode)> = BTreeMap::new();
+    let mut wanted: BTreeMap<(&str, String), (&Device, AttachKey)> = BTreeMap::new();
     for (port, decision) in &desired.devices {
         let (Placement::Vm { vm, mode }, Some(device)) = (&decision.placement, by_port.get(port))
         else {
             continue;
         };
         if let Some(key) = AttachKey::of(*mode, device) {
-            wanted.insert((vm.as_str(), key.to_id()), (device, *mode));
+            wanted.insert((vm.as_str(), key.to_id()), (device, key));
         }
     }
     let ours: Vec<(&str, &VmUsbDevice, AttachKey)> = actual
@@ -103,19 +104,22 @@ pub fn reconcile(desired: &Desired, actual: &Actual, devices: &[Device]) -> Vec<
             id: e.id.clone(),
         })
         .collect();
-    for ((vm, id), (device, mode)) in &wanted {
+    for ((vm, id), (device, key)) in &wanted {
         let Some(view) = actual.get(*vm).filter(|v| v.reachable) else {
             continue;
         };
         let present = view.devices.iter().any(|e| &e.id == id);
-        let held_elsewhere = ours
-            .iter()
-            .any(|(v, e, key)| (v != vm || &e.id != id) && key.refers_to(device));
+        // Every device this usb-host could take (all devices of a kind, for `by = "id"`)
+        // must be free of our other usb-host devices first.
+        let held_elsewhere = devices.iter().filter(|d| key.refers_to(d)).any(|d| {
+            ours.iter()
+                .any(|(v, e, k)| (v != vm || &e.id != id) && k.refers_to(d))
+        });
         if !present && !held_elsewhere {
             actions.push(Action::Attach {
                 vm: vm.to_string(),
                 device: Box::new((*device).clone()),
-                mode: *mode,
+                mode: key.mode(),
                 id: id.clone(),
             });
         }

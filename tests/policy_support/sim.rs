@@ -63,7 +63,7 @@ pub struct Sim {
 }
 
 /// Devnums wrap early here so that reuse of an address by another device happens often.
-const DEVNUM_WRAP: u16 = 12;
+const DEVNUM_WRAP: u16 = 6;
 
 impl Sim {
     /// An empty host with VMs `names`, all down, and no rules.
@@ -354,6 +354,20 @@ impl Sim {
             .iter()
             .filter(|(_, v)| v.up)
             .flat_map(|(n, v)| v.entries.keys().map(move |id| (n.clone(), id.clone())))
+            .collect()
+    }
+
+    /// `(vm, id)` of address entries whose plug is gone (QEMU will never reopen them).
+    pub fn stale(&self) -> BTreeSet<(String, String)> {
+        self.vms
+            .iter()
+            .filter(|(_, v)| v.up)
+            .flat_map(|(n, v)| {
+                v.entries
+                    .iter()
+                    .filter(|(_, e)| e.lost)
+                    .map(move |(id, _)| (n.clone(), id.clone()))
+            })
             .collect()
     }
 
