@@ -6,6 +6,7 @@
 mod diff;
 mod holdings;
 mod retry;
+pub mod runtime;
 
 pub use diff::{reconcile, Action, Actual, VmView};
 pub use holdings::{Holdings, Outcome};
