@@ -25,6 +25,9 @@ struct SimVm {
     hang: std::sync::atomic::AtomicBool,
     /// When set, the first list waits for one permit.
     first_list_gate: Option<Semaphore>,
+    /// When set, every attach waits for one permit.
+    attach_gate: Option<Semaphore>,
+    attaches_started: std::sync::atomic::AtomicU32,
     lists: std::sync::atomic::AtomicU32,
 }
 
@@ -83,6 +86,11 @@ impl VmBackend for SimVm {
         mode: AttachMode,
     ) -> BoxFuture<'a, Result<VmUsbDevice, BackendError>> {
         Box::pin(async move {
+            self.attaches_started
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Some(gate) = &self.attach_gate {
+                gate.acquire().await.expect("gate").forget();
+            }
             self.maybe_hang().await;
             let id = usbroute_device_id(mode, device).expect("id");
             self.calls
@@ -310,6 +318,48 @@ async fn moving_device_detaches_from_old_vm_before_attaching() {
     })
     .await;
     assert_eq!(a.ids(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn attach_in_flight_counts_as_held_when_target_changes() {
+    let a = Arc::new(SimVm {
+        name: "a".into(),
+        attach_gate: Some(Semaphore::new(0)),
+        ..SimVm::default()
+    });
+    let b = SimVm::new("b");
+    let engine = start(vec![rule(0, "port:1-1", "a")], vec![], &[&a, &b], options());
+    let mut status = engine.status();
+    wait_for(&mut status, "both answered", |s| {
+        s.vms.values().filter(|v| v.reachable).count() == 2
+    })
+    .await;
+    engine.send(Input::Devices(vec![device("1-1", 5)]));
+    let started = async {
+        while a.attaches_started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    let in_flight = tokio::time::timeout(Duration::from_secs(5), started).await;
+    assert!(in_flight.is_ok(), "attach to a never started");
+    engine.send(Input::Rules(vec![rule(0, "port:1-1", "b")]));
+    wait_for(&mut status, "plan says b", |s| {
+        s.desired
+            .devices
+            .values()
+            .any(|d| d.placement.to_string() == "b")
+    })
+    .await;
+    let b_attaches_while_in_flight = b.attach_calls();
+    a.attach_gate.as_ref().expect("gate").add_permits(1);
+    wait_for(&mut status, "b holds 1-1", |s| {
+        holds(s, "b", "usbroute-addr-1-5")
+    })
+    .await;
+    assert_eq!(
+        (b_attaches_while_in_flight, a.ids()),
+        (0, Vec::<String>::new())
+    );
 }
 
 #[tokio::test]

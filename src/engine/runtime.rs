@@ -376,7 +376,8 @@ impl Coordinator {
         }
         let status = Status {
             desired,
-            vms: actual,
+            // After dispatch, so in-flight attaches show as held.
+            vms: self.holdings.actual(&answering),
             pending: self.retries.pending().cloned().collect(),
             overrides: self.overrides.clone(),
             dry_run_actions: self.dry_run_actions.clone(),
