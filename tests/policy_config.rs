@@ -270,3 +270,20 @@ fn load_missing_file_names_it() {
         .to_string()
         .starts_with("/nonexistent/usbroute.toml: cannot read the config file"));
 }
+
+#[test]
+fn controllers_owned_only_for_running_vms() {
+    let config = parse(&format!(
+        "{TWO_VMS}[[controller]]\npci = \"0000:00:1d.0\"\nvm = \"lab\"\n"
+    ))
+    .expect("valid");
+    let running = std::collections::BTreeSet::from(["lab".to_string()]);
+    let stopped = std::collections::BTreeSet::new();
+    assert_eq!(
+        (
+            config.controllers_owned(&running).len(),
+            config.controllers_owned(&stopped).len()
+        ),
+        (1, 0)
+    );
+}

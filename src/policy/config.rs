@@ -6,12 +6,13 @@
 
 use super::rules::{Rule, RuleAction};
 use crate::backend::AttachMode;
+use crate::inventory::PciAddress;
 use crate::routing::RoutingConfig;
 use crate::selector::Selector;
 use crate::toggle::ToggleConfig;
 use crate::vfio::ControllerRule;
 use serde::Deserialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -191,6 +192,16 @@ impl Config {
     /// The VM named `name`.
     pub fn vm(&self, name: &str) -> Option<&VmConfig> {
         self.vms.iter().find(|v| v.name == name)
+    }
+
+    /// The `[[controller]]` assignments in force: those whose VM is running (the plan's
+    /// [`PlanInput::controllers_owned`](super::PlanInput::controllers_owned)).
+    pub fn controllers_owned(&self, vms_up: &BTreeSet<String>) -> BTreeMap<PciAddress, String> {
+        self.controllers
+            .iter()
+            .filter(|c| vms_up.contains(&c.vm))
+            .map(|c| (c.pci, c.vm.clone()))
+            .collect()
     }
 }
 
