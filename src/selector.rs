@@ -152,11 +152,44 @@ impl Term {
 
     /// Does this device satisfy this term?
     pub fn matches(&self, device: &Device) -> bool {
-        self.mismatch(device).is_none()
+        // Checked without building the reason: matching runs rules × devices per round.
+        let iface = |class: &Pattern<u8>, subclass: &Pattern<u8>, protocol: &Pattern<u8>| {
+            device.interfaces.iter().filter_map(|i| i.class).any(|t| {
+                class.accepts(Some(t.class))
+                    && subclass.accepts(Some(t.subclass))
+                    && protocol.accepts(Some(t.protocol))
+            })
+        };
+        match self {
+            Term::Port(p) => device.port == *p,
+            Term::Id { vendor, product } => {
+                vendor.accepts(device.vendor_id.map(|h| h.0))
+                    && product.accepts(device.product_id.map(|h| h.0))
+            }
+            Term::Addr { bus, address } => device.bus == *bus && device.address == Some(*address),
+            Term::Serial(s) => device.serial.as_deref() == Some(s.as_str()),
+            Term::Class(c) => {
+                device.class.is_some_and(|t| t.class == *c)
+                    || device
+                        .interfaces
+                        .iter()
+                        .any(|i| i.class.is_some_and(|t| t.class == *c))
+            }
+            Term::Iface {
+                class,
+                subclass,
+                protocol,
+            } => iface(class, subclass, protocol),
+            Term::Controller(pci) => device.controller == Some(*pci),
+            Term::Hub(hub) => device.port.is_behind(hub),
+        }
     }
 
     /// `None` when `device` satisfies the term, else why not in a few words.
     pub fn mismatch(&self, device: &Device) -> Option<String> {
+        if self.matches(device) {
+            return None;
+        }
         let unknown = || "unknown".to_string();
         match self {
             Term::Port(p) => (device.port != *p).then(|| format!("port is {}", device.port)),

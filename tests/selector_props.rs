@@ -154,4 +154,13 @@ proptest! {
     ) {
         prop_assert!(!(a.provably_disjoint(&b) && a.matches(&device) && b.matches(&device)), "{a} / {b} both match {}", device.port);
     }
+
+    /// `explain` (for `why`) and `matches` (for the plan) must agree on every term.
+    #[test]
+    fn explain_is_empty_exactly_when_selector_matches(sel in small_selector(), device in small_device()) {
+        prop_assert_eq!(sel.explain(&device).is_empty(), sel.matches(&device));
+        for term in &sel.terms {
+            prop_assert_eq!(term.mismatch(&device).is_none(), term.matches(&device), "{}", term);
+        }
+    }
 }
