@@ -105,3 +105,50 @@ impl Drop for QemuGuard {
         self.kill();
     }
 }
+
+/// A host USB device as the inventory would describe it (this host has none of its own):
+/// at `port` (`1-3.1`), address `address`, ids `vendor:product`, `speed` Mb/s.
+pub fn host_device(
+    port: &str,
+    address: u16,
+    vendor: u16,
+    product: u16,
+    speed: f64,
+) -> usbroute::inventory::Device {
+    use usbroute::inventory::{Device, HexId, PortPath, Speed};
+    let port: PortPath = port.parse().expect("port path");
+    Device {
+        bus: port.bus,
+        parent: port.parent(),
+        sysfs_path: format!("/sys/bus/usb/devices/{port}"),
+        port,
+        address: Some(address),
+        vendor_id: Some(HexId(vendor)),
+        product_id: Some(HexId(product)),
+        manufacturer: Some("Test".into()),
+        product: Some("Gadget".into()),
+        serial: None,
+        class: None,
+        speed_mbps: Some(Speed(speed)),
+        hub: false,
+        removable: None,
+        controller: None,
+        driver: None,
+        interfaces: Vec::new(),
+        netdevs: Vec::new(),
+        block_devices: Vec::new(),
+    }
+}
+
+/// The ids of every device in `/machine/peripheral` (what `-device ... id=` and
+/// `device_add` created), sorted.
+pub async fn peripheral_ids(qmp: &usbroute::qmp::Qmp) -> Vec<String> {
+    let mut ids: Vec<String> = usbroute::qemu::qom::children(qmp, "/machine/peripheral")
+        .await
+        .expect("qom-list")
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    ids.sort();
+    ids
+}
