@@ -21,7 +21,8 @@ const PROPERTIES: [&str; 6] = [
 ];
 
 /// Every usb-host device: those with an id (`/machine/peripheral`, listed by id) and those
-/// without (`/machine/peripheral-anon`, listed by QOM path, which `device_del` accepts too).
+/// without (`/machine/peripheral-anon`, listed by QOM path, which `device_del` accepts too),
+/// sorted by id.
 pub async fn usb_hosts(qmp: &Qmp) -> Result<Vec<VmUsbDevice>, QmpError> {
     let mut found = Vec::new();
     for (container, by_path) in [
@@ -39,7 +40,12 @@ pub async fn usb_hosts(qmp: &Qmp) -> Result<Vec<VmUsbDevice>, QmpError> {
             }
         }
     }
-    try_join_all(found.into_iter().map(|(id, path)| read_one(qmp, id, path))).await
+    let mut devices =
+        try_join_all(found.into_iter().map(|(id, path)| read_one(qmp, id, path))).await?;
+    // QOM lists in no particular order; by id (devices without one last) reads well and
+    // stays the same from run to run.
+    devices.sort_by(|a, b| (a.id.starts_with('/'), &a.id).cmp(&(b.id.starts_with('/'), &b.id)));
+    Ok(devices)
 }
 
 /// One usb-host device at `path`; its properties are asked for all at once.
