@@ -442,3 +442,25 @@ async fn qemu_killed_mid_attach_gives_a_clear_error() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn detach_times_out_when_qemu_never_confirms_the_removal() {
+    // A PCIe device on a root port of a paused q35 is only released with the guest's help,
+    // so QEMU never sends DEVICE_DELETED for it: a real unconfirmed removal.
+    let qemu = QemuGuard::q35(&[
+        "-device",
+        "pcie-root-port,id=rp1,chassis=1",
+        "-device",
+        "qemu-xhci,id=slow,bus=rp1",
+    ]);
+    let options = QemuOptions {
+        unplug_timeout: Duration::from_millis(500),
+        ..QemuOptions::default()
+    };
+    let vm = backend_with(&qemu, options).await;
+
+    let err = vm.detach("slow").await.unwrap_err();
+
+    assert!(matches!(err, BackendError::Timeout { .. }), "{err:?}");
+    assert!(err.to_string().contains("removal of device `slow` (DEVICE_DELETED)"), "{err}");
+}
