@@ -47,15 +47,21 @@ async fn run(qemu: &QemuGuard, samples: usize) {
     }
 
     let mut status = Vec::new();
-    let mut raw = Vec::new();
-    let mut backend = Vec::new();
-    // Interleaved, so drift in machine load hits all three alike.
+    let (mut raw_add, mut raw_del, mut raw) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut attach, mut detach, mut backend) = (Vec::new(), Vec::new(), Vec::new());
+    // Interleaved, so drift in machine load hits all alike.
     for _ in 0..samples {
         for _ in 0..10 {
             status.push(query_status(&qmp).await);
         }
-        raw.push(raw_attach_detach(&qmp).await);
-        backend.push(backend_attach_detach(&vm, &mouse).await);
+        let (a, d) = raw_attach_detach(&qmp).await;
+        raw_add.push(a);
+        raw_del.push(d);
+        raw.push(a + d);
+        let (a, d) = backend_attach_detach(&vm, &mouse).await;
+        attach.push(a);
+        detach.push(d);
+        backend.push(a + d);
     }
 
     let base = percentiles(&mut status);
@@ -84,7 +90,8 @@ async fn query_status(qmp: &Qmp) -> Duration {
     start.elapsed()
 }
 
-async fn raw_attach_detach(qmp: &Qmp) -> Duration {
+/// (device_add, device_del until DEVICE_DELETED).
+async fn raw_attach_detach(qmp: &Qmp) -> (Duration, Duration) {
     let start = Instant::now();
     let mut events = qmp.events();
     qmp.execute(
@@ -94,6 +101,8 @@ async fn raw_attach_detach(qmp: &Qmp) -> Duration {
     )
     .await
     .expect("device_add");
+    let added = start.elapsed();
+    let start = Instant::now();
     qmp.execute("device_del", Some(json!({"id": "bench"})))
         .await
         .expect("device_del");
@@ -103,17 +112,23 @@ async fn raw_attach_detach(qmp: &Qmp) -> Duration {
             break;
         }
     }
-    start.elapsed()
+    (added, start.elapsed())
 }
 
-async fn backend_attach_detach(vm: &QemuBackend, device: &usbroute::inventory::Device) -> Duration {
+/// (attach, detach) through the backend.
+async fn backend_attach_detach(
+    vm: &QemuBackend,
+    device: &usbroute::inventory::Device,
+) -> (Duration, Duration) {
     let start = Instant::now();
     let attached = vm
         .attach_device(device, AttachMode::Id)
         .await
         .expect("attach");
+    let added = start.elapsed();
+    let start = Instant::now();
     vm.detach_id(&attached.device.id).await.expect("detach");
-    start.elapsed()
+    (added, start.elapsed())
 }
 
 fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {

@@ -462,5 +462,9 @@ async fn detach_times_out_when_qemu_never_confirms_the_removal() {
     let err = vm.detach("slow").await.unwrap_err();
 
     assert!(matches!(err, BackendError::Timeout { .. }), "{err:?}");
-    assert!(err.to_string().contains("removal of device `slow` (DEVICE_DELETED)"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("removal of device `slow` (DEVICE_DELETED)"),
+        "{err}"
+    );
 }

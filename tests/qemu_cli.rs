@@ -115,7 +115,13 @@ fn attach_by_address_of_absent_device_says_what_to_do() {
         .arg(qemu.socket())
         .assert()
         .failure()
-        .stderr(contains("use --by port"))
+        .stderr(contains(format!(
+            "cannot attach `addr:1.2` to VM {}",
+            qemu.socket().display()
+        )))
+        .stderr(contains(
+            "device at bus 1 addr 2 is not on this host; use --by port",
+        ))
         .stderr(contains("--by id"));
 
     assert_eq!(devices_json(&root, &qemu), json!([]));

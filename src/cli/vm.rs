@@ -90,7 +90,8 @@ pub(super) fn attach(g: &Global, a: AttachArgs) -> anyhow::Result<ExitCode> {
     let socket = qmp_socket(a.qmp.as_deref(), "attach")?;
     let selector: Selector = a.selector.parse()?;
     let mode = AttachMode::from(a.by);
-    let request = attach_target(&crate::inventory::scan(&g.root()), &selector, mode)?;
+    let request = attach_target(&crate::inventory::scan(&g.root()), &selector, mode)
+        .with_context(|| format!("cannot attach `{selector}` to VM {}", socket.display()))?;
     let options = QemuOptions {
         fd_passing: a.fd_passing,
         root: g.root(),
@@ -196,9 +197,9 @@ fn attach_target(
                 ),
             })),
             None if mode == AttachMode::Address => bail!(
-                "no device on this host matches `{selector}`; use --by port (with port:BUS-PORT) \
-                 or --by id (with id:VVVV:PPPP) to attach it when it appears, or `usbroute list` \
-                 to see what is here"
+                "{} is not on this host; use --by port (with port:BUS-PORT) or --by id (with \
+                 id:VVVV:PPPP) to attach it when it appears, or `usbroute list` to see what is here",
+                absent_name(selector)
             ),
             None => bail!(
                 "no device on this host matches `{selector}`; to attach one that is not plugged \
@@ -211,6 +212,15 @@ fn attach_target(
             many.len(),
             candidates(many)
         ),
+    }
+}
+
+/// How an error names what a selector meant: `device at bus 1 addr 2`, else the selector.
+fn absent_name(selector: &Selector) -> String {
+    match selector.terms.as_slice() {
+        [Term::Addr { bus, address }] => format!("device at bus {bus} addr {address}"),
+        [Term::Port(port)] => format!("device at port {port}"),
+        _ => format!("a device matching `{selector}`"),
     }
 }
 
@@ -336,5 +346,142 @@ fn describe_match(m: &HostMatch) -> String {
             product_id,
         } => format!("id {vendor_id}:{product_id}"),
         HostMatch::Other {} => "other (hostdevice or no match properties)".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::{PortPath, Speed};
+
+    fn device(port: &str, address: u16, vendor: u16, product: u16) -> Device {
+        let port: PortPath = port.parse().unwrap();
+        Device {
+            bus: port.bus,
+            parent: port.parent(),
+            sysfs_path: String::new(),
+            port,
+            address: Some(address),
+            vendor_id: Some(HexId(vendor)),
+            product_id: Some(HexId(product)),
+            manufacturer: None,
+            product: None,
+            serial: None,
+            class: None,
+            speed_mbps: Some(Speed(12.0)),
+            hub: false,
+            removable: None,
+            controller: None,
+            driver: None,
+            interfaces: Vec::new(),
+            netdevs: Vec::new(),
+            block_devices: Vec::new(),
+        }
+    }
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            devices: vec![
+                device("1-3", 5, 0x046d, 0xc016),
+                device("1-4", 6, 0x046d, 0xc016),
+                device("2-1", 2, 0x0781, 0x5581),
+            ],
+            ..Snapshot::default()
+        }
+    }
+
+    fn vm_device(id: &str) -> VmUsbDevice {
+        VmUsbDevice {
+            id: id.into(),
+            attached: true,
+            ours: id.starts_with("usbroute-"),
+            matcher: HostMatch::Other {},
+        }
+    }
+
+    #[test]
+    fn attach_target_with_two_matches_lists_both_candidates() {
+        let selector: Selector = "id:046d:c016".parse().unwrap();
+
+        let err = attach_target(&snapshot(), &selector, AttachMode::Id).unwrap_err();
+
+        let text = err.to_string();
+        assert!(text.contains("matches 2 devices"), "{text}");
+        assert!(text.contains("port:1-3 "), "{text}");
+        assert!(text.contains("port:1-4 "), "{text}");
+    }
+
+    #[test]
+    fn attach_target_absent_address_says_use_port_or_id() {
+        let selector: Selector = "addr:1.2".parse().unwrap();
+
+        let err = attach_target(&snapshot(), &selector, AttachMode::Address).unwrap_err();
+
+        assert!(
+            err.to_string()
+                .starts_with("device at bus 1 addr 2 is not on this host; use --by port"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn attach_target_absent_exact_port_waits_for_it() {
+        let selector: Selector = "port:3-2.1".parse().unwrap();
+
+        let target = attach_target(&snapshot(), &selector, AttachMode::Port).unwrap();
+
+        let Target::Absent(request) = target else {
+            panic!("expected an absent target")
+        };
+        assert_eq!(
+            request.matcher,
+            HostMatch::Port {
+                bus: 3,
+                port: "2.1".into()
+            }
+        );
+        assert_eq!(request.speed, None);
+    }
+
+    #[test]
+    fn attach_target_absent_wildcard_id_is_refused() {
+        let selector: Selector = "id:1234:*".parse().unwrap();
+
+        let err = attach_target(&snapshot(), &selector, AttachMode::Id).unwrap_err();
+
+        assert!(err.to_string().contains("no wildcards"), "{err}");
+    }
+
+    #[test]
+    fn detach_target_by_selector_finds_our_device_of_any_mode() {
+        let listed = [vm_device("hostdev0"), vm_device("usbroute-port-2-1")];
+
+        let id = detach_target(&listed, "id:0781:5581", snapshot);
+
+        assert_eq!(id.as_deref(), Ok("usbroute-port-2-1"));
+    }
+
+    #[test]
+    fn detach_target_ambiguous_selector_lists_the_ids() {
+        let listed = [
+            vm_device("usbroute-addr-1-5"),
+            vm_device("usbroute-addr-1-6"),
+        ];
+
+        let err = detach_target(&listed, "id:046d:c016", snapshot).unwrap_err();
+
+        assert!(
+            err.contains("usbroute-addr-1-5, usbroute-addr-1-6"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn detach_target_exact_id_wins_over_selector_reading() {
+        let listed = [vm_device("usbroute-id-046d-c016")];
+
+        let id = detach_target(&listed, "usbroute-id-046d-c016", Snapshot::default);
+
+        assert_eq!(id.as_deref(), Ok("usbroute-id-046d-c016"));
     }
 }
