@@ -71,15 +71,17 @@ async fn run(qemu: &QemuGuard, samples: usize) {
         "operation", "samples", "p50", "p99", "p50 x", "p99 x"
     );
     report("query-status (baseline)", status.len(), base, base);
-    let r = percentiles(&mut raw);
-    report(
-        "device_add + device_del + DEVICE_DELETED",
-        raw.len(),
-        r,
-        base,
-    );
-    let b = percentiles(&mut backend);
-    report("backend attach --by id + detach", backend.len(), b, base);
+    for (name, samples) in [
+        ("raw device_add (usb-host by id)", &mut raw_add),
+        ("backend attach --by id", &mut attach),
+        ("raw device_del + wait DEVICE_DELETED", &mut raw_del),
+        ("backend detach", &mut detach),
+        ("raw attach + detach", &mut raw),
+        ("backend attach + detach", &mut backend),
+    ] {
+        let p = percentiles(samples);
+        report(name, samples.len(), p, base);
+    }
 }
 
 async fn query_status(qmp: &Qmp) -> Duration {

@@ -7,6 +7,7 @@
 use super::qom;
 use crate::inventory::Speed;
 use crate::qmp::{Qmp, QmpError};
+use futures_util::future::try_join_all;
 use serde_json::json;
 
 /// The QOM containers where devices live: `-device ... id=X`, `-device` without id, and
@@ -85,18 +86,19 @@ pub fn choose_bus(buses: &[VmUsbBus], speed: Option<Speed>) -> Option<&VmUsbBus>
 
 /// Every USB bus of the VM.
 pub async fn discover(qmp: &Qmp) -> Result<Vec<VmUsbBus>, QmpError> {
-    let mut controllers = Vec::new();
-    for container in CONTAINERS {
-        for child in qom::children(qmp, container).await? {
-            if let Some(kind) = VmControllerKind::from_type_name(&child.type_name) {
-                controllers.push((child, kind));
-            }
-        }
-    }
+    // Asked all at once: QEMU answers in turn, but we wait for one round trip, not many.
+    let containers = try_join_all(CONTAINERS.map(|c| qom::children(qmp, c))).await?;
+    let controllers: Vec<_> = containers
+        .into_iter()
+        .flatten()
+        .filter_map(|child| {
+            VmControllerKind::from_type_name(&child.type_name).map(|kind| (child, kind))
+        })
+        .collect();
+    let properties = try_join_all(controllers.iter().map(|(c, _)| qom::list(qmp, &c.path))).await?;
     let mut buses = Vec::new();
     let mut companion_of = Vec::new();
-    for (controller, kind) in &controllers {
-        let properties = qom::list(qmp, &controller.path).await?;
+    for ((controller, kind), properties) in controllers.iter().zip(properties) {
         for p in &properties {
             if p.type_name == "child<usb-bus>" {
                 buses.push(VmUsbBus {

@@ -183,7 +183,7 @@ impl QemuBackend {
             .map_err(|reason| self.refused(format!("{what}: {reason}")))?;
         let notes: Vec<String> = fdpass::unprivileged_note(mode, peer).into_iter().collect();
 
-        if let Some(existing) = self.list_devices().await?.into_iter().find(|d| d.id == id) {
+        if let Some(existing) = self.existing(&id).await? {
             return Ok(Attached {
                 device: existing,
                 bus: String::new(),
@@ -272,6 +272,20 @@ impl QemuBackend {
             already_there: false,
             notes,
         })
+    }
+
+    /// The device with id `id`, if the VM has it (one `qom-list`, no reads of the others).
+    async fn existing(&self, id: &str) -> Result<Option<VmUsbDevice>, BackendError> {
+        let ids = qom::children(&self.qmp, "/machine/peripheral")
+            .await
+            .map_err(|e| self.qmp_error(e))?;
+        let Some(child) = ids.into_iter().find(|c| c.name == id) else {
+            return Ok(None);
+        };
+        listing::read_one(&self.qmp, child.name, child.path)
+            .await
+            .map(Some)
+            .map_err(|e| self.qmp_error(e))
     }
 
     /// The bus for a device of `speed`, adding a `qemu-xhci` when none fits.
