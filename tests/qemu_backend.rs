@@ -468,3 +468,53 @@ async fn detach_times_out_when_qemu_never_confirms_the_removal() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn fd_passing_auto_hands_the_node_to_an_unprivileged_qemu() {
+    let qemu = QemuGuard::start_as(
+        Some(65534),
+        &["-machine", "q35", "-m", "64", "-device", XHCI],
+    );
+    let (_dir, root) = root_with_node();
+    let options = QemuOptions {
+        root,
+        fd_passing: FdPassing::Auto,
+        ..QemuOptions::default()
+    };
+    let vm = backend_with(&qemu, options).await;
+    let device = host_device("1-1", 2, 0x046d, 0xc016, 12.0);
+
+    let err = vm
+        .attach_device(&device, AttachMode::Address)
+        .await
+        .unwrap_err();
+
+    // QEMU (uid 65534, seen through SO_PEERCRED) was handed the node: it names the fdset.
+    assert_eq!(vm.qmp().peer().map(|p| p.uid), Some(65534));
+    assert!(err.to_string().contains("/dev/fdset/"), "{err}");
+}
+
+#[tokio::test]
+async fn fd_passing_auto_lets_a_root_qemu_open_the_node_itself() {
+    let qemu = QemuGuard::q35(&["-device", XHCI]);
+    let (_dir, root) = root_with_node();
+    let options = QemuOptions {
+        root,
+        fd_passing: FdPassing::Auto,
+        ..QemuOptions::default()
+    };
+    let vm = backend_with(&qemu, options).await;
+    let device = host_device("1-1", 2, 0x046d, 0xc016, 12.0);
+
+    let err = vm
+        .attach_device(&device, AttachMode::Address)
+        .await
+        .unwrap_err();
+
+    assert_eq!(vm.qmp().peer().map(|p| p.uid), Some(0));
+    assert!(
+        err.to_string()
+            .contains("failed to find host usb device 1:2"),
+        "{err}"
+    );
+}
