@@ -518,3 +518,27 @@ async fn fd_passing_auto_lets_a_root_qemu_open_the_node_itself() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn attach_by_port_wants_a_bus_for_every_speed() {
+    // EHCI with a UHCI companion takes this full-speed device, but not a SuperSpeed one
+    // plugged into the same port later: by port, only an xHCI will do.
+    let qemu = QemuGuard::q35(&[
+        "-device",
+        "ich9-usb-ehci1,id=ehci,addr=1d.7,multifunction=on",
+        "-device",
+        "ich9-usb-uhci1,masterbus=ehci.0,firstport=0,addr=1d.0,multifunction=on",
+        "-device",
+        "pcie-root-port,id=rp1,chassis=1",
+    ]);
+    let vm = backend(&qemu).await;
+    let keyboard = host_device("1-5", 4, 0x04d9, 0x1603, 12.0);
+
+    let attached = vm
+        .attach_device(&keyboard, AttachMode::Port)
+        .await
+        .expect("attach");
+
+    assert_eq!(attached.added_controller.as_deref(), Some("usbroute-xhci"));
+    assert_eq!(attached.bus, "usbroute-xhci.0");
+}

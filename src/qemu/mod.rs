@@ -162,7 +162,13 @@ impl QemuBackend {
         })?;
         self.attach_request(AttachRequest {
             matcher,
-            speed: device.speed_mbps,
+            // By port, whatever is plugged there next is attached, at whatever speed: only
+            // a bus that takes every speed (xHCI) is safe.
+            speed: if mode == AttachMode::Port {
+                None
+            } else {
+                device.speed_mbps
+            },
             what,
         })
         .await
