@@ -154,3 +154,90 @@ fn vm_devices_on_a_missing_socket_names_it() {
         .stderr(contains(socket.display().to_string()))
         .stderr(contains("is QEMU running"));
 }
+
+/// The recorded test-bed guest: xHCI with keyboards, mice, tablets and nested hubs, an
+/// EHCI with UHCI companions (see tests/fixtures/README.md). It has no /dev/bus/usb, and
+/// this host's QEMU sees none of its devices.
+const GUEST: &str = "tests/fixtures/guest-xhci-ehci";
+
+fn usbroute_on_guest() -> Command {
+    let mut cmd = Command::cargo_bin("usbroute").expect("binary");
+    cmd.args(["--sysfs-root", GUEST]);
+    cmd
+}
+
+#[test]
+fn attach_by_address_of_a_device_not_on_this_host_names_it_and_the_fix() {
+    let qemu = QemuGuard::q35(&["-device", XHCI]);
+    let root = tempfile::tempdir().expect("root");
+
+    usbroute_on_guest()
+        .args(["attach", "1-1", "--qmp"])
+        .arg(qemu.socket())
+        .assert()
+        .failure()
+        .stderr(contains(format!("VM {}", qemu.socket().display())))
+        .stderr(contains("device 1-1 (bus 1 addr 2) 0627:0001"))
+        .stderr(contains(
+            "is not on this host (no tests/fixtures/guest-xhci-ehci/dev/bus/usb/001/002); \
+             use --by port or --by id to attach it when it appears",
+        ));
+
+    assert_eq!(devices_json(&root, &qemu), json!([]));
+}
+
+#[test]
+fn attach_of_a_selector_matching_several_devices_lists_the_candidates() {
+    let qemu = QemuGuard::q35(&["-device", XHCI]);
+    let root = tempfile::tempdir().expect("root");
+
+    usbroute_on_guest()
+        .args(["attach", "id:0627:0001", "--by", "id", "--qmp"])
+        .arg(qemu.socket())
+        .assert()
+        .failure()
+        .stderr(contains("`id:0627:0001` matches 6 devices"))
+        .stderr(contains("port:1-2.3.1"))
+        .stderr(contains("port:6-1"));
+
+    assert_eq!(devices_json(&root, &qemu), json!([]));
+}
+
+#[test]
+fn attach_of_a_hub_is_refused_with_what_to_do_instead() {
+    let qemu = QemuGuard::q35(&["-device", XHCI]);
+
+    usbroute_on_guest()
+        .args(["attach", "1-2", "--by", "port", "--qmp"])
+        .arg(qemu.socket())
+        .assert()
+        .failure()
+        .stderr(contains("QEMU cannot pass a hub"))
+        .stderr(contains("hub:1-2"));
+}
+
+#[test]
+fn attach_by_port_of_a_listed_device_then_detach_by_the_same_selector() {
+    let qemu = QemuGuard::q35(&["-device", XHCI]);
+    let root = tempfile::tempdir().expect("root");
+
+    usbroute_on_guest()
+        .args(["attach", "1-2.1", "--by", "port", "--qmp"])
+        .arg(qemu.socket())
+        .assert()
+        .success()
+        .stdout(contains("attached `usbroute-port-1-2.1`"));
+    let attached = devices_json(&root, &qemu);
+    usbroute_on_guest()
+        .args(["detach", "1-2.1", "--qmp"])
+        .arg(qemu.socket())
+        .assert()
+        .success();
+
+    assert_eq!(
+        attached,
+        json!([{"id": "usbroute-port-1-2.1", "attached": false, "ours": true,
+                "bus": 1, "port": "2.1"}])
+    );
+    assert_eq!(devices_json(&root, &qemu), json!([]));
+}
