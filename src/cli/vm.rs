@@ -271,11 +271,12 @@ fn detach_target(
     let mut wanted: Vec<String> = Vec::new();
     for device in snapshot.devices.iter().filter(|d| selector.matches(d)) {
         for mode in [AttachMode::Address, AttachMode::Port, AttachMode::Id] {
-            wanted.extend(crate::backend::device_id(mode, device));
+            wanted.extend(crate::qemu::ids::device_id(mode, device));
         }
     }
     for mode in [AttachMode::Port, AttachMode::Id] {
-        wanted.extend(pinned_match(&selector, mode).and_then(|m| m.device_id()));
+        wanted
+            .extend(pinned_match(&selector, mode).and_then(|m| crate::qemu::ids::id_of_match(&m)));
     }
     let hits: Vec<&VmUsbDevice> = listed.iter().filter(|d| wanted.contains(&d.id)).collect();
     match hits.as_slice() {

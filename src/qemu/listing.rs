@@ -3,8 +3,9 @@
 //! Why not `info usb`: it keeps listing devices that are gone. The `attached` property is
 //! what QEMU really has connected now.
 
+use super::ids::parse_device_id;
 use super::qom;
-use crate::backend::{parse_device_id, HostMatch, VmUsbDevice};
+use crate::backend::{HostMatch, VmUsbDevice};
 use crate::inventory::HexId;
 use crate::qmp::{Qmp, QmpError};
 use futures_util::future::try_join_all;

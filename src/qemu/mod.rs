@@ -2,11 +2,12 @@
 //!
 //! Attach names the bus (a controller that fits the device's speed, or a `qemu-xhci`
 //! added first), gives the device a deterministic id of ours
-//! ([`crate::backend::device_id`]) and, for an unprivileged QEMU, passes the device as an
+//! ([`ids::device_id`]) and, for an unprivileged QEMU, passes the device as an
 //! open file. Detach waits for `DEVICE_DELETED`. List reads QOM, never `info usb`.
 
 pub mod controllers;
 pub mod fdpass;
+pub mod ids;
 pub mod listing;
 pub mod qom;
 
@@ -149,7 +150,7 @@ impl QemuBackend {
                 device.port
             )));
         }
-        let matcher = HostMatch::for_device(mode, device).ok_or_else(|| {
+        let matcher = ids::match_for(mode, device).ok_or_else(|| {
             self.refused(format!(
                 "{what}: its {} could not be read from sysfs, so it cannot be attached by \
                  that; try another --by",
@@ -181,7 +182,7 @@ impl QemuBackend {
             speed,
             what,
         } = request;
-        let (Some(mode), Some(id)) = (matcher.mode(), matcher.device_id()) else {
+        let (Some(mode), Some(id)) = (ids::mode_of(&matcher), ids::id_of_match(&matcher)) else {
             return Err(self.refused(format!("{what}: nothing to match it by")));
         };
         let peer = self.qmp.peer();
