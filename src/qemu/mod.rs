@@ -175,7 +175,8 @@ impl QemuBackend {
         .await
     }
 
-    /// Attach what `request` describes. Leaves nothing behind when it fails.
+    /// Attach what `request` describes. Leaves no usb-host device and no passed file behind
+    /// when it fails (a `qemu-xhci` added for it stays: see [`Attached::added_controller`]).
     pub async fn attach_request(&self, request: AttachRequest) -> Result<Attached, BackendError> {
         let AttachRequest {
             matcher,
@@ -239,7 +240,9 @@ impl QemuBackend {
                 .await;
             match added {
                 Ok(reply) => {
-                    let set = reply["fdset-id"].as_u64().unwrap_or_default();
+                    let set = reply["fdset-id"].as_u64().ok_or_else(|| {
+                        self.refused(format!("`add-fd` answered {reply} without an fdset-id"))
+                    })?;
                     // With `hostdevice` QEMU opens that path once and ignores hostbus and
                     // hostaddr for the open; they stay set so listings show the address.
                     arguments["hostdevice"] = json!(format!("/dev/fdset/{set}"));
