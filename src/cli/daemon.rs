@@ -46,7 +46,6 @@ pub(super) fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
         root: g.root(),
         dry_run: a.dry_run,
         connector: service::connectors::qemu(g.root()),
-        loader: service::connectors::config_loader(),
         uevents: true,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -125,8 +124,8 @@ pub fn status_table(r: &StatusReport) -> String {
         }
         if let Some(p) = &d.pending {
             out.push_str(&format!(
-                "{:>12} pending: {} (attempt {}, next in {} ms): {}\n",
-                "", p.action, p.attempts, p.retry_in_ms, p.last_error
+                "{:>12} pending: {} (failed {} time(s)): {}\n",
+                "", p.action, p.attempts, p.last_error
             ));
         }
     }

@@ -1,13 +1,15 @@
-//! The daemon's links to the rest of usbroute: the QEMU backend as a [`VmConnector`], and
-//! the config file as a [`PolicyView`]. Thin on purpose: all logic lives on either side.
+//! The daemon's link to QEMU: a [`VmConnector`] that opens a QMP connection, wraps it in
+//! the QEMU backend, and resolves `closed` when QMP's event stream ends (QEMU exited or
+//! closed the monitor).
 
-use super::decide::PolicyView;
-use super::runtime::PolicyLoader;
-use super::vm_link::{VmConnector, VmLink};
+use super::presence::{VmConnector, VmLink};
 use crate::backend::{BackendError, BoxFuture};
+use crate::qemu::{QemuBackend, QemuOptions};
+use crate::qmp::Qmp;
 use crate::sysfs::SysfsRoot;
 use std::path::Path;
 use std::sync::Arc;
+use tokio::sync::broadcast::error::RecvError;
 
 /// Reaches VMs through QEMU's QMP.
 #[derive(Debug, Clone)]
@@ -15,7 +17,7 @@ pub struct QemuConnector {
     root: SysfsRoot,
 }
 
-/// The QEMU connector, opening device nodes under `root`.
+/// The QEMU connector; device nodes are opened under `root` (for fd passing).
 pub fn qemu(root: SysfsRoot) -> Arc<dyn VmConnector> {
     Arc::new(QemuConnector { root })
 }
@@ -24,24 +26,26 @@ impl VmConnector for QemuConnector {
     fn connect<'a>(
         &'a self,
         name: &'a str,
-        _qmp: &'a Path,
+        qmp: &'a Path,
     ) -> BoxFuture<'a, Result<VmLink, BackendError>> {
-        let _ = &self.root;
         Box::pin(async move {
-            Err(BackendError::Unreachable {
-                vm: name.to_string(),
-                reason: "the QEMU backend is not in this build yet".into(),
-            })
+            let conn = Qmp::connect(qmp)
+                .await
+                .map_err(|e| BackendError::Unreachable {
+                    vm: name.to_string(),
+                    reason: e.to_string(),
+                })?;
+            let mut events = conn.events();
+            let closed = Box::pin(async move {
+                // Lagging behind is fine here: only the end of the stream matters.
+                while !matches!(events.recv().await, Err(RecvError::Closed)) {}
+            });
+            let options = QemuOptions {
+                root: self.root.clone(),
+                ..QemuOptions::default()
+            };
+            let backend = Arc::new(QemuBackend::new(name, conn, options));
+            Ok(VmLink { backend, closed })
         })
     }
-}
-
-/// Loads config files into a policy.
-pub fn config_loader() -> PolicyLoader {
-    Arc::new(|path: &Path| -> Result<Arc<dyn PolicyView>, String> {
-        Err(format!(
-            "{}: rules are not in this build yet",
-            path.display()
-        ))
-    })
 }

@@ -1,81 +1,93 @@
-//! Answers to control requests, computed inside the daemon loop.
+//! Answers to control requests: read from the engine's published status, or turned into
+//! engine inputs (overrides). Anything that waits (an attach being confirmed, a `why`)
+//! runs in its own task, so the daemon loop never waits on a VM.
 
-use super::actions::Action;
-use super::decide::{why_entry, Override, Target};
 use super::protocol::{
-    DeviceStatus, ErrorKind, Pending, Reply, Request, StatusReport, VmStatus, WhyReport,
+    DeviceStatus, ErrorKind, Pending, Reply, Request, RuleVerdict, StatusReport, VmStatus,
+    WhyDevice, WhyReport,
 };
-use super::runtime::{Daemon, Waiter};
-use crate::backend::AttachMode;
+use super::runtime::Daemon;
+use crate::backend::{AttachKey, AttachMode, HostMatch};
+use crate::engine::runtime::{EngineHandle, Input as EngineInput, Status};
 use crate::inventory::Device;
+use crate::policy::{Override, OverrideAction, Placement, Verdict};
 use crate::selector::Selector;
+use std::time::Duration;
 use tokio::sync::oneshot;
-use tokio::time::Instant;
+
+/// How long `attach`/`detach` wait for the VM to confirm before answering "still pending".
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Daemon {
     pub(super) fn on_request(&mut self, request: Request, reply: oneshot::Sender<Reply>) {
         let answer = match request {
-            Request::Status {} => Some(Reply::Status(self.status())),
-            Request::Why { selector } => Some(self.why(&selector)),
-            Request::Reload {} => Some(match self.reload() {
+            Request::Status {} => Reply::Status(self.status()),
+            Request::Reload {} => match self.reload() {
                 Ok(msg) => Reply::done(msg),
                 Err(msg) => Reply::error(ErrorKind::Failed, msg),
-            }),
-            Request::Clear { selector } => Some(self.clear(&selector)),
+            },
+            Request::Clear { selector } => self.clear(&selector),
+            Request::Why { selector } => match self.matching(&selector) {
+                Ok(devices) => {
+                    tokio::spawn(why(self.engine.clone(), devices, reply));
+                    return;
+                }
+                Err(r) => r,
+            },
             Request::Attach { selector, vm, by } => {
-                return self.set_override(&selector, Some((vm, by.unwrap_or_default())), reply)
+                match self.set_override(&selector, Some((vm, by.unwrap_or_default()))) {
+                    Ok(wait) => {
+                        tokio::spawn(wait.confirm(self.engine.clone(), reply));
+                        return;
+                    }
+                    Err(r) => r,
+                }
             }
-            Request::Detach { selector } => return self.set_override(&selector, None, reply),
+            Request::Detach { selector } => match self.set_override(&selector, None) {
+                Ok(wait) => {
+                    tokio::spawn(wait.confirm(self.engine.clone(), reply));
+                    return;
+                }
+                Err(r) => r,
+            },
         };
-        if let Some(answer) = answer {
-            let _ = reply.send(answer);
-        }
+        let _ = reply.send(answer);
     }
 
     fn status(&self) -> StatusReport {
-        let now = Instant::now();
+        let engine = self.engine.status();
+        let s = engine.borrow();
         let devices = self
-            .decisions
+            .snapshot
+            .devices
             .iter()
-            .map(|d| {
-                let location = self
-                    .vms
-                    .iter()
-                    .find(|(_, v)| {
-                        v.devices
-                            .iter()
-                            .any(|h| h.ours && super::decide::holds_any(h, &d.device))
-                    })
-                    .map_or("host".to_string(), |(n, _)| n.clone());
-                let pending = self
-                    .retries
-                    .iter()
-                    .find(|((_, key), _)| {
-                        key.starts_with("attach ") && key.contains(&format!(" {} ", d.device.port))
-                    })
-                    .map(|((vm, key), r)| Pending {
-                        action: format!("{key} in VM {vm}"),
-                        attempts: r.attempts,
-                        last_error: r.last_error.clone(),
-                        retry_in_ms: r.due.saturating_duration_since(now).as_millis() as u64,
-                    });
-                DeviceStatus {
-                    port: d.device.port.to_string(),
-                    address: d.device.address.map(|a| format!("{}:{a}", d.device.bus)),
-                    label: d.device.label(),
-                    location,
-                    desired: d.target.label().to_string(),
-                    reason: d.reason.clone(),
-                    manual_override: self.overrides.get(&d.device.port).map(|o| match &o.target {
-                        Target::Host => "detach".to_string(),
-                        Target::Vm { name, .. } => format!("attach:{name}"),
+            .filter_map(|d| {
+                let decision = s.desired.devices.get(&d.port)?;
+                Some(DeviceStatus {
+                    port: d.port.to_string(),
+                    address: d.address.map(|a| format!("{}:{a}", d.bus)),
+                    label: d.label(),
+                    location: holder(&s, d).unwrap_or_else(|| "host".into()),
+                    desired: decision.placement.to_string(),
+                    reason: decision.reason.to_string(),
+                    manual_override: s.overrides.get(&d.port).map(|o| match &o.action {
+                        OverrideAction::Detach => "detach".to_string(),
+                        OverrideAction::Attach { vm, .. } => format!("attach:{vm}"),
                     }),
-                    pending,
-                }
+                    pending: s
+                        .pending
+                        .iter()
+                        .find(|p| AttachKey::from_id(&p.id).is_some_and(|k| k.refers_to(d)))
+                        .map(|p| Pending {
+                            action: format!("{} in VM {}", p.id, p.vm),
+                            attempts: p.failures,
+                            last_error: p.last_error.clone(),
+                        }),
+                })
             })
             .collect();
         StatusReport {
-            config: self.policy.origin().map(|p| p.display().to_string()),
+            config: self.config.origin.as_ref().map(|p| p.display().to_string()),
             dry_run: self.options.dry_run,
             vms: self
                 .vms
@@ -84,12 +96,17 @@ impl Daemon {
                     name: name.clone(),
                     qmp: v.qmp.display().to_string(),
                     up: v.up,
-                    devices: v
-                        .devices
-                        .iter()
-                        .filter(|h| h.ours)
-                        .map(|h| h.id.clone())
-                        .collect(),
+                    devices: s
+                        .vms
+                        .get(name)
+                        .map(|view| {
+                            view.devices
+                                .iter()
+                                .filter(|e| e.ours)
+                                .map(|e| e.id.clone())
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 })
                 .collect(),
             devices,
@@ -120,149 +137,222 @@ impl Daemon {
         Ok(found)
     }
 
-    fn why(&self, selector: &str) -> Reply {
-        let devices = match self.matching(selector) {
-            Ok(d) => d,
-            Err(reply) => return reply,
-        };
-        let entries = devices
-            .iter()
-            .filter_map(|dev| {
-                let decision = self.decisions.iter().find(|d| d.device.port == dev.port)?;
-                Some(why_entry(
-                    decision,
-                    self.policy.verdicts(&self.snapshot, dev),
-                ))
-            })
-            .collect();
-        Reply::Why(WhyReport { devices: entries })
-    }
-
     fn clear(&mut self, selector: &str) -> Reply {
         let devices = match self.matching(selector) {
             Ok(d) => d,
             Err(reply) => return reply,
         };
-        let cleared = devices
-            .iter()
-            .filter(|d| self.overrides.remove(&d.port).is_some())
-            .count();
-        self.reconcile();
+        for d in &devices {
+            self.engine.send(EngineInput::Override {
+                port: d.port.clone(),
+                value: None,
+            });
+        }
         Reply::done(format!(
-            "cleared {cleared} override(s); the rules decide again"
+            "cleared the overrides of {} device(s); the rules decide again",
+            devices.len()
         ))
     }
 
-    /// `attach` (`to` = Some) or `detach` (`to` = None): set the override, reconcile, and
-    /// answer once the VM confirmed (or at once when nothing needs doing or the VM is down).
+    /// `attach` (`to` = Some) or `detach` (`to` = None) of exactly one device: set the
+    /// override and return what to wait for.
     fn set_override(
         &mut self,
         selector: &str,
         to: Option<(String, AttachMode)>,
-        reply: oneshot::Sender<Reply>,
-    ) {
-        let device = match self.matching(selector) {
-            Ok(d) if d.len() == 1 => d.into_iter().next().expect("one device"),
-            Ok(d) => {
-                let ports: Vec<String> = d.iter().map(|d| d.port.to_string()).collect();
-                let msg = format!(
+    ) -> Result<Confirmation, Reply> {
+        let devices = self.matching(selector)?;
+        let [device] = <[Device; 1]>::try_from(devices).map_err(|d| {
+            let ports: Vec<String> = d.iter().map(|d| d.port.to_string()).collect();
+            Reply::error(
+                ErrorKind::Ambiguous,
+                format!(
                     "`{selector}` matches {} devices ({}); name one, e.g. port:{}",
                     d.len(),
                     ports.join(", "),
                     ports[0]
-                );
-                let _ = reply.send(Reply::error(ErrorKind::Ambiguous, msg));
-                return;
+                ),
+            )
+        })?;
+        if let Some((vm, _)) = &to {
+            if self.config.vm(vm).is_none() {
+                let known: Vec<&str> = self.config.vms.iter().map(|v| v.name.as_str()).collect();
+                return Err(Reply::error(
+                    ErrorKind::NotFound,
+                    format!(
+                        "no VM named `{vm}` in the config (known: {})",
+                        known.join(", ")
+                    ),
+                ));
             }
-            Err(r) => {
-                let _ = reply.send(r);
-                return;
-            }
-        };
-        if device.hub {
-            let msg = format!("{} is a hub: hubs cannot be passed to a VM (QEMU skips them); pass the devices behind it", device.port);
-            let _ = reply.send(Reply::error(ErrorKind::Failed, msg));
-            return;
         }
-        let target = match &to {
-            Some((vm, mode)) => {
-                if !self.vms.contains_key(vm) {
-                    let known: Vec<&String> = self.vms.keys().collect();
-                    let msg = format!("no VM named `{vm}` in the config (known: {known:?})");
-                    let _ = reply.send(Reply::error(ErrorKind::NotFound, msg));
-                    return;
-                }
-                Target::Vm {
-                    name: vm.clone(),
-                    mode: *mode,
-                }
-            }
-            None => Target::Host,
-        };
-        self.overrides.insert(
-            device.port.clone(),
-            Override {
-                address: device.address,
-                target: target.clone(),
-            },
-        );
-        tracing::info!(device = %device.port, vm = target.label(), "manual override");
-        if self.options.dry_run {
-            let _ = reply.send(Reply::done(format!(
-                "dry run: override set, {} → {}; nothing is done",
-                device.port,
-                target.label()
-            )));
-            self.reconcile();
-            return;
-        }
-        // Register what we wait for before reconciling, so a waiter is answered by the
-        // pass that finds nothing left to do.
-        let waits: Vec<(String, String)> = match &to {
-            Some((vm, mode)) => vec![(
-                vm.clone(),
-                Action::Attach {
-                    device: Box::new(device.clone()),
-                    mode: *mode,
-                }
-                .key(),
-            )],
-            None => self
-                .vms
-                .iter()
-                .flat_map(|(vm, s)| {
-                    s.devices
-                        .iter()
-                        .filter(|h| h.ours && super::decide::holds_any(h, &device))
-                        .map(move |h| (vm.clone(), format!("detach {}", h.id)))
-                })
-                .collect(),
-        };
-        match (
-            waits.first(),
-            to.as_ref()
-                .map(|(vm, _)| self.vms.get(vm).is_some_and(|v| v.up)),
-        ) {
-            (_, Some(false)) => {
-                let vm = target.label();
-                let _ = reply.send(Reply::done(format!(
-                    "override set: {} → {vm}; VM {vm} is down, it gets the device when it comes up",
-                    device.port
-                )));
-            }
-            (None, _) => {
-                let _ = reply.send(Reply::done(format!(
-                    "override set: {} → {}; already there",
-                    device.port,
-                    target.label()
-                )));
-            }
-            (Some((vm, key)), _) => self.waiters.push(Waiter {
+        let action = match &to {
+            Some((vm, mode)) => OverrideAction::Attach {
                 vm: vm.clone(),
-                action_key: key.clone(),
-                reply,
+                mode: *mode,
+                force: false,
+            },
+            None => OverrideAction::Detach,
+        };
+        tracing::info!(device = %device.port, vm = to.as_ref().map_or("host", |(v, _)| v.as_str()), "manual override");
+        self.engine.send(EngineInput::Override {
+            port: device.port.clone(),
+            value: Some(Override {
+                address: device.address,
+                action,
             }),
-        }
-        self.reconcile();
+        });
+        Ok(Confirmation {
+            device,
+            to,
+            dry_run: self.options.dry_run,
+        })
     }
+}
+
+/// Who holds `device` now: the VM with a usb-host of ours for it. By port or id QEMU
+/// holds the place even while it (re)connects the device; by address an entry that lost
+/// its device is stale and holds nothing.
+/// By id, QEMU holds a kind, not a device: it counts for the device the plan sent there.
+fn holder(s: &Status, device: &Device) -> Option<String> {
+    let planned_vm = match s.desired.devices.get(&device.port).map(|d| &d.placement) {
+        Some(Placement::Vm { vm, .. }) => Some(vm.as_str()),
+        _ => None,
+    };
+    s.vms.iter().find_map(|(vm, view)| {
+        view.devices
+            .iter()
+            .any(|e| {
+                AttachKey::from_id(&e.id).is_some_and(|k| {
+                    let held = match k.mode() {
+                        AttachMode::Address => e.attached,
+                        AttachMode::Port => true,
+                        AttachMode::Id => planned_vm == Some(vm.as_str()),
+                    };
+                    held && k.refers_to(device)
+                })
+            })
+            .then(|| vm.clone())
+    })
+}
+
+/// Has `vm` itself listed a usb-host of ours for `device` (not just an attach in flight)?
+fn listed_by_vm(s: &Status, vm: &str, device: &Device) -> bool {
+    s.vms.get(vm).is_some_and(|view| {
+        view.devices.iter().any(|e| {
+            !matches!(e.matcher, HostMatch::Other {})
+                && AttachKey::from_id(&e.id).is_some_and(|k| k.refers_to(device))
+        })
+    })
+}
+
+/// What an `attach`/`detach` request waits for.
+struct Confirmation {
+    device: Device,
+    to: Option<(String, AttachMode)>,
+    dry_run: bool,
+}
+
+impl Confirmation {
+    /// Watch the engine's status until the device is where it was asked to be, the plan
+    /// says why it cannot be, or an attempt failed; then reply.
+    async fn confirm(self, engine: EngineHandle, reply: oneshot::Sender<Reply>) {
+        let port = self.device.port.clone();
+        let target = self
+            .to
+            .as_ref()
+            .map_or("host".to_string(), |(vm, _)| vm.clone());
+        if self.dry_run {
+            let _ = reply.send(Reply::done(format!(
+                "dry run: override set, {port} → {target}; nothing is done"
+            )));
+            return;
+        }
+        let mut status = engine.status();
+        let verdict = tokio::time::timeout(CONFIRM_TIMEOUT, async {
+            loop {
+                if let Some(answer) = self.settled(&status.borrow_and_update()) {
+                    return answer;
+                }
+                if status.changed().await.is_err() {
+                    return Reply::error(ErrorKind::Failed, "the engine stopped");
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Reply::done(format!(
+                "override set: {port} → {target}; not confirmed within {} s, see `usbroute status`",
+                CONFIRM_TIMEOUT.as_secs()
+            ))
+        });
+        let _ = reply.send(verdict);
+    }
+
+    fn settled(&self, s: &Status) -> Option<Reply> {
+        let port = &self.device.port;
+        // Until the engine has taken the override in, its status answers an older question.
+        let expected = match &self.to {
+            Some((vm, mode)) => OverrideAction::Attach {
+                vm: vm.clone(),
+                mode: *mode,
+                force: false,
+            },
+            None => OverrideAction::Detach,
+        };
+        if s.overrides.get(port).map(|o| &o.action) != Some(&expected) {
+            return None;
+        }
+        let decision = s.desired.devices.get(port)?;
+        // Only what the VM itself listed counts as confirmed: the engine also shows an
+        // attach in flight as held (matcher unknown), so no other VM gets the device.
+        let here = holder(s, &self.device).filter(|vm| listed_by_vm(s, vm, &self.device));
+        match (&self.to, &decision.placement) {
+            (None, _) if here.is_none() => Some(Reply::done(format!("{port} is on the host (until unplugged or `usbroute attach --clear`)"))),
+            (Some((vm, _)), Placement::Vm { vm: planned, .. }) if planned == vm && here.as_deref() == Some(vm) => {
+                Some(Reply::done(format!("{port} attached to VM {vm} (confirmed by the VM)")))
+            }
+            (Some(_), Placement::Host) => Some(Reply::done(format!("override set, but {port} stays on the host for now: {}", decision.reason))),
+            _ => s
+                .pending
+                .iter()
+                .find(|p| AttachKey::from_id(&p.id).is_some_and(|k| k.refers_to(&self.device)))
+                .map(|p| Reply::error(ErrorKind::Failed, format!("{} in VM {} failed: {}; the daemon keeps retrying (see `usbroute status`)", p.id, p.vm, p.last_error))),
+        }
+    }
+}
+
+/// Answer `why` for each device from the engine.
+async fn why(engine: EngineHandle, devices: Vec<Device>, reply: oneshot::Sender<Reply>) {
+    let mut out = Vec::new();
+    for d in devices {
+        let Some(w) = engine.why(d.port.clone()).await else {
+            continue;
+        };
+        let rules = w
+            .rules
+            .into_iter()
+            .map(|(rule, verdict)| {
+                let (matched, decided, detail) = match verdict {
+                    Verdict::Decided => (true, true, "decided".to_string()),
+                    Verdict::Outranked { by } => (true, false, format!("matched, but {by}")),
+                    Verdict::NoMatch { terms } => (false, false, terms.join("; ")),
+                };
+                RuleVerdict {
+                    rule: rule.text,
+                    matched,
+                    decided,
+                    detail,
+                }
+            })
+            .collect();
+        out.push(WhyDevice {
+            port: d.port.to_string(),
+            label: d.label(),
+            target: w.decision.placement.to_string(),
+            reason: w.decision.reason.to_string(),
+            rules,
+        });
+    }
+    let _ = reply.send(Reply::Why(WhyReport { devices: out }));
 }

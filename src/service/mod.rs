@@ -2,24 +2,22 @@
 //!
 //! [`protocol`] is the pure request/reply data (documented in docs/daemon.md), [`server`]
 //! the tokio listener that checks every peer with SO_PEERCRED, [`client`] the CLI's side.
-//! [`runtime`] is `usbroute serve`: the loop that owns the state and reacts to uevents,
-//! VMs, control requests and timers; [`vm_link`] runs one task per VM; [`decide`] and
-//! [`actions`] are the pure seams to the policy.
+//! [`runtime`] is `usbroute serve`: the edges around [`crate::engine::runtime`] (uevents,
+//! VM presence, config, control requests, signals, systemd); [`presence`] runs one task
+//! per VM that notices it come and go; [`mounts`] finds host disks in use.
 
-pub mod actions;
 pub mod client;
 pub mod connectors;
 mod control;
-pub mod decide;
 pub mod mounts;
+pub mod presence;
 pub mod protocol;
 pub mod runtime;
 pub mod server;
-pub mod vm_link;
 
 pub use client::{request, resolve_socket, ClientError, DEFAULT_CONTROL_SOCKET};
 pub use protocol::{ErrorKind, Reply, Request};
-pub use runtime::{backoff, run, DaemonError, DaemonOptions, PolicyLoader};
+pub use runtime::{run, DaemonError, DaemonOptions};
 pub use server::{authorize, ControlGroup, ControlHandler, ControlServer, Peer, ServiceError};
 
 use serde::Deserialize;

@@ -158,8 +158,6 @@ pub struct Pending {
     pub attempts: u32,
     /// The last error, naming the VM.
     pub last_error: String,
-    /// Milliseconds until the next attempt.
-    pub retry_in_ms: u64,
 }
 
 /// Answer to `why`: one entry per device the selector matches.
