@@ -77,6 +77,9 @@ pub struct Status {
     pub overrides: BTreeMap<PortPath, Override>,
     /// Actions that the plan wants but `--dry-run` did not do.
     pub dry_run_actions: Vec<Action>,
+    /// VMs with work in flight (actions or a list). With none busy, nothing pending and
+    /// every VM answering, the engine is at rest: the VMs hold what the plan wants.
+    pub busy: BTreeSet<String>,
 }
 
 /// Knobs of the runtime.
@@ -381,6 +384,12 @@ impl Coordinator {
             pending: self.retries.pending().cloned().collect(),
             overrides: self.overrides.clone(),
             dry_run_actions: self.dry_run_actions.clone(),
+            busy: self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.busy)
+                .map(|(n, _)| n.clone())
+                .collect(),
         };
         self.status.send_replace(status);
     }
