@@ -7,7 +7,7 @@ use super::protocol::{
     WhyDevice, WhyReport,
 };
 use super::runtime::Daemon;
-use crate::backend::{AttachKey, AttachMode, HostMatch};
+use crate::backend::{AttachKey, AttachMode};
 use crate::engine::runtime::{EngineHandle, Input as EngineInput, Status};
 use crate::inventory::Device;
 use crate::policy::{Override, OverrideAction, Placement, Verdict};
@@ -236,16 +236,6 @@ fn holder(s: &Status, device: &Device) -> Option<String> {
     })
 }
 
-/// Has `vm` itself listed a usb-host of ours for `device` (not just an attach in flight)?
-fn listed_by_vm(s: &Status, vm: &str, device: &Device) -> bool {
-    s.vms.get(vm).is_some_and(|view| {
-        view.devices.iter().any(|e| {
-            !matches!(e.matcher, HostMatch::Other {})
-                && AttachKey::from_id(&e.id).is_some_and(|k| k.refers_to(device))
-        })
-    })
-}
-
 /// What an `attach`/`detach` request waits for.
 struct Confirmation {
     device: Device,
@@ -304,12 +294,12 @@ impl Confirmation {
             return None;
         }
         let decision = s.desired.devices.get(port)?;
-        // Only what the VM itself listed counts as confirmed: the engine also shows an
-        // attach in flight as held (matcher unknown), so no other VM gets the device.
-        let here = holder(s, &self.device).filter(|vm| listed_by_vm(s, vm, &self.device));
+        // An attach in flight already shows as held (so no other VM gets the device); only
+        // once the VM is no longer busy has it listed the device itself.
+        let here = holder(s, &self.device);
         match (&self.to, &decision.placement) {
-            (None, _) if here.is_none() => Some(Reply::done(format!("{port} is on the host (until unplugged or `usbroute attach --clear`)"))),
-            (Some((vm, _)), Placement::Vm { vm: planned, .. }) if planned == vm && here.as_deref() == Some(vm) => {
+            (None, _) if here.is_none() => Some(Reply::done(format!("{port} is on the host (until unplugged or a `clear` request)"))),
+            (Some((vm, _)), Placement::Vm { vm: planned, .. }) if planned == vm && here.as_deref() == Some(vm) && !s.busy.contains(vm) => {
                 Some(Reply::done(format!("{port} attached to VM {vm} (confirmed by the VM)")))
             }
             (Some(_), Placement::Host) => Some(Reply::done(format!("override set, but {port} stays on the host for now: {}", decision.reason))),
