@@ -50,12 +50,18 @@ fn main() {
     println!("== event to attach ({iterations} events each)");
     let raw = raw_qmp_round_trip(&qemu.qmp, iterations);
     println!("{}", raw.line("(a) raw QMP round trip (floor)"));
+    let raw_add = raw_device_add(&qemu.qmp, iterations);
+    println!("{}", raw_add.line("(a2) raw QMP device_add usb-host alone"));
     let socat = socat_per_event(dir.path(), &qemu.qmp, iterations.min(200));
     println!("{}", socat.line("(b) udev-style script, socat per event"));
-    let pipeline = rt.block_on(usbroute_pipeline(&qemu.qmp, iterations));
+    let (pipeline, deciding) = rt.block_on(usbroute_pipeline(&qemu.qmp, iterations));
     println!(
         "{}",
         pipeline.line("(c) usbroute: uevent receipt → device_add confirmed")
+    );
+    println!(
+        "{}",
+        deciding.line("    of which receipt → scan, plan, diff done")
     );
     let daemon = through_daemon(dir.path(), iterations.min(200));
     println!(
@@ -114,6 +120,36 @@ fn raw_qmp_round_trip(qmp: &Path, n: usize) -> Percentiles {
     Percentiles::new(samples)
 }
 
+/// (a2) QEMU's own cost of a usb-host `device_add` (by port), on an open connection;
+/// each is removed again (not timed).
+fn raw_device_add(qmp: &Path, n: usize) -> Percentiles {
+    let stream = UnixStream::connect(qmp).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut line = String::new();
+    let mut reply = |cmd: &str| -> String {
+        writer.write_all(cmd.as_bytes()).unwrap();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            if line.contains("\"return\"") || line.contains("\"error\"") {
+                return line.clone();
+            }
+        }
+    };
+    // The greeting carries no "return": the first reply() skips it.
+    reply("{\"execute\":\"qmp_capabilities\"}\n");
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let r = reply("{\"execute\":\"device_add\",\"arguments\":{\"driver\":\"usb-host\",\"bus\":\"xhci.0\",\"hostbus\":1,\"hostport\":\"2.1\",\"id\":\"raw\"}}\n");
+        samples.push(t.elapsed());
+        assert!(r.contains("\"return\""), "{r}");
+        reply("{\"execute\":\"device_del\",\"arguments\":{\"id\":\"raw\"}}\n");
+    }
+    Percentiles::new(samples)
+}
+
 /// (b) What a udev `RUN+=` script does per event: a shell, socat, negotiate, device_add.
 fn socat_per_event(dir: &Path, qmp: &Path, n: usize) -> Percentiles {
     let script = dir.join("attach.sh");
@@ -149,7 +185,7 @@ fn socat_per_event(dir: &Path, qmp: &Path, n: usize) -> Percentiles {
 /// netlink socket, rescan sysfs (the recorded guest), plan, diff, and `device_add` through
 /// the QEMU backend until QEMU confirms. Timed from receipt. The usb-host is removed
 /// again after each sample (not timed).
-async fn usbroute_pipeline(qmp: &Path, n: usize) -> Percentiles {
+async fn usbroute_pipeline(qmp: &Path, n: usize) -> (Percentiles, Percentiles) {
     let root = SysfsRoot::new(FIXTURE);
     let text = format!(
         "[[vm]]\nname = \"bench\"\nqmp = \"{}\"\n[[rule]]\nvm = \"bench\"\nmatch = \"port:1-2.1\"\nby = \"port\"\n",
@@ -163,6 +199,7 @@ async fn usbroute_pipeline(qmp: &Path, n: usize) -> Percentiles {
     let up = BTreeSet::from(["bench".to_string()]);
     let (overrides, mounted, owned) = (BTreeMap::new(), BTreeSet::new(), BTreeMap::new());
     let mut samples = Vec::with_capacity(n);
+    let mut deciding = Vec::with_capacity(n);
     for i in 0..n {
         let uuid = format!("{:08x}-0000-4000-8000-{i:012x}", std::process::id() + 1);
         std::fs::write(DEVICE_UEVENT, format!("change {uuid}")).unwrap();
@@ -190,8 +227,10 @@ async fn usbroute_pipeline(qmp: &Path, n: usize) -> Percentiles {
                 reachable: true,
             },
         )]);
+        let actions = reconcile(&desired, &actual, &snapshot.devices);
+        deciding.push(t.elapsed());
         let mut attached = Vec::new();
-        for action in reconcile(&desired, &actual, &snapshot.devices) {
+        for action in actions {
             if let Action::Attach { device, mode, .. } = action {
                 attached.push(backend.attach(&device, mode).await.unwrap().id);
             }
@@ -202,7 +241,7 @@ async fn usbroute_pipeline(qmp: &Path, n: usize) -> Percentiles {
             backend.detach(&id).await.unwrap();
         }
     }
-    Percentiles::new(samples)
+    (Percentiles::new(samples), Percentiles::new(deciding))
 }
 
 /// (d) The whole daemon: `attach` over the control socket until the reply says the VM
@@ -581,7 +620,7 @@ impl Percentiles {
     }
     fn line(&self, name: &str) -> String {
         format!(
-            "{name:<48} p50 {:>9.1} µs   p99 {:>9.1} µs   (n={})",
+            "{name:<52} p50 {:>9.1} µs   p99 {:>9.1} µs   (n={})",
             self.p50(),
             self.at(0.99),
             self.0.len()
