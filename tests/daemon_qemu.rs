@@ -358,3 +358,29 @@ fn reload_with_a_bad_config_keeps_the_running_one_and_says_where() {
     );
     assert_eq!(bed.usb_hosts(), EXPECTED);
 }
+
+#[test]
+fn status_places_each_device_and_counts_a_kind_by_id_only_for_the_planned_device() {
+    let bed = Bed::new();
+    let _qemu = bed.qemu();
+    let _daemon = bed.daemon();
+    bed.wait_for_hosts(Duration::from_secs(15));
+
+    let status: serde_json::Value = serde_json::from_str(&bed.cli(&["status", "--json"])).unwrap();
+
+    let location = |port: &str| {
+        status["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["port"] == port)
+            .unwrap()["location"]
+            .clone()
+    };
+    assert_eq!(location("1-2.1"), "guest");
+    assert_eq!(location("2-3"), "guest");
+    // 3-1 is the same kind (46f4:0001) as 2-3, which goes by id; only 2-3 is planned there.
+    assert_eq!(location("3-1"), "host");
+    assert_eq!(location("1-2"), "host");
+    assert_eq!(status["vms"][0]["up"], true);
+}
