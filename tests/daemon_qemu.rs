@@ -7,6 +7,7 @@
 //! never competes with the daemon for a connection.
 
 use assert_cmd::cargo::CommandCargoExt;
+use clap::Parser;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
@@ -383,4 +384,24 @@ fn status_places_each_device_and_counts_a_kind_by_id_only_for_the_planned_device
     assert_eq!(location("3-1"), "host");
     assert_eq!(location("1-2"), "host");
     assert_eq!(status["vms"][0]["up"], true);
+}
+
+#[test]
+fn daemon_managing_names_the_vm_of_a_qmp_socket() {
+    let bed = Bed::new();
+    let _qemu = bed.qemu();
+    let _daemon = bed.daemon();
+    let cli = usbroute::cli::Cli::try_parse_from([
+        "usbroute",
+        "--control",
+        bed.path("control.sock").to_str().unwrap(),
+        "status",
+    ])
+    .unwrap();
+
+    let managed = usbroute::cli::daemon::daemon_managing(&cli.global, &bed.path("guest.qmp"));
+    let unmanaged = usbroute::cli::daemon::daemon_managing(&cli.global, &bed.path("other.qmp"));
+
+    assert_eq!(managed.as_deref(), Some("guest"));
+    assert_eq!(unmanaged, None);
 }

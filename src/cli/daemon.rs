@@ -211,11 +211,17 @@ pub fn clear_through_daemon(g: &Global, selector: &str) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-/// The daemon's socket if one answers there, for `--qmp` commands to say "a daemon manages
-/// this" instead of fighting it.
-pub fn running_daemon(g: &Global) -> Option<PathBuf> {
+/// The VM name under which a running daemon manages the QMP socket `qmp`, if one does:
+/// `--qmp` commands say so instead of fighting the daemon (which would undo them).
+pub fn daemon_managing(g: &Global, qmp: &std::path::Path) -> Option<String> {
     let socket = service::resolve_socket(g.control.as_deref(), g.config.as_deref()).ok()?;
-    std::os::unix::net::UnixStream::connect(&socket)
-        .ok()
-        .map(|_| socket)
+    let Ok(Reply::Status(report)) = service::request(&socket, &Request::Status {}) else {
+        return None;
+    };
+    let wanted = std::fs::canonicalize(qmp).unwrap_or_else(|_| qmp.to_path_buf());
+    report.vms.into_iter().find_map(|vm| {
+        let path = PathBuf::from(&vm.qmp);
+        let path = std::fs::canonicalize(&path).unwrap_or(path);
+        (path == wanted).then_some(vm.name)
+    })
 }
