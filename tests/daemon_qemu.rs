@@ -88,9 +88,15 @@ impl Bed {
     }
 
     fn daemon(&self) -> Killed {
+        self.daemon_with(&[])
+    }
+
+    fn daemon_with(&self, extra: &[&str]) -> Killed {
         let child = Command::cargo_bin("usbroute")
             .unwrap()
-            .args(["serve", "-vv", "--config"])
+            .args(["serve", "-vv"])
+            .args(extra)
+            .arg("--config")
             .arg(self.path("usbroute.toml"))
             .arg("--sysfs-root")
             .arg(FIXTURE)
@@ -404,4 +410,53 @@ fn daemon_managing_names_the_vm_of_a_qmp_socket() {
 
     assert_eq!(managed.as_deref(), Some("guest"));
     assert_eq!(unmanaged, None);
+}
+
+#[test]
+fn dry_run_attaches_nothing_and_says_so() {
+    let bed = Bed::new();
+    let _qemu = bed.qemu();
+    let _daemon = bed.daemon_with(&["--dry-run"]);
+    wait_until(
+        Duration::from_secs(10),
+        "the daemon to see the VM up",
+        || bed.cli(&["status", "--json"]).contains("\"up\": true"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    let status: serde_json::Value = serde_json::from_str(&bed.cli(&["status", "--json"])).unwrap();
+
+    assert_eq!(bed.usb_hosts(), Vec::<String>::new());
+    assert_eq!(status["dry_run"], true);
+}
+
+#[test]
+fn sighup_with_a_new_rule_attaches_its_device() {
+    let bed = Bed::new();
+    let _qemu = bed.qemu();
+    let daemon = bed.daemon();
+    bed.wait_for_hosts(Duration::from_secs(15));
+    let mut config = std::fs::read_to_string(bed.path("usbroute.toml")).unwrap();
+    config.push_str("\n[[rule]]\nvm = \"guest\"\nmatch = \"port:1-4\"\nby = \"port\"\n");
+    std::fs::write(bed.path("usbroute.toml"), config).unwrap();
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+
+    wait_until(
+        Duration::from_secs(10),
+        "the new rule's device in QEMU",
+        || bed.usb_hosts().contains(&"usbroute-port-1-4".to_string()),
+    );
+    assert_eq!(
+        bed.usb_hosts(),
+        [
+            "usbroute-id-46f4-0001",
+            "usbroute-port-1-2.1",
+            "usbroute-port-1-4"
+        ]
+    );
 }
