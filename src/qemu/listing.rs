@@ -100,6 +100,27 @@ pub fn match_from_properties(
     }
 }
 
+/// What a usb-host created for `key` matches on.
+pub fn match_of_key(key: &AttachKey) -> HostMatch {
+    match key {
+        AttachKey::Address { bus, address } => HostMatch::Address {
+            bus: *bus,
+            address: *address,
+        },
+        AttachKey::Port(port) => HostMatch::Port {
+            bus: port.bus,
+            port: port.chain(),
+        },
+        AttachKey::Id {
+            vendor_id,
+            product_id,
+        } => HostMatch::Id {
+            vendor_id: *vendor_id,
+            product_id: *product_id,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

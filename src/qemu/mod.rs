@@ -262,10 +262,16 @@ impl QemuBackend {
             }
             return Err(err);
         }
-        let path = format!("/machine/peripheral/{id}");
-        let device = listing::read_one(&self.qmp, id, path)
+        // QEMU has exactly the match properties just given; only `attached` is news.
+        let attached = qom::get(&self.qmp, &format!("/machine/peripheral/{id}"), "attached")
             .await
             .map_err(|e| self.qmp_error(e))?;
+        let device = VmUsbDevice {
+            id,
+            attached: attached.as_bool().unwrap_or(false),
+            ours: true,
+            matcher: listing::match_of_key(&key),
+        };
         Ok(Attached {
             device,
             bus,
