@@ -2,7 +2,7 @@
 
 use super::output::print_json;
 use super::Global;
-use crate::backend::{AttachMode, HostMatch, VmUsbDevice};
+use crate::backend::{usbroute_device_id, AttachKey, AttachMode, HostMatch, VmUsbDevice};
 use crate::inventory::{Device, HexId, Snapshot};
 use crate::qemu::{AttachRequest, Attached, FdPassing, QemuBackend, QemuOptions};
 use crate::selector::{Pattern, Selector, Term};
@@ -188,9 +188,9 @@ fn attach_target(
         .collect();
     match found.as_slice() {
         [one] => Ok(Target::Device(Box::new((*one).clone()))),
-        [] => match pinned_match(selector, mode) {
-            Some(matcher) => Ok(Target::Absent(AttachRequest {
-                matcher,
+        [] => match pinned_key(selector, mode) {
+            Some(key) => Ok(Target::Absent(AttachRequest {
+                key,
                 speed: None,
                 what: format!(
                     "`{selector}` (not on this host now; QEMU attaches it when it appears)"
@@ -224,21 +224,18 @@ fn absent_name(selector: &Selector) -> String {
     }
 }
 
-/// The match an absent device would get: the selector's exact port (by port) or exact
-/// ids (by id).
-fn pinned_match(selector: &Selector, mode: AttachMode) -> Option<HostMatch> {
+/// The key an absent device would get: the selector's exact port (by port) or exact ids
+/// (by id).
+fn pinned_key(selector: &Selector, mode: AttachMode) -> Option<AttachKey> {
     selector.terms.iter().find_map(|term| match (mode, term) {
-        (AttachMode::Port, Term::Port(p)) => Some(HostMatch::Port {
-            bus: p.bus,
-            port: p.chain(),
-        }),
+        (AttachMode::Port, Term::Port(port)) => Some(AttachKey::Port(port.clone())),
         (
             AttachMode::Id,
             Term::Id {
                 vendor: Pattern::Exact(v),
                 product: Pattern::Exact(p),
             },
-        ) => Some(HostMatch::Id {
+        ) => Some(AttachKey::Id {
             vendor_id: HexId(*v),
             product_id: HexId(*p),
         }),
@@ -271,12 +268,11 @@ fn detach_target(
     let mut wanted: Vec<String> = Vec::new();
     for device in snapshot.devices.iter().filter(|d| selector.matches(d)) {
         for mode in [AttachMode::Address, AttachMode::Port, AttachMode::Id] {
-            wanted.extend(crate::qemu::ids::device_id(mode, device));
+            wanted.extend(usbroute_device_id(mode, device));
         }
     }
     for mode in [AttachMode::Port, AttachMode::Id] {
-        wanted
-            .extend(pinned_match(&selector, mode).and_then(|m| crate::qemu::ids::id_of_match(&m)));
+        wanted.extend(pinned_key(&selector, mode).map(|k| k.to_id()));
     }
     let hits: Vec<&VmUsbDevice> = listed.iter().filter(|d| wanted.contains(&d.id)).collect();
     match hits.as_slice() {
@@ -434,13 +430,7 @@ mod tests {
         let Target::Absent(request) = target else {
             panic!("expected an absent target")
         };
-        assert_eq!(
-            request.matcher,
-            HostMatch::Port {
-                bus: 3,
-                port: "2.1".into()
-            }
-        );
+        assert_eq!(request.key, AttachKey::Port("3-2.1".parse().unwrap()));
         assert_eq!(request.speed, None);
     }
 

@@ -3,9 +3,8 @@
 //! Why not `info usb`: it keeps listing devices that are gone. The `attached` property is
 //! what QEMU really has connected now.
 
-use super::ids::parse_device_id;
 use super::qom;
-use crate::backend::{HostMatch, VmUsbDevice};
+use crate::backend::{AttachKey, HostMatch, VmUsbDevice};
 use crate::inventory::HexId;
 use crate::qmp::{Qmp, QmpError};
 use futures_util::future::try_join_all;
@@ -64,7 +63,7 @@ pub async fn read_one(qmp: &Qmp, id: String, path: String) -> Result<VmUsbDevice
         number(product),
     );
     Ok(VmUsbDevice {
-        ours: parse_device_id(&id).is_some(),
+        ours: AttachKey::from_id(&id).is_some(),
         attached: attached.as_bool().unwrap_or(false),
         matcher,
         id,
@@ -97,6 +96,27 @@ pub fn match_from_properties(
                 product_id: HexId(p),
             },
             _ => HostMatch::Other {},
+        },
+    }
+}
+
+/// What a usb-host created for `key` matches on.
+pub fn match_of_key(key: &AttachKey) -> HostMatch {
+    match key {
+        AttachKey::Address { bus, address } => HostMatch::Address {
+            bus: *bus,
+            address: *address,
+        },
+        AttachKey::Port(port) => HostMatch::Port {
+            bus: port.bus,
+            port: port.chain(),
+        },
+        AttachKey::Id {
+            vendor_id,
+            product_id,
+        } => HostMatch::Id {
+            vendor_id: *vendor_id,
+            product_id: *product_id,
         },
     }
 }

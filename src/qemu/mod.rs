@@ -2,18 +2,17 @@
 //!
 //! Attach names the bus (a controller that fits the device's speed, or a `qemu-xhci`
 //! added first), gives the device a deterministic id of ours
-//! ([`ids::device_id`]) and, for an unprivileged QEMU, passes the device as an
+//! ([`crate::backend::AttachKey`]) and, for an unprivileged QEMU, passes the device as an
 //! open file. Detach waits for `DEVICE_DELETED`. List reads QOM, never `info usb`.
 
 pub mod controllers;
 pub mod fdpass;
-pub mod ids;
 pub mod listing;
 pub mod qom;
 
 pub use fdpass::FdPassing;
 
-use crate::backend::{AttachMode, BackendError, BoxFuture, HostMatch, VmBackend, VmUsbDevice};
+use crate::backend::{AttachKey, AttachMode, BackendError, BoxFuture, VmBackend, VmUsbDevice};
 use crate::inventory::{ClassTriple, Device, Speed};
 use crate::qmp::{Qmp, QmpError};
 use crate::sysfs::SysfsRoot;
@@ -47,11 +46,11 @@ impl Default for QemuOptions {
     }
 }
 
-/// What to attach: the match, the device's speed (to choose a bus) and how to name it.
+/// What to attach: the key, the device's speed (to choose a bus) and how to name it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttachRequest {
-    /// What the usb-host device matches on.
-    pub matcher: HostMatch,
+    /// What the usb-host device matches on (and so its id).
+    pub key: AttachKey,
     /// The device's speed, `None` if unknown (then only an xHCI bus fits).
     pub speed: Option<Speed>,
     /// The device as messages name it (`device 1-3 (bus 1 addr 5) 046d:c016 Logitech`).
@@ -150,7 +149,7 @@ impl QemuBackend {
                 device.port
             )));
         }
-        let matcher = ids::match_for(mode, device).ok_or_else(|| {
+        let key = AttachKey::of(mode, device).ok_or_else(|| {
             self.refused(format!(
                 "{what}: its {} could not be read from sysfs, so it cannot be attached by \
                  that; try another --by",
@@ -162,7 +161,7 @@ impl QemuBackend {
             ))
         })?;
         self.attach_request(AttachRequest {
-            matcher,
+            key,
             // By port, whatever is plugged there next is attached, at whatever speed: only
             // a bus that takes every speed (xHCI) is safe.
             speed: if mode == AttachMode::Port {
@@ -178,14 +177,8 @@ impl QemuBackend {
     /// Attach what `request` describes. Leaves no usb-host device and no passed file behind
     /// when it fails (a `qemu-xhci` added for it stays: see [`Attached::added_controller`]).
     pub async fn attach_request(&self, request: AttachRequest) -> Result<Attached, BackendError> {
-        let AttachRequest {
-            matcher,
-            speed,
-            what,
-        } = request;
-        let (Some(mode), Some(id)) = (ids::mode_of(&matcher), ids::id_of_match(&matcher)) else {
-            return Err(self.refused(format!("{what}: nothing to match it by")));
-        };
+        let AttachRequest { key, speed, what } = request;
+        let (mode, id) = (key.mode(), key.to_id());
         let peer = self.qmp.peer();
         let pass_fd = fdpass::decide(self.options.fd_passing, mode, peer)
             .map_err(|reason| self.refused(format!("{what}: {reason}")))?;
@@ -203,8 +196,8 @@ impl QemuBackend {
         }
         // Look at the host before touching the VM: an absent device then changes nothing
         // (not even a controller added for it, which on q35 the guest would have to release).
-        let file = match &matcher {
-            HostMatch::Address { bus, address } => {
+        let file = match &key {
+            AttachKey::Address { bus, address } => {
                 self.check_node(&what, *bus, *address, pass_fd)?
             }
             _ => None,
@@ -212,24 +205,23 @@ impl QemuBackend {
 
         let (bus, added_controller) = self.bus_for(speed, &what).await?;
         let mut arguments = json!({"driver": "usb-host", "id": id, "bus": bus});
-        match &matcher {
-            HostMatch::Address { bus, address } => {
+        match &key {
+            AttachKey::Address { bus, address } => {
                 arguments["hostbus"] = json!(bus);
                 arguments["hostaddr"] = json!(address);
             }
-            HostMatch::Port { bus, port } => {
-                arguments["hostbus"] = json!(bus);
-                arguments["hostport"] = json!(port);
+            AttachKey::Port(port) => {
+                arguments["hostbus"] = json!(port.bus);
+                arguments["hostport"] = json!(port.chain());
             }
             // QEMU wants the ids as JSON integers; strings are refused.
-            HostMatch::Id {
+            AttachKey::Id {
                 vendor_id,
                 product_id,
             } => {
                 arguments["vendorid"] = json!(vendor_id.0);
                 arguments["productid"] = json!(product_id.0);
             }
-            HostMatch::Other {} => unreachable!("checked above: it has a mode"),
         }
 
         let mut fdset = None;
@@ -261,7 +253,7 @@ impl QemuBackend {
                 .await;
         }
         if let Err(e) = added {
-            let mut err = self.attach_error(e, &what, mode, &matcher, fdset.is_some());
+            let mut err = self.attach_error(e, &what, &key, fdset.is_some());
             if let (Some(id), BackendError::Refused { reason, .. }) = (&added_controller, &mut err)
             {
                 reason.push_str(&format!(
@@ -270,10 +262,16 @@ impl QemuBackend {
             }
             return Err(err);
         }
-        let path = format!("/machine/peripheral/{id}");
-        let device = listing::read_one(&self.qmp, id, path)
+        // QEMU has exactly the match properties just given; only `attached` is news.
+        let attached = qom::get(&self.qmp, &format!("/machine/peripheral/{id}"), "attached")
             .await
             .map_err(|e| self.qmp_error(e))?;
+        let device = VmUsbDevice {
+            id,
+            attached: attached.as_bool().unwrap_or(false),
+            ours: true,
+            matcher: listing::match_of_key(&key),
+        };
         Ok(Attached {
             device,
             bus,
@@ -420,8 +418,7 @@ impl QemuBackend {
         &self,
         e: QmpError,
         what: &str,
-        mode: AttachMode,
-        matcher: &HostMatch,
+        key: &AttachKey,
         fd_passed: bool,
     ) -> BackendError {
         let QmpError::Command { desc, .. } = &e else {
@@ -435,8 +432,8 @@ impl QemuBackend {
              /dev/bus/usb node?)"
                 .to_string()
         } else if desc.contains("failed to open host usb device") {
-            match (mode, matcher) {
-                (AttachMode::Address, HostMatch::Address { bus, address }) => format!(
+            match key {
+                AttachKey::Address { bus, address } => format!(
                     "QEMU could not open /dev/bus/usb/{bus:03}/{address:03} (permissions? the \
                      device in use?); --fd-passing always lets usbroute open it for QEMU"
                 ),
