@@ -10,7 +10,7 @@ use super::runtime::Daemon;
 use crate::backend::{AttachKey, AttachMode};
 use crate::engine::runtime::{EngineHandle, Input as EngineInput, Status};
 use crate::inventory::Device;
-use crate::policy::{Override, OverrideAction, Placement, Verdict};
+use crate::policy::{Override, OverrideAction, Placement, RuleAction, Verdict};
 use crate::selector::Selector;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -35,7 +35,7 @@ impl Daemon {
                 Err(r) => r,
             },
             Request::Attach { selector, vm, by } => {
-                match self.set_override(&selector, Some((vm, by.unwrap_or_default()))) {
+                match self.set_override(&selector, Some((vm, by))) {
                     Ok(wait) => {
                         tokio::spawn(wait.confirm(self.engine.clone(), reply));
                         return;
@@ -159,7 +159,7 @@ impl Daemon {
     fn set_override(
         &mut self,
         selector: &str,
-        to: Option<(String, AttachMode)>,
+        to: Option<(String, Option<AttachMode>)>,
     ) -> Result<Confirmation, Reply> {
         let devices = self.matching(selector)?;
         let [device] = <[Device; 1]>::try_from(devices).map_err(|d| {
@@ -186,6 +186,12 @@ impl Daemon {
                 ));
             }
         }
+        // Without `by`: how a rule passing this device to that VM would attach it, else
+        // by address.
+        let to = to.map(|(vm, by)| {
+            let mode = by.unwrap_or_else(|| self.rule_mode(&device, &vm).unwrap_or_default());
+            (vm, mode)
+        });
         let action = match &to {
             Some((vm, mode)) => OverrideAction::Attach {
                 vm: vm.clone(),
@@ -207,6 +213,21 @@ impl Daemon {
             to,
             dry_run: self.options.dry_run,
         })
+    }
+}
+
+impl Daemon {
+    /// The attach mode of the first rule that passes `device` to `vm`.
+    fn rule_mode(&self, device: &Device, vm: &str) -> Option<AttachMode> {
+        self.config
+            .rules
+            .iter()
+            .find_map(|rule| match &rule.action {
+                RuleAction::Pass { vm: v, mode } if v == vm && rule.selector.matches(device) => {
+                    Some(*mode)
+                }
+                _ => None,
+            })
     }
 }
 
