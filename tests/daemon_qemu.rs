@@ -460,3 +460,27 @@ fn sighup_with_a_new_rule_attaches_its_device() {
         ]
     );
 }
+
+#[test]
+fn manual_attach_without_by_takes_the_passing_rules_mode() {
+    let bed = Bed::new();
+    let _qemu = bed.qemu();
+    let _daemon = bed.daemon();
+    bed.wait_for_hosts(Duration::from_secs(15));
+
+    // Rule 1 passes 1-2.1 to guest by port; by address it would be a different usb-host.
+    let reply = ask(
+        &bed,
+        usbroute::service::Request::Attach {
+            selector: "port:1-2.1".into(),
+            vm: "guest".into(),
+            by: None,
+        },
+    );
+
+    assert_eq!(
+        reply,
+        usbroute::service::Reply::done("1-2.1 attached to VM guest (confirmed by the VM)")
+    );
+    assert_eq!(bed.usb_hosts(), EXPECTED);
+}
