@@ -1,0 +1,351 @@
+//! `Bed`: what a scenario gets: a booted guest, the outer QMP, and helpers.
+
+use crate::accel::Accel;
+use crate::agent::{Agent, GuestOutput};
+use crate::machine::{Machine, MachineConfig};
+use crate::qmp::Qmp;
+use crate::usb::{Kind, UsbDevice};
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Default time a guest command may take.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A booted guest with its outer QEMU.
+pub struct Bed {
+    machine: Machine,
+    qmp: Qmp,
+    agent: Agent,
+    accel: Accel,
+    plugged: Vec<UsbDevice>,
+    next_node: u32,
+    broken: Option<String>,
+    share: PathBuf,
+    /// How long the boot took (QEMU start to agent ready).
+    pub boot_time: Duration,
+}
+
+impl Bed {
+    /// Start the outer QEMU and wait for the guest agent.
+    pub async fn boot(cfg: &MachineConfig) -> Result<Bed> {
+        let started = Instant::now();
+        let mut machine = Machine::start(cfg).await?;
+        let connected = async {
+            let qmp = Qmp::connect(&machine.qmp_socket).await?;
+            let mut agent = Agent::connect(&machine.agent_socket).await?;
+            agent
+                .wait_ready(Duration::from_secs(30) * cfg.accel.slowness())
+                .await?;
+            anyhow::Ok((qmp, agent))
+        }
+        .await;
+        let (qmp, agent) = match connected {
+            Ok(pair) => pair,
+            Err(e) => {
+                let log = machine.failure_log(60);
+                machine.stop().await;
+                bail!("the guest did not boot: {e:#}\n{log}");
+            }
+        };
+        let mut bed = Bed {
+            machine,
+            qmp,
+            agent,
+            accel: cfg.accel,
+            plugged: Vec::new(),
+            next_node: 0,
+            broken: None,
+            share: cfg.share.clone(),
+            boot_time: started.elapsed(),
+        };
+        bed.guest_ok(
+            "test -x /bin/usbroute || { echo 'usbroute was not copied from /host' >&2; exit 1; }",
+        )
+        .await?;
+        Ok(bed)
+    }
+
+    /// KVM or TCG.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// `timeout` scaled for the accelerator (TCG runs the guest several times slower).
+    pub fn scaled(&self, kvm_timeout: Duration) -> Duration {
+        kvm_timeout * self.accel.slowness()
+    }
+
+    /// The host directory the guest sees as `/host`.
+    pub fn share(&self) -> &std::path::Path {
+        &self.share
+    }
+
+    /// Run a `sh` script in the guest (60 s limit). A non-zero rc is not an error here.
+    pub async fn guest(&mut self, script: &str) -> Result<GuestOutput> {
+        self.guest_with_timeout(script, GUEST_TIMEOUT).await
+    }
+
+    /// Run a `sh` script in the guest with a time limit.
+    pub async fn guest_with_timeout(
+        &mut self,
+        script: &str,
+        timeout: Duration,
+    ) -> Result<GuestOutput> {
+        if let Some(why) = &self.broken {
+            bail!("the guest is unusable: {why}");
+        }
+        match self.agent.run(script, timeout).await {
+            Ok(out) => Ok(out),
+            Err(e) => {
+                self.broken = Some(format!("{e:#}"));
+                Err(e.context(format!("running in the guest: {script}")))
+            }
+        }
+    }
+
+    /// Run a script in the guest; its stdout, or an error with rc and stderr.
+    pub async fn guest_ok(&mut self, script: &str) -> Result<String> {
+        let out = self.guest(script).await?;
+        if out.rc != 0 {
+            bail!(
+                "guest command failed (rc {}): {script}\nstderr: {}\nstdout: {}",
+                out.rc,
+                out.stderr.trim(),
+                out.stdout.trim()
+            );
+        }
+        Ok(out.stdout)
+    }
+
+    /// Poll a guest script until it exits 0, at most `timeout` (scaled for TCG).
+    pub async fn wait_guest(&mut self, what: &str, script: &str, timeout: Duration) -> Result<()> {
+        let timeout = self.scaled(timeout);
+        let started = Instant::now();
+        loop {
+            let out = self.guest(script).await?;
+            if out.rc == 0 {
+                return Ok(());
+            }
+            if started.elapsed() > timeout {
+                bail!(
+                    "timed out after {timeout:?} waiting for {what} (last rc {}: {})",
+                    out.rc,
+                    out.stderr.trim()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The outer QEMU's QMP.
+    pub fn qmp(&mut self) -> &mut Qmp {
+        &mut self.qmp
+    }
+
+    /// Plug an emulated device through the outer QMP (storage gets a fresh block node)
+    /// and wait until the guest kernel lists it in sysfs.
+    pub async fn plug(&mut self, dev: &UsbDevice) -> Result<String> {
+        let drive = if dev.kind == Kind::Storage {
+            self.next_node += 1;
+            let node = format!("{}-disk{}", dev.id, self.next_node);
+            self.qmp
+                .execute(
+                    "blockdev-add",
+                    Some(json!({"driver": "null-co", "node-name": node,
+                                "size": 64u64 << 20, "read-zeroes": true})),
+                )
+                .await?;
+            Some(node)
+        } else {
+            None
+        };
+        self.qmp
+            .execute("device_add", Some(dev.device_add_args(drive.as_deref())))
+            .await
+            .with_context(|| {
+                format!(
+                    "plugging {} ({}) at {}",
+                    dev.id,
+                    dev.kind.driver(),
+                    dev.port
+                )
+            })?;
+        self.plugged.push(dev.clone());
+        let name = self.guest_name(dev).await?;
+        Ok(name)
+    }
+
+    /// Wait until the guest shows `dev`; its kernel name (`1-2.3.1`).
+    pub async fn guest_name(&mut self, dev: &UsbDevice) -> Result<String> {
+        let e = dev.expected();
+        // The bus number depends on probe order: find the root hub by controller and speed.
+        let script = format!(
+            "for hub in /sys/bus/pci/devices/{ctrl}/usb*; do \
+               [ \"$(cat $hub/speed)\" = {speed} ] || continue; \
+               name=$(cat $hub/busnum)-{chain}; \
+               [ -e /sys/bus/usb/devices/$name/idVendor ] && {{ echo $name; exit 0; }}; \
+             done; exit 1",
+            ctrl = e.controller,
+            speed = e.root_hub.speed(),
+            chain = e.chain()
+        );
+        let what = format!(
+            "{} to appear in the guest at {} port {}",
+            dev.id,
+            e.controller,
+            e.chain()
+        );
+        self.wait_guest(&what, &script, Duration::from_secs(10))
+            .await?;
+        Ok(self.guest_ok(&script).await?.trim().to_string())
+    }
+
+    /// Unplug a device this bed plugged (device_del, wait for DEVICE_DELETED).
+    pub async fn unplug(&mut self, id: &str) -> Result<()> {
+        let mut events = self.qmp.events();
+        self.qmp
+            .execute("device_del", Some(json!({ "id": id })))
+            .await
+            .with_context(|| format!("unplugging {id}"))?;
+        let deadline = self.scaled(Duration::from_secs(10));
+        tokio::time::timeout(deadline, async {
+            loop {
+                let ev: Value = events.recv().await?;
+                if ev["event"] == "DEVICE_DELETED" && ev["data"]["device"] == id {
+                    return anyhow::Ok(());
+                }
+            }
+        })
+        .await
+        .map_err(|_| anyhow!("{id}: no DEVICE_DELETED within {deadline:?}"))??;
+        self.plugged.retain(|d| d.id != id);
+        Ok(())
+    }
+
+    /// Unplug everything plugged through this bed, devices behind hubs first.
+    pub async fn unplug_all(&mut self) -> Result<()> {
+        while let Some(dev) = self.plugged.last().cloned() {
+            self.unplug(&dev.id).await?;
+        }
+        Ok(())
+    }
+
+    /// Devices plugged through this bed and still present.
+    pub fn plugged(&self) -> &[UsbDevice] {
+        &self.plugged
+    }
+
+    /// Start an inner QEMU in the guest (in the background, QMP at
+    /// `/tmp/inner-<name>.qmp`, log at `/tmp/inner-<name>.log`), run as `user`
+    /// (`root` or an unprivileged name from the guest's /etc/passwd) and wait for its QMP.
+    pub async fn start_inner_qemu(
+        &mut self,
+        name: &str,
+        user: &str,
+        extra: &str,
+    ) -> Result<InnerQemu> {
+        let qmp = format!("/tmp/inner-{name}.qmp");
+        let log = format!("/tmp/inner-{name}.log");
+        let cmd = format!(
+            "qemu-system-x86_64 -M q35 -accel tcg -m 128 -nodefaults -display none \
+             -device qemu-xhci,id=xhci -qmp unix:{qmp},server=on,wait=off {extra}"
+        );
+        let launch = if user == "root" {
+            cmd
+        } else {
+            format!("su -s /bin/sh {user} -c '{cmd}'")
+        };
+        let pid = self
+            .guest_ok(&format!(
+                "rm -f {qmp}; {launch} >{log} 2>&1 </dev/null & echo $!"
+            ))
+            .await?;
+        self.wait_guest(
+            &format!("inner QEMU {name} to open {qmp}"),
+            &format!("test -S {qmp}"),
+            Duration::from_secs(15),
+        )
+        .await
+        .map_err(|e| anyhow!("{e:#}"))?;
+        Ok(InnerQemu {
+            name: name.to_string(),
+            qmp,
+            log,
+            pid: pid.trim().to_string(),
+        })
+    }
+
+    /// Send one QMP command to an inner QEMU (through socat in the guest); the reply line.
+    pub async fn inner_qmp(&mut self, inner: &InnerQemu, command: &Value) -> Result<Value> {
+        let out = self
+            .guest_ok(&format!(
+                "printf '%s\\n%s\\n' '{{\"execute\":\"qmp_capabilities\"}}' '{}' | \
+                 socat -t 2 - UNIX-CONNECT:{} | tail -n +3 | grep -v '\"event\"' | head -1",
+                command.to_string().replace('\'', "'\\''"),
+                inner.qmp
+            ))
+            .await?;
+        serde_json::from_str(out.trim())
+            .with_context(|| format!("inner QEMU {} replied: {}", inner.name, out.trim()))
+    }
+
+    /// Kill every inner QEMU and forget plugged devices (between scenarios).
+    pub async fn reset(&mut self) -> Result<()> {
+        self.unplug_all().await?;
+        self.guest_ok("pkill -9 qemu-system-x86_64 || true; rm -f /tmp/inner-*")
+            .await?;
+        Ok(())
+    }
+
+    /// `Some(reason)` when the guest can no longer be driven.
+    pub fn broken(&mut self) -> Option<String> {
+        if let Some(status) = self.machine.exited() {
+            return Some(format!("the outer QEMU exited ({status})"));
+        }
+        self.broken.clone()
+    }
+
+    /// The console and QEMU logs for a failure report.
+    pub fn failure_log(&self) -> String {
+        self.machine.failure_log(60)
+    }
+
+    /// Power off (kill the outer QEMU).
+    pub async fn shutdown(mut self) {
+        self.machine.stop().await;
+    }
+}
+
+/// An inner QEMU running in the guest.
+#[derive(Debug, Clone)]
+pub struct InnerQemu {
+    /// Its name (in socket and log paths).
+    pub name: String,
+    /// QMP socket path in the guest.
+    pub qmp: String,
+    /// Log path in the guest.
+    pub log: String,
+    /// Its pid in the guest.
+    pub pid: String,
+}
+
+/// Poll `check` until it returns `true`, at most `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
