@@ -3,13 +3,13 @@
 use crate::accel::Accel;
 use crate::agent::{Agent, GuestOutput};
 use crate::machine::{Machine, MachineConfig};
-use crate::qmp::Qmp;
 use crate::usb::{Kind, UsbDevice};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use usbroute::qmp::Qmp;
 
 /// Default time a guest command may take.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -34,7 +34,10 @@ impl Bed {
         let started = Instant::now();
         let mut machine = Machine::start(cfg).await?;
         let connected = async {
-            let qmp = Qmp::connect(&machine.qmp_socket).await?;
+            // TCG guests answer slowly while the host is loaded: allow more than the default.
+            let qmp = Qmp::connect(&machine.qmp_socket)
+                .await?
+                .with_timeout(Duration::from_secs(30));
             let mut agent = Agent::connect(&machine.agent_socket).await?;
             agent
                 .wait_ready(Duration::from_secs(30) * cfg.accel.slowness())
@@ -141,8 +144,8 @@ impl Bed {
     }
 
     /// The outer QEMU's QMP.
-    pub fn qmp(&mut self) -> &mut Qmp {
-        &mut self.qmp
+    pub fn qmp(&self) -> &Qmp {
+        &self.qmp
     }
 
     /// Plug an emulated device through the outer QMP (storage gets a fresh block node)
@@ -213,8 +216,8 @@ impl Bed {
         let deadline = self.scaled(Duration::from_secs(10));
         tokio::time::timeout(deadline, async {
             loop {
-                let ev: Value = events.recv().await?;
-                if ev["event"] == "DEVICE_DELETED" && ev["data"]["device"] == id {
+                let ev = events.recv().await?;
+                if ev.name == "DEVICE_DELETED" && ev.data["device"] == id {
                     return anyhow::Ok(());
                 }
             }

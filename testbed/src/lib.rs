@@ -6,7 +6,6 @@ pub mod accel;
 pub mod agent;
 pub mod bed;
 pub mod machine;
-pub mod qmp;
 pub mod record;
 pub mod runner;
 pub mod scenarios;
