@@ -266,13 +266,21 @@ impl Bed {
                 "rm -f {qmp}; {launch} >{log} 2>&1 </dev/null & echo $!"
             ))
             .await?;
-        self.wait_guest(
-            &format!("inner QEMU {name} to open {qmp}"),
-            &format!("test -S {qmp}"),
-            Duration::from_secs(15),
-        )
-        .await
-        .map_err(|e| anyhow!("{e:#}"))?;
+        let ready = self
+            .wait_guest(
+                &format!("inner QEMU {name} to open {qmp}"),
+                &format!("test -S {qmp}"),
+                Duration::from_secs(15),
+            )
+            .await;
+        if let Err(e) = ready {
+            let out = self.guest(&format!("cat {log}")).await?;
+            bail!(
+                "{e:#}\ninner QEMU {name} ({log}): {}{}",
+                out.stdout,
+                out.stderr
+            );
+        }
         Ok(InnerQemu {
             name: name.to_string(),
             qmp,

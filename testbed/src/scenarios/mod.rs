@@ -10,6 +10,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 mod hotplug;
+mod inner_qemu;
 mod inventory;
 mod record_sysfs;
 
@@ -37,23 +38,13 @@ macro_rules! scenario {
     };
 }
 
-/// Every scenario, in run order.
+/// Every scenario, in run order. One line each (kept so by `rustfmt::skip`).
+#[rustfmt::skip]
 pub fn all() -> Vec<Scenario> {
     vec![
-        scenario!(
-            "hotplug",
-            hotplug,
-            "plug/unplug on xHCI, EHCI and UHCI reaches the guest kernel"
-        ),
-        scenario!(
-            "inventory",
-            inventory,
-            "`usbroute list --json` in the guest matches what QMP plugged"
-        ),
-        scenario!(
-            "record-sysfs",
-            record_sysfs,
-            "a recording made in the guest lists the same, in the guest and on the host"
-        ),
+        scenario!("hotplug", hotplug, "plug/unplug on xHCI, EHCI and UHCI reaches the guest kernel"),
+        scenario!("inner-qemu", inner_qemu, "an inner QEMU runs in the guest (root and unprivileged) and takes a device with usb-host"),
+        scenario!("inventory", inventory, "`usbroute list --json` in the guest matches what QMP plugged"),
+        scenario!("record-sysfs", record_sysfs, "a recording made in the guest lists the same, in the guest and on the host"),
     ]
 }
