@@ -9,4 +9,5 @@ pub mod machine;
 pub mod record;
 pub mod runner;
 pub mod scenarios;
+pub mod shell;
 pub mod usb;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
-use usbroute_testbed::{accel, machine, record, runner, scenarios};
+use usbroute_testbed::{accel, machine, record, runner, scenarios, shell};
 
 /// Real-kernel test bed for usbroute.
 #[derive(Debug, Parser)]
@@ -45,6 +45,12 @@ enum Cmd {
     Record {
         /// Fixture directory (tests/fixtures).
         dir: PathBuf,
+    },
+    /// Boot and run stdin's lines in the guest (QMP socket in the run dir).
+    Shell {
+        /// Plug the rich topology first.
+        #[arg(long)]
+        rich: bool,
     },
     /// Boot with the rich topology and copy the guest's raw sysfs into DIR.
     DumpRaw {
@@ -124,6 +130,10 @@ async fn real_main() -> Result<ExitCode> {
         }
         Cmd::Record { dir } => {
             record::record_fixtures(&cfg, &dir).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Shell { rich } => {
+            shell::run(&cfg, rich).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::DumpRaw { dir } => {

@@ -112,7 +112,15 @@ pub async fn run(cfg: &MachineConfig, accel_reason: String, scenarios: &[Scenari
         match &outcome {
             Outcome::Passed => println!("PASS {} ({:.1} s)", s.name, time.as_secs_f64()),
             Outcome::Failed(why) | Outcome::NotRun(why) => {
-                println!("FAIL {} ({:.1} s): {why}", s.name, time.as_secs_f64())
+                println!("FAIL {} ({:.1} s): {why}", s.name, time.as_secs_f64());
+                if bed.broken().is_none() {
+                    if let Ok(out) = bed.guest("dmesg | tail -n 25").await {
+                        println!(
+                            "--- guest dmesg, last 25 lines ---\n{}",
+                            out.stdout.trim_end()
+                        );
+                    }
+                }
             }
         }
         report.results.push((s.name, outcome, time));

@@ -97,3 +97,44 @@ pub fn mismatches(plugged: &[(UsbDevice, String)], listed: &[Device]) -> Vec<Str
     }
     problems
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::usb::{Ctrl, Kind};
+
+    fn listed_device(port: &str, speed: f64, parent: Option<&str>) -> Device {
+        serde_json::from_value(serde_json::json!({
+            "port": port, "bus": 1, "address": 2, "vendor_id": "0627", "product_id": "0001",
+            "manufacturer": "QEMU", "product": "QEMU USB Mouse", "serial": "89126",
+            "class": {"class": 0, "subclass": 0, "protocol": 0}, "speed_mbps": speed,
+            "hub": false, "removable": "unknown", "controller": "0000:00:03.0",
+            "parent": parent, "sysfs_path": "/sys/devices/x", "driver": "usb", "interfaces": []
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn matching_listing_has_no_mismatches() {
+        let mouse = UsbDevice::new(Kind::Mouse, "m", Ctrl::Xhci, "1");
+        let plugged = [(mouse, "1-1".to_string())];
+
+        let problems = mismatches(&plugged, &[listed_device("1-1", 480.0, None)]);
+
+        assert_eq!(problems, Vec::<String>::new());
+    }
+
+    #[test]
+    fn wrong_speed_and_unplugged_extra_are_both_reported() {
+        let mouse = UsbDevice::new(Kind::Mouse, "m", Ctrl::Xhci, "1");
+        let plugged = [(mouse, "1-1".to_string())];
+        let listed = [
+            listed_device("1-1", 12.0, None),
+            listed_device("1-2", 480.0, None),
+        ];
+
+        let problems = mismatches(&plugged, &listed);
+
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+}
