@@ -99,6 +99,11 @@ pub async fn run(cfg: &MachineConfig, accel_reason: String, scenarios: &[Scenari
                 "did not finish within {SCENARIO_TIMEOUT:?}"
             )),
         };
+        // The guest's view right at the failure, before cleanup adds its own noise.
+        let dmesg = match (&result, bed.broken()) {
+            (Err(_), None) => bed.guest("dmesg | tail -n 25").await.ok().map(|o| o.stdout),
+            _ => None,
+        };
         // Put the bed back to bare controllers for the next scenario.
         let cleanup = bed.reset().await;
         let time = started.elapsed();
@@ -113,13 +118,11 @@ pub async fn run(cfg: &MachineConfig, accel_reason: String, scenarios: &[Scenari
             Outcome::Passed => println!("PASS {} ({:.1} s)", s.name, time.as_secs_f64()),
             Outcome::Failed(why) | Outcome::NotRun(why) => {
                 println!("FAIL {} ({:.1} s): {why}", s.name, time.as_secs_f64());
-                if bed.broken().is_none() {
-                    if let Ok(out) = bed.guest("dmesg | tail -n 25").await {
-                        println!(
-                            "--- guest dmesg, last 25 lines ---\n{}",
-                            out.stdout.trim_end()
-                        );
-                    }
+                if let Some(dmesg) = &dmesg {
+                    println!(
+                        "--- guest dmesg at the failure, last 25 lines ---\n{}",
+                        dmesg.trim_end()
+                    );
                 }
             }
         }
