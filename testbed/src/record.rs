@@ -83,11 +83,11 @@ fn untar_fresh(tar: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `tests/fixtures/rich-topology` (with intel-iommu) and `tests/fixtures/no-iommu`,
+/// `tests/fixtures/guest-rich` (with intel-iommu) and `tests/fixtures/guest-no-iommu`,
 /// each a `usbroute record-sysfs` recording, plus `<name>.list.json` (the live listing
 /// in the guest when it was recorded) and `<name>.topology.txt`.
 pub async fn record_fixtures(cfg: &MachineConfig, dir: &Path) -> Result<()> {
-    for (name, iommu) in [("rich-topology", true), ("no-iommu", false)] {
+    for (name, iommu) in [("guest-rich", true), ("guest-no-iommu", false)] {
         let cfg = MachineConfig {
             iommu,
             ..cfg.clone()

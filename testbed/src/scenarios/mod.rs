@@ -11,7 +11,7 @@ use std::pin::Pin;
 
 mod hotplug;
 mod inner_qemu;
-mod inventory;
+pub(crate) mod inventory;
 mod record_sysfs;
 
 /// A scenario's body.

@@ -12,6 +12,15 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
         bed.plug(&dev).await?;
     }
     let live = bed.guest_ok("usbroute list --json").await?;
+    // Equal listings prove nothing if both are empty: the live one must show every device.
+    let listing: super::inventory::Listing = serde_json::from_str(&live)
+        .with_context(|| format!("parsing `usbroute list --json`: {live}"))?;
+    let want = rich_topology().len();
+    ensure!(
+        listing.devices.len() == want,
+        "the live listing shows {} devices, {want} were plugged",
+        listing.devices.len()
+    );
     let in_guest = bed
         .guest_ok(
             "rm -rf /tmp/rec && usbroute record-sysfs /tmp/rec >&2 && \
