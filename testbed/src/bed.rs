@@ -20,7 +20,7 @@ pub struct Bed {
     qmp: Qmp,
     agent: Agent,
     accel: Accel,
-    plugged: Vec<UsbDevice>,
+    plugged: Vec<Plugged>,
     next_node: u32,
     broken: Option<String>,
     share: PathBuf,
@@ -123,14 +123,20 @@ impl Bed {
         Ok(out.stdout)
     }
 
-    /// Poll a guest script until it exits 0, at most `timeout` (scaled for TCG).
-    pub async fn wait_guest(&mut self, what: &str, script: &str, timeout: Duration) -> Result<()> {
+    /// Poll a guest script until it exits 0, at most `timeout` (scaled for TCG); the
+    /// stdout of the run that succeeded.
+    pub async fn wait_guest(
+        &mut self,
+        what: &str,
+        script: &str,
+        timeout: Duration,
+    ) -> Result<String> {
         let timeout = self.scaled(timeout);
         let started = Instant::now();
         loop {
             let out = self.guest(script).await?;
             if out.rc == 0 {
-                return Ok(());
+                return Ok(out.stdout);
             }
             if started.elapsed() > timeout {
                 bail!(
@@ -176,8 +182,15 @@ impl Bed {
                     dev.port
                 )
             })?;
-        self.plugged.push(dev.clone());
+        // Tracked before the guest sees it, so cleanup unplugs it even if it never shows.
+        self.plugged.push(Plugged {
+            dev: dev.clone(),
+            guest_name: None,
+        });
         let name = self.guest_name(dev).await?;
+        if let Some(p) = self.plugged.iter_mut().find(|p| p.dev.id == dev.id) {
+            p.guest_name = Some(name.clone());
+        }
         Ok(name)
     }
 
@@ -201,12 +214,15 @@ impl Bed {
             e.controller,
             e.chain()
         );
-        self.wait_guest(&what, &script, Duration::from_secs(10))
+        let name = self
+            .wait_guest(&what, &script, Duration::from_secs(10))
             .await?;
-        Ok(self.guest_ok(&script).await?.trim().to_string())
+        Ok(name.trim().to_string())
     }
 
-    /// Unplug a device this bed plugged (device_del, wait for DEVICE_DELETED).
+    /// Unplug a device (device_del), wait for DEVICE_DELETED and, for a device this bed
+    /// plugged, until the guest kernel has dropped it too (so the next plug at the same
+    /// port cannot be mistaken for the old one).
     pub async fn unplug(&mut self, id: &str) -> Result<()> {
         let mut events = self.qmp.events();
         self.qmp
@@ -224,20 +240,33 @@ impl Bed {
         })
         .await
         .map_err(|_| anyhow!("{id}: no DEVICE_DELETED within {deadline:?}"))??;
-        self.plugged.retain(|d| d.id != id);
+        let name = self
+            .plugged
+            .iter()
+            .find(|p| p.dev.id == id)
+            .and_then(|p| p.guest_name.clone());
+        self.plugged.retain(|p| p.dev.id != id);
+        if let Some(name) = name {
+            self.wait_guest(
+                &format!("{id} ({name}) to leave the guest"),
+                &format!("! test -e /sys/bus/usb/devices/{name}"),
+                Duration::from_secs(10),
+            )
+            .await?;
+        }
         Ok(())
     }
 
     /// Unplug everything plugged through this bed, devices behind hubs first.
     pub async fn unplug_all(&mut self) -> Result<()> {
-        while let Some(dev) = self.plugged.last().cloned() {
-            self.unplug(&dev.id).await?;
+        while let Some(p) = self.plugged.last().cloned() {
+            self.unplug(&p.dev.id).await?;
         }
         Ok(())
     }
 
-    /// Devices plugged through this bed and still present.
-    pub fn plugged(&self) -> &[UsbDevice] {
+    /// Devices plugged through this bed and still present, with their kernel names.
+    pub fn plugged(&self) -> &[Plugged] {
         &self.plugged
     }
 
@@ -328,6 +357,15 @@ impl Bed {
     pub async fn shutdown(mut self) {
         self.machine.stop().await;
     }
+}
+
+/// A device plugged through the bed.
+#[derive(Debug, Clone)]
+pub struct Plugged {
+    /// What and where.
+    pub dev: UsbDevice,
+    /// Its kernel name once the guest showed it.
+    pub guest_name: Option<String>,
 }
 
 /// An inner QEMU running in the guest.

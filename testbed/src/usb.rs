@@ -158,7 +158,8 @@ impl UsbDevice {
         let (controller, root_hub, ports) = match self.ctrl {
             Ctrl::Xhci if speed >= 5000 => (XHCI_PCI, RootHub::Usb3, chain),
             Ctrl::Xhci => (XHCI_PCI, RootHub::Usb2, chain),
-            Ctrl::Ehci if self.root_speed() <= 12 => {
+            // Behind a hub means a (full-speed) QEMU hub sits on the EHCI port.
+            Ctrl::Ehci if behind_hub || self.root_speed() <= 12 => {
                 // The EHCI hands full-speed devices on its port p to companion (p-1)/2,
                 // whose own port is (p-1)%2 + 1.
                 let p = usize::from(chain[0]) - 1;
@@ -289,6 +290,18 @@ mod tests {
         assert_eq!(
             (e.controller, e.root_hub, e.speed, e.chain()),
             (UHCI_PCI[2], RootHub::Usb1, 12, "1".to_string())
+        );
+    }
+
+    #[test]
+    fn tablet_behind_a_hub_on_ehci_port_4_lands_on_second_uhci_port_2() {
+        let dev = UsbDevice::new(Kind::Tablet, "t", Ctrl::Ehci, "4.1");
+
+        let e = dev.expected();
+
+        assert_eq!(
+            (e.controller, e.root_hub, e.speed, e.chain()),
+            (UHCI_PCI[1], RootHub::Usb1, 12, "2.1".to_string())
         );
     }
 
