@@ -46,6 +46,8 @@ impl Machine {
         let agent_socket = cfg.run_dir.join("agent.sock");
         let console_log = cfg.run_dir.join("console.log");
         let qemu_log = cfg.run_dir.join("qemu.log");
+        let pid_file = cfg.run_dir.join("qemu.pid");
+        stop_leftover(&pid_file, &qmp_socket);
         for stale in [&qmp_socket, &agent_socket, &console_log] {
             let _ = std::fs::remove_file(stale);
         }
@@ -54,7 +56,9 @@ impl Machine {
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-M", "q35", "-smp", "2", "-m", "1024", "-nodefaults"])
             .args(cfg.accel.qemu_args())
-            .args(["-display", "none", "-no-reboot"]);
+            .args(["-display", "none", "-no-reboot"])
+            .arg("-pidfile")
+            .arg(&pid_file);
         // no_timer_check: under TCG on a loaded host the IO-APIC timer check can fail and
         // panic the boot ("timer doesn't work through Interrupt-remapped IO-APIC").
         let mut append = String::from("console=ttyS0 panic=-1 quiet no_timer_check");
@@ -152,6 +156,28 @@ fn usb_controllers() -> Vec<&'static str> {
     .into_iter()
     .flat_map(|d| ["-device", d])
     .collect()
+}
+
+/// Kill the outer QEMU a previous run left behind (the harness was interrupted before it
+/// could), found by its pid file and recognised by its QMP socket path on its command
+/// line, so an unrelated process that reused the pid is never touched.
+fn stop_leftover(pid_file: &Path, qmp_socket: &Path) {
+    let Some(pid) = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let ours = String::from_utf8_lossy(&cmdline).contains(&*qmp_socket.to_string_lossy());
+    if ours {
+        eprintln!("stopping the outer QEMU a previous run left behind (pid {pid})");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 /// The last `n` lines of a text file (lossy), or a note that it is unreadable.
