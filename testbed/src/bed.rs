@@ -3,7 +3,7 @@
 use crate::accel::Accel;
 use crate::agent::{Agent, GuestOutput};
 use crate::machine::{Machine, MachineConfig};
-use crate::usb::{Kind, UsbDevice};
+use crate::usb::{Kind, UsbDevice, EHCI_PCI, UHCI_PCI, XHCI_PCI};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::future::Future;
@@ -24,6 +24,7 @@ pub struct Bed {
     next_node: u32,
     broken: Option<String>,
     share: PathBuf,
+    config: MachineConfig,
     /// How long the boot took (QEMU start to agent ready).
     pub boot_time: Duration,
 }
@@ -62,6 +63,7 @@ impl Bed {
             next_node: 0,
             broken: None,
             share: cfg.share.clone(),
+            config: cfg.clone(),
             boot_time: started.elapsed(),
         };
         bed.guest_ok(
@@ -333,11 +335,42 @@ impl Bed {
     }
 
     /// Kill every inner QEMU and forget plugged devices (between scenarios).
+    /// Fails if a scenario left a USB controller on another driver (vfio-pci, none):
+    /// the next scenario would not start from the same machine.
     pub async fn reset(&mut self) -> Result<()> {
         self.unplug_all().await?;
         self.guest_ok("pkill -9 qemu-system-x86_64 || true; rm -f /tmp/inner-*")
             .await?;
+        let drivers = [
+            (XHCI_PCI, "xhci_hcd"),
+            (EHCI_PCI, "ehci-pci"),
+            (UHCI_PCI[0], "uhci_hcd"),
+            (UHCI_PCI[1], "uhci_hcd"),
+            (UHCI_PCI[2], "uhci_hcd"),
+        ];
+        let script: String = drivers
+            .iter()
+            .map(|(pci, want)| {
+                format!(
+                    "d=$(basename \"$(readlink /sys/bus/pci/devices/{pci}/driver)\"); \
+                     [ \"$d\" = {want} ] || echo \"{pci} is bound to '$d', not {want}\"; "
+                )
+            })
+            .collect();
+        let wrong = self.guest_ok(&script).await?;
+        if !wrong.trim().is_empty() {
+            bail!(
+                "the scenario did not restore the controllers: {}",
+                wrong.trim()
+            );
+        }
         Ok(())
+    }
+
+    /// How this machine was booted: a scenario that needs a different machine (no
+    /// IOMMU, say) can boot its own from a copy, with its own `run_dir`.
+    pub fn config(&self) -> &MachineConfig {
+        &self.config
     }
 
     /// `Some(reason)` when the guest can no longer be driven.
