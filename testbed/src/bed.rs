@@ -7,7 +7,6 @@ use crate::usb::{Kind, UsbDevice, EHCI_PCI, UHCI_PCI, XHCI_PCI};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::future::Future;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use usbroute::qmp::Qmp;
 
@@ -19,11 +18,9 @@ pub struct Bed {
     machine: Machine,
     qmp: Qmp,
     agent: Agent,
-    accel: Accel,
     plugged: Vec<Plugged>,
     next_node: u32,
     broken: Option<String>,
-    share: PathBuf,
     config: MachineConfig,
     /// How long the boot took (QEMU start to agent ready).
     pub boot_time: Duration,
@@ -58,16 +55,14 @@ impl Bed {
             machine,
             qmp,
             agent,
-            accel: cfg.accel,
             plugged: Vec::new(),
             next_node: 0,
             broken: None,
-            share: cfg.share.clone(),
             config: cfg.clone(),
             boot_time: started.elapsed(),
         };
         bed.guest_ok(
-            "test -x /bin/usbroute || { echo 'usbroute was not copied from /host' >&2; exit 1; }",
+            "test -x /bin/usbroute || { echo 'no /bin/usbroute in the guest: scripts/testbed appends it to the initramfs' >&2; exit 1; }",
         )
         .await?;
         Ok(bed)
@@ -75,17 +70,17 @@ impl Bed {
 
     /// KVM or TCG.
     pub fn accel(&self) -> Accel {
-        self.accel
+        self.config.accel
     }
 
     /// `timeout` scaled for the accelerator (TCG runs the guest several times slower).
     pub fn scaled(&self, kvm_timeout: Duration) -> Duration {
-        kvm_timeout * self.accel.slowness()
+        kvm_timeout * self.config.accel.slowness()
     }
 
     /// The host directory the guest sees as `/host`.
     pub fn share(&self) -> &std::path::Path {
-        &self.share
+        &self.config.share
     }
 
     /// Run a `sh` script in the guest (60 s limit). A non-zero rc is not an error here.
