@@ -188,7 +188,30 @@ impl Bed {
         if let Some(p) = self.plugged.iter_mut().find(|p| p.dev.id == dev.id) {
             p.guest_name = Some(name.clone());
         }
+        self.wait_bound(dev, &name).await?;
         Ok(name)
+    }
+
+    /// Wait until every interface of `name` has a driver and, for storage, its disk
+    /// exists (usb-storage scans a second after binding): what a listing taken right
+    /// after `plug` should already show.
+    async fn wait_bound(&mut self, dev: &UsbDevice, name: &str) -> Result<()> {
+        let disk = if dev.kind == Kind::Storage {
+            format!("ls -d /sys/bus/usb/devices/{name}/{name}:*/host*/target*/*/block/* >/dev/null 2>&1 || exit 1; ")
+        } else {
+            String::new()
+        };
+        let script = format!(
+            "ls -d /sys/bus/usb/devices/{name}:* >/dev/null 2>&1 || exit 1; \
+             for i in /sys/bus/usb/devices/{name}:*; do [ -e \"$i/driver\" ] || exit 1; done; {disk}"
+        );
+        self.wait_guest(
+            &format!("{} ({name}) to be bound to its drivers", dev.id),
+            &script,
+            Duration::from_secs(10),
+        )
+        .await?;
+        Ok(())
     }
 
     /// Wait until the guest shows `dev`; its kernel name (`1-2.3.1`).

@@ -3,6 +3,7 @@
 use crate::bed::Bed;
 use crate::usb::rich_topology;
 use anyhow::{ensure, Context, Result};
+use serde_json::Value;
 use std::process::Command;
 
 /// Plug the rich topology, record it in the guest, and compare `list --json` live,
@@ -28,9 +29,11 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
              tar -C /tmp/rec -cf /host/record-sysfs.tar .",
         )
         .await?;
+    let differences = json_differences(&live, &in_guest)?;
     ensure!(
-        same_json(&live, &in_guest)?,
-        "listing from the recording in the guest differs from the live one:\nlive: {live}\nrecorded: {in_guest}"
+        differences.is_empty(),
+        "the recording, listed in the guest, differs from the live listing (live vs recorded):\n  {}",
+        differences.join("\n  ")
     );
     let dir = bed.share().join("record-sysfs");
     let _ = std::fs::remove_dir_all(&dir);
@@ -59,15 +62,61 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
         String::from_utf8_lossy(&on_host.stderr)
     );
     let on_host = String::from_utf8_lossy(&on_host.stdout);
+    let differences = json_differences(&live, &on_host)?;
     ensure!(
-        same_json(&live, &on_host)?,
-        "listing from the recording on the host differs from the live one:\nlive: {live}\nhost: {on_host}"
+        differences.is_empty(),
+        "the recording, listed on the host, differs from the live listing (live vs host):\n  {}",
+        differences.join("\n  ")
     );
     Ok(())
 }
 
-fn same_json(a: &str, b: &str) -> Result<bool> {
-    let a: serde_json::Value = serde_json::from_str(a).with_context(|| format!("not JSON: {a}"))?;
-    let b: serde_json::Value = serde_json::from_str(b).with_context(|| format!("not JSON: {b}"))?;
-    Ok(a == b)
+/// The JSON paths where two listings differ (at most 12), empty when equal.
+fn json_differences(a: &str, b: &str) -> Result<Vec<String>> {
+    let a: Value = serde_json::from_str(a).with_context(|| format!("not JSON: {a}"))?;
+    let b: Value = serde_json::from_str(b).with_context(|| format!("not JSON: {b}"))?;
+    let mut out = Vec::new();
+    walk("", &a, &b, &mut out);
+    out.truncate(12);
+    Ok(out)
+}
+
+fn walk(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let (va, vb) = (
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                );
+                walk(&format!("{path}.{k}"), va, vb, out);
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (va, vb)) in x.iter().zip(y).enumerate() {
+                walk(&format!("{path}[{i}]"), va, vb, out);
+            }
+        }
+        _ if a != b => out.push(format!("{path}: {a} vs {b}")),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_differences_name_the_path_of_each_change() {
+        let live = r#"{"devices": [{"port": "1-1", "block_devices": []}]}"#;
+        let recorded = r#"{"devices": [{"port": "1-1", "block_devices": ["sda"]}]}"#;
+
+        let differences = json_differences(live, recorded).unwrap();
+
+        assert_eq!(
+            differences,
+            vec![r#".devices[0].block_devices: [] vs ["sda"]"#]
+        );
+    }
 }
