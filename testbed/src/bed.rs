@@ -352,12 +352,13 @@ impl Bed {
             .with_context(|| format!("inner QEMU {} replied: {}", inner.name, out.trim()))
     }
 
-    /// Kill every inner QEMU and forget plugged devices (between scenarios).
+    /// Between scenarios: unplug what the bed plugged, kill every inner QEMU and every
+    /// usbroute process (a daemon a scenario started) in the guest.
     /// Fails if a scenario left a USB controller on another driver (vfio-pci, none):
     /// the next scenario would not start from the same machine.
     pub async fn reset(&mut self) -> Result<()> {
         self.unplug_all().await?;
-        self.guest_ok("pkill -9 qemu-system-x86_64 || true; rm -f /tmp/inner-*")
+        self.guest_ok("pkill -9 qemu-system-x86_64; pkill -9 usbroute; rm -f /tmp/inner-*; true")
             .await?;
         let drivers = [
             (XHCI_PCI, "xhci_hcd"),
