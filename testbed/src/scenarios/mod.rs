@@ -9,6 +9,7 @@ use crate::bed::Bed;
 use std::future::Future;
 use std::pin::Pin;
 
+mod daemon;
 mod hotplug;
 mod inner_qemu;
 pub(crate) mod inventory;
@@ -44,6 +45,7 @@ pub fn all() -> Vec<Scenario> {
     vec![
         scenario!("hotplug", hotplug, "plug/unplug on xHCI, EHCI and UHCI reaches the guest kernel"),
         scenario!("inner-qemu", inner_qemu, "an inner QEMU runs in the guest (root and unprivileged) and takes a device with usb-host"),
+        scenario!("daemon", daemon, "`usbroute serve` attaches on bind by address, detaches on remove, re-attaches on re-plug, survives SIGKILL"),
         scenario!("inventory", inventory, "`usbroute list --json` in the guest matches what QMP plugged"),
         scenario!("record-sysfs", record_sysfs, "a recording made in the guest lists the same, in the guest and on the host"),
     ]
