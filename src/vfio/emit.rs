@@ -1,0 +1,89 @@
+//! Snippets for people who start VMs themselves: QEMU arguments, libvirt `<hostdev>` XML
+//! and the xl `pci=[...]` line for every non-bridge member of a group.
+
+use super::group::IommuGroup;
+use crate::inventory::PciAddress;
+use serde::Serialize;
+use std::fmt::Write as _;
+
+/// The same group, three ways.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Emitted {
+    /// The IOMMU group.
+    pub group: u32,
+    /// The functions that go to the VM, in order.
+    pub members: Vec<PciAddress>,
+    /// QEMU arguments, as separate argv words (`-device`, `vfio-pci,host=...`).
+    pub qemu_args: Vec<String>,
+    /// libvirt `<hostdev>` elements.
+    pub libvirt_xml: String,
+    /// An xl config line.
+    pub xl: String,
+}
+
+/// The QEMU device id usbroute gives a passed function (letters, digits, `-` and `.`).
+pub fn qemu_id(pci: &PciAddress) -> String {
+    format!("vfio-{}", pci.to_string().replace(':', "-"))
+}
+
+/// Snippets for every non-bridge member of `group`.
+pub fn emit(group: &IommuGroup) -> Emitted {
+    let members: Vec<PciAddress> = group.passed_members().map(|m| m.pci).collect();
+    let qemu_args = members
+        .iter()
+        .flat_map(|pci| {
+            [
+                "-device".to_string(),
+                format!("vfio-pci,host={pci},id={}", qemu_id(pci)),
+            ]
+        })
+        .collect();
+    let mut libvirt_xml = String::new();
+    for pci in &members {
+        let _ = write!(
+            libvirt_xml,
+            "<hostdev mode='subsystem' type='pci' managed='no'>\n  <source>\n    \
+             <address domain='0x{:04x}' bus='0x{:02x}' slot='0x{:02x}' function='0x{:x}'/>\n  \
+             </source>\n</hostdev>\n",
+            pci.domain, pci.bus, pci.device, pci.function
+        );
+    }
+    let quoted: Vec<String> = members.iter().map(|p| format!("'{p}'")).collect();
+    Emitted {
+        group: group.number,
+        members,
+        qemu_args,
+        libvirt_xml,
+        xl: format!("pci=[{}]", quoted.join(", ")),
+    }
+}
+
+impl Emitted {
+    /// All three snippets with a line saying what each is for.
+    pub fn to_text(&self) -> String {
+        let mut out =
+            format!(
+            "# IOMMU group {}: these {} function(s) go to one VM together; bind them first with\n\
+             # `usbroute controller bind {}` (managed='no': libvirt will not rebind them).\n\n",
+            self.group,
+            self.members.len(),
+            self.members.first().map(ToString::to_string).unwrap_or_default()
+        );
+        out.push_str("# QEMU\n");
+        let words: Vec<String> = self
+            .qemu_args
+            .chunks(2)
+            .map(|pair| pair.join(" "))
+            .collect();
+        out.push_str(&words.join(" \\\n"));
+        out.push_str("\n\n# libvirt (inside <devices>)\n");
+        out.push_str(&self.libvirt_xml);
+        out.push_str(
+            "\n# xl (domain config). Xen takes devices through pciback, not vfio-pci: skip\n\
+             # `usbroute controller bind` and run `xl pci-assignable-add` for each instead.\n",
+        );
+        out.push_str(&self.xl);
+        out.push('\n');
+        out
+    }
+}
