@@ -348,3 +348,19 @@ fn bind_after_a_crash_half_way_keeps_the_first_records_drivers() {
 
     assert_eq!(record.members[0].driver.as_deref(), Some("uhci_hcd"));
 }
+
+#[test]
+fn bind_of_a_group_bound_by_hand_writes_no_record_so_restore_uses_default_drivers() {
+    let tree = Tree::q35_usb().with_vfio();
+    tree.link(
+        &format!("{}/driver", Tree::dev_dir("0000:00:01.0")),
+        "../../../bus/pci/drivers/vfio-pci",
+    );
+    tree.file("dev/vfio/3", "");
+    let host = FixtureDriverCore::new(&tree);
+
+    let done = vfio::bind(&tree.root(), &host, &pci("00:01.0"), &quick()).expect("bind");
+
+    assert!(done.already_bound);
+    assert!(BindRecord::load(&tree.root(), 3).expect("load").is_none());
+}

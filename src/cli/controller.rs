@@ -161,7 +161,7 @@ pub(super) fn controller(g: &Global, a: ControllerArgs) -> anyhow::Result<ExitCo
                 let verdict = vfio::assess(&root, &pci)?;
                 anyhow::bail!("{pci} {}. {}", verdict.summary, verdict.details.join(" "));
             };
-            let emitted = vfio::emit(&group);
+            let emitted = vfio::emit(&pci, &group);
             if json {
                 print_json(&emitted)?;
             } else {

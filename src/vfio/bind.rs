@@ -99,7 +99,7 @@ pub fn plan_bind(
     if verdict.needs_force && !opts.force {
         return Err(VfioError::HostNeedsGroup {
             group: group.number,
-            reasons: verdict.summary.clone(),
+            reasons: verdict.host_needs.join("; "),
         });
     }
     // After a crash half-way, members already on vfio-pci must keep the driver they had
@@ -125,12 +125,17 @@ pub fn plan_bind(
         members,
     };
     let vfio_loaded = host.exists(Path::new("/sys/bus/pci/drivers/vfio-pci"));
-    let steps = bind_plan(
+    let mut steps = bind_plan(
         &group,
         vfio_loaded,
         BindRecord::path(group.number),
         opts.wait,
     );
+    if verdict.on_vfio && earlier.is_none() {
+        // Bound by someone else (driverctl, a script): a record would claim vfio-pci was
+        // the earlier driver; without one, restore gives each member its default driver.
+        steps.retain(|s| !matches!(s, Step::SaveRecord { .. }));
+    }
     Ok(BindPlan {
         verdict,
         group,

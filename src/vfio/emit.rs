@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 /// The same group, three ways.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Emitted {
+    /// The controller asked for.
+    pub controller: PciAddress,
     /// The IOMMU group.
     pub group: u32,
     /// The functions that go to the VM, in order.
@@ -26,8 +28,8 @@ pub fn qemu_id(pci: &PciAddress) -> String {
     format!("vfio-{}", pci.to_string().replace(':', "-"))
 }
 
-/// Snippets for every non-bridge member of `group`.
-pub fn emit(group: &IommuGroup) -> Emitted {
+/// Snippets for every non-bridge member of `group`, the group of `controller`.
+pub fn emit(controller: &PciAddress, group: &IommuGroup) -> Emitted {
     let members: Vec<PciAddress> = group.passed_members().map(|m| m.pci).collect();
     let qemu_args = members
         .iter()
@@ -50,6 +52,7 @@ pub fn emit(group: &IommuGroup) -> Emitted {
     }
     let quoted: Vec<String> = members.iter().map(|p| format!("'{p}'")).collect();
     Emitted {
+        controller: *controller,
         group: group.number,
         members,
         qemu_args,
@@ -61,13 +64,12 @@ pub fn emit(group: &IommuGroup) -> Emitted {
 impl Emitted {
     /// All three snippets with a line saying what each is for.
     pub fn to_text(&self) -> String {
-        let mut out =
-            format!(
+        let mut out = format!(
             "# IOMMU group {}: these {} function(s) go to one VM together; bind them first with\n\
              # `usbroute controller bind {}` (managed='no': libvirt will not rebind them).\n\n",
             self.group,
             self.members.len(),
-            self.members.first().map(ToString::to_string).unwrap_or_default()
+            self.controller
         );
         out.push_str("# QEMU\n");
         let words: Vec<String> = self

@@ -72,7 +72,7 @@ pub enum VfioError {
         hint: String,
     },
     /// Members the host seems to need, and no `--force`.
-    #[error("Refusing to take IOMMU group {group} from the host: {reasons}. Pass --force to do it anyway")]
+    #[error("Refusing to take IOMMU group {group} from the host: {reasons}. If you are sure, pass --force (`usbroute controller restore` gives it back)")]
     HostNeedsGroup {
         /// The group number.
         group: u32,

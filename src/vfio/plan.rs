@@ -183,7 +183,7 @@ pub fn restore_plan(
     record: Option<PathBuf>,
 ) -> Vec<Step> {
     let mut order: Vec<&MemberState> = before.iter().collect();
-    order.sort_by(|a, b| b.pci.cmp(&a.pci));
+    order.sort_by_key(|m| std::cmp::Reverse(m.pci));
     let mut steps = Vec::new();
     for was in order {
         let Some(is) = now.iter().find(|n| n.pci == was.pci) else {
@@ -244,7 +244,7 @@ pub fn restore_plan(
 /// its default driver.
 pub fn restore_plan_without_record(now: &[MemberState]) -> Vec<Step> {
     let mut order: Vec<&MemberState> = now.iter().collect();
-    order.sort_by(|a, b| b.pci.cmp(&a.pci));
+    order.sort_by_key(|m| std::cmp::Reverse(m.pci));
     let mut steps = Vec::new();
     for is in order {
         let addr = is.pci.to_string();

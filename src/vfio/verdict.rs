@@ -78,6 +78,8 @@ pub struct Verdict {
     pub bridges_stay: Vec<PciAddress>,
     /// What the host uses the controller itself for.
     pub host_uses: Vec<HostUse>,
+    /// Every reason, across the group, to believe the host needs it (one phrase each).
+    pub host_needs: Vec<String>,
     /// One sentence.
     pub summary: String,
     /// The explanation, one line each.
@@ -172,7 +174,11 @@ pub fn verdict(facts: &GroupFacts) -> Verdict {
             list.join(", ")
         ));
     }
-    details.extend(important.iter().map(|i| format!("Host needs it? {i}.")));
+    details.extend(
+        important
+            .iter()
+            .map(|i| format!("The host seems to need it: {i}.")),
+    );
     if on_vfio {
         details.push(format!(
             "The group is on {VFIO_DRIVER} now: it is ready for a VM."
@@ -205,6 +211,7 @@ pub fn verdict(facts: &GroupFacts) -> Verdict {
         goes_with,
         bridges_stay,
         host_uses: own_uses,
+        host_needs: important,
         summary,
         details,
     }
@@ -259,6 +266,7 @@ fn no_iommu(facts: &GroupFacts) -> Verdict {
         goes_with: Vec::new(),
         bridges_stay: Vec::new(),
         host_uses: Vec::new(),
+        host_needs: Vec::new(),
         summary,
         details: vec![why, format!("{hint}.")],
     }

@@ -86,8 +86,15 @@ impl Tree {
     pub fn function(&self, addr: &str, class: u32, driver: Option<&str>, group: Option<u32>) {
         let dir = Self::dev_dir(addr);
         self.file(&format!("{dir}/class"), &format!("0x{class:06x}\n"));
-        self.file(&format!("{dir}/vendor"), "0x8086\n");
-        self.file(&format!("{dir}/device"), "0x2934\n");
+        // The ids QEMU's ich9 UHCI/EHCI and qemu-xhci show; unknown ones elsewhere.
+        let (vendor, device) = match class {
+            0x0c0300 => ("0x8086", "0x2934"),
+            0x0c0320 => ("0x8086", "0x293a"),
+            0x0c0330 => ("0x1b36", "0x000d"),
+            _ => ("0x8086", "0xffff"),
+        };
+        self.file(&format!("{dir}/vendor"), &format!("{vendor}\n"));
+        self.file(&format!("{dir}/device"), &format!("{device}\n"));
         self.file(&format!("{dir}/driver_override"), "(null)\n");
         self.link(
             &format!("sys/bus/pci/devices/{addr}"),
