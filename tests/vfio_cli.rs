@@ -101,13 +101,15 @@ fn emit_prints_qemu_libvirt_and_xl_for_every_member_of_the_group() {
         json["qemu_args"],
         serde_json::json!([
             "-device",
-            "vfio-pci,host=0000:00:1d.0,id=vfio-0000-00-1d.0",
+            "pcie-root-port,id=usbroute-rp0,chassis=200",
             "-device",
-            "vfio-pci,host=0000:00:1d.1,id=vfio-0000-00-1d.1",
+            "vfio-pci,host=0000:00:1d.7,id=vfio-0000-00-1d.7,bus=usbroute-rp0,addr=0.7",
             "-device",
-            "vfio-pci,host=0000:00:1d.2,id=vfio-0000-00-1d.2",
+            "vfio-pci,host=0000:00:1d.2,id=vfio-0000-00-1d.2,bus=usbroute-rp0,addr=0.2",
             "-device",
-            "vfio-pci,host=0000:00:1d.7,id=vfio-0000-00-1d.7",
+            "vfio-pci,host=0000:00:1d.1,id=vfio-0000-00-1d.1,bus=usbroute-rp0,addr=0.1",
+            "-device",
+            "vfio-pci,host=0000:00:1d.0,id=vfio-0000-00-1d.0,bus=usbroute-rp0,addr=0.0,multifunction=on",
         ])
     );
     assert_eq!(

@@ -2,6 +2,7 @@
 //! and the xl `pci=[...]` line for every non-bridge member of a group.
 
 use super::group::IommuGroup;
+use super::layout::{guest_layout, Placement};
 use crate::inventory::PciAddress;
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -23,6 +24,25 @@ pub struct Emitted {
     pub xl: String,
 }
 
+/// Chassis numbers of the root ports usbroute suggests start here, well above the
+/// small numbers people and libvirt give their own ports (each port needs its own).
+const FIRST_CHASSIS: usize = 200;
+
+/// `vfio-pci,host=...,id=...,bus=...,addr=0.F[,multifunction=on]`.
+pub(crate) fn device_arg(f: &Placement, bus: &str) -> String {
+    let multi = if f.multifunction {
+        ",multifunction=on"
+    } else {
+        ""
+    };
+    format!(
+        "vfio-pci,host={},id={},bus={bus},addr=0.{}{multi}",
+        f.host,
+        qemu_id(&f.host),
+        f.guest_function
+    )
+}
+
 /// The QEMU device id usbroute gives a passed function (letters, digits, `-` and `.`).
 pub fn qemu_id(pci: &PciAddress) -> String {
     format!("vfio-{}", pci.to_string().replace(':', "-"))
@@ -31,15 +51,19 @@ pub fn qemu_id(pci: &PciAddress) -> String {
 /// Snippets for every non-bridge member of `group`, the group of `controller`.
 pub fn emit(controller: &PciAddress, group: &IommuGroup) -> Emitted {
     let members: Vec<PciAddress> = group.passed_members().map(|m| m.pci).collect();
-    let qemu_args = members
-        .iter()
-        .flat_map(|pci| {
-            [
-                "-device".to_string(),
-                format!("vfio-pci,host={pci},id={}", qemu_id(pci)),
-            ]
-        })
-        .collect();
+    let mut qemu_args = Vec::new();
+    for (index, port) in guest_layout(&members).iter().enumerate() {
+        let bus = format!("usbroute-rp{index}");
+        qemu_args.push("-device".to_string());
+        qemu_args.push(format!(
+            "pcie-root-port,id={bus},chassis={}",
+            FIRST_CHASSIS + index
+        ));
+        for f in port {
+            qemu_args.push("-device".to_string());
+            qemu_args.push(device_arg(f, &bus));
+        }
+    }
     let mut libvirt_xml = String::new();
     for pci in &members {
         let _ = write!(
@@ -71,7 +95,11 @@ impl Emitted {
             self.members.len(),
             self.controller
         );
-        out.push_str("# QEMU\n");
+        out.push_str(
+            "# QEMU, q35 machine: one root port per host slot keeps an EHCI and its companions\n\
+             # one multi-function device in the guest (on the i440fx `pc` machine, drop the\n\
+             # pcie-root-port lines and the bus=/addr= parts)\n",
+        );
         let words: Vec<String> = self
             .qemu_args
             .chunks(2)
