@@ -12,6 +12,7 @@
 //! and the driver read-back of bind/restore go through the small [`PciHost`] trait so a
 //! test can inject a failure at any write.
 
+mod attach;
 mod bind;
 mod emit;
 mod group;
@@ -23,11 +24,12 @@ mod record;
 mod rules;
 mod verdict;
 
+pub use attach::{free_root_ports, plan_attach, AttachError, DeviceAdd, Machine, RootPort};
 pub use bind::{
     bind, execute_bind, plan_bind, plan_restore, restore, BindOptions, BindOutcome, BindPlan,
     MemberChange, RestoreOutcome,
 };
-pub use emit::{emit, Emitted};
+pub use emit::{emit, qemu_id, Emitted};
 pub use group::{iommu_present, read_group, CpuVendor, IommuGroup, Member};
 pub use host::{LiveHost, PciHost};
 pub use host_use::{gather_host_uses, HostUse};
