@@ -56,6 +56,20 @@ pub enum ControllerCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Hot-add the controller's group to a running QEMU (binding it to vfio-pci first).
+    Attach {
+        /// PCI address of the controller.
+        pci: String,
+        /// The VM's QMP socket (`-qmp unix:PATH,server=on,wait=off`).
+        #[arg(long, value_name = "SOCKET")]
+        qmp: std::path::PathBuf,
+        /// Bind even if the host seems to need a member of the group.
+        #[arg(long)]
+        force: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print QEMU arguments, libvirt XML and an xl line for the controller's group.
     Emit {
         /// PCI address of the controller.
@@ -155,6 +169,12 @@ pub(super) fn controller(g: &Global, a: ControllerArgs) -> anyhow::Result<ExitCo
             }
             Ok(ExitCode::SUCCESS)
         }
+        ControllerCommand::Attach {
+            pci,
+            qmp,
+            force,
+            json,
+        } => attach(&root, &host, &parse_pci(&pci)?, &qmp, force, json),
         ControllerCommand::Emit { pci, json } => {
             let pci = parse_pci(&pci)?;
             let Some(group) = vfio::read_group(&root, &pci)? else {
@@ -201,4 +221,72 @@ fn print_changes(members: &[MemberChange]) {
             );
         }
     }
+}
+
+/// Bind the group if it is not on vfio-pci yet, hot-add it, and give the group back to
+/// the host if the VM would not take it (only when this call bound it).
+fn attach(
+    root: &crate::sysfs::SysfsRoot,
+    host: &LiveHost,
+    pci: &PciAddress,
+    socket: &std::path::Path,
+    force: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let verdict = vfio::assess(root, pci)?;
+    let Some(group) = vfio::read_group(root, pci)? else {
+        anyhow::bail!("{pci} {}. {}", verdict.summary, verdict.details.join(" "));
+    };
+    let bound_now = !verdict.on_vfio;
+    let opts = BindOptions {
+        force,
+        ..BindOptions::default()
+    };
+    if bound_now {
+        let done = vfio::bind(root, host, pci, &opts)
+            .with_context(|| format!("Cannot give {pci} to vfio-pci"))?;
+        if !json {
+            println!("IOMMU group {} is on vfio-pci now.", done.group);
+        }
+    }
+    let members: Vec<PciAddress> = group.passed_members().map(|m| m.pci).collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async {
+        let qmp = crate::qmp::Qmp::connect(socket).await?;
+        Ok::<_, anyhow::Error>(vfio::attach_group(&qmp, &members).await?)
+    });
+    let outcome = match result {
+        Ok(o) => o,
+        Err(e) if bound_now => {
+            let back = match vfio::restore(root, host, pci, &opts) {
+                Ok(_) => format!("IOMMU group {} is back with the host", group.number),
+                Err(r) => format!("giving IOMMU group {} back failed too: {r}", group.number),
+            };
+            return Err(e.context(format!(
+                "Cannot attach {pci} to the VM at {} ({back})",
+                socket.display()
+            )));
+        }
+        Err(e) => {
+            return Err(e.context(format!(
+                "Cannot attach {pci} to the VM at {}",
+                socket.display()
+            )))
+        }
+    };
+    if json {
+        print_json(&outcome)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for f in &outcome.added {
+        let bus = f.bus.as_deref().unwrap_or("the root bus");
+        println!("  {} added as {} on {bus}", f.pci, f.id);
+    }
+    for p in &outcome.already {
+        println!("  {p} was already in the VM");
+    }
+    println!("To take them back: `device_del` each id in the VM, then `usbroute controller restore {pci}`.");
+    Ok(ExitCode::SUCCESS)
 }

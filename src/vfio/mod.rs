@@ -13,6 +13,7 @@
 //! test can inject a failure at any write.
 
 mod attach;
+mod attach_qmp;
 mod bind;
 mod emit;
 mod group;
@@ -25,6 +26,9 @@ mod rules;
 mod verdict;
 
 pub use attach::{free_root_ports, plan_attach, AttachError, DeviceAdd, Machine, RootPort};
+pub use attach_qmp::{
+    attach_group, free_pcie_root_ports, AttachFailed, AttachOutcome, AttachedFunction,
+};
 pub use bind::{
     bind, execute_bind, plan_bind, plan_restore, restore, BindOptions, BindOutcome, BindPlan,
     MemberChange, RestoreOutcome,
