@@ -22,6 +22,7 @@ mod host_use;
 mod layout;
 mod plan;
 mod record;
+mod report;
 mod rules;
 mod verdict;
 
@@ -40,6 +41,7 @@ pub use host_use::{gather_host_uses, HostUse};
 pub use layout::{guest_layout, Placement, PortLayout};
 pub use plan::{bind_plan, restore_plan, restore_plan_without_record, Step};
 pub use record::{BindRecord, MemberState, RECORD_DIR};
+pub use report::{passthrough_text, with_passthrough, WithPassthrough};
 pub use rules::{apply_controller_rules, restore_controller_rules, RuleOutcome, RulesReport};
 pub use verdict::{assess, verdict, GroupFacts, MemberReport, Verdict, VerdictStatus};
 
