@@ -294,3 +294,49 @@ fn group_already_on_vfio_pci_is_reported_ready() {
 
     assert!(v.on_vfio);
 }
+
+#[test]
+fn nvme_disk_without_a_block_glue_directory_is_found_by_its_subsystem_link() {
+    let tree = Tree::q35_usb();
+    let nvme = format!("{}/nvme/nvme0/nvme0n1", Tree::dev_dir("0000:00:1f.4"));
+    tree.function("0000:00:1f.4", 0x010802, Some("nvme"), Some(3));
+    tree.link(
+        &format!("{nvme}/subsystem"),
+        "../../../../../../class/block",
+    );
+    tree.link(
+        &format!("{nvme}/nvme0n1p2/subsystem"),
+        "../../../../../../../class/block",
+    );
+    tree.file("proc/self/mounts", "/dev/nvme0n1p2 /home ext4 rw 0 0\n");
+
+    let v = vfio::assess(&tree.root(), &pci("00:01.0")).expect("assess");
+
+    assert_eq!(
+        v.goes_with[0].host_uses,
+        vec![HostUse::MountedFilesystem {
+            block_device: "nvme0n1p2".into(),
+            mount_point: "/home".into()
+        }]
+    );
+}
+
+#[test]
+fn disk_holding_active_swap_is_named() {
+    let tree = Tree::q35_usb();
+    tree.function("0000:00:1f.2", 0x010601, Some("ahci"), Some(3));
+    tree.disk("0000:00:1f.2", "sda", "sda3");
+    tree.file(
+        "proc/swaps",
+        "Filename\tType\tSize\tUsed\tPriority\n/dev/sda3 partition 1048572 0 -2\n",
+    );
+
+    let v = vfio::assess(&tree.root(), &pci("00:01.0")).expect("assess");
+
+    assert_eq!(
+        v.goes_with[0].host_uses,
+        vec![HostUse::ActiveSwap {
+            block_device: "sda3".into()
+        }]
+    );
+}

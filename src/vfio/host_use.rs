@@ -21,6 +21,11 @@ pub enum HostUse {
         /// Where it is mounted (`/`, `/home`).
         mount_point: String,
     },
+    /// A block device below it is active swap space.
+    ActiveSwap {
+        /// Kernel block device name (`sda3`).
+        block_device: String,
+    },
     /// The firmware showed the boot screen on it (`boot_vga` is 1).
     BootDisplay,
     /// A framebuffer below it (`fb0`): the text console draws there.
@@ -55,6 +60,9 @@ impl fmt::Display for HostUse {
                 f,
                 "holds the host's mounted filesystem {mount_point} ({block_device})"
             ),
+            Self::ActiveSwap { block_device } => {
+                write!(f, "holds the host's active swap ({block_device})")
+            }
             Self::BootDisplay => f.write_str("is the host's boot display (boot_vga)"),
             Self::ConsoleFramebuffer { framebuffer } => {
                 write!(f, "draws the host's text console ({framebuffer})")
@@ -91,6 +99,7 @@ pub fn gather_host_uses(
     group: &IommuGroup,
 ) -> BTreeMap<PciAddress, Vec<HostUse>> {
     let mounts = mounted_block_devices(root);
+    let swaps = swap_block_devices(root);
     let routed = routed_interfaces(root);
     let walks: Vec<(PciAddress, Below)> = group
         .passed_members()
@@ -122,6 +131,15 @@ pub fn gather_host_uses(
                 }
             }
         }
+        found.extend(
+            below
+                .block_devices
+                .iter()
+                .filter(|b| swaps.contains(*b))
+                .map(|b| HostUse::ActiveSwap {
+                    block_device: b.clone(),
+                }),
+        );
         if root
             .read_attr(device_dir(&pci).join("boot_vga"))
             .ok()
@@ -186,41 +204,43 @@ fn walk(dir: &Path, depth: usize, below: &mut Below) {
         }
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
-        match parent {
-            "block" => {
-                below.block_devices.insert(name.clone());
-                // Partitions are directories of the disk with a `partition` attribute.
-                if let Ok(parts) = std::fs::read_dir(&path) {
-                    for part in parts.flatten() {
-                        if part.path().join("partition").exists() {
-                            below
-                                .block_devices
-                                .insert(part.file_name().to_string_lossy().into_owned());
-                        }
+        match class_of(&path, parent).as_deref() {
+            Some("block") => {
+                below.block_devices.insert(name);
+                // Partitions are block devices inside the disk's directory.
+                walk(&path, depth + 1, below);
+            }
+            Some("net") => {
+                below.interfaces.insert(name);
+            }
+            Some("graphics") if name.starts_with("fb") => {
+                below.framebuffers.insert(name);
+            }
+            Some("drm") if is_drm_card(&name) => connected_connectors(&path, &name, below),
+            Some("graphics" | "drm") => {}
+            _ => {
+                if name.contains(':') && is_keyboard_interface(&path) {
+                    if let Some((device, _)) = name.split_once(':') {
+                        below.keyboards.insert(device.to_string());
                     }
                 }
-                continue;
-            }
-            "net" => {
-                below.interfaces.insert(name);
-                continue;
-            }
-            "graphics" if name.starts_with("fb") => {
-                below.framebuffers.insert(name);
-                continue;
-            }
-            "drm" if is_drm_card(&name) => {
-                connected_connectors(&path, &name, below);
-                continue;
-            }
-            _ => {}
-        }
-        if name.contains(':') && is_keyboard_interface(&path) {
-            if let Some((device, _)) = name.split_once(':') {
-                below.keyboards.insert(device.to_string());
+                walk(&path, depth + 1, below);
             }
         }
-        walk(&path, depth + 1, below);
+    }
+}
+
+/// The device class of a sysfs directory: its `subsystem` link (`.../class/block`), else
+/// the glue directory it sits in (`block/sda`, `net/eth0`), else `block` for a partition.
+/// NVMe disks have no `block` glue directory (`nvme/nvme0/nvme0n1`), hence the link.
+fn class_of(dir: &Path, parent: &str) -> Option<String> {
+    if let Ok(target) = std::fs::read_link(dir.join("subsystem")) {
+        return target.file_name().map(|n| n.to_string_lossy().into_owned());
+    }
+    match parent {
+        "block" | "net" | "graphics" | "drm" => Some(parent.to_string()),
+        _ if dir.join("partition").is_file() => Some("block".to_string()),
+        _ => None,
     }
 }
 
@@ -293,31 +313,53 @@ fn mounted_block_devices(root: &SysfsRoot) -> Vec<(String, String)> {
         let (Some(source), Some(point)) = (fields.next(), fields.next()) else {
             continue;
         };
-        if !source.starts_with("/dev/") {
+        let point = unescape_mount_field(point);
+        found.extend(
+            block_devices_of(root, source)
+                .into_iter()
+                .map(|b| (b, point.clone())),
+        );
+    }
+    found
+}
+
+/// Block devices the host swaps to (`/proc/swaps`), expanded like mounts.
+fn swap_block_devices(root: &SysfsRoot) -> BTreeSet<String> {
+    let text = std::fs::read_to_string(root.path("/proc/swaps")).unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .flat_map(|source| block_devices_of(root, &unescape_mount_field(source)))
+        .collect()
+}
+
+/// The kernel block devices behind a `/dev/...` path: the node's own name (following
+/// `/dev/mapper/x` and `/dev/disk/by-*/` links) and, for device-mapper and md, every
+/// device below it (`/sys/class/block/<name>/slaves`). Empty for non-device sources.
+fn block_devices_of(root: &SysfsRoot, source: &str) -> Vec<String> {
+    if !source.starts_with("/dev/") {
+        return Vec::new();
+    }
+    let name = std::fs::read_link(root.path(source))
+        .ok()
+        .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| source.rsplit('/').next().unwrap_or(source).to_string());
+    let mut pending = vec![name];
+    let mut seen = BTreeSet::new();
+    let mut found = Vec::new();
+    while let Some(block) = pending.pop() {
+        if !seen.insert(block.clone()) {
             continue;
         }
-        let point = unescape_mount_field(point);
-        // /dev/mapper/root and /dev/disk/by-uuid/... are links to the kernel name.
-        let name = std::fs::read_link(root.path(source))
-            .ok()
-            .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| source.rsplit('/').next().unwrap_or(source).to_string());
-        let mut pending = vec![name];
-        let mut seen = BTreeSet::new();
-        while let Some(block) = pending.pop() {
-            if !seen.insert(block.clone()) {
-                continue;
-            }
-            let slaves = root.path(format!("/sys/class/block/{block}/slaves"));
-            if let Ok(entries) = std::fs::read_dir(slaves) {
-                pending.extend(
-                    entries
-                        .flatten()
-                        .map(|e| e.file_name().to_string_lossy().into_owned()),
-                );
-            }
-            found.push((block, point.clone()));
+        let slaves = root.path(format!("/sys/class/block/{block}/slaves"));
+        if let Ok(entries) = std::fs::read_dir(slaves) {
+            pending.extend(
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned()),
+            );
         }
+        found.push(block);
     }
     found
 }
