@@ -170,6 +170,30 @@ impl Tree {
         tree
     }
 
+    /// A copy of a recording (`usbroute record-sysfs`, e.g. under tests/fixtures/) with
+    /// the files bind writes added as plain files: each function's `driver_override`
+    /// (`(null)`), each driver's `bind`/`unbind`, and `drivers_probe`.
+    pub fn from_recording(recording: &Path) -> Self {
+        let tree = Self::new();
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", recording.display()))
+            .arg(tree.dir.path())
+            .status()
+            .expect("cp");
+        assert!(status.success(), "copying {}", recording.display());
+        for entry in std::fs::read_dir(tree.path("sys/bus/pci/devices")).expect("devices").flatten() {
+            let over = entry.path().join("driver_override");
+            if !over.exists() {
+                std::fs::write(over, "(null)\n").expect("driver_override");
+            }
+            if let Ok(target) = std::fs::read_link(entry.path().join("driver")) {
+                tree.driver(&target.file_name().expect("driver").to_string_lossy());
+            }
+        }
+        tree
+    }
+
     /// Add vfio-pci's driver directory (the module is loaded).
     pub fn with_vfio(self) -> Self {
         self.driver("vfio-pci");
