@@ -1,7 +1,7 @@
 //! The passthrough verdict next to what `usbroute controllers` already shows: an
 //! additive `passthrough` field in JSON and a section of plain sentences in text.
 
-use super::verdict::{assess, Verdict};
+use super::verdict::{assess, Verdict, VerdictStatus};
 use crate::inventory::PciAddress;
 use crate::sysfs::SysfsRoot;
 use serde::Serialize;
@@ -36,14 +36,22 @@ pub fn with_passthrough<T>(
         .collect()
 }
 
-/// The text section: one verdict per controller, with its reasons.
+/// The text section: what an IOMMU group is (once), then per controller its one-line
+/// answer and anything in its group the host seems to need.
 pub fn passthrough_text(root: &SysfsRoot, controllers: &[PciAddress]) -> String {
     let mut out = String::from(
-        "\nCan each go to a VM? (`usbroute controller check PCI` explains one, `controller bind PCI --dry-run` shows the steps)\n",
+        "\nCan each go to a VM? A VM gets a whole IOMMU group (the devices the IOMMU can fence \
+         off from the host together) or nothing; PCI bridges stay with the host.\n\
+         (`usbroute controller check PCI` explains one, `usbroute controller bind PCI --dry-run` shows the steps.)\n",
     );
     for pci in controllers {
         match assess(root, pci) {
-            Ok(v) => out.push_str(&v.to_text()),
+            Ok(v) => {
+                let _ = writeln!(out, "{pci}: {}", v.summary);
+                if v.status == VerdictStatus::NoIommu {
+                    let _ = writeln!(out, "    {}", v.details.join(" "));
+                }
+            }
             Err(e) => {
                 let _ = writeln!(out, "{pci}: cannot tell: {e}");
             }
