@@ -99,7 +99,9 @@ pub(super) fn controllers(g: &Global, a: ControllersArgs) -> anyhow::Result<Exit
     let (root, snapshot) = scan(g)?;
     if a.json {
         let reports = render::controller_reports(&snapshot);
-        print_json(&crate::vfio::with_passthrough(&root, reports, |r| r.controller.pci))?;
+        print_json(&crate::vfio::with_passthrough(&root, reports, |r| {
+            r.controller.pci
+        }))?;
     } else if snapshot.controllers.is_empty() {
         println!(
             "No USB host controllers on PCI under {}.",

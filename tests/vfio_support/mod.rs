@@ -182,7 +182,15 @@ impl Tree {
             .status()
             .expect("cp");
         assert!(status.success(), "copying {}", recording.display());
-        for entry in std::fs::read_dir(tree.path("sys/bus/pci/devices")).expect("devices").flatten() {
+        for entry in std::fs::read_dir(tree.path("sys/bus/pci/devices"))
+            .expect("devices")
+            .flatten()
+        {
+            // A recording holds only what the inventory read: functions it read nothing
+            // of (not USB) are links to directories that were never created.
+            let target = std::fs::read_link(entry.path()).expect("device link");
+            let dir = tree.path("sys/bus/pci/devices").join(target);
+            std::fs::create_dir_all(dir).expect("device dir");
             let over = entry.path().join("driver_override");
             if !over.exists() {
                 std::fs::write(over, "(null)\n").expect("driver_override");
