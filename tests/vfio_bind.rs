@@ -364,3 +364,37 @@ fn bind_of_a_group_bound_by_hand_writes_no_record_so_restore_uses_default_driver
     assert!(done.already_bound);
     assert!(BindRecord::load(&tree.root(), 3).expect("load").is_none());
 }
+
+#[test]
+fn restore_when_the_earlier_driver_is_gone_says_so_and_keeps_the_record() {
+    let tree = Tree::q35_usb().with_vfio();
+    let host = FixtureDriverCore::new(&tree);
+    vfio::bind(&tree.root(), &host, &pci("00:01.0"), &quick()).expect("bind");
+    std::fs::remove_dir_all(tree.path("sys/bus/pci/drivers/xhci_hcd")).expect("rmmod");
+
+    let err = vfio::restore(&tree.root(), &host, &pci("00:01.0"), &quick()).expect_err("no driver");
+
+    assert!(
+        err.to_string().contains("is the xhci_hcd module loaded?")
+            && err
+                .to_string()
+                .contains("0000:00:01.0 on no driver (was xhci_hcd)"),
+        "{err}"
+    );
+    assert!(BindRecord::load(&tree.root(), 3).expect("load").is_some());
+}
+
+#[test]
+fn bind_of_a_bridge_alone_in_its_group_says_there_is_nothing_to_pass() {
+    let tree = Tree::q35_usb().with_vfio();
+    tree.function("0000:00:1c.0", 0x060400, Some("pcieport"), Some(11));
+    let host = FixtureDriverCore::new(&tree);
+
+    let err = vfio::bind(&tree.root(), &host, &pci("00:1c.0"), &quick()).expect_err("bridge");
+
+    assert!(
+        matches!(err, VfioError::OnlyBridges { group: 11, .. }),
+        "{err}"
+    );
+    assert_eq!(host.writes(), vec![]);
+}

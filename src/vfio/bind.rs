@@ -96,6 +96,12 @@ pub fn plan_bind(
             hint: CpuVendor::read(root).enable_hint(),
         });
     };
+    if group.passed_members().next().is_none() {
+        return Err(VfioError::OnlyBridges {
+            pci: *pci,
+            group: group.number,
+        });
+    }
     if verdict.needs_force && !opts.force {
         return Err(VfioError::HostNeedsGroup {
             group: group.number,

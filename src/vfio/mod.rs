@@ -81,6 +81,14 @@ pub enum VfioError {
         /// How to turn the IOMMU on.
         hint: String,
     },
+    /// The group holds only PCI bridges, which never leave the host.
+    #[error("IOMMU group {group} of {pci} holds only PCI bridges, which stay with the host: there is nothing to give a VM; name a device behind the bridge instead")]
+    OnlyBridges {
+        /// The address asked for.
+        pci: PciAddress,
+        /// The group.
+        group: u32,
+    },
     /// Members the host seems to need, and no `--force`.
     #[error("Refusing to take IOMMU group {group} from the host: {reasons}. If you are sure, pass --force (`usbroute controller restore` gives it back)")]
     HostNeedsGroup {
