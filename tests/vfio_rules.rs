@@ -97,3 +97,23 @@ fn restore_rules_give_every_group_back() {
     assert!(report.all_ok(), "{report:?}");
     assert_eq!(state(&tree), first);
 }
+
+#[test]
+fn held_functions_cover_the_whole_group_of_a_running_vms_controller_only() {
+    let tree = Tree::q35_usb();
+    let rules = [rule("00:1d.7", "win11"), rule("00:01.0", "stopped-vm")];
+
+    let held = vfio::held_functions(&tree.root(), &rules, |vm| vm == "win11");
+
+    assert_eq!(
+        held.into_iter()
+            .map(|(p, vm)| (p.to_string(), vm))
+            .collect::<Vec<_>>(),
+        vec![
+            ("0000:00:1d.0".to_string(), "win11".to_string()),
+            ("0000:00:1d.1".to_string(), "win11".to_string()),
+            ("0000:00:1d.2".to_string(), "win11".to_string()),
+            ("0000:00:1d.7".to_string(), "win11".to_string()),
+        ]
+    );
+}

@@ -42,7 +42,9 @@ pub use layout::{guest_layout, Placement, PortLayout};
 pub use plan::{bind_plan, restore_plan, restore_plan_without_record, Step};
 pub use record::{BindRecord, MemberState, RECORD_DIR};
 pub use report::{passthrough_text, with_passthrough, WithPassthrough};
-pub use rules::{apply_controller_rules, restore_controller_rules, RuleOutcome, RulesReport};
+pub use rules::{
+    apply_controller_rules, held_functions, restore_controller_rules, RuleOutcome, RulesReport,
+};
 pub use verdict::{assess, verdict, GroupFacts, MemberReport, Verdict, VerdictStatus};
 
 use crate::inventory::PciAddress;

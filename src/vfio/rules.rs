@@ -109,3 +109,26 @@ pub fn restore_controller_rules(
         .collect();
     RulesReport { outcomes }
 }
+
+/// Every PCI function held for a running VM by a `[[controller]]` rule, with that VM:
+/// the whole IOMMU group of each rule's controller (an EHCI's UHCI companions too).
+/// Device rules must not fire for USB devices whose `controller` is in this map (EVE's
+/// `parentassigngrp`); when the VM stops, its functions drop out and the device rules
+/// apply again. A rule whose group cannot be read holds just its own controller.
+pub fn held_functions(
+    root: &SysfsRoot,
+    rules: &[ControllerRule],
+    vm_running: impl Fn(&str) -> bool,
+) -> std::collections::BTreeMap<PciAddress, String> {
+    let mut held = std::collections::BTreeMap::new();
+    for rule in rules.iter().filter(|r| vm_running(&r.vm)) {
+        let members: Vec<PciAddress> = match super::group::read_group(root, &rule.pci) {
+            Ok(Some(group)) => group.passed_members().map(|m| m.pci).collect(),
+            _ => vec![rule.pci],
+        };
+        for pci in members {
+            held.entry(pci).or_insert_with(|| rule.vm.clone());
+        }
+    }
+    held
+}
