@@ -134,3 +134,45 @@ fn recorded_ehci_group_bind_failing_at_any_write_rolls_back() {
 
     assert_eq!(failures, Vec::<String>::new());
 }
+
+#[test]
+fn recorded_guest_without_iommu_says_the_iommu_is_off_and_how_to_turn_it_on() {
+    let tree = Tree::from_recording(Path::new("tests/fixtures/guest-no-iommu"));
+
+    let v = vfio::assess(&tree.root(), &pci("00:03.0")).expect("assess");
+
+    assert_eq!(
+        (v.status, v.summary.as_str()),
+        (
+            VerdictStatus::NoIommu,
+            "cannot go to a VM: the IOMMU is off"
+        )
+    );
+    assert!(
+        v.details[1].contains("intel_iommu=on (Intel) or amd_iommu=on (AMD)"),
+        "{:?}",
+        v.details
+    );
+}
+
+#[test]
+fn recorded_rich_guest_ehci_dry_run_plans_four_members_and_the_dev_node() {
+    let tree = Tree::from_recording(Path::new("tests/fixtures/guest-rich")).with_vfio();
+    let host = FixtureDriverCore::new(&tree);
+
+    let plan = vfio::plan_bind(&tree.root(), &host, &pci("00:1d.7"), &quick()).expect("plan");
+
+    assert_eq!(
+        plan.steps
+            .iter()
+            .map(ToString::to_string)
+            .filter(|s| s.starts_with("write"))
+            .count(),
+        12
+    );
+    assert_eq!(
+        plan.steps.last().map(ToString::to_string).as_deref(),
+        Some("wait up to 0.2 s for /dev/vfio/4 to appear")
+    );
+    assert_eq!(host.writes(), vec![]);
+}
