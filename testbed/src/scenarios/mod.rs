@@ -1,0 +1,50 @@
+//! The scenarios: independent, named checks run against a booted guest.
+//!
+//! Adding one: write `scenarios/<name>.rs` with
+//! `pub async fn run(bed: &mut Bed) -> anyhow::Result<()>` and add one
+//! `scenario!(...)` line to [`all`]. The runner unplugs what a scenario plugged and
+//! kills inner QEMUs afterwards, so each starts from the bare controllers.
+
+use crate::bed::Bed;
+use std::future::Future;
+use std::pin::Pin;
+
+mod hotplug;
+mod inner_qemu;
+pub(crate) mod inventory;
+mod record_sysfs;
+
+/// A scenario's body.
+pub type RunFn = for<'a> fn(&'a mut Bed) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + 'a>>;
+
+/// One named check.
+pub struct Scenario {
+    /// Its name on the command line and in the report.
+    pub name: &'static str,
+    /// One line on what it proves.
+    pub about: &'static str,
+    /// The check.
+    pub run: RunFn,
+}
+
+/// `scenario!("name", module, "what it proves")`.
+macro_rules! scenario {
+    ($name:literal, $module:ident, $about:literal) => {
+        Scenario {
+            name: $name,
+            about: $about,
+            run: |bed| Box::pin($module::run(bed)),
+        }
+    };
+}
+
+/// Every scenario, in run order. One line each (kept so by `rustfmt::skip`).
+#[rustfmt::skip]
+pub fn all() -> Vec<Scenario> {
+    vec![
+        scenario!("hotplug", hotplug, "plug/unplug on xHCI, EHCI and UHCI reaches the guest kernel"),
+        scenario!("inner-qemu", inner_qemu, "an inner QEMU runs in the guest (root and unprivileged) and takes a device with usb-host"),
+        scenario!("inventory", inventory, "`usbroute list --json` in the guest matches what QMP plugged"),
+        scenario!("record-sysfs", record_sysfs, "a recording made in the guest lists the same, in the guest and on the host"),
+    ]
+}
