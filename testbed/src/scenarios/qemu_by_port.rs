@@ -14,7 +14,7 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
     let bus = bed
         .guest_ok(&format!(
             "for hub in /sys/bus/pci/devices/{XHCI_PCI}/usb*; do \
-               [ \"$(cat $hub/speed)\" = 480 ] && cat $hub/busnum; done"
+               if [ \"$(cat $hub/speed)\" = 480 ]; then cat $hub/busnum; fi; done"
         ))
         .await?;
     let port = format!("{}-6", bus.trim());
