@@ -8,6 +8,7 @@
 //!   controller discovery over QOM, device_add, read-back, device_del, wait for the event).
 //!
 //! Run: `cargo bench --bench qmp` (`-- N` to set the attach sample count, default 200).
+//! Under `cargo test` (no `--bench` argument) it runs 3 samples as a smoke test.
 
 #[path = "../tests/qemu_support/mod.rs"]
 mod qemu_support;
@@ -20,10 +21,11 @@ use usbroute::qemu::{QemuBackend, QemuOptions};
 use usbroute::qmp::Qmp;
 
 fn main() {
+    let smoke = !std::env::args().any(|a| a == "--bench");
     let samples: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(if smoke { 3 } else { 200 });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -40,7 +42,7 @@ async fn run(qemu: &QemuGuard, samples: usize) {
     let mouse = host_device("1-3", 7, 0x046d, 0xc016, 12.0);
 
     // Warm up QEMU's and our own first-use paths.
-    for _ in 0..20 {
+    for _ in 0..samples.min(20) {
         query_status(&qmp).await;
         raw_attach_detach(&qmp).await;
         backend_attach_detach(&vm, &mouse).await;
