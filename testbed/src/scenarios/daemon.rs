@@ -33,7 +33,7 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
     let early_id = address_id(bed, &early_name).await?;
     wait_hosts(bed, "the tablet plugged before the VM", &[&early_id]).await?;
 
-    let name = bed.plug(&kbd).await?;
+    let name = bed.plug_unbound(&kbd).await?;
     let first = address_id(bed, &name).await?;
     wait_hosts(bed, "the plugged keyboard", &[&early_id, &first]).await?;
     let attached = qom_attached(bed, &first).await?;
@@ -42,7 +42,7 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
     bed.unplug(&kbd.id).await?;
     wait_hosts(bed, "the unplugged keyboard's usb-host to go", &[&early_id]).await?;
 
-    let again = bed.plug(&kbd).await?;
+    let again = bed.plug_unbound(&kbd).await?;
     let second = address_id(bed, &again).await?;
     ensure!(second != first, "re-plug kept the address: {second}");
     wait_hosts(bed, "the re-plugged keyboard", &[&early_id, &second]).await?;
