@@ -49,7 +49,7 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
 
     bed.guest_ok(&format!("kill -9 {daemon}")).await?;
     let before = usb_hosts(bed).await?;
-    let _restarted = start_daemon(bed).await?;
+    let restarted = start_daemon(bed).await?;
     // Give the restarted daemon time to connect, list and (wrongly) act.
     tokio::time::sleep(bed.scaled(Duration::from_secs(3))).await;
     let after = usb_hosts(bed).await?;
@@ -57,6 +57,9 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
         before == after,
         "daemon restart changed the usb-host set: {before:?} -> {after:?}"
     );
+    // Stop the daemon before the runner unplugs, so it hands nothing to anyone meanwhile.
+    bed.guest_ok(&format!("kill -9 {restarted}; rm -f {CONTROL} {CONFIG}"))
+        .await?;
     Ok(())
 }
 
