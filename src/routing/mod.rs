@@ -10,6 +10,7 @@
 //! - [`profile`]: pure: a profile from the config → the register values and the moves;
 //! - [`router`]: apply a plan (only 0xD0, and 0xD8 when needed), pin runtime PM,
 //!   remember the active profile, re-apply it when the kernel rewrote the register;
+//! - [`control`]: profiles by name (apply, toggle, which is active);
 //! - [`ports`]: one row per port, joined with the inventory;
 //! - [`labels`]: the `ports map` wizard's pure core and the label writer.
 //!
@@ -17,6 +18,7 @@
 
 pub mod chipset;
 pub mod config_space;
+pub mod control;
 pub mod detect;
 pub mod labels;
 pub mod ports;

@@ -1,6 +1,21 @@
 //! The toggle service: a line protocol that switches routing profiles.
+//!
+//! - [`protocol`]: pure line parser and reply format;
+//! - [`dispatch`]: requests → profile changes, with per-listener access rules, behind
+//!   the [`dispatch::RoutingControl`] trait;
+//! - [`server`]: tokio listeners (TCP, per-VM serial links) and the control-socket hook;
+//! - [`start`]: everything the config asks for, for `usbroute serve`.
+
+pub mod dispatch;
+pub mod protocol;
+pub mod server;
 
 use serde::{Deserialize, Serialize};
+use server::{bind, Limits, ToggleError, ToggleService};
+use std::time::Duration;
+
+/// Default TCP address of the toggle service (what `usbroute toggle` connects to).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4510";
 
 /// Config `[toggle]` (stable interface).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -10,4 +25,79 @@ pub struct ToggleConfig {
     pub listen: Option<String>,
     /// Shared secret required from clients of a non-loopback listener.
     pub secret: Option<String>,
+    /// Commands per second one connection may send (default 20; 0 = no limit).
+    #[serde(default)]
+    pub rate_per_second: Option<u32>,
+    /// Seconds a TCP client may stay silent before it is disconnected (default 300).
+    /// Serial links of VMs never time out: QEMU holds them for the VM's lifetime.
+    #[serde(default)]
+    pub idle_timeout_secs: Option<u64>,
+}
+
+impl ToggleConfig {
+    /// The limits for TCP clients.
+    pub fn tcp_limits(&self) -> Limits {
+        let d = Limits::default();
+        Limits {
+            idle_timeout: Some(
+                self.idle_timeout_secs
+                    .map(Duration::from_secs)
+                    .unwrap_or(d.idle_timeout.expect("default has a timeout")),
+            ),
+            rate_per_second: self.rate_per_second.unwrap_or(d.rate_per_second),
+            ..d
+        }
+    }
+
+    /// The limits for a VM's serial link.
+    pub fn serial_limits(&self) -> Limits {
+        Limits {
+            idle_timeout: None,
+            ..self.tcp_limits()
+        }
+    }
+}
+
+/// One VM's serial link (from `[[vm]] serial = ..., profiles = [...]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmLink {
+    /// VM name.
+    pub vm: String,
+    /// Where the service listens and QEMU connects (`127.0.0.1:4511`).
+    pub listen: String,
+    /// Profiles this VM may select; empty = none at all except `status`.
+    pub profiles: Vec<String>,
+}
+
+/// Bind every listener the config asks for and serve them in the background.
+/// Binding happens before this returns, so a bad address fails `serve` at start-up.
+pub async fn start(
+    service: ToggleService,
+    config: &ToggleConfig,
+    vms: &[VmLink],
+) -> Result<Vec<tokio::task::JoinHandle<()>>, ToggleError> {
+    let mut tasks = Vec::new();
+    let secret = config.secret.as_deref();
+    let listen = config.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+    let listener = bind(listen, secret, "[toggle] listen").await?;
+    let non_loopback = listener.local_addr().map(|a| !a.ip().is_loopback()).unwrap_or(true);
+    let access = dispatch::Access {
+        origin: format!("tcp {listen}"),
+        allowed: None,
+        // Loopback clients are the host's own users; a secret guards only the network.
+        secret: non_loopback.then(|| secret.map(str::to_string)).flatten(),
+    };
+    tasks.push(tokio::spawn(service.clone().serve(listener, access, config.tcp_limits())));
+    for vm in vms {
+        let origin = format!("VM {}", vm.vm);
+        let listener = bind(&vm.listen, secret, &origin).await?;
+        let non_loopback = listener.local_addr().map(|a| !a.ip().is_loopback()).unwrap_or(true);
+        let access = dispatch::Access {
+            origin,
+            allowed: Some(vm.profiles.iter().cloned().collect()),
+            secret: non_loopback.then(|| secret.map(str::to_string)).flatten(),
+        };
+        tasks.push(tokio::spawn(service.clone().serve(listener, access, config.serial_limits())));
+    }
+    Ok(tasks)
 }
