@@ -38,8 +38,9 @@ impl fmt::Display for Route {
     }
 }
 
-/// A USB 2.0 port named as users name it: EHCI number and port (`ehci2:3`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+/// A USB 2.0 port named as users name it: EHCI number and port (`ehci2:3`; serialised
+/// that way too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct EhciPort {
     /// EHCI number (1 or 2).
     pub ehci: u8,
@@ -50,6 +51,12 @@ pub struct EhciPort {
 impl fmt::Display for EhciPort {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ehci{}:{}", self.ehci, self.port)
+    }
+}
+
+impl Serialize for EhciPort {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
