@@ -47,7 +47,10 @@ fn setup(regs: Regs) -> Setup {
 
 fn usbroute(s: &Setup) -> Command {
     let mut c = Command::cargo_bin("usbroute").unwrap();
-    c.arg("--sysfs-root").arg(s.pch.path()).arg("--config").arg(&s.config);
+    c.arg("--sysfs-root")
+        .arg(s.pch.path())
+        .arg("--config")
+        .arg(&s.config);
     c
 }
 
@@ -59,9 +62,14 @@ fn ports_lists_every_port_with_route_switchability_and_label() {
         .arg("ports")
         .assert()
         .success()
-        .stdout(predicate::str::contains("8-series Lynx Point (xHCI 8086:8c31) at 0000:00:14.0"))
+        .stdout(predicate::str::contains(
+            "8-series Lynx Point (xHCI 8086:8c31) at 0000:00:14.0",
+        ))
         .stdout(predicate::str::contains("profile host"))
-        .stdout(predicate::str::is_match(r"ehci2:3 +0000:00:1a.0 +10  xhci +yes +- +front-left").unwrap());
+        .stdout(
+            predicate::str::is_match(r"ehci2:3 +0000:00:1a.0 +10  xhci +yes +- +front-left")
+                .unwrap(),
+        );
 }
 
 #[test]
@@ -88,9 +96,15 @@ fn ports_show_prints_the_mask_and_the_moves_without_writing() {
         .args(["ports", "show", "guest"])
         .assert()
         .success()
-        .stdout(predicate::str::contains("XUSB2PR 0x3fff -> 0x3bfc, USB3_PSSEN 0x3f -> 0x3c"))
-        .stdout(predicate::str::contains("ehci2:3 \"front-left\" (bit 10): xhci -> ehci"))
-        .stdout(predicate::str::contains("warning: ehci1:1 goes to EHCI: its SuperSpeed lane"));
+        .stdout(predicate::str::contains(
+            "XUSB2PR 0x3fff -> 0x3bfc, USB3_PSSEN 0x3f -> 0x3c",
+        ))
+        .stdout(predicate::str::contains(
+            "ehci2:3 \"front-left\" (bit 10): xhci -> ehci",
+        ))
+        .stdout(predicate::str::contains(
+            "warning: ehci1:1 goes to EHCI: its SuperSpeed lane",
+        ));
     assert_eq!(s.pch.config(XHCI), before);
 }
 
@@ -102,9 +116,14 @@ fn ports_apply_writes_the_register_and_pins_runtime_pm() {
         .args(["ports", "apply", "guest"])
         .assert()
         .success()
-        .stdout(predicate::str::contains("guest: XUSB2PR 0x3fff -> 0x3bfc, 3 port(s) moved"))
+        .stdout(predicate::str::contains(
+            "guest: XUSB2PR 0x3fff -> 0x3bfc, 3 port(s) moved",
+        ))
         .stderr(predicate::str::contains("warning: ehci1:2 goes to EHCI"));
-    assert_eq!((s.pch.xusb2pr(), s.pch.read_power_control()), (0x3bfc, "on".to_string()));
+    assert_eq!(
+        (s.pch.xusb2pr(), s.pch.read_power_control()),
+        (0x3bfc, "on".to_string())
+    );
 }
 
 #[test]
@@ -132,7 +151,10 @@ fn ports_apply_of_forbidden_bits_fails_without_force_and_works_with_it() {
         .failure()
         .stderr(predicate::str::contains("pass --force"));
     let unchanged = s.pch.xusb2pr();
-    usbroute(&s).args(["ports", "apply", "wild", "--force"]).assert().success();
+    usbroute(&s)
+        .args(["ports", "apply", "wild", "--force"])
+        .assert()
+        .success();
 
     assert_eq!((unchanged, s.pch.xusb2pr()), (0x00ff, 0x3fff));
 }
@@ -140,14 +162,19 @@ fn ports_apply_of_forbidden_bits_fails_without_force_and_works_with_it() {
 #[test]
 fn ports_check_puts_back_what_the_kernel_rewrote() {
     let s = setup(Regs::LYNX_DEFAULT);
-    usbroute(&s).args(["ports", "apply", "guest"]).assert().success();
+    usbroute(&s)
+        .args(["ports", "apply", "guest"])
+        .assert()
+        .success();
     s.pch.kernel_resume_rewrite();
 
     usbroute(&s)
         .args(["ports", "check"])
         .assert()
         .success()
-        .stdout(predicate::str::contains("the register held 0x3fff; put profile `guest` (0x3bfc) back"));
+        .stdout(predicate::str::contains(
+            "the register held 0x3fff; put profile `guest` (0x3bfc) back",
+        ));
     assert_eq!(s.pch.xusb2pr(), 0x3bfc);
 }
 
@@ -187,7 +214,9 @@ fn ports_apply_of_an_unknown_profile_names_the_known_ones() {
         .args(["ports", "apply", "gaming"])
         .assert()
         .failure()
-        .stderr(predicate::str::contains("No routing profile `gaming` (configured: guest, host, wild)"));
+        .stderr(predicate::str::contains(
+            "No routing profile `gaming` (configured: guest, host, wild)",
+        ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,12 +236,34 @@ async fn toggle_client_talks_to_a_running_service() {
         cmd.args(args);
         tokio::task::spawn_blocking(move || cmd.output().unwrap())
     };
-    let toggled = run(vec!["toggle".into(), "--address".into(), addr.clone()]).await.unwrap();
-    let named = run(vec!["toggle".into(), "host".into(), "--address".into(), addr.clone()]).await.unwrap();
-    let refused = run(vec!["toggle".into(), "nope".into(), "--address".into(), addr.clone()]).await.unwrap();
+    let toggled = run(vec!["toggle".into(), "--address".into(), addr.clone()])
+        .await
+        .unwrap();
+    let named = run(vec![
+        "toggle".into(),
+        "host".into(),
+        "--address".into(),
+        addr.clone(),
+    ])
+    .await
+    .unwrap();
+    let refused = run(vec![
+        "toggle".into(),
+        "nope".into(),
+        "--address".into(),
+        addr.clone(),
+    ])
+    .await
+    .unwrap();
 
-    assert_eq!(String::from_utf8_lossy(&toggled.stdout), "guest (XUSB2PR 0x3bfc)\n");
-    assert_eq!(String::from_utf8_lossy(&named.stdout), "host (XUSB2PR 0x3fff)\n");
+    assert_eq!(
+        String::from_utf8_lossy(&toggled.stdout),
+        "guest (XUSB2PR 0x3bfc)\n"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&named.stdout),
+        "host (XUSB2PR 0x3fff)\n"
+    );
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("refused `nope`: no profile `nope`"));
 }
@@ -220,7 +271,11 @@ async fn toggle_client_talks_to_a_running_service() {
 #[test]
 fn toggle_client_without_a_service_says_what_to_run() {
     let s = setup(Regs::LYNX_DEFAULT);
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
 
     usbroute(&s)
         .args(["toggle", "--address", &free])

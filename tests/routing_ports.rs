@@ -122,7 +122,11 @@ fn a_superspeed_device_maps_to_its_usb2_partner() {
         device("4-7", 3, "0000:00:14.0", false),
     ]);
 
-    let bits: Vec<_> = snap.devices.iter().map(|d| port_bit_of(d, &snap, &lynx())).collect();
+    let bits: Vec<_> = snap
+        .devices
+        .iter()
+        .map(|d| port_bit_of(d, &snap, &lynx()))
+        .collect();
 
     assert_eq!(bits, vec![Some(1), None]);
 }
@@ -142,11 +146,18 @@ fn rows_show_route_switchability_superspeed_label_and_devices() {
 
     assert_eq!(table.len(), 14);
     assert_eq!(
-        (table[0].routed_to, table[0].superspeed, table[13].switchable),
+        (
+            table[0].routed_to,
+            table[0].superspeed,
+            table[13].switchable
+        ),
         (Route::Ehci, Some(false), false)
     );
     assert_eq!(table[10].label.as_deref(), Some("front-left"));
-    assert_eq!(table[10].devices, vec!["1-1.3 0781:5567 Acme Stick".to_string()]);
+    assert_eq!(
+        table[10].devices,
+        vec!["1-1.3 0781:5567 Acme Stick".to_string()]
+    );
     assert_eq!(table[10].ehci_pci, Some(pci("0000:00:1a.0")));
 }
 
@@ -160,7 +171,10 @@ fn the_wizard_sees_a_plugged_device_light_up_its_port() {
     let hits = arrivals(&before, &after, &lynx());
 
     assert_eq!(hits.len(), 1);
-    assert_eq!((hits[0].port.to_string(), hits[0].bit), ("ehci1:5".to_string(), 4));
+    assert_eq!(
+        (hits[0].port.to_string(), hits[0].bit),
+        ("ehci1:5".to_string(), 4)
+    );
     assert_eq!(hits[0].device, "2-1.5 0781:5567 Acme Stick");
 }
 

@@ -31,8 +31,10 @@ fn config() -> RoutingConfig {
     };
     c.labels.insert("front-left".into(), "ehci2:3".into());
     c.profile.insert("host".into(), mask_profile("0x3fff"));
-    c.profile
-        .insert("guest".into(), ehci_profile(&["ehci1:1", "ehci1:2", "front-left"]));
+    c.profile.insert(
+        "guest".into(),
+        ehci_profile(&["ehci1:1", "ehci1:2", "front-left"]),
+    );
     c.profile.insert("rear".into(), ehci_profile(&["ehci1:7"]));
     c
 }
@@ -67,11 +69,20 @@ fn detect_finds_wildcat_point() {
 #[test]
 fn detect_refuses_a_non_intel_xhci_and_names_it() {
     let pch = Pch::empty();
-    pch.function("0000:03:00.0", 0x1033, 0x0194, 0x0c0330, Some(Regs::LYNX_DEFAULT));
+    pch.function(
+        "0000:03:00.0",
+        0x1033,
+        0x0194,
+        0x0c0330,
+        Some(Regs::LYNX_DEFAULT),
+    );
 
     let err = detect(&pch.root(), None).unwrap_err().to_string();
 
-    assert!(err.contains("0000:03:00.0 is not an Intel xHCI (vendor 1033, device 0194"), "{err}");
+    assert!(
+        err.contains("0000:03:00.0 is not an Intel xHCI (vendor 1033, device 0194"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -81,7 +92,10 @@ fn detect_refuses_an_unknown_intel_chipset_naming_its_device_id() {
 
     let err = detect(&pch.root(), Some(pci(XHCI))).unwrap_err();
 
-    assert!(matches!(err, RoutingError::UnknownChipset { device: 0xa12f, .. }));
+    assert!(matches!(
+        err,
+        RoutingError::UnknownChipset { device: 0xa12f, .. }
+    ));
     assert!(err.to_string().contains("8086:a12f"), "{err}");
 }
 
@@ -99,7 +113,9 @@ fn detect_refuses_an_intel_xhci_with_no_ehci_beside_it() {
 fn detect_with_a_configured_controller_that_is_absent_says_so() {
     let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
 
-    let err = detect(&pch.root(), Some(pci("0000:00:10.0"))).unwrap_err().to_string();
+    let err = detect(&pch.root(), Some(pci("0000:00:10.0")))
+        .unwrap_err()
+        .to_string();
 
     assert!(err.contains("no PCI function 0000:00:10.0"), "{err}");
 }
@@ -170,7 +186,10 @@ fn ehci_profile_leaves_ports_the_firmware_does_not_let_switch_on_ehci() {
 
     assert_eq!(p.xusb2pr, 0x00fc);
     assert_eq!(p.forbidden, 0);
-    assert!(p.warnings.iter().any(|w| w.contains("ehci2:3 (`front-left`) cannot be switched")));
+    assert!(p
+        .warnings
+        .iter()
+        .any(|w| w.contains("ehci2:3 (`front-left`) cannot be switched")));
 }
 
 #[test]
@@ -252,7 +271,10 @@ fn unknown_label_is_refused_with_a_hint() {
 
     let err = plan("x", &ehci_profile(&["desk"]), &BTreeMap::new(), lynx, &regs).unwrap_err();
 
-    assert!(err.to_string().contains("`desk` is neither a label"), "{err}");
+    assert!(
+        err.to_string().contains("`desk` is neither a label"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -265,7 +287,14 @@ fn port_that_the_chipset_lacks_is_refused() {
     };
     let lp = usbroute::routing::chipset::chipset_for_xhci(0x9c31).unwrap();
 
-    let err = plan("x", &ehci_profile(&["ehci2:1"]), &BTreeMap::new(), lp, &regs).unwrap_err();
+    let err = plan(
+        "x",
+        &ehci_profile(&["ehci2:1"]),
+        &BTreeMap::new(),
+        lp,
+        &regs,
+    )
+    .unwrap_err();
 
     assert!(err.to_string().contains("has no port ehci2:1"), "{err}");
 }
@@ -278,7 +307,13 @@ fn routing_a_superspeed_port_to_ehci_clears_its_pssen_bit_with_a_warning() {
 
     // ehci1:1 and ehci1:2 (bits 0, 1) share connectors with SuperSpeed ports 1 and 2.
     assert_eq!(p.usb3_pssen, 0x3c);
-    assert_eq!(p.warnings.iter().filter(|w| w.contains("SuperSpeed lane")).count(), 2);
+    assert_eq!(
+        p.warnings
+            .iter()
+            .filter(|w| w.contains("SuperSpeed lane"))
+            .count(),
+        2
+    );
 }
 
 #[test]
@@ -313,7 +348,12 @@ fn applying_a_superspeed_port_profile_writes_only_0xd0_and_0xd8() {
     router(&pch).apply("guest", false).unwrap();
 
     let changed = changed_offsets(&before, &pch.config(XHCI));
-    assert!(changed.iter().all(|o| (0xd0..0xd2).contains(o) || (0xd8..0xdc).contains(o)), "{changed:x?}");
+    assert!(
+        changed
+            .iter()
+            .all(|o| (0xd0..0xd2).contains(o) || (0xd8..0xdc).contains(o)),
+        "{changed:x?}"
+    );
     assert_eq!(pch.xusb2pr(), 0x3bfc);
     assert_eq!(pch.usb3_pssen(), 0x3c);
 }
@@ -339,8 +379,14 @@ fn non_default_routing_pins_runtime_pm_and_default_restores_it() {
     let pinned = pch.read_power_control();
     let (_, host) = r.apply("host", false).unwrap();
 
-    assert_eq!((guest.power, pinned.as_str()), (PowerChange::PinnedOn, "on"));
-    assert_eq!((host.power, pch.read_power_control().as_str()), (PowerChange::Restored, "auto"));
+    assert_eq!(
+        (guest.power, pinned.as_str()),
+        (PowerChange::PinnedOn, "on")
+    );
+    assert_eq!(
+        (host.power, pch.read_power_control().as_str()),
+        (PowerChange::Restored, "auto")
+    );
 }
 
 #[test]
@@ -352,7 +398,10 @@ fn power_control_already_on_is_left_on() {
     r.apply("guest", false).unwrap();
     let (_, host) = r.apply("host", false).unwrap();
 
-    assert_eq!((host.power, pch.read_power_control().as_str()), (PowerChange::Unchanged, "on"));
+    assert_eq!(
+        (host.power, pch.read_power_control().as_str()),
+        (PowerChange::Unchanged, "on")
+    );
 }
 
 #[test]
@@ -365,7 +414,14 @@ fn reconcile_puts_back_a_routing_the_kernel_overwrote_on_resume() {
 
     let reapplied = r.reconcile().unwrap().unwrap();
 
-    assert_eq!((reapplied.profile.as_str(), reapplied.found, reapplied.restored), ("guest", 0x3fff, 0x3bfc));
+    assert_eq!(
+        (
+            reapplied.profile.as_str(),
+            reapplied.found,
+            reapplied.restored
+        ),
+        ("guest", 0x3fff, 0x3bfc)
+    );
     assert_eq!(pch.config(XHCI), applied);
 }
 
@@ -418,7 +474,8 @@ fn wildcat_point_lp_guest_profile_maps_its_single_ehci() {
     });
     let detected = detect(&pch.root(), None).unwrap();
     let mut cfg = RoutingConfig::default();
-    cfg.profile.insert("guest".into(), ehci_profile(&["ehci1:4", "ehci1:8"]));
+    cfg.profile
+        .insert("guest".into(), ehci_profile(&["ehci1:4", "ehci1:8"]));
     let mut r = ProfileRouter::new(Router::open(&pch.root(), detected), cfg);
 
     r.apply("guest", false).unwrap();
@@ -431,7 +488,8 @@ fn wildcat_point_lp_guest_profile_maps_its_single_ehci() {
 fn ehci_port_names_parse_and_map_to_bits() {
     let lynx = usbroute::routing::chipset::chipset_for_xhci(0x8c31).unwrap();
 
-    let parsed = ["ehci1:1", "ehci2:6", "ehci2:7", "ehci3:1", "front"].map(|s| EhciPort::parse(s).and_then(|p| p.bit(lynx)));
+    let parsed = ["ehci1:1", "ehci2:6", "ehci2:7", "ehci3:1", "front"]
+        .map(|s| EhciPort::parse(s).and_then(|p| p.bit(lynx)));
 
     assert_eq!(parsed, [Some(0), Some(13), None, None, None]);
 }

@@ -10,7 +10,9 @@ use usbroute::routing::detect::detect;
 use usbroute::routing::router::Router;
 use usbroute::routing::{ProfileConfig, RoutingConfig};
 use usbroute::toggle::dispatch::{handle_line, Access, Session};
-use usbroute::toggle::protocol::{is_profile_name, parse_line, ParseError, Reply, Request, MAX_LINE};
+use usbroute::toggle::protocol::{
+    is_profile_name, parse_line, ParseError, Reply, Request, MAX_LINE,
+};
 
 fn router(pch: &Pch) -> ProfileRouter<usbroute::routing::config_space::SysfsConfigSpace> {
     let mut c = RoutingConfig {
@@ -23,7 +25,10 @@ fn router(pch: &Pch) -> ProfileRouter<usbroute::routing::config_space::SysfsConf
     };
     c.profile.insert("host".into(), profile("0x3fff"));
     c.profile.insert("guest".into(), profile("0x3ffc"));
-    ProfileRouter::new(Router::open(&pch.root(), detect(&pch.root(), None).unwrap()), c)
+    ProfileRouter::new(
+        Router::open(&pch.root(), detect(&pch.root(), None).unwrap()),
+        c,
+    )
 }
 
 /// Lines that look almost right: keywords, profile names, junk, spacing, CR/LF, NUL.
@@ -38,7 +43,13 @@ fn near_miss() -> impl Strategy<Value = Vec<u8>> {
         "[a-zA-Z0-9_.-]{1,70}",
         "[ -~]{0,20}",
     ];
-    (prop::collection::vec(word, 0..4), prop::collection::vec(prop_oneof![Just(" "), Just("\t"), Just("\r"), Just("\0"), Just("\n")], 0..3))
+    (
+        prop::collection::vec(word, 0..4),
+        prop::collection::vec(
+            prop_oneof![Just(" "), Just("\t"), Just("\r"), Just("\0"), Just("\n")],
+            0..3,
+        ),
+    )
         .prop_map(|(words, seps)| {
             let mut s = words.join(" ");
             for sep in seps {

@@ -168,7 +168,10 @@ async fn bad_input_gets_err_and_leaves_the_routing_alone() {
 
     assert!(long.starts_with("err line too long"), "{long}");
     assert_eq!(binary, "err not a text command (printable ASCII only)");
-    assert_eq!(unknown, "err no profile `gaming` (configured: desk, guest, host)");
+    assert_eq!(
+        unknown,
+        "err no profile `gaming` (configured: desk, guest, host)"
+    );
     assert_eq!(garbage, "err usage: toggle");
     assert!(shell.starts_with("err usage"), "{shell}");
     assert_eq!(after, "ok guest 0x3ffc");
@@ -206,7 +209,10 @@ async fn a_vm_link_may_only_select_its_own_profiles() {
     let desk = c.ask("desk").await;
     let guest = c.ask("guest").await;
 
-    assert_eq!(desk, "err profile `desk` is not allowed for VM win11 (allowed: guest, host)");
+    assert_eq!(
+        desk,
+        "err profile `desk` is not allowed for VM win11 (allowed: guest, host)"
+    );
     assert_eq!(guest, "ok guest 0x3ffc");
     assert_eq!(bed.pch.xusb2pr(), GUEST);
 }
@@ -223,7 +229,11 @@ async fn a_thousand_pipelined_toggles_end_where_they_started() {
         replies.push(c.line().await);
     }
 
-    assert!(replies.iter().all(|r| r.starts_with("ok ")), "{:?}", replies.iter().find(|r| !r.starts_with("ok ")));
+    assert!(
+        replies.iter().all(|r| r.starts_with("ok ")),
+        "{:?}",
+        replies.iter().find(|r| !r.starts_with("ok "))
+    );
     assert_eq!(replies[998], "ok guest 0x3ffc");
     assert_eq!(replies[999], "ok host 0x3fff");
     assert_eq!(bed.pch.xusb2pr(), HOST);
@@ -273,7 +283,10 @@ async fn the_rate_limit_refuses_a_flood_without_losing_track_of_the_routing() {
     }
 
     let ok = replies.iter().filter(|r| r.starts_with("ok ")).count();
-    let limited = replies.iter().filter(|r| r.starts_with("err rate limit")).count();
+    let limited = replies
+        .iter()
+        .filter(|r| r.starts_with("err rate limit"))
+        .count();
     assert_eq!((ok, limited), (5, 15));
     assert_eq!(bed.pch.xusb2pr(), GUEST);
 }
@@ -310,7 +323,9 @@ async fn a_client_that_never_reads_its_replies_is_still_obeyed() {
     // 120,000 malformed lines earn ~6 MB of `err usage: ...` replies nobody reads: more
     // than the socket buffers hold (tcp_wmem max 4 MB), so a service that waited on
     // writes would never reach the last line.
-    mute.write_all("x x\n".repeat(120_000).as_bytes()).await.unwrap();
+    mute.write_all("x x\n".repeat(120_000).as_bytes())
+        .await
+        .unwrap();
     mute.write_all(b"guest\n").await.unwrap();
 
     let mask = eventually_mask(&bed.pch, GUEST).await;
@@ -335,14 +350,27 @@ async fn a_listener_with_a_secret_wants_auth_first_and_hangs_up_on_guessing() {
     let before_auth = good.ask("guest").await;
     let auth = good.ask("auth s3cret").await;
     let after_auth = good.ask("guest").await;
-    let guesses = [bad.ask("auth a").await, bad.ask("auth b").await, bad.ask("auth c").await];
+    let guesses = [
+        bad.ask("auth a").await,
+        bad.ask("auth b").await,
+        bad.ask("auth c").await,
+    ];
     let hangup = bad.line().await;
     let eof = bad.line().await;
 
     assert_eq!(before_auth, "err this listener needs `auth SECRET` first");
-    assert_eq!((auth.as_str(), after_auth.as_str()), ("ok auth", "ok guest 0x3ffc"));
-    assert_eq!(guesses, ["err wrong secret", "err wrong secret", "err wrong secret"]);
-    assert_eq!((hangup.as_str(), eof.as_str()), ("err too many wrong secrets, closing", ""));
+    assert_eq!(
+        (auth.as_str(), after_auth.as_str()),
+        ("ok auth", "ok guest 0x3ffc")
+    );
+    assert_eq!(
+        guesses,
+        ["err wrong secret", "err wrong secret", "err wrong secret"]
+    );
+    assert_eq!(
+        (hangup.as_str(), eof.as_str()),
+        ("err too many wrong secrets, closing", "")
+    );
 }
 
 #[tokio::test]
@@ -358,7 +386,10 @@ async fn an_idle_client_is_disconnected() {
     let bye = c.line().await;
     let eof = c.line().await;
 
-    assert_eq!((bye.as_str(), eof.as_str()), ("err idle timeout, closing", ""));
+    assert_eq!(
+        (bye.as_str(), eof.as_str()),
+        ("err idle timeout, closing", "")
+    );
 }
 
 #[tokio::test]
@@ -388,7 +419,13 @@ fn loopback_v6_needs_no_secret_and_names_are_not_addresses() {
 #[tokio::test]
 async fn start_serves_tcp_and_each_vm_link_with_its_own_profiles() {
     let bed = bed();
-    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    };
     let (tcp, serial) = (free(), free());
     let config = ToggleConfig {
         listen: Some(tcp.clone()),
@@ -401,10 +438,19 @@ async fn start_serves_tcp_and_each_vm_link_with_its_own_profiles() {
     }];
     let tasks = start(bed.service.clone(), &config, &vms).await.unwrap();
 
-    let from_vm = [Client::connect(&serial).await.ask("host").await, Client::connect(&serial).await.ask("guest").await];
+    let from_vm = [
+        Client::connect(&serial).await.ask("host").await,
+        Client::connect(&serial).await.ask("guest").await,
+    ];
     let from_host = Client::connect(&tcp).await.ask("desk").await;
 
-    assert_eq!(from_vm, ["err profile `host` is not allowed for VM win11 (allowed: guest)", "ok guest 0x3ffc"]);
+    assert_eq!(
+        from_vm,
+        [
+            "err profile `host` is not allowed for VM win11 (allowed: guest)",
+            "ok guest 0x3ffc"
+        ]
+    );
     assert_eq!(from_host, "ok desk 0x3f0f");
     tasks.iter().for_each(|t| t.abort());
 }
@@ -414,8 +460,23 @@ fn the_control_socket_hook_handles_a_line_directly() {
     let bed = bed();
     let mut session = Session::default();
 
-    let reply = bed.service.handle_line(&Access::unrestricted("control socket"), &mut session, b"guest\n");
+    let reply = bed.service.handle_line(
+        &Access::unrestricted("control socket"),
+        &mut session,
+        b"guest\n",
+    );
 
-    assert_eq!(reply.map(|r| r.to_string()).as_deref(), Some("ok guest 0x3ffc"));
-    assert_eq!(bed.router.lock().unwrap().active_profile().unwrap().as_deref(), Some("guest"));
+    assert_eq!(
+        reply.map(|r| r.to_string()).as_deref(),
+        Some("ok guest 0x3ffc")
+    );
+    assert_eq!(
+        bed.router
+            .lock()
+            .unwrap()
+            .active_profile()
+            .unwrap()
+            .as_deref(),
+        Some("guest")
+    );
 }

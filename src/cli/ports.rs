@@ -8,13 +8,6 @@ mod map;
 
 use super::output::print_json;
 use super::Global;
-use anyhow::Context;
-use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::time::Duration;
 use crate::routing::config_space::SysfsConfigSpace;
 use crate::routing::control::ProfileRouter;
 use crate::routing::detect::{detect, Registers};
@@ -24,6 +17,13 @@ use crate::routing::router::{Applied, PowerChange, Router};
 use crate::routing::RoutingConfig;
 use crate::toggle::protocol::Reply;
 use crate::toggle::{ToggleConfig, DEFAULT_LISTEN};
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
 
 /// Where the config is read from when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/usbroute/config.toml";
@@ -96,7 +96,9 @@ struct RoutingView {
 }
 
 fn config_path(g: &Global) -> PathBuf {
-    g.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+    g.config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
 }
 
 /// The sections, or empty ones when the default config file does not exist.
@@ -204,7 +206,9 @@ fn list(g: &Global, view: &RoutingView, json: bool) -> anyhow::Result<ExitCode> 
         println!(
             "{:<8} {:<12} {:>3}  {:<6} {:<10} {:<3}  {:<14} {}",
             r.port.to_string(),
-            r.ehci_pci.map(|p| p.to_string()).unwrap_or_else(|| "absent".into()),
+            r.ehci_pci
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "absent".into()),
             r.bit,
             r.routed_to.to_string(),
             if r.switchable { "yes" } else { "no" },
@@ -237,7 +241,11 @@ fn print_plan(plan: &Plan, regs: &Registers) {
         println!("  no port moves: this routing is already in force");
     }
     for m in &plan.moves {
-        let label = m.label.as_deref().map(|l| format!(" \"{l}\"")).unwrap_or_default();
+        let label = m
+            .label
+            .as_deref()
+            .map(|l| format!(" \"{l}\""))
+            .unwrap_or_default();
         let from = match m.to {
             Route::Xhci => "ehci",
             Route::Ehci => "xhci",
@@ -249,7 +257,11 @@ fn print_plan(plan: &Plan, regs: &Registers) {
     }
 }
 
-fn apply(router: &mut ProfileRouter<SysfsConfigSpace>, profile: &str, force: bool) -> anyhow::Result<ExitCode> {
+fn apply(
+    router: &mut ProfileRouter<SysfsConfigSpace>,
+    profile: &str,
+    force: bool,
+) -> anyhow::Result<ExitCode> {
     let (plan, applied) = router.apply(profile, force)?;
     for w in &plan.warnings {
         eprintln!("usbroute: warning: {w}");
@@ -285,11 +297,18 @@ pub(super) fn toggle(g: &Global, a: ToggleArgs) -> anyhow::Result<ExitCode> {
     let reply = ask_service(&address, view.toggle.secret.as_deref(), &command)?;
     match reply {
         Reply::Ok { profile, mask } => {
-            println!("{} (XUSB2PR 0x{mask:04x})", profile.as_deref().unwrap_or("-"));
+            println!(
+                "{} (XUSB2PR 0x{mask:04x})",
+                profile.as_deref().unwrap_or("-")
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Reply::Err(reason) => anyhow::bail!("The toggle service at {address} refused `{command}`: {reason}"),
-        Reply::Authenticated => anyhow::bail!("The toggle service at {address} answered out of turn"),
+        Reply::Err(reason) => {
+            anyhow::bail!("The toggle service at {address} refused `{command}`: {reason}")
+        }
+        Reply::Authenticated => {
+            anyhow::bail!("The toggle service at {address} answered out of turn")
+        }
     }
 }
 
@@ -311,7 +330,12 @@ fn ask_service(address: &str, secret: Option<&str>, command: &str) -> anyhow::Re
         reader
             .read_line(&mut reply)
             .with_context(|| format!("No reply from the toggle service at {addr}"))?;
-        Reply::parse(&reply).with_context(|| format!("The toggle service at {addr} replied `{}`", reply.trim_end()))
+        Reply::parse(&reply).with_context(|| {
+            format!(
+                "The toggle service at {addr} replied `{}`",
+                reply.trim_end()
+            )
+        })
     };
     if let (Some(secret), false) = (secret, addr.ip().is_loopback()) {
         if let Reply::Err(e) = exchange(&format!("auth {secret}"))? {

@@ -74,8 +74,7 @@ impl<C: ConfigSpace> ProfileRouter<C> {
     pub fn active_profile(&self) -> Result<Option<String>, RoutingError> {
         let regs = self.router.registers()?;
         if let Some(active) = self.router.active()? {
-            if active.xusb2pr == regs.xusb2pr && self.config.profile.contains_key(&active.profile)
-            {
+            if active.xusb2pr == regs.xusb2pr && self.config.profile.contains_key(&active.profile) {
                 return Ok(Some(active.profile));
             }
         }
@@ -88,7 +87,10 @@ impl<C: ConfigSpace> ProfileRouter<C> {
     }
 
     /// The two profiles `toggle` flips between: `pair`, else `[routing] toggle`.
-    pub fn toggle_pair(&self, pair: Option<(&str, &str)>) -> Result<(String, String), RoutingError> {
+    pub fn toggle_pair(
+        &self,
+        pair: Option<(&str, &str)>,
+    ) -> Result<(String, String), RoutingError> {
         match pair {
             Some((a, b)) => Ok((a.to_string(), b.to_string())),
             None => match self.config.toggle.as_slice() {
@@ -103,7 +105,11 @@ impl<C: ConfigSpace> ProfileRouter<C> {
     pub fn toggle_target(&self, pair: Option<(&str, &str)>) -> Result<String, RoutingError> {
         let (a, b) = self.toggle_pair(pair)?;
         let active = self.active_profile()?;
-        Ok(if active.as_deref() == Some(a.as_str()) { b } else { a })
+        Ok(if active.as_deref() == Some(a.as_str()) {
+            b
+        } else {
+            a
+        })
     }
 
     /// Put the active routing back if the kernel rewrote it (see [`Router::reconcile`]).

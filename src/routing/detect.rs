@@ -102,8 +102,7 @@ impl Registers {
     pub fn is_kernel_default(&self, chipset: &Chipset) -> bool {
         let ports = chipset.port_bits();
         let ss = chipset.superspeed_bits();
-        self.xusb2pr & ports == self.xusb2prm & ports
-            && self.usb3_pssen & ss == self.usb3prm & ss
+        self.xusb2pr & ports == self.xusb2prm & ports && self.usb3_pssen & ss == self.usb3prm & ss
     }
 }
 
@@ -183,14 +182,11 @@ pub fn detect(root: &SysfsRoot, wanted: Option<PciAddress>) -> Result<Detected, 
         })
     };
     if let Some(pci) = wanted {
-        let (_, id) = functions
-            .iter()
-            .find(|(p, _)| *p == pci)
-            .ok_or_else(|| {
-                RoutingError::NoController(format!(
-                    "`controller = \"{pci}\"` in [routing], but there is no PCI function {pci}"
-                ))
-            })?;
+        let (_, id) = functions.iter().find(|(p, _)| *p == pci).ok_or_else(|| {
+            RoutingError::NoController(format!(
+                "`controller = \"{pci}\"` in [routing], but there is no PCI function {pci}"
+            ))
+        })?;
         return check(pci, *id);
     }
     let xhcis: Vec<_> = functions

@@ -95,7 +95,12 @@ pub fn valid_label(label: &str) -> bool {
 
 /// `text` with `label = "port"` in `[routing.labels]`; any other label of the same port
 /// is dropped (a port has one name). Everything else in the file is kept as it was.
-pub fn set_label(text: &str, origin: &str, label: &str, port: EhciPort) -> Result<String, LabelError> {
+pub fn set_label(
+    text: &str,
+    origin: &str,
+    label: &str,
+    port: EhciPort,
+) -> Result<String, LabelError> {
     if !valid_label(label) {
         return Err(LabelError::BadLabel(label.to_string()));
     }
@@ -176,7 +181,10 @@ mod tests {
 
         let out = set_label(text, "c.toml", "new", PORT).unwrap();
 
-        assert_eq!(out, "[routing.labels]\nother = \"ehci1:1\"\nnew = \"ehci2:3\"\n");
+        assert_eq!(
+            out,
+            "[routing.labels]\nother = \"ehci1:1\"\nnew = \"ehci2:3\"\n"
+        );
     }
 
     #[test]

@@ -175,12 +175,16 @@ pub fn plan(
     let wanted = match (&profile.mask, profile.ehci.is_empty()) {
         (Some(_), false) => {
             return Err(bad(
-                "has both `mask` and `ehci`; keep one (mask: bit set = xHCI; ehci: ports to EHCI)".into(),
+                "has both `mask` and `ehci`; keep one (mask: bit set = xHCI; ehci: ports to EHCI)"
+                    .into(),
             ))
         }
         (Some(text), true) => {
-            let mask = parse_mask(text)
-                .ok_or_else(|| bad(format!("mask `{text}` is not a 16-bit number such as 0x3fff")))?;
+            let mask = parse_mask(text).ok_or_else(|| {
+                bad(format!(
+                    "mask `{text}` is not a 16-bit number such as 0x3fff"
+                ))
+            })?;
             if mask & !ports != 0 {
                 return Err(bad(format!(
                     "mask 0x{mask:04x} sets bits beyond the {} ports of {chipset} (valid bits: 0x{ports:04x})",
@@ -211,7 +215,14 @@ pub fn plan(
             describe_bits(chipset, forbidden)
         ));
     }
-    let usb3_pssen = superspeed_for(chipset, regs, wanted, prm | forbidden, labels, &mut warnings);
+    let usb3_pssen = superspeed_for(
+        chipset,
+        regs,
+        wanted,
+        prm | forbidden,
+        labels,
+        &mut warnings,
+    );
     let current = regs.xusb2pr & ports;
     let moves = (0..chipset.high_speed_ports())
         .filter(|bit| (current ^ wanted) & (1 << bit) != 0)

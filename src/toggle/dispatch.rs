@@ -172,7 +172,11 @@ fn resolve(control: &dyn RoutingControl, request: &Request) -> Result<Option<Str
         Request::Toggle => {
             let (a, b) = pair()?;
             let (active, _) = control.active()?;
-            Ok(Some(if active.as_deref() == Some(a.as_str()) { b } else { a }))
+            Ok(Some(if active.as_deref() == Some(a.as_str()) {
+                b
+            } else {
+                a
+            }))
         }
         Request::Profile(name) if profiles.contains(name) => Ok(Some(name.clone())),
         Request::Profile(name) => Err(format!(

@@ -80,24 +80,38 @@ pub async fn start(
     let secret = config.secret.as_deref();
     let listen = config.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
     let listener = bind(listen, secret, "[toggle] listen").await?;
-    let non_loopback = listener.local_addr().map(|a| !a.ip().is_loopback()).unwrap_or(true);
+    let non_loopback = listener
+        .local_addr()
+        .map(|a| !a.ip().is_loopback())
+        .unwrap_or(true);
     let access = dispatch::Access {
         origin: format!("tcp {listen}"),
         allowed: None,
         // Loopback clients are the host's own users; a secret guards only the network.
         secret: non_loopback.then(|| secret.map(str::to_string)).flatten(),
     };
-    tasks.push(tokio::spawn(service.clone().serve(listener, access, config.tcp_limits())));
+    tasks.push(tokio::spawn(service.clone().serve(
+        listener,
+        access,
+        config.tcp_limits(),
+    )));
     for vm in vms {
         let origin = format!("VM {}", vm.vm);
         let listener = bind(&vm.listen, secret, &origin).await?;
-        let non_loopback = listener.local_addr().map(|a| !a.ip().is_loopback()).unwrap_or(true);
+        let non_loopback = listener
+            .local_addr()
+            .map(|a| !a.ip().is_loopback())
+            .unwrap_or(true);
         let access = dispatch::Access {
             origin,
             allowed: Some(vm.profiles.iter().cloned().collect()),
             secret: non_loopback.then(|| secret.map(str::to_string)).flatten(),
         };
-        tasks.push(tokio::spawn(service.clone().serve(listener, access, config.serial_limits())));
+        tasks.push(tokio::spawn(service.clone().serve(
+            listener,
+            access,
+            config.serial_limits(),
+        )));
     }
     Ok(tasks)
 }

@@ -63,7 +63,10 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Request>, ParseError> {
     if line.len() > MAX_LINE {
         return Err(ParseError::TooLong);
     }
-    if !line.iter().all(|b| b.is_ascii_graphic() || *b == b' ' || *b == b'\t') {
+    if !line
+        .iter()
+        .all(|b| b.is_ascii_graphic() || *b == b' ' || *b == b'\t')
+    {
         return Err(ParseError::NotText);
     }
     let text = std::str::from_utf8(line).map_err(|_| ParseError::NotText)?;
@@ -93,7 +96,9 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Request>, ParseError> {
             Ok(Some(Request::Profile(first.to_string())))
         }
         _ if rest.is_empty() => Err(ParseError::BadName(first.to_string())),
-        _ => Err(ParseError::Usage("toggle | host | guest | status | PROFILE")),
+        _ => Err(ParseError::Usage(
+            "toggle | host | guest | status | PROFILE",
+        )),
     }
 }
 
@@ -101,8 +106,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Request>, ParseError> {
 pub fn is_profile_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_PROFILE_NAME
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
@@ -195,10 +199,7 @@ mod tests {
             parse_line(b"toggle now\n"),
             Err(ParseError::Usage("toggle"))
         );
-        assert_eq!(
-            parse_line(b"auth\n"),
-            Err(ParseError::Usage("auth SECRET"))
-        );
+        assert_eq!(parse_line(b"auth\n"), Err(ParseError::Usage("auth SECRET")));
     }
 
     #[test]

@@ -77,7 +77,11 @@ pub fn check_listen_address(addr: &str, has_secret: bool) -> Result<SocketAddr, 
 }
 
 /// Bind a listener after [`check_listen_address`].
-pub async fn bind(addr: &str, secret: Option<&str>, origin: &str) -> Result<TcpListener, ToggleError> {
+pub async fn bind(
+    addr: &str,
+    secret: Option<&str>,
+    origin: &str,
+) -> Result<TcpListener, ToggleError> {
     let parsed = check_listen_address(addr, secret.is_some())?;
     TcpListener::bind(parsed)
         .await
@@ -102,7 +106,12 @@ impl ToggleService {
 
     /// Handle one line from anywhere (the daemon's control socket calls this with
     /// [`Access::unrestricted`]). `None` for a blank line.
-    pub fn handle_line(&self, access: &Access, session: &mut Session, line: &[u8]) -> Option<Reply> {
+    pub fn handle_line(
+        &self,
+        access: &Access,
+        session: &mut Session,
+        line: &[u8],
+    ) -> Option<Reply> {
         // A panic elsewhere while holding the lock leaves the routing readable: the
         // registers themselves are the truth, not the guarded value.
         let mut control = self.control.lock().unwrap_or_else(|p| p.into_inner());
@@ -173,7 +182,9 @@ impl ToggleService {
                 } else if line.len() > MAX_LINE {
                     // +1 above leaves room for a CR before the LF. The rest of the line
                     // is skipped so its tail is not taken for a command.
-                    out.send(&Reply::Err(format!("line too long (at most {MAX_LINE} bytes)")));
+                    out.send(&Reply::Err(format!(
+                        "line too long (at most {MAX_LINE} bytes)"
+                    )));
                     line.clear();
                     discarding = true;
                 } else {

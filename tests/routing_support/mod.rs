@@ -94,7 +94,11 @@ impl Pch {
     pub fn function(&self, addr: &str, vendor: u16, device: u16, class: u32, regs: Option<Regs>) {
         let dir = self.dev_dir(addr);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("config"), config_bytes(vendor, device, class, regs)).unwrap();
+        std::fs::write(
+            dir.join("config"),
+            config_bytes(vendor, device, class, regs),
+        )
+        .unwrap();
     }
 
     pub fn dev_dir(&self, addr: &str) -> PathBuf {
@@ -158,5 +162,7 @@ pub fn pci(addr: &str) -> PciAddress {
 /// Offsets at which two byte strings differ.
 pub fn changed_offsets(before: &[u8], after: &[u8]) -> Vec<usize> {
     assert_eq!(before.len(), after.len(), "file length changed");
-    (0..before.len()).filter(|i| before[*i] != after[*i]).collect()
+    (0..before.len())
+        .filter(|i| before[*i] != after[*i])
+        .collect()
 }

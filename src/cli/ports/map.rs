@@ -6,6 +6,12 @@
 //! again carries on with the ports still unnamed.
 
 use super::{shown, Global};
+use crate::inventory::scan;
+use crate::routing::detect::{detect, Detected};
+use crate::routing::labels::{arrivals, valid_label, write_label};
+use crate::routing::profile::{label_of, EhciPort, Route};
+use crate::routing::router::Router;
+use crate::routing::RoutingConfig;
 use anyhow::Context;
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
@@ -13,12 +19,6 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::Duration;
-use crate::inventory::scan;
-use crate::routing::detect::{detect, Detected};
-use crate::routing::labels::{arrivals, valid_label, write_label};
-use crate::routing::profile::{label_of, EhciPort, Route};
-use crate::routing::router::Router;
-use crate::routing::RoutingConfig;
 
 const POLL: Duration = Duration::from_millis(250);
 
@@ -70,14 +70,20 @@ pub(super) fn run(g: &Global, config: &Path, routing: &RoutingConfig) -> anyhow:
             hit.port,
             hit.bit,
             hit.device,
-            current.as_deref().map(|c| format!(" — now labelled \"{c}\"")).unwrap_or_default()
+            current
+                .as_deref()
+                .map(|c| format!(" — now labelled \"{c}\""))
+                .unwrap_or_default()
         );
         if let Some(label) = ask_label(&lines)? {
             write_label(config, &label, hit.port)
                 .with_context(|| format!("Cannot save the label for {}", hit.port))?;
             labels.retain(|_, spec| EhciPort::parse(spec) != Some(hit.port));
             labels.insert(label.clone(), hit.port.to_string());
-            println!("Saved: \"{label}\" = \"{}\". Unplug it and try the next port.", hit.port);
+            println!(
+                "Saved: \"{label}\" = \"{}\". Unplug it and try the next port.",
+                hit.port
+            );
         }
     }
 }
@@ -116,7 +122,10 @@ fn print_remaining(detected: &Detected, labels: &BTreeMap<String, String>) {
 }
 
 fn finish(labels: &BTreeMap<String, String>) -> ExitCode {
-    println!("\nStopped. {} port(s) have names; `usbroute ports` shows them.", labels.len());
+    println!(
+        "\nStopped. {} port(s) have names; `usbroute ports` shows them.",
+        labels.len()
+    );
     ExitCode::SUCCESS
 }
 
