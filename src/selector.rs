@@ -4,8 +4,14 @@
 //! Forms: `port:1-3.4.2`, `id:046d:c016` (`*` per half), `addr:3.5` / `addr:3:5` (decimal,
 //! `003.005` too), `serial:ABC`, `class:03`, `iface:03:01:*`, `controller:0000:00:14.0`,
 //! `hub:1-3`; bare `1-3.4.2`, `046d:c016`, `3.5`; `,` joins terms with AND.
+//!
+//! Serials may contain `:` freely (`serial:` takes the rest of its term). A serial holding a
+//! `,`, a `"`, a `\` or leading/trailing spaces is written in double quotes, with `\"` and
+//! `\\` as the only escapes: `serial:"AB,12"`. [`Selector`]'s `Display` quotes exactly when
+//! needed, so printing and parsing again always gives the same selector.
 
 use crate::inventory::{Device, PciAddress, PortPath};
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
@@ -16,6 +22,16 @@ pub enum Pattern<T> {
     Any,
     /// Matches exactly this value.
     Exact(T),
+}
+
+impl<T: PartialEq> Pattern<T> {
+    /// Does `value` fit? `Any` fits an unknown value too.
+    pub fn accepts(&self, value: Option<T>) -> bool {
+        match self {
+            Pattern::Any => true,
+            Pattern::Exact(want) => value.as_ref() == Some(want),
+        }
+    }
 }
 
 /// One term of a selector.
@@ -74,27 +90,393 @@ pub struct SelectorError {
 }
 
 /// The accepted forms, shown with every parse error.
-pub const FORMS: &str = "accepted forms: port:1-3.4.2 | id:046d:c016 (id:046d:*) | addr:3.5 (addr:3:5, addr:003.005) | serial:ABC | class:03 | iface:03:01:* | controller:0000:00:14.0 | hub:1-3 | bare 1-3.4.2, 046d:c016, 3.5; join with `,` for AND";
+pub const FORMS: &str = "accepted forms: port:1-3.4.2 | id:046d:c016 (id:046d:*) | addr:3.5 (addr:3:5, addr:003.005) | serial:ABC (serial:\"A,B\") | class:03 | iface:03:01:* | controller:0000:00:14.0 | hub:1-3 | bare 1-3.4.2, 046d:c016, 3.5; join with `,` for AND";
+
+/// Highest USB device address (USB 2.0 §9.4.6: 7 bits, 0 is the default address).
+const MAX_USB_ADDRESS: u16 = 127;
 
 impl Selector {
     /// Does this device match every term?
     pub fn matches(&self, device: &Device) -> bool {
-        let _ = device;
-        todo!("selector matching")
+        self.terms.iter().all(|t| t.matches(device))
+    }
+
+    /// For each term that does not match `device`, the term and why not (empty: it matches).
+    pub fn explain(&self, device: &Device) -> Vec<(&Term, String)> {
+        self.terms
+            .iter()
+            .filter_map(|t| t.mismatch(device).map(|why| (t, why)))
+            .collect()
+    }
+}
+
+impl Term {
+    /// Does this device satisfy this term?
+    pub fn matches(&self, device: &Device) -> bool {
+        self.mismatch(device).is_none()
+    }
+
+    /// `None` when `device` satisfies the term, else why not in a few words.
+    pub fn mismatch(&self, device: &Device) -> Option<String> {
+        let unknown = || "unknown".to_string();
+        match self {
+            Term::Port(p) => (device.port != *p).then(|| format!("port is {}", device.port)),
+            Term::Id { vendor, product } => {
+                let v = device.vendor_id.map(|h| h.0);
+                let p = device.product_id.map(|h| h.0);
+                (!(vendor.accepts(v) && product.accepts(p))).then(|| {
+                    let show = |x: Option<u16>| x.map_or("????".into(), |x| format!("{x:04x}"));
+                    format!("id is {}:{}", show(v), show(p))
+                })
+            }
+            Term::Addr { bus, address } => (device.bus != *bus || device.address != Some(*address))
+                .then(|| {
+                    let addr = device.address.map_or_else(unknown, |a| a.to_string());
+                    format!("address is {}.{addr}", device.bus)
+                }),
+            Term::Serial(s) => (device.serial.as_deref() != Some(s.as_str())).then(|| {
+                device
+                    .serial
+                    .as_ref()
+                    .map_or("device has no serial".into(), |s| {
+                        format!("serial is {}", quote_serial(s))
+                    })
+            }),
+            Term::Class(c) => {
+                let device_class = device.class.map(|t| t.class);
+                let mut classes: Vec<u8> = device_class.into_iter().collect();
+                classes.extend(
+                    device
+                        .interfaces
+                        .iter()
+                        .filter_map(|i| i.class.map(|t| t.class)),
+                );
+                (!classes.contains(c)).then(|| {
+                    let list: Vec<String> = classes.iter().map(|c| format!("{c:02x}")).collect();
+                    format!("classes are [{}]", list.join(", "))
+                })
+            }
+            Term::Iface {
+                class,
+                subclass,
+                protocol,
+            } => {
+                let fits = device.interfaces.iter().filter_map(|i| i.class).any(|t| {
+                    class.accepts(Some(t.class))
+                        && subclass.accepts(Some(t.subclass))
+                        && protocol.accepts(Some(t.protocol))
+                });
+                (!fits).then(|| {
+                    let list: Vec<String> = device
+                        .interfaces
+                        .iter()
+                        .filter_map(|i| i.class)
+                        .map(|t| format!("{:02x}:{:02x}:{:02x}", t.class, t.subclass, t.protocol))
+                        .collect();
+                    format!("interfaces are [{}]", list.join(", "))
+                })
+            }
+            Term::Controller(pci) => (device.controller != Some(*pci)).then(|| {
+                device
+                    .controller
+                    .map_or("device is not on a PCI controller".into(), |c| {
+                        format!("controller is {c}")
+                    })
+            }),
+            Term::Hub(hub) => (!device.port.is_behind(hub))
+                .then(|| format!("{} is not behind hub {hub}", device.port)),
+        }
     }
 }
 
 impl FromStr for Selector {
     type Err = SelectorError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let _ = s;
-        todo!("selector parsing")
+        if s.trim().is_empty() {
+            return Err(err(s, "the selector is empty"));
+        }
+        let terms = split_terms(s)?
+            .into_iter()
+            .map(|part| parse_term(part.trim()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Selector { terms })
+    }
+}
+
+impl FromStr for Term {
+    type Err = SelectorError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_term(s.trim())
+    }
+}
+
+fn err(part: &str, reason: impl Into<String>) -> SelectorError {
+    SelectorError {
+        part: part.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Split at every `,` outside double quotes; a quote opened and never closed is an error.
+fn split_terms(s: &str) -> Result<Vec<&str>, SelectorError> {
+    let mut parts = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if quoted {
+        return Err(err(
+            &s[start..],
+            "a double quote is never closed (write serial:\"A,B\", with \\\" for a quote inside)",
+        ));
+    }
+    parts.push(&s[start..]);
+    Ok(parts)
+}
+
+fn parse_term(part: &str) -> Result<Term, SelectorError> {
+    if part.is_empty() {
+        return Err(err(
+            part,
+            "empty term (two commas in a row, or a trailing comma)",
+        ));
+    }
+    let Some((kind, value)) = part.split_once(':') else {
+        return parse_bare(part);
+    };
+    let bad = |reason: String| err(part, reason);
+    match kind.to_ascii_lowercase().as_str() {
+        "port" => parse_port(value).map(Term::Port).map_err(bad),
+        "hub" => parse_port(value).map(Term::Hub).map_err(bad),
+        "id" => parse_id(value).map_err(bad),
+        "addr" => parse_addr(value, &[".", ":"]).map_err(bad),
+        "serial" => parse_serial(value.trim()).map(Term::Serial).map_err(bad),
+        "class" => parse_hex_u8(value)
+            .map(Term::Class)
+            .ok_or_else(|| bad(format!("class `{value}` is not a hex byte such as 03 or ff"))),
+        "iface" => parse_iface(value).map_err(bad),
+        "controller" => value
+            .parse::<PciAddress>()
+            .map(Term::Controller)
+            .map_err(|e| bad(e.to_string())),
+        // `046d:c016` has no kind word: its first half is hex.
+        _ if parse_id(part).is_ok() => parse_id(part).map_err(bad),
+        _ if part.parse::<PciAddress>().is_ok() => Err(bad(format!(
+            "this looks like a PCI address: write controller:{part}"
+        ))),
+        _ => Err(bad(format!(
+            "`{kind}` is not a selector kind (port, id, addr, serial, class, iface, controller, hub)"
+        ))),
+    }
+}
+
+/// Bare forms: a `-` means a port path, a `.` between digits an address.
+fn parse_bare(part: &str) -> Result<Term, SelectorError> {
+    if part.contains('-') {
+        return parse_port(part).map(Term::Port).map_err(|r| err(part, r));
+    }
+    if part.contains('.') {
+        return parse_addr(part, &["."]).map_err(|r| err(part, r));
+    }
+    Err(err(
+        part,
+        "not a port path (1-3.4.2), an id (046d:c016) or an address (3.5); name the kind, e.g. serial:ABC",
+    ))
+}
+
+fn parse_port(value: &str) -> Result<PortPath, String> {
+    value.trim().parse::<PortPath>().map_err(|e| e.to_string())
+}
+
+fn parse_id(value: &str) -> Result<Term, String> {
+    let bad =
+        || format!("`{value}` is not an id (VVVV:PPPP in hex, `*` for any half, e.g. 046d:c016)");
+    let (v, p) = value.split_once(':').ok_or_else(bad)?;
+    let half = |h: &str| match h.trim() {
+        "*" => Some(Pattern::Any),
+        h if (1..=4).contains(&h.len()) && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            u16::from_str_radix(h, 16).ok().map(Pattern::Exact)
+        }
+        _ => None,
+    };
+    Ok(Term::Id {
+        vendor: half(v).ok_or_else(bad)?,
+        product: half(p).ok_or_else(bad)?,
+    })
+}
+
+/// `B.D` (or `B:D` after `addr:`), decimal even with leading zeros: `003.005` is bus 3.
+fn parse_addr(value: &str, separators: &[&str]) -> Result<Term, String> {
+    let value = value.trim();
+    let split = separators.iter().find_map(|sep| value.split_once(sep));
+    let (b, a) = split
+        .ok_or_else(|| format!("`{value}` is not BUS.ADDRESS in decimal (3.5, 3:5 or 003.005)"))?;
+    let bus = parse_decimal(b)
+        .filter(|b| (1..=255).contains(b))
+        .ok_or_else(|| format!("bus `{b}` is not a decimal number from 1 to 255"))?;
+    let address = parse_decimal(a)
+        .filter(|a| (1..=u32::from(MAX_USB_ADDRESS)).contains(a))
+        .ok_or_else(|| format!("address `{a}` is not a decimal number from 1 to 127"))?;
+    Ok(Term::Addr {
+        bus: bus as u8,
+        address: address as u16,
+    })
+}
+
+/// Decimal digits only; leading zeros are decimal (lsusb prints `003`), never octal.
+fn parse_decimal(s: &str) -> Option<u32> {
+    let digits = s.trim_start_matches('0');
+    let all_digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match digits {
+        _ if !all_digits || digits.len() > 9 => None,
+        "" => Some(0),
+        d => d.parse().ok(),
+    }
+}
+
+fn parse_hex_u8(s: &str) -> Option<u8> {
+    let s = s.trim();
+    ((1..=2).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| u8::from_str_radix(s, 16).ok())
+        .flatten()
+}
+
+/// `cc`, `cc:ss` or `cc:ss:pp`; missing parts are `*`.
+fn parse_iface(value: &str) -> Result<Term, String> {
+    let parts: Vec<&str> = value.split(':').collect();
+    if parts.len() > 3 {
+        return Err(format!(
+            "`{value}` has more than three parts (class:subclass:protocol)"
+        ));
+    }
+    let mut pats = [Pattern::Any; 3];
+    for (slot, p) in pats.iter_mut().zip(&parts) {
+        *slot = match p.trim() {
+            "*" => Pattern::Any,
+            p => Pattern::Exact(parse_hex_u8(p).ok_or_else(|| {
+                format!("`{p}` is not a hex byte or `*` (interface class:subclass:protocol, e.g. 03:01:*)")
+            })?),
+        };
+    }
+    let [class, subclass, protocol] = pats;
+    Ok(Term::Iface {
+        class,
+        subclass,
+        protocol,
+    })
+}
+
+fn parse_serial(value: &str) -> Result<String, String> {
+    let Some(inner) = value.strip_prefix('"') else {
+        if value.is_empty() {
+            return Err(
+                "the serial is empty (a device without a serial cannot be selected by serial)"
+                    .into(),
+            );
+        }
+        if value.contains(['"', '\\']) {
+            return Err("a serial holding `\"` or `\\` must be quoted: serial:\"A\\\"B\"".into());
+        }
+        return Ok(value.to_string());
+    };
+    let mut out = String::new();
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(e @ ('"' | '\\')) => out.push(e),
+                _ => return Err("in a quoted serial only \\\" and \\\\ are escapes".into()),
+            },
+            '"' if chars.as_str().is_empty() => {
+                return match out.is_empty() {
+                    true => Err("the serial is empty".into()),
+                    false => Ok(out),
+                }
+            }
+            '"' => return Err("text after the closing quote of the serial".into()),
+            c => out.push(c),
+        }
+    }
+    Err("the quoted serial has no closing quote".into())
+}
+
+/// A serial as the grammar wants it: bare when that parses back the same, else quoted.
+fn quote_serial(s: &str) -> String {
+    let plain = !s.is_empty() && s.trim() == s && !s.contains([',', '"', '\\']);
+    if plain {
+        return s.to_string();
+    }
+    let escaped = s.replace('\\', "\\\\").replace('"', "\\\"");
+    format!("\"{escaped}\"")
+}
+
+impl fmt::Display for Pattern<u8> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Pattern::Any => f.write_str("*"),
+            Pattern::Exact(v) => write!(f, "{v:02x}"),
+        }
+    }
+}
+
+impl fmt::Display for Pattern<u16> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Pattern::Any => f.write_str("*"),
+            Pattern::Exact(v) => write!(f, "{v:04x}"),
+        }
+    }
+}
+
+impl fmt::Display for Term {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Term::Port(p) => write!(f, "port:{p}"),
+            Term::Id { vendor, product } => write!(f, "id:{vendor}:{product}"),
+            Term::Addr { bus, address } => write!(f, "addr:{bus}.{address}"),
+            Term::Serial(s) => write!(f, "serial:{}", quote_serial(s)),
+            Term::Class(c) => write!(f, "class:{c:02x}"),
+            Term::Iface {
+                class,
+                subclass,
+                protocol,
+            } => write!(f, "iface:{class}:{subclass}:{protocol}"),
+            Term::Controller(pci) => write!(f, "controller:{pci}"),
+            Term::Hub(p) => write!(f, "hub:{p}"),
+        }
     }
 }
 
 impl fmt::Display for Selector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let _ = f;
-        todo!("selector printing")
+        for (i, term) in self.terms.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{term}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for Selector {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Selector {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }

@@ -1,1 +1,401 @@
-//! QMP: an async client of our own for the QEMU Machine Protocol.
+//! A QMP client of our own, on tokio.
+//!
+//! Why not the `qapi` crate: it is generated from one QEMU version's schema and drops the
+//! connection on an event it does not know; QEMU adds events and enum values in every
+//! release. Here commands are names plus JSON arguments, replies are JSON, and every event
+//! is delivered, unknown ones as raw JSON.
+//!
+//! Shape: one reader task owns the read half and routes each reply to the command waiting
+//! for its `id`, and each event to [`Qmp::events`] subscribers. Commands are written under
+//! a lock, so a [`Qmp`] is shared by `&self` or cloned cheaply (clones share the
+//! connection). Every command has a timeout. When the peer closes the stream or sends
+//! something that is not QMP, every waiting and every later command fails with an error
+//! that says so ([`QmpError::Closed`], [`QmpError::Garbage`]).
+
+mod error;
+mod reader;
+mod writer;
+
+pub use error::QmpError;
+
+use reader::{Line, Message};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::os::fd::BorrowedFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, oneshot};
+use writer::Writer;
+
+/// How long a command may wait for its reply unless told otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many events a slow subscriber may fall behind before it sees `Lagged`.
+const EVENT_BUFFER: usize = 256;
+
+/// One asynchronous event from QEMU (`DEVICE_DELETED`, `STOP`, or one this code has never
+/// heard of: all are delivered alike).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QmpEvent {
+    /// The event name (`DEVICE_DELETED`).
+    pub name: String,
+    /// Its `data` member, `Null` when absent.
+    pub data: Value,
+    /// When QEMU says it happened, `None` if QEMU's clock was unavailable or it gave none.
+    pub timestamp: Option<SystemTime>,
+    /// The whole message as received.
+    pub raw: Value,
+}
+
+/// The process at the other end of a Unix socket (from `SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCredentials {
+    /// Its process id, if the kernel told us.
+    pub pid: Option<i32>,
+    /// Its effective user id.
+    pub uid: u32,
+    /// Its effective group id.
+    pub gid: u32,
+}
+
+/// A QMP connection. Clones share it.
+#[derive(Clone)]
+pub struct Qmp {
+    shared: Arc<Shared>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Qmp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qmp")
+            .field("peer", &self.shared.peer)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    writer: tokio::sync::Mutex<Writer>,
+    state: Arc<Mutex<State>>,
+    next_id: AtomicU64,
+    greeting: Value,
+    peer: Option<PeerCredentials>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// What the reader task and the command side share.
+pub(crate) struct State {
+    pending: HashMap<u64, Pending>,
+    /// Set once the connection is gone; every later command fails with it.
+    broken: Option<QmpError>,
+    /// `None` once the connection is gone, which ends every subscriber's stream.
+    events: Option<broadcast::Sender<QmpEvent>>,
+}
+
+struct Pending {
+    command: String,
+    reply: oneshot::Sender<Result<Value, QmpError>>,
+}
+
+impl Qmp {
+    /// Connect to QEMU's QMP Unix socket, read the greeting and enter command mode.
+    pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| QmpError::Connect {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        let peer = stream.peer_cred().ok().map(|c| PeerCredentials {
+            pid: c.pid(),
+            uid: c.uid(),
+            gid: c.gid(),
+        });
+        let (read, write) = stream.into_split();
+        Self::handshake(read, Writer::Unix(write), peer).await
+    }
+
+    /// Talk QMP over any byte stream (a serial tty, a pipe). File descriptors cannot be
+    /// passed over it.
+    pub async fn from_stream<S>(stream: S) -> Result<Qmp, QmpError>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (read, write) = tokio::io::split(stream);
+        Self::handshake(read, Writer::Stream(Box::new(write)), None).await
+    }
+
+    async fn handshake<R>(
+        read: R,
+        writer: Writer,
+        peer: Option<PeerCredentials>,
+    ) -> Result<Qmp, QmpError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+    {
+        let mut reader = BufReader::new(read);
+        let greeting = tokio::time::timeout(DEFAULT_TIMEOUT, read_greeting(&mut reader))
+            .await
+            .map_err(|_| QmpError::Greeting {
+                got: format!("nothing within {} s", DEFAULT_TIMEOUT.as_secs()),
+            })??;
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let state = Arc::new(Mutex::new(State {
+            pending: HashMap::new(),
+            broken: None,
+            events: Some(events),
+        }));
+        let reader = tokio::spawn(reader::run(reader, state.clone()));
+        let qmp = Qmp {
+            shared: Arc::new(Shared {
+                writer: tokio::sync::Mutex::new(writer),
+                state,
+                next_id: AtomicU64::new(1),
+                greeting,
+                peer,
+                reader,
+            }),
+            timeout: DEFAULT_TIMEOUT,
+        };
+        qmp.execute("qmp_capabilities", None).await?;
+        Ok(qmp)
+    }
+
+    /// The same connection with another per-command timeout.
+    pub fn with_timeout(&self, timeout: Duration) -> Qmp {
+        Qmp {
+            shared: self.shared.clone(),
+            timeout,
+        }
+    }
+
+    /// The per-command timeout of this handle.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The `QMP` member of the greeting (`{"version": ..., "capabilities": [...]}`).
+    pub fn greeting(&self) -> &Value {
+        &self.shared.greeting
+    }
+
+    /// QEMU's version from the greeting, `(major, minor, micro)`.
+    pub fn version(&self) -> Option<(u64, u64, u64)> {
+        let v = self.shared.greeting.get("version")?.get("qemu")?;
+        let n = |k: &str| v.get(k).and_then(Value::as_u64);
+        Some((n("major")?, n("minor")?, n("micro")?))
+    }
+
+    /// Who is at the other end (the QEMU process), for a Unix socket.
+    pub fn peer(&self) -> Option<PeerCredentials> {
+        self.shared.peer
+    }
+
+    /// `true` when file descriptors can be passed ([`Qmp::execute_with_fd`]).
+    pub async fn can_pass_fds(&self) -> bool {
+        self.shared.writer.lock().await.can_pass_fds()
+    }
+
+    /// Subscribe to events from now on. The stream ends (`RecvError::Closed`) when the
+    /// connection does; a subscriber that falls more than 256 events behind sees `Lagged`.
+    pub fn events(&self) -> broadcast::Receiver<QmpEvent> {
+        let st = self.lock_state();
+        match &st.events {
+            Some(tx) => tx.subscribe(),
+            None => broadcast::channel(1).1,
+        }
+    }
+
+    /// Run `command` with `arguments` and return its `return` value.
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        self.send(command, arguments, None).await
+    }
+
+    /// Run `command` with `fd` passed alongside (`SCM_RIGHTS`), for `getfd` and `add-fd`.
+    /// Needs a Unix socket connection.
+    pub async fn execute_with_fd(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        if !self.can_pass_fds().await {
+            return Err(QmpError::FdPassingUnsupported {
+                command: command.to_string(),
+            });
+        }
+        self.send(command, arguments, Some(fd)).await
+    }
+
+    async fn send(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut message = Map::new();
+        message.insert("execute".into(), json!(command));
+        if let Some(args) = arguments.filter(|a| !a.is_null()) {
+            message.insert("arguments".into(), args);
+        }
+        message.insert("id".into(), json!(id));
+        let mut line = serde_json::to_vec(&message).expect("a JSON map always serialises");
+        line.push(b'\n');
+
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = self.lock_state();
+            if let Some(broken) = &st.broken {
+                return Err(broken.clone().for_command(command));
+            }
+            st.pending.insert(
+                id,
+                Pending {
+                    command: command.to_string(),
+                    reply: tx,
+                },
+            );
+        }
+        // Forget the id however this ends (reply, error, timeout, or the caller dropping us).
+        let _forget = ForgetOnDrop {
+            state: &self.shared.state,
+            id,
+        };
+        let exchange = async {
+            let written = self
+                .shared
+                .writer
+                .lock()
+                .await
+                .write_message(&line, fd)
+                .await;
+            if let Err(e) = written {
+                // A write error on a closed socket usually races the reader seeing the end;
+                // prefer its clearer account when it has one.
+                let fallback = if reader::is_peer_gone(&e) {
+                    QmpError::Closed {
+                        command: None,
+                        partial: None,
+                    }
+                } else {
+                    QmpError::Io {
+                        command: None,
+                        reason: e.to_string(),
+                    }
+                };
+                return Err(self.broken_or(fallback).for_command(command));
+            }
+            match rx.await {
+                Ok(result) => result,
+                Err(_) => Err(self
+                    .broken_or(QmpError::Closed {
+                        command: None,
+                        partial: None,
+                    })
+                    .for_command(command)),
+            }
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .unwrap_or_else(|_| {
+                Err(QmpError::Timeout {
+                    command: command.to_string(),
+                    seconds: self.timeout.as_secs_f64(),
+                })
+            })
+    }
+
+    fn broken_or(&self, fallback: QmpError) -> QmpError {
+        self.lock_state().broken.clone().unwrap_or(fallback)
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct ForgetOnDrop<'a> {
+    state: &'a Mutex<State>,
+    id: u64,
+}
+
+impl Drop for ForgetOnDrop<'_> {
+    fn drop(&mut self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.pending.remove(&self.id);
+    }
+}
+
+async fn read_greeting<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -> Result<Value, QmpError> {
+    let line = match reader::read_line(reader).await {
+        Ok(Line::Complete(line)) => line,
+        Ok(Line::End { partial }) => {
+            return Err(QmpError::Closed {
+                command: Some("(greeting)".into()),
+                partial: (!partial.is_empty())
+                    .then(|| error::shorten(&String::from_utf8_lossy(&partial), 200)),
+            })
+        }
+        Err(e) => return Err(QmpError::Greeting { got: e.to_string() }),
+    };
+    match reader::parse_message(&line) {
+        Ok(Message::Greeting(greeting)) => Ok(greeting),
+        _ => Err(QmpError::Greeting {
+            got: error::shorten(&String::from_utf8_lossy(&line), 200),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reader::{parse_message, Message};
+
+    #[test]
+    fn parse_unknown_event_keeps_raw_json() {
+        let line = br#"{"event": "SOMETHING_NEW_IN_QEMU_12", "data": {"x": [1]}, "timestamp": {"seconds": 1700000000, "microseconds": 5}}"#;
+
+        let message = parse_message(line);
+
+        let Ok(Message::Event(event)) = message else {
+            panic!("not an event")
+        };
+        assert_eq!(event.name, "SOMETHING_NEW_IN_QEMU_12");
+        assert_eq!(event.data["x"][0], 1);
+        assert_eq!(event.raw["timestamp"]["microseconds"], 5);
+        assert!(event.timestamp.is_some());
+    }
+
+    #[test]
+    fn parse_object_without_qmp_members_is_garbage_naming_it() {
+        let err = parse_message(br#"{"hello": 1}"#).err().expect("garbage");
+
+        assert!(err.contains("hello"), "{err}");
+    }
+
+    #[test]
+    fn parse_error_reply_keeps_class_and_desc() {
+        let line = br#"{"id": 7, "error": {"class": "GenericError", "desc": "no"}}"#;
+
+        let Ok(Message::Reply { id, result }) = parse_message(line) else {
+            panic!("not a reply")
+        };
+
+        assert_eq!(id, Some(serde_json::json!(7)));
+        assert_eq!(result, Err(("GenericError".into(), "no".into())));
+    }
+}

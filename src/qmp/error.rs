@@ -1,0 +1,117 @@
+//! What can go wrong talking QMP.
+
+use std::path::PathBuf;
+
+/// Something went wrong talking to QEMU over QMP. Every message names the command and
+/// says what to check.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum QmpError {
+    /// The socket could not be opened.
+    #[error(
+        "Cannot connect to the QMP socket {path}: {reason}; is QEMU running with \
+         `-qmp unix:{path},server=on,wait=off` and may this user open it?"
+    )]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// The operating system's words.
+        reason: String,
+    },
+    /// The first message was not a QMP greeting.
+    #[error("Expected a QMP greeting ({{\"QMP\": ...}}) but got {got}; is this a QMP socket (not an HMP monitor or serial console)?")]
+    Greeting {
+        /// What arrived instead (shortened).
+        got: String,
+    },
+    /// QEMU closed the connection (it exited, was killed, or another client took over).
+    #[error("QEMU closed the QMP socket{}; is the VM still running?", waiting_for(.command))]
+    Closed {
+        /// The command that was waiting for its reply, if any.
+        command: Option<String>,
+        /// Bytes of an unfinished line that arrived before the end, if any (shortened).
+        partial: Option<String>,
+    },
+    /// The peer sent something that is not a QMP message; the connection is not trusted
+    /// any more and every command on it fails.
+    #[error("The QMP peer sent something that is not a QMP message: {got}{}", waiting_for(.command))]
+    Garbage {
+        /// What arrived (shortened).
+        got: String,
+        /// The command that was waiting for its reply, if any.
+        command: Option<String>,
+    },
+    /// QEMU answered the command with an error.
+    #[error("QEMU refused `{command}`: {desc} ({class})")]
+    Command {
+        /// The command.
+        command: String,
+        /// QEMU's error class (`GenericError`, `DeviceNotFound`, ...).
+        class: String,
+        /// QEMU's words.
+        desc: String,
+    },
+    /// No reply in time. The connection stays usable; a late reply is dropped.
+    #[error(
+        "QEMU did not answer `{command}` within {seconds:.1} s; the VM may be hung or very busy"
+    )]
+    Timeout {
+        /// The command.
+        command: String,
+        /// How long we waited.
+        seconds: f64,
+    },
+    /// Reading or writing the socket failed.
+    #[error("QMP socket I/O failed{}: {reason}", waiting_for(.command))]
+    Io {
+        /// The command being sent or waited for, if any.
+        command: Option<String>,
+        /// The operating system's words.
+        reason: String,
+    },
+    /// Passing a file descriptor needs a Unix socket; this connection is something else.
+    #[error("Cannot pass a file descriptor with `{command}`: this QMP connection is not a Unix socket (fd passing needs SCM_RIGHTS)")]
+    FdPassingUnsupported {
+        /// The command.
+        command: String,
+    },
+}
+
+impl QmpError {
+    /// The same error, attributed to `command` (for errors of the connection as a whole).
+    pub(crate) fn for_command(self, name: &str) -> Self {
+        let command = Some(name.to_string());
+        match self {
+            QmpError::Closed { partial, .. } => QmpError::Closed { command, partial },
+            QmpError::Garbage { got, .. } => QmpError::Garbage { got, command },
+            QmpError::Io { reason, .. } => QmpError::Io { command, reason },
+            other => other,
+        }
+    }
+
+    /// `true` when the connection is gone (closed, broken by garbage, or failed I/O):
+    /// reconnecting is the only way on.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(
+            self,
+            QmpError::Closed { .. } | QmpError::Garbage { .. } | QmpError::Io { .. }
+        )
+    }
+}
+
+fn waiting_for(command: &Option<String>) -> String {
+    match command {
+        Some(c) => format!(" while `{c}` was waiting for its reply"),
+        None => String::new(),
+    }
+}
+
+/// At most `max` characters of `s`, with a note of how much was cut, for error messages.
+pub(crate) fn shorten(s: &str, max: usize) -> String {
+    let count = s.chars().count();
+    if count <= max {
+        format!("{s:?}")
+    } else {
+        let head: String = s.chars().take(max).collect();
+        format!("{head:?}... ({count} characters in all)")
+    }
+}

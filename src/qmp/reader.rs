@@ -1,0 +1,220 @@
+//! The reader task: owns the read half, splits lines, routes replies to the commands
+//! waiting for them (by `id`) and events to subscribers.
+
+use super::error::shorten;
+use super::{QmpError, QmpEvent, State};
+use serde_json::Value;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+
+/// A QMP reply of ours (`qom-list-types`, a big `query-*`) stays well under this; a line
+/// longer than this is a peer gone wrong, and buffering it further would only eat memory.
+pub(crate) const MAX_LINE: usize = 64 * 1024 * 1024;
+
+/// How much of a bad message an error message shows.
+const SHOWN: usize = 200;
+
+/// What one attempt to read a line gave.
+pub(crate) enum Line {
+    /// A whole line, without its line end.
+    Complete(Vec<u8>),
+    /// The peer closed the stream; `partial` holds an unfinished line, if any.
+    End { partial: Vec<u8> },
+}
+
+/// Read one `\n`-terminated line, at most [`MAX_LINE`] bytes.
+pub(crate) async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -> io::Result<Line> {
+    let mut line = Vec::new();
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(Line::End { partial: line });
+        }
+        let (taken, done) = match available.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (available.len(), false),
+        };
+        line.extend_from_slice(&available[..taken]);
+        reader.consume(taken);
+        if done {
+            while matches!(line.last(), Some(b'\n' | b'\r')) {
+                line.pop();
+            }
+            return Ok(Line::Complete(line));
+        }
+        if line.len() > MAX_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "a line longer than {MAX_LINE} bytes without a line end, starting {}",
+                    shorten(&String::from_utf8_lossy(&line[..SHOWN]), SHOWN)
+                ),
+            ));
+        }
+    }
+}
+
+/// What a line of QMP is.
+pub(crate) enum Message {
+    /// `{"QMP": ...}`.
+    Greeting(Value),
+    /// `{"return": ...}` or `{"error": ...}`, with the `id` if there was one.
+    Reply {
+        id: Option<Value>,
+        result: Result<Value, (String, String)>,
+    },
+    /// `{"event": ...}`.
+    Event(QmpEvent),
+}
+
+/// Classify one line; `Err` carries a description of the garbage.
+pub(crate) fn parse_message(line: &[u8]) -> Result<Message, String> {
+    let text = String::from_utf8_lossy(line);
+    let value: Value = serde_json::from_str(&text).map_err(|_| shorten(&text, SHOWN))?;
+    let Value::Object(map) = &value else {
+        return Err(format!(
+            "{} (JSON, but not an object)",
+            shorten(&text, SHOWN)
+        ));
+    };
+    if let Some(greeting) = map.get("QMP") {
+        return Ok(Message::Greeting(greeting.clone()));
+    }
+    if let Some(Value::String(name)) = map.get("event") {
+        return Ok(Message::Event(QmpEvent {
+            name: name.clone(),
+            data: map.get("data").cloned().unwrap_or(Value::Null),
+            timestamp: map.get("timestamp").and_then(timestamp),
+            raw: value.clone(),
+        }));
+    }
+    let id = map.get("id").cloned();
+    if let Some(ret) = map.get("return") {
+        return Ok(Message::Reply {
+            id,
+            result: Ok(ret.clone()),
+        });
+    }
+    if let Some(error) = map.get("error") {
+        let field = |k: &str| {
+            error
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("(none given)")
+                .to_string()
+        };
+        return Ok(Message::Reply {
+            id,
+            result: Err((field("class"), field("desc"))),
+        });
+    }
+    Err(format!(
+        "{} (a JSON object with none of `QMP`, `return`, `error`, `event`)",
+        shorten(&text, SHOWN)
+    ))
+}
+
+/// QEMU's `{"seconds": s, "microseconds": us}`; `-1` means "clock unavailable".
+fn timestamp(v: &Value) -> Option<SystemTime> {
+    let seconds = u64::try_from(v.get("seconds")?.as_i64()?).ok()?;
+    let micros = u64::try_from(v.get("microseconds")?.as_i64()?).ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(seconds) + Duration::from_micros(micros))
+}
+
+/// Run until the stream ends or turns bad; then fail every waiting command and close the
+/// event channel, so nobody waits for an answer that cannot come.
+pub(crate) async fn run<R: AsyncRead + Unpin>(mut reader: BufReader<R>, state: Arc<Mutex<State>>) {
+    let broken = loop {
+        let line = match read_line(&mut reader).await {
+            Ok(Line::Complete(line)) if line.is_empty() => continue,
+            Ok(Line::Complete(line)) => line,
+            Ok(Line::End { partial }) => {
+                let partial = (!partial.is_empty())
+                    .then(|| shorten(&String::from_utf8_lossy(&partial), SHOWN));
+                break QmpError::Closed {
+                    command: None,
+                    partial,
+                };
+            }
+            // A peer that dies with our command unread in its buffer resets the connection.
+            Err(e) if is_peer_gone(&e) => {
+                break QmpError::Closed {
+                    command: None,
+                    partial: None,
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                break QmpError::Garbage {
+                    got: e.to_string(),
+                    command: None,
+                }
+            }
+            Err(e) => {
+                break QmpError::Io {
+                    command: None,
+                    reason: e.to_string(),
+                }
+            }
+        };
+        match parse_message(&line) {
+            Ok(message) => dispatch(&state, message),
+            Err(got) => break QmpError::Garbage { got, command: None },
+        }
+    };
+    tracing::debug!("QMP connection ended: {broken}");
+    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+    for (_, pending) in st.pending.drain() {
+        let _ = pending
+            .reply
+            .send(Err(broken.clone().for_command(&pending.command)));
+    }
+    st.broken = Some(broken);
+    // Dropping the only sender ends every subscriber's stream with `RecvError::Closed`.
+    st.events = None;
+}
+
+/// Errors that only mean "the other end is gone".
+pub(crate) fn is_peer_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+fn dispatch(state: &Mutex<State>, message: Message) {
+    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+    match message {
+        Message::Event(event) => {
+            tracing::trace!(event = %event.name, "QMP event");
+            if let Some(tx) = &st.events {
+                // No subscriber is fine: events nobody waits for are dropped.
+                let _ = tx.send(event);
+            }
+        }
+        Message::Greeting(_) => tracing::warn!("QMP peer sent a second greeting; ignored"),
+        Message::Reply { id, result } => {
+            let key = match id.as_ref().and_then(Value::as_u64) {
+                Some(id) => Some(id),
+                // QEMU leaves the id out only when it could not parse the command at all;
+                // with one command in flight that reply can only be its answer.
+                None if id.is_none() && st.pending.len() == 1 => st.pending.keys().next().copied(),
+                None => None,
+            };
+            match key.and_then(|k| st.pending.remove(&k)) {
+                Some(pending) => {
+                    let result = result.map_err(|(class, desc)| QmpError::Command {
+                        command: pending.command.clone(),
+                        class,
+                        desc,
+                    });
+                    let _ = pending.reply.send(result);
+                }
+                None => tracing::debug!(?id, "QMP reply nobody waits for (timed out?); dropped"),
+            }
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The QMP client against a scripted FAKE peer, only for what a real QEMU cannot be made
+//! to do: send garbage, stop mid-line, invent events, answer with ids nobody asked for.
+//! Everything QEMU can do itself is tested against real QEMU in `qemu_qmp.rs`.
+
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream};
+use usbroute::qmp::{Qmp, QmpError};
+
+/// The fake peer: the far end of an in-memory pipe, driven by each test's script.
+mod fake_qmp_peer {
+    use super::*;
+
+    pub const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 99}, "package": "fake"}, "capabilities": []}}"#;
+
+    pub struct FakePeer {
+        lines: BufReader<tokio::io::ReadHalf<DuplexStream>>,
+        write: tokio::io::WriteHalf<DuplexStream>,
+    }
+
+    impl FakePeer {
+        /// Send raw bytes as they are (no line end added).
+        pub async fn send_raw(&mut self, bytes: &str) {
+            self.write.write_all(bytes.as_bytes()).await.expect("write");
+            self.write.flush().await.expect("flush");
+        }
+
+        /// Send one line.
+        pub async fn send(&mut self, line: &str) {
+            self.send_raw(&format!("{line}\r\n")).await;
+        }
+
+        /// Read the next command the client sent.
+        pub async fn next_command(&mut self) -> Value {
+            let mut line = String::new();
+            self.lines.read_line(&mut line).await.expect("read");
+            serde_json::from_str(&line).expect("client sends JSON")
+        }
+
+        /// Read the next command and answer it with `ret`.
+        pub async fn answer(&mut self, ret: Value) -> Value {
+            let command = self.next_command().await;
+            let reply = json!({"return": ret, "id": command["id"]});
+            self.send(&reply.to_string()).await;
+            command
+        }
+
+        /// Close the pipe.
+        pub async fn close(mut self) {
+            self.write.shutdown().await.expect("shutdown");
+        }
+    }
+
+    /// A client and a fake peer that has greeted and accepted `qmp_capabilities`.
+    pub async fn connected() -> (Qmp, FakePeer) {
+        let (client_end, peer_end) = tokio::io::duplex(1 << 16);
+        let (read, write) = tokio::io::split(peer_end);
+        let mut peer = FakePeer {
+            lines: BufReader::new(read),
+            write,
+        };
+        let client = tokio::spawn(Qmp::from_stream(client_end));
+        peer.send(GREETING).await;
+        peer.answer(json!({})).await;
+        let qmp = client.await.expect("join").expect("handshake");
+        (qmp, peer)
+    }
+
+    /// A client whose peer sends `greeting` first; returns the handshake's result.
+    pub async fn greeted_with(greeting: &str) -> Result<Qmp, QmpError> {
+        let (client_end, peer_end) = tokio::io::duplex(1 << 16);
+        let (read, write) = tokio::io::split(peer_end);
+        let mut peer = FakePeer {
+            lines: BufReader::new(read),
+            write,
+        };
+        peer.send(greeting).await;
+        let result = Qmp::from_stream(client_end).await;
+        drop(peer);
+        result
+    }
+}
+
+use fake_qmp_peer::connected;
+
+#[tokio::test]
+async fn garbage_line_fails_the_waiting_command_naming_what_arrived() {
+    let (qmp, mut peer) = connected().await;
+
+    let call = tokio::spawn({
+        let qmp = qmp.clone();
+        async move { qmp.execute("query-status", None).await }
+    });
+    peer.next_command().await;
+    peer.send("this is not json").await;
+    let err = call.await.expect("join").unwrap_err();
+    let later = qmp.execute("query-name", None).await.unwrap_err();
+
+    assert!(matches!(err, QmpError::Garbage { .. }), "{err:?}");
+    assert!(err.to_string().contains("\"this is not json\""), "{err}");
+    assert!(err.to_string().contains("`query-status`"), "{err}");
+    assert!(later.to_string().contains("this is not json"), "{later}");
+}
+
+#[tokio::test]
+async fn json_that_is_not_a_qmp_message_is_garbage() {
+    let (qmp, mut peer) = connected().await;
+
+    peer.send(r#"{"hello": "world"}"#).await;
+    let err = qmp.execute("query-status", None).await.unwrap_err();
+
+    assert!(matches!(err, QmpError::Garbage { .. }), "{err:?}");
+    assert!(err.to_string().contains("hello"), "{err}");
+}
+
+#[tokio::test]
+async fn reply_split_across_writes_is_reassembled() {
+    let (qmp, mut peer) = connected().await;
+
+    let call = tokio::spawn({
+        let qmp = qmp.clone();
+        async move { qmp.execute("query-status", None).await }
+    });
+    let command = peer.next_command().await;
+    let reply = json!({"return": {"status": "running"}, "id": command["id"]}).to_string();
+    let (head, tail) = reply.split_at(10);
+    peer.send_raw(head).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    peer.send(tail).await;
+    let result = call.await.expect("join");
+
+    assert_eq!(result.expect("reply")["status"], "running");
+}
+
+#[tokio::test]
+async fn half_line_then_close_reports_closed_and_the_partial_data() {
+    let (qmp, mut peer) = connected().await;
+
+    let call = tokio::spawn({
+        let qmp = qmp.clone();
+        async move { qmp.execute("query-status", None).await }
+    });
+    peer.next_command().await;
+    peer.send_raw(r#"{"return": {"sta"#).await;
+    peer.close().await;
+    let err = call.await.expect("join").unwrap_err();
+
+    let QmpError::Closed { command, partial } = &err else {
+        panic!("expected Closed, got {err:?}")
+    };
+    assert_eq!(command.as_deref(), Some("query-status"));
+    assert!(partial.as_deref().unwrap_or("").contains("sta"), "{err:?}");
+}
+
+#[tokio::test]
+async fn hung_reply_times_out_and_a_late_reply_is_dropped() {
+    let (qmp, mut peer) = connected().await;
+
+    let impatient = qmp.with_timeout(Duration::from_millis(200));
+    let hung = impatient.execute("query-status", None);
+    let (err, first) = tokio::join!(hung, peer.next_command());
+    peer.send(&json!({"return": {"late": true}, "id": first["id"]}).to_string())
+        .await;
+    let next = tokio::spawn({
+        let qmp = qmp.clone();
+        async move { qmp.execute("query-name", None).await }
+    });
+    peer.answer(json!({"name": "fresh"})).await;
+    let next = next.await.expect("join");
+
+    assert!(matches!(err, Err(QmpError::Timeout { .. })), "{err:?}");
+    assert_eq!(next.expect("next command answered")["name"], "fresh");
+}
+
+#[tokio::test]
+async fn unknown_event_is_delivered_as_raw_json_and_nothing_breaks() {
+    let (qmp, mut peer) = connected().await;
+    let mut events = qmp.events();
+
+    peer.send(r#"{"event": "QEMU_42_NEW_THING", "data": {"what": [1, 2]}, "timestamp": {"seconds": -1, "microseconds": -1}}"#)
+        .await;
+    let event = events.recv().await.expect("event");
+    let still = tokio::spawn({
+        let qmp = qmp.clone();
+        async move { qmp.execute("query-status", None).await }
+    });
+    peer.answer(json!({"status": "running"})).await;
+
+    assert_eq!(event.name, "QEMU_42_NEW_THING");
+    assert_eq!(event.data, json!({"what": [1, 2]}));
+    assert_eq!(event.timestamp, None);
+    assert_eq!(event.raw["timestamp"]["seconds"], -1);
+    assert!(still.await.expect("join").is_ok());
+}
+
+#[tokio::test]
+async fn events_between_command_and_reply_do_not_confuse_matching() {
+    let (qmp, mut peer) = connected().await;
+
+    let call = tokio::spawn({
+        let qmp = qmp.clone();
+        async move { qmp.execute("query-status", None).await }
+    });
+    let command = peer.next_command().await;
+    peer.send(r#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#)
+        .await;
+    peer.send(r#"{"return": {"wrong": true}, "id": 999999}"#)
+        .await;
+    peer.send(&json!({"return": {"right": true}, "id": command["id"]}).to_string())
+        .await;
+
+    assert_eq!(call.await.expect("join").expect("reply")["right"], true);
+}
+
+#[tokio::test]
+async fn greeting_that_is_not_qmp_is_refused_naming_it() {
+    let err = fake_qmp_peer::greeted_with("QEMU 10.0.2 monitor - type 'help' for more information")
+        .await
+        .unwrap_err();
+
+    assert!(matches!(err, QmpError::Greeting { .. }), "{err:?}");
+    assert!(err.to_string().contains("monitor - type 'help'"), "{err}");
+}
+
+#[tokio::test]
+async fn fd_passing_over_a_plain_stream_is_refused() {
+    let (qmp, _peer) = connected().await;
+    let file = tempfile::tempfile().expect("temp file");
+
+    let err = qmp
+        .execute_with_fd(
+            "getfd",
+            Some(json!({"fdname": "x"})),
+            std::os::fd::AsFd::as_fd(&file),
+        )
+        .await
+        .unwrap_err();
+
+    assert!(
+        matches!(err, QmpError::FdPassingUnsupported { .. }),
+        "{err:?}"
+    );
+}

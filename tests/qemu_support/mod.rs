@@ -1,0 +1,107 @@
+//! A real `qemu-system-x86_64` for tests: small (`-nodefaults`, TCG, little memory),
+//! paused (`-S`) unless asked, with a QMP socket in a temp dir, and killed when dropped.
+
+#![allow(dead_code)] // each test binary uses a different part of this
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The QEMU binary the tests run.
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// A running QEMU; killed (and reaped) on drop.
+pub struct QemuGuard {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl QemuGuard {
+    /// `-machine none`: no PCI, no USB; the fastest QEMU there is, for QMP-only tests.
+    pub fn machine_none() -> Self {
+        Self::start(&["-machine", "none"])
+    }
+
+    /// A q35 PC (PCI, so USB controllers can be added) plus `extra` arguments.
+    pub fn q35(extra: &[&str]) -> Self {
+        let mut args = vec!["-machine", "q35", "-m", "64"];
+        args.extend_from_slice(extra);
+        Self::start(&args)
+    }
+
+    /// Start QEMU with `args` after the common ones; waits until its QMP socket accepts.
+    pub fn start(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("qmp.sock");
+        let qmp = format!("unix:{},server=on,wait=off", socket.display());
+        let child = Command::new(QEMU)
+            .args(["-nodefaults", "-display", "none", "-accel", "tcg", "-S"])
+            .args(["-qmp", &qmp])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {QEMU}: {e}; install it: apt-get install -t bookworm-backports \
+                     qemu-system-x86 (see ../shared/notes/test-bed.md)"
+                )
+            });
+        let mut guard = QemuGuard {
+            child,
+            socket,
+            _dir: dir,
+        };
+        guard.wait_for_socket();
+        guard
+    }
+
+    fn wait_for_socket(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&self.socket).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let mut stderr = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+                }
+                panic!("{QEMU} exited ({status}) before its QMP socket was ready: {stderr}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{QEMU} did not open its QMP socket within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The QMP socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Send `signal` to QEMU (SIGSTOP to make it hang, SIGKILL to kill it).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal)
+            .expect("signal QEMU");
+    }
+
+    /// Kill QEMU now and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for QemuGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
