@@ -14,6 +14,7 @@ use usbroute::routing::detect::detect;
 use usbroute::routing::router::Router;
 use usbroute::routing::{ProfileConfig, RoutingConfig};
 use usbroute::toggle::dispatch::{Access, Session};
+use usbroute::toggle::runtime::RoutingRuntime;
 use usbroute::toggle::server::{bind, check_listen_address, Limits, ToggleError, ToggleService};
 use usbroute::toggle::{start, ToggleConfig, VmLink};
 
@@ -479,4 +480,34 @@ fn the_control_socket_hook_handles_a_line_directly() {
             .as_deref(),
         Some("guest")
     );
+}
+
+fn routing_config() -> RoutingConfig {
+    config()
+}
+
+#[test]
+fn runtime_is_off_without_profiles() {
+    let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
+
+    let rt = RoutingRuntime::from_config(&pch.root(), &RoutingConfig::default()).unwrap();
+
+    assert!(rt.is_none());
+}
+
+#[tokio::test]
+async fn runtime_watch_puts_the_routing_back_after_a_resume() {
+    let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
+    let rt = RoutingRuntime::from_config(&pch.root(), &routing_config())
+        .unwrap()
+        .unwrap();
+    let reply = rt.control_line("guest");
+    let watch = tokio::spawn(rt.clone().watch(Duration::from_millis(20)));
+    pch.kernel_resume_rewrite();
+
+    let mask = eventually_mask(&pch, GUEST).await;
+    watch.abort();
+
+    assert_eq!(reply.as_deref(), Some("ok guest 0x3ffc"));
+    assert_eq!(mask, GUEST);
 }

@@ -4,10 +4,12 @@
 //! - [`dispatch`]: requests → profile changes, with per-listener access rules, behind
 //!   the [`dispatch::RoutingControl`] trait;
 //! - [`server`]: tokio listeners (TCP, per-VM serial links) and the control-socket hook;
-//! - [`start`]: everything the config asks for, for `usbroute serve`.
+//! - [`start`]: every listener the config asks for;
+//! - [`runtime`]: all of it for `usbroute serve` (router, listeners, control hook, watch).
 
 pub mod dispatch;
 pub mod protocol;
+pub mod runtime;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
