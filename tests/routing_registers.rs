@@ -493,3 +493,34 @@ fn ehci_port_names_parse_and_map_to_bits() {
 
     assert_eq!(parsed, [Some(0), Some(13), None, None, None]);
 }
+
+#[test]
+fn the_daemons_reapply_never_undoes_a_concurrent_apply() {
+    let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
+    let mut cli = router(&pch);
+    let mut daemon = router(&pch);
+    let done = std::sync::atomic::AtomicBool::new(false);
+
+    let spurious = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let mut spurious = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                spurious += daemon.reconcile().unwrap().is_some() as u32;
+                std::thread::yield_now();
+            }
+            spurious
+        });
+        for i in 0..100 {
+            cli.apply(if i % 2 == 0 { "guest" } else { "host" }, false)
+                .unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        watcher.join().unwrap()
+    });
+
+    assert_eq!(
+        spurious, 0,
+        "the re-apply saw a half-done apply and rewrote the register"
+    );
+    assert_eq!(pch.xusb2pr(), 0x3fff);
+}

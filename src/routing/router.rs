@@ -19,6 +19,12 @@ use std::path::PathBuf;
 /// Where the active routing is remembered, as a host path.
 pub const STATE_FILE: &str = "/run/usbroute/routing.json";
 
+/// Held (flock) around every read-modify-write of the registers and the state file, so
+/// `usbroute ports apply` and the daemon's re-apply never interleave: otherwise the
+/// daemon could see the new register before the new state file and "restore" the old
+/// profile, resetting every device on the moved ports twice.
+pub const LOCK_FILE: &str = "/run/usbroute/routing.lock";
+
 /// The routing usbroute last put in force.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActiveRouting {
@@ -122,6 +128,7 @@ impl<C: ConfigSpace> Router<C> {
 
     /// Write a plan. Refuses bits XUSB2PRM forbids unless `force`.
     pub fn apply(&mut self, plan: &Plan, force: bool) -> Result<Applied, RoutingError> {
+        let _lock = self.lock()?;
         if plan.forbidden != 0 && !force {
             return Err(RoutingError::Forbidden {
                 profile: plan.profile.clone(),
@@ -172,6 +179,7 @@ impl<C: ConfigSpace> Router<C> {
     /// resume, or someone ran setpci), write it back. Call periodically and on every
     /// `change`/resume uevent of the xHCI. `Ok(None)` when nothing needed doing.
     pub fn reconcile(&mut self) -> Result<Option<Reapplied>, RoutingError> {
+        let _lock = self.lock()?;
         let Some(active) = self.active()? else {
             return Ok(None);
         };
@@ -248,6 +256,22 @@ impl<C: ConfigSpace> Router<C> {
         self.root
             .write_attr(&host, value.as_bytes())
             .map_err(|e| RoutingError::io("write", self.root.path(&host), e))
+    }
+
+    /// Take the routing lock (blocking; holders only ever do a few file writes).
+    fn lock(&self) -> Result<nix::fcntl::Flock<std::fs::File>, RoutingError> {
+        let path = self.root.path(LOCK_FILE);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| RoutingError::io("create", dir, e))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| RoutingError::io("open", &path, e))?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| RoutingError::io("lock", &path, errno.into()))
     }
 
     fn save(&self, active: &ActiveRouting) -> Result<(), RoutingError> {
