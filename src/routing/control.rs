@@ -122,3 +122,54 @@ impl<C: ConfigSpace> ProfileRouter<C> {
         Ok(self.router.registers()?.xusb2pr)
     }
 }
+
+/// Problems in `[routing]` that need no hardware to see, one message each (for the
+/// config loader, so a typo fails at `serve`/`reload` time, not at the first hotkey):
+/// `toggle` naming two existing profiles, masks that parse, not both `mask` and `ehci`,
+/// labels and `ehci` entries shaped like ports or naming a label.
+pub fn check_config(config: &RoutingConfig) -> Vec<String> {
+    use super::profile::{parse_mask, EhciPort};
+    let mut problems = Vec::new();
+    if !config.toggle.is_empty() && config.toggle.len() != 2 {
+        problems.push(format!(
+            "[routing] toggle must name two profiles, it has {}",
+            config.toggle.len()
+        ));
+    }
+    for name in &config.toggle {
+        if !config.profile.contains_key(name) {
+            problems.push(format!(
+                "[routing] toggle names profile `{name}`, which has no [routing.profile.{name}]"
+            ));
+        }
+    }
+    for (label, spec) in &config.labels {
+        if EhciPort::parse(spec).is_none() {
+            problems.push(format!(
+                "[routing.labels] `{label}` = `{spec}`: expected a port like ehci2:3"
+            ));
+        }
+    }
+    for (name, p) in &config.profile {
+        if p.mask.is_some() && !p.ehci.is_empty() {
+            problems.push(format!(
+                "[routing.profile.{name}] has both `mask` and `ehci`; keep one"
+            ));
+        }
+        if let Some(mask) = &p.mask {
+            if parse_mask(mask).is_none() {
+                problems.push(format!(
+                    "[routing.profile.{name}] mask `{mask}` is not a 16-bit number such as 0x3fff"
+                ));
+            }
+        }
+        for spec in &p.ehci {
+            if EhciPort::parse(spec).is_none() && !config.labels.contains_key(spec) {
+                problems.push(format!(
+                    "[routing.profile.{name}] `{spec}` is neither a port like ehci1:3 nor a label in [routing.labels]"
+                ));
+            }
+        }
+    }
+    problems
+}

@@ -117,3 +117,38 @@ pub async fn start(
     }
     Ok(tasks)
 }
+
+/// Problems in `[toggle]` and the VMs' serial links that need no hardware to see: bad
+/// or non-loopback addresses without a secret, two links on one address, a VM allowed
+/// a profile that does not exist. One message each, for the config loader.
+pub fn check_config(
+    toggle: &ToggleConfig,
+    vms: &[VmLink],
+    profiles: &std::collections::BTreeSet<String>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let secret = toggle.secret.is_some();
+    let listen = toggle.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+    let mut seen = std::collections::BTreeMap::new();
+    let mut check = |addr: &str, owner: String, problems: &mut Vec<String>| {
+        if let Err(e) = server::check_listen_address(addr, secret) {
+            problems.push(format!("{owner}: {e}"));
+        }
+        if let Some(other) = seen.insert(addr.to_string(), owner.clone()) {
+            problems.push(format!("{owner} and {other} both listen on {addr}"));
+        }
+    };
+    check(listen, "[toggle] listen".into(), &mut problems);
+    for vm in vms {
+        check(&vm.listen, format!("VM `{}` serial", vm.vm), &mut problems);
+        for p in &vm.profiles {
+            if !profiles.contains(p) {
+                problems.push(format!(
+                    "VM `{}` may select profile `{p}`, which has no [routing.profile.{p}]",
+                    vm.vm
+                ));
+            }
+        }
+    }
+    problems
+}
