@@ -283,3 +283,33 @@ fn toggle_client_without_a_service_says_what_to_run() {
         .failure()
         .stderr(predicate::str::contains("is `usbroute serve` running"));
 }
+
+#[test]
+fn ports_registers_reads_even_an_unknown_xhci_and_writes_nothing() {
+    let pch = Pch::empty();
+    pch.function(XHCI, 0x8086, 0xa12f, 0x0c0330, Some(Regs::LYNX_DEFAULT));
+    let before = pch.config(XHCI);
+
+    Command::cargo_bin("usbroute")
+        .unwrap()
+        .arg("--sysfs-root")
+        .arg(pch.path())
+        .args(["ports", "registers"])
+        .assert()
+        .success()
+        .stdout("0000:00:14.0 8086:a12f (no switchable ports known): XUSB2PR 0x3fff XUSB2PRM 0x3fff USB3_PSSEN 0x0000003f USB3PRM 0x0000003f\n");
+    assert_eq!(pch.config(XHCI), before);
+}
+
+#[test]
+fn ports_registers_refuses_a_function_that_is_not_an_xhci() {
+    let s = setup(Regs::LYNX_DEFAULT);
+
+    usbroute(&s)
+        .args(["ports", "registers", EHCI1])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(
+            "0000:00:1d.0 is not an xHCI (class 0c0320)",
+        ));
+}

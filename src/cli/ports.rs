@@ -8,9 +8,12 @@ mod map;
 
 use super::output::print_json;
 use super::Global;
+use crate::inventory::PciAddress;
+use crate::routing::chipset::chipset_for_xhci;
+use crate::routing::config_space::ConfigSpace;
 use crate::routing::config_space::SysfsConfigSpace;
 use crate::routing::control::ProfileRouter;
-use crate::routing::detect::{detect, Registers};
+use crate::routing::detect::{detect, xhci_functions, PciIdentity, Registers};
 use crate::routing::ports::{rows, PortRow};
 use crate::routing::profile::{Plan, Route};
 use crate::routing::router::{Applied, PowerChange, Router};
@@ -74,6 +77,14 @@ pub enum PortsCommand {
     },
     /// Put the active profile back if the kernel rewrote the register (after resume).
     Check,
+    /// Read the routing registers of xHCIs, even unknown ones (read-only; for bug reports).
+    Registers {
+        /// The xHCI (default: every xHCI).
+        pci: Option<PciAddress>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `usbroute toggle [PROFILE]`.
@@ -144,6 +155,7 @@ pub(super) fn ports(g: &Global, a: PortsArgs) -> anyhow::Result<ExitCode> {
             let target = router.toggle_target(pair)?;
             apply(&mut router, &target, force)
         }
+        Some(PortsCommand::Registers { pci, json }) => registers(g, pci, json),
         Some(PortsCommand::Check) => {
             let mut router = open_router(g, &view)?;
             match router.reconcile()? {
@@ -215,6 +227,71 @@ fn list(g: &Global, view: &RoutingView, json: bool) -> anyhow::Result<ExitCode> 
             ss,
             r.label.as_deref().unwrap_or("-"),
             r.devices.join("; ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct RegistersJson {
+    pci: PciAddress,
+    vendor: String,
+    device: String,
+    chipset: Option<&'static str>,
+    registers: Registers,
+}
+
+fn registers(g: &Global, only: Option<PciAddress>, json: bool) -> anyhow::Result<ExitCode> {
+    let root = g.root();
+    let found: Vec<_> = match only {
+        Some(pci) => {
+            let space = SysfsConfigSpace::new(&root, pci);
+            let id = PciIdentity::read(&space)
+                .with_context(|| format!("Cannot read {}", space.path().display()))?;
+            anyhow::ensure!(
+                id.class == 0x0c0330,
+                "{pci} is not an xHCI (class {:06x}); the routing registers live in the xHCI",
+                id.class
+            );
+            vec![(pci, id)]
+        }
+        None => xhci_functions(&root)?,
+    };
+    anyhow::ensure!(
+        !found.is_empty(),
+        "There is no xHCI (PCI class 0c0330) here"
+    );
+    let mut out = Vec::new();
+    for (pci, id) in found {
+        let space = SysfsConfigSpace::new(&root, pci);
+        let regs = Registers::read(&space as &dyn ConfigSpace, space.path())?;
+        let chipset = (id.vendor == 0x8086)
+            .then(|| chipset_for_xhci(id.device))
+            .flatten()
+            .map(|c| c.name);
+        out.push(RegistersJson {
+            pci,
+            vendor: format!("{:04x}", id.vendor),
+            device: format!("{:04x}", id.device),
+            chipset,
+            registers: regs,
+        });
+    }
+    if json {
+        print_json(&out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for r in &out {
+        println!(
+            "{} {}:{} ({}): XUSB2PR 0x{:04x} XUSB2PRM 0x{:04x} USB3_PSSEN 0x{:08x} USB3PRM 0x{:08x}",
+            r.pci,
+            r.vendor,
+            r.device,
+            r.chipset.unwrap_or("no switchable ports known"),
+            r.registers.xusb2pr,
+            r.registers.xusb2prm,
+            r.registers.usb3_pssen,
+            r.registers.usb3prm
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -122,6 +122,14 @@ fn pci_functions(root: &SysfsRoot) -> Result<Vec<(PciAddress, PciIdentity)>, Rou
     Ok(found)
 }
 
+/// Every xHCI (class 0c0330) under `root`, switchable or not, with its identity.
+pub fn xhci_functions(root: &SysfsRoot) -> Result<Vec<(PciAddress, PciIdentity)>, RoutingError> {
+    Ok(pci_functions(root)?
+        .into_iter()
+        .filter(|(_, id)| id.class == CLASS_XHCI)
+        .collect())
+}
+
 /// Why one xHCI cannot be routed, or its chipset.
 fn classify(pci: PciAddress, id: PciIdentity) -> Result<&'static Chipset, RoutingError> {
     if id.vendor != INTEL_VENDOR || id.class != CLASS_XHCI {
