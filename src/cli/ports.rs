@@ -29,7 +29,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 /// Where the config is read from when `--config` is not given.
-pub const DEFAULT_CONFIG: &str = "/etc/usbroute/config.toml";
+pub const DEFAULT_CONFIG: &str = "/etc/usbroute/usbroute.toml";
 
 /// `usbroute ports`.
 #[derive(Debug, clap::Args)]
