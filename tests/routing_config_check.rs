@@ -87,3 +87,18 @@ fn toggle_mistakes_are_each_reported() {
         "VM `linux` serial and VM `win11` serial both listen on 127.0.0.1:4511"
     );
 }
+
+#[test]
+fn a_secret_that_cannot_fit_in_an_auth_line_is_reported() {
+    let toggle = ToggleConfig {
+        secret: Some("correct horse battery staple".into()),
+        ..ToggleConfig::default()
+    };
+
+    let problems = toggle::check_config(&toggle, &[], &BTreeSet::new());
+
+    assert_eq!(
+        problems,
+        vec!["[toggle] secret must be 1 to 123 printable ASCII characters without spaces"]
+    );
+}

@@ -128,6 +128,18 @@ pub fn check_config(
 ) -> Vec<String> {
     let mut problems = Vec::new();
     let secret = toggle.secret.is_some();
+    if let Some(s) = &toggle.secret {
+        // It travels as `auth SECRET` within one protocol line.
+        if s.is_empty()
+            || s.len() > protocol::MAX_LINE - 5
+            || !s.bytes().all(|b| b.is_ascii_graphic())
+        {
+            problems.push(format!(
+                "[toggle] secret must be 1 to {} printable ASCII characters without spaces",
+                protocol::MAX_LINE - 5
+            ));
+        }
+    }
     let listen = toggle.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
     let mut seen = std::collections::BTreeMap::new();
     let mut check = |addr: &str, owner: String, problems: &mut Vec<String>| {
