@@ -152,8 +152,7 @@ impl ToggleService {
         let mut out = ReplyWriter::new(writer);
         let mut session = Session::default();
         let mut bucket = RateLimit::new(limits.rate_per_second);
-        let mut line: Vec<u8> = Vec::with_capacity(MAX_LINE + 2);
-        let mut discarding = false;
+        let mut lines = LineSplitter::default();
         let mut chunk = [0u8; 1024];
         loop {
             let read = match limits.idle_timeout {
@@ -171,29 +170,25 @@ impl ToggleService {
                 Ok(n) => n,
             };
             for &byte in &chunk[..n] {
-                if byte == b'\n' {
-                    if !std::mem::take(&mut discarding)
-                        && !self.process(&line, access, &mut session, &mut bucket, &mut out)
-                    {
-                        return;
+                let keep_going = match lines.push(byte) {
+                    None => true,
+                    Some(Line::Complete(line)) => {
+                        self.process(&line, access, &mut session, &mut bucket, &mut out)
                     }
-                    line.clear();
-                } else if discarding {
-                } else if line.len() > MAX_LINE {
-                    // +1 above leaves room for a CR before the LF. The rest of the line
-                    // is skipped so its tail is not taken for a command.
-                    out.send(&Reply::Err(format!(
-                        "line too long (at most {MAX_LINE} bytes)"
-                    )));
-                    line.clear();
-                    discarding = true;
-                } else {
-                    line.push(byte);
+                    Some(Line::TooLong) => {
+                        out.send(&Reply::Err(format!(
+                            "line too long (at most {MAX_LINE} bytes)"
+                        )));
+                        true
+                    }
+                };
+                if !keep_going {
+                    return;
                 }
             }
         }
         // `printf toggle | nc ...` ends without a newline: still a command.
-        if !discarding && !line.is_empty() {
+        if let Some(line) = lines.finish() {
             self.process(&line, access, &mut session, &mut bucket, &mut out);
         }
     }
@@ -228,6 +223,48 @@ impl ToggleService {
             return false;
         }
         true
+    }
+}
+
+/// What [`LineSplitter::push`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// A whole line, without its LF.
+    Complete(Vec<u8>),
+    /// The line grew past the limit; the rest of it up to the next LF is skipped, so
+    /// its tail is never taken for a command.
+    TooLong,
+}
+
+/// Splits a byte stream into lines of bounded length, buffering at most one line.
+#[derive(Debug, Default)]
+struct LineSplitter {
+    line: Vec<u8>,
+    discarding: bool,
+}
+
+impl LineSplitter {
+    fn push(&mut self, byte: u8) -> Option<Line> {
+        if byte == b'\n' {
+            let line = std::mem::take(&mut self.line);
+            return (!std::mem::take(&mut self.discarding)).then_some(Line::Complete(line));
+        }
+        if self.discarding {
+            return None;
+        }
+        // MAX_LINE + 1 bytes fit: room for the CR of a CRLF.
+        if self.line.len() > MAX_LINE {
+            self.line.clear();
+            self.discarding = true;
+            return Some(Line::TooLong);
+        }
+        self.line.push(byte);
+        None
+    }
+
+    /// The unterminated last line at end of stream, if any.
+    fn finish(self) -> Option<Vec<u8>> {
+        (!self.discarding && !self.line.is_empty()).then_some(self.line)
     }
 }
 
@@ -289,5 +326,54 @@ impl RateLimit {
         } else {
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(bytes: &[u8]) -> (Vec<Line>, Option<Vec<u8>>) {
+        let mut s = LineSplitter::default();
+        let lines = bytes.iter().filter_map(|b| s.push(*b)).collect();
+        (lines, s.finish())
+    }
+
+    #[test]
+    fn lines_split_on_lf_and_keep_their_cr() {
+        let (lines, rest) = split(b"toggle\r\nhost\nguest");
+
+        assert_eq!(
+            lines,
+            vec![
+                Line::Complete(b"toggle\r".to_vec()),
+                Line::Complete(b"host".to_vec())
+            ]
+        );
+        assert_eq!(rest, Some(b"guest".to_vec()));
+    }
+
+    #[test]
+    fn an_overlong_line_is_reported_once_and_its_tail_dropped() {
+        let mut input = vec![b'g'; 3 * MAX_LINE];
+        input.extend_from_slice(b"\nstatus\n");
+
+        let (lines, rest) = split(&input);
+
+        assert_eq!(
+            lines,
+            vec![Line::TooLong, Line::Complete(b"status".to_vec())]
+        );
+        assert_eq!(rest, None);
+    }
+
+    #[test]
+    fn a_line_of_exactly_the_limit_plus_cr_fits() {
+        let mut input = vec![b'a'; MAX_LINE];
+        input.extend_from_slice(b"\r\n");
+
+        let (lines, _) = split(&input);
+
+        assert!(matches!(lines.as_slice(), [Line::Complete(l)] if l.len() == MAX_LINE + 1));
     }
 }
