@@ -1,2 +1,214 @@
-//! Benchmarks: filled in by the inventory work.
-fn main() {}
+//! Inventory benchmark: `scan` and the `list` renderings over a generated sysfs tree with
+//! 1,000 devices (5 xHCI controllers, 10 buses, hubs nested two deep), against a baseline
+//! that does the least any reader must: list `/sys/bus/usb/devices`, resolve each link
+//! and read one attribute.
+//!
+//! Run: `cargo bench --bench inventory` (optionally `-- ITERATIONS`).
+
+use std::hint::black_box;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use usbroute::inventory::render::{self, Listing};
+use usbroute::inventory::synth::{PciFunction, SysfsBuilder, UsbDevice};
+use usbroute::inventory::{scan, Snapshot};
+use usbroute::sysfs::SysfsRoot;
+
+const DEVICES: usize = 1_000;
+const CONTROLLERS: u8 = 5;
+const HUB_PORTS: u8 = 8;
+/// Root ports used per bus: 6 ports × 17 devices × 10 buses just exceeds `DEVICES`.
+const ROOT_PORTS: u8 = 6;
+
+fn main() {
+    let iterations: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(200);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let made = generate(dir.path());
+    let root = SysfsRoot::new(dir.path());
+    let snapshot = scan(&root);
+    assert_eq!(
+        snapshot.devices.len(),
+        made,
+        "scan must see every generated device"
+    );
+    assert!(snapshot.warnings.is_empty(), "{:?}", snapshot.warnings);
+    println!(
+        "fixture: {} devices ({} hubs), {} buses, {} controllers; {iterations} iterations each",
+        snapshot.devices.len(),
+        snapshot.devices.iter().filter(|d| d.hub).count(),
+        snapshot.buses.len(),
+        snapshot.controllers.len()
+    );
+
+    // Interleaved: every round runs each case once, so a busy machine (these run on
+    // shared cores) slows all cases alike and the ratios stay meaningful.
+    let mut cases: Vec<Case> = vec![
+        (
+            "baseline: list + readlink + 1 attr",
+            Box::new(|| minimal_walk(dir.path())),
+        ),
+        ("scan", Box::new(|| scan(&root).devices.len())),
+        (
+            "render list --json",
+            Box::new(|| {
+                serde_json::to_string_pretty(&Listing::from(&snapshot))
+                    .unwrap()
+                    .len()
+            }),
+        ),
+        (
+            "render list tree",
+            Box::new(|| render::tree(&snapshot).len()),
+        ),
+        (
+            "scan + list --json",
+            Box::new(|| {
+                let s: Snapshot = scan(&root);
+                serde_json::to_string_pretty(&Listing::from(&s))
+                    .unwrap()
+                    .len()
+            }),
+        ),
+    ];
+    let stats = measure(iterations, &mut cases);
+    let baseline = &stats[0];
+    for ((name, _), s) in cases.iter().zip(&stats) {
+        let with_ratio = name.starts_with("scan").then_some(baseline);
+        report(name, s, with_ratio, made);
+    }
+}
+
+/// Build the tree: per controller a USB 2 and a USB 3 bus; on each root port a hub whose
+/// port 1 holds another hub; leaves fill the remaining ports until `DEVICES` exist.
+fn generate(dir: &Path) -> usize {
+    let b = SysfsBuilder::new(dir);
+    let mut count = 0;
+    let mut names: Vec<String> = Vec::new();
+    'all: for c in 0..CONTROLLERS {
+        let pci = format!("0000:00:{:02x}.0", 0x10 + c);
+        b.pci(&PciFunction {
+            address: &pci,
+            class: 0x0c0330,
+            vendor: 0x1b36,
+            device: 0x000d,
+            driver: Some("xhci_hcd"),
+            iommu_group: Some(u32::from(c)),
+        })
+        .expect("pci");
+        for (bus, speed, version) in [(2 * c + 1, "480", "2.00"), (2 * c + 2, "5000", "3.00")] {
+            b.bus(&pci, bus, speed, version, ROOT_PORTS).expect("bus");
+            let mut devnum = 1;
+            for root_port in 1..=ROOT_PORTS {
+                let hub = format!("{bus}-{root_port}");
+                let nested = format!("{hub}.1");
+                names.clear();
+                names.push(hub.clone());
+                names.push(nested.clone());
+                names.extend((1..=HUB_PORTS).map(|p| format!("{nested}.{p}")));
+                names.extend((2..=HUB_PORTS).map(|p| format!("{hub}.{p}")));
+                for name in &names {
+                    if count == DEVICES {
+                        break 'all;
+                    }
+                    devnum += 1;
+                    let is_hub = *name == hub || *name == nested;
+                    let serial = format!("SN{count:05}");
+                    b.device(&UsbDevice {
+                        port: name,
+                        devnum,
+                        vendor: if is_hub { 0x0409 } else { 0x046d },
+                        product: if is_hub { 0x55aa } else { 0xc016 },
+                        class: if is_hub { 9 } else { 0 },
+                        speed,
+                        manufacturer: Some("Maker"),
+                        product_name: Some(if is_hub { "Hub" } else { "Mouse" }),
+                        serial: (count % 2 == 0).then_some(serial.as_str()),
+                        interfaces: vec![if is_hub {
+                            (9, Some("hub"))
+                        } else {
+                            (3, Some("usbhid"))
+                        }],
+                    })
+                    .expect("device");
+                    count += 1;
+                }
+            }
+        }
+    }
+    count
+}
+
+/// The least a reader must do: one listing, one readlink and one attribute per device.
+fn minimal_walk(dir: &Path) -> usize {
+    let devices = dir.join("sys/bus/usb/devices");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&devices).expect("listing") {
+        let entry = entry.expect("entry");
+        let target = std::fs::read_link(entry.path()).expect("link");
+        if std::fs::read(devices.join(target).join("speed")).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// A named thing to time; returns a size so the work cannot be optimised away.
+type Case<'a> = (&'static str, Box<dyn FnMut() -> usize + 'a>);
+
+struct Stats {
+    mean: Duration,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// Per case: mean, p50 and p99 over `iterations` interleaved rounds (after 10 warm-up rounds).
+fn measure(iterations: usize, cases: &mut [Case]) -> Vec<Stats> {
+    for _ in 0..10 {
+        for (_, f) in cases.iter_mut() {
+            black_box(f());
+        }
+    }
+    let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(iterations); cases.len()];
+    for _ in 0..iterations {
+        for ((_, f), t) in cases.iter_mut().zip(&mut times) {
+            let start = Instant::now();
+            black_box(f());
+            t.push(start.elapsed());
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_unstable();
+            let total: Duration = t.iter().sum();
+            let pick = |q: f64| t[((t.len() as f64 * q) as usize).min(t.len() - 1)];
+            Stats {
+                mean: total / iterations as u32,
+                p50: pick(0.50),
+                p99: pick(0.99),
+            }
+        })
+        .collect()
+}
+
+fn report(name: &str, s: &Stats, baseline: Option<&Stats>, devices: usize) {
+    let ratio = baseline.map_or(String::new(), |b| {
+        format!(
+            "  ({:.1}x baseline)",
+            s.mean.as_secs_f64() / b.mean.as_secs_f64()
+        )
+    });
+    println!(
+        "{name:<36} mean {:>9.3} ms  p50 {:>9.3} ms  p99 {:>9.3} ms  per device {:>7.2} µs{ratio}",
+        ms(s.mean),
+        ms(s.p50),
+        ms(s.p99),
+        s.mean.as_secs_f64() * 1e6 / devices as f64
+    );
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}

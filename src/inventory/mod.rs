@@ -1,17 +1,61 @@
 //! Inventory: the read-only model of the host's USB controllers, buses and devices,
-//! read from sysfs under a [`SysfsRoot`]. Reads, never writes.
+//! read from sysfs under a [`SysfsRoot`]. Reads, never writes (a recording is written
+//! into its own directory, never into sysfs).
 //!
 //! Parse, don't trust: a missing or malformed attribute makes that one field `None` and
 //! adds a line to [`Snapshot::warnings`]; it never fails the listing.
 
+mod pci;
+mod reader;
+pub mod record;
+pub mod render;
+pub mod synth;
 mod types;
+mod usb;
+mod verdict;
 
 pub use types::*;
+pub use verdict::{group_verdict, Blocker, GroupVerdict};
 
 use crate::sysfs::SysfsRoot;
+use reader::Reader;
 
-/// Read the whole USB picture under `root`.
+/// Read the whole USB picture under `root`: one pass over `/sys/bus/pci/devices` and
+/// `/sys/bus/usb/devices`, everything sorted so equal hardware gives equal snapshots.
 pub fn scan(root: &SysfsRoot) -> Snapshot {
-    let _ = root;
-    Snapshot::default()
+    let mut reader = Reader::new(root);
+    let snapshot = scan_with(&mut reader);
+    finish(snapshot, reader).0
 }
+
+/// [`scan`] with a [`Reader`] of the caller's choice (the recorder logs its paths).
+fn scan_with(r: &mut Reader) -> Snapshot {
+    let mut controllers = pci::read_controllers(r);
+    let (buses, devices) = usb::read_usb(r);
+    for c in &mut controllers {
+        c.buses = buses
+            .iter()
+            .filter(|b| b.controller == Some(c.pci))
+            .map(|b| b.number)
+            .collect();
+    }
+    Snapshot {
+        controllers,
+        buses,
+        devices,
+        warnings: Vec::new(),
+    }
+}
+
+/// Move the reader's warnings into the snapshot; hand back its access log.
+fn finish(
+    mut snapshot: Snapshot,
+    reader: Reader,
+) -> (Snapshot, Vec<(std::path::PathBuf, reader::Access)>) {
+    let (warnings, log) = reader.finish();
+    snapshot.warnings = warnings;
+    (snapshot, log)
+}
+
+#[cfg(test)]
+mod scan_tests;

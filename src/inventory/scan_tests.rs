@@ -1,0 +1,307 @@
+//! The readers over small hand-built trees laid out like real sysfs. Recordings of real
+//! kernels are tested in `tests/inventory_*.rs`; these cover shapes and faults.
+
+use super::synth::{PciFunction, SysfsBuilder, UsbDevice};
+use super::*;
+
+const XHCI: &str = "0000:00:14.0";
+const EHCI: &str = "0000:00:1d.7";
+const UHCI: &str = "0000:00:1d.0";
+
+fn device<'a>(port: &'a str, devnum: u16, class: u8, speed: &'a str) -> UsbDevice<'a> {
+    UsbDevice {
+        port,
+        devnum,
+        vendor: 0x0627,
+        product: 0x0001,
+        class,
+        speed,
+        manufacturer: Some("QEMU"),
+        product_name: Some("QEMU USB Mouse"),
+        serial: Some("42"),
+        interfaces: vec![(
+            if class == 9 { 9 } else { 3 },
+            Some(if class == 9 { "hub" } else { "usbhid" }),
+        )],
+    }
+}
+
+/// xHCI (group 3, with a signal-processing function beside it) with buses 1 and 2,
+/// a hub 1-1 holding 1-1.2 and hub 1-1.4 holding 1-1.4.1; storage 2-1 on the
+/// SuperSpeed bus; EHCI + UHCI companion in group 5 with a bridge; bus 4 on the UHCI.
+fn host() -> (tempfile::TempDir, SysfsBuilder) {
+    let dir = tempfile::tempdir().unwrap();
+    let b = SysfsBuilder::new(dir.path());
+    let pci = |address, class, device, driver, iommu_group| PciFunction {
+        address,
+        class,
+        vendor: 0x8086,
+        device,
+        driver,
+        iommu_group,
+    };
+    b.pci(&pci(XHCI, 0x0c0330, 0xa36d, Some("xhci_hcd"), Some(3)))
+        .unwrap();
+    b.pci(&pci("0000:00:14.2", 0x118000, 0xa36f, None, Some(3)))
+        .unwrap();
+    b.pci(&pci(EHCI, 0x0c0320, 0x293a, Some("ehci-pci"), Some(5)))
+        .unwrap();
+    b.pci(&pci(UHCI, 0x0c0300, 0x2934, Some("uhci_hcd"), Some(5)))
+        .unwrap();
+    b.pci(&pci(
+        "0000:00:1c.0",
+        0x060400,
+        0xa338,
+        Some("pcieport"),
+        Some(5),
+    ))
+    .unwrap();
+    b.bus(XHCI, 1, "480", "2.00", 8).unwrap();
+    b.bus(XHCI, 2, "5000", "3.00", 8).unwrap();
+    b.bus(EHCI, 3, "480", "2.00", 6).unwrap();
+    b.bus(UHCI, 4, "12", "1.10", 2).unwrap();
+    b.device(&device("1-1", 2, 9, "480")).unwrap();
+    b.device(&UsbDevice {
+        serial: None,
+        ..device("1-1.2", 3, 0, "12")
+    })
+    .unwrap();
+    b.device(&device("1-1.4", 4, 9, "480")).unwrap();
+    b.device(&device("1-1.4.1", 5, 0, "1.5")).unwrap();
+    let storage = b
+        .device(&UsbDevice {
+            vendor: 0x46f4,
+            product: 0x0001,
+            interfaces: vec![(8, Some("usb-storage"))],
+            ..device("2-1", 2, 0, "5000")
+        })
+        .unwrap();
+    b.attr(
+        &format!("{storage}/2-1:1.0/host0/target0:0:0/0:0:0:0/block/sda"),
+        "dev",
+        "8:0",
+    )
+    .unwrap();
+    b.device(&device("4-1", 2, 0, "12")).unwrap();
+    (dir, b)
+}
+
+fn scan_of(dir: &tempfile::TempDir) -> Snapshot {
+    scan(&SysfsRoot::new(dir.path()))
+}
+
+fn port(s: &str) -> PortPath {
+    s.parse().unwrap()
+}
+
+#[test]
+fn scan_finds_controllers_with_kind_group_and_buses() {
+    let (dir, _) = host();
+
+    let s = scan_of(&dir);
+
+    let summary: Vec<_> = s
+        .controllers
+        .iter()
+        .map(|c| (c.pci.to_string(), c.kind, c.iommu_group, c.buses.clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (XHCI.to_string(), ControllerKind::Xhci, Some(3), vec![1, 2]),
+            (UHCI.to_string(), ControllerKind::Uhci, Some(5), vec![4]),
+            (EHCI.to_string(), ControllerKind::Ehci, Some(5), vec![3]),
+        ]
+    );
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+}
+
+#[test]
+fn ehci_and_uhci_on_one_slot_are_companions() {
+    let (dir, _) = host();
+
+    let s = scan_of(&dir);
+
+    let ehci = s.controller(&EHCI.parse().unwrap()).unwrap();
+    let uhci = s.controller(&UHCI.parse().unwrap()).unwrap();
+    assert_eq!(ehci.companions, vec![UHCI.parse().unwrap()]);
+    assert_eq!(uhci.companions, vec![EHCI.parse().unwrap()]);
+}
+
+#[test]
+fn group_members_exclude_the_controller_and_mark_bridges() {
+    let (dir, _) = host();
+
+    let s = scan_of(&dir);
+
+    let ehci = s.controller(&EHCI.parse().unwrap()).unwrap();
+    let members: Vec<_> = ehci
+        .iommu_group_members
+        .iter()
+        .map(|m| (m.pci.to_string(), m.bridge, m.driver.clone()))
+        .collect();
+    assert_eq!(
+        members,
+        vec![
+            (
+                "0000:00:1c.0".to_string(),
+                true,
+                Some("pcieport".to_string())
+            ),
+            (UHCI.to_string(), false, Some("uhci_hcd".to_string())),
+        ]
+    );
+}
+
+#[test]
+fn nested_hub_devices_know_parent_and_controller() {
+    let (dir, _) = host();
+
+    let s = scan_of(&dir);
+
+    let d = s.device_at(&port("1-1.4.1")).unwrap();
+    assert_eq!(d.parent, Some(port("1-1.4")));
+    assert_eq!(d.controller, Some(XHCI.parse().unwrap()));
+    assert_eq!(d.speed_mbps, Some(Speed(1.5)));
+    assert_eq!(d.address, Some(5));
+    assert!(s.device_at(&port("1-1.4")).unwrap().hub);
+}
+
+#[test]
+fn storage_on_superspeed_bus_lists_its_block_device() {
+    let (dir, _) = host();
+
+    let s = scan_of(&dir);
+
+    let d = s.device_at(&port("2-1")).unwrap();
+    assert_eq!(d.speed_mbps, Some(Speed(5000.0)));
+    assert_eq!(d.block_devices, vec!["sda".to_string()]);
+    assert_eq!(d.interfaces[0].driver.as_deref(), Some("usb-storage"));
+}
+
+#[test]
+fn device_without_serial_has_none_and_no_warning() {
+    let (dir, _) = host();
+
+    let s = scan_of(&dir);
+
+    assert_eq!(s.device_at(&port("1-1.2")).unwrap().serial, None);
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+}
+
+#[test]
+fn malformed_speed_is_unknown_with_a_warning_naming_device_and_attribute() {
+    let (dir, b) = host();
+    let d = scan_of(&dir)
+        .device_at(&port("1-1.2"))
+        .unwrap()
+        .sysfs_path
+        .clone();
+    b.attr(&d, "speed", "fast").unwrap();
+
+    let s = scan_of(&dir);
+
+    assert_eq!(s.device_at(&port("1-1.2")).unwrap().speed_mbps, None);
+    assert_eq!(s.warnings.len(), 1);
+    assert!(
+        s.warnings[0].starts_with("usb 1-1.2: `speed` is `fast`"),
+        "{}",
+        s.warnings[0]
+    );
+}
+
+#[test]
+fn missing_vendor_id_keeps_the_device_listed() {
+    let (dir, _) = host();
+    let d = scan_of(&dir)
+        .device_at(&port("4-1"))
+        .unwrap()
+        .sysfs_path
+        .clone();
+    std::fs::remove_file(dir.path().join(d.trim_start_matches('/')).join("idVendor")).unwrap();
+
+    let s = scan_of(&dir);
+
+    let dev = s.device_at(&port("4-1")).unwrap();
+    assert_eq!(dev.vendor_id, None);
+    assert_eq!(dev.product_id, Some(HexId(0x0001)));
+    assert!(s.warnings[0].starts_with("usb 4-1: `idVendor` is missing"));
+}
+
+#[test]
+fn controller_without_iommu_has_no_group_and_a_blocking_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = SysfsBuilder::new(dir.path());
+    b.pci(&PciFunction {
+        address: XHCI,
+        class: 0x0c0330,
+        vendor: 0x1b36,
+        device: 0x000d,
+        driver: Some("xhci_hcd"),
+        iommu_group: None,
+    })
+    .unwrap();
+
+    let s = scan_of(&dir);
+
+    let c = &s.controllers[0];
+    assert_eq!(c.iommu_group, None);
+    assert!(!group_verdict(&s, c).alone);
+}
+
+#[test]
+fn verdict_names_a_foreign_group_member_and_lets_companions_go_along() {
+    let (dir, _) = host();
+    let s = scan_of(&dir);
+
+    let xhci = group_verdict(&s, s.controller(&XHCI.parse().unwrap()).unwrap());
+    let ehci = group_verdict(&s, s.controller(&EHCI.parse().unwrap()).unwrap());
+
+    assert!(!xhci.alone);
+    assert_eq!(xhci.blockers[0].pci, Some("0000:00:14.2".parse().unwrap()));
+    assert!(ehci.alone);
+    assert_eq!(ehci.goes_along, vec![UHCI.parse().unwrap()]);
+}
+
+#[test]
+fn recording_replays_as_the_same_snapshot() {
+    let (dir, _) = host();
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("rec");
+
+    let summary = record::record(&SysfsRoot::new(dir.path()), &dest).unwrap();
+
+    assert_eq!(scan(&SysfsRoot::new(&dest)), scan_of(&dir));
+    assert!(summary.skipped.is_empty());
+}
+
+#[test]
+fn recording_refuses_a_non_empty_directory_and_leaves_it_alone() {
+    let (dir, _) = host();
+    let out = tempfile::tempdir().unwrap();
+    std::fs::write(out.path().join("keep"), "data").unwrap();
+
+    let err = record::record(&SysfsRoot::new(dir.path()), out.path()).unwrap_err();
+
+    assert!(matches!(err, record::RecordError::NotEmpty(_)));
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("keep")).unwrap(),
+        "data"
+    );
+}
+
+#[test]
+fn bus_of_a_platform_controller_is_listed_under_not_on_pci() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = SysfsBuilder::new(dir.path());
+    let usb7 = "/sys/devices/platform/dummy_hcd.0/usb7";
+    b.attr(usb7, "speed", "480").unwrap();
+    b.link("/sys/bus/usb/devices/usb7", usb7).unwrap();
+    b.device(&device("7-1", 2, 0, "480")).unwrap();
+
+    let s = scan_of(&dir);
+
+    assert_eq!(s.buses[0].controller, None);
+    assert_eq!(s.devices[0].controller, None);
+    assert!(render::tree(&s).starts_with("not on PCI\n└── bus 7  480 Mb/s\n    └── 7-1  dev 2"));
+}

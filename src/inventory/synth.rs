@@ -1,0 +1,219 @@
+//! Builds small sysfs-shaped trees in a directory, laid out as the kernel lays them out
+//! (`/sys/devices/pci0000:00/0000:00:14.0/usb1/1-1/1-1.2`, `/sys/bus/usb/devices/1-1.2 ->
+//! ../../../devices/...`, `iommu_group` links), for unit tests and benchmarks.
+//!
+//! Recordings of real kernels (`tests/fixtures/`) are what prove the readers right; these
+//! trees are for shapes a recording cannot have (1,000 devices, a broken attribute).
+
+use std::io;
+use std::path::{Component, Path, PathBuf};
+
+/// A PCI function to create.
+#[derive(Debug, Clone)]
+pub struct PciFunction<'a> {
+    /// Address, `0000:00:14.0`.
+    pub address: &'a str,
+    /// Class code, `0x0c0330`.
+    pub class: u32,
+    /// Vendor id.
+    pub vendor: u16,
+    /// Device id.
+    pub device: u16,
+    /// Bound driver, if any.
+    pub driver: Option<&'a str>,
+    /// IOMMU group, if there is an IOMMU.
+    pub iommu_group: Option<u32>,
+}
+
+/// A USB device to create (its hub, if any, must have been created first).
+#[derive(Debug, Clone)]
+pub struct UsbDevice<'a> {
+    /// Kernel name, `1-3.4`.
+    pub port: &'a str,
+    /// Device number on the bus.
+    pub devnum: u16,
+    /// idVendor.
+    pub vendor: u16,
+    /// idProduct.
+    pub product: u16,
+    /// bDeviceClass (9 for a hub).
+    pub class: u8,
+    /// The kernel's `speed` text (`480`).
+    pub speed: &'a str,
+    /// `manufacturer`, if the device has the string.
+    pub manufacturer: Option<&'a str>,
+    /// `product`, if the device has the string.
+    pub product_name: Option<&'a str>,
+    /// `serial`, if the device has one.
+    pub serial: Option<&'a str>,
+    /// Interfaces of configuration 1: (class, bound driver).
+    pub interfaces: Vec<(u8, Option<&'a str>)>,
+}
+
+/// Writes a sysfs-shaped tree under `dir` (which stands for `/`).
+#[derive(Debug, Clone)]
+pub struct SysfsBuilder {
+    dir: PathBuf,
+}
+
+impl SysfsBuilder {
+    /// A builder writing under `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// Create a PCI function at `/sys/devices/pci0000:00/ADDR` with its bus link, driver
+    /// link and IOMMU group membership.
+    pub fn pci(&self, f: &PciFunction) -> io::Result<()> {
+        let dev = format!("/sys/devices/pci0000:00/{}", f.address);
+        self.attr(&dev, "class", &format!("{:#08x}", f.class))?;
+        self.attr(&dev, "vendor", &format!("{:#06x}", f.vendor))?;
+        self.attr(&dev, "device", &format!("{:#06x}", f.device))?;
+        self.link(&format!("/sys/bus/pci/devices/{}", f.address), &dev)?;
+        if let Some(driver) = f.driver {
+            self.link(
+                &format!("{dev}/driver"),
+                &format!("/sys/bus/pci/drivers/{driver}"),
+            )?;
+        }
+        if let Some(group) = f.iommu_group {
+            let group_dir = format!("/sys/kernel/iommu_groups/{group}");
+            self.link(&format!("{dev}/iommu_group"), &group_dir)?;
+            self.link(&format!("{group_dir}/devices/{}", f.address), &dev)?;
+        }
+        Ok(())
+    }
+
+    /// Create root hub `usbN` below PCI function `pci`: the bus.
+    pub fn bus(
+        &self,
+        pci: &str,
+        number: u8,
+        speed: &str,
+        version: &str,
+        ports: u8,
+    ) -> io::Result<()> {
+        let dir = format!("/sys/devices/pci0000:00/{pci}/usb{number}");
+        self.attr(&dir, "busnum", &number.to_string())?;
+        self.attr(&dir, "devnum", "1")?;
+        self.attr(&dir, "speed", speed)?;
+        self.attr(&dir, "version", &format!(" {version}"))?;
+        self.attr(&dir, "maxchild", &ports.to_string())?;
+        self.attr(&dir, "bDeviceClass", "09")?;
+        self.link(&format!("/sys/bus/usb/devices/usb{number}"), &dir)?;
+        self.link(&format!("{dir}/driver"), "/sys/bus/usb/drivers/usb")
+    }
+
+    /// Create a device below its hub (or root hub), with its interfaces; returns its
+    /// host directory.
+    pub fn device(&self, d: &UsbDevice) -> io::Result<String> {
+        let dir = self.device_dir(d.port)?;
+        let (bus, _) = d.port.split_once('-').unwrap_or((d.port, ""));
+        self.attr(&dir, "busnum", bus)?;
+        self.attr(&dir, "devnum", &d.devnum.to_string())?;
+        self.attr(&dir, "idVendor", &format!("{:04x}", d.vendor))?;
+        self.attr(&dir, "idProduct", &format!("{:04x}", d.product))?;
+        self.attr(&dir, "bDeviceClass", &format!("{:02x}", d.class))?;
+        self.attr(&dir, "bDeviceSubClass", "00")?;
+        self.attr(&dir, "bDeviceProtocol", "00")?;
+        self.attr(&dir, "speed", d.speed)?;
+        self.attr(&dir, "removable", "removable")?;
+        for (name, value) in [
+            ("manufacturer", d.manufacturer),
+            ("product", d.product_name),
+            ("serial", d.serial),
+        ] {
+            if let Some(value) = value {
+                self.attr(&dir, name, value)?;
+            }
+        }
+        self.link(&format!("/sys/bus/usb/devices/{}", d.port), &dir)?;
+        self.link(&format!("{dir}/driver"), "/sys/bus/usb/drivers/usb")?;
+        for (number, (class, driver)) in d.interfaces.iter().enumerate() {
+            let name = format!("{}:1.{number}", d.port);
+            let iface = format!("{dir}/{name}");
+            self.attr(&iface, "bInterfaceNumber", &format!("{number:02x}"))?;
+            self.attr(&iface, "bInterfaceClass", &format!("{class:02x}"))?;
+            self.attr(&iface, "bInterfaceSubClass", "00")?;
+            self.attr(&iface, "bInterfaceProtocol", "00")?;
+            if let Some(driver) = driver {
+                self.link(
+                    &format!("{iface}/driver"),
+                    &format!("/sys/bus/usb/drivers/{driver}"),
+                )?;
+            }
+            self.link(&format!("/sys/bus/usb/devices/{name}"), &iface)?;
+        }
+        Ok(dir)
+    }
+
+    /// The host directory of the device named `port`: below its hub's directory.
+    fn device_dir(&self, port: &str) -> io::Result<String> {
+        let parent = match port.rsplit_once('.') {
+            Some((hub, _)) => format!("/sys/bus/usb/devices/{hub}"),
+            None => format!(
+                "/sys/bus/usb/devices/usb{}",
+                port.split('-').next().unwrap_or("0")
+            ),
+        };
+        let parent_real = std::fs::canonicalize(self.real(&parent))?;
+        let root = std::fs::canonicalize(&self.dir)?;
+        let parent_host = parent_real.strip_prefix(&root).map_err(io::Error::other)?;
+        Ok(format!("/{}/{port}", parent_host.display()))
+    }
+
+    /// Write attribute `name` of host directory `dir` (creating directories).
+    pub fn attr(&self, dir: &str, name: &str, value: &str) -> io::Result<()> {
+        let path = self.real(dir);
+        std::fs::create_dir_all(&path)?;
+        std::fs::write(path.join(name), format!("{value}\n"))
+    }
+
+    /// Make host path `link` a relative symlink to host path `target` (creating both
+    /// the link's parent and the target directory, as sysfs always has them).
+    pub fn link(&self, link: &str, target: &str) -> io::Result<()> {
+        let link_path = self.real(link);
+        if let Some(parent) = link_path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::create_dir_all(self.real(target))?;
+        let from = Path::new(link).parent().unwrap_or(Path::new("/"));
+        std::os::unix::fs::symlink(relative(from, Path::new(target)), link_path)
+    }
+
+    fn real(&self, host: &str) -> PathBuf {
+        self.dir.join(host.trim_start_matches('/'))
+    }
+}
+
+/// `to` as seen from directory `from`, both absolute host paths: `../../devices/x`.
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let from: Vec<Component> = from.components().collect();
+    let to: Vec<Component> = to.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..from.len() {
+        out.push("..");
+    }
+    for c in &to[common..] {
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_climbs_to_the_common_ancestor() {
+        let r = relative(
+            Path::new("/sys/bus/usb/devices"),
+            Path::new("/sys/devices/pci0000:00/0000:00:14.0/usb1"),
+        );
+        assert_eq!(
+            r,
+            PathBuf::from("../../../devices/pci0000:00/0000:00:14.0/usb1")
+        );
+    }
+}

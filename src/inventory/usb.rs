@@ -1,0 +1,301 @@
+//! Buses (root hubs), devices and their interfaces from `/sys/bus/usb/devices`.
+
+use super::pci::parse_hex_id;
+use super::reader::{Access, Attrs, Reader};
+use super::{Bus, ClassTriple, Device, HexId, Interface, PciAddress, PortPath, Speed};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+const USB_DEVICES: &str = "/sys/bus/usb/devices";
+const SPEED: &str = "a speed in Mb/s";
+const HEX_ID: &str = "a 4-digit hex id";
+
+/// What one entry of `/sys/bus/usb/devices` is, from its name alone.
+#[derive(Debug, PartialEq)]
+enum Entry {
+    /// `usb3`: a root hub, i.e. a bus.
+    RootHub(u8),
+    /// `1-3.4.2`: a device.
+    Device(PortPath),
+    /// `1-3.4.2:1.0`: an interface of the device named before the `:`, and its number.
+    Interface { device: String, number: u8 },
+    /// `1-0:1.0`: an interface of a root hub (not listed: root hubs are buses).
+    RootHubInterface,
+}
+
+fn classify(name: &str) -> Option<Entry> {
+    if let Some(n) = name.strip_prefix("usb") {
+        return super::types::parse_decimal_u8(n)
+            .filter(|b| *b > 0)
+            .map(Entry::RootHub);
+    }
+    if let Some((device, iface)) = name.split_once(':') {
+        // The kernel names interfaces BUS-PATH:CONFIG.IFNUM, all decimal.
+        let (_config, number) = iface.split_once('.')?;
+        let number = super::types::parse_decimal_u8(number)?;
+        if device.ends_with("-0") {
+            return Some(Entry::RootHubInterface);
+        }
+        device.parse::<PortPath>().ok()?;
+        return Some(Entry::Interface {
+            device: device.to_string(),
+            number,
+        });
+    }
+    name.parse().ok().map(Entry::Device)
+}
+
+/// Buses sorted by number and devices sorted by port path, in one pass over the listing.
+pub(super) fn read_usb(r: &mut Reader) -> (Vec<Bus>, Vec<Device>) {
+    let names = r.list(Path::new(USB_DEVICES)).unwrap_or_default();
+    let mut buses = Vec::new();
+    let mut devices = Vec::new();
+    let mut interfaces: BTreeMap<String, Vec<(u8, String)>> = BTreeMap::new();
+    for name in names {
+        match classify(&name) {
+            Some(Entry::RootHub(n)) => buses.push((n, name)),
+            Some(Entry::Device(p)) => devices.push((p, name)),
+            Some(Entry::Interface { device, number }) => {
+                interfaces.entry(device).or_default().push((number, name));
+            }
+            Some(Entry::RootHubInterface) => {}
+            None => r.warn(format!("{USB_DEVICES}/{name}: unrecognised name, ignored")),
+        }
+    }
+    let mut buses: Vec<Bus> = buses
+        .into_iter()
+        .map(|(n, name)| read_bus(r, n, &name))
+        .collect();
+    buses.sort_by_key(|b| b.number);
+    let mut devices: Vec<Device> = devices
+        .into_iter()
+        .map(|(port, name)| {
+            let ifaces = interfaces.remove(&name).unwrap_or_default();
+            read_device(r, port, &name, ifaces)
+        })
+        .collect();
+    devices.sort_by(|a, b| a.port.cmp(&b.port));
+    for (device, _) in interfaces {
+        r.warn(format!(
+            "{USB_DEVICES}: interfaces of `{device}` but no such device"
+        ));
+    }
+    (buses, devices)
+}
+
+fn read_bus(r: &mut Reader, number: u8, name: &str) -> Bus {
+    let who = format!("bus {number}");
+    let dir = r.resolve(&Path::new(USB_DEVICES).join(name));
+    let mut a = r.attrs(&who, &dir);
+    Bus {
+        number,
+        controller: pci_ancestor(&dir),
+        speed_mbps: a.required("speed", SPEED, parse_speed).flatten(),
+        ports: a.optional("maxchild", "a port count", parse_decimal),
+        version: a.text("version"),
+    }
+}
+
+fn read_device(r: &mut Reader, port: PortPath, name: &str, ifaces: Vec<(u8, String)>) -> Device {
+    let who = format!("usb {name}");
+    let dir = r.resolve(&Path::new(USB_DEVICES).join(name));
+    let mut a = r.attrs(&who, &dir);
+    let address = a.required("devnum", "a device number", parse_decimal);
+    let vendor_id = a.required("idVendor", HEX_ID, parse_hex_id);
+    let product_id = a.required("idProduct", HEX_ID, parse_hex_id);
+    let class = class_triple(
+        &mut a,
+        ["bDeviceClass", "bDeviceSubClass", "bDeviceProtocol"],
+    );
+    let speed_mbps = a.required("speed", SPEED, parse_speed).flatten();
+    let manufacturer = a.text("manufacturer");
+    let product = a.text("product");
+    let serial = a.text("serial");
+    let removable = a.text("removable");
+    let driver = a.link("driver");
+
+    let mut netdevs = Vec::new();
+    let mut block_devices = Vec::new();
+    let mut interfaces: Vec<Interface> = Vec::with_capacity(ifaces.len());
+    for (number, iface) in ifaces {
+        let (interface, iface_dir) = read_interface(r, number, &iface);
+        let (nets, blocks) = host_devices_below(r, &iface_dir);
+        netdevs.extend(nets);
+        block_devices.extend(blocks);
+        interfaces.push(interface);
+    }
+    interfaces.sort_by_key(|i| i.number);
+    netdevs.sort();
+    block_devices.sort();
+    let is_hub_class =
+        |c: Option<ClassTriple>| c.is_some_and(|c| c.class == ClassTriple::HUB_CLASS);
+
+    Device {
+        bus: port.bus,
+        parent: port.parent(),
+        address,
+        vendor_id,
+        product_id,
+        manufacturer: manufacturer.or_else(|| usb_vendor_name(vendor_id?)),
+        product: product.or_else(|| usb_product_name(vendor_id?, product_id?)),
+        serial,
+        class,
+        speed_mbps,
+        hub: is_hub_class(class) || interfaces.iter().any(|i| is_hub_class(i.class)),
+        removable,
+        controller: pci_ancestor(&dir),
+        driver,
+        sysfs_path: dir.display().to_string(),
+        interfaces,
+        netdevs,
+        block_devices,
+        port,
+    }
+}
+
+/// One interface, and its resolved directory (netdevs and SCSI hosts live below it).
+fn read_interface(r: &mut Reader, number: u8, name: &str) -> (Interface, PathBuf) {
+    let who = format!("usb {name}");
+    let dir = r.resolve(&Path::new(USB_DEVICES).join(name));
+    let mut a = r.attrs(&who, &dir);
+    let interface = Interface {
+        number,
+        class: class_triple(
+            &mut a,
+            [
+                "bInterfaceClass",
+                "bInterfaceSubClass",
+                "bInterfaceProtocol",
+            ],
+        ),
+        driver: a.link("driver"),
+    };
+    (interface, dir)
+}
+
+/// The three class bytes (hex in sysfs); unknown if any of them is.
+fn class_triple(a: &mut Attrs, names: [&str; 3]) -> Option<ClassTriple> {
+    let [class, subclass, protocol] = names.map(|n| a.required(n, "a hex byte", parse_hex_u8));
+    Some(ClassTriple {
+        class: class?,
+        subclass: subclass?,
+        protocol: protocol?,
+    })
+}
+
+/// Name fallbacks from the usb-ids database, for devices without the strings.
+fn usb_vendor_name(vendor: HexId) -> Option<String> {
+    use usb_ids::FromId;
+    usb_ids::Vendor::from_id(vendor.0).map(|v| v.name().to_string())
+}
+
+fn usb_product_name(vendor: HexId, product: HexId) -> Option<String> {
+    usb_ids::Device::from_vid_pid(vendor.0, product.0).map(|d| d.name().to_string())
+}
+
+/// The names below `dir`, each marked for the recording; none if `dir` does not exist.
+fn children_of(r: &mut Reader, dir: &Path) -> Vec<String> {
+    let names = r.list(dir).unwrap_or_default();
+    for n in &names {
+        r.mark(&dir.join(n), Access::Dir);
+    }
+    names
+}
+
+/// Host network interfaces (`<iface>/net/usb0`) and block devices
+/// (`<iface>/host*/target*/H:C:T:L/block/sda`) below an interface: one listing of the
+/// interface directory, deeper only where those entries exist.
+fn host_devices_below(r: &mut Reader, iface_dir: &Path) -> (Vec<String>, Vec<String>) {
+    let names = r.list(iface_dir).unwrap_or_default();
+    let mut netdevs = Vec::new();
+    let mut blocks = Vec::new();
+    if names.iter().any(|n| n == "net") {
+        netdevs = children_of(r, &iface_dir.join("net"));
+    }
+    for host in names.iter().filter(|n| is_numbered(n, "host")) {
+        let host_dir = iface_dir.join(host);
+        let targets = r.list(&host_dir).unwrap_or_default();
+        for target in targets.iter().filter(|n| is_numbered(n, "target")) {
+            let target_dir = host_dir.join(target);
+            let luns = r.list(&target_dir).unwrap_or_default();
+            for lun in luns.iter().filter(|n| n.contains(':')) {
+                blocks.extend(children_of(r, &target_dir.join(lun).join("block")));
+            }
+        }
+    }
+    (netdevs, blocks)
+}
+
+/// `host3` for prefix `host`; `target0:0:0` for `target` (digits, then anything).
+fn is_numbered(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .is_some_and(|rest| rest.bytes().next().is_some_and(|b| b.is_ascii_digit()))
+}
+
+/// The PCI function a USB device or root hub hangs off: the nearest ancestor directory
+/// named like a PCI address in its resolved sysfs path.
+fn pci_ancestor(dir: &Path) -> Option<PciAddress> {
+    dir.ancestors()
+        .filter_map(|a| a.file_name()?.to_str()?.parse().ok())
+        .next()
+}
+
+/// The kernel's `speed`: `1.5`, `12`, `480`, `5000`, ...; `unknown` is a valid answer
+/// (`Some(None)`), anything else malformed (`None`).
+fn parse_speed(v: &str) -> Option<Option<Speed>> {
+    let v = v.trim();
+    if v == "unknown" {
+        return Some(None);
+    }
+    v.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(|s| Some(Speed(s)))
+}
+
+fn parse_decimal<T: std::str::FromStr>(v: &str) -> Option<T> {
+    v.trim().parse().ok()
+}
+
+fn parse_hex_u8(v: &str) -> Option<u8> {
+    let v = v.trim();
+    (!v.is_empty() && v.len() <= 2)
+        .then(|| u8::from_str_radix(v, 16).ok())
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_names_each_kind_of_entry() {
+        assert_eq!(classify("usb3"), Some(Entry::RootHub(3)));
+        assert_eq!(
+            classify("1-3.4.2"),
+            Some(Entry::Device("1-3.4.2".parse().unwrap()))
+        );
+        assert_eq!(
+            classify("1-3.4:1.2"),
+            Some(Entry::Interface {
+                device: "1-3.4".into(),
+                number: 2
+            })
+        );
+        assert_eq!(classify("2-0:1.0"), Some(Entry::RootHubInterface));
+        assert_eq!(classify("usbmon"), None);
+    }
+
+    #[test]
+    fn parse_speed_accepts_low_speed_and_unknown() {
+        assert_eq!(parse_speed("1.5"), Some(Some(Speed(1.5))));
+        assert_eq!(parse_speed("unknown"), Some(None));
+        assert_eq!(parse_speed("fast"), None);
+    }
+
+    #[test]
+    fn pci_ancestor_is_the_nearest_pci_directory() {
+        let dir = Path::new("/sys/devices/pci0000:00/0000:00:1c.0/0000:02:00.0/usb3/3-1/3-1.2");
+        assert_eq!(pci_ancestor(dir), Some("0000:02:00.0".parse().unwrap()));
+    }
+}
