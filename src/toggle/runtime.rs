@@ -47,6 +47,12 @@ impl RoutingRuntime {
         }))
     }
 
+    /// The xHCI being routed: the daemon calls [`reconcile`](Self::reconcile) on uevents
+    /// whose devpath ends in this address (bind, change, runtime PM changes).
+    pub fn controller(&self) -> crate::inventory::PciAddress {
+        self.lock().router().detected().xhci
+    }
+
     /// Bind the TCP listener and every VM's serial link, and serve them.
     pub async fn start_listeners(
         &self,
