@@ -1,7 +1,7 @@
 //! The VM backend trait: what the engine needs from a hypervisor (QEMU today; Xen and
 //! libvirt later beside it). Small on purpose: list, attach, detach.
 
-use crate::inventory::{Device, HexId};
+use crate::inventory::{Device, HexId, PortPath};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::pin::Pin;
@@ -110,4 +110,115 @@ pub trait VmBackend: Send + Sync {
     ) -> BoxFuture<'a, Result<VmUsbDevice, BackendError>>;
     /// Detach by device id; returns only after the VM confirmed removal.
     fn detach<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BackendError>>;
+}
+
+/// What one usb-host device of ours is keyed on: the attach mode and its key. Its id is
+/// derived from this alone, so a restarted daemon recomputes the same id, and the inverse
+/// ([`AttachKey::from_id`]) lets a listing tell our devices from the user's.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AttachKey {
+    /// `usbroute-addr-B-D`: one plug of one device.
+    Address {
+        /// Host bus.
+        bus: u8,
+        /// Host device address.
+        address: u16,
+    },
+    /// `usbroute-port-1-3.4.2`: a physical port.
+    Port(PortPath),
+    /// `usbroute-id-vvvv-pppp`: a kind of device.
+    Id {
+        /// Vendor id.
+        vendor_id: HexId,
+        /// Product id.
+        product_id: HexId,
+    },
+}
+
+/// Every id usbroute gives a device starts with this (QEMU ids must start with a letter).
+pub const OUR_ID_PREFIX: &str = "usbroute-";
+
+impl AttachKey {
+    /// The key of `device` under `mode`; `None` when the device lacks it (unknown address
+    /// or ids): such a device cannot be attached that way.
+    pub fn of(mode: AttachMode, device: &Device) -> Option<AttachKey> {
+        match mode {
+            AttachMode::Address => device.address.map(|address| AttachKey::Address {
+                bus: device.bus,
+                address,
+            }),
+            AttachMode::Port => Some(AttachKey::Port(device.port.clone())),
+            AttachMode::Id => Some(AttachKey::Id {
+                vendor_id: device.vendor_id?,
+                product_id: device.product_id?,
+            }),
+        }
+    }
+
+    /// The attach mode this key belongs to.
+    pub fn mode(&self) -> AttachMode {
+        match self {
+            AttachKey::Address { .. } => AttachMode::Address,
+            AttachKey::Port(_) => AttachMode::Port,
+            AttachKey::Id { .. } => AttachMode::Id,
+        }
+    }
+
+    /// The device id: `usbroute-addr-1-5`, `usbroute-port-1-3.4.2`, `usbroute-id-046d-c016`
+    /// (a letter first, then only `[A-Za-z0-9._-]`, as QEMU requires).
+    pub fn to_id(&self) -> String {
+        match self {
+            AttachKey::Address { bus, address } => format!("{OUR_ID_PREFIX}addr-{bus}-{address}"),
+            AttachKey::Port(port) => format!("{OUR_ID_PREFIX}port-{port}"),
+            AttachKey::Id {
+                vendor_id,
+                product_id,
+            } => format!("{OUR_ID_PREFIX}id-{vendor_id}-{product_id}"),
+        }
+    }
+
+    /// The key an id of ours stands for; `None` for anyone else's id.
+    pub fn from_id(id: &str) -> Option<AttachKey> {
+        let rest = id.strip_prefix(OUR_ID_PREFIX)?;
+        let (kind, key) = rest.split_once('-')?;
+        let canonical = |k: AttachKey| (k.to_id() == id).then_some(k);
+        match kind {
+            "addr" => {
+                let (bus, address) = key.split_once('-')?;
+                canonical(AttachKey::Address {
+                    bus: bus.parse().ok()?,
+                    address: address.parse().ok()?,
+                })
+            }
+            "port" => canonical(AttachKey::Port(key.parse().ok()?)),
+            "id" => {
+                let (v, p) = key.split_once('-')?;
+                canonical(AttachKey::Id {
+                    vendor_id: v.parse().ok()?,
+                    product_id: p.parse().ok()?,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Could a usb-host device with this key be holding `device`? (A kind key may hold any
+    /// device of that kind.)
+    pub fn refers_to(&self, device: &Device) -> bool {
+        match self {
+            AttachKey::Address { bus, address } => {
+                device.bus == *bus && device.address == Some(*address)
+            }
+            AttachKey::Port(port) => device.port == *port,
+            AttachKey::Id {
+                vendor_id,
+                product_id,
+            } => device.vendor_id == Some(*vendor_id) && device.product_id == Some(*product_id),
+        }
+    }
+}
+
+/// The id usbroute gives `device` attached by `mode` (see [`AttachKey::to_id`]).
+pub fn usbroute_device_id(mode: AttachMode, device: &Device) -> Option<String> {
+    AttachKey::of(mode, device).map(|k| k.to_id())
 }

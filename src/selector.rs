@@ -108,16 +108,88 @@ impl Selector {
             .filter_map(|t| t.mismatch(device).map(|why| (t, why)))
             .collect()
     }
+
+    /// `true` when no device can match both selectors, judged from the terms alone (two
+    /// different ports, ids, addresses, serials or controllers, a port outside a hub...).
+    /// `false` means "they might overlap": the config loader uses it to reject ties.
+    pub fn provably_disjoint(&self, other: &Selector) -> bool {
+        self.terms
+            .iter()
+            .any(|a| other.terms.iter().any(|b| a.excludes(b) || b.excludes(a)))
+    }
 }
 
 impl Term {
+    /// `true` when no device can satisfy both `self` and `other` (checked one way round).
+    fn excludes(&self, other: &Term) -> bool {
+        let differ = |a: &Pattern<u16>, b: &Pattern<u16>| matches!((a, b), (Pattern::Exact(x), Pattern::Exact(y)) if x != y);
+        let nested = |a: &PortPath, b: &PortPath| a == b || a.is_behind(b) || b.is_behind(a);
+        match (self, other) {
+            (Term::Port(a), Term::Port(b)) => a != b,
+            (Term::Port(p), Term::Hub(h)) => !p.is_behind(h),
+            (Term::Port(p), Term::Addr { bus, .. }) => p.bus != *bus,
+            (Term::Hub(a), Term::Hub(b)) => !nested(a, b),
+            (Term::Hub(h), Term::Addr { bus, .. }) => h.bus != *bus,
+            (
+                Term::Addr { bus, address },
+                Term::Addr {
+                    bus: b2,
+                    address: a2,
+                },
+            ) => (bus, address) != (b2, a2),
+            (
+                Term::Id { vendor, product },
+                Term::Id {
+                    vendor: v2,
+                    product: p2,
+                },
+            ) => differ(vendor, v2) || differ(product, p2),
+            (Term::Serial(a), Term::Serial(b)) => a != b,
+            (Term::Controller(a), Term::Controller(b)) => a != b,
+            _ => false,
+        }
+    }
+
     /// Does this device satisfy this term?
     pub fn matches(&self, device: &Device) -> bool {
-        self.mismatch(device).is_none()
+        // Checked without building the reason: matching runs rules × devices per round.
+        let iface = |class: &Pattern<u8>, subclass: &Pattern<u8>, protocol: &Pattern<u8>| {
+            device.interfaces.iter().filter_map(|i| i.class).any(|t| {
+                class.accepts(Some(t.class))
+                    && subclass.accepts(Some(t.subclass))
+                    && protocol.accepts(Some(t.protocol))
+            })
+        };
+        match self {
+            Term::Port(p) => device.port == *p,
+            Term::Id { vendor, product } => {
+                vendor.accepts(device.vendor_id.map(|h| h.0))
+                    && product.accepts(device.product_id.map(|h| h.0))
+            }
+            Term::Addr { bus, address } => device.bus == *bus && device.address == Some(*address),
+            Term::Serial(s) => device.serial.as_deref() == Some(s.as_str()),
+            Term::Class(c) => {
+                device.class.is_some_and(|t| t.class == *c)
+                    || device
+                        .interfaces
+                        .iter()
+                        .any(|i| i.class.is_some_and(|t| t.class == *c))
+            }
+            Term::Iface {
+                class,
+                subclass,
+                protocol,
+            } => iface(class, subclass, protocol),
+            Term::Controller(pci) => device.controller == Some(*pci),
+            Term::Hub(hub) => device.port.is_behind(hub),
+        }
     }
 
     /// `None` when `device` satisfies the term, else why not in a few words.
     pub fn mismatch(&self, device: &Device) -> Option<String> {
+        if self.matches(device) {
+            return None;
+        }
         let unknown = || "unknown".to_string();
         match self {
             Term::Port(p) => (device.port != *p).then(|| format!("port is {}", device.port)),

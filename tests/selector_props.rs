@@ -77,3 +77,90 @@ proptest! {
         }
     }
 }
+
+/// A small universe, so that random devices often match random selectors.
+fn small_device() -> impl Strategy<Value = usbroute::inventory::Device> {
+    (
+        prop::sample::select(vec!["1-1", "1-2", "1-2.1", "1-2.1.3", "2-1"]),
+        1u16..4,
+        prop::sample::select(vec![(0x046d, 0xc016), (0x046d, 0x0001), (0x0781, 0xc016)]),
+        prop::option::of(prop::sample::select(vec!["A", "B"])),
+        prop::sample::select(vec!["0000:00:14.0", "0000:00:1d.0"]),
+        0u8..4,
+    )
+        .prop_map(|(port, address, (v, p), serial, pci, class)| {
+            let port: PortPath = port.parse().expect("port");
+            usbroute::inventory::Device {
+                bus: port.bus,
+                parent: port.parent(),
+                sysfs_path: String::new(),
+                port,
+                address: Some(address),
+                vendor_id: Some(usbroute::inventory::HexId(v)),
+                product_id: Some(usbroute::inventory::HexId(p)),
+                manufacturer: None,
+                product: None,
+                serial: serial.map(str::to_string),
+                class: Some(usbroute::inventory::ClassTriple {
+                    class,
+                    subclass: 0,
+                    protocol: 0,
+                }),
+                speed_mbps: None,
+                hub: false,
+                removable: None,
+                controller: Some(pci.parse().expect("pci")),
+                driver: None,
+                interfaces: vec![],
+                netdevs: vec![],
+                block_devices: vec![],
+            }
+        })
+}
+
+fn small_selector() -> impl Strategy<Value = Selector> {
+    let term = prop::sample::select(vec![
+        "port:1-1",
+        "port:1-2",
+        "port:1-2.1",
+        "port:2-1",
+        "hub:1-2",
+        "hub:1-2.1",
+        "addr:1.1",
+        "addr:1.2",
+        "addr:2.1",
+        "id:046d:*",
+        "id:*:c016",
+        "id:0781:c016",
+        "serial:A",
+        "serial:B",
+        "class:01",
+        "class:02",
+        "controller:0000:00:14.0",
+        "controller:00:1d.0",
+    ]);
+    prop::collection::vec(term, 1..3).prop_map(|terms| terms.join(",").parse().expect("selector"))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    /// The config loader trusts `provably_disjoint` to rule out ties: it must be sound.
+    #[test]
+    fn provably_disjoint_selectors_never_match_one_device(
+        a in small_selector(),
+        b in small_selector(),
+        device in small_device(),
+    ) {
+        prop_assert!(!(a.provably_disjoint(&b) && a.matches(&device) && b.matches(&device)), "{a} / {b} both match {}", device.port);
+    }
+
+    /// `explain` (for `why`) and `matches` (for the plan) must agree on every term.
+    #[test]
+    fn explain_is_empty_exactly_when_selector_matches(sel in small_selector(), device in small_device()) {
+        prop_assert_eq!(sel.explain(&device).is_empty(), sel.matches(&device));
+        for term in &sel.terms {
+            prop_assert_eq!(term.mismatch(&device).is_none(), term.matches(&device), "{}", term);
+        }
+    }
+}

@@ -68,3 +68,5 @@ pub fn with_id(mut d: Device, vendor: u16, product: u16) -> Device {
     d.product_id = Some(HexId(product));
     d
 }
+
+pub mod sim;

@@ -1,0 +1,128 @@
+//! The diff: what to do so that the VMs hold what the plan wants. Pure.
+//!
+//! Guarantees, for any input:
+//! - nothing already right is touched (an id present where it is wanted stays);
+//! - nothing is attached twice (an id a VM lists is never attached to it again);
+//! - a device is never on two VMs: an attach is emitted only when no usb-host of ours in
+//!   any VM could be holding a device the new one could take (for `by = "id"`, any device
+//!   of that kind); otherwise only the detach is emitted now, and the
+//!   attach follows on a later round, after the VM confirmed the detach;
+//! - usb-host devices that are not ours (ids without the `usbroute-` form) are left alone.
+
+use crate::backend::{AttachKey, AttachMode, VmUsbDevice};
+use crate::inventory::Device;
+use crate::policy::{Desired, Placement};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// One thing to do to one VM.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
+pub enum Action {
+    /// Add a usb-host device for `device` to `vm`, matching by `mode`, with id `id`.
+    Attach {
+        /// The VM.
+        vm: String,
+        /// The host device (as the inventory saw it).
+        device: Box<Device>,
+        /// How the usb-host finds it.
+        mode: AttachMode,
+        /// The id it gets (derived from `mode`'s key).
+        id: String,
+    },
+    /// Remove our usb-host device `id` from `vm`.
+    Detach {
+        /// The VM.
+        vm: String,
+        /// The device id.
+        id: String,
+    },
+}
+
+impl Action {
+    /// The VM it acts on.
+    pub fn vm(&self) -> &str {
+        match self {
+            Action::Attach { vm, .. } | Action::Detach { vm, .. } => vm,
+        }
+    }
+
+    /// The device id it acts on.
+    pub fn id(&self) -> &str {
+        match self {
+            Action::Attach { id, .. } | Action::Detach { id, .. } => id,
+        }
+    }
+}
+
+/// What one running VM holds, as far as the engine knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VmView {
+    /// Its usb-host devices: from the last `list` that answered.
+    pub devices: Vec<VmUsbDevice>,
+    /// `true` when that list is from now; `false` when the VM stopped answering and
+    /// `devices` is the last known state. Nothing is done to an unreachable VM, but what
+    /// it last held still counts as held: a VM that times out keeps its devices.
+    pub reachable: bool,
+}
+
+/// Every running VM's view, by name. A VM that is not here holds nothing (it is down, or
+/// it never answered since the daemon started; see docs/config.md).
+pub type Actual = BTreeMap<String, VmView>;
+
+/// Compute the actions that move `actual` towards `desired`. Detaches come first, then
+/// attaches; both sorted by VM and id, so the same inputs always give the same list.
+pub fn reconcile(desired: &Desired, actual: &Actual, devices: &[Device]) -> Vec<Action> {
+    let by_port: BTreeMap<_, _> = devices.iter().map(|d| (&d.port, d)).collect();
+    let mut wanted: BTreeMap<(&str, String), (&Device, AttachKey)> = BTreeMap::new();
+    for (port, decision) in &desired.devices {
+        let (Placement::Vm { vm, mode }, Some(device)) = (&decision.placement, by_port.get(port))
+        else {
+            continue;
+        };
+        if let Some(key) = AttachKey::of(*mode, device) {
+            wanted.insert((vm.as_str(), key.to_id()), (device, key));
+        }
+    }
+    let ours: Vec<(&str, &VmUsbDevice, AttachKey)> = actual
+        .iter()
+        .flat_map(|(vm, view)| view.devices.iter().map(move |e| (vm.as_str(), e)))
+        .filter_map(|(vm, e)| AttachKey::from_id(&e.id).map(|k| (vm, e, k)))
+        .collect();
+    let right = |vm: &str, e: &VmUsbDevice, key: &AttachKey| {
+        // An address entry that lost its device is stale for good: QEMU never reopens
+        // hostaddr, and the kernel may hand the same devnum to another device later.
+        let stale = key.mode() == AttachMode::Address && !e.attached;
+        !stale && wanted.contains_key(&(vm, e.id.clone()))
+    };
+    let reachable = |vm: &str| actual.get(vm).is_some_and(|v| v.reachable);
+    let mut actions: Vec<Action> = ours
+        .iter()
+        .filter(|(vm, e, key)| reachable(vm) && !right(vm, e, key))
+        .map(|(vm, e, _)| Action::Detach {
+            vm: vm.to_string(),
+            id: e.id.clone(),
+        })
+        .collect();
+    for ((vm, id), (device, key)) in &wanted {
+        let Some(view) = actual.get(*vm).filter(|v| v.reachable) else {
+            continue;
+        };
+        let present = view.devices.iter().any(|e| &e.id == id);
+        // Every device this usb-host could take (all devices of a kind, for `by = "id"`)
+        // must be free of our other usb-host devices first.
+        let held_elsewhere = devices.iter().filter(|d| key.refers_to(d)).any(|d| {
+            ours.iter()
+                .any(|(v, e, k)| (v != vm || &e.id != id) && k.refers_to(d))
+        });
+        if !present && !held_elsewhere {
+            actions.push(Action::Attach {
+                vm: vm.to_string(),
+                device: Box::new((*device).clone()),
+                mode: key.mode(),
+                id: id.clone(),
+            });
+        }
+    }
+    actions
+}

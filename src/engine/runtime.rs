@@ -1,0 +1,488 @@
+//! The async runtime: one coordinator that decides (plan → diff → backoff) and one worker
+//! task per VM that talks to that VM's backend. A slow or hung VM stalls only its own
+//! worker; the coordinator never awaits a backend.
+//!
+//! The daemon feeds [`Input`]s (from uevents, inotify, the control socket, SIGHUP) through
+//! an [`EngineHandle`] and reads [`Status`] from it. Every input leads to a new round.
+//! A device counts as attached only once the VM's own list shows it; an attach whose
+//! answer is lost counts as held (never as done) until a list says otherwise.
+
+use super::diff::{Action, VmView};
+use super::due_actions;
+use super::holdings::{Holdings, Outcome};
+use super::retry::{BackoffPolicy, Pending, RetryBook};
+use crate::backend::{BackendError, VmBackend, VmUsbDevice};
+use crate::inventory::{Device, PciAddress, PortPath};
+use crate::policy::{plan, why, Desired, Override, PlanInput, Rule, Why};
+use crate::vfio::ControllerRule;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+/// Something the engine must know about. Each one triggers a reconcile round.
+pub enum Input {
+    /// The rules changed (start, reload). Only ever a whole, validated set.
+    Rules(Vec<Rule>),
+    /// The whole-controller assignments from the config (`[[controller]]`).
+    Controllers(Vec<ControllerRule>),
+    /// A fresh list of the devices present (after a uevent, a rescan, ENOBUFS).
+    Devices(Vec<Device>),
+    /// Whole disks with a host filesystem mounted (see [`PlanInput::mounted_disks`]).
+    MountedDisks(BTreeSet<String>),
+    /// A VM is running and reachable through `backend`.
+    VmUp {
+        /// The VM's name.
+        name: String,
+        /// Its backend (already connected or connecting on demand).
+        backend: Arc<dyn VmBackend>,
+    },
+    /// A VM's process is gone (socket removed, connection refused). Its devices are
+    /// freed. Not for a VM that merely stopped answering: that one keeps its devices.
+    VmGone {
+        /// The VM's name.
+        name: String,
+    },
+    /// Set (`Some`) or clear (`None`) the manual override for the device at a port.
+    /// It also ends when that device is unplugged (a new plug has a new address).
+    Override {
+        /// The device's port.
+        port: PortPath,
+        /// The override.
+        value: Option<Override>,
+    },
+    /// Read every VM's devices again (the VM may have changed behind our back).
+    Refresh,
+    /// Explain the decision for the device at `port` (`None`: no device there).
+    Why {
+        /// The device's port.
+        port: PortPath,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Option<Why>>,
+    },
+}
+
+/// What the engine knows, published after every round (for `usbroute status`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    /// The plan for every device present.
+    pub desired: Desired,
+    /// What each running VM holds (last list, plus attaches of unknown outcome).
+    pub vms: BTreeMap<String, VmView>,
+    /// Failed actions waiting for their retry, with the last error.
+    pub pending: Vec<Pending>,
+    /// Manual overrides in force.
+    pub overrides: BTreeMap<PortPath, Override>,
+    /// Actions that the plan wants but `--dry-run` did not do.
+    pub dry_run_actions: Vec<Action>,
+    /// VMs with work in flight (actions or a list). With none busy, nothing pending and
+    /// every VM answering, the engine is at rest: the VMs hold what the plan wants.
+    pub busy: BTreeSet<String>,
+}
+
+/// Knobs of the runtime.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EngineOptions {
+    /// Backoff for failed actions and for VMs that do not answer a list.
+    pub backoff: BackoffPolicy,
+    /// Decide and log, never act.
+    pub dry_run: bool,
+}
+
+/// The daemon's handle on a running engine. Dropping every handle stops the engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    inputs: mpsc::UnboundedSender<Input>,
+    status: watch::Receiver<Status>,
+}
+
+impl EngineHandle {
+    /// Tell the engine something; `false` when the engine has stopped.
+    pub fn send(&self, input: Input) -> bool {
+        self.inputs.send(input).is_ok()
+    }
+
+    /// The latest status, and a way to wait for the next one.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Explain the decision for the device at `port`.
+    pub async fn why(&self, port: PortPath) -> Option<Why> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::Why { port, reply });
+        answer.await.ok().flatten()
+    }
+}
+
+/// Start the engine on the current tokio runtime.
+pub fn spawn(options: EngineOptions) -> (EngineHandle, tokio::task::JoinHandle<()>) {
+    let (inputs, input_rx) = mpsc::unbounded_channel();
+    let (status_tx, status) = watch::channel(Status::default());
+    let coordinator = Coordinator::new(options, status_tx);
+    let task = tokio::spawn(coordinator.run(input_rx));
+    (EngineHandle { inputs, status }, task)
+}
+
+/// One batch of work for a VM worker; an empty batch only lists.
+struct Job {
+    actions: Vec<Action>,
+}
+
+/// A worker's answer: every action's result and a fresh list.
+struct Report {
+    vm: String,
+    generation: u64,
+    results: Vec<(Action, Result<(), BackendError>)>,
+    list: Result<Vec<VmUsbDevice>, BackendError>,
+}
+
+struct Worker {
+    jobs: mpsc::UnboundedSender<Job>,
+    generation: u64,
+    busy: bool,
+    /// Its first list since it came up has not returned yet: it may hold anything.
+    first_list_pending: bool,
+    answering: bool,
+    list_failures: u32,
+    relist_at: Duration,
+}
+
+struct Coordinator {
+    options: EngineOptions,
+    start: Instant,
+    rules: Vec<Rule>,
+    controllers: Vec<ControllerRule>,
+    devices: Vec<Device>,
+    mounted: BTreeSet<String>,
+    overrides: BTreeMap<PortPath, Override>,
+    workers: BTreeMap<String, Worker>,
+    generation: u64,
+    holdings: Holdings,
+    retries: RetryBook,
+    reports_tx: mpsc::UnboundedSender<Report>,
+    reports_rx: mpsc::UnboundedReceiver<Report>,
+    status: watch::Sender<Status>,
+    dry_run_actions: Vec<Action>,
+}
+
+impl Coordinator {
+    fn new(options: EngineOptions, status: watch::Sender<Status>) -> Self {
+        let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+        Coordinator {
+            options,
+            start: Instant::now(),
+            rules: vec![],
+            controllers: vec![],
+            devices: vec![],
+            mounted: BTreeSet::new(),
+            overrides: BTreeMap::new(),
+            workers: BTreeMap::new(),
+            generation: 0,
+            holdings: Holdings::default(),
+            retries: RetryBook::new(options.backoff),
+            reports_tx,
+            reports_rx,
+            status,
+            dry_run_actions: vec![],
+        }
+    }
+
+    fn now(&self) -> Duration {
+        Instant::now() - self.start
+    }
+
+    async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<Input>) {
+        loop {
+            let wake = self.next_wake().map(|at| self.start + at);
+            tokio::select! {
+                input = inputs.recv() => match input {
+                    Some(input) => self.handle_input(input),
+                    None => break,
+                },
+                Some(report) = self.reports_rx.recv() => self.handle_report(report),
+                () = sleep_until(wake) => {}
+            }
+            self.round();
+        }
+    }
+
+    fn handle_input(&mut self, input: Input) {
+        match input {
+            Input::Rules(rules) => self.rules = rules,
+            Input::Controllers(c) => self.controllers = c,
+            Input::Devices(devices) => {
+                self.devices = devices;
+                let present: BTreeMap<&PortPath, Option<u16>> =
+                    self.devices.iter().map(|d| (&d.port, d.address)).collect();
+                // An override holds for one plug: unplugged or re-plugged, it ends.
+                self.overrides
+                    .retain(|port, o| present.get(port) == Some(&o.address));
+            }
+            Input::MountedDisks(m) => self.mounted = m,
+            Input::VmUp { name, backend } => self.start_worker(name, backend),
+            Input::VmGone { name } => {
+                tracing::info!(vm = %name, "VM gone; its devices are free again");
+                self.workers.remove(&name);
+                self.holdings.forget(&name);
+            }
+            Input::Override { port, value } => match value {
+                Some(o) => {
+                    self.overrides.insert(port, o);
+                }
+                None => {
+                    self.overrides.remove(&port);
+                }
+            },
+            Input::Refresh => {
+                let now = self.now();
+                for w in self.workers.values_mut() {
+                    w.relist_at = now;
+                    w.answering = false;
+                }
+            }
+            Input::Why { port, reply } => {
+                let answer = self.devices.iter().find(|d| d.port == port).map(|d| {
+                    let (up, owned) = self.vms_up_and_owned();
+                    why(&self.plan_input(&up, &owned), d)
+                });
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    fn start_worker(&mut self, name: String, backend: Arc<dyn VmBackend>) {
+        tracing::info!(vm = %name, "VM up; reading its devices");
+        self.generation += 1;
+        let (jobs, job_rx) = mpsc::unbounded_channel();
+        tokio::spawn(work(
+            name.clone(),
+            self.generation,
+            backend,
+            job_rx,
+            self.reports_tx.clone(),
+        ));
+        self.holdings.forget(&name);
+        let first = Job { actions: vec![] };
+        let _ = jobs.send(first);
+        let worker = Worker {
+            jobs,
+            generation: self.generation,
+            busy: true,
+            first_list_pending: true,
+            answering: false,
+            list_failures: 0,
+            relist_at: Duration::ZERO,
+        };
+        self.workers.insert(name, worker);
+    }
+
+    fn handle_report(&mut self, report: Report) {
+        let now = self.now();
+        let Some(worker) = self.workers.get_mut(&report.vm) else {
+            return;
+        };
+        if worker.generation != report.generation {
+            return; // from a previous run of this VM
+        }
+        worker.busy = false;
+        worker.first_list_pending = false;
+        for (action, result) in report.results {
+            let outcome = match &result {
+                Ok(()) => Outcome::Done,
+                Err(BackendError::Refused { .. }) => Outcome::Refused,
+                Err(_) => Outcome::Unknown,
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(vm = action.vm(), id = action.id(), "{} done", verb(&action));
+                    self.retries.succeeded(&action);
+                }
+                Err(e) => {
+                    tracing::warn!(vm = action.vm(), id = action.id(), error = %e, "{} failed", verb(&action));
+                    self.retries.failed(&action, e.to_string(), now);
+                }
+            }
+            self.holdings.acted(&action, outcome);
+        }
+        match report.list {
+            Ok(devices) => {
+                worker.answering = true;
+                worker.list_failures = 0;
+                self.holdings.listed(&report.vm, devices);
+            }
+            Err(e) => {
+                worker.answering = false;
+                worker.list_failures += 1;
+                worker.relist_at = now + self.options.backoff.delay(worker.list_failures);
+                tracing::warn!(vm = %report.vm, error = %e, "cannot read the VM's devices; its last known devices stay reserved");
+            }
+        }
+    }
+
+    fn vms_up_and_owned(&self) -> (BTreeSet<String>, BTreeMap<PciAddress, String>) {
+        let up: BTreeSet<String> = self.workers.keys().cloned().collect();
+        let owned = self
+            .controllers
+            .iter()
+            .filter(|c| up.contains(&c.vm))
+            .map(|c| (c.pci, c.vm.clone()))
+            .collect();
+        (up, owned)
+    }
+
+    fn plan_input<'a>(
+        &'a self,
+        up: &'a BTreeSet<String>,
+        owned: &'a BTreeMap<PciAddress, String>,
+    ) -> PlanInput<'a> {
+        PlanInput {
+            rules: &self.rules,
+            devices: &self.devices,
+            mounted_disks: &self.mounted,
+            vms_up: up,
+            overrides: &self.overrides,
+            controllers_owned: owned,
+        }
+    }
+
+    /// Plan, diff, and hand each idle VM its due actions.
+    fn round(&mut self) {
+        let now = self.now();
+        let (up, owned) = self.vms_up_and_owned();
+        let desired = plan(&self.plan_input(&up, &owned));
+        let answering: BTreeSet<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.answering)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let actual = self.holdings.actual(&answering);
+        let mut due = due_actions(&desired, &actual, &self.devices, &mut self.retries, now);
+        if self.workers.values().any(|w| w.first_list_pending) {
+            // A VM that just came up (or a daemon that just started) may already hold any
+            // device: attach nothing until its first list answers or fails (bounded by
+            // the backend's timeout). Detaches are safe and go ahead.
+            due.retain(|a| matches!(a, Action::Detach { .. }));
+        }
+        if self.options.dry_run {
+            if due != self.dry_run_actions {
+                for a in &due {
+                    tracing::info!(vm = a.vm(), id = a.id(), "dry run: would {}", verb(a));
+                }
+            }
+            self.dry_run_actions = due;
+        } else {
+            self.dispatch(due, now);
+        }
+        let status = Status {
+            desired,
+            // After dispatch, so in-flight attaches show as held.
+            vms: self.holdings.actual(&answering),
+            pending: self.retries.pending().cloned().collect(),
+            overrides: self.overrides.clone(),
+            dry_run_actions: self.dry_run_actions.clone(),
+            busy: self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.busy)
+                .map(|(n, _)| n.clone())
+                .collect(),
+        };
+        self.status.send_replace(status);
+    }
+
+    fn dispatch(&mut self, due: Vec<Action>, now: Duration) {
+        let mut by_vm: BTreeMap<String, Vec<Action>> = BTreeMap::new();
+        for action in due {
+            by_vm
+                .entry(action.vm().to_string())
+                .or_default()
+                .push(action);
+        }
+        for (name, worker) in self.workers.iter_mut() {
+            if worker.busy {
+                continue;
+            }
+            let actions = by_vm.remove(name).unwrap_or_default();
+            let relist = !worker.answering && worker.relist_at <= now;
+            if actions.is_empty() && !relist {
+                continue;
+            }
+            for a in &actions {
+                // In flight counts as held: no other VM may be given this device meanwhile.
+                self.holdings.acted(a, Outcome::Unknown);
+                tracing::info!(vm = %name, id = a.id(), "{}", verb(a));
+            }
+            worker.busy = worker.jobs.send(Job { actions }).is_ok();
+        }
+    }
+
+    /// When a retry or a re-list falls due.
+    fn next_wake(&self) -> Option<Duration> {
+        let relists = self
+            .workers
+            .values()
+            .filter(|w| !w.busy && !w.answering)
+            .map(|w| w.relist_at);
+        self.retries.next_retry().into_iter().chain(relists).min()
+    }
+}
+
+fn verb(action: &Action) -> String {
+    match action {
+        Action::Attach { device, mode, .. } => {
+            format!("attach {} ({}) by {mode:?}", device.port, device.label())
+        }
+        Action::Detach { .. } => "detach".to_string(),
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One VM's worker: runs its jobs one after another, then lists.
+async fn work(
+    vm: String,
+    generation: u64,
+    backend: Arc<dyn VmBackend>,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    reports: mpsc::UnboundedSender<Report>,
+) {
+    while let Some(job) = jobs.recv().await {
+        let mut results = Vec::with_capacity(job.actions.len());
+        for action in job.actions {
+            let result = match &action {
+                Action::Attach {
+                    device, mode, id, ..
+                } => {
+                    backend.attach(device, *mode).await.map(|got| {
+                        if got.id != *id {
+                            // The backend must name devices by backend::usbroute_device_id,
+                            // or a restarted daemon cannot recognise them.
+                            tracing::error!(vm = %vm, expected = %id, got = %got.id, "backend used another device id");
+                        }
+                    })
+                }
+                Action::Detach { id, .. } => backend.detach(id).await,
+            };
+            results.push((action, result));
+        }
+        let list = backend.list().await;
+        let report = Report {
+            vm: vm.clone(),
+            generation,
+            results,
+            list,
+        };
+        if reports.send(report).is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,469 @@
+//! The plan: where each present device belongs (host or a VM) and why. A pure function
+//! of its inputs: same inputs, same answer, no I/O, no clock, no hash-map order.
+//!
+//! Precedence, first that applies decides:
+//! 1. a hub stays on the host (devices behind it are decided on their own);
+//! 2. a device on a controller given whole to a running VM: device rules do not fire;
+//! 3. a forbid rule that matches keeps it on the host (beats manual attach too);
+//! 4. a manual override for this plug (detach: host; attach: that VM);
+//! 5. the matching pass rule with the highest `priority` (equal priorities that could
+//!    disagree are rejected when the config loads; among agreeing ones the first counts);
+//! 6. no rule: host.
+//!
+//! A VM target is then checked: a host network interface or a mounted host filesystem on
+//! the device keeps it on the host unless `force`; the VM must be running; the device must
+//! have the attach mode's key. Finally `by = "id"` takes a whole kind: QEMU may grab any
+//! device with that vendor:product, so the first such device (by port) claims the kind and
+//! other devices of that kind stay on the host, with a reason that says so.
+
+use super::rules::{Rule, RuleAction};
+use crate::backend::{AttachKey, AttachMode};
+use crate::inventory::{Device, HexId, PciAddress, PortPath};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+/// Where a device belongs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "on", rename_all = "lowercase")]
+pub enum Placement {
+    /// The host keeps it.
+    Host,
+    /// Passed to a VM.
+    Vm {
+        /// The VM.
+        vm: String,
+        /// How its usb-host finds the device.
+        mode: AttachMode,
+    },
+}
+
+/// A rule, as named in reasons: its number, line and text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuleRef {
+    /// Position in the file, from 0.
+    pub index: usize,
+    /// Line in the file (0: not from a file).
+    pub line: usize,
+    /// `rule 2 (line 14: match = "port:1-3" → vm = "win11", by = "address")`.
+    pub text: String,
+}
+
+impl From<&Rule> for RuleRef {
+    fn from(rule: &Rule) -> Self {
+        RuleRef {
+            index: rule.index,
+            line: rule.line,
+            text: rule.to_string(),
+        }
+    }
+}
+
+/// Why a device is where the plan puts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Reason {
+    /// No rule matched.
+    NoRule,
+    /// A pass rule decided.
+    Rule {
+        /// That rule.
+        rule: RuleRef,
+    },
+    /// A forbid rule matched.
+    Forbidden {
+        /// That rule.
+        rule: RuleRef,
+    },
+    /// Hubs are never passed.
+    Hub,
+    /// The device is on a controller given whole to a running VM.
+    ControllerOwned {
+        /// The controller.
+        controller: PciAddress,
+        /// The VM that has it.
+        vm: String,
+    },
+    /// The user detached it by hand.
+    ManualDetach,
+    /// The user attached it by hand.
+    ManualAttach,
+    /// It carries host network interfaces and the deciding rule has no `force`.
+    HostNetdev {
+        /// The interfaces.
+        netdevs: Vec<String>,
+        /// What wanted it in a VM (`None`: a manual attach).
+        wanted_by: Option<RuleRef>,
+    },
+    /// It holds a mounted host filesystem and the deciding rule has no `force`.
+    MountedDisk {
+        /// Its mounted block devices.
+        disks: Vec<String>,
+        /// What wanted it in a VM (`None`: a manual attach).
+        wanted_by: Option<RuleRef>,
+    },
+    /// The target VM is not running; the device goes there when it is.
+    VmDown {
+        /// The VM.
+        vm: String,
+        /// What wants it there (`None`: a manual attach).
+        wanted_by: Option<RuleRef>,
+    },
+    /// The device lacks what the attach mode needs (address or ids unreadable).
+    NotAttachable {
+        /// The mode.
+        mode: AttachMode,
+        /// What wanted it in a VM (`None`: a manual attach).
+        wanted_by: Option<RuleRef>,
+    },
+    /// Another device of the same kind is attached by id, which may grab any of them.
+    KindClaimed {
+        /// The device that claimed the kind.
+        claimed_by: PortPath,
+        /// The VM it goes to.
+        vm: String,
+        /// What wanted this device in a VM (`None`: a manual attach).
+        wanted_by: Option<RuleRef>,
+    },
+}
+
+/// Where one device belongs, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// Host or VM.
+    #[serde(flatten)]
+    pub placement: Placement,
+    /// Why.
+    #[serde(flatten)]
+    pub reason: Reason,
+}
+
+/// The plan's answer for every present device, keyed by port path.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Desired {
+    /// One decision per device present.
+    pub devices: BTreeMap<PortPath, Decision>,
+}
+
+/// A manual command that the plan respects for one plug of one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Override {
+    /// The device address (devnum) of the plug it was given for: after a re-plug the
+    /// address differs and the override no longer applies (the caller may drop it).
+    pub address: Option<u16>,
+    /// What the user asked.
+    pub action: OverrideAction,
+}
+
+/// What a manual command asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
+pub enum OverrideAction {
+    /// Put it on this VM.
+    Attach {
+        /// The VM.
+        vm: String,
+        /// How.
+        mode: AttachMode,
+        /// Override the host netdev / mounted disk protections.
+        force: bool,
+    },
+    /// Keep it on the host.
+    Detach,
+}
+
+/// Everything the plan looks at. All plain data: the caller gathers it.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInput<'a> {
+    /// The rules, in file order.
+    pub rules: &'a [Rule],
+    /// Devices present now (from the inventory snapshot).
+    pub devices: &'a [Device],
+    /// Whole-disk block device names (`sda`) with a host filesystem mounted on them or on
+    /// one of their partitions (names as in [`Device::block_devices`]).
+    pub mounted_disks: &'a BTreeSet<String>,
+    /// VMs running now (their QMP socket answers).
+    pub vms_up: &'a BTreeSet<String>,
+    /// Manual overrides by port path.
+    pub overrides: &'a BTreeMap<PortPath, Override>,
+    /// Controllers given whole to a VM that is running, with that VM.
+    pub controllers_owned: &'a BTreeMap<PciAddress, String>,
+}
+
+/// Decide where every device belongs.
+pub fn plan(input: &PlanInput<'_>) -> Desired {
+    let mut devices: BTreeMap<PortPath, Decision> = input
+        .devices
+        .iter()
+        .map(|d| (d.port.clone(), decide(input, d)))
+        .collect();
+    settle_id_claims(input.devices, &mut devices);
+    Desired { devices }
+}
+
+/// How one rule relates to a device's decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum Verdict {
+    /// This rule decided (the decision's reason may still be a protection that kept
+    /// the device on the host).
+    Decided,
+    /// It matched, but something ranked above it decided.
+    Outranked {
+        /// What decided instead.
+        by: String,
+    },
+    /// It did not match; one entry per failing selector term.
+    NoMatch {
+        /// `port:1-2: port is 1-1`.
+        terms: Vec<String>,
+    },
+}
+
+/// The answer to `usbroute why`: the decision and every rule's verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Why {
+    /// The device.
+    pub port: PortPath,
+    /// What the plan decided.
+    pub decision: Decision,
+    /// Each rule in file order.
+    pub rules: Vec<(RuleRef, Verdict)>,
+}
+
+/// Explain the decision for `device` (which should be one of `input.devices`).
+pub fn why(input: &PlanInput<'_>, device: &Device) -> Why {
+    let decision = plan(input)
+        .devices
+        .remove(&device.port)
+        .unwrap_or_else(|| decide(input, device));
+    let deciding = deciding_rule(&decision.reason);
+    let rules = input
+        .rules
+        .iter()
+        .map(|rule| {
+            let failing = rule.selector.explain(device);
+            let verdict = if !failing.is_empty() {
+                Verdict::NoMatch {
+                    terms: failing
+                        .iter()
+                        .map(|(t, why)| format!("{t}: {why}"))
+                        .collect(),
+                }
+            } else if deciding == Some(rule.index) {
+                Verdict::Decided
+            } else {
+                Verdict::Outranked {
+                    by: decision.reason.to_string(),
+                }
+            };
+            (RuleRef::from(rule), verdict)
+        })
+        .collect();
+    Why {
+        port: device.port.clone(),
+        decision,
+        rules,
+    }
+}
+
+fn deciding_rule(reason: &Reason) -> Option<usize> {
+    match reason {
+        Reason::Rule { rule } | Reason::Forbidden { rule } => Some(rule.index),
+        Reason::HostNetdev { wanted_by, .. }
+        | Reason::MountedDisk { wanted_by, .. }
+        | Reason::VmDown { wanted_by, .. }
+        | Reason::NotAttachable { wanted_by, .. }
+        | Reason::KindClaimed { wanted_by, .. } => wanted_by.as_ref().map(|r| r.index),
+        _ => None,
+    }
+}
+
+fn host(reason: Reason) -> Decision {
+    Decision {
+        placement: Placement::Host,
+        reason,
+    }
+}
+
+/// Steps 1–6 and the target checks for one device.
+fn decide(input: &PlanInput<'_>, device: &Device) -> Decision {
+    if device.hub {
+        return host(Reason::Hub);
+    }
+    let owner = device
+        .controller
+        .and_then(|pci| input.controllers_owned.get(&pci).map(|vm| (pci, vm)));
+    if let Some((controller, vm)) = owner {
+        return host(Reason::ControllerOwned {
+            controller,
+            vm: vm.clone(),
+        });
+    }
+    let matching: Vec<&Rule> = input
+        .rules
+        .iter()
+        .filter(|r| r.selector.matches(device))
+        .collect();
+    if let Some(rule) = matching.iter().find(|r| r.action == RuleAction::Forbid) {
+        return host(Reason::Forbidden {
+            rule: RuleRef::from(*rule),
+        });
+    }
+    let manual = input
+        .overrides
+        .get(&device.port)
+        .filter(|o| o.address == device.address);
+    let (vm, mode, force, wanted_by) = match manual.map(|o| &o.action) {
+        Some(OverrideAction::Detach) => return host(Reason::ManualDetach),
+        Some(OverrideAction::Attach { vm, mode, force }) => (vm, *mode, *force, None),
+        None => {
+            // Highest priority; among equals the lowest index (the loader guarantees equal
+            // priorities that match agree, so this choice never changes the outcome).
+            let best = matching
+                .iter()
+                .copied()
+                .max_by(|a, b| a.priority.cmp(&b.priority).then(b.index.cmp(&a.index)));
+            match best {
+                Some(
+                    rule @ Rule {
+                        action: RuleAction::Pass { vm, mode },
+                        ..
+                    },
+                ) => (vm, *mode, rule.force, Some(RuleRef::from(rule))),
+                _ => return host(Reason::NoRule),
+            }
+        }
+    };
+    let mounted: Vec<String> = device
+        .block_devices
+        .iter()
+        .filter(|b| input.mounted_disks.contains(*b))
+        .cloned()
+        .collect();
+    if !force && !device.netdevs.is_empty() {
+        return host(Reason::HostNetdev {
+            netdevs: device.netdevs.clone(),
+            wanted_by,
+        });
+    }
+    if !force && !mounted.is_empty() {
+        return host(Reason::MountedDisk {
+            disks: mounted,
+            wanted_by,
+        });
+    }
+    if !input.vms_up.contains(vm) {
+        return host(Reason::VmDown {
+            vm: vm.clone(),
+            wanted_by,
+        });
+    }
+    if AttachKey::of(mode, device).is_none() {
+        return host(Reason::NotAttachable { mode, wanted_by });
+    }
+    let reason = match wanted_by {
+        Some(rule) => Reason::Rule { rule },
+        None => Reason::ManualAttach,
+    };
+    Decision {
+        placement: Placement::Vm {
+            vm: vm.clone(),
+            mode,
+        },
+        reason,
+    }
+}
+
+/// A kind attached by id belongs to its first device (by port); every other device of
+/// that kind bound for a VM stays on the host.
+fn settle_id_claims(devices: &[Device], decisions: &mut BTreeMap<PortPath, Decision>) {
+    let kind = |d: &Device| Some((d.vendor_id?, d.product_id?));
+    let by_port: BTreeMap<&PortPath, &Device> = devices.iter().map(|d| (&d.port, d)).collect();
+    let mut claims: BTreeMap<(HexId, HexId), (PortPath, String)> = BTreeMap::new();
+    for (port, decision) in decisions.iter() {
+        if let Placement::Vm {
+            vm,
+            mode: AttachMode::Id,
+        } = &decision.placement
+        {
+            let k = by_port.get(port).and_then(|d| kind(d));
+            if let Some(k) = k {
+                claims
+                    .entry(k)
+                    .or_insert_with(|| (port.clone(), vm.clone()));
+            }
+        }
+    }
+    for (port, decision) in decisions.iter_mut() {
+        let claim = by_port
+            .get(port)
+            .and_then(|d| kind(d))
+            .and_then(|k| claims.get(&k))
+            .filter(|(claimer, _)| claimer != port);
+        if let (Some((claimer, vm)), Placement::Vm { .. }) = (claim, &decision.placement) {
+            let wanted_by = match &decision.reason {
+                Reason::Rule { rule } => Some(rule.clone()),
+                _ => None,
+            };
+            *decision = host(Reason::KindClaimed {
+                claimed_by: claimer.clone(),
+                vm: vm.clone(),
+                wanted_by,
+            });
+        }
+    }
+}
+
+impl fmt::Display for Placement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Placement::Host => f.write_str("host"),
+            Placement::Vm { vm, .. } => f.write_str(vm),
+        }
+    }
+}
+
+fn wanted(f: &mut fmt::Formatter<'_>, wanted_by: &Option<RuleRef>) -> fmt::Result {
+    match wanted_by {
+        Some(rule) => write!(f, " ({} wants it in a VM)", rule.text),
+        None => f.write_str(" (a manual attach wants it in a VM)"),
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::NoRule => f.write_str("no rule matches it"),
+            Reason::Rule { rule } => write!(f, "{}", rule.text),
+            Reason::Forbidden { rule } => write!(f, "forbidden by {}", rule.text),
+            Reason::Hub => f.write_str("hubs cannot be passed to a VM (the devices behind a hub can: match them, e.g. hub:1-3)"),
+            Reason::ControllerOwned { controller, vm } => write!(
+                f,
+                "its controller {controller} is given whole to running VM {vm}, so device rules do not apply"
+            ),
+            Reason::ManualDetach => f.write_str("detached by hand (until unplugged or cleared)"),
+            Reason::ManualAttach => f.write_str("attached by hand (until unplugged or cleared)"),
+            Reason::HostNetdev { netdevs, wanted_by } => {
+                write!(f, "it carries host network interface(s) {}; add `force = true` to the rule to pass it anyway", netdevs.join(", "))?;
+                wanted(f, wanted_by)
+            }
+            Reason::MountedDisk { disks, wanted_by } => {
+                write!(f, "a host filesystem is mounted from {}; unmount it, or add `force = true` to the rule", disks.join(", "))?;
+                wanted(f, wanted_by)
+            }
+            Reason::VmDown { vm, wanted_by } => {
+                write!(f, "VM {vm} is not running; it gets the device when it starts")?;
+                wanted(f, wanted_by)
+            }
+            Reason::NotAttachable { mode, wanted_by } => {
+                write!(f, "the device's {} is unreadable, so it cannot be attached by {}", match mode { AttachMode::Address => "address", AttachMode::Port => "port", AttachMode::Id => "vendor:product id" }, serde_json::to_value(mode).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default())?;
+                wanted(f, wanted_by)
+            }
+            Reason::KindClaimed { claimed_by, vm, wanted_by } => {
+                write!(f, "device {claimed_by} of the same vendor:product goes to VM {vm} by id, and QEMU may grab any device of that kind; use by = \"port\" or \"address\" to tell them apart")?;
+                wanted(f, wanted_by)
+            }
+        }
+    }
+}

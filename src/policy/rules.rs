@@ -1,0 +1,99 @@
+//! Rules as the plan uses them: validated, numbered, each with its place in the file.
+
+use crate::backend::AttachMode;
+use crate::selector::Selector;
+use std::fmt;
+
+/// What a rule does with the devices it matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleAction {
+    /// Keep them on the host, whatever else matches (`forbid = true` or `vm = "host"`).
+    Forbid,
+    /// Pass them to a VM, attached by `mode`.
+    Pass {
+        /// The VM.
+        vm: String,
+        /// How the VM's usb-host finds the device (`by`).
+        mode: AttachMode,
+    },
+}
+
+/// One `[[rule]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Position among the rules in the file, from 0.
+    pub index: usize,
+    /// Line of the rule in the file, from 1 (0 for rules not from a file).
+    pub line: usize,
+    /// Which devices (`match`).
+    pub selector: Selector,
+    /// What to do with them.
+    pub action: RuleAction,
+    /// Higher wins among pass rules (`priority`, default 0). Forbid rules always win.
+    pub priority: i64,
+    /// Overrides the built-in protections (host netdev, mounted disk); never hubs.
+    pub force: bool,
+}
+
+impl Rule {
+    /// A rule passing `selector` to `vm` by `mode`, for code and tests building rules.
+    pub fn pass(index: usize, selector: Selector, vm: &str, mode: AttachMode) -> Rule {
+        Rule {
+            index,
+            line: 0,
+            selector,
+            action: RuleAction::Pass {
+                vm: vm.to_string(),
+                mode,
+            },
+            priority: 0,
+            force: false,
+        }
+    }
+
+    /// A forbid rule for `selector`.
+    pub fn forbid(index: usize, selector: Selector) -> Rule {
+        Rule {
+            index,
+            line: 0,
+            selector,
+            action: RuleAction::Forbid,
+            priority: 0,
+            force: false,
+        }
+    }
+
+    /// `vm = "win11", by = "port"` or `forbid`, for messages.
+    pub fn describe_target(&self) -> String {
+        match &self.action {
+            RuleAction::Forbid => "forbid".into(),
+            RuleAction::Pass { vm, mode } => {
+                let by = serde_json::to_value(mode)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let force = if self.force { ", force" } else { "" };
+                format!("vm = \"{vm}\", by = \"{by}\"{force}")
+            }
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    /// `rule 2 (line 14: match = "port:1-3" → vm = "win11", by = "address")`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rule {}", self.index + 1)?;
+        if self.line > 0 {
+            write!(f, " (line {}", self.line)?;
+        } else {
+            f.write_str(" (")?;
+        }
+        let sep = if self.line > 0 { ": " } else { "" };
+        write!(
+            f,
+            "{sep}match = \"{}\" → {})",
+            self.selector,
+            self.describe_target()
+        )
+    }
+}

@@ -1,0 +1,289 @@
+//! The config loader: stable keys, validation errors at file:line:column with the fix.
+
+use std::path::Path;
+use usbroute::backend::AttachMode;
+use usbroute::policy::{Config, ConfigError, RuleAction};
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Some(Path::new("usbroute.toml")))
+}
+
+fn problems(text: &str) -> String {
+    parse(text).expect_err("config is rejected").to_string()
+}
+
+const TWO_VMS: &str = r#"
+[[vm]]
+name = "win11"
+qmp = "/run/qemu/win11.qmp"
+
+[[vm]]
+name = "lab"
+qmp = "/run/qemu/lab.qmp"
+serial = "127.0.0.1:4555"
+profiles = ["gaming", "office"]
+"#;
+
+#[test]
+fn empty_file_is_empty_policy_with_default_socket() {
+    let config = parse("").expect("valid");
+    assert_eq!(
+        (
+            config.control_socket.to_str(),
+            config.rules.len(),
+            config.vms.len()
+        ),
+        (Some("/run/usbroute/control.sock"), 0, 0)
+    );
+}
+
+#[test]
+fn full_example_loads_every_section() {
+    let text = format!(
+        r#"control_socket = "/tmp/u.sock"
+control_group = "usbroute"
+{TWO_VMS}
+[[rule]]
+vm = "win11"
+match = "port:1-3.1"
+by = "port"
+priority = 10
+
+[[rule]]
+forbid = true
+match = "class:09"
+
+[[rule]]
+vm = "host"
+match = "id:0bda:*"
+
+[[controller]]
+pci = "0000:00:1d.0"
+vm = "lab"
+
+[routing]
+toggle = ["gaming", "office"]
+
+[toggle]
+listen = "127.0.0.1:4555"
+"#
+    );
+    let config = parse(&text).expect("valid");
+    let actions: Vec<&RuleAction> = config.rules.iter().map(|r| &r.action).collect();
+    let want_pass = RuleAction::Pass {
+        vm: "win11".into(),
+        mode: AttachMode::Port,
+    };
+    assert_eq!(
+        actions,
+        vec![&want_pass, &RuleAction::Forbid, &RuleAction::Forbid]
+    );
+    assert_eq!(
+        (
+            config.control_group.as_deref(),
+            config.vms[1].profiles.len(),
+            config.controllers.len(),
+            config.routing.toggle.len(),
+            config.rules[0].priority,
+            config.rules[0].line
+        ),
+        (Some("usbroute"), 2, 1, 2, 10, 14)
+    );
+}
+
+#[test]
+fn by_defaults_to_address() {
+    let config = parse(&format!(
+        "{TWO_VMS}[[rule]]\nvm = \"lab\"\nmatch = \"1-2\"\n"
+    ))
+    .expect("valid");
+    assert_eq!(
+        config.rules[0].action,
+        RuleAction::Pass {
+            vm: "lab".into(),
+            mode: AttachMode::Address
+        }
+    );
+}
+
+#[test]
+fn unknown_top_level_key_is_error_with_place() {
+    let msg = problems("control_sockt = \"/x\"\n");
+    assert!(
+        msg.starts_with("usbroute.toml:1:1: unknown field `control_sockt`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unknown_rule_key_is_error_with_line() {
+    let msg = problems(&format!(
+        "{TWO_VMS}[[rule]]\nvm = \"lab\"\nmatch = \"1-2\"\nmode = \"port\"\n"
+    ));
+    assert!(
+        msg.contains("usbroute.toml:14:1: unknown field `mode`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn bad_by_value_names_choices() {
+    let msg = problems(&format!(
+        "{TWO_VMS}[[rule]]\nvm = \"lab\"\nmatch = \"1-2\"\nby = \"serial\"\n"
+    ));
+    assert!(
+        msg.contains(":14:6: unknown variant `serial`, expected one of `address`, `port`, `id`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn bad_selector_points_at_match_value() {
+    let msg = problems(&format!(
+        "{TWO_VMS}[[rule]]\nvm = \"lab\"\nmatch = \"port:1-x\"\n"
+    ));
+    assert!(
+        msg.contains("usbroute.toml:13:9: `match`: bad selector part `port:1-x`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unknown_vm_in_rule_lists_known_vms() {
+    let msg = problems(&format!(
+        "{TWO_VMS}[[rule]]\nvm = \"win10\"\nmatch = \"1-2\"\n"
+    ));
+    assert!(
+        msg.contains(
+            ":12:6: rule names VM `win10`, which no [[vm]] defines (known VMs: win11, lab)"
+        ),
+        "{msg}"
+    );
+}
+
+#[test]
+fn rule_without_target_is_error() {
+    let msg = problems("[[rule]]\nmatch = \"1-2\"\n");
+    assert!(msg.contains("this rule has no target"), "{msg}");
+}
+
+#[test]
+fn forbid_with_vm_is_error() {
+    let msg = problems(&format!(
+        "{TWO_VMS}[[rule]]\nforbid = true\nvm = \"lab\"\nmatch = \"1-2\"\n"
+    ));
+    assert!(
+        msg.contains("both `forbid = true` and `vm = \"lab\"`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn priority_on_forbid_rule_is_error() {
+    let msg = problems("[[rule]]\nvm = \"host\"\nmatch = \"1-2\"\npriority = 3\n");
+    assert!(
+        msg.contains(":4:12: `priority` has no effect on a forbid rule"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn equal_priority_overlapping_rules_to_different_vms_is_error() {
+    let msg = problems(&format!(
+        "{TWO_VMS}[[rule]]\nvm = \"lab\"\nmatch = \"port:1-2\"\n\n[[rule]]\nvm = \"win11\"\nmatch = \"id:046d:c016\"\n"
+    ));
+    assert!(msg.contains("usbroute.toml:15:1: this rule (vm = \"win11\", by = \"address\") and the rule on line 11 (vm = \"lab\", by = \"address\") can match the same device and both have priority 0"), "{msg}");
+}
+
+#[test]
+fn equal_priority_disjoint_rules_load() {
+    let text = format!(
+        "{TWO_VMS}[[rule]]\nvm = \"lab\"\nmatch = \"port:1-2\"\n[[rule]]\nvm = \"win11\"\nmatch = \"port:1-3\"\n"
+    );
+    assert!(parse(&text).is_ok());
+}
+
+#[test]
+fn different_priority_overlapping_rules_load() {
+    let text = format!(
+        "{TWO_VMS}[[rule]]\nvm = \"lab\"\nmatch = \"port:1-2\"\npriority = 1\n[[rule]]\nvm = \"win11\"\nmatch = \"id:046d:c016\"\n"
+    );
+    assert!(parse(&text).is_ok());
+}
+
+#[test]
+fn same_outcome_overlapping_rules_load() {
+    let text = format!(
+        "{TWO_VMS}[[rule]]\nvm = \"lab\"\nmatch = \"port:1-2\"\n[[rule]]\nvm = \"lab\"\nmatch = \"id:046d:c016\"\n"
+    );
+    assert!(parse(&text).is_ok());
+}
+
+#[test]
+fn vm_named_host_is_error() {
+    let msg = problems("[[vm]]\nname = \"host\"\nqmp = \"/q\"\n");
+    assert!(msg.contains("a VM cannot be called `host`"), "{msg}");
+}
+
+#[test]
+fn duplicate_vm_and_socket_are_errors() {
+    let msg = problems("[[vm]]\nname = \"a\"\nqmp = \"/q\"\n[[vm]]\nname = \"a\"\nqmp = \"/q\"\n");
+    assert!(
+        msg.contains("VM `a` is defined twice (first on line 1)")
+            && msg.contains("QMP socket /q is used by two VMs"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn controller_for_unknown_vm_is_error() {
+    let msg = problems("[[controller]]\npci = \"0000:00:14.0\"\nvm = \"x\"\n");
+    assert!(
+        msg.contains("controller 0000:00:14.0 is given to VM `x`, which no [[vm]] defines"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let msg =
+        problems("[[rule]]\nvm = \"a\"\nmatch = \"bad\"\n[[rule]]\nvm = \"b\"\nmatch = \"1-2\"\n");
+    assert_eq!(
+        msg.lines()
+            .filter(|l| l.starts_with("usbroute.toml:"))
+            .count(),
+        3,
+        "{msg}"
+    );
+}
+
+#[test]
+fn syntax_error_has_place() {
+    let msg = problems("[[vm]\nname = 1\n");
+    assert!(msg.starts_with("usbroute.toml:1:"), "{msg}");
+}
+
+#[test]
+fn load_missing_file_names_it() {
+    let err = Config::load(Path::new("/nonexistent/usbroute.toml")).expect_err("missing");
+    assert!(err
+        .to_string()
+        .starts_with("/nonexistent/usbroute.toml: cannot read the config file"));
+}
+
+#[test]
+fn controllers_owned_only_for_running_vms() {
+    let config = parse(&format!(
+        "{TWO_VMS}[[controller]]\npci = \"0000:00:1d.0\"\nvm = \"lab\"\n"
+    ))
+    .expect("valid");
+    let running = std::collections::BTreeSet::from(["lab".to_string()]);
+    let stopped = std::collections::BTreeSet::new();
+    assert_eq!(
+        (
+            config.controllers_owned(&running).len(),
+            config.controllers_owned(&stopped).len()
+        ),
+        (1, 0)
+    );
+}
