@@ -313,3 +313,24 @@ fn ports_registers_refuses_a_function_that_is_not_an_xhci() {
             "0000:00:1d.0 is not an xHCI (class 0c0320)",
         ));
 }
+
+#[test]
+fn ports_refuses_a_config_whose_toggle_names_a_missing_profile() {
+    let s = setup(Regs::LYNX_DEFAULT);
+    std::fs::write(
+        &s.config,
+        CONFIG.replace(
+            r#"toggle = ["host", "guest"]"#,
+            r#"toggle = ["host", "gust"]"#,
+        ),
+    )
+    .unwrap();
+
+    usbroute(&s)
+        .args(["ports", "toggle"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(
+            "[routing] toggle names profile `gust`, which has no [routing.profile.gust]",
+        ));
+}

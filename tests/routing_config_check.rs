@@ -102,3 +102,45 @@ fn a_secret_that_cannot_fit_in_an_auth_line_is_reported() {
         vec!["[toggle] secret must be 1 to 123 printable ASCII characters without spaces"]
     );
 }
+
+#[test]
+fn a_whole_config_is_checked_and_its_vm_links_derived() {
+    let config = usbroute::policy::Config::parse(
+        r#"
+        [[vm]]
+        name = "win11"
+        qmp = "/run/win11.qmp"
+        serial = "127.0.0.1:4511"
+        profiles = ["guest", "gaming"]
+
+        [[vm]]
+        name = "plain"
+        qmp = "/run/plain.qmp"
+
+        [routing]
+        toggle = ["host", "guest"]
+        [routing.profile.host]
+        mask = "0x3fff"
+        [routing.profile.guest]
+        mask = "0x3ffc"
+        "#,
+        None,
+    )
+    .unwrap();
+
+    let links = usbroute::toggle::runtime::vm_links(&config);
+    let problems = usbroute::toggle::runtime::check_routing_config(&config);
+
+    assert_eq!(
+        links,
+        vec![VmLink {
+            vm: "win11".into(),
+            listen: "127.0.0.1:4511".into(),
+            profiles: vec!["guest".into(), "gaming".into()],
+        }]
+    );
+    assert_eq!(
+        problems,
+        vec!["VM `win11` may select profile `gaming`, which has no [routing.profile.gaming]"]
+    );
+}

@@ -128,7 +128,11 @@ fn expect(lines: &Receiver<String>, what: &str, seen: &mut Vec<String>) {
 fn ports_map_sees_a_plug_and_saves_its_label_into_the_config() {
     let root = recorded_lynx_point();
     let config = root.path().join("usbroute.toml");
-    std::fs::write(&config, "# my VMs\n[[vm]]\nname = \"win11\"\n").unwrap();
+    std::fs::write(
+        &config,
+        "# my VMs\n[[vm]]\nname = \"win11\"\nqmp = \"/run/win11.qmp\"\n",
+    )
+    .unwrap();
     let usb = root.path().join("sys/bus/usb/devices");
     let unplugged: Vec<(PathBuf, PathBuf)> = ["1-4", "1-4:1.0"]
         .iter()
@@ -169,6 +173,6 @@ fn ports_map_sees_a_plug_and_saves_its_label_into_the_config() {
     );
     assert_eq!(
         std::fs::read_to_string(&config).unwrap(),
-        "# my VMs\n[[vm]]\nname = \"win11\"\n\n[routing.labels]\n\"desk left\" = \"ehci1:4\"\n"
+        "# my VMs\n[[vm]]\nname = \"win11\"\nqmp = \"/run/win11.qmp\"\n\n[routing.labels]\n\"desk left\" = \"ehci1:4\"\n"
     );
 }

@@ -1,14 +1,14 @@
 //! `ports ...` and `toggle`.
 //!
-//! `ports` reads the `[routing]` and `[toggle]` sections of the config file itself
-//! (a view of those two sections, not a loader of the whole file) until the policy
-//! engineer's config loader lands; then it converges on that.
+//! The config comes from the one loader, [`Config::load`]; only `ports map` writes to
+//! the file, and then only `[routing.labels]`, in place.
 
 mod map;
 
 use super::output::print_json;
 use super::Global;
 use crate::inventory::PciAddress;
+use crate::policy::{Config, ConfigError};
 use crate::routing::chipset::chipset_for_xhci;
 use crate::routing::config_space::ConfigSpace;
 use crate::routing::config_space::SysfsConfigSpace;
@@ -17,11 +17,11 @@ use crate::routing::detect::{detect, xhci_functions, PciIdentity, Registers};
 use crate::routing::ports::{rows, PortRow};
 use crate::routing::profile::{Plan, Route};
 use crate::routing::router::{Applied, PowerChange, Router};
-use crate::routing::RoutingConfig;
 use crate::toggle::protocol::Reply;
-use crate::toggle::{ToggleConfig, DEFAULT_LISTEN};
+use crate::toggle::runtime::check_routing_config;
+use crate::toggle::DEFAULT_LISTEN;
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -97,40 +97,36 @@ pub struct ToggleArgs {
     pub address: Option<String>,
 }
 
-/// The two sections this command group uses; the rest of the file is not its business.
-#[derive(Debug, Default, Deserialize)]
-struct RoutingView {
-    #[serde(default)]
-    routing: RoutingConfig,
-    #[serde(default)]
-    toggle: ToggleConfig,
-}
-
 fn config_path(g: &Global) -> PathBuf {
     g.config
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
 }
 
-/// The sections, or empty ones when the default config file does not exist.
-fn read_view(g: &Global) -> anyhow::Result<RoutingView> {
+/// The config, or the empty one when there is no `--config` and no default file.
+/// Problems in [routing] / [toggle] that the loader leaves to their owners fail here too.
+fn read_view(g: &Global) -> anyhow::Result<Config> {
     let path = config_path(g);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && g.config.is_none() => {
-            return Ok(RoutingView::default())
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(ConfigError::Read { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound && g.config.is_none() =>
+        {
+            Config::default()
         }
-        Err(e) => return Err(e).with_context(|| format!("Cannot read {}", path.display())),
+        Err(e) => return Err(e.into()),
     };
-    toml::from_str(&text).with_context(|| {
-        format!(
-            "{}: [routing] or [toggle] is not valid (see docs/routing.md)",
-            path.display()
-        )
-    })
+    let problems = check_routing_config(&config);
+    anyhow::ensure!(
+        problems.is_empty(),
+        "{}: {}",
+        path.display(),
+        problems.join("; ")
+    );
+    Ok(config)
 }
 
-fn open_router(g: &Global, view: &RoutingView) -> anyhow::Result<ProfileRouter<SysfsConfigSpace>> {
+fn open_router(g: &Global, view: &Config) -> anyhow::Result<ProfileRouter<SysfsConfigSpace>> {
     let root = g.root();
     let detected = detect(&root, view.routing.controller)?;
     Ok(ProfileRouter::new(
@@ -179,7 +175,7 @@ struct PortsJson<'a> {
     ports: &'a [PortRow],
 }
 
-fn list(g: &Global, view: &RoutingView, json: bool) -> anyhow::Result<ExitCode> {
+fn list(g: &Global, view: &Config, json: bool) -> anyhow::Result<ExitCode> {
     let router = open_router(g, view)?;
     let regs = router.router().registers()?;
     let snapshot = crate::inventory::scan(&g.root());
@@ -297,7 +293,7 @@ fn registers(g: &Global, only: Option<PciAddress>, json: bool) -> anyhow::Result
     Ok(ExitCode::SUCCESS)
 }
 
-fn show(g: &Global, view: &RoutingView, profile: &str, json: bool) -> anyhow::Result<ExitCode> {
+fn show(g: &Global, view: &Config, profile: &str, json: bool) -> anyhow::Result<ExitCode> {
     let router = open_router(g, view)?;
     let plan = router.plan(profile)?;
     if json {

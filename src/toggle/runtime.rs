@@ -5,6 +5,7 @@
 use super::dispatch::{Access, Session};
 use super::server::{ToggleError, ToggleService};
 use super::{start, ToggleConfig, VmLink};
+use crate::policy::Config;
 use crate::routing::config_space::SysfsConfigSpace;
 use crate::routing::control::ProfileRouter;
 use crate::routing::detect::detect;
@@ -14,6 +15,36 @@ use crate::sysfs::SysfsRoot;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinHandle;
+
+/// The serial links of the config's VMs (those with `serial = ...`).
+pub fn vm_links(config: &Config) -> Vec<VmLink> {
+    config
+        .vms
+        .iter()
+        .filter_map(|vm| {
+            Some(VmLink {
+                vm: vm.name.clone(),
+                listen: vm.serial.clone()?,
+                profiles: vm.profiles.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Everything wrong with `[routing]`, `[toggle]` and the VMs' `serial`/`profiles` that
+/// can be seen without hardware, one message each. The loader leaves these sections to
+/// their owners; `serve`/`reload` and the `ports` commands call this after it.
+pub fn check_routing_config(config: &Config) -> Vec<String> {
+    let mut problems = crate::routing::control::check_config(&config.routing);
+    let profiles = config.routing.profile.keys().cloned().collect();
+    let links = vm_links(config);
+    let serial_without_routing = links.is_empty() || !config.routing.profile.is_empty();
+    if !serial_without_routing {
+        problems.push("VMs have `serial` links but [routing] has no profiles to switch".into());
+    }
+    problems.extend(super::check_config(&config.toggle, &links, &profiles));
+    problems
+}
 
 /// How often [`RoutingRuntime::watch`] checks the register by default. The kernel
 /// sends no uevent on runtime resume, so polling is the one sure way to notice.
