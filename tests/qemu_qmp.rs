@@ -198,3 +198,16 @@ async fn connect_to_missing_socket_names_path_and_fix() {
     assert!(text.contains(&path.display().to_string()), "{text}");
     assert!(text.contains("server=on,wait=off"), "{text}");
 }
+
+#[tokio::test]
+async fn second_client_on_a_busy_socket_is_told_why_nothing_answers() {
+    let qemu = QemuGuard::machine_none();
+    let _first = Qmp::connect(qemu.socket()).await.expect("connect");
+
+    let err = Qmp::connect_with_timeout(qemu.socket(), Duration::from_millis(500))
+        .await
+        .unwrap_err();
+
+    assert!(matches!(err, QmpError::NoGreeting { .. }), "{err:?}");
+    assert!(err.to_string().contains("another client"), "{err}");
+}

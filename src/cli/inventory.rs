@@ -98,7 +98,10 @@ pub(super) fn show(g: &Global, a: ShowArgs) -> anyhow::Result<ExitCode> {
 pub(super) fn controllers(g: &Global, a: ControllersArgs) -> anyhow::Result<ExitCode> {
     let (root, snapshot) = scan(g)?;
     if a.json {
-        print_json(&render::controller_reports(&snapshot))?;
+        let reports = render::controller_reports(&snapshot);
+        print_json(&crate::vfio::with_passthrough(&root, reports, |r| {
+            r.controller.pci
+        }))?;
     } else if snapshot.controllers.is_empty() {
         println!(
             "No USB host controllers on PCI under {}.",
@@ -106,6 +109,8 @@ pub(super) fn controllers(g: &Global, a: ControllersArgs) -> anyhow::Result<Exit
         );
     } else {
         print!("{}", render::controllers_text(&snapshot));
+        let pcis: Vec<_> = snapshot.controllers.iter().map(|c| c.pci).collect();
+        print!("{}", crate::vfio::passthrough_text(&root, &pcis));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,1 +1,511 @@
-//! QEMU backend: usb-host attach, detach and list over [`crate::qmp`].
+//! The QEMU backend: usb-host devices attached, detached and listed over QMP.
+//!
+//! Attach names the bus (a controller that fits the device's speed, or a `qemu-xhci`
+//! added first), gives the device a deterministic id of ours
+//! ([`crate::backend::AttachKey`]) and, for an unprivileged QEMU, passes the device as an
+//! open file. Detach waits for `DEVICE_DELETED`. List reads QOM, never `info usb`.
+
+pub mod controllers;
+pub mod fdpass;
+pub mod listing;
+pub mod qom;
+
+pub use fdpass::FdPassing;
+
+use crate::backend::{AttachKey, AttachMode, BackendError, BoxFuture, VmBackend, VmUsbDevice};
+use crate::inventory::{ClassTriple, Device, Speed};
+use crate::qmp::{Qmp, QmpError};
+use crate::sysfs::SysfsRoot;
+use serde_json::{json, Value};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+
+/// How long `detach` waits for QEMU's `DEVICE_DELETED` unless told otherwise.
+pub const DEFAULT_UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Choices of the QEMU backend.
+#[derive(Debug, Clone)]
+pub struct QemuOptions {
+    /// When to pass the device to QEMU as an open file.
+    pub fd_passing: FdPassing,
+    /// How long detach waits for `DEVICE_DELETED`.
+    pub unplug_timeout: Duration,
+    /// Where `/dev/bus/usb` is read (the live host: `/`).
+    pub root: SysfsRoot,
+}
+
+impl Default for QemuOptions {
+    fn default() -> Self {
+        QemuOptions {
+            fd_passing: FdPassing::Auto,
+            unplug_timeout: DEFAULT_UNPLUG_TIMEOUT,
+            root: SysfsRoot::default(),
+        }
+    }
+}
+
+/// What to attach: the key, the device's speed (to choose a bus) and how to name it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttachRequest {
+    /// What the usb-host device matches on (and so its id).
+    pub key: AttachKey,
+    /// The device's speed, `None` if unknown (then only an xHCI bus fits).
+    pub speed: Option<Speed>,
+    /// The device as messages name it (`device 1-3 (bus 1 addr 5) 046d:c016 Logitech`).
+    pub what: String,
+}
+
+/// What an attach did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attached {
+    /// The device as the VM has it now.
+    pub device: VmUsbDevice,
+    /// The VM bus it went on (empty when it was there already).
+    pub bus: String,
+    /// The id of a `qemu-xhci` added first because no controller fitted.
+    pub added_controller: Option<String>,
+    /// `true` when the device went to QEMU as an open file (`/dev/fdset/N`).
+    pub fd_passed: bool,
+    /// `true` when the VM had this device (our id) already; nothing was changed.
+    pub already_there: bool,
+    /// Things the user should know (an unprivileged QEMU needing device access).
+    pub notes: Vec<String>,
+}
+
+/// One QEMU VM, reached over its QMP socket.
+#[derive(Debug, Clone)]
+pub struct QemuBackend {
+    name: String,
+    qmp: Qmp,
+    options: QemuOptions,
+}
+
+impl QemuBackend {
+    /// A backend over an open QMP connection; `name` is how messages name the VM.
+    pub fn new(name: impl Into<String>, qmp: Qmp, options: QemuOptions) -> Self {
+        QemuBackend {
+            name: name.into(),
+            qmp,
+            options,
+        }
+    }
+
+    /// Connect to the QMP socket at `socket`; the VM is named after the socket path.
+    pub async fn connect(socket: &Path, options: QemuOptions) -> Result<Self, BackendError> {
+        let name = socket.display().to_string();
+        let qmp = Qmp::connect(socket)
+            .await
+            .map_err(|e| BackendError::Unreachable {
+                vm: name.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self::new(name, qmp, options))
+    }
+
+    /// The QMP connection.
+    pub fn qmp(&self) -> &Qmp {
+        &self.qmp
+    }
+
+    /// How messages name `device`: `device 1-3 (bus 1 addr 5) 046d:c016 Logitech Mouse`.
+    pub fn describe(device: &Device) -> String {
+        let address = device
+            .address
+            .map_or_else(|| "addr unknown".to_string(), |a| format!("addr {a}"));
+        format!(
+            "device {} (bus {} {address}) {}",
+            device.port,
+            device.bus,
+            device.label()
+        )
+    }
+
+    /// Every usb-host device of the VM, with `attached` read from QEMU.
+    pub async fn list_devices(&self) -> Result<Vec<VmUsbDevice>, BackendError> {
+        listing::usb_hosts(&self.qmp)
+            .await
+            .map_err(|e| self.qmp_error(e))
+    }
+
+    /// Attach `device` matching by `mode`; refuses hubs and devices lacking what the mode
+    /// needs.
+    pub async fn attach_device(
+        &self,
+        device: &Device,
+        mode: AttachMode,
+    ) -> Result<Attached, BackendError> {
+        let what = Self::describe(device);
+        let is_hub = device.hub
+            || device
+                .class
+                .is_some_and(|c| c.class == ClassTriple::HUB_CLASS);
+        if is_hub {
+            return Err(self.refused(format!(
+                "{what} is a hub: QEMU cannot pass a hub to a VM (usb-host skips hubs); pass \
+                 the devices behind it (selector hub:{}) or the whole controller \
+                 (usbroute controller)",
+                device.port
+            )));
+        }
+        let key = AttachKey::of(mode, device).ok_or_else(|| {
+            self.refused(format!(
+                "{what}: its {} could not be read from sysfs, so it cannot be attached by \
+                 that; try another --by",
+                if mode == AttachMode::Address {
+                    "device address"
+                } else {
+                    "vendor or product id"
+                }
+            ))
+        })?;
+        self.attach_request(AttachRequest {
+            key,
+            // By port, whatever is plugged there next is attached, at whatever speed: only
+            // a bus that takes every speed (xHCI) is safe.
+            speed: if mode == AttachMode::Port {
+                None
+            } else {
+                device.speed_mbps
+            },
+            what,
+        })
+        .await
+    }
+
+    /// Attach what `request` describes. Leaves no usb-host device and no passed file behind
+    /// when it fails (a `qemu-xhci` added for it stays: see [`Attached::added_controller`]).
+    pub async fn attach_request(&self, request: AttachRequest) -> Result<Attached, BackendError> {
+        let AttachRequest { key, speed, what } = request;
+        let (mode, id) = (key.mode(), key.to_id());
+        let peer = self.qmp.peer();
+        let pass_fd = fdpass::decide(self.options.fd_passing, mode, peer)
+            .map_err(|reason| self.refused(format!("{what}: {reason}")))?;
+        let notes: Vec<String> = fdpass::unprivileged_note(mode, peer).into_iter().collect();
+
+        if let Some(existing) = self.existing(&id).await? {
+            return Ok(Attached {
+                device: existing,
+                bus: String::new(),
+                added_controller: None,
+                fd_passed: false,
+                already_there: true,
+                notes,
+            });
+        }
+        // Look at the host before touching the VM: an absent device then changes nothing
+        // (not even a controller added for it, which on q35 the guest would have to release).
+        let file = match &key {
+            AttachKey::Address { bus, address } => {
+                self.check_node(&what, *bus, *address, pass_fd)?
+            }
+            _ => None,
+        };
+
+        let (bus, added_controller) = self.bus_for(speed, &what).await?;
+        let mut arguments = json!({"driver": "usb-host", "id": id, "bus": bus});
+        match &key {
+            AttachKey::Address { bus, address } => {
+                arguments["hostbus"] = json!(bus);
+                arguments["hostaddr"] = json!(address);
+            }
+            AttachKey::Port(port) => {
+                arguments["hostbus"] = json!(port.bus);
+                arguments["hostport"] = json!(port.chain());
+            }
+            // QEMU wants the ids as JSON integers; strings are refused.
+            AttachKey::Id {
+                vendor_id,
+                product_id,
+            } => {
+                arguments["vendorid"] = json!(vendor_id.0);
+                arguments["productid"] = json!(product_id.0);
+            }
+        }
+
+        let mut fdset = None;
+        if let Some(file) = &file {
+            let added = self
+                .qmp
+                .execute_with_fd("add-fd", Some(json!({"opaque": id})), file.as_fd())
+                .await;
+            match added {
+                Ok(reply) => {
+                    let set = reply["fdset-id"].as_u64().ok_or_else(|| {
+                        self.refused(format!("`add-fd` answered {reply} without an fdset-id"))
+                    })?;
+                    // With `hostdevice` QEMU opens that path once and ignores hostbus and
+                    // hostaddr for the open; they stay set so listings show the address.
+                    arguments["hostdevice"] = json!(format!("/dev/fdset/{set}"));
+                    fdset = Some(set);
+                }
+                Err(e) => return Err(self.qmp_error(e)),
+            }
+        }
+        let added = self.qmp.execute("device_add", Some(arguments)).await;
+        if let Some(set) = fdset {
+            // QEMU holds its own duplicate once the device is realized; the set itself is
+            // only the hand-over.
+            let _ = self
+                .qmp
+                .execute("remove-fd", Some(json!({"fdset-id": set})))
+                .await;
+        }
+        if let Err(e) = added {
+            let mut err = self.attach_error(e, &what, &key, fdset.is_some());
+            if let (Some(id), BackendError::Refused { reason, .. }) = (&added_controller, &mut err)
+            {
+                reason.push_str(&format!(
+                    " (the qemu-xhci `{id}` added for it stays, for the next attach)"
+                ));
+            }
+            return Err(err);
+        }
+        // QEMU has exactly the match properties just given; only `attached` is news.
+        let attached = qom::get(&self.qmp, &format!("/machine/peripheral/{id}"), "attached")
+            .await
+            .map_err(|e| self.qmp_error(e))?;
+        let device = VmUsbDevice {
+            id,
+            attached: attached.as_bool().unwrap_or(false),
+            ours: true,
+            matcher: listing::match_of_key(&key),
+        };
+        Ok(Attached {
+            device,
+            bus,
+            added_controller,
+            fd_passed: fdset.is_some(),
+            already_there: false,
+            notes,
+        })
+    }
+
+    /// The device with id `id`, if the VM has it (one `qom-list`, no reads of the others).
+    async fn existing(&self, id: &str) -> Result<Option<VmUsbDevice>, BackendError> {
+        let ids = qom::children(&self.qmp, "/machine/peripheral")
+            .await
+            .map_err(|e| self.qmp_error(e))?;
+        let Some(child) = ids.into_iter().find(|c| c.name == id) else {
+            return Ok(None);
+        };
+        listing::read_one(&self.qmp, child.name, child.path)
+            .await
+            .map(Some)
+            .map_err(|e| self.qmp_error(e))
+    }
+
+    /// The bus for a device of `speed`, adding a `qemu-xhci` when none fits.
+    async fn bus_for(
+        &self,
+        speed: Option<Speed>,
+        what: &str,
+    ) -> Result<(String, Option<String>), BackendError> {
+        let buses = controllers::discover(&self.qmp)
+            .await
+            .map_err(|e| self.qmp_error(e))?;
+        if let Some(bus) = controllers::choose_bus(&buses, speed) {
+            return Ok((bus.name.clone(), None));
+        }
+        tracing::info!(vm = %self.name, "no USB controller fits {what}; adding a qemu-xhci");
+        match controllers::add_xhci(&self.qmp).await {
+            Ok(bus) => Ok((bus, Some(controllers::ADDED_CONTROLLER_ID.to_string()))),
+            Err(controllers::AddControllerError::Qmp(e)) => Err(self.qmp_error(e)),
+            Err(controllers::AddControllerError::NoSlot { tried }) => Err(self.refused(format!(
+                "no USB controller fits {what} ({}), and a qemu-xhci could not be added: {}; \
+                 start the VM with `-device qemu-xhci,id=xhci` (or give it a free \
+                 pcie-root-port)",
+                describe_buses(&buses),
+                tried.join("; ")
+            ))),
+        }
+    }
+
+    /// For an attach by address: is the device node there, and (when passing it) open it.
+    fn check_node(
+        &self,
+        what: &str,
+        bus: u8,
+        address: u16,
+        pass_fd: bool,
+    ) -> Result<Option<std::fs::File>, BackendError> {
+        let node = fdpass::device_node(&self.options.root, bus, address);
+        let opened = if pass_fd {
+            fdpass::open_device_node(&self.options.root, bus, address).map(Some)
+        } else {
+            std::fs::metadata(&node).map(|_| None)
+        };
+        opened.map_err(|e| {
+            let fix = match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    return self.refused(format!(
+                        "{what} is not on this host (no {}); use --by port or --by id to \
+                         attach it when it appears",
+                        node.display()
+                    ))
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    "run usbroute as root, or use --fd-passing never if QEMU may open it itself"
+                }
+                _ => "check the device node",
+            };
+            self.refused(format!(
+                "{what}: cannot open {} to pass it to QEMU: {e}; {fix}",
+                node.display()
+            ))
+        })
+    }
+
+    /// Remove the device with QEMU id (or QOM path) `id`, and wait until QEMU says it is gone.
+    pub async fn detach_id(&self, id: &str) -> Result<(), BackendError> {
+        // Subscribe before asking, so the event cannot slip past between the two.
+        let mut events = self.qmp.events();
+        if let Err(e) = self
+            .qmp
+            .execute("device_del", Some(json!({ "id": id })))
+            .await
+        {
+            return Err(match e {
+                QmpError::Command { class, .. } if class == "DeviceNotFound" => self.refused(
+                    format!("has no device `{id}`; `usbroute vm devices --qmp SOCKET` lists them"),
+                ),
+                e => self.qmp_error(e),
+            });
+        }
+        let timeout = self.options.unplug_timeout;
+        let wait = async {
+            loop {
+                match events.recv().await {
+                    Ok(event) if event_names(&event.data, id) => match event.name.as_str() {
+                        "DEVICE_DELETED" => return Ok(()),
+                        "DEVICE_UNPLUG_GUEST_ERROR" => {
+                            return Err(self.refused(format!(
+                                "the guest refused to release device `{id}`; try again, or \
+                                 stop the guest's use of it first"
+                            )))
+                        }
+                        _ => {}
+                    },
+                    Ok(_) => {}
+                    // Fell behind: ask QEMU directly whether the device is still there.
+                    Err(RecvError::Lagged(_)) => {
+                        if !self.list_devices().await?.iter().any(|d| d.id == id) {
+                            return Ok(());
+                        }
+                    }
+                    Err(RecvError::Closed) => {
+                        return Err(self.qmp_error(QmpError::Closed {
+                            command: Some(format!("device_del {id} (waiting for DEVICE_DELETED)")),
+                            partial: None,
+                        }))
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or_else(|_| {
+                Err(BackendError::Timeout {
+                    vm: self.name.clone(),
+                    what: format!("removal of device `{id}` (DEVICE_DELETED)"),
+                    seconds: timeout.as_secs_f64(),
+                })
+            })
+    }
+
+    fn attach_error(
+        &self,
+        e: QmpError,
+        what: &str,
+        key: &AttachKey,
+        fd_passed: bool,
+    ) -> BackendError {
+        let QmpError::Command { desc, .. } = &e else {
+            return self.qmp_error(e);
+        };
+        let hint = if desc.contains("failed to find host usb device") {
+            "the device is not on this host; use --by port or --by id to attach it when it appears"
+                .to_string()
+        } else if desc.contains("failed to open host usb device") && fd_passed {
+            "QEMU could not use the passed file as a USB device (is it really a \
+             /dev/bus/usb node?)"
+                .to_string()
+        } else if desc.contains("failed to open host usb device") {
+            match key {
+                AttachKey::Address { bus, address } => format!(
+                    "QEMU could not open /dev/bus/usb/{bus:03}/{address:03} (permissions? the \
+                     device in use?); --fd-passing always lets usbroute open it for QEMU"
+                ),
+                _ => "QEMU could not open the device (permissions? in use?)".to_string(),
+            }
+        } else {
+            "see QEMU's words".to_string()
+        };
+        self.refused(format!(
+            "cannot attach {what}: QEMU said \"{desc}\"; {hint}"
+        ))
+    }
+
+    fn refused(&self, reason: String) -> BackendError {
+        BackendError::Refused {
+            vm: self.name.clone(),
+            reason,
+        }
+    }
+
+    fn qmp_error(&self, e: QmpError) -> BackendError {
+        match e {
+            QmpError::Timeout { command, seconds } => BackendError::Timeout {
+                vm: self.name.clone(),
+                what: format!("`{command}`"),
+                seconds,
+            },
+            QmpError::Command { .. } => self.refused(e.to_string()),
+            other => BackendError::Unreachable {
+                vm: self.name.clone(),
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+/// Does an event's data name device `id` (by id, or by QOM path for devices without one)?
+fn event_names(data: &Value, id: &str) -> bool {
+    let device = data.get("device").and_then(Value::as_str);
+    let path = data.get("path").and_then(Value::as_str);
+    device == Some(id) || path == Some(id) || path == Some(&format!("/machine/peripheral/{id}"))
+}
+
+fn describe_buses(buses: &[controllers::VmUsbBus]) -> String {
+    if buses.is_empty() {
+        return "the VM has no USB controller".to_string();
+    }
+    let names: Vec<String> = buses
+        .iter()
+        .map(|b| format!("{} on {}", b.name, b.controller_type))
+        .collect();
+    format!("the VM has {}", names.join(", "))
+}
+
+impl VmBackend for QemuBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<VmUsbDevice>, BackendError>> {
+        Box::pin(self.list_devices())
+    }
+
+    fn attach<'a>(
+        &'a self,
+        device: &'a Device,
+        mode: AttachMode,
+    ) -> BoxFuture<'a, Result<VmUsbDevice, BackendError>> {
+        Box::pin(async move { Ok(self.attach_device(device, mode).await?.device) })
+    }
+
+    fn detach<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(self.detach_id(id))
+    }
+}

@@ -23,6 +23,17 @@ pub enum QmpError {
         /// What arrived instead (shortened).
         got: String,
     },
+    /// The socket accepted the connection but nothing was said: QEMU serves one client per
+    /// QMP socket and queues the rest.
+    #[error(
+        "QEMU sent no QMP greeting within {seconds:.1} s; another client (libvirt, a second \
+         usbroute, socat) is probably connected: QEMU serves one client per QMP socket, so \
+         give usbroute its own `-qmp unix:...,server=on,wait=off` socket"
+    )]
+    NoGreeting {
+        /// How long we waited.
+        seconds: f64,
+    },
     /// QEMU closed the connection (it exited, was killed, or another client took over).
     #[error("QEMU closed the QMP socket{}; is the VM still running?", waiting_for(.command))]
     Closed {

@@ -110,6 +110,11 @@ struct Pending {
 impl Qmp {
     /// Connect to QEMU's QMP Unix socket, read the greeting and enter command mode.
     pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
+        Self::connect_with_timeout(path, DEFAULT_TIMEOUT).await
+    }
+
+    /// [`Qmp::connect`] with `timeout` for the greeting and, later, for every command.
+    pub async fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
         let stream = UnixStream::connect(path)
             .await
             .map_err(|e| QmpError::Connect {
@@ -122,7 +127,7 @@ impl Qmp {
             gid: c.gid(),
         });
         let (read, write) = stream.into_split();
-        Self::handshake(read, Writer::Unix(write), peer).await
+        Self::handshake(read, Writer::Unix(write), peer, timeout).await
     }
 
     /// Talk QMP over any byte stream (a serial tty, a pipe). File descriptors cannot be
@@ -132,22 +137,23 @@ impl Qmp {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (read, write) = tokio::io::split(stream);
-        Self::handshake(read, Writer::Stream(Box::new(write)), None).await
+        Self::handshake(read, Writer::Stream(Box::new(write)), None, DEFAULT_TIMEOUT).await
     }
 
     async fn handshake<R>(
         read: R,
         writer: Writer,
         peer: Option<PeerCredentials>,
+        timeout: Duration,
     ) -> Result<Qmp, QmpError>
     where
         R: AsyncRead + Unpin + Send + 'static,
     {
         let mut reader = BufReader::new(read);
-        let greeting = tokio::time::timeout(DEFAULT_TIMEOUT, read_greeting(&mut reader))
+        let greeting = tokio::time::timeout(timeout, read_greeting(&mut reader))
             .await
-            .map_err(|_| QmpError::Greeting {
-                got: format!("nothing within {} s", DEFAULT_TIMEOUT.as_secs()),
+            .map_err(|_| QmpError::NoGreeting {
+                seconds: timeout.as_secs_f64(),
             })??;
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let state = Arc::new(Mutex::new(State {
@@ -165,7 +171,7 @@ impl Qmp {
                 peer,
                 reader,
             }),
-            timeout: DEFAULT_TIMEOUT,
+            timeout,
         };
         qmp.execute("qmp_capabilities", None).await?;
         Ok(qmp)

@@ -33,10 +33,25 @@ impl QemuGuard {
 
     /// Start QEMU with `args` after the common ones; waits until its QMP socket accepts.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_as(None, args)
+    }
+
+    /// Like [`QemuGuard::start`], as user and group `uid` (`None`: as ourselves), e.g.
+    /// 65534 (nobody) for a QEMU that cannot open /dev/bus/usb.
+    pub fn start_as(uid: Option<u32>, args: &[&str]) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().expect("temp dir");
+        // QEMU creates its socket here, possibly as another user.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod temp dir");
         let socket = dir.path().join("qmp.sock");
         let qmp = format!("unix:{},server=on,wait=off", socket.display());
-        let child = Command::new(QEMU)
+        let mut command = Command::new(QEMU);
+        if let Some(uid) = uid {
+            command.uid(uid).gid(uid);
+        }
+        let child = command
             .args(["-nodefaults", "-display", "none", "-accel", "tcg", "-S"])
             .args(["-qmp", &qmp])
             .args(args)
@@ -44,11 +59,14 @@ impl QemuGuard {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
+            .unwrap_or_else(|e| match (e.kind(), uid) {
+                (std::io::ErrorKind::PermissionDenied, Some(uid)) => {
+                    panic!("cannot start {QEMU} as uid {uid}: {e}; run this test as root")
+                }
+                _ => panic!(
                     "cannot start {QEMU}: {e}; install it: apt-get install -t bookworm-backports \
                      qemu-system-x86 (see ../shared/notes/test-bed.md)"
-                )
+                ),
             });
         let mut guard = QemuGuard {
             child,
@@ -104,4 +122,51 @@ impl Drop for QemuGuard {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A host USB device as the inventory would describe it (this host has none of its own):
+/// at `port` (`1-3.1`), address `address`, ids `vendor:product`, `speed` Mb/s.
+pub fn host_device(
+    port: &str,
+    address: u16,
+    vendor: u16,
+    product: u16,
+    speed: f64,
+) -> usbroute::inventory::Device {
+    use usbroute::inventory::{Device, HexId, PortPath, Speed};
+    let port: PortPath = port.parse().expect("port path");
+    Device {
+        bus: port.bus,
+        parent: port.parent(),
+        sysfs_path: format!("/sys/bus/usb/devices/{port}"),
+        port,
+        address: Some(address),
+        vendor_id: Some(HexId(vendor)),
+        product_id: Some(HexId(product)),
+        manufacturer: Some("Test".into()),
+        product: Some("Gadget".into()),
+        serial: None,
+        class: None,
+        speed_mbps: Some(Speed(speed)),
+        hub: false,
+        removable: None,
+        controller: None,
+        driver: None,
+        interfaces: Vec::new(),
+        netdevs: Vec::new(),
+        block_devices: Vec::new(),
+    }
+}
+
+/// The ids of every device in `/machine/peripheral` (what `-device ... id=` and
+/// `device_add` created), sorted.
+pub async fn peripheral_ids(qmp: &usbroute::qmp::Qmp) -> Vec<String> {
+    let mut ids: Vec<String> = usbroute::qemu::qom::children(qmp, "/machine/peripheral")
+        .await
+        .expect("qom-list")
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    ids.sort();
+    ids
 }

@@ -1,0 +1,152 @@
+//! Every usb-host device of a VM, read back over QOM.
+//!
+//! Why not `info usb`: it keeps listing devices that are gone. The `attached` property is
+//! what QEMU really has connected now.
+
+use super::qom;
+use crate::backend::{AttachKey, HostMatch, VmUsbDevice};
+use crate::inventory::HexId;
+use crate::qmp::{Qmp, QmpError};
+use futures_util::future::try_join_all;
+use serde_json::Value;
+
+/// The usb-host properties read for each device.
+const PROPERTIES: [&str; 6] = [
+    "hostbus",
+    "hostaddr",
+    "hostport",
+    "vendorid",
+    "productid",
+    "attached",
+];
+
+/// Every usb-host device: those with an id (`/machine/peripheral`, listed by id) and those
+/// without (`/machine/peripheral-anon`, listed by QOM path, which `device_del` accepts too),
+/// sorted by id.
+pub async fn usb_hosts(qmp: &Qmp) -> Result<Vec<VmUsbDevice>, QmpError> {
+    let mut found = Vec::new();
+    for (container, by_path) in [
+        ("/machine/peripheral", false),
+        ("/machine/peripheral-anon", true),
+    ] {
+        for child in qom::children(qmp, container).await? {
+            if child.type_name == "usb-host" {
+                let id = if by_path {
+                    child.path.clone()
+                } else {
+                    child.name
+                };
+                found.push((id, child.path));
+            }
+        }
+    }
+    let mut devices =
+        try_join_all(found.into_iter().map(|(id, path)| read_one(qmp, id, path))).await?;
+    // QOM lists in no particular order; by id (devices without one last) reads well and
+    // stays the same from run to run.
+    devices.sort_by(|a, b| (a.id.starts_with('/'), &a.id).cmp(&(b.id.starts_with('/'), &b.id)));
+    Ok(devices)
+}
+
+/// One usb-host device at `path`; its properties are asked for all at once.
+pub async fn read_one(qmp: &Qmp, id: String, path: String) -> Result<VmUsbDevice, QmpError> {
+    let values = try_join_all(PROPERTIES.iter().map(|p| qom::get(qmp, &path, p))).await?;
+    let [bus, address, port, vendor, product, attached] = values.as_slice() else {
+        unreachable!("one value per property asked for")
+    };
+    let number = |v: &Value| v.as_u64().unwrap_or(0);
+    let matcher = match_from_properties(
+        number(bus),
+        number(address),
+        port.as_str().unwrap_or_default(),
+        number(vendor),
+        number(product),
+    );
+    Ok(VmUsbDevice {
+        ours: AttachKey::from_id(&id).is_some(),
+        attached: attached.as_bool().unwrap_or(false),
+        matcher,
+        id,
+    })
+}
+
+/// What a usb-host matches on, from its properties (0 and "" mean unset). A port wins over
+/// an address, an address over ids: the most specific criterion is what the user meant.
+pub fn match_from_properties(
+    bus: u64,
+    address: u64,
+    port: &str,
+    vendor: u64,
+    product: u64,
+) -> HostMatch {
+    let bus8 = u8::try_from(bus).ok().filter(|b| *b > 0);
+    match (
+        bus8,
+        port.is_empty(),
+        u16::try_from(address).ok().filter(|a| *a > 0),
+    ) {
+        (Some(bus), false, _) => HostMatch::Port {
+            bus,
+            port: port.to_string(),
+        },
+        (Some(bus), true, Some(address)) => HostMatch::Address { bus, address },
+        _ => match (u16::try_from(vendor), u16::try_from(product)) {
+            (Ok(v), Ok(p)) if v != 0 || p != 0 => HostMatch::Id {
+                vendor_id: HexId(v),
+                product_id: HexId(p),
+            },
+            _ => HostMatch::Other {},
+        },
+    }
+}
+
+/// What a usb-host created for `key` matches on.
+pub fn match_of_key(key: &AttachKey) -> HostMatch {
+    match key {
+        AttachKey::Address { bus, address } => HostMatch::Address {
+            bus: *bus,
+            address: *address,
+        },
+        AttachKey::Port(port) => HostMatch::Port {
+            bus: port.bus,
+            port: port.chain(),
+        },
+        AttachKey::Id {
+            vendor_id,
+            product_id,
+        } => HostMatch::Id {
+            vendor_id: *vendor_id,
+            product_id: *product_id,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn match_from_properties_prefers_port_then_address_then_ids() {
+        let port = match_from_properties(1, 5, "3.1", 0x46d, 0xc016);
+        let address = match_from_properties(1, 5, "", 0x46d, 0xc016);
+        let ids = match_from_properties(0, 0, "", 0x46d, 0xc016);
+        let nothing = match_from_properties(0, 0, "", 0, 0);
+
+        assert_eq!(
+            port,
+            HostMatch::Port {
+                bus: 1,
+                port: "3.1".into()
+            }
+        );
+        assert_eq!(address, HostMatch::Address { bus: 1, address: 5 });
+        assert_eq!(
+            ids,
+            HostMatch::Id {
+                vendor_id: HexId(0x46d),
+                product_id: HexId(0xc016)
+            }
+        );
+        assert_eq!(nothing, HostMatch::Other {});
+    }
+}

@@ -1,0 +1,77 @@
+//! Small typed helpers over QMP's `qom-list` and `qom-get`.
+
+use crate::qmp::{Qmp, QmpError};
+use serde_json::{json, Value};
+
+/// One property of a QOM object, as `qom-list` gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Property {
+    /// Its name (`hostbus`, `xhci.0`, `device[3]`).
+    pub name: String,
+    /// Its type (`uint32`, `child<usb-host>`, `link<bus>`).
+    pub type_name: String,
+}
+
+/// A child object (`child<T>` property) of a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Child {
+    /// Its name in the container (the device id in `/machine/peripheral`).
+    pub name: String,
+    /// Its full QOM path.
+    pub path: String,
+    /// Its type (`T` of `child<T>`).
+    pub type_name: String,
+}
+
+/// Every property of the object at `path`.
+pub async fn list(qmp: &Qmp, path: &str) -> Result<Vec<Property>, QmpError> {
+    let reply = qmp
+        .execute("qom-list", Some(json!({ "path": path })))
+        .await?;
+    Ok(reply
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| {
+            Some(Property {
+                name: p.get("name")?.as_str()?.to_string(),
+                type_name: p.get("type")?.as_str()?.to_string(),
+            })
+        })
+        .collect())
+}
+
+/// Every child object of the container at `path`.
+pub async fn children(qmp: &Qmp, path: &str) -> Result<Vec<Child>, QmpError> {
+    Ok(list(qmp, path)
+        .await?
+        .into_iter()
+        .filter_map(|p| {
+            let type_name = p.type_name.strip_prefix("child<")?.strip_suffix('>')?;
+            Some(Child {
+                path: format!("{path}/{}", p.name),
+                type_name: type_name.to_string(),
+                name: p.name,
+            })
+        })
+        .collect())
+}
+
+/// One property's value.
+pub async fn get(qmp: &Qmp, path: &str, property: &str) -> Result<Value, QmpError> {
+    qmp.execute(
+        "qom-get",
+        Some(json!({ "path": path, "property": property })),
+    )
+    .await
+}
+
+/// One string property's value (empty if it is not a string).
+pub async fn get_string(qmp: &Qmp, path: &str, property: &str) -> Result<String, QmpError> {
+    Ok(get(qmp, path, property)
+        .await?
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}

@@ -1,0 +1,134 @@
+//! `[[controller]]` rules: bind the named controllers at daemon start, restore them on
+//! request, like driverctl's persistent overrides but without modprobe.d edits.
+
+use super::bind::{bind, restore, BindOptions};
+use super::host::PciHost;
+use super::ControllerRule;
+use crate::inventory::PciAddress;
+use crate::sysfs::SysfsRoot;
+use serde::Serialize;
+
+/// What happened to one rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuleOutcome {
+    /// The controller.
+    pub pci: PciAddress,
+    /// The VM it belongs to.
+    pub vm: String,
+    /// The IOMMU group, when known.
+    pub group: Option<u32>,
+    /// `true` when the group is on vfio-pci (for apply) or back with the host (for restore).
+    pub ok: bool,
+    /// What happened, or what went wrong and what to do, in one line.
+    pub message: String,
+}
+
+/// One outcome per rule, in config order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RulesReport {
+    /// Per rule.
+    pub outcomes: Vec<RuleOutcome>,
+}
+
+impl RulesReport {
+    /// `true` when every rule worked.
+    pub fn all_ok(&self) -> bool {
+        self.outcomes.iter().all(|o| o.ok)
+    }
+}
+
+/// Bind every rule's controller group to vfio-pci. Never forces: a group the host seems
+/// to need is reported, not taken (bind it by hand with `--force`; a group already on
+/// vfio-pci counts as done). One failing rule does not stop the others.
+pub fn apply_controller_rules(
+    root: &SysfsRoot,
+    host: &dyn PciHost,
+    rules: &[ControllerRule],
+    opts: &BindOptions,
+) -> RulesReport {
+    let opts = BindOptions {
+        force: false,
+        ..opts.clone()
+    };
+    let outcomes = rules
+        .iter()
+        .map(|rule| match bind(root, host, &rule.pci, &opts) {
+            Ok(done) => RuleOutcome {
+                pci: rule.pci,
+                vm: rule.vm.clone(),
+                group: Some(done.group),
+                ok: true,
+                message: if done.already_bound {
+                    format!("IOMMU group {} was already on vfio-pci", done.group)
+                } else {
+                    format!(
+                        "IOMMU group {} is on vfio-pci ({} function(s)), ready for VM {}",
+                        done.group,
+                        done.members.len(),
+                        rule.vm
+                    )
+                },
+            },
+            Err(e) => RuleOutcome {
+                pci: rule.pci,
+                vm: rule.vm.clone(),
+                group: None,
+                ok: false,
+                message: e.to_string(),
+            },
+        })
+        .collect();
+    RulesReport { outcomes }
+}
+
+/// Give every rule's controller group back to the host (from the bind records).
+pub fn restore_controller_rules(
+    root: &SysfsRoot,
+    host: &dyn PciHost,
+    rules: &[ControllerRule],
+    opts: &BindOptions,
+) -> RulesReport {
+    let outcomes = rules
+        .iter()
+        .map(|rule| match restore(root, host, &rule.pci, opts) {
+            Ok(done) => RuleOutcome {
+                pci: rule.pci,
+                vm: rule.vm.clone(),
+                group: Some(done.group),
+                ok: true,
+                message: format!("IOMMU group {} is back with the host", done.group),
+            },
+            Err(e) => RuleOutcome {
+                pci: rule.pci,
+                vm: rule.vm.clone(),
+                group: None,
+                ok: false,
+                message: e.to_string(),
+            },
+        })
+        .collect();
+    RulesReport { outcomes }
+}
+
+/// Every PCI function held for a running VM by a `[[controller]]` rule, with that VM:
+/// the whole IOMMU group of each rule's controller (an EHCI's UHCI companions too).
+/// Device rules must not fire for USB devices whose `controller` is in this map (EVE's
+/// `parentassigngrp`); when the VM stops, its functions drop out and the device rules
+/// apply again. A rule whose group cannot be read holds just its own controller.
+pub fn held_functions(
+    root: &SysfsRoot,
+    rules: &[ControllerRule],
+    vm_running: impl Fn(&str) -> bool,
+) -> std::collections::BTreeMap<PciAddress, String> {
+    let mut held = std::collections::BTreeMap::new();
+    for rule in rules.iter().filter(|r| vm_running(&r.vm)) {
+        let members: Vec<PciAddress> = match super::group::read_group(root, &rule.pci) {
+            Ok(Some(group)) => group.passed_members().map(|m| m.pci).collect(),
+            _ => vec![rule.pci],
+        };
+        for pci in members {
+            held.entry(pci).or_insert_with(|| rule.vm.clone());
+        }
+    }
+    held
+}

@@ -1,0 +1,13 @@
+//! usbroute's real-kernel test bed: a guest with emulated USB controllers under KVM or
+//! TCG, hotplug driven from the outer QEMU's QMP, a command agent in the guest, and
+//! named scenarios. See docs/testbed.md.
+
+pub mod accel;
+pub mod agent;
+pub mod bed;
+pub mod machine;
+pub mod record;
+pub mod runner;
+pub mod scenarios;
+pub mod shell;
+pub mod usb;

@@ -1,0 +1,193 @@
+//! The outer QEMU: the guest machine with USB controllers, its sockets and console.
+
+use crate::accel::Accel;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+/// Where the guest's pieces are and how to boot it.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    /// Guest kernel (`vmlinuz`).
+    pub kernel: PathBuf,
+    /// Guest initramfs (uncompressed cpio).
+    pub initrd: PathBuf,
+    /// Host directory the guest mounts at `/host` over 9p (holds `usbroute`).
+    pub share: PathBuf,
+    /// Sockets, console log and QEMU's own output go here.
+    pub run_dir: PathBuf,
+    /// KVM or TCG.
+    pub accel: Accel,
+    /// Emulate an Intel IOMMU (VT-d); without it the guest has no IOMMU groups.
+    pub iommu: bool,
+}
+
+/// A running outer QEMU (killed when dropped).
+pub struct Machine {
+    child: Child,
+    /// QMP socket.
+    pub qmp_socket: PathBuf,
+    /// Agent (virtio-serial) socket.
+    pub agent_socket: PathBuf,
+    /// The guest's serial console, as a file.
+    pub console_log: PathBuf,
+    /// QEMU's own stdout/stderr.
+    pub qemu_log: PathBuf,
+}
+
+impl Machine {
+    /// Start QEMU and wait until its sockets exist.
+    pub async fn start(cfg: &MachineConfig) -> Result<Machine> {
+        std::fs::create_dir_all(&cfg.run_dir)
+            .with_context(|| format!("creating {}", cfg.run_dir.display()))?;
+        let qmp_socket = cfg.run_dir.join("qmp.sock");
+        let agent_socket = cfg.run_dir.join("agent.sock");
+        let console_log = cfg.run_dir.join("console.log");
+        let qemu_log = cfg.run_dir.join("qemu.log");
+        let pid_file = cfg.run_dir.join("qemu.pid");
+        stop_leftover(&pid_file, &qmp_socket);
+        for stale in [&qmp_socket, &agent_socket, &console_log] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let log = std::fs::File::create(&qemu_log)
+            .with_context(|| format!("creating {}", qemu_log.display()))?;
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-M", "q35", "-smp", "2", "-m", "1024", "-nodefaults"])
+            .args(cfg.accel.qemu_args())
+            .args(["-display", "none", "-no-reboot"])
+            .arg("-pidfile")
+            .arg(&pid_file);
+        // no_timer_check: under TCG on a loaded host the IO-APIC timer check can fail and
+        // panic the boot ("timer doesn't work through Interrupt-remapped IO-APIC").
+        let mut append = String::from("console=ttyS0 panic=-1 quiet no_timer_check");
+        if cfg.iommu {
+            cmd.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
+            append.push_str(" intel_iommu=on");
+        }
+        cmd.arg("-kernel")
+            .arg(&cfg.kernel)
+            .arg("-initrd")
+            .arg(&cfg.initrd)
+            .args(["-append", &append])
+            .arg("-serial")
+            .arg(format!("file:{}", console_log.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_socket.display()))
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                agent_socket.display()
+            ))
+            .args(["-device", "virtio-serial-pci,id=vser"])
+            .args([
+                "-device",
+                "virtserialport,chardev=agent,name=org.usbroute.agent",
+            ])
+            .arg("-fsdev")
+            .arg(format!(
+                "local,id=hostfs,path={},security_model=none",
+                cfg.share.display()
+            ))
+            .args(["-device", "virtio-9p-pci,fsdev=hostfs,mount_tag=host"])
+            .args(usb_controllers())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        let child = cmd.spawn().context("starting qemu-system-x86_64")?;
+        let mut machine = Machine {
+            child,
+            qmp_socket,
+            agent_socket,
+            console_log,
+            qemu_log,
+        };
+        for _ in 0..100 {
+            if machine.qmp_socket.exists() && machine.agent_socket.exists() {
+                return Ok(machine);
+            }
+            if let Some(status) = machine.child.try_wait()? {
+                bail!(
+                    "the outer QEMU exited at start ({status}):\n{}",
+                    tail(&machine.qemu_log, 20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!(
+            "the outer QEMU did not create its sockets within 10 s:\n{}",
+            tail(&machine.qemu_log, 20)
+        )
+    }
+
+    /// `Some(status)` once QEMU has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Stop QEMU (kill; the guest holds nothing worth a clean shutdown).
+    pub async fn stop(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// The end of the console log and QEMU's own output, for a failure report.
+    pub fn failure_log(&self, lines: usize) -> String {
+        format!(
+            "--- guest console ({}), last {lines} lines ---\n{}\n--- outer QEMU output ({}) ---\n{}",
+            self.console_log.display(),
+            tail(&self.console_log, lines),
+            self.qemu_log.display(),
+            tail(&self.qemu_log, 20)
+        )
+    }
+}
+
+/// xHCI at 00:03.0; EHCI at 00:1d.7 with UHCI companions 00:1d.0-2 (two ports each).
+fn usb_controllers() -> Vec<&'static str> {
+    [
+        "qemu-xhci,id=xhci,p2=8,p3=8,addr=03.0",
+        "ich9-usb-ehci1,id=ehci,addr=1d.7,multifunction=on",
+        "ich9-usb-uhci1,id=uhci1,masterbus=ehci.0,firstport=0,addr=1d.0,multifunction=on",
+        "ich9-usb-uhci2,id=uhci2,masterbus=ehci.0,firstport=2,addr=1d.1,multifunction=on",
+        "ich9-usb-uhci3,id=uhci3,masterbus=ehci.0,firstport=4,addr=1d.2,multifunction=on",
+    ]
+    .into_iter()
+    .flat_map(|d| ["-device", d])
+    .collect()
+}
+
+/// Kill the outer QEMU a previous run left behind (the harness was interrupted before it
+/// could), found by its pid file and recognised by its QMP socket path on its command
+/// line, so an unrelated process that reused the pid is never touched.
+fn stop_leftover(pid_file: &Path, qmp_socket: &Path) {
+    let Some(pid) = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let ours = String::from_utf8_lossy(&cmdline).contains(&*qmp_socket.to_string_lossy());
+    if ours {
+        eprintln!("stopping the outer QEMU a previous run left behind (pid {pid})");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// The last `n` lines of a text file (lossy), or a note that it is unreadable.
+pub fn tail(path: &Path, n: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("({}: {e})", path.display()),
+    }
+}

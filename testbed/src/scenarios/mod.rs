@@ -1,0 +1,63 @@
+//! The scenarios: independent, named checks run against a booted guest.
+//!
+//! Adding one: write `scenarios/<name>.rs` with
+//! `pub async fn run(bed: &mut Bed) -> anyhow::Result<()>` and add one
+//! `scenario!(...)` line to [`all`]. The runner unplugs what a scenario plugged and
+//! kills inner QEMUs afterwards, so each starts from the bare controllers.
+
+use crate::bed::Bed;
+use std::future::Future;
+use std::pin::Pin;
+
+mod hotplug;
+mod inner_qemu;
+pub(crate) mod inventory;
+mod qemu_attach;
+mod qemu_by_port;
+mod qemu_fd_passing;
+mod record_sysfs;
+mod vfio_ehci;
+mod vfio_rollback;
+mod vfio_support;
+mod vfio_xhci;
+
+/// A scenario's body.
+pub type RunFn = for<'a> fn(&'a mut Bed) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + 'a>>;
+
+/// One named check.
+pub struct Scenario {
+    /// Its name on the command line and in the report.
+    pub name: &'static str,
+    /// One line on what it proves.
+    pub about: &'static str,
+    /// The check.
+    pub run: RunFn,
+}
+
+/// `scenario!("name", module, "what it proves")`.
+macro_rules! scenario {
+    ($name:literal, $module:ident, $about:literal) => {
+        Scenario {
+            name: $name,
+            about: $about,
+            run: |bed| Box::pin($module::run(bed)),
+        }
+    };
+}
+
+/// Every scenario, in run order. One line each (kept so by `rustfmt::skip`).
+#[rustfmt::skip]
+pub fn all() -> Vec<Scenario> {
+    vec![
+        scenario!("hotplug", hotplug, "plug/unplug on xHCI, EHCI and UHCI reaches the guest kernel"),
+        scenario!("inner-qemu", inner_qemu, "an inner QEMU runs in the guest (root and unprivileged) and takes a device with usb-host"),
+        scenario!("qemu-attach", qemu_attach, "`usbroute attach` by address gives a guest device to an inner QEMU (attached: true); detach gives it back"),
+        scenario!("qemu-by-port", qemu_by_port, "`usbroute attach --by port` of an empty port: the inner QEMU takes the device on plug and re-plug, lets go on unplug"),
+        scenario!("qemu-fd-passing", qemu_fd_passing, "an inner QEMU running as nobody gets a device through usbroute's fd passing"),
+        scenario!("inventory", inventory, "`usbroute list --json` in the guest matches what QMP plugged"),
+        scenario!("vfio-ehci", vfio_ehci, "the EHCI+UHCI IOMMU group goes to vfio-pci and back twice; devices re-enumerate"),
+        scenario!("vfio-xhci", vfio_xhci, "the xHCI on vfio-pci runs in an inner QEMU, at start and by `controller attach`"),
+        scenario!("vfio-rollback", vfio_rollback, "a bind failing after every member moved rolls back; the only keyboard is refused"),
+        scenario!("record-sysfs", record_sysfs, "a recording made in the guest lists the same, in the guest and on the host"),
+    ]
+}

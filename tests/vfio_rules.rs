@@ -1,0 +1,119 @@
+//! `[[controller]]` rules as the daemon applies them at start and restores them.
+
+mod vfio_support;
+
+use std::time::Duration;
+use usbroute::vfio::{self, BindOptions, ControllerRule};
+use vfio_support::{pci, state, FixtureDriverCore, Tree};
+
+fn quick() -> BindOptions {
+    BindOptions {
+        force: true,
+        wait: Duration::from_millis(200),
+        settle: Duration::ZERO,
+    }
+}
+
+fn rule(addr: &str, vm: &str) -> ControllerRule {
+    ControllerRule {
+        pci: pci(addr),
+        vm: vm.to_string(),
+    }
+}
+
+#[test]
+fn controller_rule_reads_from_toml_with_a_short_or_long_address() {
+    #[derive(serde::Deserialize)]
+    struct Config {
+        controller: Vec<ControllerRule>,
+    }
+
+    let config: Config = toml::from_str(
+        "[[controller]]\npci = \"0000:00:1d.7\"\nvm = \"win11\"\n[[controller]]\npci = \"00:01.0\"\nvm = \"dev\"\n",
+    )
+    .expect("toml");
+
+    assert_eq!(
+        config.controller,
+        vec![rule("00:1d.7", "win11"), rule("00:01.0", "dev")]
+    );
+}
+
+#[test]
+fn apply_binds_each_rule_and_never_forces_a_group_the_host_needs() {
+    let tree = Tree::q35_usb().with_vfio();
+    tree.usb_device("0000:00:01.0", 3, "3-1", ("03", "01", "01"));
+    let host = FixtureDriverCore::new(&tree);
+
+    let report = vfio::apply_controller_rules(
+        &tree.root(),
+        &host,
+        &[rule("00:1d.7", "win11"), rule("00:01.0", "dev")],
+        &quick(),
+    );
+
+    assert_eq!(
+        report.outcomes.iter().map(|o| (o.ok, o.message.clone())).collect::<Vec<_>>(),
+        vec![
+            (true, "IOMMU group 7 is on vfio-pci (4 function(s)), ready for VM win11".to_string()),
+            (
+                false,
+                "Refusing to take IOMMU group 3 from the host: the controller itself has the host's \
+                 only keyboard (USB 3-1); the host would be left without one. If you are sure, pass \
+                 --force (`usbroute controller restore` gives it back)"
+                    .to_string()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn apply_twice_reports_the_group_as_already_bound_and_writes_nothing_more() {
+    let tree = Tree::q35_usb().with_vfio();
+    let host = FixtureDriverCore::new(&tree);
+    let rules = [rule("00:1d.7", "win11")];
+    vfio::apply_controller_rules(&tree.root(), &host, &rules, &quick());
+    let writes = host.writes().len();
+
+    let report = vfio::apply_controller_rules(&tree.root(), &host, &rules, &quick());
+
+    assert_eq!(
+        report.outcomes[0].message,
+        "IOMMU group 7 was already on vfio-pci"
+    );
+    assert_eq!(host.writes().len(), writes);
+}
+
+#[test]
+fn restore_rules_give_every_group_back() {
+    let tree = Tree::q35_usb().with_vfio();
+    let first = state(&tree);
+    let host = FixtureDriverCore::new(&tree);
+    let rules = [rule("00:1d.7", "win11"), rule("00:01.0", "dev")];
+    vfio::apply_controller_rules(&tree.root(), &host, &rules, &quick());
+
+    let report = vfio::restore_controller_rules(&tree.root(), &host, &rules, &quick());
+
+    assert!(report.all_ok(), "{report:?}");
+    assert_eq!(state(&tree), first);
+}
+
+#[test]
+fn held_functions_cover_the_whole_group_of_a_running_vms_controller_only() {
+    let tree = Tree::q35_usb();
+    let rules = [rule("00:1d.7", "win11"), rule("00:01.0", "stopped-vm")];
+
+    let held = vfio::held_functions(&tree.root(), &rules, |vm| vm == "win11");
+
+    assert_eq!(
+        held.into_iter()
+            .map(|(p, vm)| (p.to_string(), vm))
+            .collect::<Vec<_>>(),
+        vec![
+            ("0000:00:1d.0".to_string(), "win11".to_string()),
+            ("0000:00:1d.1".to_string(), "win11".to_string()),
+            ("0000:00:1d.2".to_string(), "win11".to_string()),
+            ("0000:00:1d.7".to_string(), "win11".to_string()),
+        ]
+    );
+}
