@@ -11,8 +11,8 @@ use std::pin::Pin;
 
 mod hotplug;
 mod inner_qemu;
-mod port_routing;
 pub(crate) mod inventory;
+mod port_routing;
 mod qemu_attach;
 mod qemu_by_port;
 mod qemu_fd_passing;
