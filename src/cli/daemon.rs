@@ -1,6 +1,12 @@
-//! `serve`, `status`, `why`, `reload`.
+//! `serve`, `status`, `why`, `reload`, and the daemon path of `attach --vm` / `detach`.
 
+use super::output::print_json;
 use super::Global;
+use crate::backend::AttachMode;
+use crate::service::protocol::{Reply, Request, StatusReport, WhyReport};
+use crate::service::{self, DaemonOptions};
+use anyhow::Context;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// `usbroute serve`.
@@ -24,24 +30,198 @@ pub struct StatusArgs {
 pub struct WhyArgs {
     /// Which device.
     pub selector: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `usbroute reload`.
 #[derive(Debug, clap::Args)]
 pub struct ReloadArgs {}
 
-pub(super) fn serve(_g: &Global, _a: ServeArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+pub(super) fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let options = DaemonOptions {
+        config: g.config.clone(),
+        control: g.control.clone(),
+        root: g.root(),
+        dry_run: a.dry_run,
+        connector: service::connectors::qemu(g.root()),
+        uevents: true,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(service::run(options))?;
+    Ok(ExitCode::SUCCESS)
 }
 
-pub(super) fn status(_g: &Global, _a: StatusArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+/// Send one request to the daemon (socket from `--control`, `--config`, or the default).
+fn ask(g: &Global, request: &Request) -> anyhow::Result<Reply> {
+    let socket = service::resolve_socket(g.control.as_deref(), g.config.as_deref())?;
+    Ok(service::request(&socket, request)?)
 }
 
-pub(super) fn why(_g: &Global, _a: WhyArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+/// A `done` reply's message, or the daemon's error as this command's error.
+fn done(reply: Reply) -> anyhow::Result<String> {
+    match reply {
+        Reply::Done { message } => Ok(message),
+        Reply::Error { kind, message } => anyhow::bail!("the daemon refused ({kind:?}): {message}"),
+        other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
+    }
 }
 
-pub(super) fn reload(_g: &Global, _a: ReloadArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+pub(super) fn status(g: &Global, a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let report = match ask(g, &Request::Status {})? {
+        Reply::Status(r) => r,
+        other => return done(other).map(|_| ExitCode::FAILURE),
+    };
+    if a.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", status_table(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The human form of `status`.
+pub fn status_table(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let config = r
+        .config
+        .as_deref()
+        .unwrap_or("none (empty policy: everything stays on the host)");
+    out.push_str(&format!(
+        "config: {config}{}\n",
+        if r.dry_run { "  [dry run]" } else { "" }
+    ));
+    for vm in &r.vms {
+        let state = if vm.up { "up" } else { "down" };
+        out.push_str(&format!(
+            "vm {}: {state} ({}), {} device(s) from usbroute\n",
+            vm.name,
+            vm.qmp,
+            vm.devices.len()
+        ));
+    }
+    out.push_str(&format!(
+        "{:<12} {:<7} {:<36} {:<10} {:<10} WHY\n",
+        "PORT", "ADDR", "DEVICE", "WHERE", "WANTED"
+    ));
+    for d in &r.devices {
+        out.push_str(&format!(
+            "{:<12} {:<7} {:<36} {:<10} {:<10} {}\n",
+            d.port,
+            d.address.as_deref().unwrap_or("-"),
+            d.label,
+            d.location,
+            d.desired,
+            d.reason
+        ));
+        if let Some(o) = &d.manual_override {
+            out.push_str(&format!("{:>12} override: {o}\n", ""));
+        }
+        if let Some(p) = &d.pending {
+            out.push_str(&format!(
+                "{:>12} pending: {} (failed {} time(s)): {}\n",
+                "", p.action, p.attempts, p.last_error
+            ));
+        }
+    }
+    out
+}
+
+pub(super) fn why(g: &Global, a: WhyArgs) -> anyhow::Result<ExitCode> {
+    let report = match ask(
+        g,
+        &Request::Why {
+            selector: a.selector,
+        },
+    )? {
+        Reply::Why(r) => r,
+        other => return done(other).map(|_| ExitCode::FAILURE),
+    };
+    if a.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", why_text(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The human form of `why`.
+pub fn why_text(r: &WhyReport) -> String {
+    let mut out = String::new();
+    for d in &r.devices {
+        out.push_str(&format!(
+            "{} {}: {} — {}\n",
+            d.port, d.label, d.target, d.reason
+        ));
+        for v in &d.rules {
+            let mark = match (v.decided, v.matched) {
+                (true, _) => "=>",
+                (false, true) => " +",
+                (false, false) => " -",
+            };
+            out.push_str(&format!("  {mark} {}: {}\n", v.rule, v.detail));
+        }
+    }
+    out
+}
+
+pub(super) fn reload(g: &Global, _a: ReloadArgs) -> anyhow::Result<ExitCode> {
+    println!("{}", done(ask(g, &Request::Reload {})?)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `usbroute attach SELECTOR --vm NAME`: a manual override through the daemon. Returns
+/// once the VM confirmed (or the daemon said why not). For `cli/vm.rs`.
+pub fn attach_through_daemon(
+    g: &Global,
+    selector: &str,
+    vm: &str,
+    by: Option<AttachMode>,
+) -> anyhow::Result<ExitCode> {
+    let request = Request::Attach {
+        selector: selector.to_string(),
+        vm: vm.to_string(),
+        by,
+    };
+    println!("{}", done(ask(g, &request)?)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `usbroute detach SELECTOR` with a daemon: keep the device on the host until unplugged
+/// or cleared. For `cli/vm.rs`.
+pub fn detach_through_daemon(g: &Global, selector: &str) -> anyhow::Result<ExitCode> {
+    let request = Request::Detach {
+        selector: selector.to_string(),
+    };
+    println!("{}", done(ask(g, &request)?)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Drop the manual override of the matching devices. For `cli/vm.rs` (`attach --clear`).
+pub fn clear_through_daemon(g: &Global, selector: &str) -> anyhow::Result<ExitCode> {
+    let request = Request::Clear {
+        selector: selector.to_string(),
+    };
+    println!("{}", done(ask(g, &request)?)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The VM name under which a running daemon manages the QMP socket `qmp`, if one does:
+/// `--qmp` commands say so instead of fighting the daemon (which would undo them).
+pub fn daemon_managing(g: &Global, qmp: &std::path::Path) -> Option<String> {
+    let socket = service::resolve_socket(g.control.as_deref(), g.config.as_deref()).ok()?;
+    let Ok(Reply::Status(report)) = service::request(&socket, &Request::Status {}) else {
+        return None;
+    };
+    let wanted = std::fs::canonicalize(qmp).unwrap_or_else(|_| qmp.to_path_buf());
+    report.vms.into_iter().find_map(|vm| {
+        let path = PathBuf::from(&vm.qmp);
+        let path = std::fs::canonicalize(&path).unwrap_or(path);
+        (path == wanted).then_some(vm.name)
+    })
 }

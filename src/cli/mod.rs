@@ -4,7 +4,7 @@
 //! adding a flag never touches another group's file.
 
 mod controller;
-mod daemon;
+pub mod daemon;
 mod inventory;
 mod misc;
 pub mod output;
@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Default path of the daemon's control socket.
-pub const DEFAULT_CONTROL_SOCKET: &str = "/run/usbroute/control.sock";
+pub use crate::service::DEFAULT_CONTROL_SOCKET;
 
 /// Give virtual machines the USB hardware they should have.
 #[derive(Debug, Parser)]

@@ -193,11 +193,16 @@ fn usb_product_name(vendor: HexId, product: HexId) -> Option<String> {
     usb_ids::Device::from_vid_pid(vendor.0, product.0).map(|d| d.name().to_string())
 }
 
-/// The names below `dir`, each marked for the recording; none if `dir` does not exist.
-fn children_of(r: &mut Reader, dir: &Path) -> Vec<String> {
+/// The class devices below `dir` (`net/usb0`, `block/sda`), none if `dir` does not exist.
+///
+/// Each one's `anchor` attribute (`ifindex`, `dev`) is read as well: it is what keeps the
+/// directory in a recording, since git stores no empty directories and a recording that
+/// lost `block/sda` would silently lose the host-disk protection on replay.
+fn children_of(r: &mut Reader, dir: &Path, anchor: &str) -> Vec<String> {
     let names = r.list(dir).unwrap_or_default();
     for n in &names {
         r.mark(&dir.join(n), Access::Dir);
+        let _ = r.raw(&dir.join(n).join(anchor));
     }
     names
 }
@@ -210,7 +215,7 @@ fn host_devices_below(r: &mut Reader, iface_dir: &Path) -> (Vec<String>, Vec<Str
     let mut netdevs = Vec::new();
     let mut blocks = Vec::new();
     if names.iter().any(|n| n == "net") {
-        netdevs = children_of(r, &iface_dir.join("net"));
+        netdevs = children_of(r, &iface_dir.join("net"), "ifindex");
     }
     for host in names.iter().filter(|n| is_numbered(n, "host")) {
         let host_dir = iface_dir.join(host);
@@ -219,7 +224,7 @@ fn host_devices_below(r: &mut Reader, iface_dir: &Path) -> (Vec<String>, Vec<Str
             let target_dir = host_dir.join(target);
             let luns = r.list(&target_dir).unwrap_or_default();
             for lun in luns.iter().filter(|n| n.contains(':')) {
-                blocks.extend(children_of(r, &target_dir.join(lun).join("block")));
+                blocks.extend(children_of(r, &target_dir.join(lun).join("block"), "dev"));
             }
         }
     }

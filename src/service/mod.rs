@@ -1,1 +1,63 @@
 //! Control socket: line-delimited JSON requests from the CLI to `usbroute serve`.
+//!
+//! [`protocol`] is the pure request/reply data (documented in docs/daemon.md), [`server`]
+//! the tokio listener that checks every peer with SO_PEERCRED, [`client`] the CLI's side.
+//! [`runtime`] is `usbroute serve`: the edges around [`crate::engine::runtime`] (uevents,
+//! VM presence, config, control requests, signals, systemd); [`presence`] runs one task
+//! per VM that notices it come and go; [`mounts`] finds host disks in use.
+
+pub mod client;
+pub mod connectors;
+mod control;
+pub mod mounts;
+pub mod presence;
+pub mod protocol;
+pub mod runtime;
+pub mod server;
+
+pub use client::{request, resolve_socket, ClientError, DEFAULT_CONTROL_SOCKET};
+pub use protocol::{ErrorKind, Reply, Request};
+pub use runtime::{run, DaemonError, DaemonOptions};
+pub use server::{authorize, ControlGroup, ControlHandler, ControlServer, Peer, ServiceError};
+
+use serde::Deserialize;
+use std::path::PathBuf;
+
+/// The control-socket part of the config file (`control_socket`, `control_group`), read on
+/// its own so the CLI can find the socket without understanding the rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct ControlSettings {
+    /// Where the socket is (default [`DEFAULT_CONTROL_SOCKET`]).
+    pub control_socket: Option<PathBuf>,
+    /// The group whose members may use it besides root.
+    pub control_group: Option<String>,
+}
+
+impl ControlSettings {
+    /// Read the two keys from a config file's text; every other key is ignored here.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// The socket path, the default when unset.
+    pub fn socket(&self) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_settings_ignore_rules_and_default_the_socket() {
+        let text = "control_group = \"usbroute\"\n[[vm]]\nname = \"a\"\nqmp = \"/run/a.qmp\"\n";
+
+        let s = ControlSettings::from_toml(text).unwrap();
+
+        assert_eq!(s.control_group.as_deref(), Some("usbroute"));
+        assert_eq!(s.socket(), PathBuf::from("/run/usbroute/control.sock"));
+    }
+}

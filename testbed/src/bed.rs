@@ -154,6 +154,15 @@ impl Bed {
     /// Plug an emulated device through the outer QMP (storage gets a fresh block node)
     /// and wait until the guest kernel lists it in sysfs.
     pub async fn plug(&mut self, dev: &UsbDevice) -> Result<String> {
+        let name = self.plug_unbound(dev).await?;
+        self.wait_bound(dev, &name).await?;
+        Ok(name)
+    }
+
+    /// [`plug`](Self::plug) without waiting for the guest's drivers: for a device that
+    /// something in the guest (`usbroute serve`) hands to an inner QEMU as soon as the
+    /// kernel announces it, so the guest's own drivers may never (stay) bound.
+    pub async fn plug_unbound(&mut self, dev: &UsbDevice) -> Result<String> {
         let drive = if dev.kind == Kind::Storage {
             self.next_node += 1;
             let node = format!("{}-disk{}", dev.id, self.next_node);
@@ -188,7 +197,6 @@ impl Bed {
         if let Some(p) = self.plugged.iter_mut().find(|p| p.dev.id == dev.id) {
             p.guest_name = Some(name.clone());
         }
-        self.wait_bound(dev, &name).await?;
         Ok(name)
     }
 

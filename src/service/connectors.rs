@@ -1,0 +1,51 @@
+//! The daemon's link to QEMU: a [`VmConnector`] that opens a QMP connection, wraps it in
+//! the QEMU backend, and resolves `closed` when QMP's event stream ends (QEMU exited or
+//! closed the monitor).
+
+use super::presence::{VmConnector, VmLink};
+use crate::backend::{BackendError, BoxFuture};
+use crate::qemu::{QemuBackend, QemuOptions};
+use crate::qmp::Qmp;
+use crate::sysfs::SysfsRoot;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::broadcast::error::RecvError;
+
+/// Reaches VMs through QEMU's QMP.
+#[derive(Debug, Clone)]
+pub struct QemuConnector {
+    root: SysfsRoot,
+}
+
+/// The QEMU connector; device nodes are opened under `root` (for fd passing).
+pub fn qemu(root: SysfsRoot) -> Arc<dyn VmConnector> {
+    Arc::new(QemuConnector { root })
+}
+
+impl VmConnector for QemuConnector {
+    fn connect<'a>(
+        &'a self,
+        name: &'a str,
+        qmp: &'a Path,
+    ) -> BoxFuture<'a, Result<VmLink, BackendError>> {
+        Box::pin(async move {
+            let conn = Qmp::connect(qmp)
+                .await
+                .map_err(|e| BackendError::Unreachable {
+                    vm: name.to_string(),
+                    reason: e.to_string(),
+                })?;
+            let mut events = conn.events();
+            let closed = Box::pin(async move {
+                // Lagging behind is fine here: only the end of the stream matters.
+                while !matches!(events.recv().await, Err(RecvError::Closed)) {}
+            });
+            let options = QemuOptions {
+                root: self.root.clone(),
+                ..QemuOptions::default()
+            };
+            let backend = Arc::new(QemuBackend::new(name, conn, options));
+            Ok(VmLink { backend, closed })
+        })
+    }
+}

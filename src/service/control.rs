@@ -1,0 +1,369 @@
+//! Answers to control requests: read from the engine's published status, or turned into
+//! engine inputs (overrides). Anything that waits (an attach being confirmed, a `why`)
+//! runs in its own task, so the daemon loop never waits on a VM.
+
+use super::protocol::{
+    DeviceStatus, ErrorKind, Pending, Reply, Request, RuleVerdict, StatusReport, VmStatus,
+    WhyDevice, WhyReport,
+};
+use super::runtime::Daemon;
+use crate::backend::{AttachKey, AttachMode};
+use crate::engine::runtime::{EngineHandle, Input as EngineInput, Status};
+use crate::inventory::Device;
+use crate::policy::{Override, OverrideAction, Placement, RuleAction, Verdict};
+use crate::selector::Selector;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// How long `attach`/`detach` wait for the VM to confirm before answering "still pending".
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Daemon {
+    pub(super) fn on_request(&mut self, request: Request, reply: oneshot::Sender<Reply>) {
+        let answer = match request {
+            Request::Status {} => Reply::Status(self.status()),
+            Request::Reload {} => match self.reload() {
+                Ok(msg) => Reply::done(msg),
+                Err(msg) => Reply::error(ErrorKind::Failed, msg),
+            },
+            Request::Clear { selector } => self.clear(&selector),
+            Request::Why { selector } => match self.matching(&selector) {
+                Ok(devices) => {
+                    tokio::spawn(why(self.engine.clone(), devices, reply));
+                    return;
+                }
+                Err(r) => r,
+            },
+            Request::Attach { selector, vm, by } => {
+                match self.set_override(&selector, Some((vm, by))) {
+                    Ok(wait) => {
+                        tokio::spawn(wait.confirm(self.engine.clone(), reply));
+                        return;
+                    }
+                    Err(r) => r,
+                }
+            }
+            Request::Detach { selector } => match self.set_override(&selector, None) {
+                Ok(wait) => {
+                    tokio::spawn(wait.confirm(self.engine.clone(), reply));
+                    return;
+                }
+                Err(r) => r,
+            },
+        };
+        let _ = reply.send(answer);
+    }
+
+    fn status(&self) -> StatusReport {
+        let engine = self.engine.status();
+        let s = engine.borrow();
+        let devices = self
+            .snapshot
+            .devices
+            .iter()
+            .filter_map(|d| {
+                let decision = s.desired.devices.get(&d.port)?;
+                Some(DeviceStatus {
+                    port: d.port.to_string(),
+                    address: d.address.map(|a| format!("{}:{a}", d.bus)),
+                    label: d.label(),
+                    location: holder(&s, d).unwrap_or_else(|| "host".into()),
+                    desired: decision.placement.to_string(),
+                    reason: decision.reason.to_string(),
+                    manual_override: s.overrides.get(&d.port).map(|o| match &o.action {
+                        OverrideAction::Detach => "detach".to_string(),
+                        OverrideAction::Attach { vm, .. } => format!("attach:{vm}"),
+                    }),
+                    pending: s
+                        .pending
+                        .iter()
+                        .find(|p| AttachKey::from_id(&p.id).is_some_and(|k| k.refers_to(d)))
+                        .map(|p| Pending {
+                            action: format!("{} in VM {}", p.id, p.vm),
+                            attempts: p.failures,
+                            last_error: p.last_error.clone(),
+                        }),
+                })
+            })
+            .collect();
+        StatusReport {
+            config: self.config.origin.as_ref().map(|p| p.display().to_string()),
+            dry_run: self.options.dry_run,
+            vms: self
+                .vms
+                .iter()
+                .map(|(name, v)| VmStatus {
+                    name: name.clone(),
+                    qmp: v.qmp.display().to_string(),
+                    up: v.up,
+                    devices: s
+                        .vms
+                        .get(name)
+                        .map(|view| {
+                            view.devices
+                                .iter()
+                                .filter(|e| e.ours)
+                                .map(|e| e.id.clone())
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            devices,
+        }
+    }
+
+    fn matching(&self, selector: &str) -> Result<Vec<Device>, Reply> {
+        let sel: Selector = selector
+            .parse()
+            .map_err(|e: crate::selector::SelectorError| {
+                Reply::error(ErrorKind::BadRequest, e.to_string())
+            })?;
+        let found: Vec<Device> = self
+            .snapshot
+            .devices
+            .iter()
+            .filter(|d| sel.matches(d))
+            .cloned()
+            .collect();
+        if found.is_empty() {
+            return Err(Reply::error(
+                ErrorKind::NotFound,
+                format!(
+                    "no USB device matches `{selector}`; `usbroute list` shows what is plugged in"
+                ),
+            ));
+        }
+        Ok(found)
+    }
+
+    fn clear(&mut self, selector: &str) -> Reply {
+        let devices = match self.matching(selector) {
+            Ok(d) => d,
+            Err(reply) => return reply,
+        };
+        for d in &devices {
+            self.engine.send(EngineInput::Override {
+                port: d.port.clone(),
+                value: None,
+            });
+        }
+        Reply::done(format!(
+            "cleared the overrides of {} device(s); the rules decide again",
+            devices.len()
+        ))
+    }
+
+    /// `attach` (`to` = Some) or `detach` (`to` = None) of exactly one device: set the
+    /// override and return what to wait for.
+    fn set_override(
+        &mut self,
+        selector: &str,
+        to: Option<(String, Option<AttachMode>)>,
+    ) -> Result<Confirmation, Reply> {
+        let devices = self.matching(selector)?;
+        let [device] = <[Device; 1]>::try_from(devices).map_err(|d| {
+            let ports: Vec<String> = d.iter().map(|d| d.port.to_string()).collect();
+            Reply::error(
+                ErrorKind::Ambiguous,
+                format!(
+                    "`{selector}` matches {} devices ({}); name one, e.g. port:{}",
+                    d.len(),
+                    ports.join(", "),
+                    ports[0]
+                ),
+            )
+        })?;
+        if let Some((vm, _)) = &to {
+            if self.config.vm(vm).is_none() {
+                let known: Vec<&str> = self.config.vms.iter().map(|v| v.name.as_str()).collect();
+                return Err(Reply::error(
+                    ErrorKind::NotFound,
+                    format!(
+                        "no VM named `{vm}` in the config (known: {})",
+                        known.join(", ")
+                    ),
+                ));
+            }
+        }
+        // Without `by`: how a rule passing this device to that VM would attach it, else
+        // by address.
+        let to = to.map(|(vm, by)| {
+            let mode = by.unwrap_or_else(|| self.rule_mode(&device, &vm).unwrap_or_default());
+            (vm, mode)
+        });
+        let action = match &to {
+            Some((vm, mode)) => OverrideAction::Attach {
+                vm: vm.clone(),
+                mode: *mode,
+                force: false,
+            },
+            None => OverrideAction::Detach,
+        };
+        tracing::info!(device = %device.port, vm = to.as_ref().map_or("host", |(v, _)| v.as_str()), "manual override");
+        self.engine.send(EngineInput::Override {
+            port: device.port.clone(),
+            value: Some(Override {
+                address: device.address,
+                action,
+            }),
+        });
+        Ok(Confirmation {
+            device,
+            to,
+            dry_run: self.options.dry_run,
+        })
+    }
+}
+
+impl Daemon {
+    /// The attach mode of the first rule that passes `device` to `vm`.
+    fn rule_mode(&self, device: &Device, vm: &str) -> Option<AttachMode> {
+        self.config
+            .rules
+            .iter()
+            .find_map(|rule| match &rule.action {
+                RuleAction::Pass { vm: v, mode } if v == vm && rule.selector.matches(device) => {
+                    Some(*mode)
+                }
+                _ => None,
+            })
+    }
+}
+
+/// Who holds `device` now: the VM with a usb-host of ours for it. By port or id QEMU
+/// holds the place even while it (re)connects the device; by address an entry that lost
+/// its device is stale and holds nothing.
+/// By id, QEMU holds a kind, not a device: it counts for the device the plan sent there.
+fn holder(s: &Status, device: &Device) -> Option<String> {
+    let planned_vm = match s.desired.devices.get(&device.port).map(|d| &d.placement) {
+        Some(Placement::Vm { vm, .. }) => Some(vm.as_str()),
+        _ => None,
+    };
+    s.vms.iter().find_map(|(vm, view)| {
+        view.devices
+            .iter()
+            .any(|e| {
+                AttachKey::from_id(&e.id).is_some_and(|k| {
+                    let held = match k.mode() {
+                        AttachMode::Address => e.attached,
+                        AttachMode::Port => true,
+                        AttachMode::Id => planned_vm == Some(vm.as_str()),
+                    };
+                    held && k.refers_to(device)
+                })
+            })
+            .then(|| vm.clone())
+    })
+}
+
+/// What an `attach`/`detach` request waits for.
+struct Confirmation {
+    device: Device,
+    to: Option<(String, AttachMode)>,
+    dry_run: bool,
+}
+
+impl Confirmation {
+    /// Watch the engine's status until the device is where it was asked to be, the plan
+    /// says why it cannot be, or an attempt failed; then reply.
+    async fn confirm(self, engine: EngineHandle, reply: oneshot::Sender<Reply>) {
+        let port = self.device.port.clone();
+        let target = self
+            .to
+            .as_ref()
+            .map_or("host".to_string(), |(vm, _)| vm.clone());
+        if self.dry_run {
+            let _ = reply.send(Reply::done(format!(
+                "dry run: override set, {port} → {target}; nothing is done"
+            )));
+            return;
+        }
+        let mut status = engine.status();
+        let verdict = tokio::time::timeout(CONFIRM_TIMEOUT, async {
+            loop {
+                if let Some(answer) = self.settled(&status.borrow_and_update()) {
+                    return answer;
+                }
+                if status.changed().await.is_err() {
+                    return Reply::error(ErrorKind::Failed, "the engine stopped");
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Reply::done(format!(
+                "override set: {port} → {target}; not confirmed within {} s, see `usbroute status`",
+                CONFIRM_TIMEOUT.as_secs()
+            ))
+        });
+        let _ = reply.send(verdict);
+    }
+
+    fn settled(&self, s: &Status) -> Option<Reply> {
+        let port = &self.device.port;
+        // Until the engine has taken the override in, its status answers an older question.
+        let expected = match &self.to {
+            Some((vm, mode)) => OverrideAction::Attach {
+                vm: vm.clone(),
+                mode: *mode,
+                force: false,
+            },
+            None => OverrideAction::Detach,
+        };
+        if s.overrides.get(port).map(|o| &o.action) != Some(&expected) {
+            return None;
+        }
+        let decision = s.desired.devices.get(port)?;
+        // An attach in flight already shows as held (so no other VM gets the device); only
+        // once the VM is no longer busy has it listed the device itself.
+        let here = holder(s, &self.device);
+        match (&self.to, &decision.placement) {
+            (None, _) if here.is_none() => Some(Reply::done(format!("{port} is on the host (until unplugged or a `clear` request)"))),
+            (Some((vm, _)), Placement::Vm { vm: planned, .. }) if planned == vm && here.as_deref() == Some(vm) && !s.busy.contains(vm) => {
+                Some(Reply::done(format!("{port} attached to VM {vm} (confirmed by the VM)")))
+            }
+            (Some(_), Placement::Host) => Some(Reply::done(format!("override set, but {port} stays on the host for now: {}", decision.reason))),
+            _ => s
+                .pending
+                .iter()
+                .find(|p| AttachKey::from_id(&p.id).is_some_and(|k| k.refers_to(&self.device)))
+                .map(|p| Reply::error(ErrorKind::Failed, format!("{} in VM {} failed: {}; the daemon keeps retrying (see `usbroute status`)", p.id, p.vm, p.last_error))),
+        }
+    }
+}
+
+/// Answer `why` for each device from the engine.
+async fn why(engine: EngineHandle, devices: Vec<Device>, reply: oneshot::Sender<Reply>) {
+    let mut out = Vec::new();
+    for d in devices {
+        let Some(w) = engine.why(d.port.clone()).await else {
+            continue;
+        };
+        let rules = w
+            .rules
+            .into_iter()
+            .map(|(rule, verdict)| {
+                let (matched, decided, detail) = match verdict {
+                    Verdict::Decided => (true, true, "decided".to_string()),
+                    Verdict::Outranked { by } => (true, false, format!("matched, but {by}")),
+                    Verdict::NoMatch { terms } => (false, false, terms.join("; ")),
+                };
+                RuleVerdict {
+                    rule: rule.text,
+                    matched,
+                    decided,
+                    detail,
+                }
+            })
+            .collect();
+        out.push(WhyDevice {
+            port: d.port.to_string(),
+            label: d.label(),
+            target: w.decision.placement.to_string(),
+            reason: w.decision.reason.to_string(),
+            rules,
+        });
+    }
+    let _ = reply.send(Reply::Why(WhyReport { devices: out }));
+}

@@ -1,0 +1,264 @@
+//! The control protocol: one JSON object per line each way, documented in docs/daemon.md.
+//! Pure data; the server and the client only move these across the socket.
+
+use crate::backend::AttachMode;
+use serde::{Deserialize, Serialize};
+
+/// Longest request or reply line accepted, newline included. A longer line is refused
+/// and the connection closed, so a peer cannot make the daemon buffer without bound.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Longest reply line the client accepts (a status with hundreds of devices is large).
+pub const MAX_REPLY_LINE: usize = 16 * 1024 * 1024;
+
+/// A request from a client: `{"request": "status"}`, `{"request": "why", "selector": "1-3"}`...
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Every device, where it is, where it should be and why, and pending retries.
+    Status {},
+    /// Which rule decides the devices a selector matches, and why the others do not.
+    Why {
+        /// A selector (the selector grammar).
+        selector: String,
+    },
+    /// Manual override: put the device on this VM until it is unplugged or cleared.
+    Attach {
+        /// Must match exactly one device.
+        selector: String,
+        /// A VM named in the config.
+        vm: String,
+        /// How QEMU finds the device (default: the matching rule's, else `address`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<AttachMode>,
+    },
+    /// Manual override: keep the device on the host until it is unplugged or cleared.
+    Detach {
+        /// Must match exactly one device.
+        selector: String,
+    },
+    /// Drop the manual override of the matching devices: the rules decide again.
+    Clear {
+        /// The devices whose override goes.
+        selector: String,
+    },
+    /// Re-read the config file (like SIGHUP); a bad file keeps the running config.
+    Reload {},
+}
+
+/// The daemon's answer: `{"reply": "done", "message": "..."}`, `{"reply": "error", ...}`...
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    /// Answer to `status`.
+    Status(StatusReport),
+    /// Answer to `why`.
+    Why(WhyReport),
+    /// A command was carried out (or accepted: the reconcile loop does the work).
+    Done {
+        /// What happened, for a human.
+        message: String,
+    },
+    /// The request was not carried out.
+    Error {
+        /// Which kind of failure.
+        kind: ErrorKind,
+        /// What went wrong and what to do, naming the device, VM or file.
+        message: String,
+    },
+}
+
+impl Reply {
+    /// A `Done` reply.
+    pub fn done(message: impl Into<String>) -> Self {
+        Reply::Done {
+            message: message.into(),
+        }
+    }
+
+    /// An `Error` reply.
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Reply::Error {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Kinds of refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The peer is neither root nor in the control group.
+    PermissionDenied,
+    /// Not valid JSON, an unknown request, or a line over [`MAX_LINE`].
+    BadRequest,
+    /// The selector matches no device, or the VM is not in the config.
+    NotFound,
+    /// The selector matches more than one device where one is needed.
+    Ambiguous,
+    /// The request was valid but failed (a bad config on reload, ...).
+    Failed,
+}
+
+/// Answer to `status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The config file in use, `None` when running with the empty policy.
+    pub config: Option<String>,
+    /// `true` when the daemon only logs what it would do.
+    pub dry_run: bool,
+    /// Every VM in the config.
+    pub vms: Vec<VmStatus>,
+    /// Every USB device on the host (hubs included, they say why they stay).
+    pub devices: Vec<DeviceStatus>,
+}
+
+/// One VM in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// Its name in the config.
+    pub name: String,
+    /// Its QMP socket.
+    pub qmp: String,
+    /// `true` when its QMP socket accepted a connection.
+    pub up: bool,
+    /// Ids of the usb-host devices usbroute gave it.
+    pub devices: Vec<String>,
+}
+
+/// One device in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    /// Port path (`1-3.4`).
+    pub port: String,
+    /// `bus:address`, if known.
+    pub address: Option<String>,
+    /// `046d:c016 Logitech Optical Mouse`.
+    pub label: String,
+    /// Where it is now: `host` or a VM name.
+    pub location: String,
+    /// Where the policy wants it: `host` or a VM name.
+    pub desired: String,
+    /// Why (the deciding rule, an override, or a built-in protection).
+    pub reason: String,
+    /// A manual override in force (`attach:VM` or `detach`), if any.
+    #[serde(rename = "override")]
+    pub manual_override: Option<String>,
+    /// A failed action waiting for its retry, if any.
+    pub pending: Option<Pending>,
+}
+
+/// A failed action the daemon will retry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    /// `attach to VM` or `detach from VM`.
+    pub action: String,
+    /// How many attempts failed so far.
+    pub attempts: u32,
+    /// The last error, naming the VM.
+    pub last_error: String,
+}
+
+/// Answer to `why`: one entry per device the selector matches.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhyReport {
+    /// The devices.
+    pub devices: Vec<WhyDevice>,
+}
+
+/// Why one device goes where it goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhyDevice {
+    /// Port path.
+    pub port: String,
+    /// Label.
+    pub label: String,
+    /// `host` or a VM name.
+    pub target: String,
+    /// The decision in one sentence.
+    pub reason: String,
+    /// Every rule in order, with whether it matched and why (not).
+    pub rules: Vec<RuleVerdict>,
+}
+
+/// One rule's verdict on one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleVerdict {
+    /// How the rule is named (`rule 2 (port:1-3 -> win11)`, `file:line`).
+    pub rule: String,
+    /// `true` when its selector matched.
+    pub matched: bool,
+    /// `true` when it is the rule that decided.
+    pub decided: bool,
+    /// Why it matched or not, or why it did not decide.
+    pub detail: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attach_request_reads_documented_form() {
+        let line = r#"{"request":"attach","selector":"port:1-3","vm":"win11","by":"port"}"#;
+
+        let req: Request = serde_json::from_str(line).unwrap();
+
+        assert_eq!(
+            req,
+            Request::Attach {
+                selector: "port:1-3".into(),
+                vm: "win11".into(),
+                by: Some(AttachMode::Port)
+            }
+        );
+    }
+
+    #[test]
+    fn status_request_reads_bare_form() {
+        let req: Request = serde_json::from_str(r#"{"request":"status"}"#).unwrap();
+
+        assert_eq!(req, Request::Status {});
+    }
+
+    #[test]
+    fn unknown_field_in_request_is_refused() {
+        let line = r#"{"request":"status","verbose":true}"#;
+
+        let err = serde_json::from_str::<Request>(line).unwrap_err();
+
+        assert!(err.to_string().contains("verbose"), "{err}");
+    }
+
+    #[test]
+    fn error_reply_writes_documented_form() {
+        let reply = Reply::error(ErrorKind::PermissionDenied, "uid 65534 refused");
+
+        let line = serde_json::to_string(&reply).unwrap();
+
+        assert_eq!(
+            line,
+            r#"{"reply":"error","kind":"permission_denied","message":"uid 65534 refused"}"#
+        );
+    }
+
+    #[test]
+    fn status_reply_round_trips() {
+        let reply = Reply::Status(StatusReport {
+            config: Some("/etc/usbroute.toml".into()),
+            dry_run: false,
+            vms: vec![VmStatus {
+                name: "win11".into(),
+                qmp: "/run/qemu/win11.qmp".into(),
+                up: true,
+                devices: vec!["usbroute-port-1-3".into()],
+            }],
+            devices: vec![],
+        });
+
+        let back: Reply = serde_json::from_str(&serde_json::to_string(&reply).unwrap()).unwrap();
+
+        assert_eq!(back, reply);
+    }
+}

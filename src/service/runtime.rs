@@ -1,0 +1,347 @@
+//! `usbroute serve`: the edges around the engine. This loop reads the world (sysfs on
+//! uevents, VMs' QMP sockets, the config on SIGHUP) and feeds it to
+//! [`crate::engine::runtime`], which alone decides and acts; it answers control requests
+//! from the engine's published status, and keeps systemd informed.
+
+use super::presence::{self, Presence, VmConnector};
+use super::protocol::{Reply, Request};
+use super::server::{ControlGroup, ControlHandler, ControlServer, Peer, ServiceError};
+use crate::backend::BoxFuture;
+use crate::engine::runtime::{self as engine, EngineHandle, EngineOptions, Input as EngineInput};
+use crate::events::{Received, SocketWatcher, Trigger, UeventSocket};
+use crate::inventory::{self, Snapshot};
+use crate::policy::Config;
+use crate::sysfs::SysfsRoot;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+/// How to run the daemon.
+pub struct DaemonOptions {
+    /// The config file; `None` runs the empty policy.
+    pub config: Option<PathBuf>,
+    /// The control socket (`--control`), else the config's.
+    pub control: Option<PathBuf>,
+    /// Where sysfs is read.
+    pub root: SysfsRoot,
+    /// Log what would be done; do nothing.
+    pub dry_run: bool,
+    /// Reaches VMs.
+    pub connector: Arc<dyn VmConnector>,
+    /// Listen to kernel uevents (off only in benches that feed events themselves).
+    pub uevents: bool,
+}
+
+/// The daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The config file is not valid.
+    #[error(transparent)]
+    Config(#[from] crate::policy::ConfigError),
+    /// The control socket could not be set up.
+    #[error(transparent)]
+    Control(#[from] ServiceError),
+    /// The uevent socket could not be opened.
+    #[error(transparent)]
+    Events(#[from] crate::events::EventsError),
+    /// Signal handlers could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+pub(super) enum Input {
+    Control(Request, oneshot::Sender<Reply>),
+    SocketAppeared(String),
+}
+
+pub(super) struct VmPresence {
+    pub(super) qmp: PathBuf,
+    wake: mpsc::UnboundedSender<()>,
+    pub(super) up: bool,
+}
+
+/// What the daemon loop owns.
+pub(super) struct Daemon {
+    pub(super) options: DaemonOptions,
+    pub(super) config: Arc<Config>,
+    pub(super) snapshot: Snapshot,
+    pub(super) vms: BTreeMap<String, VmPresence>,
+    pub(super) engine: EngineHandle,
+    presence: mpsc::UnboundedSender<Presence>,
+    inputs: mpsc::UnboundedSender<Input>,
+    watcher: Option<tokio::task::JoinHandle<()>>,
+    last_status: String,
+}
+
+/// Run the daemon until SIGTERM or SIGINT.
+pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
+    let config = match &options.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let socket = options
+        .control
+        .clone()
+        .unwrap_or_else(|| config.control_socket.clone());
+    let group = config
+        .control_group
+        .as_deref()
+        .map(ControlGroup::lookup)
+        .transpose()?;
+    let server = ControlServer::bind(&socket, group)?;
+    let uevents = options.uevents.then(UeventSocket::open).transpose()?;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+
+    let (engine, _engine_task) = engine::spawn(EngineOptions {
+        dry_run: options.dry_run,
+        ..EngineOptions::default()
+    });
+    let mut status = engine.status();
+    let (presence_tx, mut presence) = mpsc::unbounded_channel();
+    let (inputs_tx, mut inputs) = mpsc::unbounded_channel();
+    let dirty = Arc::new(Notify::new());
+    if let Some(sock) = uevents {
+        tokio::spawn(listen_uevents(sock, dirty.clone()));
+    }
+    tokio::spawn(server.serve(Arc::new(ControlBridge(inputs_tx.clone()))));
+
+    let mut daemon = Daemon {
+        options,
+        config: Arc::new(config),
+        snapshot: Snapshot::default(),
+        vms: BTreeMap::new(),
+        engine,
+        presence: presence_tx,
+        inputs: inputs_tx,
+        watcher: None,
+        last_status: String::new(),
+    };
+    daemon.apply_config();
+    daemon.rescan("start");
+    tracing::info!(socket = %socket.display(), config = ?daemon.options.config, dry_run = daemon.options.dry_run, "usbroute daemon ready");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    daemon.publish_status();
+
+    loop {
+        tokio::select! {
+            _ = dirty.notified() => daemon.rescan("uevent"),
+            Some(p) = presence.recv() => daemon.on_presence(p),
+            Some(input) = inputs.recv() => match input {
+                Input::Control(req, reply) => daemon.on_request(req, reply),
+                Input::SocketAppeared(vm) => daemon.on_socket_appeared(&vm),
+            },
+            Ok(()) = status.changed() => daemon.publish_status(),
+            _ = hup.recv() => match daemon.reload() {
+                Ok(msg) => tracing::info!("SIGHUP: {msg}"),
+                Err(msg) => tracing::error!("SIGHUP: {msg}"),
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("usbroute daemon stopping; devices stay where they are");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    Ok(())
+}
+
+/// Read uevents, log each, and mark the picture dirty for the ones that matter. Marking
+/// (not queueing) coalesces a storm into few rescans: a rescan reads the current state,
+/// so no decision is lost however many events arrive or are dropped.
+async fn listen_uevents(mut sock: UeventSocket, dirty: Arc<Notify>) {
+    loop {
+        match sock.recv().await {
+            Received::Event(ev) => {
+                let trigger = ev.trigger();
+                if trigger == Trigger::Ignore {
+                    tracing::trace!(device = ev.kernel_name(), action = %ev.action, "uevent ignored");
+                    continue;
+                }
+                tracing::info!(device = ev.kernel_name(), action = %ev.action, product = ev.product.as_deref().unwrap_or("?"), "uevent: {trigger:?}");
+                dirty.notify_one();
+            }
+            Received::Resync { reason } => {
+                tracing::warn!("uevents may be lost ({reason}); rescanning sysfs");
+                dirty.notify_one();
+            }
+            Received::Rejected { reason } => tracing::warn!("ignored a netlink datagram: {reason}"),
+        }
+    }
+}
+
+/// Carries control requests from the server's connection tasks into the loop.
+struct ControlBridge(mpsc::UnboundedSender<Input>);
+
+impl ControlHandler for ControlBridge {
+    fn handle<'a>(&'a self, request: Request, _peer: &'a Peer) -> BoxFuture<'a, Reply> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            if self.0.send(Input::Control(request, tx)).is_err() {
+                return Reply::error(super::ErrorKind::Failed, "the daemon is stopping");
+            }
+            rx.await.unwrap_or_else(|_| {
+                Reply::error(super::ErrorKind::Failed, "the daemon dropped the request")
+            })
+        })
+    }
+}
+
+impl Daemon {
+    /// Hand the config to the engine, start presence tasks for new VMs, stop those gone,
+    /// and re-arm the socket watcher.
+    fn apply_config(&mut self) {
+        self.engine
+            .send(EngineInput::Rules(self.config.rules.clone()));
+        self.engine
+            .send(EngineInput::Controllers(self.config.controllers.clone()));
+        let wanted: BTreeMap<String, PathBuf> = self
+            .config
+            .vms
+            .iter()
+            .map(|v| (v.name.clone(), v.qmp.clone()))
+            .collect();
+        let gone: Vec<String> = self
+            .vms
+            .iter()
+            .filter(|(name, vm)| wanted.get(*name) != Some(&vm.qmp))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            // Dropping the wake sender ends its presence task.
+            self.vms.remove(&name);
+            self.engine.send(EngineInput::VmGone { name: name.clone() });
+            tracing::info!(vm = %name, "VM no longer in the config (or its socket moved); usbroute stops managing it");
+        }
+        for (name, qmp) in &wanted {
+            if !self.vms.contains_key(name) {
+                let wake = presence::spawn(
+                    name.clone(),
+                    qmp.clone(),
+                    self.options.connector.clone(),
+                    self.presence.clone(),
+                );
+                self.vms.insert(
+                    name.clone(),
+                    VmPresence {
+                        qmp: qmp.clone(),
+                        wake,
+                        up: false,
+                    },
+                );
+            }
+        }
+        if let Some(old) = self.watcher.take() {
+            old.abort();
+        }
+        let inputs = self.inputs.clone();
+        match SocketWatcher::new(wanted) {
+            Ok(mut watcher) => {
+                self.watcher = Some(tokio::spawn(async move {
+                    while let Ok(seen) = watcher.next().await {
+                        let _ = inputs.send(Input::SocketAppeared(seen.vm));
+                    }
+                }))
+            }
+            Err(e) => tracing::error!("VM sockets will only be retried on a timer: {e}"),
+        }
+    }
+
+    pub(super) fn rescan(&mut self, why: &str) {
+        let previous = std::mem::take(&mut self.snapshot.warnings);
+        self.snapshot = inventory::scan(&self.options.root);
+        // Each rescan would repeat the same complaints: say each one once.
+        for w in self
+            .snapshot
+            .warnings
+            .iter()
+            .filter(|w| !previous.contains(w))
+        {
+            tracing::warn!("sysfs: {w}");
+        }
+        tracing::debug!(
+            devices = self.snapshot.devices.len(),
+            "rescanned sysfs ({why})"
+        );
+        self.engine
+            .send(EngineInput::MountedDisks(super::mounts::mounted_disks(
+                &self.options.root,
+            )));
+        self.engine
+            .send(EngineInput::Devices(self.snapshot.devices.clone()));
+    }
+
+    fn on_presence(&mut self, p: Presence) {
+        match p {
+            Presence::Up { vm, backend } => {
+                if let Some(v) = self.vms.get_mut(&vm) {
+                    v.up = true;
+                    self.engine.send(EngineInput::VmUp { name: vm, backend });
+                }
+            }
+            Presence::Gone { vm, reason } => {
+                if let Some(v) = self.vms.get_mut(&vm) {
+                    v.up = false;
+                    tracing::warn!(vm = %vm, "VM went down: {reason}");
+                    self.engine.send(EngineInput::VmGone { name: vm });
+                }
+            }
+        }
+    }
+
+    fn on_socket_appeared(&mut self, vm: &str) {
+        if let Some(v) = self.vms.get(vm) {
+            tracing::info!(vm = %vm, socket = %v.qmp.display(), "QMP socket appeared");
+            let _ = v.wake.send(());
+        }
+    }
+
+    /// Re-read the config; on error keep the running one and say why.
+    pub(super) fn reload(&mut self) -> Result<String, String> {
+        let Some(path) = self.options.config.clone() else {
+            return Err("running without a config file (the empty policy): nothing to reload; restart with --config FILE".into());
+        };
+        let config =
+            Config::load(&path).map_err(|e| format!("{e}\nthe running config stays in force"))?;
+        self.config = Arc::new(config);
+        self.apply_config();
+        self.rescan("reload");
+        Ok(format!(
+            "reloaded {}: {} VMs, {} rules",
+            path.display(),
+            self.vms.len(),
+            self.config.rules.len()
+        ))
+    }
+
+    fn publish_status(&mut self) {
+        let status = {
+            let s = self.engine.status();
+            let s = s.borrow();
+            let passed = s
+                .desired
+                .devices
+                .values()
+                .filter(|d| d.placement != crate::policy::Placement::Host)
+                .count();
+            format!(
+                "{} USB devices, {passed} for VMs; {}/{} VMs up; {} retries pending{}",
+                self.snapshot.devices.len(),
+                self.vms.values().filter(|v| v.up).count(),
+                self.vms.len(),
+                s.pending.len(),
+                if self.options.dry_run {
+                    " (dry run)"
+                } else {
+                    ""
+                }
+            )
+        };
+        if status != self.last_status {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]);
+            self.last_status = status;
+        }
+    }
+}

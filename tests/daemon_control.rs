@@ -1,0 +1,205 @@
+//! The control socket for real: file mode and group, SO_PEERCRED checks against client
+//! processes running as other users (`socat` started with another uid), line limits.
+//! Needs root (to start clients as `nobody`) and socat.
+
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use usbroute::backend::BoxFuture;
+use usbroute::service::{ControlGroup, ControlHandler, ControlServer, Peer, Reply, Request};
+
+const NOBODY: u32 = 65534;
+const NOGROUP: u32 = 65534;
+
+/// Answers every request with `done` naming the request and the peer's uid.
+struct Echo;
+
+impl ControlHandler for Echo {
+    fn handle<'a>(&'a self, request: Request, peer: &'a Peer) -> BoxFuture<'a, Reply> {
+        Box::pin(async move { Reply::done(format!("{request:?} from uid {}", peer.uid)) })
+    }
+}
+
+fn require_root_and_socat() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root: run the test as root (it starts clients as `nobody`)"
+    );
+    assert!(
+        Path::new("/usr/bin/socat").exists() && Path::new("/usr/bin/setpriv").exists(),
+        "needs socat and setpriv: apt-get install socat util-linux"
+    );
+}
+
+/// A temp dir other users can traverse, and the socket path inside it.
+fn socket_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("control.sock");
+    (dir, path)
+}
+
+/// Start the server on a runtime in the background; returns the runtime to keep it alive.
+fn start(path: &Path, group: Option<ControlGroup>) -> tokio::runtime::Runtime {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt
+        .block_on(async { ControlServer::bind(path, group) })
+        .unwrap();
+    rt.spawn(server.serve(Arc::new(Echo)));
+    rt
+}
+
+/// Send `input` with socat running as uid/gid (no supplementary groups); returns (stdout, stderr, success).
+fn socat_as(uid: u32, gid: u32, path: &Path, input: &[u8]) -> (String, String, bool) {
+    // setpriv drops the supplementary groups too (root's group 0 would open a 0660 socket).
+    let mut child = Command::new("/usr/bin/setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "/usr/bin/socat",
+            "-t",
+            "5",
+            "-",
+            &format!("UNIX-CONNECT:{}", path.display()),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start socat");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.success(),
+    )
+}
+
+#[test]
+fn socket_is_created_0660_with_the_control_group() {
+    require_root_and_socat();
+    let (_dir, path) = socket_dir();
+    let users = ControlGroup::lookup("users").expect("group `users` exists on Debian");
+
+    let _rt = start(&path, Some(users));
+
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    assert_eq!((meta.uid(), meta.gid()), (0, 100));
+}
+
+#[test]
+fn root_peer_gets_its_reply() {
+    require_root_and_socat();
+    let (_dir, path) = socket_dir();
+    let _rt = start(&path, None);
+
+    let (out, _, ok) = socat_as(0, 0, &path, b"{\"request\":\"status\"}\n");
+
+    assert!(ok);
+    assert_eq!(
+        out,
+        "{\"reply\":\"done\",\"message\":\"Status from uid 0\"}\n"
+    );
+}
+
+#[test]
+fn stranger_cannot_open_the_0660_socket() {
+    require_root_and_socat();
+    let (_dir, path) = socket_dir();
+    let _rt = start(&path, None);
+
+    let (out, err, ok) = socat_as(NOBODY, NOGROUP, &path, b"{\"request\":\"status\"}\n");
+
+    assert!(!ok && out.is_empty(), "out: {out}");
+    assert!(err.contains("Permission denied"), "stderr: {err}");
+}
+
+#[test]
+fn stranger_past_the_file_mode_is_refused_by_peer_credentials() {
+    require_root_and_socat();
+    let (_dir, path) = socket_dir();
+    let _rt = start(&path, None);
+    // A careless admin made the socket world-writable: SO_PEERCRED still stops the peer.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+
+    let (out, _, _) = socat_as(NOBODY, NOGROUP, &path, b"{\"request\":\"reload\"}\n");
+
+    assert_eq!(
+        out,
+        "{\"reply\":\"error\",\"kind\":\"permission_denied\",\"message\":\"uid 65534 (nobody) is not root, and no control_group is set in the config: run as root, or set control_group\"}\n"
+    );
+}
+
+#[test]
+fn control_group_member_is_served() {
+    require_root_and_socat();
+    let (_dir, path) = socket_dir();
+    let users = ControlGroup::lookup("users").unwrap();
+    let _rt = start(&path, Some(users.clone()));
+
+    let (out, _, ok) = socat_as(
+        NOBODY,
+        users.gid,
+        &path,
+        b"{\"request\":\"why\",\"selector\":\"1-3\"}\n",
+    );
+
+    assert!(ok);
+    assert_eq!(
+        out,
+        "{\"reply\":\"done\",\"message\":\"Why { selector: \\\"1-3\\\" } from uid 65534\"}\n"
+    );
+}
+
+#[test]
+fn over_long_request_line_is_refused_and_closed() {
+    require_root_and_socat();
+    let (_dir, path) = socket_dir();
+    let _rt = start(&path, None);
+    let long = vec![b'x'; 100 * 1024];
+
+    let (out, _, _) = socat_as(0, 0, &path, &long);
+
+    assert!(out.starts_with("{\"reply\":\"error\",\"kind\":\"bad_request\",\"message\":\"request line longer than 65536 bytes"), "{out}");
+}
+
+#[test]
+fn garbage_request_gets_bad_request_and_the_connection_stays_usable() {
+    require_root_and_socat();
+    let (_dir, path) = socket_dir();
+    let _rt = start(&path, None);
+
+    let (out, _, _) = socat_as(0, 0, &path, b"not json\n{\"request\":\"reload\"}\n");
+
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].contains("\"kind\":\"bad_request\""),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(
+        lines[1],
+        "{\"reply\":\"done\",\"message\":\"Reload from uid 0\"}"
+    );
+}
+
+#[test]
+fn second_server_on_a_live_socket_is_refused() {
+    require_root_and_socat();
+    let (_dir, path) = socket_dir();
+    let _rt = start(&path, None);
+
+    let err = ControlServer::bind(&path, None).unwrap_err();
+
+    assert!(
+        err.to_string()
+            .contains("another usbroute daemon is already listening"),
+        "{err}"
+    );
+}

@@ -1,0 +1,157 @@
+//! `usbroute serve` as a process: the empty policy (no config file), the control socket,
+//! sd-notify READY/STATUS on a real notify socket, SIGHUP, SIGTERM. Needs root (uevent
+//! socket with SO_RCVBUFFORCE is optional, but the control socket is made root:root 0660).
+
+use assert_cmd::cargo::CommandCargoExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `usbroute serve`, killed on drop.
+struct Daemon {
+    child: Child,
+    control: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, extra: &[&str], notify: Option<&Path>) -> Daemon {
+        let control = dir.join("control.sock");
+        let sysfs = dir.join("sysfs");
+        std::fs::create_dir_all(&sysfs).unwrap();
+        let mut cmd = Command::cargo_bin("usbroute").unwrap();
+        cmd.args(["serve", "-v", "--control"])
+            .arg(&control)
+            .arg("--sysfs-root")
+            .arg(&sysfs)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(n) = notify {
+            cmd.env("NOTIFY_SOCKET", n);
+        }
+        let child = cmd.spawn().unwrap();
+        let daemon = Daemon { child, control };
+        daemon.wait_for_socket();
+        daemon
+    }
+
+    fn wait_for_socket(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&self.control).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon's control socket did not appear in 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::cargo_bin("usbroute")
+            .unwrap()
+            .arg("--control")
+            .arg(&self.control)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn serve_without_config_runs_the_empty_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &[], None);
+
+    let out = daemon.cli(&["status", "--json"]);
+
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["config"], serde_json::Value::Null);
+    assert_eq!(status["vms"], serde_json::json!([]));
+}
+
+#[test]
+fn reload_without_config_says_there_is_nothing_to_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &[], None);
+
+    let out = daemon.cli(&["reload"]);
+
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("running without a config file"), "{err}");
+}
+
+#[test]
+fn serve_notifies_systemd_ready_with_a_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+
+    let _daemon = Daemon::start(dir.path(), &[], Some(&notify_path));
+    let mut messages = String::new();
+    let mut buf = [0u8; 4096];
+    while !(messages.contains("READY=1") && messages.contains("STATUS=")) {
+        let n = notify
+            .recv(&mut buf)
+            .expect("sd-notify message within 10 s");
+        messages.push_str(&String::from_utf8_lossy(&buf[..n]));
+        messages.push('\n');
+    }
+
+    assert!(
+        messages.contains("STATUS=0 USB devices, 0 for VMs; 0/0 VMs up"),
+        "{messages}"
+    );
+}
+
+#[test]
+fn sighup_keeps_the_daemon_running_and_sigterm_stops_it_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(dir.path(), &[], None);
+
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let after_hup = daemon.cli(&["status"]);
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = daemon.child.wait().unwrap();
+
+    assert!(after_hup.status.success());
+    assert!(status.success(), "exit status {status:?}");
+    assert!(!daemon.control.exists(), "control socket removed on exit");
+}
+
+#[test]
+fn status_without_a_daemon_says_how_to_start_one() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let out = Command::cargo_bin("usbroute")
+        .unwrap()
+        .arg("--control")
+        .arg(dir.path().join("nothing.sock"))
+        .arg("status")
+        .output()
+        .unwrap();
+
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is `usbroute serve` running?"), "{err}");
+}
