@@ -195,8 +195,10 @@ impl Daemon {
     fn apply_config(&mut self) {
         self.engine
             .send(EngineInput::Rules(self.config.rules.clone()));
-        self.engine
-            .send(EngineInput::Controllers(self.config.controllers.clone()));
+        // The whole IOMMU group of each controller rule: an EHCI given to a VM takes its
+        // UHCI companions, and their devices must stay out of the device rules too.
+        let held = crate::vfio::held_by_rules(&self.options.root, &self.config.controllers);
+        self.engine.send(EngineInput::Controllers(held));
         let wanted: BTreeMap<String, PathBuf> = self
             .config
             .vms
