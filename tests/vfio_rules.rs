@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use usbroute::backend::AttachMode;
 use usbroute::policy::{plan, Placement, PlanInput, Reason, Rule};
+use usbroute::service::controllers::{carry_out, rule_changes, Direction};
 use usbroute::vfio::{self, BindOptions, ControllerRule};
 use vfio_support::{pci, state, FixtureDriverCore, Tree};
 
@@ -188,4 +189,104 @@ fn device_on_a_uhci_companion_goes_back_to_the_device_rules_when_the_vm_stops() 
         matches!(&placement, Placement::Vm { vm, .. } if vm == "linux"),
         "{placement:?}"
     );
+}
+
+fn driver_of(tree: &Tree, f: &str) -> Option<String> {
+    state(tree)
+        .into_iter()
+        .find(|(name, _, _)| name == f)
+        .and_then(|(_, driver, _)| driver)
+}
+
+#[test]
+fn daemon_carry_out_binds_added_rules_and_restores_removed_ones() {
+    let tree = Tree::q35_usb().with_vfio();
+    let host = FixtureDriverCore::new(&tree);
+    let first = state(&tree);
+    let old = [rule("00:1d.7", "win11")];
+    let new = [rule("00:01.0", "lab")];
+    carry_out(
+        &tree.root(),
+        &host,
+        &rule_changes(&[], &old),
+        &quick(),
+        false,
+    );
+    let ehci_bound = driver_of(&tree, "0000:00:1d.0");
+
+    let steps = carry_out(
+        &tree.root(),
+        &host,
+        &rule_changes(&old, &new),
+        &quick(),
+        false,
+    );
+
+    assert_eq!(ehci_bound.as_deref(), Some("vfio-pci"));
+    assert_eq!(
+        steps
+            .iter()
+            .map(|s| (s.direction, s.outcome.pci.to_string(), s.outcome.ok))
+            .collect::<Vec<_>>(),
+        vec![
+            (Direction::Restore, "0000:00:1d.7".to_string(), true),
+            (Direction::Bind, "0000:00:01.0".to_string(), true),
+        ]
+    );
+    assert_eq!(
+        driver_of(&tree, "0000:00:1d.0").as_deref(),
+        Some("uhci_hcd")
+    );
+    assert_eq!(
+        driver_of(&tree, "0000:00:01.0").as_deref(),
+        Some("vfio-pci")
+    );
+    assert_ne!(state(&tree), first);
+}
+
+#[test]
+fn daemon_carry_out_never_forces_a_group_the_host_needs() {
+    let tree = Tree::q35_usb().with_vfio();
+    tree.usb_device("0000:00:01.0", 3, "3-1", ("03", "01", "01"));
+    let host = FixtureDriverCore::new(&tree);
+    let forced = BindOptions {
+        force: true,
+        ..quick()
+    };
+
+    let steps = carry_out(
+        &tree.root(),
+        &host,
+        &rule_changes(&[], &[rule("00:01.0", "lab")]),
+        &forced,
+        false,
+    );
+
+    assert!(!steps[0].outcome.ok, "{:?}", steps[0].outcome);
+    assert!(host.writes().is_empty(), "{:?}", host.writes());
+}
+
+#[test]
+fn daemon_carry_out_dry_run_says_what_it_would_write_and_writes_nothing() {
+    let tree = Tree::q35_usb().with_vfio();
+    let host = FixtureDriverCore::new(&tree);
+
+    let steps = carry_out(
+        &tree.root(),
+        &host,
+        &rule_changes(&[], &[rule("00:1d.7", "win11")]),
+        &quick(),
+        true,
+    );
+
+    let message = &steps[0].outcome.message;
+    assert!(
+        message.starts_with("dry run: would move IOMMU group 7 to vfio-pci for VM win11: "),
+        "{message}"
+    );
+    assert!(
+        message.contains("0000:00:1d.0/driver_override"),
+        "{message}"
+    );
+    assert!(host.writes().is_empty(), "{:?}", host.writes());
 }
