@@ -1,7 +1,9 @@
 //! `usbroute serve` applies `[[controller]]` rules (issue 6, persistence like driverctl):
 //! at start, on reload for added rules, giving back removed ones; never forced; `--dry-run`
 //! writes nothing; each outcome is in `status`. The sysfs is a temp-dir tree shaped like
-//! the kernel's (see tests/vfio_support), so no real controller is touched.
+//! the kernel's (see tests/vfio_support), so no real controller is touched. And while a
+//! controller's VM runs (a real QEMU), device rules for devices on its IOMMU group do
+//! not fire (issue 6, EVE's parentassigngrp).
 
 mod vfio_support;
 
@@ -193,5 +195,62 @@ fn reload_binds_an_added_rule_and_gives_back_a_removed_one() {
             .1
             .starts_with("dry run: would give IOMMU group 7 back to the host"),
         "{messages:?}"
+    );
+}
+
+/// A QEMU that serves QMP at `qmp`, killed on drop.
+struct Qemu(Child);
+
+impl Qemu {
+    fn start(qmp: &std::path::Path) -> Qemu {
+        let child = Command::new("qemu-system-x86_64")
+            .args(["-machine", "q35", "-accel", "tcg", "-S", "-m", "64"])
+            .args(["-nodefaults", "-display", "none", "-qmp"])
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 (apt-get install qemu-system-x86)");
+        Qemu(child)
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn device_rule_for_a_device_on_a_uhci_companion_does_not_fire_while_the_ehci_vm_runs() {
+    // The recorded guest: 6-1 is a device on the UHCI 0000:00:1d.2, which shares IOMMU
+    // group 7 with the EHCI 0000:00:1d.7.
+    let tree = Tree::from_recording(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/guest-xhci-ehci"
+    )));
+    let qmp_dir = tempfile::tempdir().unwrap();
+    let qmp = qmp_dir.path().join("guest.qmp");
+    let _qemu = Qemu::start(&qmp);
+    let config = format!(
+        "[[vm]]\nname = \"guest\"\nqmp = \"{}\"\n\n\
+         [[controller]]\npci = \"0000:00:1d.7\"\nvm = \"guest\"\n\n\
+         [[rule]]\nvm = \"guest\"\nmatch = \"port:6-1\"\nby = \"port\"\n",
+        qmp.display()
+    );
+    // A dry run leaves the group on its USB drivers; the plan (what `why` shows) is the same.
+    let serve = Serve::start(&tree, &config, &["--dry-run"]);
+    serve.wait_until("the VM up", |s| {
+        s.cli(&["status", "--json"]).contains("\"up\": true")
+    });
+
+    let why = serve.cli(&["why", "port:6-1"]);
+
+    assert!(
+        why.contains(
+            "its controller 0000:00:1d.2 is given whole (with its IOMMU group) to running VM guest"
+        ),
+        "{why}"
     );
 }
