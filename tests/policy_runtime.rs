@@ -144,6 +144,9 @@ fn options() -> EngineOptions {
             max: Duration::from_millis(100),
         },
         dry_run: false,
+        // The model checks that a device is never on two VMs: attaches must wait until
+        // every VM's holdings are known (the finite injected faults let lists answer).
+        unknown_holdings_grace: Duration::from_secs(3600),
     }
 }
 

@@ -85,12 +85,26 @@ pub struct Status {
 }
 
 /// Knobs of the runtime.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct EngineOptions {
     /// Backoff for failed actions and for VMs that do not answer a list.
     pub backoff: BackoffPolicy,
     /// Decide and log, never act.
     pub dry_run: bool,
+    /// How long attaches wait for a VM that came up but has not yet answered a list
+    /// (it may hold any device). After that, the kernel's exclusive claim of a device by
+    /// the QEMU holding it is the backstop, so one broken VM cannot stall every other.
+    pub unknown_holdings_grace: Duration,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            backoff: BackoffPolicy::default(),
+            dry_run: false,
+            unknown_holdings_grace: Duration::from_secs(10),
+        }
+    }
 }
 
 /// The daemon's handle on a running engine. Dropping every handle stops the engine.
@@ -145,8 +159,10 @@ struct Worker {
     jobs: mpsc::UnboundedSender<Job>,
     generation: u64,
     busy: bool,
-    /// Its first list since it came up has not returned yet: it may hold anything.
-    first_list_pending: bool,
+    /// No list has answered since it came up: it may hold anything.
+    holdings_unknown: bool,
+    /// When it came up (engine clock).
+    up_since: Duration,
     answering: bool,
     list_failures: u32,
     relist_at: Duration,
@@ -273,7 +289,8 @@ impl Coordinator {
             jobs,
             generation: self.generation,
             busy: true,
-            first_list_pending: true,
+            holdings_unknown: true,
+            up_since: self.now(),
             answering: false,
             list_failures: 0,
             relist_at: Duration::ZERO,
@@ -290,7 +307,6 @@ impl Coordinator {
             return; // from a previous run of this VM
         }
         worker.busy = false;
-        worker.first_list_pending = false;
         for (action, result) in report.results {
             let outcome = match &result {
                 Ok(()) => Outcome::Done,
@@ -311,6 +327,9 @@ impl Coordinator {
         }
         match report.list {
             Ok(devices) => {
+                // Only an answered list makes its holdings known: a failed one says
+                // nothing about what it holds.
+                worker.holdings_unknown = false;
                 worker.answering = true;
                 worker.list_failures = 0;
                 self.holdings.listed(&report.vm, devices);
@@ -362,10 +381,14 @@ impl Coordinator {
             .collect();
         let actual = self.holdings.actual(&answering);
         let mut due = due_actions(&desired, &actual, &self.devices, &mut self.retries, now);
-        if self.workers.values().any(|w| w.first_list_pending) {
+        if self
+            .workers
+            .values()
+            .any(|w| self.in_unknown_window(w, now))
+        {
             // A VM that just came up (or a daemon that just started) may already hold any
-            // device: attach nothing until its first list answers or fails (bounded by
-            // the backend's timeout). Detaches are safe and go ahead.
+            // device: attach nothing until its list answers, for at most the grace period.
+            // Detaches are safe and go ahead.
             due.retain(|a| matches!(a, Action::Detach { .. }));
         }
         if self.options.dry_run {
@@ -421,14 +444,29 @@ impl Coordinator {
         }
     }
 
-    /// When a retry or a re-list falls due.
+    /// Attaches wait while `worker` may hold anything and its grace has not run out.
+    fn in_unknown_window(&self, worker: &Worker, now: Duration) -> bool {
+        worker.holdings_unknown && now < worker.up_since + self.options.unknown_holdings_grace
+    }
+
+    /// When a retry or a re-list falls due, or an unknown VM's grace runs out.
     fn next_wake(&self) -> Option<Duration> {
         let relists = self
             .workers
             .values()
             .filter(|w| !w.busy && !w.answering)
             .map(|w| w.relist_at);
-        self.retries.next_retry().into_iter().chain(relists).min()
+        let graces = self
+            .workers
+            .values()
+            .filter(|w| w.holdings_unknown)
+            .map(|w| w.up_since + self.options.unknown_holdings_grace);
+        self.retries
+            .next_retry()
+            .into_iter()
+            .chain(relists)
+            .chain(graces.filter(|at| *at > self.now()))
+            .min()
     }
 }
 

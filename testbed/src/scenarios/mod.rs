@@ -13,6 +13,7 @@ mod daemon;
 mod hotplug;
 mod inner_qemu;
 pub(crate) mod inventory;
+mod port_routing;
 mod qemu_attach;
 mod qemu_by_port;
 mod qemu_fd_passing;
@@ -60,6 +61,7 @@ pub fn all() -> Vec<Scenario> {
         scenario!("vfio-ehci", vfio_ehci, "the EHCI+UHCI IOMMU group goes to vfio-pci and back twice; devices re-enumerate"),
         scenario!("vfio-xhci", vfio_xhci, "the xHCI on vfio-pci runs in an inner QEMU, at start and by `controller attach`"),
         scenario!("vfio-rollback", vfio_rollback, "a bind failing after every member moved rolls back; the only keyboard is refused"),
+        scenario!("port-routing", port_routing, "usbroute reads the guest xHCI's routing registers through live sysfs as dd does, refuses the non-Intel xHCI, changes no byte"),
         scenario!("record-sysfs", record_sysfs, "a recording made in the guest lists the same, in the guest and on the host"),
     ]
 }

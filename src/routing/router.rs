@@ -1,0 +1,288 @@
+//! Apply a [`Plan`]: write XUSB2PR (and USB3_PSSEN when it changes), keep the xHCI out
+//! of runtime suspend while a non-default routing is in force, and put the routing
+//! back when the kernel has overwritten it.
+//!
+//! Linux writes XUSB2PRM into XUSB2PR on every resume of the xHCI, runtime PM included,
+//! so a routing that is not pinned is silently lost. The active routing is remembered in
+//! `/run/usbroute/routing.json` (under the sysfs root) so that a later `ports toggle`,
+//! the daemon and [`Router::reconcile`] all know what should be in force.
+
+use super::config_space::{ConfigSpace, SysfsConfigSpace, USB3_PSSEN, XUSB2PR};
+use super::detect::{Detected, Registers};
+use super::profile::Plan;
+use super::RoutingError;
+use crate::inventory::PciAddress;
+use crate::sysfs::SysfsRoot;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Where the active routing is remembered, as a host path.
+pub const STATE_FILE: &str = "/run/usbroute/routing.json";
+
+/// Held (flock) around every read-modify-write of the registers and the state file, so
+/// `usbroute ports apply` and the daemon's re-apply never interleave: otherwise the
+/// daemon could see the new register before the new state file and "restore" the old
+/// profile, resetting every device on the moved ports twice.
+pub const LOCK_FILE: &str = "/run/usbroute/routing.lock";
+
+/// The routing usbroute last put in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveRouting {
+    /// The xHCI.
+    pub controller: PciAddress,
+    /// Profile name.
+    pub profile: String,
+    /// XUSB2PR as written.
+    pub xusb2pr: u16,
+    /// USB3_PSSEN as written.
+    pub usb3_pssen: u32,
+    /// The xHCI's `power/control` before usbroute pinned it to `on`; `None` when not pinned.
+    pub power_control_before: Option<String>,
+}
+
+/// What [`Router::apply`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Applied {
+    /// Registers before.
+    pub before: Registers,
+    /// Registers after (read back).
+    pub after: Registers,
+    /// `on` pinned, `auto` restored, or nothing.
+    pub power: PowerChange,
+}
+
+/// A change to the xHCI's runtime PM setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerChange {
+    /// Left as it was.
+    Unchanged,
+    /// Set to `on` so the xHCI does not runtime-suspend (and lose the routing on resume).
+    PinnedOn,
+    /// Put back to what it was before usbroute pinned it.
+    Restored,
+}
+
+/// What [`Router::reconcile`] found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reapplied {
+    /// The active profile.
+    pub profile: String,
+    /// XUSB2PR found (usually XUSB2PRM: the kernel's resume default).
+    pub found: u16,
+    /// XUSB2PR written back.
+    pub restored: u16,
+}
+
+/// Routing on one xHCI through one config-space accessor.
+pub struct Router<C: ConfigSpace = SysfsConfigSpace> {
+    root: SysfsRoot,
+    detected: Detected,
+    space: C,
+    space_path: PathBuf,
+}
+
+impl Router<SysfsConfigSpace> {
+    /// A router on the detected xHCI's sysfs `config` file.
+    pub fn open(root: &SysfsRoot, detected: Detected) -> Self {
+        let space = SysfsConfigSpace::new(root, detected.xhci);
+        Self::with_space(root, detected, space.path().to_path_buf(), space)
+    }
+}
+
+impl<C: ConfigSpace> Router<C> {
+    /// A router on any config-space accessor (`path` names it in messages).
+    pub fn with_space(root: &SysfsRoot, detected: Detected, path: PathBuf, space: C) -> Self {
+        Self {
+            root: root.clone(),
+            detected,
+            space,
+            space_path: path,
+        }
+    }
+
+    /// The controller and chipset.
+    pub fn detected(&self) -> &Detected {
+        &self.detected
+    }
+
+    /// The routing registers now.
+    pub fn registers(&self) -> Result<Registers, RoutingError> {
+        Registers::read(&self.space, &self.space_path)
+    }
+
+    /// The routing usbroute last put in force on this xHCI, if any.
+    pub fn active(&self) -> Result<Option<ActiveRouting>, RoutingError> {
+        let path = self.root.path(STATE_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(RoutingError::io("read", path, e)),
+        };
+        // A state file that does not parse is stale debris from an older version:
+        // treat it as absent rather than refusing to route.
+        Ok(serde_json::from_str::<ActiveRouting>(&text)
+            .ok()
+            .filter(|a| a.controller == self.detected.xhci))
+    }
+
+    /// Write a plan. Refuses bits XUSB2PRM forbids unless `force`.
+    pub fn apply(&mut self, plan: &Plan, force: bool) -> Result<Applied, RoutingError> {
+        let _lock = self.lock()?;
+        if plan.forbidden != 0 && !force {
+            return Err(RoutingError::Forbidden {
+                profile: plan.profile.clone(),
+                ports: super::profile::describe_bits(self.detected.chipset, plan.forbidden),
+                prm: self.registers()?.xusb2prm,
+            });
+        }
+        let before = self.registers()?;
+        let previous = self.active()?;
+        let target = Registers {
+            xusb2pr: plan.xusb2pr,
+            usb3_pssen: plan.usb3_pssen,
+            ..before
+        };
+        let default = target.is_kernel_default(self.detected.chipset);
+        let mut pinned_from = previous.and_then(|p| p.power_control_before);
+        let mut power = PowerChange::Unchanged;
+        // Pin before writing: a runtime suspend between the write and the pin would
+        // undo the routing on resume.
+        if !default && pinned_from.is_none() {
+            if let Some(was) = self.pin_power()? {
+                pinned_from = Some(was);
+                power = PowerChange::PinnedOn;
+            }
+        }
+        self.write_registers(&before, &target)?;
+        if default {
+            if let Some(was) = pinned_from.take() {
+                self.write_power_control(&was)?;
+                power = PowerChange::Restored;
+            }
+        }
+        self.save(&ActiveRouting {
+            controller: self.detected.xhci,
+            profile: plan.profile.clone(),
+            xusb2pr: target.xusb2pr,
+            usb3_pssen: target.usb3_pssen,
+            power_control_before: pinned_from,
+        })?;
+        Ok(Applied {
+            before,
+            after: self.registers()?,
+            power,
+        })
+    }
+
+    /// If the registers no longer hold the active routing (the kernel rewrote them on
+    /// resume, or someone ran setpci), write it back. Call periodically and on every
+    /// `change`/resume uevent of the xHCI. `Ok(None)` when nothing needed doing.
+    pub fn reconcile(&mut self) -> Result<Option<Reapplied>, RoutingError> {
+        let _lock = self.lock()?;
+        let Some(active) = self.active()? else {
+            return Ok(None);
+        };
+        let now = self.registers()?;
+        let ss = self.detected.chipset.superspeed_bits();
+        if now.xusb2pr == active.xusb2pr && now.usb3_pssen & ss == active.usb3_pssen & ss {
+            return Ok(None);
+        }
+        if active.power_control_before.is_some() {
+            // Someone (a udev rule, powertop) may have put it back to auto.
+            self.pin_power()?;
+        }
+        let target = Registers {
+            xusb2pr: active.xusb2pr,
+            usb3_pssen: active.usb3_pssen,
+            ..now
+        };
+        self.write_registers(&now, &target)?;
+        Ok(Some(Reapplied {
+            profile: active.profile,
+            found: now.xusb2pr,
+            restored: active.xusb2pr,
+        }))
+    }
+
+    /// Write exactly the registers that differ: 2 bytes at 0xD0, 4 at 0xD8.
+    fn write_registers(&mut self, now: &Registers, target: &Registers) -> Result<(), RoutingError> {
+        let path = self.space_path.clone();
+        if target.usb3_pssen != now.usb3_pssen {
+            self.space
+                .write_u32(USB3_PSSEN, target.usb3_pssen)
+                .map_err(|e| RoutingError::io("write", &path, e))?;
+        }
+        if target.xusb2pr != now.xusb2pr {
+            self.space
+                .write_u16(XUSB2PR, target.xusb2pr)
+                .map_err(|e| RoutingError::io("write", &path, e))?;
+            let read = self.registers()?.xusb2pr;
+            if read != target.xusb2pr {
+                return Err(RoutingError::ReadBack {
+                    pci: self.detected.xhci,
+                    wrote: target.xusb2pr,
+                    read,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn power_control_path(&self) -> String {
+        format!("/sys/bus/pci/devices/{}/power/control", self.detected.xhci)
+    }
+
+    /// Set `power/control` to `on` if it says anything else; the old value if changed.
+    fn pin_power(&self) -> Result<Option<String>, RoutingError> {
+        let host = self.power_control_path();
+        let now = self
+            .root
+            .read_attr(&host)
+            .map_err(|e| RoutingError::io("read", self.root.path(&host), e))?;
+        match now {
+            // No runtime PM file (an odd kernel or a fixture without one): nothing to pin.
+            None => Ok(None),
+            Some(v) if v == "on" => Ok(None),
+            Some(v) => {
+                self.write_power_control("on")?;
+                Ok(Some(v))
+            }
+        }
+    }
+
+    fn write_power_control(&self, value: &str) -> Result<(), RoutingError> {
+        let host = self.power_control_path();
+        self.root
+            .write_attr(&host, value.as_bytes())
+            .map_err(|e| RoutingError::io("write", self.root.path(&host), e))
+    }
+
+    /// Take the routing lock (blocking; holders only ever do a few file writes).
+    fn lock(&self) -> Result<nix::fcntl::Flock<std::fs::File>, RoutingError> {
+        let path = self.root.path(LOCK_FILE);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| RoutingError::io("create", dir, e))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| RoutingError::io("open", &path, e))?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| RoutingError::io("lock", &path, errno.into()))
+    }
+
+    fn save(&self, active: &ActiveRouting) -> Result<(), RoutingError> {
+        let path = self.root.path(STATE_FILE);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| RoutingError::io("create", dir, e))?;
+        }
+        let json = serde_json::to_string_pretty(active).expect("state serialises");
+        // Write then rename: a crash never leaves half a state file.
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, json).map_err(|e| RoutingError::io("write", &tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| RoutingError::io("write", &path, e))
+    }
+}

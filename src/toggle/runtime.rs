@@ -1,0 +1,141 @@
+//! What `usbroute serve` runs for port routing: one router, the toggle listeners, the
+//! control-socket hook and the watch that puts the routing back after the kernel
+//! rewrote it (every resume of the xHCI, runtime PM included).
+
+use super::dispatch::{Access, Session};
+use super::server::{ToggleError, ToggleService};
+use super::{start, ToggleConfig, VmLink};
+use crate::policy::Config;
+use crate::routing::config_space::SysfsConfigSpace;
+use crate::routing::control::ProfileRouter;
+use crate::routing::detect::detect;
+use crate::routing::router::{Reapplied, Router};
+use crate::routing::{RoutingConfig, RoutingError};
+use crate::sysfs::SysfsRoot;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// The serial links of the config's VMs (those with `serial = ...`).
+pub fn vm_links(config: &Config) -> Vec<VmLink> {
+    config
+        .vms
+        .iter()
+        .filter_map(|vm| {
+            Some(VmLink {
+                vm: vm.name.clone(),
+                listen: vm.serial.clone()?,
+                profiles: vm.profiles.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Everything wrong with `[routing]`, `[toggle]` and the VMs' `serial`/`profiles` that
+/// can be seen without hardware, one message each. The loader leaves these sections to
+/// their owners; `serve`/`reload` and the `ports` commands call this after it.
+pub fn check_routing_config(config: &Config) -> Vec<String> {
+    let mut problems = crate::routing::control::check_config(&config.routing);
+    let profiles = config.routing.profile.keys().cloned().collect();
+    let links = vm_links(config);
+    let serial_without_routing = links.is_empty() || !config.routing.profile.is_empty();
+    if !serial_without_routing {
+        problems.push("VMs have `serial` links but [routing] has no profiles to switch".into());
+    }
+    problems.extend(super::check_config(&config.toggle, &links, &profiles));
+    problems
+}
+
+/// How often [`RoutingRuntime::watch`] checks the register by default. The kernel
+/// sends no uevent on runtime resume, so polling is the one sure way to notice.
+pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Port routing inside the daemon.
+#[derive(Clone)]
+pub struct RoutingRuntime {
+    router: Arc<Mutex<ProfileRouter<SysfsConfigSpace>>>,
+    service: ToggleService,
+}
+
+impl RoutingRuntime {
+    /// Detect the xHCI and build the router; `Ok(None)` when the config has no routing
+    /// profiles (then routing is off and nothing is touched).
+    pub fn from_config(
+        root: &SysfsRoot,
+        routing: &RoutingConfig,
+    ) -> Result<Option<Self>, RoutingError> {
+        if routing.profile.is_empty() {
+            return Ok(None);
+        }
+        let detected = detect(root, routing.controller)?;
+        let router = Arc::new(Mutex::new(ProfileRouter::new(
+            Router::open(root, detected),
+            routing.clone(),
+        )));
+        Ok(Some(Self {
+            service: ToggleService::new(router.clone()),
+            router,
+        }))
+    }
+
+    /// The xHCI being routed: the daemon calls [`reconcile`](Self::reconcile) on uevents
+    /// whose devpath ends in this address (bind, change, runtime PM changes).
+    pub fn controller(&self) -> crate::inventory::PciAddress {
+        self.lock().router().detected().xhci
+    }
+
+    /// Bind the TCP listener and every VM's serial link, and serve them.
+    pub async fn start_listeners(
+        &self,
+        toggle: &ToggleConfig,
+        vms: &[VmLink],
+    ) -> Result<Vec<JoinHandle<()>>, ToggleError> {
+        start(self.service.clone(), toggle, vms).await
+    }
+
+    /// One toggle-protocol line from the control socket (whose peer check already ran);
+    /// the reply line, `None` for a blank line.
+    pub fn control_line(&self, line: &str) -> Option<String> {
+        self.service
+            .handle_line(
+                &Access::unrestricted("control socket"),
+                &mut Session::default(),
+                line.as_bytes(),
+            )
+            .map(|r| r.to_string())
+    }
+
+    /// Put the active profile back if the register no longer holds it. Call on the
+    /// xHCI's uevents (bind, change) besides [`watch`](Self::watch).
+    pub fn reconcile(&self) -> Result<Option<Reapplied>, RoutingError> {
+        self.lock().reconcile()
+    }
+
+    /// New `[routing]` after a config reload (the registers are left as they are).
+    pub fn reload(&self, routing: &RoutingConfig) {
+        self.lock().set_config(routing.clone());
+    }
+
+    /// Reconcile every `every` forever, logging what was put back.
+    pub async fn watch(self, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match self.reconcile() {
+                Ok(Some(r)) => tracing::warn!(
+                    profile = %r.profile,
+                    "XUSB2PR was 0x{:04x} (the kernel resets it when the xHCI resumes); put 0x{:04x} back",
+                    r.found,
+                    r.restored
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::error!("port routing check failed: {e}"),
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ProfileRouter<SysfsConfigSpace>> {
+        self.router.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

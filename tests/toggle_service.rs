@@ -1,0 +1,513 @@
+//! The toggle service over real loopback sockets, switching a real router on a PCH
+//! config-space fixture.
+
+mod routing_support;
+
+use routing_support::*;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use usbroute::routing::config_space::SysfsConfigSpace;
+use usbroute::routing::control::ProfileRouter;
+use usbroute::routing::detect::detect;
+use usbroute::routing::router::Router;
+use usbroute::routing::{ProfileConfig, RoutingConfig};
+use usbroute::toggle::dispatch::{Access, Session};
+use usbroute::toggle::runtime::RoutingRuntime;
+use usbroute::toggle::server::{bind, check_listen_address, Limits, ToggleError, ToggleService};
+use usbroute::toggle::{start, ToggleConfig, VmLink};
+
+const HOST: u16 = 0x3fff;
+const GUEST: u16 = 0x3ffc;
+
+fn config() -> RoutingConfig {
+    let mut c = RoutingConfig {
+        toggle: vec!["host".into(), "guest".into()],
+        ..RoutingConfig::default()
+    };
+    let profile = |mask: &str| ProfileConfig {
+        mask: Some(mask.into()),
+        ..ProfileConfig::default()
+    };
+    c.profile.insert("host".into(), profile("0x3fff"));
+    c.profile.insert("guest".into(), profile("0x3ffc"));
+    c.profile.insert("desk".into(), profile("0x3f0f"));
+    c
+}
+
+struct Bed {
+    pch: Pch,
+    service: ToggleService,
+    router: Arc<Mutex<ProfileRouter<SysfsConfigSpace>>>,
+}
+
+fn bed() -> Bed {
+    let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
+    let detected = detect(&pch.root(), None).unwrap();
+    let router = Arc::new(Mutex::new(ProfileRouter::new(
+        Router::open(&pch.root(), detected),
+        config(),
+    )));
+    let service = ToggleService::new(router.clone());
+    Bed {
+        pch,
+        service,
+        router,
+    }
+}
+
+fn no_limits() -> Limits {
+    Limits {
+        idle_timeout: None,
+        rate_per_second: 0,
+        max_connections: 8,
+    }
+}
+
+/// Serve `access` on a fresh loopback port; its address.
+async fn listen(bed: &Bed, access: Access, limits: Limits) -> String {
+    let listener = bind("127.0.0.1:0", None, "test").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(bed.service.clone().serve(listener, access, limits));
+    addr
+}
+
+struct Client {
+    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Client {
+    async fn connect(addr: &str) -> Self {
+        let (r, w) = TcpStream::connect(addr).await.unwrap().into_split();
+        Self {
+            reader: BufReader::new(r),
+            writer: w,
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).await.unwrap();
+    }
+
+    async fn line(&mut self) -> String {
+        let mut s = String::new();
+        tokio::time::timeout(Duration::from_secs(5), self.reader.read_line(&mut s))
+            .await
+            .expect("a reply within 5 s")
+            .unwrap();
+        s.trim_end().to_string()
+    }
+
+    async fn ask(&mut self, line: &str) -> String {
+        self.send(format!("{line}\n").as_bytes()).await;
+        self.line().await
+    }
+}
+
+async fn eventually_mask(pch: &Pch, want: u16) -> u16 {
+    for _ in 0..500 {
+        if pch.xusb2pr() == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pch.xusb2pr()
+}
+
+#[tokio::test]
+async fn every_command_gets_its_reply_and_switches_the_register() {
+    let bed = bed();
+    let addr = listen(&bed, Access::unrestricted("test"), no_limits()).await;
+    let mut c = Client::connect(&addr).await;
+
+    let replies = [
+        c.ask("status").await,
+        c.ask("guest").await,
+        c.ask("host").await,
+        c.ask("toggle").await,
+        c.ask("toggle").await,
+        c.ask("desk").await,
+        c.ask("Status").await,
+        c.ask("auth anything").await,
+    ];
+
+    assert_eq!(
+        replies,
+        [
+            "ok host 0x3fff",
+            "ok guest 0x3ffc",
+            "ok host 0x3fff",
+            "ok guest 0x3ffc",
+            "ok host 0x3fff",
+            "ok desk 0x3f0f",
+            "ok desk 0x3f0f",
+            "ok auth",
+        ]
+    );
+    assert_eq!(bed.pch.xusb2pr(), 0x3f0f);
+}
+
+#[tokio::test]
+async fn bad_input_gets_err_and_leaves_the_routing_alone() {
+    let bed = bed();
+    let addr = listen(&bed, Access::unrestricted("test"), no_limits()).await;
+    let mut c = Client::connect(&addr).await;
+    c.ask("guest").await;
+    let before = bed.pch.config(XHCI);
+
+    let long = c.ask(&"host".repeat(1000)).await;
+    let binary = {
+        c.send(b"ho\x00st\xff\n").await;
+        c.line().await
+    };
+    let unknown = c.ask("gaming").await;
+    let garbage = c.ask("toggle please").await;
+    let shell = c.ask("host; rm -rf /").await;
+    let after = c.ask("status").await;
+
+    assert!(long.starts_with("err line too long"), "{long}");
+    assert_eq!(binary, "err not a text command (printable ASCII only)");
+    assert_eq!(
+        unknown,
+        "err no profile `gaming` (configured: desk, guest, host)"
+    );
+    assert_eq!(garbage, "err usage: toggle");
+    assert!(shell.starts_with("err usage"), "{shell}");
+    assert_eq!(after, "ok guest 0x3ffc");
+    assert_eq!(bed.pch.config(XHCI), before);
+}
+
+#[tokio::test]
+async fn a_long_line_split_over_many_writes_is_refused_once_and_its_tail_ignored() {
+    let bed = bed();
+    let addr = listen(&bed, Access::unrestricted("test"), no_limits()).await;
+    let mut c = Client::connect(&addr).await;
+
+    for _ in 0..50 {
+        c.send(b"guestguestguest").await;
+    }
+    c.send(b"\nstatus\n").await;
+    let first = c.line().await;
+    let second = c.line().await;
+
+    assert!(first.starts_with("err line too long"), "{first}");
+    assert_eq!(second, "ok host 0x3fff");
+}
+
+#[tokio::test]
+async fn a_vm_link_may_only_select_its_own_profiles() {
+    let bed = bed();
+    let access = Access {
+        origin: "VM win11".into(),
+        allowed: Some(["host".to_string(), "guest".to_string()].into()),
+        secret: None,
+    };
+    let addr = listen(&bed, access, no_limits()).await;
+    let mut c = Client::connect(&addr).await;
+
+    let desk = c.ask("desk").await;
+    let guest = c.ask("guest").await;
+
+    assert_eq!(
+        desk,
+        "err profile `desk` is not allowed for VM win11 (allowed: guest, host)"
+    );
+    assert_eq!(guest, "ok guest 0x3ffc");
+    assert_eq!(bed.pch.xusb2pr(), GUEST);
+}
+
+#[tokio::test]
+async fn a_thousand_pipelined_toggles_end_where_they_started() {
+    let bed = bed();
+    let addr = listen(&bed, Access::unrestricted("test"), no_limits()).await;
+    let mut c = Client::connect(&addr).await;
+
+    c.send("toggle\n".repeat(1000).as_bytes()).await;
+    let mut replies = Vec::new();
+    for _ in 0..1000 {
+        replies.push(c.line().await);
+    }
+
+    assert!(
+        replies.iter().all(|r| r.starts_with("ok ")),
+        "{:?}",
+        replies.iter().find(|r| !r.starts_with("ok "))
+    );
+    assert_eq!(replies[998], "ok guest 0x3ffc");
+    assert_eq!(replies[999], "ok host 0x3fff");
+    assert_eq!(bed.pch.xusb2pr(), HOST);
+}
+
+#[tokio::test]
+async fn a_thousand_and_one_toggles_from_many_clients_end_on_guest() {
+    let bed = bed();
+    let addr = listen(&bed, Access::unrestricted("test"), no_limits()).await;
+
+    let mut tasks = Vec::new();
+    for n in [250, 250, 250, 251] {
+        let addr = addr.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&addr).await;
+            c.send("toggle\n".repeat(n).as_bytes()).await;
+            let mut ok = 0;
+            for _ in 0..n {
+                ok += c.line().await.starts_with("ok ") as usize;
+            }
+            ok
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap();
+    }
+
+    assert_eq!(ok, 1001);
+    assert_eq!(bed.pch.xusb2pr(), GUEST);
+}
+
+#[tokio::test]
+async fn the_rate_limit_refuses_a_flood_without_losing_track_of_the_routing() {
+    let bed = bed();
+    let limits = Limits {
+        rate_per_second: 5,
+        ..no_limits()
+    };
+    let addr = listen(&bed, Access::unrestricted("test"), limits).await;
+    let mut c = Client::connect(&addr).await;
+
+    c.send("toggle\n".repeat(20).as_bytes()).await;
+    let mut replies = Vec::new();
+    for _ in 0..20 {
+        replies.push(c.line().await);
+    }
+
+    let ok = replies.iter().filter(|r| r.starts_with("ok ")).count();
+    let limited = replies
+        .iter()
+        .filter(|r| r.starts_with("err rate limit"))
+        .count();
+    assert_eq!((ok, limited), (5, 15));
+    assert_eq!(bed.pch.xusb2pr(), GUEST);
+}
+
+#[tokio::test]
+async fn a_netcat_client_that_never_reads_still_toggles() {
+    let bed = bed();
+    let addr = listen(&bed, Access::unrestricted("test"), no_limits()).await;
+
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"toggle\n").await.unwrap();
+    drop(s);
+
+    assert_eq!(eventually_mask(&bed.pch, GUEST).await, GUEST);
+}
+
+#[tokio::test]
+async fn a_command_without_a_final_newline_counts() {
+    let bed = bed();
+    let addr = listen(&bed, Access::unrestricted("test"), no_limits()).await;
+
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"guest").await.unwrap();
+    s.shutdown().await.unwrap();
+
+    assert_eq!(eventually_mask(&bed.pch, GUEST).await, GUEST);
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_its_replies_is_still_obeyed() {
+    let bed = bed();
+    let addr = listen(&bed, Access::unrestricted("test"), no_limits()).await;
+    let mut mute = TcpStream::connect(&addr).await.unwrap();
+    // 120,000 malformed lines earn ~6 MB of `err usage: ...` replies nobody reads: more
+    // than the socket buffers hold (tcp_wmem max 4 MB), so a service that waited on
+    // writes would never reach the last line.
+    mute.write_all("x x\n".repeat(120_000).as_bytes())
+        .await
+        .unwrap();
+    mute.write_all(b"guest\n").await.unwrap();
+
+    let mask = eventually_mask(&bed.pch, GUEST).await;
+    let other = Client::connect(&addr).await.ask("status").await;
+
+    assert_eq!(mask, GUEST);
+    assert_eq!(other, "ok guest 0x3ffc");
+}
+
+#[tokio::test]
+async fn a_listener_with_a_secret_wants_auth_first_and_hangs_up_on_guessing() {
+    let bed = bed();
+    let access = Access {
+        origin: "tcp test".into(),
+        allowed: None,
+        secret: Some("s3cret".into()),
+    };
+    let addr = listen(&bed, access, no_limits()).await;
+    let mut good = Client::connect(&addr).await;
+    let mut bad = Client::connect(&addr).await;
+
+    let before_auth = good.ask("guest").await;
+    let auth = good.ask("auth s3cret").await;
+    let after_auth = good.ask("guest").await;
+    let guesses = [
+        bad.ask("auth a").await,
+        bad.ask("auth b").await,
+        bad.ask("auth c").await,
+    ];
+    let hangup = bad.line().await;
+    let eof = bad.line().await;
+
+    assert_eq!(before_auth, "err this listener needs `auth SECRET` first");
+    assert_eq!(
+        (auth.as_str(), after_auth.as_str()),
+        ("ok auth", "ok guest 0x3ffc")
+    );
+    assert_eq!(
+        guesses,
+        ["err wrong secret", "err wrong secret", "err wrong secret"]
+    );
+    assert_eq!(
+        (hangup.as_str(), eof.as_str()),
+        ("err too many wrong secrets, closing", "")
+    );
+}
+
+#[tokio::test]
+async fn an_idle_client_is_disconnected() {
+    let bed = bed();
+    let limits = Limits {
+        idle_timeout: Some(Duration::from_millis(200)),
+        ..no_limits()
+    };
+    let addr = listen(&bed, Access::unrestricted("test"), limits).await;
+    let mut c = Client::connect(&addr).await;
+
+    let bye = c.line().await;
+    let eof = c.line().await;
+
+    assert_eq!(
+        (bye.as_str(), eof.as_str()),
+        ("err idle timeout, closing", "")
+    );
+}
+
+#[tokio::test]
+async fn binding_a_non_loopback_address_without_a_secret_is_refused() {
+    let err = bind("0.0.0.0:0", None, "test").await.unwrap_err();
+
+    assert!(matches!(err, ToggleError::NonLoopbackWithoutSecret(_)));
+    assert!(err.to_string().contains("Set `secret"), "{err}");
+}
+
+#[tokio::test]
+async fn binding_a_non_loopback_address_with_a_secret_works() {
+    let listener = bind("0.0.0.0:0", Some("s3cret"), "test").await;
+
+    assert!(listener.is_ok());
+}
+
+#[test]
+fn loopback_v6_needs_no_secret_and_names_are_not_addresses() {
+    assert!(check_listen_address("[::1]:4510", false).is_ok());
+    assert!(matches!(
+        check_listen_address("localhost:4510", false),
+        Err(ToggleError::BadAddress(_))
+    ));
+}
+
+#[tokio::test]
+async fn start_serves_tcp_and_each_vm_link_with_its_own_profiles() {
+    let bed = bed();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    };
+    let (tcp, serial) = (free(), free());
+    let config = ToggleConfig {
+        listen: Some(tcp.clone()),
+        ..ToggleConfig::default()
+    };
+    let vms = [VmLink {
+        vm: "win11".into(),
+        listen: serial.clone(),
+        profiles: vec!["guest".into()],
+    }];
+    let tasks = start(bed.service.clone(), &config, &vms).await.unwrap();
+
+    let from_vm = [
+        Client::connect(&serial).await.ask("host").await,
+        Client::connect(&serial).await.ask("guest").await,
+    ];
+    let from_host = Client::connect(&tcp).await.ask("desk").await;
+
+    assert_eq!(
+        from_vm,
+        [
+            "err profile `host` is not allowed for VM win11 (allowed: guest)",
+            "ok guest 0x3ffc"
+        ]
+    );
+    assert_eq!(from_host, "ok desk 0x3f0f");
+    tasks.iter().for_each(|t| t.abort());
+}
+
+#[test]
+fn the_control_socket_hook_handles_a_line_directly() {
+    let bed = bed();
+    let mut session = Session::default();
+
+    let reply = bed.service.handle_line(
+        &Access::unrestricted("control socket"),
+        &mut session,
+        b"guest\n",
+    );
+
+    assert_eq!(
+        reply.map(|r| r.to_string()).as_deref(),
+        Some("ok guest 0x3ffc")
+    );
+    assert_eq!(
+        bed.router
+            .lock()
+            .unwrap()
+            .active_profile()
+            .unwrap()
+            .as_deref(),
+        Some("guest")
+    );
+}
+
+fn routing_config() -> RoutingConfig {
+    config()
+}
+
+#[test]
+fn runtime_is_off_without_profiles() {
+    let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
+
+    let rt = RoutingRuntime::from_config(&pch.root(), &RoutingConfig::default()).unwrap();
+
+    assert!(rt.is_none());
+}
+
+#[tokio::test]
+async fn runtime_watch_puts_the_routing_back_after_a_resume() {
+    let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
+    let rt = RoutingRuntime::from_config(&pch.root(), &routing_config())
+        .unwrap()
+        .unwrap();
+    let reply = rt.control_line("guest");
+    let watch = tokio::spawn(rt.clone().watch(Duration::from_millis(20)));
+    pch.kernel_resume_rewrite();
+
+    let mask = eventually_mask(&pch, GUEST).await;
+    watch.abort();
+
+    assert_eq!(reply.as_deref(), Some("ok guest 0x3ffc"));
+    assert_eq!(mask, GUEST);
+}
