@@ -110,6 +110,7 @@ impl Daemon {
                 })
                 .collect(),
             devices,
+            controllers: self.controllers.values().cloned().collect(),
         }
     }
 

@@ -4,11 +4,13 @@
 //! the tokio listener that checks every peer with SO_PEERCRED, [`client`] the CLI's side.
 //! [`runtime`] is `usbroute serve`: the edges around [`crate::engine::runtime`] (uevents,
 //! VM presence, config, control requests, signals, systemd); [`presence`] runs one task
-//! per VM that notices it come and go; [`mounts`] finds host disks in use.
+//! per VM that notices it come and go; [`mounts`] finds host disks in use;
+//! [`controllers`] binds and restores the `[[controller]]` rules' groups.
 
 pub mod client;
 pub mod connectors;
 mod control;
+pub mod controllers;
 pub mod mounts;
 pub mod presence;
 pub mod protocol;
