@@ -4,7 +4,8 @@
 //! the tokio listener that checks every peer with SO_PEERCRED, [`client`] the CLI's side.
 //! [`runtime`] is `usbroute serve`: the edges around [`crate::engine::runtime`] (uevents,
 //! VM presence, config, control requests, signals, systemd); [`presence`] runs one task
-//! per VM that notices it come and go; [`mounts`] finds host disks in use.
+//! per VM that notices it come and go; [`mounts`] finds host disks in use; `routing_hooks`
+//! runs port routing (the toggle service) when the config has routing profiles.
 
 pub mod client;
 pub mod connectors;
@@ -12,11 +13,13 @@ mod control;
 pub mod mounts;
 pub mod presence;
 pub mod protocol;
+mod routing_hooks;
 pub mod runtime;
 pub mod server;
 
 pub use client::{request, resolve_socket, ClientError, DEFAULT_CONTROL_SOCKET};
 pub use protocol::{ErrorKind, Reply, Request};
+pub use routing_hooks::RoutingStartError;
 pub use runtime::{run, DaemonError, DaemonOptions};
 pub use server::{authorize, ControlGroup, ControlHandler, ControlServer, Peer, ServiceError};
 

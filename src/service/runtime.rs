@@ -5,6 +5,7 @@
 
 use super::presence::{self, Presence, VmConnector};
 use super::protocol::{Reply, Request};
+use super::routing_hooks::RoutingHooks;
 use super::server::{ControlGroup, ControlHandler, ControlServer, Peer, ServiceError};
 use crate::backend::BoxFuture;
 use crate::engine::runtime::{self as engine, EngineHandle, EngineOptions, Input as EngineInput};
@@ -48,6 +49,9 @@ pub enum DaemonError {
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    /// Port routing (the toggle service) could not start.
+    #[error(transparent)]
+    Routing(#[from] super::RoutingStartError),
 }
 
 pub(super) enum Input {
@@ -72,6 +76,7 @@ pub(super) struct Daemon {
     inputs: mpsc::UnboundedSender<Input>,
     watcher: Option<tokio::task::JoinHandle<()>>,
     last_status: String,
+    pub(super) routing: RoutingHooks,
 }
 
 /// Run the daemon until SIGTERM or SIGINT.
@@ -91,6 +96,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         .transpose()?;
     let server = ControlServer::bind(&socket, group)?;
     let uevents = options.uevents.then(UeventSocket::open).transpose()?;
+    let routing = RoutingHooks::start(&options.root, &config).await?;
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
@@ -105,7 +111,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     let (inputs_tx, mut inputs) = mpsc::unbounded_channel();
     let dirty = Arc::new(Notify::new());
     if let Some(sock) = uevents {
-        tokio::spawn(listen_uevents(sock, dirty.clone()));
+        tokio::spawn(listen_uevents(sock, dirty.clone(), routing.clone()));
     }
     tokio::spawn(server.serve(Arc::new(ControlBridge(inputs_tx.clone()))));
 
@@ -119,6 +125,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         inputs: inputs_tx,
         watcher: None,
         last_status: String::new(),
+        routing,
     };
     daemon.apply_config();
     daemon.rescan("start");
@@ -151,10 +158,11 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
 /// Read uevents, log each, and mark the picture dirty for the ones that matter. Marking
 /// (not queueing) coalesces a storm into few rescans: a rescan reads the current state,
 /// so no decision is lost however many events arrive or are dropped.
-async fn listen_uevents(mut sock: UeventSocket, dirty: Arc<Notify>) {
+async fn listen_uevents(mut sock: UeventSocket, dirty: Arc<Notify>, routing: RoutingHooks) {
     loop {
         match sock.recv().await {
             Received::Event(ev) => {
+                routing.on_uevent(&ev.devpath);
                 let trigger = ev.trigger();
                 if trigger == Trigger::Ignore {
                     tracing::trace!(device = ev.kernel_name(), action = %ev.action, "uevent ignored");
@@ -305,6 +313,9 @@ impl Daemon {
         };
         let config =
             Config::load(&path).map_err(|e| format!("{e}\nthe running config stays in force"))?;
+        RoutingHooks::check_reload(&config)
+            .map_err(|e| format!("{e}\nthe running config stays in force"))?;
+        self.routing.reload(&self.config, &config);
         self.config = Arc::new(config);
         self.apply_config();
         self.rescan("reload");
