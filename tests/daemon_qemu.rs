@@ -129,6 +129,19 @@ impl Bed {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// `usbroute ARGS` that must fail: its stderr.
+    fn cli_fails(&self, args: &[&str]) -> String {
+        let out = Command::cargo_bin("usbroute")
+            .unwrap()
+            .arg("--control")
+            .arg(self.path("control.sock"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "usbroute {args:?} succeeded");
+        String::from_utf8(out.stderr).unwrap()
+    }
+
     /// The usb-host ids QEMU has, read through the probe monitor (none while that
     /// monitor is not up yet, as right after a QEMU restart).
     fn usb_hosts(&self) -> Vec<String> {
@@ -481,6 +494,64 @@ fn manual_attach_without_by_takes_the_passing_rules_mode() {
     assert_eq!(
         reply,
         usbroute::service::Reply::done("1-2.1 attached to VM guest (confirmed by the VM)")
+    );
+    assert_eq!(bed.usb_hosts(), EXPECTED);
+}
+
+#[test]
+fn cli_attach_vm_goes_through_the_daemon_and_is_confirmed() {
+    let bed = Bed::new();
+    let _qemu = bed.qemu();
+    let _daemon = bed.daemon();
+    bed.wait_for_hosts(Duration::from_secs(15));
+
+    let out = bed.cli(&["attach", "port:1-4", "--vm", "guest", "--by", "port"]);
+
+    assert_eq!(out, "1-4 attached to VM guest (confirmed by the VM)\n");
+    assert!(
+        bed.usb_hosts().contains(&"usbroute-port-1-4".to_string()),
+        "{:?}",
+        bed.usb_hosts()
+    );
+}
+
+#[test]
+fn cli_detach_keeps_a_ruled_device_on_the_host_until_cleared() {
+    let bed = Bed::new();
+    let _qemu = bed.qemu();
+    let _daemon = bed.daemon();
+    bed.wait_for_hosts(Duration::from_secs(15));
+
+    bed.cli(&["detach", "port:1-2.1"]);
+    let detached = bed.usb_hosts();
+    bed.cli(&["detach", "port:1-2.1", "--clear"]);
+    wait_until(
+        Duration::from_secs(10),
+        "the rule to attach 1-2.1 again",
+        || bed.usb_hosts() == EXPECTED,
+    );
+
+    assert_eq!(detached, ["usbroute-id-46f4-0001"]);
+}
+
+#[test]
+fn cli_qmp_forms_on_a_managed_vm_are_refused_naming_the_daemon_and_the_vm_command() {
+    let bed = Bed::new();
+    let _qemu = bed.qemu();
+    let _daemon = bed.daemon();
+    bed.wait_for_hosts(Duration::from_secs(15));
+    let qmp = bed.path("guest.qmp");
+
+    let err = bed.cli_fails(&["attach", "port:1-4", "--qmp", qmp.to_str().unwrap()]);
+    let detach_err = bed.cli_fails(&["detach", "port:1-2.1", "--qmp", qmp.to_str().unwrap()]);
+
+    assert!(err.contains("the usbroute daemon ("), "{err}");
+    assert!(err.contains("manages VM `guest`"), "{err}");
+    assert!(err.contains("usbroute attach port:1-4 --vm guest"), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    assert!(
+        detach_err.contains("`usbroute detach port:1-2.1` to go through the daemon"),
+        "{detach_err}"
     );
     assert_eq!(bed.usb_hosts(), EXPECTED);
 }

@@ -105,6 +105,13 @@ pub fn status_table(r: &StatusReport) -> String {
             vm.devices.len()
         ));
     }
+    for c in &r.controllers {
+        let state = if c.ok { "" } else { "FAILED: " };
+        out.push_str(&format!(
+            "controller {} for vm {}: {state}{}\n",
+            c.pci, c.vm, c.message
+        ));
+    }
     out.push_str(&format!(
         "{:<12} {:<7} {:<36} {:<10} {:<10} WHY\n",
         "PORT", "ADDR", "DEVICE", "WHERE", "WANTED"

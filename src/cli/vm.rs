@@ -16,15 +16,25 @@ use std::time::Duration;
 pub struct AttachArgs {
     /// Which device (must match exactly one).
     pub selector: String,
+    /// The VM, by its name in the daemon's config: the daemon attaches it and keeps it there
+    /// (a manual override) until the device is unplugged or `detach --clear`.
+    #[arg(long, value_name = "NAME", conflicts_with = "qmp")]
+    pub vm: Option<String>,
     /// The VM's QMP socket (talk to QEMU directly, without a daemon).
     #[arg(long, value_name = "SOCKET")]
     pub qmp: Option<PathBuf>,
-    /// How QEMU finds the device: address (exact, now), port (follows the port), id (any such device).
-    #[arg(long, value_enum, default_value = "address")]
-    pub by: ByArg,
-    /// Hand QEMU the open device node (auto: when QEMU does not run as root; by address only).
+    /// How QEMU finds the device: address (exact, now), port (follows the port), id (any
+    /// such device). Default: with --qmp, address; with --vm, the mode of the rule that
+    /// passes the device to that VM, else address.
+    #[arg(long, value_enum)]
+    pub by: Option<ByArg>,
+    /// Hand QEMU the open device node (auto: when QEMU does not run as root; by address only;
+    /// --qmp only).
     #[arg(long, value_enum, default_value = "auto")]
     pub fd_passing: FdPassing,
+    /// With --qmp: go ahead even though a running daemon manages that VM (it may undo this).
+    #[arg(long, requires = "qmp")]
+    pub force: bool,
     /// Print the attached device as JSON.
     #[arg(long)]
     pub json: bool,
@@ -56,10 +66,18 @@ impl From<ByArg> for AttachMode {
 pub struct DetachArgs {
     /// A selector, or the QEMU device id shown by `vm devices`.
     pub target: String,
-    /// The VM's QMP socket.
+    /// The VM's QMP socket (talk to QEMU directly, without a daemon). Without it the
+    /// daemon detaches the device and keeps it on the host (a manual override).
     #[arg(long, value_name = "SOCKET")]
     pub qmp: Option<PathBuf>,
-    /// How long to wait for QEMU to confirm the removal (DEVICE_DELETED), in seconds.
+    /// Through the daemon: drop the manual override (`attach --vm` or `detach`) of the
+    /// matching devices, so the rules decide again.
+    #[arg(long, conflicts_with = "qmp")]
+    pub clear: bool,
+    /// With --qmp: go ahead even though a running daemon manages that VM (it may undo this).
+    #[arg(long, requires = "qmp")]
+    pub force: bool,
+    /// With --qmp: how long to wait for QEMU to confirm the removal (DEVICE_DELETED), in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pub timeout: f64,
 }
@@ -87,9 +105,19 @@ pub enum VmCommand {
 }
 
 pub(super) fn attach(g: &Global, a: AttachArgs) -> anyhow::Result<ExitCode> {
-    let socket = qmp_socket(a.qmp.as_deref(), "attach")?;
+    let by = a.by.map(AttachMode::from);
+    let socket = match (&a.vm, a.qmp.as_deref()) {
+        (Some(vm), _) => return super::daemon::attach_through_daemon(g, &a.selector, vm, by),
+        (None, Some(socket)) => socket,
+        (None, None) => bail!(
+            "`attach` needs --vm NAME (the VM's name in the daemon's config; the daemon \
+             attaches the device and keeps it there) or --qmp SOCKET (QEMU directly, without \
+             a daemon)"
+        ),
+    };
+    refuse_if_managed(g, socket, a.force, &format!("attach {} --vm", a.selector))?;
     let selector: Selector = a.selector.parse()?;
-    let mode = AttachMode::from(a.by);
+    let mode = by.unwrap_or(AttachMode::Address);
     let request = attach_target(&crate::inventory::scan(&g.root()), &selector, mode)
         .with_context(|| format!("cannot attach `{selector}` to VM {}", socket.display()))?;
     let options = QemuOptions {
@@ -113,7 +141,14 @@ pub(super) fn attach(g: &Global, a: AttachArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(super) fn detach(g: &Global, a: DetachArgs) -> anyhow::Result<ExitCode> {
-    let socket = qmp_socket(a.qmp.as_deref(), "detach")?;
+    let Some(socket) = a.qmp.as_deref() else {
+        return if a.clear {
+            super::daemon::clear_through_daemon(g, &a.target)
+        } else {
+            super::daemon::detach_through_daemon(g, &a.target)
+        };
+    };
+    refuse_if_managed(g, socket, a.force, &format!("detach {}", a.target))?;
     let timeout = Duration::try_from_secs_f64(a.timeout)
         .ok()
         .filter(|t| !t.is_zero())
@@ -149,13 +184,31 @@ pub(super) fn vm(_g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn qmp_socket<'a>(qmp: Option<&'a Path>, command: &str) -> anyhow::Result<&'a Path> {
-    qmp.with_context(|| {
-        format!(
-            "`{command}` needs --qmp SOCKET (the VM's QMP socket); going through the daemon \
-             with --vm is not available yet"
-        )
-    })
+/// A `--qmp` command on a VM that a running daemon manages would fight the daemon (its
+/// reconcile loop undoes what it did not plan): refuse, naming the daemon, the VM and the
+/// daemon command that does the same, unless `--force`. `instead` is that command without
+/// the VM name, e.g. `attach port:1-3 --vm`.
+fn refuse_if_managed(g: &Global, qmp: &Path, force: bool, instead: &str) -> anyhow::Result<()> {
+    if force {
+        return Ok(());
+    }
+    let Some(vm) = super::daemon::daemon_managing(g, qmp) else {
+        return Ok(());
+    };
+    let daemon = crate::service::resolve_socket(g.control.as_deref(), g.config.as_deref())
+        .map(|s| s.display().to_string())
+        .unwrap_or_else(|_| "its control socket".into());
+    let instead = if instead.ends_with("--vm") {
+        format!("{instead} {vm}")
+    } else {
+        instead.to_string()
+    };
+    bail!(
+        "the usbroute daemon ({daemon}) manages VM `{vm}` at {}; a direct change would be \
+         undone by it. Use `usbroute {instead}` to go through the daemon, or add --force to \
+         talk to QEMU anyway",
+        qmp.display()
+    )
 }
 
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -474,5 +527,50 @@ mod tests {
         let id = detach_target(&listed, "usbroute-id-046d-c016", Snapshot::default);
 
         assert_eq!(id.as_deref(), Ok("usbroute-id-046d-c016"));
+    }
+
+    fn parse(args: &[&str]) -> Result<crate::cli::Cli, clap::Error> {
+        use clap::Parser;
+        crate::cli::Cli::try_parse_from(std::iter::once("usbroute").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn attach_with_both_vm_and_qmp_is_a_usage_error() {
+        let err = parse(&["attach", "port:1-3", "--vm", "win11", "--qmp", "/tmp/q"]).unwrap_err();
+
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn attach_with_neither_vm_nor_qmp_says_which_to_give() {
+        let cli = parse(&["attach", "port:1-3"]).unwrap();
+        let crate::cli::Command::Attach(args) = cli.command else {
+            panic!("not an attach")
+        };
+
+        let err = attach(&cli.global, args).unwrap_err();
+
+        assert!(
+            err.to_string().starts_with("`attach` needs --vm NAME"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("or --qmp SOCKET"), "{err}");
+    }
+
+    #[test]
+    fn attach_vm_without_by_leaves_the_mode_to_the_rule() {
+        let cli = parse(&["attach", "port:1-3", "--vm", "win11"]).unwrap();
+
+        let crate::cli::Command::Attach(args) = cli.command else {
+            panic!("not an attach")
+        };
+        assert!(args.by.is_none());
+    }
+
+    #[test]
+    fn detach_clear_with_qmp_is_a_usage_error() {
+        let err = parse(&["detach", "port:1-3", "--clear", "--qmp", "/tmp/q"]).unwrap_err();
+
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
     }
 }

@@ -26,7 +26,9 @@ use tokio::time::Instant;
 pub enum Input {
     /// The rules changed (start, reload). Only ever a whole, validated set.
     Rules(Vec<Rule>),
-    /// The whole-controller assignments from the config (`[[controller]]`).
+    /// Every PCI function the config's `[[controller]]` rules hold, with the rule's VM: the
+    /// whole IOMMU group of each rule's controller, as [`crate::vfio::held_by_rules`] reads
+    /// it. While that VM runs, devices on any of them stay out of the device rules.
     Controllers(Vec<ControllerRule>),
     /// A fresh list of the devices present (after a uevent, a rescan, ENOBUFS).
     Devices(Vec<Device>),
@@ -343,12 +345,11 @@ impl Coordinator {
 
     fn vms_up_and_owned(&self) -> (BTreeSet<String>, BTreeMap<PciAddress, String>) {
         let up: BTreeSet<String> = self.workers.keys().cloned().collect();
-        let owned = self
-            .controllers
-            .iter()
-            .filter(|c| up.contains(&c.vm))
-            .map(|c| (c.pci, c.vm.clone()))
-            .collect();
+        let mut owned = BTreeMap::new();
+        // The first rule holding a function wins, as in `vfio::held_functions`.
+        for c in self.controllers.iter().filter(|c| up.contains(&c.vm)) {
+            owned.entry(c.pci).or_insert_with(|| c.vm.clone());
+        }
         (up, owned)
     }
 

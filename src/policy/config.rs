@@ -194,8 +194,10 @@ impl Config {
         self.vms.iter().find(|v| v.name == name)
     }
 
-    /// The `[[controller]]` assignments in force: those whose VM is running (the plan's
-    /// [`PlanInput::controllers_owned`](super::PlanInput::controllers_owned)).
+    /// The `[[controller]]` assignments in force: those whose VM is running, each rule's own
+    /// function only (no sysfs read). The daemon holds each rule's whole IOMMU group instead
+    /// ([`crate::vfio::held_functions`]) for the plan's
+    /// [`PlanInput::controllers_owned`](super::PlanInput::controllers_owned).
     pub fn controllers_owned(&self, vms_up: &BTreeSet<String>) -> BTreeMap<PciAddress, String> {
         self.controllers
             .iter()

@@ -186,7 +186,9 @@ pub struct PlanInput<'a> {
     pub vms_up: &'a BTreeSet<String>,
     /// Manual overrides by port path.
     pub overrides: &'a BTreeMap<PortPath, Override>,
-    /// Controllers given whole to a VM that is running, with that VM.
+    /// PCI functions given whole to a VM that is running, with that VM: every function of
+    /// the IOMMU group of each `[[controller]]` whose VM runs (see
+    /// [`crate::vfio::held_functions`]), since the whole group goes to the VM.
     pub controllers_owned: &'a BTreeMap<PciAddress, String>,
 }
 
@@ -440,7 +442,7 @@ impl fmt::Display for Reason {
             Reason::Hub => f.write_str("hubs cannot be passed to a VM (the devices behind a hub can: match them, e.g. hub:1-3)"),
             Reason::ControllerOwned { controller, vm } => write!(
                 f,
-                "its controller {controller} is given whole to running VM {vm}, so device rules do not apply"
+                "its controller {controller} is given whole (with its IOMMU group) to running VM {vm}, so device rules do not apply"
             ),
             Reason::ManualDetach => f.write_str("detached by hand (until unplugged or cleared)"),
             Reason::ManualAttach => f.write_str("attached by hand (until unplugged or cleared)"),

@@ -111,6 +111,7 @@ impl Daemon {
                 })
                 .collect(),
             devices,
+            controllers: self.controllers.values().cloned().collect(),
         }
     }
 

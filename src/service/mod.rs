@@ -4,12 +4,14 @@
 //! the tokio listener that checks every peer with SO_PEERCRED, [`client`] the CLI's side.
 //! [`runtime`] is `usbroute serve`: the edges around [`crate::engine::runtime`] (uevents,
 //! VM presence, config, control requests, signals, systemd); [`presence`] runs one task
-//! per VM that notices it come and go; [`mounts`] finds host disks in use; `routing_hooks`
+//! per VM that notices it come and go; [`mounts`] finds host disks in use;
+//! [`controllers`] binds and restores the `[[controller]]` rules' groups; `routing_hooks`
 //! runs port routing (the toggle service) when the config has routing profiles.
 
 pub mod client;
 pub mod connectors;
 mod control;
+pub mod controllers;
 pub mod mounts;
 pub mod presence;
 pub mod protocol;

@@ -124,6 +124,23 @@ pub struct StatusReport {
     pub vms: Vec<VmStatus>,
     /// Every USB device on the host (hubs included, they say why they stay).
     pub devices: Vec<DeviceStatus>,
+    /// What the daemon last did (or, in a dry run, would do) for each `[[controller]]`
+    /// rule, and for removed rules whose controller could not be given back.
+    #[serde(default)]
+    pub controllers: Vec<ControllerStatus>,
+}
+
+/// One `[[controller]]` rule in `status`: its group's bind (or restore) and how it went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerStatus {
+    /// The controller's PCI address.
+    pub pci: String,
+    /// The VM the rule gives it to.
+    pub vm: String,
+    /// `false` when the bind or restore failed (the message says why and what to do).
+    pub ok: bool,
+    /// What was done, as in the log.
+    pub message: String,
 }
 
 /// One VM in `status`.
@@ -286,6 +303,12 @@ mod tests {
                 devices: vec!["usbroute-port-1-3".into()],
             }],
             devices: vec![],
+            controllers: vec![ControllerStatus {
+                pci: "0000:00:1d.7".into(),
+                vm: "win11".into(),
+                ok: true,
+                message: "IOMMU group 7 is on vfio-pci (4 function(s)), ready for VM win11".into(),
+            }],
         });
 
         let back: Reply = serde_json::from_str(&serde_json::to_string(&reply).unwrap()).unwrap();

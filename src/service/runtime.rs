@@ -3,16 +3,18 @@
 //! [`crate::engine::runtime`], which alone decides and acts; it answers control requests
 //! from the engine's published status, and keeps systemd informed.
 
+use super::controllers::{self, ControllerStep, Direction};
 use super::presence::{self, Presence, VmConnector};
-use super::protocol::{Reply, Request};
+use super::protocol::{ControllerStatus, Reply, Request};
 use super::routing_hooks::RoutingHooks;
 use super::server::{ControlGroup, ControlHandler, ControlServer, Peer, ServiceError};
 use crate::backend::BoxFuture;
 use crate::engine::runtime::{self as engine, EngineHandle, EngineOptions, Input as EngineInput};
 use crate::events::{Received, SocketWatcher, Trigger, UeventSocket};
-use crate::inventory::{self, Snapshot};
+use crate::inventory::{self, PciAddress, Snapshot};
 use crate::policy::Config;
 use crate::sysfs::SysfsRoot;
+use crate::vfio::{BindOptions, ControllerRule};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,6 +59,7 @@ pub enum DaemonError {
 pub(super) enum Input {
     Control(Request, oneshot::Sender<Reply>),
     SocketAppeared(String),
+    ControllersDone(Vec<ControllerStep>),
 }
 
 pub(super) struct VmPresence {
@@ -77,6 +80,10 @@ pub(super) struct Daemon {
     watcher: Option<tokio::task::JoinHandle<()>>,
     last_status: String,
     pub(super) routing: RoutingHooks,
+    /// The last bind/restore of each `[[controller]]` rule's group, for `status`.
+    pub(super) controllers: BTreeMap<PciAddress, ControllerStatus>,
+    /// Held while a bind/restore batch runs, so two reloads never work on a group at once.
+    controller_work: Arc<std::sync::Mutex<()>>,
 }
 
 /// Run the daemon until SIGTERM or SIGINT.
@@ -126,8 +133,12 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         watcher: None,
         last_status: String::new(),
         routing,
+        controllers: BTreeMap::new(),
+        controller_work: Arc::new(std::sync::Mutex::new(())),
     };
     daemon.apply_config();
+    let rules = daemon.config.controllers.clone();
+    daemon.sync_controllers(&[], &rules);
     daemon.rescan("start");
     tracing::info!(socket = %socket.display(), config = ?daemon.options.config, dry_run = daemon.options.dry_run, "usbroute daemon ready");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -140,6 +151,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
             Some(input) = inputs.recv() => match input {
                 Input::Control(req, reply) => daemon.on_request(req, reply),
                 Input::SocketAppeared(vm) => daemon.on_socket_appeared(&vm),
+                Input::ControllersDone(steps) => daemon.on_controllers_done(steps),
             },
             Ok(()) = status.changed() => daemon.publish_status(),
             _ = hup.recv() => match daemon.reload() {
@@ -203,8 +215,10 @@ impl Daemon {
     fn apply_config(&mut self) {
         self.engine
             .send(EngineInput::Rules(self.config.rules.clone()));
-        self.engine
-            .send(EngineInput::Controllers(self.config.controllers.clone()));
+        // The whole IOMMU group of each controller rule: an EHCI given to a VM takes its
+        // UHCI companions, and their devices must stay out of the device rules too.
+        let held = crate::vfio::held_by_rules(&self.options.root, &self.config.controllers);
+        self.engine.send(EngineInput::Controllers(held));
         let wanted: BTreeMap<String, PathBuf> = self
             .config
             .vms
@@ -316,8 +330,10 @@ impl Daemon {
         RoutingHooks::check_reload(&config)
             .map_err(|e| format!("{e}\nthe running config stays in force"))?;
         self.routing.reload(&self.config, &config);
-        self.config = Arc::new(config);
+        let old = std::mem::replace(&mut self.config, Arc::new(config));
         self.apply_config();
+        let new = self.config.controllers.clone();
+        self.sync_controllers(&old.controllers, &new);
         self.rescan("reload");
         Ok(format!(
             "reloaded {}: {} VMs, {} rules",
@@ -325,6 +341,58 @@ impl Daemon {
             self.vms.len(),
             self.config.rules.len()
         ))
+    }
+
+    /// Bind the groups of controller rules `new` adds over `old` and give back those it
+    /// drops, off the loop (sysfs writes and the wait for `/dev/vfio/N` block); the result
+    /// comes back as [`Input::ControllersDone`].
+    fn sync_controllers(&mut self, old: &[ControllerRule], new: &[ControllerRule]) {
+        let changes = controllers::rule_changes(old, new);
+        if changes.is_empty() {
+            return;
+        }
+        let root = self.options.root.clone();
+        let dry_run = self.options.dry_run;
+        let work = self.controller_work.clone();
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            let steps = tokio::task::spawn_blocking(move || {
+                let _one_at_a_time = work.lock().unwrap_or_else(|e| e.into_inner());
+                let host = crate::vfio::LiveHost::new(root.clone());
+                controllers::carry_out(&root, &host, &changes, &BindOptions::default(), dry_run)
+            })
+            .await;
+            match steps {
+                Ok(steps) => {
+                    let _ = inputs.send(Input::ControllersDone(steps));
+                }
+                Err(e) => tracing::error!("controller rules: the bind task failed: {e}"),
+            }
+        });
+    }
+
+    /// Log each controller step, keep it for `status`, and rescan: a bound group's USB
+    /// devices are gone from the host, a restored one's are back.
+    fn on_controllers_done(&mut self, steps: Vec<ControllerStep>) {
+        for step in steps {
+            let o = &step.outcome;
+            let what = match step.direction {
+                Direction::Bind => "controller rule",
+                Direction::Restore => "controller rule removed",
+            };
+            if o.ok {
+                tracing::info!(controller = %o.pci, vm = %o.vm, "{what}: {}", o.message);
+            } else {
+                tracing::error!(controller = %o.pci, vm = %o.vm, "{what}: {}", o.message);
+            }
+            let restored = step.direction == Direction::Restore && o.ok && !self.options.dry_run;
+            if restored {
+                self.controllers.remove(&o.pci);
+            } else {
+                self.controllers.insert(o.pci, step.status());
+            }
+        }
+        self.rescan("controller rules");
     }
 
     fn publish_status(&mut self) {

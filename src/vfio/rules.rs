@@ -114,21 +114,41 @@ pub fn restore_controller_rules(
 /// the whole IOMMU group of each rule's controller (an EHCI's UHCI companions too).
 /// Device rules must not fire for USB devices whose `controller` is in this map (EVE's
 /// `parentassigngrp`); when the VM stops, its functions drop out and the device rules
-/// apply again. A rule whose group cannot be read holds just its own controller.
+/// apply again. A rule whose group cannot be read holds just its own controller. The
+/// first rule holding a function wins.
 pub fn held_functions(
     root: &SysfsRoot,
     rules: &[ControllerRule],
     vm_running: impl Fn(&str) -> bool,
 ) -> std::collections::BTreeMap<PciAddress, String> {
+    let running: Vec<ControllerRule> = rules
+        .iter()
+        .filter(|r| vm_running(&r.vm))
+        .cloned()
+        .collect();
     let mut held = std::collections::BTreeMap::new();
-    for rule in rules.iter().filter(|r| vm_running(&r.vm)) {
-        let members: Vec<PciAddress> = match super::group::read_group(root, &rule.pci) {
-            Ok(Some(group)) => group.passed_members().map(|m| m.pci).collect(),
-            _ => vec![rule.pci],
-        };
-        for pci in members {
-            held.entry(pci).or_insert_with(|| rule.vm.clone());
-        }
+    for function in held_by_rules(root, &running) {
+        held.entry(function.pci).or_insert(function.vm);
     }
     held
+}
+
+/// Each rule expanded to every function it would hold, running VM or not: one entry per
+/// passed member of the rule's IOMMU group (bridges excepted), with the rule's VM, in rule
+/// order. The daemon reads this (sysfs I/O) when a config is applied and hands it to the
+/// engine, which keeps, purely, the entries whose VM is running.
+pub fn held_by_rules(root: &SysfsRoot, rules: &[ControllerRule]) -> Vec<ControllerRule> {
+    rules
+        .iter()
+        .flat_map(|rule| {
+            let members: Vec<PciAddress> = match super::group::read_group(root, &rule.pci) {
+                Ok(Some(group)) => group.passed_members().map(|m| m.pci).collect(),
+                _ => vec![rule.pci],
+            };
+            members.into_iter().map(|pci| ControllerRule {
+                pci,
+                vm: rule.vm.clone(),
+            })
+        })
+        .collect()
 }

@@ -2,7 +2,7 @@
 //! inner QEMU by address once the kernel says `bind`; unplugged, its usb-host goes;
 //! re-plugged (new devnum), it is attached again; the daemon killed with SIGKILL and
 //! started again changes nothing; a device plugged before the VM starts is attached when
-//! it starts.
+//! it starts; a hub a rule names is never passed, and `why` says so.
 
 use crate::bed::Bed;
 use crate::usb::{Ctrl, Kind, UsbDevice};
@@ -14,7 +14,7 @@ const PROBE: &str = "/tmp/inner-serve-probe.qmp";
 const CONFIG: &str = "/tmp/serve.toml";
 const CONTROL: &str = "/tmp/serve.sock";
 
-/// Plug, unplug, re-plug, device before VM, daemon SIGKILL + restart.
+/// Plug, unplug, re-plug, device before VM, hub refused, daemon SIGKILL + restart.
 pub async fn run(bed: &mut Bed) -> Result<()> {
     let kbd = UsbDevice::new(Kind::Kbd, "sv-kbd", Ctrl::Xhci, "7");
     let early = UsbDevice::new(Kind::Tablet, "sv-tab", Ctrl::Xhci, "8");
@@ -24,7 +24,8 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
     let inner = bed.start_inner_qemu("serve", "root", &extra).await?;
     let config = format!(
         "control_socket = \"{CONTROL}\"\n\n[[vm]]\nname = \"inner\"\nqmp = \"{}\"\n\n\
-         [[rule]]\nvm = \"inner\"\nmatch = \"id:0627:0001\"\nby = \"address\"\n",
+         [[rule]]\nvm = \"inner\"\nmatch = \"id:0627:0001\"\nby = \"address\"\n\n\
+         [[rule]]\nvm = \"inner\"\nmatch = \"id:0409:55aa\"\n",
         inner.qmp
     );
     bed.guest_ok(&format!("cat > {CONFIG} <<'EOF'\n{config}EOF"))
@@ -38,6 +39,23 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
     wait_hosts(bed, "the plugged keyboard", &[&early_id, &first]).await?;
     let attached = qom_attached(bed, &first).await?;
     ensure!(attached, "{first} is in the inner QEMU but not attached");
+
+    // A rule names the hub: it stays on the host, and `why` says hubs cannot be passed.
+    let hub = UsbDevice::new(Kind::Hub, "sv-hub", Ctrl::Xhci, "6");
+    let hub_name = bed.plug(&hub).await?;
+    tokio::time::sleep(bed.scaled(Duration::from_secs(2))).await;
+    let have = usb_hosts(bed).await?;
+    let mut want = vec![early_id.clone(), first.clone()];
+    want.sort();
+    ensure!(have == want, "a hub rule changed the inner QEMU: {have:?}");
+    let why = bed
+        .guest_ok(&format!("usbroute --control {CONTROL} why port:{hub_name}"))
+        .await?;
+    ensure!(
+        why.contains("hubs cannot be passed"),
+        "`why` for the hub does not say hubs cannot be passed:\n{why}"
+    );
+    bed.unplug(&hub.id).await?;
 
     bed.unplug(&kbd.id).await?;
     wait_hosts(bed, "the unplugged keyboard's usb-host to go", &[&early_id]).await?;
