@@ -101,6 +101,9 @@ pub enum Command {
 /// Parse the process arguments, run, and turn the result into an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        die_quietly_on_closed_pipe();
+    }
     init_logging(cli.global.verbose);
     match run(cli) {
         Ok(code) => code,
@@ -131,6 +134,21 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Toggle(a) => ports::toggle(g, a),
         Command::Completions(a) => misc::completions(a),
         Command::Man(a) => misc::man(a),
+    }
+}
+
+/// Give SIGPIPE back its default action, so `usbroute ports | head` ends quietly when
+/// `head` has read enough, like every other Unix tool. The Rust runtime ignores SIGPIPE,
+/// which turns the closed pipe into an EPIPE that `println!` reports with a panic.
+/// Not for `serve`: the daemon keeps ignoring it, so a client or VM link that vanished
+/// mid-reply is an error on that one connection, not the end of the daemon.
+#[allow(unsafe_code)]
+fn die_quietly_on_closed_pipe() {
+    // SAFETY: called once at the start of `main`, before any thread is spawned (the tokio
+    // runtime starts later, and only for commands that need it); setting a signal's
+    // disposition to SIG_DFL installs no handler, so no async-signal-safety rules apply.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -92,7 +92,9 @@ pub enum PortsCommand {
 pub struct ToggleArgs {
     /// Profile to apply; without it, flip between the two `toggle` profiles.
     pub profile: Option<String>,
-    /// The toggle service's address (default: `listen` in [toggle], else 127.0.0.1:4510).
+    /// Talk to this TCP toggle listener only. Without it: the daemon's control socket
+    /// when it is reachable and lets this user in, else the TCP listener (`listen` in
+    /// [toggle], else 127.0.0.1:4510).
     #[arg(long, value_name = "IP:PORT")]
     pub address: Option<String>,
 }
@@ -362,12 +364,26 @@ fn report_applied(plan: &Plan, applied: &Applied) {
 
 pub(super) fn toggle(g: &Global, a: ToggleArgs) -> anyhow::Result<ExitCode> {
     let view = read_view(g)?;
-    let address = a
-        .address
-        .or(view.toggle.listen.clone())
-        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
     let command = a.profile.unwrap_or_else(|| "toggle".to_string());
-    let reply = ask_service(&address, view.toggle.secret.as_deref(), &command)?;
+    let socket = g
+        .control
+        .clone()
+        .unwrap_or_else(|| view.control_socket.clone());
+    let from_socket = match &a.address {
+        Some(_) => None,
+        None => ask_control_socket(&socket, &command)?,
+    };
+    let (address, reply) = match from_socket {
+        Some(reply) => (socket.display().to_string(), reply),
+        None => {
+            let address = a
+                .address
+                .or(view.toggle.listen.clone())
+                .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+            let reply = ask_service(&address, view.toggle.secret.as_deref(), &command)?;
+            (address, reply)
+        }
+    };
     match reply {
         Reply::Ok { profile, mask } => {
             println!(
@@ -382,6 +398,39 @@ pub(super) fn toggle(g: &Global, a: ToggleArgs) -> anyhow::Result<ExitCode> {
         Reply::Authenticated => {
             anyhow::bail!("The toggle service at {address} answered out of turn")
         }
+    }
+}
+
+/// The toggle line through the daemon's control socket; `None` when no daemon listens
+/// there or it does not let this user in (the TCP listener is tried next).
+fn ask_control_socket(socket: &Path, command: &str) -> anyhow::Result<Option<Reply>> {
+    use crate::service::{ClientError, ErrorKind, Reply as ControlReply, Request};
+    let request = Request::Routing {
+        line: command.to_string(),
+    };
+    match crate::service::request(socket, &request) {
+        Err(ClientError::Connect { source, .. }) => {
+            tracing::info!(socket = %socket.display(), "control socket not reachable ({source}); trying the TCP toggle listener");
+            Ok(None)
+        }
+        Ok(ControlReply::Error {
+            kind: ErrorKind::PermissionDenied,
+            message,
+        }) => {
+            tracing::info!(socket = %socket.display(), "control socket refused this user ({message}); trying the TCP toggle listener");
+            Ok(None)
+        }
+        Ok(ControlReply::Routing { line }) => Reply::parse(&line)
+            .map(Some)
+            .with_context(|| format!("The daemon at {} replied `{line}`", socket.display())),
+        Ok(ControlReply::Error { message, .. }) => {
+            anyhow::bail!("The daemon at {} refused `{command}`: {message}", socket.display())
+        }
+        Ok(other) => anyhow::bail!(
+            "The daemon at {} answered `{command}` with {other:?}; are the daemon and CLI the same version?",
+            socket.display()
+        ),
+        Err(e) => Err(e.into()),
     }
 }
 

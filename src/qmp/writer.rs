@@ -33,10 +33,14 @@ impl Writer {
                 w.write_all(bytes).await?;
                 w.flush().await
             }
-            (Writer::Unix(w), None) => w.write_all(bytes).await,
-            (Writer::Unix(w), Some(fd)) => {
-                let sent = send_with_fd(w, bytes, fd).await?;
-                w.write_all(&bytes[sent..]).await
+            // sendmsg with MSG_NOSIGNAL, never write(2): a QEMU that went away is an EPIPE
+            // for this command, also in CLI commands where SIGPIPE kills (src/cli/mod.rs).
+            (Writer::Unix(w), fd) => {
+                let mut sent = send_nosignal(w, bytes, fd).await?;
+                while sent < bytes.len() {
+                    sent += send_nosignal(w, &bytes[sent..], None).await?;
+                }
+                Ok(())
             }
             (Writer::Stream(_), Some(_)) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -46,18 +50,24 @@ impl Writer {
     }
 }
 
-/// One `sendmsg` carrying `fd`; returns how many bytes of `bytes` went out.
-async fn send_with_fd(w: &OwnedWriteHalf, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<usize> {
+/// One `sendmsg`, carrying `fd` when given; returns how many bytes of `bytes` went out.
+async fn send_nosignal(
+    w: &OwnedWriteHalf,
+    bytes: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<usize> {
     let stream = w.as_ref();
     let socket = stream.as_raw_fd();
-    let fds = [fd.as_raw_fd()];
+    let fds: Vec<_> = fd.iter().map(|fd| fd.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
     loop {
         stream.writable().await?;
         let attempt = stream.try_io(Interest::WRITABLE, || {
             sendmsg::<()>(
                 socket,
                 &[IoSlice::new(bytes)],
-                &[ControlMessage::ScmRights(&fds)],
+                cmsgs,
                 MsgFlags::MSG_NOSIGNAL,
                 None,
             )

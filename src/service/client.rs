@@ -2,7 +2,7 @@
 //! Blocking on purpose: the CLI does one round trip and exits.
 
 use super::protocol::{Reply, Request, MAX_REPLY_LINE};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -73,20 +73,35 @@ pub fn resolve_socket(
     Ok(PathBuf::from(DEFAULT_CONTROL_SOCKET))
 }
 
+/// `send` with MSG_NOSIGNAL, never write(2): a daemon that hung up (one that refused this
+/// user closes at once) is an error to report, also in commands where SIGPIPE kills.
+fn send_all(stream: &UnixStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    use nix::sys::socket::{send, MsgFlags};
+    use std::os::fd::AsRawFd;
+    while !bytes.is_empty() {
+        match send(stream.as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Send one request and wait for its reply.
 pub fn request(socket: &Path, req: &Request) -> Result<Reply, ClientError> {
     let io = |source| ClientError::Io {
         path: socket.to_path_buf(),
         source,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+    let stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
         path: socket.to_path_buf(),
         source,
     })?;
     stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
     let mut line = serde_json::to_vec(req).map_err(|e| io(std::io::Error::other(e)))?;
     line.push(b'\n');
-    stream.write_all(&line).map_err(io)?;
+    send_all(&stream, &line).map_err(io)?;
     let mut reply = Vec::new();
     BufReader::new(stream)
         .take(MAX_REPLY_LINE as u64)

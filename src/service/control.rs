@@ -27,6 +27,7 @@ impl Daemon {
                 Err(msg) => Reply::error(ErrorKind::Failed, msg),
             },
             Request::Clear { selector } => self.clear(&selector),
+            Request::Routing { line } => self.routing.control_line(&line),
             Request::Why { selector } => match self.matching(&selector) {
                 Ok(devices) => {
                     tokio::spawn(why(self.engine.clone(), devices, reply));

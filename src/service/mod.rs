@@ -5,7 +5,8 @@
 //! [`runtime`] is `usbroute serve`: the edges around [`crate::engine::runtime`] (uevents,
 //! VM presence, config, control requests, signals, systemd); [`presence`] runs one task
 //! per VM that notices it come and go; [`mounts`] finds host disks in use;
-//! [`controllers`] binds and restores the `[[controller]]` rules' groups.
+//! [`controllers`] binds and restores the `[[controller]]` rules' groups; `routing_hooks`
+//! runs port routing (the toggle service) when the config has routing profiles.
 
 pub mod client;
 pub mod connectors;
@@ -14,11 +15,13 @@ pub mod controllers;
 pub mod mounts;
 pub mod presence;
 pub mod protocol;
+mod routing_hooks;
 pub mod runtime;
 pub mod server;
 
 pub use client::{request, resolve_socket, ClientError, DEFAULT_CONTROL_SOCKET};
 pub use protocol::{ErrorKind, Reply, Request};
+pub use routing_hooks::RoutingStartError;
 pub use runtime::{run, DaemonError, DaemonOptions};
 pub use server::{authorize, ControlGroup, ControlHandler, ControlServer, Peer, ServiceError};
 

@@ -44,6 +44,12 @@ pub enum Request {
     },
     /// Re-read the config file (like SIGHUP); a bad file keeps the running config.
     Reload {},
+    /// One toggle-service line (`toggle`, `host`, `guest`, a profile name, `status`),
+    /// answered with [`Reply::Routing`] (docs/routing.md).
+    Routing {
+        /// The line, without its newline.
+        line: String,
+    },
 }
 
 /// The daemon's answer: `{"reply": "done", "message": "..."}`, `{"reply": "error", ...}`...
@@ -54,6 +60,12 @@ pub enum Reply {
     Status(StatusReport),
     /// Answer to `why`.
     Why(WhyReport),
+    /// Answer to `routing`: the toggle service's reply line (`ok PROFILE 0xMASK` or
+    /// `err REASON`).
+    Routing {
+        /// The reply line, without its newline.
+        line: String,
+    },
     /// A command was carried out (or accepted: the reconcile loop does the work).
     Done {
         /// What happened, for a human.
@@ -230,6 +242,25 @@ mod tests {
                 by: Some(AttachMode::Port)
             }
         );
+    }
+
+    #[test]
+    fn routing_request_and_reply_read_documented_form() {
+        let req: Request =
+            serde_json::from_str(r#"{"request":"routing","line":"toggle"}"#).unwrap();
+        let reply = Reply::Routing {
+            line: "ok guest 0x3ffc".into(),
+        };
+
+        let written = serde_json::to_string(&reply).unwrap();
+
+        assert_eq!(
+            req,
+            Request::Routing {
+                line: "toggle".into()
+            }
+        );
+        assert_eq!(written, r#"{"reply":"routing","line":"ok guest 0x3ffc"}"#);
     }
 
     #[test]

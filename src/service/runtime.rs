@@ -6,6 +6,7 @@
 use super::controllers::{self, ControllerStep, Direction};
 use super::presence::{self, Presence, VmConnector};
 use super::protocol::{ControllerStatus, Reply, Request};
+use super::routing_hooks::RoutingHooks;
 use super::server::{ControlGroup, ControlHandler, ControlServer, Peer, ServiceError};
 use crate::backend::BoxFuture;
 use crate::engine::runtime::{self as engine, EngineHandle, EngineOptions, Input as EngineInput};
@@ -50,6 +51,9 @@ pub enum DaemonError {
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    /// Port routing (the toggle service) could not start.
+    #[error(transparent)]
+    Routing(#[from] super::RoutingStartError),
 }
 
 pub(super) enum Input {
@@ -75,6 +79,7 @@ pub(super) struct Daemon {
     inputs: mpsc::UnboundedSender<Input>,
     watcher: Option<tokio::task::JoinHandle<()>>,
     last_status: String,
+    pub(super) routing: RoutingHooks,
     /// The last bind/restore of each `[[controller]]` rule's group, for `status`.
     pub(super) controllers: BTreeMap<PciAddress, ControllerStatus>,
     /// Held while a bind/restore batch runs, so two reloads never work on a group at once.
@@ -98,6 +103,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         .transpose()?;
     let server = ControlServer::bind(&socket, group)?;
     let uevents = options.uevents.then(UeventSocket::open).transpose()?;
+    let routing = RoutingHooks::start(&options.root, &config).await?;
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
@@ -112,7 +118,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     let (inputs_tx, mut inputs) = mpsc::unbounded_channel();
     let dirty = Arc::new(Notify::new());
     if let Some(sock) = uevents {
-        tokio::spawn(listen_uevents(sock, dirty.clone()));
+        tokio::spawn(listen_uevents(sock, dirty.clone(), routing.clone()));
     }
     tokio::spawn(server.serve(Arc::new(ControlBridge(inputs_tx.clone()))));
 
@@ -126,6 +132,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         inputs: inputs_tx,
         watcher: None,
         last_status: String::new(),
+        routing,
         controllers: BTreeMap::new(),
         controller_work: Arc::new(std::sync::Mutex::new(())),
     };
@@ -163,10 +170,11 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
 /// Read uevents, log each, and mark the picture dirty for the ones that matter. Marking
 /// (not queueing) coalesces a storm into few rescans: a rescan reads the current state,
 /// so no decision is lost however many events arrive or are dropped.
-async fn listen_uevents(mut sock: UeventSocket, dirty: Arc<Notify>) {
+async fn listen_uevents(mut sock: UeventSocket, dirty: Arc<Notify>, routing: RoutingHooks) {
     loop {
         match sock.recv().await {
             Received::Event(ev) => {
+                routing.on_uevent(&ev.devpath);
                 let trigger = ev.trigger();
                 if trigger == Trigger::Ignore {
                     tracing::trace!(device = ev.kernel_name(), action = %ev.action, "uevent ignored");
@@ -319,6 +327,9 @@ impl Daemon {
         };
         let config =
             Config::load(&path).map_err(|e| format!("{e}\nthe running config stays in force"))?;
+        RoutingHooks::check_reload(&config)
+            .map_err(|e| format!("{e}\nthe running config stays in force"))?;
+        self.routing.reload(&self.config, &config);
         let old = std::mem::replace(&mut self.config, Arc::new(config));
         self.apply_config();
         let new = self.config.controllers.clone();
