@@ -24,25 +24,15 @@ fn device(n: usize) -> Device {
     };
     Device {
         bus,
-        parent: port.parent(),
-        sysfs_path: String::new(),
-        port,
         address: Some((n % 100 + 2) as u16),
         vendor_id: Some(HexId(0x1000 + (n % 50) as u16)),
         product_id: Some(HexId(n as u16)),
-        manufacturer: None,
-        product: None,
         serial: Some(format!("S{n}")),
         class: Some(ClassTriple {
             class: 0,
             subclass: 0,
             protocol: 0,
         }),
-        speed_mbps: None,
-        hub: false,
-        removable: None,
-        controller: None,
-        driver: None,
         interfaces: vec![Interface {
             number: 0,
             class: Some(ClassTriple {
@@ -52,8 +42,7 @@ fn device(n: usize) -> Device {
             }),
             driver: None,
         }],
-        netdevs: vec![],
-        block_devices: vec![],
+        ..Device::at(port)
     }
 }
 

@@ -44,25 +44,14 @@ fn bus(number: u8, controller: &str, speed: f64) -> Bus {
 fn device(port: &str, address: u16, controller: &str, hub: bool) -> Device {
     let port: usbroute::inventory::PortPath = port.parse().unwrap();
     Device {
-        bus: port.bus,
-        parent: port.parent(),
-        port,
         address: Some(address),
         vendor_id: Some(HexId(0x0781)),
         product_id: Some(HexId(0x5567)),
         manufacturer: Some("Acme".into()),
         product: Some("Stick".into()),
-        serial: None,
-        class: None,
-        speed_mbps: None,
         hub,
-        removable: None,
         controller: Some(pci(controller)),
-        sysfs_path: String::new(),
-        driver: None,
-        interfaces: vec![],
-        netdevs: vec![],
-        block_devices: vec![],
+        ..Device::at(port)
     }
 }
 

@@ -91,29 +91,17 @@ fn small_device() -> impl Strategy<Value = usbroute::inventory::Device> {
         .prop_map(|(port, address, (v, p), serial, pci, class)| {
             let port: PortPath = port.parse().expect("port");
             usbroute::inventory::Device {
-                bus: port.bus,
-                parent: port.parent(),
-                sysfs_path: String::new(),
-                port,
                 address: Some(address),
                 vendor_id: Some(usbroute::inventory::HexId(v)),
                 product_id: Some(usbroute::inventory::HexId(p)),
-                manufacturer: None,
-                product: None,
                 serial: serial.map(str::to_string),
                 class: Some(usbroute::inventory::ClassTriple {
                     class,
                     subclass: 0,
                     protocol: 0,
                 }),
-                speed_mbps: None,
-                hub: false,
-                removable: None,
                 controller: Some(pci.parse().expect("pci")),
-                driver: None,
-                interfaces: vec![],
-                netdevs: vec![],
-                block_devices: vec![],
+                ..usbroute::inventory::Device::at(port)
             }
         })
 }

@@ -407,25 +407,11 @@ mod tests {
     fn device(port: &str, address: u16, vendor: u16, product: u16) -> Device {
         let port: PortPath = port.parse().unwrap();
         Device {
-            bus: port.bus,
-            parent: port.parent(),
-            sysfs_path: String::new(),
-            port,
             address: Some(address),
             vendor_id: Some(HexId(vendor)),
             product_id: Some(HexId(product)),
-            manufacturer: None,
-            product: None,
-            serial: None,
-            class: None,
             speed_mbps: Some(Speed(12.0)),
-            hub: false,
-            removable: None,
-            controller: None,
-            driver: None,
-            interfaces: Vec::new(),
-            netdevs: Vec::new(),
-            block_devices: Vec::new(),
+            ..Device::at(port)
         }
     }
 

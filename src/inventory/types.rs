@@ -415,6 +415,33 @@ pub struct Device {
 }
 
 impl Device {
+    /// A device at `port` of which nothing else is known: the base for a device named
+    /// before it is seen (an absent device attached by port) and for building test data
+    /// with struct-update syntax.
+    pub fn at(port: PortPath) -> Device {
+        Device {
+            bus: port.bus,
+            parent: port.parent(),
+            port,
+            address: None,
+            vendor_id: None,
+            product_id: None,
+            manufacturer: None,
+            product: None,
+            serial: None,
+            class: None,
+            speed_mbps: None,
+            hub: false,
+            removable: None,
+            controller: None,
+            sysfs_path: String::new(),
+            driver: None,
+            interfaces: Vec::new(),
+            netdevs: Vec::new(),
+            block_devices: Vec::new(),
+        }
+    }
+
     /// Short human name: `046d:c016 Logitech Optical Mouse`.
     pub fn label(&self) -> String {
         let id = match (self.vendor_id, self.product_id) {

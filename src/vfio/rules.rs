@@ -3,7 +3,7 @@
 
 use super::bind::{bind, restore, BindOptions};
 use super::host::PciHost;
-use super::ControllerRule;
+use super::{ControllerRule, VfioError};
 use crate::inventory::PciAddress;
 use crate::sysfs::SysfsRoot;
 use serde::Serialize;
@@ -52,13 +52,9 @@ pub fn apply_controller_rules(
     };
     let outcomes = rules
         .iter()
-        .map(|rule| match bind(root, host, &rule.pci, &opts) {
-            Ok(done) => RuleOutcome {
-                pci: rule.pci,
-                vm: rule.vm.clone(),
-                group: Some(done.group),
-                ok: true,
-                message: if done.already_bound {
+        .map(|rule| {
+            let result = bind(root, host, &rule.pci, &opts).map(|done| {
+                let message = if done.already_bound {
                     format!("IOMMU group {} was already on vfio-pci", done.group)
                 } else {
                     format!(
@@ -67,15 +63,10 @@ pub fn apply_controller_rules(
                         done.members.len(),
                         rule.vm
                     )
-                },
-            },
-            Err(e) => RuleOutcome {
-                pci: rule.pci,
-                vm: rule.vm.clone(),
-                group: None,
-                ok: false,
-                message: e.to_string(),
-            },
+                };
+                (done.group, message)
+            });
+            outcome(rule, result)
         })
         .collect();
     RulesReport { outcomes }
@@ -90,24 +81,31 @@ pub fn restore_controller_rules(
 ) -> RulesReport {
     let outcomes = rules
         .iter()
-        .map(|rule| match restore(root, host, &rule.pci, opts) {
-            Ok(done) => RuleOutcome {
-                pci: rule.pci,
-                vm: rule.vm.clone(),
-                group: Some(done.group),
-                ok: true,
-                message: format!("IOMMU group {} is back with the host", done.group),
-            },
-            Err(e) => RuleOutcome {
-                pci: rule.pci,
-                vm: rule.vm.clone(),
-                group: None,
-                ok: false,
-                message: e.to_string(),
-            },
+        .map(|rule| {
+            let result = restore(root, host, &rule.pci, opts).map(|done| {
+                let message = format!("IOMMU group {} is back with the host", done.group);
+                (done.group, message)
+            });
+            outcome(rule, result)
         })
         .collect();
     RulesReport { outcomes }
+}
+
+/// One rule's line in a report: the group and a sentence on success, the error's words
+/// on failure.
+fn outcome(rule: &ControllerRule, result: Result<(u32, String), VfioError>) -> RuleOutcome {
+    let (group, ok, message) = match result {
+        Ok((group, message)) => (Some(group), true, message),
+        Err(e) => (None, false, e.to_string()),
+    };
+    RuleOutcome {
+        pci: rule.pci,
+        vm: rule.vm.clone(),
+        group,
+        ok,
+        message,
+    }
 }
 
 /// Every PCI function held for a running VM by a `[[controller]]` rule, with that VM:

@@ -10,29 +10,21 @@ pub const XHCI: &str = "0000:00:14.0";
 pub fn device(port: &str, address: u16) -> Device {
     let port: PortPath = port.parse().expect("test port path");
     Device {
-        bus: port.bus,
-        parent: port.parent(),
         sysfs_path: format!("/sys/bus/usb/devices/{port}"),
-        port,
         address: Some(address),
         vendor_id: Some(HexId(0x046d)),
         product_id: Some(HexId(0xc016)),
         manufacturer: Some("Logitech".into()),
         product: Some("Optical Mouse".into()),
-        serial: None,
         class: Some(ClassTriple {
             class: 0,
             subclass: 0,
             protocol: 0,
         }),
-        speed_mbps: None,
-        hub: false,
-        removable: None,
         controller: Some(XHCI.parse::<PciAddress>().expect("pci")),
         driver: Some("usb".into()),
         interfaces: vec![interface(0, 0x03, 0x01, 0x02)],
-        netdevs: vec![],
-        block_devices: vec![],
+        ..Device::at(port)
     }
 }
 

@@ -136,25 +136,14 @@ pub fn host_device(
     use usbroute::inventory::{Device, HexId, PortPath, Speed};
     let port: PortPath = port.parse().expect("port path");
     Device {
-        bus: port.bus,
-        parent: port.parent(),
         sysfs_path: format!("/sys/bus/usb/devices/{port}"),
-        port,
         address: Some(address),
         vendor_id: Some(HexId(vendor)),
         product_id: Some(HexId(product)),
         manufacturer: Some("Test".into()),
         product: Some("Gadget".into()),
-        serial: None,
-        class: None,
         speed_mbps: Some(Speed(speed)),
-        hub: false,
-        removable: None,
-        controller: None,
-        driver: None,
-        interfaces: Vec::new(),
-        netdevs: Vec::new(),
-        block_devices: Vec::new(),
+        ..Device::at(port)
     }
 }
 

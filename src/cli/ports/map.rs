@@ -214,25 +214,10 @@ mod tests {
     fn stick(port: &str, address: u16) -> Device {
         let port: crate::inventory::PortPath = port.parse().unwrap();
         Device {
-            bus: port.bus,
-            parent: port.parent(),
-            port,
             address: Some(address),
-            vendor_id: None,
-            product_id: None,
-            manufacturer: None,
             product: Some("Stick".into()),
-            serial: None,
-            class: None,
-            speed_mbps: None,
-            hub: false,
-            removable: None,
             controller: Some(pci("0000:00:14.0")),
-            sysfs_path: String::new(),
-            driver: None,
-            interfaces: vec![],
-            netdevs: vec![],
-            block_devices: vec![],
+            ..Device::at(port)
         }
     }
 
