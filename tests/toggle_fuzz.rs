@@ -8,23 +8,13 @@ use routing_support::*;
 use usbroute::routing::control::ProfileRouter;
 use usbroute::routing::detect::detect;
 use usbroute::routing::router::Router;
-use usbroute::routing::{ProfileConfig, RoutingConfig};
 use usbroute::toggle::dispatch::{handle_line, Access, Session};
 use usbroute::toggle::protocol::{
     is_profile_name, parse_line, ParseError, Reply, Request, MAX_LINE,
 };
 
 fn router(pch: &Pch) -> ProfileRouter<usbroute::routing::config_space::SysfsConfigSpace> {
-    let mut c = RoutingConfig {
-        toggle: vec!["host".into(), "guest".into()],
-        ..RoutingConfig::default()
-    };
-    let profile = |mask: &str| ProfileConfig {
-        mask: Some(mask.into()),
-        ..ProfileConfig::default()
-    };
-    c.profile.insert("host".into(), profile("0x3fff"));
-    c.profile.insert("guest".into(), profile("0x3ffc"));
+    let c = host_guest_desk_profiles();
     ProfileRouter::new(
         Router::open(&pch.root(), detect(&pch.root(), None).unwrap()),
         c,

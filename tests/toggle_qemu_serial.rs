@@ -14,7 +14,7 @@ use std::time::Duration;
 use usbroute::routing::control::ProfileRouter;
 use usbroute::routing::detect::detect;
 use usbroute::routing::router::Router;
-use usbroute::routing::{ProfileConfig, RoutingConfig};
+use usbroute::routing::RoutingConfig;
 use usbroute::toggle::server::ToggleService;
 use usbroute::toggle::{start, ToggleConfig, VmLink};
 
@@ -80,18 +80,7 @@ fn start_guest(dir: &std::path::Path, line: &str, port: u16) -> Guest {
 }
 
 fn routing() -> RoutingConfig {
-    let mut c = RoutingConfig {
-        toggle: vec!["host".into(), "guest".into()],
-        ..RoutingConfig::default()
-    };
-    let profile = |mask: &str| ProfileConfig {
-        mask: Some(mask.into()),
-        ..ProfileConfig::default()
-    };
-    c.profile.insert("host".into(), profile("0x3fff"));
-    c.profile.insert("guest".into(), profile("0x3ffc"));
-    c.profile.insert("desk".into(), profile("0x3f0f"));
-    c
+    host_guest_desk_profiles()
 }
 
 fn free_port() -> u16 {

@@ -12,7 +12,7 @@ use usbroute::routing::config_space::SysfsConfigSpace;
 use usbroute::routing::control::ProfileRouter;
 use usbroute::routing::detect::detect;
 use usbroute::routing::router::Router;
-use usbroute::routing::{ProfileConfig, RoutingConfig};
+use usbroute::routing::RoutingConfig;
 use usbroute::toggle::dispatch::{Access, Session};
 use usbroute::toggle::runtime::RoutingRuntime;
 use usbroute::toggle::server::{bind, check_listen_address, Limits, ToggleError, ToggleService};
@@ -22,18 +22,7 @@ const HOST: u16 = 0x3fff;
 const GUEST: u16 = 0x3ffc;
 
 fn config() -> RoutingConfig {
-    let mut c = RoutingConfig {
-        toggle: vec!["host".into(), "guest".into()],
-        ..RoutingConfig::default()
-    };
-    let profile = |mask: &str| ProfileConfig {
-        mask: Some(mask.into()),
-        ..ProfileConfig::default()
-    };
-    c.profile.insert("host".into(), profile("0x3fff"));
-    c.profile.insert("guest".into(), profile("0x3ffc"));
-    c.profile.insert("desk".into(), profile("0x3f0f"));
-    c
+    host_guest_desk_profiles()
 }
 
 struct Bed {

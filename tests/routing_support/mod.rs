@@ -166,3 +166,21 @@ pub fn changed_offsets(before: &[u8], after: &[u8]) -> Vec<usize> {
         .filter(|i| before[*i] != after[*i])
         .collect()
 }
+
+/// Profiles `host` (0x3fff, all on xHCI), `guest` (0x3ffc) and `desk` (0x3f0f), with
+/// `toggle` flipping host and guest: what the toggle tests switch between.
+pub fn host_guest_desk_profiles() -> usbroute::routing::RoutingConfig {
+    use usbroute::routing::{ProfileConfig, RoutingConfig};
+    let mut c = RoutingConfig {
+        toggle: vec!["host".into(), "guest".into()],
+        ..RoutingConfig::default()
+    };
+    let profile = |mask: &str| ProfileConfig {
+        mask: Some(mask.into()),
+        ..ProfileConfig::default()
+    };
+    c.profile.insert("host".into(), profile("0x3fff"));
+    c.profile.insert("guest".into(), profile("0x3ffc"));
+    c.profile.insert("desk".into(), profile("0x3f0f"));
+    c
+}
