@@ -3,7 +3,8 @@
 //! that does the least any reader must: list `/sys/bus/usb/devices`, resolve each link
 //! and read one attribute.
 //!
-//! Run: `cargo bench --bench inventory` (optionally `-- ITERATIONS`).
+//! Run: `cargo bench --bench inventory` (optionally `-- ITERATIONS`). Under `cargo test`
+//! (no `--bench` argument) it runs 3 iterations as a smoke test.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -20,10 +21,11 @@ const HUB_PORTS: u8 = 8;
 const ROOT_PORTS: u8 = 6;
 
 fn main() {
+    let smoke = !std::env::args().any(|a| a == "--bench");
     let iterations: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(if smoke { 3 } else { 200 });
     let dir = tempfile::tempdir().expect("temp dir");
     let made = generate(dir.path());
     let root = SysfsRoot::new(dir.path());
