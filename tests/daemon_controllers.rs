@@ -5,6 +5,7 @@
 //! controller's VM runs (a real QEMU), device rules for devices on its IOMMU group do
 //! not fire (issue 6, EVE's parentassigngrp).
 
+mod qemu_support;
 mod vfio_support;
 
 use assert_cmd::cargo::CommandCargoExt;
@@ -198,30 +199,6 @@ fn reload_binds_an_added_rule_and_gives_back_a_removed_one() {
     );
 }
 
-/// A QEMU that serves QMP at `qmp`, killed on drop.
-struct Qemu(Child);
-
-impl Qemu {
-    fn start(qmp: &std::path::Path) -> Qemu {
-        let child = Command::new("qemu-system-x86_64")
-            .args(["-machine", "q35", "-accel", "tcg", "-S", "-m", "64"])
-            .args(["-nodefaults", "-display", "none", "-qmp"])
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("qemu-system-x86_64 (apt-get install qemu-system-x86)");
-        Qemu(child)
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn device_rule_for_a_device_on_a_uhci_companion_does_not_fire_while_the_ehci_vm_runs() {
     // The recorded guest: 6-1 is a device on the UHCI 0000:00:1d.2, which shares IOMMU
@@ -232,7 +209,7 @@ fn device_rule_for_a_device_on_a_uhci_companion_does_not_fire_while_the_ehci_vm_
     )));
     let qmp_dir = tempfile::tempdir().unwrap();
     let qmp = qmp_dir.path().join("guest.qmp");
-    let _qemu = Qemu::start(&qmp);
+    let _qemu = qemu_support::QemuAt::spawn(&[&qmp], &["-machine", "q35", "-m", "64"]);
     let config = format!(
         "[[vm]]\nname = \"guest\"\nqmp = \"{}\"\n\n\
          [[controller]]\npci = \"0000:00:1d.7\"\nvm = \"guest\"\n\n\

@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod qemu_support;
+use qemu_support::QemuAt;
+
 /// The ids usbroute derives for the two devices the rules pass.
 const EXPECTED: [&str; 2] = ["usbroute-id-46f4-0001", "usbroute-port-1-2.1"];
 
@@ -54,32 +57,22 @@ impl Bed {
     }
 
     /// Start QEMU without waiting for it.
-    fn spawn_qemu(&self) -> Killed {
-        let qmp = |name: &str| format!("unix:{},server=on,wait=off", self.path(name).display());
-        let child = Command::new("qemu-system-x86_64")
-            .args([
+    fn spawn_qemu(&self) -> QemuAt {
+        QemuAt::spawn(
+            &[&self.path("guest.qmp"), &self.path("probe.qmp")],
+            &[
                 "-machine",
                 "q35",
-                "-accel",
-                "tcg",
-                "-S",
                 "-m",
                 "64",
-                "-nodefaults",
-                "-display",
-                "none",
-            ])
-            .args(["-device", "qemu-xhci,id=xhci"])
-            .args(["-qmp", &qmp("guest.qmp"), "-qmp", &qmp("probe.qmp")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("qemu-system-x86_64 (apt-get install qemu-system-x86)");
-        Killed(child)
+                "-device",
+                "qemu-xhci,id=xhci",
+            ],
+        )
     }
 
     /// Start QEMU and wait until it serves QMP.
-    fn qemu(&self) -> Killed {
+    fn qemu(&self) -> QemuAt {
         let qemu = self.spawn_qemu();
         wait_until(Duration::from_secs(20), "QEMU's probe QMP socket", || {
             UnixStream::connect(self.path("probe.qmp")).is_ok()

@@ -7,8 +7,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Default path of the control socket.
-pub const DEFAULT_CONTROL_SOCKET: &str = "/run/usbroute/control.sock";
+/// Where the daemon listens when neither `--control` nor the config says otherwise.
+pub use crate::policy::DEFAULT_CONTROL_SOCKET;
 
 /// How long the client waits for a reply (an attach waits for QEMU to confirm).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);

@@ -11,6 +11,58 @@ use std::time::{Duration, Instant};
 /// The QEMU binary the tests run.
 pub const QEMU: &str = "qemu-system-x86_64";
 
+/// The command every test QEMU starts from: no default devices, no display, TCG, paused
+/// (`-S`), a QMP server on each of `qmp`, then `args`.
+pub fn qemu_command(qmp: &[&Path], args: &[&str]) -> Command {
+    let mut command = Command::new(QEMU);
+    command.args(["-nodefaults", "-display", "none", "-accel", "tcg", "-S"]);
+    for socket in qmp {
+        command
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", socket.display()));
+    }
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    command
+}
+
+fn cannot_start(e: std::io::Error) -> ! {
+    panic!(
+        "cannot start {QEMU}: {e}; install it: apt-get install -t bookworm-backports \
+         qemu-system-x86 (see ../shared/notes/test-bed.md)"
+    )
+}
+
+/// A QEMU serving QMP on sockets the caller chose, started without waiting for them: for
+/// tests of a socket appearing, and of a VM restarted on the same socket. Killed on drop.
+pub struct QemuAt(Child);
+
+impl QemuAt {
+    /// Start it; see [`qemu_command`].
+    pub fn spawn(qmp: &[&Path], args: &[&str]) -> Self {
+        QemuAt(
+            qemu_command(qmp, args)
+                .spawn()
+                .unwrap_or_else(|e| cannot_start(e)),
+        )
+    }
+
+    /// Kill and reap it now (a VM that dies).
+    pub fn kill(mut self) {
+        self.0.kill().expect("kill QEMU");
+        self.0.wait().expect("reap QEMU");
+    }
+}
+
+impl Drop for QemuAt {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A running QEMU; killed (and reaped) on drop.
 pub struct QemuGuard {
     child: Child,
@@ -46,28 +98,20 @@ impl QemuGuard {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
             .expect("chmod temp dir");
         let socket = dir.path().join("qmp.sock");
-        let qmp = format!("unix:{},server=on,wait=off", socket.display());
-        let mut command = Command::new(QEMU);
+        let mut command = qemu_command(&[&socket], args);
         if let Some(uid) = uid {
             command.uid(uid).gid(uid);
         }
-        let child = command
-            .args(["-nodefaults", "-display", "none", "-accel", "tcg", "-S"])
-            .args(["-qmp", &qmp])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| match (e.kind(), uid) {
-                (std::io::ErrorKind::PermissionDenied, Some(uid)) => {
-                    panic!("cannot start {QEMU} as uid {uid}: {e}; run this test as root")
-                }
-                _ => panic!(
-                    "cannot start {QEMU}: {e}; install it: apt-get install -t bookworm-backports \
-                     qemu-system-x86 (see ../shared/notes/test-bed.md)"
-                ),
-            });
+        let child =
+            command
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| match (e.kind(), uid) {
+                    (std::io::ErrorKind::PermissionDenied, Some(uid)) => {
+                        panic!("cannot start {QEMU} as uid {uid}: {e}; run this test as root")
+                    }
+                    _ => cannot_start(e),
+                });
         let mut guard = QemuGuard {
             child,
             socket,
