@@ -241,3 +241,54 @@ fn attach_by_port_of_a_listed_device_then_detach_by_the_same_selector() {
     );
     assert_eq!(devices_json(&root, &qemu), json!([]));
 }
+
+#[test]
+fn vm_qmp_wait_answers_once_a_qemu_started_later_is_ready() {
+    let dir = tempfile::tempdir().expect("dir");
+    let socket = dir.path().join("late.qmp");
+    let root = tempfile::tempdir().expect("root");
+    // The client starts first: the socket does not exist yet.
+    let client = std::process::Command::new(env!("CARGO_BIN_EXE_usbroute"))
+        .arg("--sysfs-root")
+        .arg(root.path())
+        .args(["vm", "qmp", "--wait", "--timeout", "60", "--qmp"])
+        .arg(&socket)
+        .args(["qom-get", r#"{"path": "/machine", "property": "type"}"#])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run usbroute");
+    let _qemu = qemu_support::QemuAt::spawn(&[&socket], &["-M", "q35"]);
+
+    let out = client.wait_with_output().expect("wait");
+
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let machine_type = reply.as_str().unwrap_or_default();
+    assert!(
+        machine_type.starts_with("pc-q35-"),
+        "qom-get /machine type: {reply}"
+    );
+}
+
+#[test]
+fn vm_qmp_error_names_the_command_and_the_socket() {
+    let qemu = QemuGuard::q35(&[]);
+    let root = tempfile::tempdir().expect("root");
+
+    usbroute(&root)
+        .args(["vm", "qmp", "--qmp"])
+        .arg(qemu.socket())
+        .args([
+            "qom-get",
+            r#"{"path": "/machine/nothing", "property": "x"}"#,
+        ])
+        .assert()
+        .failure()
+        .stderr(contains("qom-get"))
+        .stderr(contains(qemu.socket().display().to_string()));
+}

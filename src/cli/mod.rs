@@ -10,6 +10,7 @@ mod misc;
 pub mod output;
 mod ports;
 mod vm;
+mod vm_qmp;
 
 use crate::sysfs::SysfsRoot;
 use clap::{Parser, Subcommand};

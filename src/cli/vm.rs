@@ -1,4 +1,4 @@
-//! `attach`, `detach`, `vm devices`: directly over QMP (`--qmp`), or through the daemon (`--vm`).
+//! `attach`, `detach`, `vm devices`, `vm qmp`: directly over QMP (`--qmp`), or through the daemon (`--vm`).
 
 use super::output::print_json;
 use super::Global;
@@ -102,6 +102,24 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Send one raw QMP command and print QEMU's `return` value as JSON (for scripts and
+    /// debugging; the daemon does not learn of what it changes).
+    Qmp {
+        /// The VM's QMP socket (a monitor nobody else holds: QEMU serves one client each).
+        #[arg(long, value_name = "SOCKET")]
+        qmp: PathBuf,
+        /// The QMP command, e.g. `query-status`.
+        command: String,
+        /// Its arguments, a JSON object, e.g. '{"path": "/machine/peripheral"}'.
+        arguments: Option<String>,
+        /// Give up after this many seconds (connecting, greeting and reply together).
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+        timeout: f64,
+        /// Retry while the socket is missing or refuses, until the timeout: wait for QEMU
+        /// to be ready to answer.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 pub(super) fn attach(g: &Global, a: AttachArgs) -> anyhow::Result<ExitCode> {
@@ -171,7 +189,27 @@ pub(super) fn detach(g: &Global, a: DetachArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(super) fn vm(_g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
-    let VmCommand::Devices { qmp, json } = a.command;
+    let (qmp, json) = match a.command {
+        VmCommand::Devices { qmp, json } => (qmp, json),
+        VmCommand::Qmp {
+            qmp,
+            command,
+            arguments,
+            timeout,
+            wait,
+        } => {
+            let deadline = Duration::try_from_secs_f64(timeout)
+                .ok()
+                .filter(|t| !t.is_zero())
+                .context("--timeout must be a positive number of seconds")?;
+            let arguments = super::vm_qmp::parse_arguments(arguments.as_deref())?;
+            let reply = block_on(super::vm_qmp::run_command(
+                &qmp, &command, arguments, deadline, wait,
+            ))?;
+            println!("{reply}");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let devices = block_on(async {
         let vm = QemuBackend::connect(&qmp, QemuOptions::default()).await?;
         vm.list_devices().await
