@@ -34,14 +34,6 @@ impl Accel {
             Accel::Tcg => ["-accel", "tcg,thread=multi", "-cpu", "max"],
         }
     }
-
-    /// How much slower than KVM to allow waits to be.
-    pub fn slowness(self) -> u32 {
-        match self {
-            Accel::Kvm => 1,
-            Accel::Tcg => 4,
-        }
-    }
 }
 
 /// The chosen accelerator and why.

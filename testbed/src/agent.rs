@@ -58,20 +58,25 @@ impl Agent {
         .map_err(|_| anyhow!("the guest agent was not ready within {timeout:?}"))?
     }
 
-    /// Run `script` with `sh` in the guest, killed there after `timeout`.
-    /// An error means the channel is broken (the guest is gone or hung), not that the
-    /// script failed: that is in [`GuestOutput::rc`].
-    pub async fn run(&mut self, script: &str, timeout: Duration) -> Result<GuestOutput> {
+    /// Run `script` with `sh` in the guest, killed there after `timeout`; its reply may
+    /// take `reply_margin` more to arrive. An error means the channel is broken (the guest
+    /// is gone or hung), not that the script failed: that is in [`GuestOutput::rc`].
+    pub async fn run(
+        &mut self,
+        script: &str,
+        timeout: Duration,
+        reply_margin: Duration,
+    ) -> Result<GuestOutput> {
         let id = self.next_id;
         self.next_id += 1;
-        let secs = timeout.as_secs().max(1);
+        let secs = timeout.as_secs_f64().ceil().max(1.0) as u64;
         let request = format!("C {id} {secs} {}\n", base64_encode(script.as_bytes()));
         self.writer
             .write_all(request.as_bytes())
             .await
             .context("writing to the guest agent")?;
-        // The guest kills the script after `secs`; allow for a slow (TCG) reply on top.
-        let host_timeout = timeout + Duration::from_secs(15);
+        // The guest kills the script after `secs`; allow for a slow reply on top.
+        let host_timeout = Duration::from_secs(secs) + reply_margin;
         tokio::time::timeout(host_timeout, self.reply(id))
             .await
             .map_err(|_| anyhow!("the guest agent did not answer within {host_timeout:?}"))?

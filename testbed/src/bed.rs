@@ -3,43 +3,56 @@
 use crate::accel::Accel;
 use crate::agent::{Agent, GuestOutput};
 use crate::machine::{Machine, MachineConfig};
-use crate::usb::{Kind, UsbDevice, EHCI_PCI, UHCI_PCI, XHCI_PCI};
+use crate::pace::{Pace, Wait, WaitLog, CALIBRATION_SCRIPT};
+use crate::usb::{Kind, UsbDevice};
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
-use std::future::Future;
+use serde_json::json;
 use std::time::{Duration, Instant};
 use usbroute::qmp::Qmp;
 
-/// Default time a guest command may take.
-const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// What a guest command may take by default (KVM base; see [`Pace`]).
+const GUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// What an outer QMP command may take (KVM base).
+const QMP_TIMEOUT: Duration = Duration::from_secs(8);
+/// What the guest's boot may take, QEMU start to the agent's READY (KVM base).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a condition is polled.
+const POLL_EVERY: Duration = Duration::from_millis(100);
 
 /// A booted guest with its outer QEMU.
 pub struct Bed {
-    machine: Machine,
-    qmp: Qmp,
-    agent: Agent,
-    plugged: Vec<Plugged>,
+    pub(crate) machine: Machine,
+    pub(crate) qmp: Qmp,
+    pub(crate) agent: Agent,
+    pub(crate) plugged: Vec<Plugged>,
     next_node: u32,
-    broken: Option<String>,
+    pub(crate) broken: Option<String>,
     config: MachineConfig,
+    pace: Pace,
+    waits: WaitLog,
     /// How long the boot took (QEMU start to agent ready).
     pub boot_time: Duration,
 }
 
 impl Bed {
-    /// Start the outer QEMU and wait for the guest agent.
+    /// Start the outer QEMU, wait for the guest agent, and time the guest's speed
+    /// (every later deadline is scaled by it: see [`Pace`]).
     pub async fn boot(cfg: &MachineConfig) -> Result<Bed> {
+        let mut bed = Self::boot_with(cfg, Pace::uncalibrated(cfg.accel)).await?;
+        bed.pace = bed.calibrate().await?;
+        Ok(bed)
+    }
+
+    /// Boot with a known pace (a reboot keeps the first boot's measurement).
+    async fn boot_with(cfg: &MachineConfig, pace: Pace) -> Result<Bed> {
         let started = Instant::now();
-        let mut machine = Machine::start(cfg).await?;
+        let mut machine = Machine::start(cfg, pace.deadline(Duration::from_secs(3))).await?;
         let connected = async {
-            // TCG guests answer slowly while the host is loaded: allow more than the default.
             let qmp = Qmp::connect(&machine.qmp_socket)
                 .await?
-                .with_timeout(Duration::from_secs(30));
+                .with_timeout(pace.deadline(QMP_TIMEOUT));
             let mut agent = Agent::connect(&machine.agent_socket).await?;
-            agent
-                .wait_ready(Duration::from_secs(30) * cfg.accel.slowness())
-                .await?;
+            agent.wait_ready(pace.deadline(BOOT_TIMEOUT)).await?;
             anyhow::Ok((qmp, agent))
         }
         .await;
@@ -59,6 +72,8 @@ impl Bed {
             next_node: 0,
             broken: None,
             config: cfg.clone(),
+            pace,
+            waits: WaitLog::default(),
             boot_time: started.elapsed(),
         };
         bed.guest_ok(
@@ -68,14 +83,54 @@ impl Bed {
         Ok(bed)
     }
 
+    /// Time [`CALIBRATION_SCRIPT`] in the guest: the best of three runs, less the agent's
+    /// round trip for an empty script.
+    async fn calibrate(&mut self) -> Result<Pace> {
+        let started = Instant::now();
+        self.guest_ok("true").await?;
+        let round_trip = started.elapsed();
+        let mut best = Duration::MAX;
+        for _ in 0..3 {
+            let started = Instant::now();
+            self.guest_ok(CALIBRATION_SCRIPT).await?;
+            best = best.min(started.elapsed());
+        }
+        Ok(Pace::measured(
+            self.config.accel,
+            best.saturating_sub(round_trip),
+        ))
+    }
+
+    /// Power the guest off and boot it again from scratch, keeping the measured pace:
+    /// for when a scenario left the machine in a state [`Bed::reset`] cannot undo.
+    pub async fn reboot(&mut self) -> Result<()> {
+        self.machine.stop().await;
+        let fresh = Self::boot_with(&self.config, self.pace).await?;
+        let waits = std::mem::take(&mut self.waits);
+        *self = fresh;
+        self.waits = waits;
+        Ok(())
+    }
+
+    /// The guest's measured speed.
+    pub fn pace(&self) -> Pace {
+        self.pace
+    }
+
+    /// The waits recorded since the last call (one scenario's).
+    pub fn take_waits(&mut self) -> Vec<Wait> {
+        self.waits.take()
+    }
+
     /// KVM or TCG.
     pub fn accel(&self) -> Accel {
         self.config.accel
     }
 
-    /// `timeout` scaled for the accelerator (TCG runs the guest several times slower).
+    /// `kvm_timeout` (what a step needs under KVM on an idle machine) scaled for this
+    /// guest's accelerator and measured speed.
     pub fn scaled(&self, kvm_timeout: Duration) -> Duration {
-        kvm_timeout * self.config.accel.slowness()
+        self.pace.deadline(kvm_timeout)
     }
 
     /// The host directory the guest sees as `/host`.
@@ -83,21 +138,25 @@ impl Bed {
         &self.config.share
     }
 
-    /// Run a `sh` script in the guest (60 s limit). A non-zero rc is not an error here.
+    /// Run a `sh` script in the guest (the default limit, scaled). A non-zero rc is not
+    /// an error here.
     pub async fn guest(&mut self, script: &str) -> Result<GuestOutput> {
         self.guest_with_timeout(script, GUEST_TIMEOUT).await
     }
 
-    /// Run a `sh` script in the guest with a time limit.
+    /// Run a `sh` script in the guest with a time limit (a KVM base, scaled).
     pub async fn guest_with_timeout(
         &mut self,
         script: &str,
-        timeout: Duration,
+        kvm_timeout: Duration,
     ) -> Result<GuestOutput> {
         if let Some(why) = &self.broken {
             bail!("the guest is unusable: {why}");
         }
-        match self.agent.run(script, timeout).await {
+        let timeout = self.scaled(kvm_timeout);
+        // The guest kills the script at `timeout`; its reply may take a while on top.
+        let reply_margin = self.scaled(Duration::from_secs(4));
+        match self.agent.run(script, timeout, reply_margin).await {
             Ok(out) => Ok(out),
             Err(e) => {
                 self.broken = Some(format!("{e:#}"));
@@ -120,7 +179,7 @@ impl Bed {
         Ok(out.stdout)
     }
 
-    /// Poll a guest script until it exits 0, at most `timeout` (scaled for TCG); the
+    /// Poll a guest script until it exits 0, at most `timeout` (a KVM base, scaled); the
     /// stdout of the run that succeeded.
     pub async fn wait_guest(
         &mut self,
@@ -128,22 +187,39 @@ impl Bed {
         script: &str,
         timeout: Duration,
     ) -> Result<String> {
-        let timeout = self.scaled(timeout);
+        let deadline = self.scaled(timeout);
         let started = Instant::now();
         loop {
             let out = self.guest(script).await?;
             if out.rc == 0 {
+                self.waits.record(what, started.elapsed(), deadline);
                 return Ok(out.stdout);
             }
-            if started.elapsed() > timeout {
+            if started.elapsed() > deadline {
+                self.waits.record(what, started.elapsed(), deadline);
                 bail!(
-                    "timed out after {timeout:?} waiting for {what} (last rc {}: {})",
+                    "timed out after {deadline:.1?} waiting for {what} (last rc {}: {})",
                     out.rc,
                     out.stderr.trim()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(POLL_EVERY).await;
         }
+    }
+
+    /// Start polling a condition the caller checks itself, at most `timeout` (a KVM
+    /// base, scaled): call [`Poll::again`] after each miss and [`Poll::met`] on success.
+    pub fn poll(&self, what: &str, timeout: Duration) -> Poll {
+        Poll {
+            what: what.to_string(),
+            started: Instant::now(),
+            deadline: self.scaled(timeout),
+        }
+    }
+
+    /// Record a wait done elsewhere (an event awaited with a deadline).
+    pub(crate) fn record_wait(&mut self, what: &str, took: Duration, deadline: Duration) {
+        self.waits.record(what, took, deadline);
     }
 
     /// The outer QEMU's QMP.
@@ -258,7 +334,8 @@ impl Bed {
             .await
             .with_context(|| format!("unplugging {id}"))?;
         let deadline = self.scaled(Duration::from_secs(10));
-        tokio::time::timeout(deadline, async {
+        let started = Instant::now();
+        let deleted = tokio::time::timeout(deadline, async {
             loop {
                 let ev = events.recv().await?;
                 if ev.name == "DEVICE_DELETED" && ev.data["device"] == id {
@@ -266,8 +343,10 @@ impl Bed {
                 }
             }
         })
-        .await
-        .map_err(|_| anyhow!("{id}: no DEVICE_DELETED within {deadline:?}"))??;
+        .await;
+        let what = format!("DEVICE_DELETED of {id}");
+        self.record_wait(&what, started.elapsed(), deadline);
+        deleted.map_err(|_| anyhow!("no {what} within {deadline:.1?}"))??;
         let name = self
             .plugged
             .iter()
@@ -296,102 +375,6 @@ impl Bed {
     /// Devices plugged through this bed and still present, with their kernel names.
     pub fn plugged(&self) -> &[Plugged] {
         &self.plugged
-    }
-
-    /// Start an inner QEMU in the guest (in the background, QMP at
-    /// `/tmp/inner-<name>.qmp`, log at `/tmp/inner-<name>.log`), run as `user`
-    /// (`root` or an unprivileged name from the guest's /etc/passwd) and wait for its QMP.
-    pub async fn start_inner_qemu(
-        &mut self,
-        name: &str,
-        user: &str,
-        extra: &str,
-    ) -> Result<InnerQemu> {
-        let qmp = format!("/tmp/inner-{name}.qmp");
-        let log = format!("/tmp/inner-{name}.log");
-        let cmd = format!(
-            "qemu-system-x86_64 -M q35 -accel tcg -m 128 -nodefaults -display none \
-             -device qemu-xhci,id=xhci -qmp unix:{qmp},server=on,wait=off {extra}"
-        );
-        let launch = if user == "root" {
-            cmd
-        } else {
-            format!("su -s /bin/sh {user} -c '{cmd}'")
-        };
-        let pid = self
-            .guest_ok(&format!(
-                "rm -f {qmp}; {launch} >{log} 2>&1 </dev/null & echo $!"
-            ))
-            .await?;
-        let ready = self
-            .wait_guest(
-                &format!("inner QEMU {name} to open {qmp}"),
-                &format!("test -S {qmp}"),
-                Duration::from_secs(15),
-            )
-            .await;
-        if let Err(e) = ready {
-            let out = self.guest(&format!("cat {log}")).await?;
-            bail!(
-                "{e:#}\ninner QEMU {name} ({log}): {}{}",
-                out.stdout,
-                out.stderr
-            );
-        }
-        Ok(InnerQemu {
-            name: name.to_string(),
-            qmp,
-            log,
-            pid: pid.trim().to_string(),
-        })
-    }
-
-    /// Send one QMP command to an inner QEMU (through socat in the guest); the reply line.
-    pub async fn inner_qmp(&mut self, inner: &InnerQemu, command: &Value) -> Result<Value> {
-        let out = self
-            .guest_ok(&format!(
-                "printf '%s\\n%s\\n' '{{\"execute\":\"qmp_capabilities\"}}' '{}' | \
-                 socat -t 2 - UNIX-CONNECT:{} | tail -n +3 | grep -v '\"event\"' | head -1",
-                command.to_string().replace('\'', "'\\''"),
-                inner.qmp
-            ))
-            .await?;
-        serde_json::from_str(out.trim())
-            .with_context(|| format!("inner QEMU {} replied: {}", inner.name, out.trim()))
-    }
-
-    /// Between scenarios: unplug what the bed plugged, kill every inner QEMU and every
-    /// usbroute process (a daemon a scenario started) in the guest.
-    /// Fails if a scenario left a USB controller on another driver (vfio-pci, none):
-    /// the next scenario would not start from the same machine.
-    pub async fn reset(&mut self) -> Result<()> {
-        self.unplug_all().await?;
-        self.guest_ok("pkill -9 qemu-system-x86_64; pkill -9 usbroute; rm -f /tmp/inner-*; true")
-            .await?;
-        let drivers = [
-            (XHCI_PCI, "xhci_hcd"),
-            (EHCI_PCI, "ehci-pci"),
-            (UHCI_PCI[0], "uhci_hcd"),
-            (UHCI_PCI[1], "uhci_hcd"),
-            (UHCI_PCI[2], "uhci_hcd"),
-        ];
-        let script: String = drivers
-            .iter()
-            .map(|(pci, want)| {
-                format!(
-                    "d=$(basename \"$(readlink /sys/bus/pci/devices/{pci}/driver)\"); \
-                     [ \"$d\" = {want} ] || echo \"{pci} is bound to '$d', not {want}\"; "
-                )
-            })
-            .collect();
-        let wrong = self.guest_ok(&script).await?;
-        if !wrong.trim().is_empty() {
-            bail!(
-                "the scenario did not restore the controllers: {}",
-                wrong.trim()
-            );
-        }
-        Ok(())
     }
 
     /// How this machine was booted: a scenario that needs a different machine (no
@@ -428,33 +411,32 @@ pub struct Plugged {
     pub guest_name: Option<String>,
 }
 
-/// An inner QEMU running in the guest.
-#[derive(Debug, Clone)]
-pub struct InnerQemu {
-    /// Its name (in socket and log paths).
-    pub name: String,
-    /// QMP socket path in the guest.
-    pub qmp: String,
-    /// Log path in the guest.
-    pub log: String,
-    /// Its pid in the guest.
-    pub pid: String,
+/// A condition being polled (see [`Bed::poll`]).
+#[derive(Debug)]
+pub struct Poll {
+    what: String,
+    started: Instant,
+    deadline: Duration,
 }
 
-/// Poll `check` until it returns `true`, at most `timeout`.
-pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<bool>>,
-{
-    let started = Instant::now();
-    loop {
-        if check().await? {
-            return Ok(());
+impl Poll {
+    /// The condition holds: record how long it took.
+    pub fn met(self, bed: &mut Bed) {
+        bed.record_wait(&self.what, self.started.elapsed(), self.deadline);
+    }
+
+    /// The condition does not hold yet: wait a little, or fail naming the condition and,
+    /// from `last`, what was seen instead, once the deadline has passed.
+    pub async fn again(&self, bed: &mut Bed, last: impl std::fmt::Display) -> Result<()> {
+        if self.started.elapsed() > self.deadline {
+            bed.record_wait(&self.what, self.started.elapsed(), self.deadline);
+            bail!(
+                "timed out after {:.1?} waiting for {}; last seen: {last}",
+                self.deadline,
+                self.what
+            );
         }
-        if started.elapsed() > timeout {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(POLL_EVERY).await;
+        Ok(())
     }
 }

@@ -5,8 +5,11 @@
 pub mod accel;
 pub mod agent;
 pub mod bed;
+pub mod inner;
 pub mod machine;
+pub mod pace;
 pub mod record;
+pub mod restore;
 pub mod runner;
 pub mod scenarios;
 pub mod shell;

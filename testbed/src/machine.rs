@@ -24,6 +24,10 @@ pub struct MachineConfig {
     pub iommu: bool,
 }
 
+/// How long a killed leftover QEMU may take to disappear (it is not our child, so it
+/// cannot be reaped; a zombie counts as gone once its parent reaps it).
+const LEFTOVER_EXIT: Duration = Duration::from_secs(10);
+
 /// A running outer QEMU (killed when dropped).
 pub struct Machine {
     child: Child,
@@ -38,8 +42,8 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// Start QEMU and wait until its sockets exist.
-    pub async fn start(cfg: &MachineConfig) -> Result<Machine> {
+    /// Start QEMU and wait until its sockets exist, at most `deadline`.
+    pub async fn start(cfg: &MachineConfig, deadline: Duration) -> Result<Machine> {
         std::fs::create_dir_all(&cfg.run_dir)
             .with_context(|| format!("creating {}", cfg.run_dir.display()))?;
         let qmp_socket = cfg.run_dir.join("qmp.sock");
@@ -104,7 +108,8 @@ impl Machine {
             console_log,
             qemu_log,
         };
-        for _ in 0..100 {
+        let started = std::time::Instant::now();
+        loop {
             if machine.qmp_socket.exists() && machine.agent_socket.exists() {
                 return Ok(machine);
             }
@@ -114,12 +119,14 @@ impl Machine {
                     tail(&machine.qemu_log, 20)
                 );
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            if started.elapsed() > deadline {
+                bail!(
+                    "the outer QEMU did not create its sockets within {deadline:.1?}:\n{}",
+                    tail(&machine.qemu_log, 20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        bail!(
-            "the outer QEMU did not create its sockets within 10 s:\n{}",
-            tail(&machine.qemu_log, 20)
-        )
     }
 
     /// `Some(status)` once QEMU has exited.
@@ -172,11 +179,13 @@ fn stop_leftover(pid_file: &Path, qmp_socket: &Path) {
     let ours = String::from_utf8_lossy(&cmdline).contains(&*qmp_socket.to_string_lossy());
     if ours {
         eprintln!("stopping the outer QEMU a previous run left behind (pid {pid})");
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        std::thread::sleep(Duration::from_millis(300));
+        let pid = nix::unistd::Pid::from_raw(pid);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        // Gone when signal 0 finds no such process; its sockets are then free to reuse.
+        let started = std::time::Instant::now();
+        while nix::sys::signal::kill(pid, None).is_ok() && started.elapsed() < LEFTOVER_EXIT {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

@@ -1,12 +1,14 @@
-//! Runs scenarios on one booted guest, prints a line per result, timings, and a total.
+//! Runs scenarios on a booted guest, putting the machine back between them; prints a line
+//! per result, the slow waits, timings, and a total.
 
 use crate::bed::Bed;
 use crate::machine::MachineConfig;
+use crate::pace::{above_median, Wait};
 use crate::scenarios::Scenario;
 use std::time::{Duration, Instant};
 
-/// Longest any one scenario may run, cleanup included.
-const SCENARIO_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest any one scenario may run (KVM base, scaled by the guest's pace).
+const SCENARIO_TIMEOUT: Duration = Duration::from_secs(75);
 
 /// How one scenario ended.
 #[derive(Debug)]
@@ -58,8 +60,11 @@ impl Report {
     }
 }
 
-/// Boot once and run `scenarios` in order. A guest that dies ends the run: the
-/// remaining scenarios are reported as not run (failed), with the console log shown.
+/// Boot once and run `scenarios` in order. Between scenarios the machine is put back
+/// and verified ([`Bed::reset`]); when that fails (or the guest died), the guest is booted
+/// again, so the next scenario starts from a clean machine and the failure stays with
+/// the scenario that caused it. Only a guest that cannot be booted again ends the run:
+/// the remaining scenarios are reported as not run (failed).
 pub async fn run(cfg: &MachineConfig, accel_reason: String, scenarios: &[Scenario]) -> Report {
     let mut report = Report {
         boot: None,
@@ -68,72 +73,118 @@ pub async fn run(cfg: &MachineConfig, accel_reason: String, scenarios: &[Scenari
     };
     println!("== booting the guest ({:?})", cfg.accel);
     let mut bed = match Bed::boot(cfg).await {
-        Ok(bed) => bed,
+        Ok(bed) => Some(bed),
         Err(e) => {
             println!("FAIL boot: {e:#}");
-            for s in scenarios {
-                report.results.push((
-                    s.name,
-                    Outcome::NotRun("the guest did not boot".into()),
-                    Duration::ZERO,
-                ));
-            }
-            return report;
+            None
         }
     };
-    report.boot = Some(bed.boot_time);
-    println!("   booted in {:.1} s", bed.boot_time.as_secs_f64());
+    if let Some(bed) = &bed {
+        report.boot = Some(bed.boot_time);
+        println!(
+            "   booted in {:.1} s; {}",
+            bed.boot_time.as_secs_f64(),
+            bed.pace().describe()
+        );
+    }
     for s in scenarios {
-        if let Some(why) = bed.broken() {
-            println!("NOT RUN {}: {why}", s.name);
-            report
-                .results
-                .push((s.name, Outcome::NotRun(why), Duration::ZERO));
+        let Some(live) = bed.as_mut() else {
+            println!("NOT RUN {}: the guest could not be booted", s.name);
+            report.results.push((
+                s.name,
+                Outcome::NotRun("the guest could not be booted".into()),
+                Duration::ZERO,
+            ));
             continue;
-        }
-        println!("== {}: {}", s.name, s.about);
-        let started = Instant::now();
-        let result = match tokio::time::timeout(SCENARIO_TIMEOUT, (s.run)(&mut bed)).await {
-            Ok(r) => r,
-            Err(_) => Err(anyhow::anyhow!(
-                "did not finish within {SCENARIO_TIMEOUT:?}"
-            )),
         };
-        // The guest's view right at the failure, before cleanup adds its own noise.
-        let dmesg = match (&result, bed.broken()) {
-            (Err(_), None) => bed.guest("dmesg | tail -n 25").await.ok().map(|o| o.stdout),
-            _ => None,
-        };
-        // Put the bed back to bare controllers for the next scenario.
-        let cleanup = bed.reset().await;
-        let time = started.elapsed();
-        let outcome = match (result, cleanup) {
-            (Ok(()), Ok(())) => Outcome::Passed,
-            (Err(e), _) => Outcome::Failed(format!("{e:#}")),
-            (Ok(()), Err(e)) => {
-                Outcome::Failed(format!("cleanup after the scenario failed: {e:#}"))
-            }
-        };
-        match &outcome {
-            Outcome::Passed => println!("PASS {} ({:.1} s)", s.name, time.as_secs_f64()),
-            Outcome::Failed(why) | Outcome::NotRun(why) => {
-                println!("FAIL {} ({:.1} s): {why}", s.name, time.as_secs_f64());
-                if let Some(dmesg) = &dmesg {
-                    println!(
-                        "--- guest dmesg at the failure, last 25 lines ---\n{}",
-                        dmesg.trim_end()
-                    );
-                }
-            }
-        }
+        let (outcome, time, unrestored) = run_one(live, s).await;
         report.results.push((s.name, outcome, time));
-        if let Some(why) = bed.broken() {
-            println!(
-                "the guest is unusable ({why}); ending the run\n{}",
-                bed.failure_log()
-            );
+        let Some(why) = unrestored else { continue };
+        if let Err(e) = reboot(live, &why).await {
+            println!("the guest could not be booted again: {e:#}");
+            if let Some(dead) = bed.take() {
+                dead.shutdown().await;
+            }
         }
     }
-    bed.shutdown().await;
+    if let Some(bed) = bed {
+        bed.shutdown().await;
+    }
     report
+}
+
+/// Run one scenario and put the machine back; how it went, how long it took, and why the
+/// machine is not back to bare controllers if it is not (then it needs a reboot).
+async fn run_one(bed: &mut Bed, s: &Scenario) -> (Outcome, Duration, Option<String>) {
+    println!("== {}: {}", s.name, s.about);
+    let started = Instant::now();
+    let limit = bed.scaled(SCENARIO_TIMEOUT);
+    let result = match tokio::time::timeout(limit, (s.run)(bed)).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow::anyhow!("did not finish within {limit:.0?}")),
+    };
+    // The guest's view right at the failure, before cleanup adds its own noise.
+    let dmesg = match (&result, bed.broken()) {
+        (Err(_), None) => bed.guest("dmesg | tail -n 25").await.ok().map(|o| o.stdout),
+        _ => None,
+    };
+    let cleanup = bed.reset().await;
+    let time = started.elapsed();
+    let unrestored = match (&cleanup, bed.broken()) {
+        (_, Some(why)) => Some(format!("the guest is unusable ({why})")),
+        (Err(e), None) => Some(format!("the machine could not be restored ({e:#})")),
+        (Ok(_), None) => None,
+    };
+    let outcome = match (result, cleanup) {
+        (Ok(()), Ok(undone)) if undone.is_empty() => Outcome::Passed,
+        (Ok(()), Ok(undone)) => Outcome::Failed(format!(
+            "it left the machine changed (restored for the next scenario): {}",
+            undone.join("; ")
+        )),
+        (Err(e), _) => Outcome::Failed(format!("{e:#}")),
+        (Ok(()), Err(e)) => Outcome::Failed(format!("cleanup after the scenario failed: {e:#}")),
+    };
+    match &outcome {
+        Outcome::Passed => println!("PASS {} ({:.1} s)", s.name, time.as_secs_f64()),
+        Outcome::Failed(why) | Outcome::NotRun(why) => {
+            println!("FAIL {} ({:.1} s): {why}", s.name, time.as_secs_f64());
+            if let Some(dmesg) = &dmesg {
+                println!(
+                    "--- guest dmesg at the failure, last 25 lines ---\n{}",
+                    dmesg.trim_end()
+                );
+            }
+        }
+    }
+    print_slow_waits(&bed.take_waits());
+    (outcome, time, unrestored)
+}
+
+/// Boot the guest again after a scenario left it unusable or not restorable.
+async fn reboot(bed: &mut Bed, why: &str) -> anyhow::Result<()> {
+    println!(
+        "{why}; rebooting the guest so the next scenario starts clean\n{}",
+        bed.failure_log()
+    );
+    let started = Instant::now();
+    bed.reboot().await?;
+    let _ = bed.take_waits();
+    println!("   rebooted in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The waits of a scenario that took longer than its median wait: a slow step shows
+/// here, with how much of its deadline it used, before it turns into a failure.
+fn print_slow_waits(waits: &[Wait]) {
+    for w in above_median(waits) {
+        let used = w.took.as_secs_f64() / w.deadline.as_secs_f64().max(f64::EPSILON);
+        println!(
+            "   wait {:>6.2} s of {:>5.0} s ({:>3.0}%){}: {}",
+            w.took.as_secs_f64(),
+            w.deadline.as_secs_f64(),
+            used * 100.0,
+            if used > 0.5 { " SLOW" } else { "" },
+            w.what
+        );
+    }
 }

@@ -6,7 +6,8 @@
 
 use crate::bed::Bed;
 use crate::usb::{Ctrl, Kind, UsbDevice};
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
+use serde_json::{json, Value};
 use std::time::Duration;
 
 /// The inner QEMU's second monitor, for looking while the daemon holds the first.
@@ -43,7 +44,9 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
     // A rule names the hub: it stays on the host, and `why` says hubs cannot be passed.
     let hub = UsbDevice::new(Kind::Hub, "sv-hub", Ctrl::Xhci, "6");
     let hub_name = bed.plug(&hub).await?;
-    tokio::time::sleep(bed.scaled(Duration::from_secs(2))).await;
+    // The daemon has decided about the hub once its status plans the hub and has nothing
+    // in flight; only then does an unchanged inner QEMU prove the hub was not passed.
+    wait_settled(bed, "the daemon to decide about the hub", &[&hub_name]).await?;
     let have = usb_hosts(bed).await?;
     let mut want = vec![early_id.clone(), first.clone()];
     want.sort();
@@ -68,8 +71,22 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
     bed.guest_ok(&format!("kill -9 {daemon}")).await?;
     let before = usb_hosts(bed).await?;
     let restarted = start_daemon(bed).await?;
-    // Give the restarted daemon time to connect, list and (wrongly) act.
-    tokio::time::sleep(bed.scaled(Duration::from_secs(3))).await;
+    // The restarted daemon has connected, listed the VM (its status shows what it found
+    // there), planned both devices and has nothing in flight: anything it would (wrongly)
+    // change, it has changed by then.
+    wait_settled(
+        bed,
+        "the restarted daemon to list the VM and settle",
+        &[&early_name, &again],
+    )
+    .await?;
+    let listed = daemon_status(bed).await?;
+    let mut held = vm_devices(&listed);
+    held.sort();
+    ensure!(
+        held == before,
+        "the restarted daemon lists {held:?} in the VM, QEMU had {before:?}"
+    );
     let after = usb_hosts(bed).await?;
     ensure!(
         before == after,
@@ -88,9 +105,10 @@ async fn start_daemon(bed: &mut Bed) -> Result<String> {
             "usbroute serve -v --config {CONFIG} >>/tmp/serve.log 2>&1 </dev/null & echo $!"
         ))
         .await?;
+    // Answering, not merely listening: a daemon killed earlier leaves its socket file.
     bed.wait_guest(
-        "the daemon's control socket",
-        &format!("test -S {CONTROL}"),
+        "the daemon to answer on its control socket",
+        &format!("usbroute --control {CONTROL} status >/dev/null"),
         Duration::from_secs(10),
     )
     .await?;
@@ -112,23 +130,66 @@ async fn address_id(bed: &mut Bed, name: &str) -> Result<String> {
     Ok(format!("usbroute-addr-{}-{}", nums[0], nums[1]))
 }
 
-/// A QMP command on the probe monitor; the reply line.
-fn probe_script(command: &str) -> String {
-    format!(
-        "printf '%s\\n%s\\n' '{{\"execute\":\"qmp_capabilities\"}}' '{command}' | \
-         socat -t 2 - UNIX-CONNECT:{PROBE} | tail -n +3 | grep -v '\"event\"' | head -1"
-    )
+/// `usbroute status --json` from the daemon.
+async fn daemon_status(bed: &mut Bed) -> Result<Value> {
+    let out = bed
+        .guest_ok(&format!("usbroute --control {CONTROL} status --json"))
+        .await?;
+    serde_json::from_str(&out).with_context(|| format!("status --json printed: {out}"))
+}
+
+/// The usbroute devices the daemon's status lists in the (only) VM.
+fn vm_devices(status: &Value) -> Vec<String> {
+    status["vms"][0]["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.as_str().map(str::to_string))
+        .collect()
+}
+
+/// Wait until the daemon's status has a decision for each of `ports`, the VM is up,
+/// and no device has an action in flight.
+async fn wait_settled(bed: &mut Bed, what: &str, ports: &[&str]) -> Result<()> {
+    let poll = bed.poll(what, Duration::from_secs(10));
+    loop {
+        let status = daemon_status(bed).await?;
+        let devices = status["devices"].as_array().cloned().unwrap_or_default();
+        let planned = ports.iter().all(|p| {
+            devices
+                .iter()
+                .any(|d| d["port"] == *p && d["desired"].is_string())
+        });
+        let idle = devices.iter().all(|d| d["pending"].is_null());
+        if planned && idle && status["vms"][0]["up"] == true {
+            poll.met(bed);
+            return Ok(());
+        }
+        poll.again(bed, &status).await?;
+    }
+}
+
+/// A QMP command on the probe monitor (the daemon holds the VM's first one).
+async fn probe(bed: &mut Bed, command: &str, arguments: Value) -> Result<Value> {
+    let reply = bed
+        .qmp_in_guest(
+            PROBE,
+            command,
+            Some(arguments),
+            Duration::from_secs(10),
+            false,
+        )
+        .await?;
+    reply
+        .get("return")
+        .cloned()
+        .with_context(|| format!("{command} on the probe monitor {PROBE}: {reply}"))
 }
 
 /// The usb-host ids of the inner QEMU, sorted.
 async fn usb_hosts(bed: &mut Bed) -> Result<Vec<String>> {
-    let out = bed
-        .guest_ok(&probe_script(
-            r#"{"execute":"qom-list","arguments":{"path":"/machine/peripheral"}}"#,
-        ))
-        .await?;
-    let reply: serde_json::Value = serde_json::from_str(out.trim())?;
-    let mut ids: Vec<String> = reply["return"]
+    let listed = probe(bed, "qom-list", json!({"path": "/machine/peripheral"})).await?;
+    let mut ids: Vec<String> = listed
         .as_array()
         .into_iter()
         .flatten()
@@ -140,32 +201,30 @@ async fn usb_hosts(bed: &mut Bed) -> Result<Vec<String>> {
 }
 
 async fn qom_attached(bed: &mut Bed, id: &str) -> Result<bool> {
-    let out = bed
-        .guest_ok(&probe_script(&format!(
-            r#"{{"execute":"qom-get","arguments":{{"path":"/machine/peripheral/{id}","property":"attached"}}}}"#
-        )))
-        .await?;
-    let reply: serde_json::Value = serde_json::from_str(out.trim())?;
-    Ok(reply["return"] == true)
+    let path = format!("/machine/peripheral/{id}");
+    let attached = probe(
+        bed,
+        "qom-get",
+        json!({"path": path, "property": "attached"}),
+    )
+    .await?;
+    Ok(attached == true)
 }
 
 /// Wait until the inner QEMU has exactly `want` (in any order).
 async fn wait_hosts(bed: &mut Bed, what: &str, want: &[&str]) -> Result<()> {
     let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
     want.sort();
-    let deadline = std::time::Instant::now() + bed.scaled(Duration::from_secs(10));
+    let poll = bed.poll(what, Duration::from_secs(10));
     loop {
         let have = usb_hosts(bed).await?;
         if have == want {
+            poll.met(bed);
             return Ok(());
         }
-        if std::time::Instant::now() > deadline {
+        if let Err(e) = poll.again(bed, format!("{have:?}, want {want:?}")).await {
             let log = bed.guest("tail -n 30 /tmp/serve.log").await?;
-            anyhow::bail!(
-                "waiting for {what}: the inner QEMU has {have:?}, want {want:?}\ndaemon log:\n{}",
-                log.stdout
-            );
+            return Err(e.context(format!("daemon log:\n{}", log.stdout)));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

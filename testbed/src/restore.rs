@@ -1,0 +1,138 @@
+//! Putting the machine back between scenarios, so a failure is charged to the scenario
+//! that caused it and never to the next one.
+//!
+//! [`Bed::reset`] stops what scenarios start in the guest (inner QEMUs, usbroute
+//! daemons), unplugs what the bed plugged, puts every USB controller back on its own
+//! driver (unbinding it from vfio-pci or whatever a scenario left it on), drops
+//! usbroute's records, and then verifies the result. What it cannot restore, a reboot
+//! does (see the runner).
+
+use crate::bed::Bed;
+use crate::usb::{EHCI_PCI, UHCI_PCI, XHCI_PCI};
+use anyhow::{bail, Result};
+use std::time::Duration;
+
+/// Every USB controller of the guest and its own driver, in the order to bind them back
+/// (an EHCI before its UHCI companions, as the kernel prefers).
+const CONTROLLERS: [(&str, &str); 5] = [
+    (XHCI_PCI, "xhci_hcd"),
+    (EHCI_PCI, "ehci-pci"),
+    (UHCI_PCI[0], "uhci_hcd"),
+    (UHCI_PCI[1], "uhci_hcd"),
+    (UHCI_PCI[2], "uhci_hcd"),
+];
+
+/// Where usbroute keeps records a scenario may leave behind (vfio binds, routing state).
+const USBROUTE_STATE: &str = "/run/usbroute /var/lib/usbroute";
+
+/// The guest's PS/2 keyboard (q35's i8042), which a scenario may unbind.
+const SERIO: &str = "/sys/bus/serio/devices/serio0";
+
+impl Bed {
+    /// Put the machine back to bare controllers and verify it. `Ok` lists what had to be
+    /// undone that a scenario should have undone itself (a controller left on vfio-pci);
+    /// `Err` means the machine could not be restored (reboot it).
+    pub async fn reset(&mut self) -> Result<Vec<String>> {
+        if let Some(why) = self.broken() {
+            bail!("the guest is unusable: {why}");
+        }
+        self.stop_guest_processes().await?;
+        self.unplug_all().await?;
+        let mut undone = Vec::new();
+        for (pci, own) in CONTROLLERS {
+            if let Some(was) = self.rebind(pci, own).await? {
+                undone.push(format!("{pci} was left on {was}"));
+            }
+        }
+        // The PS/2 keyboard: vfio-rollback lets it go for a while.
+        self.guest_ok(&format!(
+            "rm -rf {USBROUTE_STATE} /tmp/inner-* /tmp/serve*; \
+             [ -e {SERIO}/driver ] || echo -n serio0 > /sys/bus/serio/drivers/atkbd/bind; true"
+        ))
+        .await?;
+        self.verify_bare().await?;
+        Ok(undone)
+    }
+
+    /// Kill every inner QEMU and usbroute process, and wait until they are gone (a QEMU
+    /// holding a device or a vfio group lets go only when it has exited).
+    async fn stop_guest_processes(&mut self) -> Result<()> {
+        self.guest_ok("pkill -9 qemu-system-x86_64; pkill -9 usbroute; true")
+            .await?;
+        self.wait_guest(
+            "inner QEMUs and usbroute processes to exit",
+            "! pgrep qemu-system-x86_64 >/dev/null && ! pgrep usbroute >/dev/null",
+            Duration::from_secs(10),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Bind `pci` back to `own` if it is on another driver (or none), clearing any
+    /// driver_override; the driver it was on, if it had to be moved.
+    async fn rebind(&mut self, pci: &str, own: &str) -> Result<Option<String>> {
+        let dev = format!("/sys/bus/pci/devices/{pci}");
+        let now = self
+            .guest_ok(&format!(
+                "d=$(readlink {dev}/driver) && basename \"$d\" || echo none; cat {dev}/driver_override"
+            ))
+            .await?;
+        let mut lines = now.lines();
+        let driver = lines.next().unwrap_or("none").trim().to_string();
+        let over = lines.next().unwrap_or("(null)").trim().to_string();
+        if driver == own && over == "(null)" {
+            return Ok(None);
+        }
+        self.guest_ok(&format!(
+            "[ -e {dev}/driver ] && echo -n {pci} > {dev}/driver/unbind; \
+             echo > {dev}/driver_override; echo -n {pci} > /sys/bus/pci/drivers_probe; true"
+        ))
+        .await?;
+        self.wait_guest(
+            &format!("{pci} to be back on {own}"),
+            &format!("[ \"$(basename \"$(readlink {dev}/driver)\")\" = {own} ]"),
+            Duration::from_secs(10),
+        )
+        .await?;
+        Ok(Some(if over == "(null)" {
+            driver
+        } else {
+            format!("{driver} (driver_override {over})")
+        }))
+    }
+
+    /// The machine as a scenario may expect it: every controller on its own driver with
+    /// no override, no inner QEMU or usbroute running, no USB device but root hubs.
+    async fn verify_bare(&mut self) -> Result<()> {
+        let mut script: String = CONTROLLERS
+            .iter()
+            .map(|(pci, own)| {
+                let dev = format!("/sys/bus/pci/devices/{pci}");
+                format!(
+                    "d=$(basename \"$(readlink {dev}/driver)\"); o=$(cat {dev}/driver_override); \
+                     [ \"$d\" = {own} ] && [ \"$o\" = '(null)' ] || echo \"{pci} is on '$d' (override $o), not {own}\"; "
+                )
+            })
+            .collect();
+        script.push_str(&format!(
+            "[ -e {SERIO}/driver ] || echo 'the PS/2 keyboard serio0 has no driver'; "
+        ));
+        script.push_str(
+            "pgrep -l qemu-system-x86_64; pgrep -l usbroute; \
+             for d in /sys/bus/usb/devices/*-*; do \
+               case ${d##*/} in *:*) ;; *) [ -e \"$d\" ] && echo \"USB device ${d##*/} is still there\";; esac; \
+             done; true",
+        );
+        let wrong = self
+            .wait_guest(
+                "the machine to be back to bare controllers",
+                &format!("out=$({script}); [ -z \"$out\" ] || {{ echo \"$out\" >&2; exit 1; }}"),
+                Duration::from_secs(10),
+            )
+            .await;
+        match wrong {
+            Ok(_) => Ok(()),
+            Err(e) => bail!("the machine is not back to bare controllers: {e:#}"),
+        }
+    }
+}
