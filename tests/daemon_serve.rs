@@ -155,3 +155,61 @@ fn status_without_a_daemon_says_how_to_start_one() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is `usbroute serve` running?"), "{err}");
 }
+
+#[test]
+fn serve_at_default_verbosity_says_it_is_ready_and_sees_no_usb_in_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let sysfs = dir.path().join("sysfs");
+    std::fs::create_dir_all(&sysfs).unwrap();
+    let mut child = Command::cargo_bin("usbroute")
+        .unwrap()
+        .args(["serve", "--control"])
+        .arg(dir.path().join("control.sock"))
+        .arg("--sysfs-root")
+        .arg(&sysfs)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut said = Vec::new();
+    while !said.iter().any(|l: &String| l.contains("daemon ready")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => said.push(line),
+            Err(_) => break,
+        }
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+
+    let text = said.join("\n");
+    assert!(text.contains("daemon ready"), "no ready line:\n{text}");
+    assert!(
+        text.contains("sees no USB"),
+        "no word on what it sees:\n{text}"
+    );
+    assert!(
+        text.contains("the empty policy"),
+        "no word on the policy:\n{text}"
+    );
+    assert!(
+        !text.contains('\u{1b}'),
+        "escape codes on a pipe:\n{text:?}"
+    );
+}

@@ -53,6 +53,10 @@ pub struct Global {
     /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Less log output: `serve` logs what it sees and decides by default, `-q` only
+    /// warnings, `-qq` only errors; other commands log warnings, `-q` only errors.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
 }
 
 impl Global {
@@ -105,7 +109,8 @@ pub fn main() -> ExitCode {
     if !matches!(cli.command, Command::Serve(_)) {
         die_quietly_on_closed_pipe();
     }
-    init_logging(cli.global.verbose);
+    let narrates = matches!(cli.command, Command::Serve(_));
+    init_logging(log_level(cli.global.verbose, cli.global.quiet, narrates));
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -153,17 +158,54 @@ fn die_quietly_on_closed_pipe() {
     }
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
+/// The default log level: the daemon (`narrates`) speaks at info, so it says it is
+/// ready, what it sees and each decision; other commands only warn.
+fn log_level(verbose: u8, quiet: u8, narrates: bool) -> &'static str {
+    const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+    let base: i32 = if narrates { 2 } else { 1 };
+    let level = (base + i32::from(verbose) - i32::from(quiet)).clamp(0, 4);
+    LEVELS[level as usize]
+}
+
+/// Log to stderr; colours only on a terminal, so journald and pipes get plain text; the
+/// module a line comes from only when debugging.
+fn init_logging(level: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(matches!(level, "debug" | "trace"))
         .try_init();
+}
+
+#[cfg(test)]
+mod log_level_tests {
+    use super::log_level;
+
+    #[test]
+    fn serve_speaks_at_info_by_default_and_q_quiets_it() {
+        assert_eq!(
+            [
+                log_level(0, 0, true),
+                log_level(0, 1, true),
+                log_level(0, 2, true)
+            ],
+            ["info", "warn", "error"]
+        );
+    }
+
+    #[test]
+    fn other_commands_only_warn_by_default() {
+        assert_eq!(
+            [
+                log_level(0, 0, false),
+                log_level(1, 0, false),
+                log_level(0, 1, false)
+            ],
+            ["warn", "info", "error"]
+        );
+    }
 }

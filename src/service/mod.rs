@@ -13,6 +13,7 @@ pub mod connectors;
 mod control;
 pub mod controllers;
 pub mod mounts;
+mod narrate;
 pub mod presence;
 pub mod protocol;
 mod routing_hooks;

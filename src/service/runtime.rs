@@ -79,6 +79,7 @@ pub(super) struct Daemon {
     inputs: mpsc::UnboundedSender<Input>,
     watcher: Option<tokio::task::JoinHandle<()>>,
     last_status: String,
+    decisions: super::narrate::DecisionLog,
     pub(super) routing: RoutingHooks,
     /// The last bind/restore of each `[[controller]]` rule's group, for `status`.
     pub(super) controllers: BTreeMap<PciAddress, ControllerStatus>,
@@ -132,6 +133,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         inputs: inputs_tx,
         watcher: None,
         last_status: String::new(),
+        decisions: Default::default(),
         routing,
         controllers: BTreeMap::new(),
         controller_work: Arc::new(std::sync::Mutex::new(())),
@@ -140,7 +142,8 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     let rules = daemon.config.controllers.clone();
     daemon.sync_controllers(&[], &rules);
     daemon.rescan("start");
-    tracing::info!(socket = %socket.display(), config = ?daemon.options.config, dry_run = daemon.options.dry_run, "usbroute daemon ready");
+    super::narrate::sees(&daemon.snapshot, "at start");
+    super::narrate::ready(&socket, &daemon.config, daemon.options.dry_run);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     daemon.publish_status();
 
@@ -180,7 +183,15 @@ async fn listen_uevents(mut sock: UeventSocket, dirty: Arc<Notify>, routing: Rou
                     tracing::trace!(device = ev.kernel_name(), action = %ev.action, "uevent ignored");
                     continue;
                 }
-                tracing::info!(device = ev.kernel_name(), action = %ev.action, product = ev.product.as_deref().unwrap_or("?"), "uevent: {trigger:?}");
+                tracing::info!(
+                    "uevent: {} {} ({}); re-checking the rules",
+                    ev.action,
+                    ev.kernel_name(),
+                    ev.product
+                        .as_deref()
+                        .unwrap_or("no product string")
+                        .escape_debug()
+                );
                 dirty.notify_one();
             }
             Received::Resync { reason } => {
@@ -399,6 +410,7 @@ impl Daemon {
         let status = {
             let s = self.engine.status();
             let s = s.borrow();
+            self.decisions.update(&s.desired, &self.snapshot);
             let passed = s
                 .desired
                 .devices

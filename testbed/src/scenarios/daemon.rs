@@ -40,6 +40,14 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
     wait_hosts(bed, "the plugged keyboard", &[&early_id, &first]).await?;
     let attached = qom_attached(bed, &first).await?;
     ensure!(attached, "{first} is in the inner QEMU but not attached");
+    // At the default verbosity the daemon says what it decided for the plug.
+    let said = bed.guest_ok("cat /tmp/serve.log").await?;
+    ensure!(
+        said.contains(&format!("device {name} 0627:0001"))
+            && said.contains("goes to VM inner")
+            && !said.contains('\u{1b}'),
+        "the daemon's log does not say (in plain text) where {name} goes:\n{said}"
+    );
 
     // A rule names the hub: it stays on the host, and `why` says hubs cannot be passed.
     let hub = UsbDevice::new(Kind::Hub, "sv-hub", Ctrl::Xhci, "6");
@@ -102,7 +110,7 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
 async fn start_daemon(bed: &mut Bed) -> Result<String> {
     let pid = bed
         .guest_ok(&format!(
-            "usbroute serve -v --config {CONFIG} >>/tmp/serve.log 2>&1 </dev/null & echo $!"
+            "usbroute serve --config {CONFIG} >>/tmp/serve.log 2>&1 </dev/null & echo $!"
         ))
         .await?;
     // Answering, not merely listening: a daemon killed earlier leaves its socket file.

@@ -1,0 +1,92 @@
+//! What the daemon says at the default verbosity: that it is ready and with what, what
+//! it sees, and every device whose decision changed (a plug, an unplug, a rule that now
+//! matches). A newcomer running `usbroute serve` can tell it works and what it would do
+//! without `-v`; `-q` keeps only warnings.
+
+use crate::inventory::{PortPath, Snapshot};
+use crate::policy::{Config, Decision, Desired};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The "ready" line: where to reach the daemon and which policy it runs.
+pub(super) fn ready(socket: &Path, config: &Config, dry_run: bool) {
+    let policy = match &config.origin {
+        Some(path) => format!(
+            "config {} ({} VMs, {} rules, {} controller rules)",
+            path.display(),
+            config.vms.len(),
+            config.rules.len(),
+            config.controllers.len()
+        ),
+        None => "no config file: the empty policy, every device stays on the host \
+                 (give --config FILE, see docs/config.md)"
+            .to_string(),
+    };
+    let dry = if dry_run {
+        "; dry run: nothing is changed"
+    } else {
+        ""
+    };
+    tracing::info!(
+        "usbroute daemon ready; control socket {}; {policy}{dry}",
+        socket.display()
+    );
+}
+
+/// One line on what the daemon sees at start (or after a resync).
+pub(super) fn sees(snapshot: &Snapshot, why: &str) {
+    if snapshot.controllers.is_empty() && snapshot.devices.is_empty() {
+        tracing::info!(
+            "sees no USB ({why}): no USB controller and no USB device under sysfs; \
+             devices plugged later are handled as they come"
+        );
+        return;
+    }
+    let hubs = snapshot.devices.iter().filter(|d| d.hub).count();
+    tracing::info!(
+        "sees {} USB controllers, {} buses, {} devices ({hubs} of them hubs) ({why})",
+        snapshot.controllers.len(),
+        snapshot.buses.len(),
+        snapshot.devices.len(),
+    );
+}
+
+/// Remembers the last decision logged for each device, so each change is said once.
+#[derive(Debug, Default)]
+pub(super) struct DecisionLog {
+    last: BTreeMap<PortPath, Decision>,
+}
+
+impl DecisionLog {
+    /// Log every device whose decision is new or changed, and every device gone.
+    pub(super) fn update(&mut self, desired: &Desired, snapshot: &Snapshot) {
+        for (port, decision) in &desired.devices {
+            if self.last.get(port) == Some(decision) {
+                continue;
+            }
+            let label = snapshot
+                .device_at(port)
+                .map(|d| d.label())
+                .unwrap_or_default();
+            tracing::info!(
+                "device {port} {}: {} ({})",
+                label.escape_debug(),
+                placement_words(decision),
+                decision.reason
+            );
+        }
+        for port in self.last.keys() {
+            if !desired.devices.contains_key(port) {
+                tracing::info!("device {port} is gone");
+            }
+        }
+        self.last.clone_from(&desired.devices);
+    }
+}
+
+fn placement_words(decision: &Decision) -> String {
+    match &decision.placement {
+        crate::policy::Placement::Host => "stays on the host".to_string(),
+        vm => format!("goes to VM {vm}"),
+    }
+}
