@@ -203,3 +203,90 @@ fn second_server_on_a_live_socket_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn one_peer_holding_many_idle_connections_is_capped_and_others_still_get_in() {
+    require_root_and_socat();
+    let (_dir, path) = socket_dir();
+    let users = ControlGroup::lookup("users").unwrap();
+    let _rt = start(&path, Some(users.clone()));
+    // One peer opens connections and never sends a byte (the daemon's fd table filled
+    // up at ~1,100 of these before there were caps).
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        let s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        idle.push(s);
+    }
+
+    let (out, _, ok) = socat_as(NOBODY, users.gid, &path, b"{\"request\":\"status\"}\n");
+    let mut refused = String::new();
+    std::io::Read::read_to_string(idle.last_mut().unwrap(), &mut refused).unwrap();
+
+    assert!(ok);
+    assert_eq!(
+        out,
+        "{\"reply\":\"done\",\"message\":\"Status from uid 65534\"}\n"
+    );
+    assert!(refused.contains("too many connections"), "{refused}");
+}
+
+/// Records the uid of every peer whose request reached it.
+struct Recorder(std::sync::Mutex<Vec<u32>>);
+
+impl ControlHandler for Recorder {
+    fn handle<'a>(&'a self, _request: Request, peer: &'a Peer) -> BoxFuture<'a, Reply> {
+        self.0.lock().unwrap().push(peer.uid);
+        Box::pin(async { Reply::done("recorded") })
+    }
+}
+
+#[test]
+fn a_group_member_is_judged_by_its_groups_at_connect_time_not_by_its_pid_later() {
+    require_root_and_socat();
+    let (_dir, path) = socket_dir();
+    let group = ControlGroup {
+        name: "usbroute-test".into(),
+        gid: 4242,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt
+        .block_on(async { ControlServer::bind(&path, Some(group)) })
+        .unwrap();
+    // A member (by a supplementary group only) connects, sends and exits before the
+    // daemon gets to accept: its pid is gone (or reused) by the time it is checked.
+    let status = Command::new("/usr/bin/setpriv")
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOGROUP}"),
+            "--groups=4242",
+            "/usr/bin/socat",
+            "-t0",
+            "-",
+            &format!("UNIX-CONNECT:{}", path.display()),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .and_then(|mut child| {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"{\"request\":\"status\"}\n")?;
+            child.wait()
+        })
+        .unwrap();
+    let recorder = Arc::new(Recorder(std::sync::Mutex::new(vec![])));
+
+    rt.spawn(server.serve(recorder.clone()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while recorder.0.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    assert!(status.success());
+    assert_eq!(*recorder.0.lock().unwrap(), vec![NOBODY]);
+}

@@ -51,12 +51,13 @@ fn no_limits() -> Limits {
         idle_timeout: None,
         rate_per_second: 0,
         max_connections: 8,
+        ..Limits::default()
     }
 }
 
 /// Serve `access` on a fresh loopback port; its address.
 async fn listen(bed: &Bed, access: Access, limits: Limits) -> String {
-    let listener = bind("127.0.0.1:0", None, "test").await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(bed.service.clone().serve(listener, access, limits));
     addr
@@ -139,37 +140,55 @@ async fn every_command_gets_its_reply_and_switches_the_register() {
 }
 
 #[tokio::test]
-async fn bad_input_gets_err_and_leaves_the_routing_alone() {
+async fn bad_input_gets_err_closes_the_connection_and_leaves_the_routing_alone() {
     let bed = bed();
     let addr = listen(&bed, Access::unrestricted("test"), no_limits()).await;
-    let mut c = Client::connect(&addr).await;
-    c.ask("guest").await;
+    Client::connect(&addr).await.ask("guest").await;
     let before = bed.pch.config(XHCI);
+    let long = "host".repeat(1000);
+    let inputs: [&[u8]; 5] = [
+        long.as_bytes(),
+        b"ho\x00st\xff",
+        b"toggle please",
+        b"host; rm -rf /",
+        b"POST / HTTP/1.1\r",
+    ];
 
-    let long = c.ask(&"host".repeat(1000)).await;
-    let binary = {
-        c.send(b"ho\x00st\xff\n").await;
-        c.line().await
-    };
+    let mut replies = Vec::new();
+    for input in inputs {
+        let mut c = Client::connect(&addr).await;
+        c.send(&[input, b"\nguest\n"].concat()).await;
+        replies.push(replies_until_closed(&mut c, Duration::from_secs(10)).await);
+    }
+    let mut c = Client::connect(&addr).await;
     let unknown = c.ask("gaming").await;
-    let garbage = c.ask("toggle please").await;
-    let shell = c.ask("host; rm -rf /").await;
     let after = c.ask("status").await;
 
-    assert!(long.starts_with("err line too long"), "{long}");
-    assert_eq!(binary, "err not a text command (printable ASCII only)");
+    assert!(
+        replies.iter().all(|(r, closed)| *closed && r.len() == 1),
+        "{replies:?}"
+    );
+    let firsts: Vec<&str> = replies.iter().map(|(r, _)| r[0].as_str()).collect();
+    assert!(firsts[0].starts_with("err line too long"), "{firsts:?}");
+    assert_eq!(
+        firsts[1],
+        "err not a text command (printable ASCII only); closing"
+    );
+    assert_eq!(firsts[2], "err usage: toggle; closing");
+    assert!(
+        firsts[3].starts_with("err usage") && firsts[4].starts_with("err usage"),
+        "{firsts:?}"
+    );
     assert_eq!(
         unknown,
         "err no profile `gaming` (configured: desk, guest, host)"
     );
-    assert_eq!(garbage, "err usage: toggle");
-    assert!(shell.starts_with("err usage"), "{shell}");
     assert_eq!(after, "ok guest 0x3ffc");
     assert_eq!(bed.pch.config(XHCI), before);
 }
 
 #[tokio::test]
-async fn a_long_line_split_over_many_writes_is_refused_once_and_its_tail_ignored() {
+async fn a_long_line_split_over_many_writes_is_refused_once_and_closes() {
     let bed = bed();
     let addr = listen(&bed, Access::unrestricted("test"), no_limits()).await;
     let mut c = Client::connect(&addr).await;
@@ -177,12 +196,13 @@ async fn a_long_line_split_over_many_writes_is_refused_once_and_its_tail_ignored
     for _ in 0..50 {
         c.send(b"guestguestguest").await;
     }
-    c.send(b"\nstatus\n").await;
-    let first = c.line().await;
-    let second = c.line().await;
+    let _ = c.writer.write_all(b"\nguest\n").await;
+    let (replies, closed) = replies_until_closed(&mut c, Duration::from_secs(10)).await;
 
-    assert!(first.starts_with("err line too long"), "{first}");
-    assert_eq!(second, "ok host 0x3fff");
+    assert!(closed);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert!(replies[0].starts_with("err line too long"), "{replies:?}");
+    assert_eq!(bed.pch.xusb2pr(), HOST);
 }
 
 #[tokio::test]
@@ -310,10 +330,10 @@ async fn a_client_that_never_reads_its_replies_is_still_obeyed() {
     let bed = bed();
     let addr = listen(&bed, Access::unrestricted("test"), no_limits()).await;
     let mut mute = TcpStream::connect(&addr).await.unwrap();
-    // 120,000 malformed lines earn ~6 MB of `err usage: ...` replies nobody reads: more
-    // than the socket buffers hold (tcp_wmem max 4 MB), so a service that waited on
-    // writes would never reach the last line.
-    mute.write_all("x x\n".repeat(120_000).as_bytes())
+    // 100,000 unknown profiles earn ~6 MB of `err no profile ...` replies nobody reads:
+    // more than the socket buffers hold (tcp_wmem max 4 MB), so a service that waited
+    // on writes would never reach the last line.
+    mute.write_all("nosuch\n".repeat(100_000).as_bytes())
         .await
         .unwrap();
     mute.write_all(b"guest\n").await.unwrap();
@@ -383,11 +403,13 @@ async fn an_idle_client_is_disconnected() {
 }
 
 #[tokio::test]
-async fn binding_a_non_loopback_address_without_a_secret_is_refused() {
-    let err = bind("0.0.0.0:0", None, "test").await.unwrap_err();
+async fn binding_a_tcp_listener_without_a_secret_is_refused_on_loopback_too() {
+    let loopback = bind("127.0.0.1:0", None, "test").await.unwrap_err();
+    let any = bind("0.0.0.0:0", None, "test").await.unwrap_err();
 
-    assert!(matches!(err, ToggleError::NonLoopbackWithoutSecret(_)));
-    assert!(err.to_string().contains("Set `secret"), "{err}");
+    assert!(matches!(loopback, ToggleError::NoSecret(_)));
+    assert!(matches!(any, ToggleError::NoSecret(_)));
+    assert!(loopback.to_string().contains("Set `secret"), "{loopback}");
 }
 
 #[tokio::test]
@@ -398,10 +420,10 @@ async fn binding_a_non_loopback_address_with_a_secret_works() {
 }
 
 #[test]
-fn loopback_v6_needs_no_secret_and_names_are_not_addresses() {
-    assert!(check_listen_address("[::1]:4510", false).is_ok());
+fn names_are_not_addresses() {
+    assert!(check_listen_address("[::1]:4510", true).is_ok());
     assert!(matches!(
-        check_listen_address("localhost:4510", false),
+        check_listen_address("localhost:4510", true),
         Err(ToggleError::BadAddress(_))
     ));
 }
@@ -419,29 +441,36 @@ async fn start_serves_tcp_and_each_vm_link_with_its_own_profiles() {
     let (tcp, serial) = (free(), free());
     let config = ToggleConfig {
         listen: Some(tcp.clone()),
+        secret: Some("host-secret".into()),
         ..ToggleConfig::default()
     };
     let vms = [VmLink {
         vm: "win11".into(),
         listen: serial.clone(),
         profiles: vec!["guest".into()],
+        qemu_user: None,
+        secret: Some("vm-secret".into()),
     }];
     let tasks = start(bed.service.clone(), &config, &vms).await.unwrap();
 
+    let mut vm = Client::connect(&serial).await;
     let from_vm = [
-        Client::connect(&serial).await.ask("host").await,
-        Client::connect(&serial).await.ask("guest").await,
+        vm.ask("auth vm-secret").await,
+        vm.ask("host").await,
+        vm.ask("guest").await,
     ];
-    let from_host = Client::connect(&tcp).await.ask("desk").await;
+    let mut host = Client::connect(&tcp).await;
+    let from_host = [host.ask("auth host-secret").await, host.ask("desk").await];
 
     assert_eq!(
         from_vm,
         [
+            "ok auth",
             "err profile `host` is not allowed for VM win11 (allowed: guest)",
             "ok guest 0x3ffc"
         ]
     );
-    assert_eq!(from_host, "ok desk 0x3f0f");
+    assert_eq!(from_host, ["ok auth", "ok desk 0x3f0f"]);
     tasks.iter().for_each(|t| t.abort());
 }
 
@@ -499,4 +528,97 @@ async fn runtime_watch_puts_the_routing_back_after_a_resume() {
 
     assert_eq!(reply.as_deref(), Some("ok guest 0x3ffc"));
     assert_eq!(mask, GUEST);
+}
+
+/// Read replies until the server closes the connection (or `within` passes).
+async fn replies_until_closed(c: &mut Client, within: Duration) -> (Vec<String>, bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut lines = Vec::new();
+    loop {
+        let mut s = String::new();
+        match tokio::time::timeout_at(deadline, c.reader.read_line(&mut s)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (lines, true),
+            Ok(Ok(_)) => lines.push(s.trim_end().to_string()),
+            Err(_) => return (lines, false),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_browser_post_whose_body_holds_a_valid_line_changes_nothing() {
+    let bed = bed();
+    let addr = listen(&bed, Access::unrestricted("test"), no_limits()).await;
+    let mut c = Client::connect(&addr).await;
+    // What `fetch("http://127.0.0.1:4510/", {method: "POST", mode: "no-cors", body})`
+    // sends from any web page: headers first, the attacker's body after a blank line.
+    let post = format!(
+        "POST / HTTP/1.1\r\nHost: {addr}\r\nOrigin: https://evil.example\r\nContent-Type: text/plain\r\nContent-Length: 6\r\n\r\nguest\n"
+    );
+
+    c.send(post.as_bytes()).await;
+    let (replies, closed) = replies_until_closed(&mut c, Duration::from_secs(10)).await;
+
+    assert!(closed, "the connection stayed open after {replies:?}");
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert!(replies[0].starts_with("err usage"), "{replies:?}");
+    assert_eq!(bed.pch.xusb2pr(), HOST);
+}
+
+#[tokio::test]
+async fn guessing_the_secret_over_many_connections_is_throttled_for_all_of_them() {
+    let bed = bed();
+    let access = Access {
+        origin: "tcp test".into(),
+        allowed: None,
+        secret: Some("s3cret".into()),
+    };
+    let addr = listen(&bed, access, no_limits()).await;
+    // Two guesses a connection stays under the per-connection hang-up; twenty
+    // connections make forty guesses.
+    for n in 0..20 {
+        let mut guesser = Client::connect(&addr).await;
+        guesser
+            .send(format!("auth guess{n}a\nauth guess{n}b\n").as_bytes())
+            .await;
+        guesser.line().await;
+        guesser.line().await;
+    }
+
+    let mut right = Client::connect(&addr).await;
+    let answer = right.ask("auth s3cret").await;
+
+    assert!(
+        answer.starts_with("err too many wrong secrets"),
+        "a right guess after 40 wrong ones is still told whether it is right: {answer}"
+    );
+    assert_eq!(bed.pch.xusb2pr(), HOST);
+}
+
+#[tokio::test]
+async fn thirty_two_idle_strangers_do_not_lock_out_a_client_with_the_secret() {
+    let bed = bed();
+    let access = Access {
+        origin: "VM win11".into(),
+        allowed: Some(["guest".to_string()].into()),
+        secret: Some("s3cret".into()),
+    };
+    let limits = Limits {
+        idle_timeout: None,
+        ..Limits::default()
+    };
+    let addr = listen(&bed, access, limits).await;
+    let mut strangers = Vec::new();
+    for _ in 0..limits.max_connections {
+        strangers.push(TcpStream::connect(&addr).await.unwrap());
+    }
+
+    let mut qemu = Client::connect(&addr).await;
+    let auth = qemu.ask("auth s3cret").await;
+    let guest = qemu.ask("guest").await;
+
+    assert_eq!(
+        (auth.as_str(), guest.as_str()),
+        ("ok auth", "ok guest 0x3ffc")
+    );
+    assert_eq!(bed.pch.xusb2pr(), GUEST);
 }
