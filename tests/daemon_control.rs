@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use usbroute::backend::BoxFuture;
-use usbroute::service::{ControlGroup, ControlHandler, ControlServer, Peer, Reply, Request};
+use usbroute::service::{
+    ControlGroup, ControlHandler, ControlLimits, ControlServer, Peer, Reply, Request,
+};
 
 const NOBODY: u32 = 65534;
 const NOGROUP: u32 = 65534;
@@ -213,7 +215,7 @@ fn one_peer_holding_many_idle_connections_is_capped_and_others_still_get_in() {
     // One peer opens connections and never sends a byte (the daemon's fd table filled
     // up at ~1,100 of these before there were caps).
     let mut idle = Vec::new();
-    for _ in 0..300 {
+    for _ in 0..ControlLimits::default().per_peer + 10 {
         let s = std::os::unix::net::UnixStream::connect(&path).unwrap();
         s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .unwrap();
@@ -289,4 +291,41 @@ fn a_group_member_is_judged_by_its_groups_at_connect_time_not_by_its_pid_later()
 
     assert!(status.success());
     assert_eq!(*recorder.0.lock().unwrap(), vec![NOBODY]);
+}
+
+#[test]
+fn idle_and_half_sent_requests_are_closed_after_their_timeouts() {
+    require_root_and_socat();
+    let (_dir, path) = socket_dir();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let limits = ControlLimits {
+        idle_timeout: std::time::Duration::from_millis(300),
+        request_timeout: std::time::Duration::from_millis(300),
+        ..ControlLimits::default()
+    };
+    let server = rt
+        .block_on(async { ControlServer::bind(&path, None) })
+        .unwrap()
+        .with_limits(limits);
+    rt.spawn(server.serve(Arc::new(Echo)));
+    let connect = || {
+        let s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        s
+    };
+    let mut idle = connect();
+    let mut half = connect();
+    half.write_all(b"{\"request\":\"sta").unwrap();
+
+    let mut idle_out = String::new();
+    let mut half_out = String::new();
+    std::io::Read::read_to_string(&mut idle, &mut idle_out).unwrap();
+    std::io::Read::read_to_string(&mut half, &mut half_out).unwrap();
+
+    assert!(idle_out.contains("no request for a while"), "{idle_out}");
+    assert!(
+        half_out.contains("request line not finished in time"),
+        "{half_out}"
+    );
 }

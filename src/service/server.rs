@@ -106,8 +106,8 @@ pub struct ControlLimits {
 impl Default for ControlLimits {
     fn default() -> Self {
         Self {
-            per_peer: 16,
-            total: 128,
+            per_peer: 64,
+            total: 256,
             idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(10),
         }

@@ -463,14 +463,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A socket's `try_write`: writes what fits now, never waits.
+type TryWrite = Box<dyn FnMut(&[u8]) -> std::io::Result<usize> + Send>;
+
 /// Writes replies without ever waiting on the client.
 struct ReplyWriter {
-    try_write: Box<dyn FnMut(&[u8]) -> std::io::Result<usize> + Send>,
+    try_write: TryWrite,
     muted: bool,
 }
 
 impl ReplyWriter {
-    fn new(try_write: Box<dyn FnMut(&[u8]) -> std::io::Result<usize> + Send>) -> Self {
+    fn new(try_write: TryWrite) -> Self {
         Self {
             try_write,
             muted: false,
