@@ -3,108 +3,16 @@
 
 mod routing_support;
 
+use routing_support::toggle_bed::*;
 use routing_support::*;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use usbroute::routing::config_space::SysfsConfigSpace;
-use usbroute::routing::control::ProfileRouter;
-use usbroute::routing::detect::detect;
-use usbroute::routing::router::Router;
 use usbroute::routing::RoutingConfig;
 use usbroute::toggle::dispatch::{Access, Session};
 use usbroute::toggle::runtime::RoutingRuntime;
-use usbroute::toggle::server::{bind, check_listen_address, Limits, ToggleError, ToggleService};
+use usbroute::toggle::server::{bind, check_listen_address, Limits, ToggleError};
 use usbroute::toggle::{start, ToggleConfig, VmLink};
-
-const HOST: u16 = 0x3fff;
-const GUEST: u16 = 0x3ffc;
-
-fn config() -> RoutingConfig {
-    host_guest_desk_profiles()
-}
-
-struct Bed {
-    pch: Pch,
-    service: ToggleService,
-    router: Arc<Mutex<ProfileRouter<SysfsConfigSpace>>>,
-}
-
-fn bed() -> Bed {
-    let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
-    let detected = detect(&pch.root(), None).unwrap();
-    let router = Arc::new(Mutex::new(ProfileRouter::new(
-        Router::open(&pch.root(), detected),
-        config(),
-    )));
-    let service = ToggleService::new(router.clone());
-    Bed {
-        pch,
-        service,
-        router,
-    }
-}
-
-fn no_limits() -> Limits {
-    Limits {
-        idle_timeout: None,
-        rate_per_second: 0,
-        max_connections: 8,
-        ..Limits::default()
-    }
-}
-
-/// Serve `access` on a fresh loopback port; its address.
-async fn listen(bed: &Bed, access: Access, limits: Limits) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(bed.service.clone().serve(listener, access, limits));
-    addr
-}
-
-struct Client {
-    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
-    writer: tokio::net::tcp::OwnedWriteHalf,
-}
-
-impl Client {
-    async fn connect(addr: &str) -> Self {
-        let (r, w) = TcpStream::connect(addr).await.unwrap().into_split();
-        Self {
-            reader: BufReader::new(r),
-            writer: w,
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).await.unwrap();
-    }
-
-    async fn line(&mut self) -> String {
-        let mut s = String::new();
-        tokio::time::timeout(Duration::from_secs(5), self.reader.read_line(&mut s))
-            .await
-            .expect("a reply within 5 s")
-            .unwrap();
-        s.trim_end().to_string()
-    }
-
-    async fn ask(&mut self, line: &str) -> String {
-        self.send(format!("{line}\n").as_bytes()).await;
-        self.line().await
-    }
-}
-
-async fn eventually_mask(pch: &Pch, want: u16) -> u16 {
-    for _ in 0..500 {
-        if pch.xusb2pr() == want {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    pch.xusb2pr()
-}
 
 #[tokio::test]
 async fn every_command_gets_its_reply_and_switches_the_register() {
@@ -528,97 +436,4 @@ async fn runtime_watch_puts_the_routing_back_after_a_resume() {
 
     assert_eq!(reply.as_deref(), Some("ok guest 0x3ffc"));
     assert_eq!(mask, GUEST);
-}
-
-/// Read replies until the server closes the connection (or `within` passes).
-async fn replies_until_closed(c: &mut Client, within: Duration) -> (Vec<String>, bool) {
-    let deadline = tokio::time::Instant::now() + within;
-    let mut lines = Vec::new();
-    loop {
-        let mut s = String::new();
-        match tokio::time::timeout_at(deadline, c.reader.read_line(&mut s)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return (lines, true),
-            Ok(Ok(_)) => lines.push(s.trim_end().to_string()),
-            Err(_) => return (lines, false),
-        }
-    }
-}
-
-#[tokio::test]
-async fn a_browser_post_whose_body_holds_a_valid_line_changes_nothing() {
-    let bed = bed();
-    let addr = listen(&bed, Access::unrestricted("test"), no_limits()).await;
-    let mut c = Client::connect(&addr).await;
-    // What `fetch("http://127.0.0.1:4510/", {method: "POST", mode: "no-cors", body})`
-    // sends from any web page: headers first, the attacker's body after a blank line.
-    let post = format!(
-        "POST / HTTP/1.1\r\nHost: {addr}\r\nOrigin: https://evil.example\r\nContent-Type: text/plain\r\nContent-Length: 6\r\n\r\nguest\n"
-    );
-
-    c.send(post.as_bytes()).await;
-    let (replies, closed) = replies_until_closed(&mut c, Duration::from_secs(10)).await;
-
-    assert!(closed, "the connection stayed open after {replies:?}");
-    assert_eq!(replies.len(), 1, "{replies:?}");
-    assert!(replies[0].starts_with("err usage"), "{replies:?}");
-    assert_eq!(bed.pch.xusb2pr(), HOST);
-}
-
-#[tokio::test]
-async fn guessing_the_secret_over_many_connections_is_throttled_for_all_of_them() {
-    let bed = bed();
-    let access = Access {
-        origin: "tcp test".into(),
-        allowed: None,
-        secret: Some("s3cret".into()),
-    };
-    let addr = listen(&bed, access, no_limits()).await;
-    // Two guesses a connection stays under the per-connection hang-up; twenty
-    // connections make forty guesses.
-    for n in 0..20 {
-        let mut guesser = Client::connect(&addr).await;
-        guesser
-            .send(format!("auth guess{n}a\nauth guess{n}b\n").as_bytes())
-            .await;
-        guesser.line().await;
-        guesser.line().await;
-    }
-
-    let mut right = Client::connect(&addr).await;
-    let answer = right.ask("auth s3cret").await;
-
-    assert!(
-        answer.starts_with("err too many wrong secrets"),
-        "a right guess after 40 wrong ones is still told whether it is right: {answer}"
-    );
-    assert_eq!(bed.pch.xusb2pr(), HOST);
-}
-
-#[tokio::test]
-async fn thirty_two_idle_strangers_do_not_lock_out_a_client_with_the_secret() {
-    let bed = bed();
-    let access = Access {
-        origin: "VM win11".into(),
-        allowed: Some(["guest".to_string()].into()),
-        secret: Some("s3cret".into()),
-    };
-    let limits = Limits {
-        idle_timeout: None,
-        ..Limits::default()
-    };
-    let addr = listen(&bed, access, limits).await;
-    let mut strangers = Vec::new();
-    for _ in 0..limits.max_connections {
-        strangers.push(TcpStream::connect(&addr).await.unwrap());
-    }
-
-    let mut qemu = Client::connect(&addr).await;
-    let auth = qemu.ask("auth s3cret").await;
-    let guest = qemu.ask("guest").await;
-
-    assert_eq!(
-        (auth.as_str(), guest.as_str()),
-        ("ok auth", "ok guest 0x3ffc")
-    );
-    assert_eq!(bed.pch.xusb2pr(), GUEST);
 }

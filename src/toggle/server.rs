@@ -245,7 +245,7 @@ impl Listener {
                     let uid = match verdict {
                         Ok(uid) => uid,
                         Err(why) => {
-                            let _ = stream.try_write(format!("err {why}\n").as_bytes());
+                            refuse(&stream, &why);
                             return Err(why);
                         }
                     };
@@ -268,6 +268,19 @@ impl Listener {
             }
         }
     }
+}
+
+/// Tell a refused unix peer why, without waiting on it. What it already sent is read
+/// and dropped first: closing a unix socket with unread input resets the connection,
+/// and the peer would then lose the reply.
+fn refuse(stream: &tokio::net::UnixStream, why: &str) {
+    let mut sink = [0u8; 1024];
+    for _ in 0..4 {
+        if !matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {
+            break;
+        }
+    }
+    let _ = stream.try_write(format!("err {why}\n").as_bytes());
 }
 
 impl Drop for Listener {
