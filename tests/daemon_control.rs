@@ -53,23 +53,30 @@ fn start(path: &Path, group: Option<ControlGroup>) -> tokio::runtime::Runtime {
     rt
 }
 
-/// Send `input` with socat running as uid/gid (no supplementary groups); returns (stdout, stderr, success).
-fn socat_as(uid: u32, gid: u32, path: &Path, input: &[u8]) -> (String, String, bool) {
-    // setpriv drops the supplementary groups too (root's group 0 would open a 0660 socket).
-    let mut child = Command::new("/usr/bin/setpriv")
+/// socat on `path` as uid/gid with `groups` (a setpriv option such as `--clear-groups`:
+/// root's group 0 would open a 0660 socket), waiting `wait` s for replies after its input.
+fn socat_command(uid: u32, gid: u32, groups: &str, wait: &str, path: &Path) -> Command {
+    let mut command = Command::new("/usr/bin/setpriv");
+    command
         .args([
             &format!("--reuid={uid}"),
             &format!("--regid={gid}"),
-            "--clear-groups",
+            groups,
             "/usr/bin/socat",
             "-t",
-            "5",
+            wait,
             "-",
             &format!("UNIX-CONNECT:{}", path.display()),
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Send `input` with socat running as uid/gid (no supplementary groups); returns (stdout, stderr, success).
+fn socat_as(uid: u32, gid: u32, path: &Path, input: &[u8]) -> (String, String, bool) {
+    let mut child = socat_command(uid, gid, "--clear-groups", "5", path)
         .spawn()
         .expect("start socat");
     child.stdin.take().unwrap().write_all(input).unwrap();
@@ -258,19 +265,7 @@ fn a_group_member_is_judged_by_its_groups_at_connect_time_not_by_its_pid_later()
         .unwrap();
     // A member (by a supplementary group only) connects, sends and exits before the
     // daemon gets to accept: its pid is gone (or reused) by the time it is checked.
-    let status = Command::new("/usr/bin/setpriv")
-        .args([
-            &format!("--reuid={NOBODY}"),
-            &format!("--regid={NOGROUP}"),
-            "--groups=4242",
-            "/usr/bin/socat",
-            "-t0",
-            "-",
-            &format!("UNIX-CONNECT:{}", path.display()),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let status = socat_command(NOBODY, NOGROUP, "--groups=4242", "0", &path)
         .spawn()
         .and_then(|mut child| {
             child

@@ -11,6 +11,7 @@
 
 pub mod dispatch;
 mod limits;
+mod lines;
 pub mod protocol;
 pub mod runtime;
 pub mod server;

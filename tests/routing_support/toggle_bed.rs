@@ -126,3 +126,20 @@ pub async fn replies_until_closed(c: &mut Client, within: Duration) -> (Vec<Stri
         }
     }
 }
+
+/// The single reply a connection gets before the server closes it (asserted).
+pub async fn the_one_reply_before_closing(c: &mut Client) -> String {
+    let (replies, closed) = replies_until_closed(c, Duration::from_secs(10)).await;
+    assert!(closed, "the connection stayed open after {replies:?}");
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    replies.into_iter().next().unwrap_or_default()
+}
+
+/// A listener's access with the secret `s3cret`.
+pub fn with_secret(origin: &str, allowed: Option<&[&str]>) -> Access {
+    Access {
+        origin: origin.into(),
+        allowed: allowed.map(|a| a.iter().map(|p| p.to_string()).collect()),
+        secret: Some("s3cret".into()),
+    }
+}
