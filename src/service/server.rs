@@ -1,6 +1,8 @@
 //! The control socket server: a unix socket (0660, root and the control group), every peer
-//! checked with SO_PEERCRED, line-delimited JSON in and out, requests handed to a
-//! [`ControlHandler`].
+//! checked with SO_PEERCRED and SO_PEERGROUPS, line-delimited JSON in and out, requests
+//! handed to a [`ControlHandler`]. [`ControlLimits`] caps connections per uid and in all,
+//! and closes idle connections and half-sent requests, so one group member cannot use up
+//! the daemon's file descriptors.
 
 use super::protocol::{ErrorKind, Reply, Request, MAX_LINE};
 use super::socket::{peer_groups, prepare_socket_path, restrict_socket};
@@ -158,8 +160,13 @@ impl ControlServer {
                     continue;
                 }
             };
-            let Ok(peer) = peer_of(&stream) else {
-                continue;
+            let peer = match peer_of(&stream) {
+                Ok(peer) => peer,
+                Err(e) => {
+                    // Without credentials nobody is let in (SO_PEERGROUPS needs Linux 4.13).
+                    tracing::warn!(socket = %self.path.display(), "cannot read a control peer's credentials: {e}");
+                    continue;
+                }
             };
             let ticket = match OpenConnections::admit(&open, peer.uid, &self.limits) {
                 Ok(ticket) => ticket,
