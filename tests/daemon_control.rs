@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use usbroute::backend::BoxFuture;
-use usbroute::service::{ControlGroup, ControlHandler, ControlServer, Peer, Reply, Request};
+use usbroute::service::{
+    ControlGroup, ControlHandler, ControlLimits, ControlServer, Peer, Reply, Request,
+};
 
 const NOBODY: u32 = 65534;
 const NOGROUP: u32 = 65534;
@@ -51,23 +53,30 @@ fn start(path: &Path, group: Option<ControlGroup>) -> tokio::runtime::Runtime {
     rt
 }
 
-/// Send `input` with socat running as uid/gid (no supplementary groups); returns (stdout, stderr, success).
-fn socat_as(uid: u32, gid: u32, path: &Path, input: &[u8]) -> (String, String, bool) {
-    // setpriv drops the supplementary groups too (root's group 0 would open a 0660 socket).
-    let mut child = Command::new("/usr/bin/setpriv")
+/// socat on `path` as uid/gid with `groups` (a setpriv option such as `--clear-groups`:
+/// root's group 0 would open a 0660 socket), waiting `wait` s for replies after its input.
+fn socat_command(uid: u32, gid: u32, groups: &str, wait: &str, path: &Path) -> Command {
+    let mut command = Command::new("/usr/bin/setpriv");
+    command
         .args([
             &format!("--reuid={uid}"),
             &format!("--regid={gid}"),
-            "--clear-groups",
+            groups,
             "/usr/bin/socat",
             "-t",
-            "5",
+            wait,
             "-",
             &format!("UNIX-CONNECT:{}", path.display()),
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Send `input` with socat running as uid/gid (no supplementary groups); returns (stdout, stderr, success).
+fn socat_as(uid: u32, gid: u32, path: &Path, input: &[u8]) -> (String, String, bool) {
+    let mut child = socat_command(uid, gid, "--clear-groups", "5", path)
         .spawn()
         .expect("start socat");
     child.stdin.take().unwrap().write_all(input).unwrap();
@@ -201,5 +210,117 @@ fn second_server_on_a_live_socket_is_refused() {
         err.to_string()
             .contains("another usbroute daemon is already listening"),
         "{err}"
+    );
+}
+
+#[test]
+fn one_peer_holding_many_idle_connections_is_capped_and_others_still_get_in() {
+    require_root_and_socat();
+    let (_dir, path) = socket_dir();
+    let users = ControlGroup::lookup("users").unwrap();
+    let _rt = start(&path, Some(users.clone()));
+    // One peer opens connections and never sends a byte (the daemon's fd table filled
+    // up at ~1,100 of these before there were caps).
+    let mut idle = Vec::new();
+    for _ in 0..ControlLimits::default().per_peer + 10 {
+        let s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        idle.push(s);
+    }
+
+    let (out, _, ok) = socat_as(NOBODY, users.gid, &path, b"{\"request\":\"status\"}\n");
+    let mut refused = String::new();
+    std::io::Read::read_to_string(idle.last_mut().unwrap(), &mut refused).unwrap();
+
+    assert!(ok);
+    assert_eq!(
+        out,
+        "{\"reply\":\"done\",\"message\":\"Status from uid 65534\"}\n"
+    );
+    assert!(refused.contains("too many connections"), "{refused}");
+}
+
+/// Records the uid of every peer whose request reached it.
+struct Recorder(std::sync::Mutex<Vec<u32>>);
+
+impl ControlHandler for Recorder {
+    fn handle<'a>(&'a self, _request: Request, peer: &'a Peer) -> BoxFuture<'a, Reply> {
+        self.0.lock().unwrap().push(peer.uid);
+        Box::pin(async { Reply::done("recorded") })
+    }
+}
+
+#[test]
+fn a_group_member_is_judged_by_its_groups_at_connect_time_not_by_its_pid_later() {
+    require_root_and_socat();
+    let (_dir, path) = socket_dir();
+    let group = ControlGroup {
+        name: "usbroute-test".into(),
+        gid: 4242,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt
+        .block_on(async { ControlServer::bind(&path, Some(group)) })
+        .unwrap();
+    // A member (by a supplementary group only) connects, sends and exits before the
+    // daemon gets to accept: its pid is gone (or reused) by the time it is checked.
+    let status = socat_command(NOBODY, NOGROUP, "--groups=4242", "0", &path)
+        .spawn()
+        .and_then(|mut child| {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"{\"request\":\"status\"}\n")?;
+            child.wait()
+        })
+        .unwrap();
+    let recorder = Arc::new(Recorder(std::sync::Mutex::new(vec![])));
+
+    rt.spawn(server.serve(recorder.clone()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while recorder.0.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    assert!(status.success());
+    assert_eq!(*recorder.0.lock().unwrap(), vec![NOBODY]);
+}
+
+#[test]
+fn idle_and_half_sent_requests_are_closed_after_their_timeouts() {
+    require_root_and_socat();
+    let (_dir, path) = socket_dir();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let limits = ControlLimits {
+        idle_timeout: std::time::Duration::from_millis(300),
+        request_timeout: std::time::Duration::from_millis(300),
+        ..ControlLimits::default()
+    };
+    let server = rt
+        .block_on(async { ControlServer::bind(&path, None) })
+        .unwrap()
+        .with_limits(limits);
+    rt.spawn(server.serve(Arc::new(Echo)));
+    let connect = || {
+        let s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        s
+    };
+    let mut idle = connect();
+    let mut half = connect();
+    half.write_all(b"{\"request\":\"sta").unwrap();
+
+    let mut idle_out = String::new();
+    let mut half_out = String::new();
+    std::io::Read::read_to_string(&mut idle, &mut idle_out).unwrap();
+    std::io::Read::read_to_string(&mut half, &mut half_out).unwrap();
+
+    assert!(idle_out.contains("no request for a while"), "{idle_out}");
+    assert!(
+        half_out.contains("request line not finished in time"),
+        "{half_out}"
     );
 }

@@ -20,8 +20,8 @@ qmp = "/run/qemu/win11.qmp"
 [[vm]]
 name = "lab"
 qmp = "/run/qemu/lab.qmp"
-serial = "127.0.0.1:4555"
-profiles = ["gaming", "office"]
+# A serial link needs [routing] profiles:
+# see full_example_loads_every_section.
 "#;
 
 #[test]
@@ -42,7 +42,10 @@ fn full_example_loads_every_section() {
     let text = format!(
         r#"control_socket = "/tmp/u.sock"
 control_group = "usbroute"
-{TWO_VMS}
+{TWO_VMS}serial = "/run/usbroute/lab.serial"
+qemu_user = "65534"
+profiles = ["gaming", "office"]
+
 [[rule]]
 vm = "win11"
 match = "port:1-3.1"
@@ -63,9 +66,14 @@ vm = "lab"
 
 [routing]
 toggle = ["gaming", "office"]
+[routing.profile.gaming]
+mask = "0x3fff"
+[routing.profile.office]
+mask = "0x3ffc"
 
 [toggle]
 listen = "127.0.0.1:4555"
+secret = "s3cret"
 "#
     );
     let config = parse(&text).expect("valid");
@@ -87,7 +95,7 @@ listen = "127.0.0.1:4555"
             config.rules[0].priority,
             config.rules[0].line
         ),
-        (Some("usbroute"), 2, 1, 2, 10, 14)
+        (Some("usbroute"), 2, 1, 2, 10, 17)
     );
 }
 
@@ -286,4 +294,40 @@ fn controllers_owned_only_for_running_vms() {
         ),
         (1, 0)
     );
+}
+
+#[test]
+fn a_toggle_listener_without_a_secret_is_refused_at_its_key_with_the_fix() {
+    let err = problems("[toggle]\n\nlisten = \"127.0.0.1:4510\"\n");
+
+    assert!(
+        err.starts_with("usbroute.toml:3:1: [toggle] listen"),
+        "{err}"
+    );
+    assert!(err.contains("secret"), "{err}");
+}
+
+#[test]
+fn a_routing_mistake_is_reported_at_its_file_line_and_column() {
+    let err = problems(
+        "[routing]\ntoggle = [\"host\", \"gust\"]\n[routing.profile.host]\nmask = \"0x3fff\"\n\n[routing.profile.guest]\nmask = \"0xfffff\"\n",
+    );
+
+    assert_eq!(
+        err,
+        "usbroute.toml:2:1: [routing] toggle names profile `gust`, which has no [routing.profile.gust]\n\
+         usbroute.toml:7:1: [routing.profile.guest] mask `0xfffff` is not a 16-bit number such as 0x3fff"
+    );
+}
+
+#[test]
+fn a_config_file_that_is_not_utf8_is_refused_naming_the_file_line_and_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("usbroute.toml");
+    std::fs::write(&path, b"[[vm]]\nname = \"w\xffn\"\n").unwrap();
+
+    let err = Config::load(&path).expect_err("not UTF-8").to_string();
+
+    assert!(err.starts_with(&format!("{}:2:", path.display())), "{err}");
+    assert!(err.contains("byte 16") && err.contains("UTF-8"), "{err}");
 }

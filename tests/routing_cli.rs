@@ -10,7 +10,7 @@ use usbroute::routing::control::ProfileRouter;
 use usbroute::routing::detect::detect;
 use usbroute::routing::router::Router;
 use usbroute::toggle::dispatch::Access;
-use usbroute::toggle::server::{bind, Limits, ToggleService};
+use usbroute::toggle::server::{Limits, ToggleService};
 
 const CONFIG: &str = r#"# a user's config: comments and other sections must survive
 [[vm]]
@@ -227,7 +227,7 @@ async fn toggle_client_talks_to_a_running_service() {
     let detected = detect(&s.pch.root(), None).unwrap();
     let router = ProfileRouter::new(Router::open(&s.pch.root(), detected), routing);
     let service = ToggleService::new(Arc::new(Mutex::new(router)));
-    let listener = bind("127.0.0.1:0", None, "test").await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(service.serve(listener, Access::unrestricted("test"), Limits::default()));
 

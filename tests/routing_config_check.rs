@@ -54,6 +54,20 @@ fn routing_mistakes_are_each_reported() {
     );
 }
 
+fn link(vm: &str, listen: &str, profiles: &[&str], secret: Option<&str>) -> VmLink {
+    VmLink {
+        vm: vm.into(),
+        listen: listen.into(),
+        profiles: profiles.iter().map(|p| p.to_string()).collect(),
+        qemu_user: None,
+        secret: secret.map(str::to_string),
+    }
+}
+
+fn messages(problems: Vec<usbroute::policy::KeyProblem>) -> Vec<String> {
+    problems.into_iter().map(|p| p.message).collect()
+}
+
 #[test]
 fn toggle_mistakes_are_each_reported() {
     let toggle = ToggleConfig {
@@ -61,31 +75,51 @@ fn toggle_mistakes_are_each_reported() {
         ..ToggleConfig::default()
     };
     let vms = [
-        VmLink {
-            vm: "win11".into(),
-            listen: "127.0.0.1:4511".into(),
-            profiles: vec!["guest".into(), "gaming".into()],
-        },
-        VmLink {
-            vm: "linux".into(),
-            listen: "127.0.0.1:4511".into(),
-            profiles: vec![],
-        },
+        link(
+            "win11",
+            "/run/usbroute/win11.serial",
+            &["guest", "gaming"],
+            None,
+        ),
+        link("linux", "/run/usbroute/win11.serial", &[], None),
+        link("tcp", "127.0.0.1:4511", &[], None),
     ];
     let profiles: BTreeSet<String> = ["host".to_string(), "guest".to_string()].into();
 
-    let problems = toggle::check_config(&toggle, &vms, &profiles);
+    let problems = messages(toggle::check_config(&toggle, &vms, &profiles));
 
-    assert_eq!(problems.len(), 3, "{problems:#?}");
-    assert!(problems[0].starts_with("[toggle] listen: Refusing to listen on 0.0.0.0:4510"));
-    assert_eq!(
-        problems[1],
-        "VM `win11` may select profile `gaming`, which has no [routing.profile.gaming]"
+    assert_eq!(problems.len(), 4, "{problems:#?}");
+    assert!(problems[0]
+        .starts_with("[toggle] listen = \"0.0.0.0:4510\" is a TCP listener without a secret"));
+    assert!(
+        problems[1]
+            .starts_with("VM `tcp` serial = \"127.0.0.1:4511\" is a TCP listener without a secret"),
+        "{}",
+        problems[1]
     );
     assert_eq!(
         problems[2],
-        "VM `linux` serial and VM `win11` serial both listen on 127.0.0.1:4511"
+        "VM `linux` serial and VM `win11` serial both listen on /run/usbroute/win11.serial"
     );
+    assert_eq!(
+        problems[3],
+        "VM `win11` may select profile `gaming`, which has no [routing.profile.gaming]"
+    );
+}
+
+#[test]
+fn a_vm_cannot_share_the_host_listeners_secret() {
+    let toggle = ToggleConfig {
+        listen: Some("127.0.0.1:4510".into()),
+        secret: Some("same".into()),
+        ..ToggleConfig::default()
+    };
+    let vms = [link("win11", "127.0.0.1:4511", &[], Some("same"))];
+
+    let problems = messages(toggle::check_config(&toggle, &vms, &BTreeSet::new()));
+
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(problems[0].contains("the guest would learn the host's secret"));
 }
 
 #[test]
@@ -95,7 +129,7 @@ fn a_secret_that_cannot_fit_in_an_auth_line_is_reported() {
         ..ToggleConfig::default()
     };
 
-    let problems = toggle::check_config(&toggle, &[], &BTreeSet::new());
+    let problems = messages(toggle::check_config(&toggle, &[], &BTreeSet::new()));
 
     assert_eq!(
         problems,
@@ -105,28 +139,37 @@ fn a_secret_that_cannot_fit_in_an_auth_line_is_reported() {
 
 #[test]
 fn a_whole_config_is_checked_and_its_vm_links_derived() {
-    let config = usbroute::policy::Config::parse(
-        r#"
-        [[vm]]
-        name = "win11"
-        qmp = "/run/win11.qmp"
-        serial = "127.0.0.1:4511"
-        profiles = ["guest", "gaming"]
-
-        [[vm]]
-        name = "plain"
-        qmp = "/run/plain.qmp"
-
-        [routing]
-        toggle = ["host", "guest"]
-        [routing.profile.host]
-        mask = "0x3fff"
-        [routing.profile.guest]
-        mask = "0x3ffc"
-        "#,
-        None,
-    )
-    .unwrap();
+    let config = usbroute::policy::Config {
+        vms: vec![
+            usbroute::policy::VmConfig {
+                name: "win11".into(),
+                qmp: "/run/win11.qmp".into(),
+                serial: Some("/run/usbroute/win11.serial".into()),
+                profiles: vec!["guest".into(), "gaming".into()],
+                qemu_user: Some("libvirt-qemu".into()),
+                serial_secret: None,
+            },
+            usbroute::policy::VmConfig {
+                name: "plain".into(),
+                qmp: "/run/plain.qmp".into(),
+                serial: None,
+                profiles: vec![],
+                qemu_user: None,
+                serial_secret: None,
+            },
+        ],
+        routing: toml::from_str(
+            r#"
+            toggle = ["host", "guest"]
+            [profile.host]
+            mask = "0x3fff"
+            [profile.guest]
+            mask = "0x3ffc"
+            "#,
+        )
+        .unwrap(),
+        ..Default::default()
+    };
 
     let links = usbroute::toggle::runtime::vm_links(&config);
     let problems = usbroute::toggle::runtime::check_routing_config(&config);
@@ -134,9 +177,13 @@ fn a_whole_config_is_checked_and_its_vm_links_derived() {
     assert_eq!(
         links,
         vec![VmLink {
-            vm: "win11".into(),
-            listen: "127.0.0.1:4511".into(),
-            profiles: vec!["guest".into(), "gaming".into()],
+            qemu_user: Some("libvirt-qemu".into()),
+            ..link(
+                "win11",
+                "/run/usbroute/win11.serial",
+                &["guest", "gaming"],
+                None
+            )
         }]
     );
     assert_eq!(

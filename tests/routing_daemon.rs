@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 const GUEST: u16 = 0x3ffc;
 const DESK: u16 = 0x3f0f;
 
+/// The TCP listener's secret.
+const SECRET: &str = "s3cret";
+
 /// Profiles `host`, `guest` and `desk`; the TCP listener on `port`.
 fn config_text(port: u16) -> String {
     format!(
@@ -34,6 +37,7 @@ mask = "0x3f0f"
 
 [toggle]
 listen = "127.0.0.1:{port}"
+secret = "{SECRET}"
 "#
     )
 }
@@ -113,15 +117,21 @@ impl Daemon {
             .unwrap()
     }
 
-    /// One line to the TCP toggle listener, its reply line.
+    /// One line to the TCP toggle listener after `auth`, its reply line.
     fn tcp(&self, line: &str) -> String {
         let stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        (&stream).write_all(format!("{line}\n").as_bytes()).unwrap();
+        (&stream)
+            .write_all(format!("auth {SECRET}\n{line}\n").as_bytes())
+            .unwrap();
+        let mut reader = BufReader::new(&stream);
+        let mut auth = String::new();
+        reader.read_line(&mut auth).unwrap();
+        assert_eq!(auth, "ok auth\n");
         let mut reply = String::new();
-        BufReader::new(&stream).read_line(&mut reply).unwrap();
+        reader.read_line(&mut reply).unwrap();
         reply.trim_end().to_string()
     }
 
@@ -224,6 +234,28 @@ fn usbroute_toggle_falls_back_to_tcp_when_the_control_socket_is_not_there() {
 
     assert_eq!(stdout(&out), "guest (XUSB2PR 0x3ffc)\n");
     assert_eq!(daemon.pch.xusb2pr(), GUEST);
+}
+
+#[test]
+fn usbroute_toggle_without_the_control_socket_or_a_tcp_listener_names_the_socket() {
+    let daemon = Daemon::start();
+    let nowhere = daemon.pch.path().join("no-daemon-here.sock");
+    let no_tcp = daemon.pch.path().join("no-tcp.toml");
+    let text = std::fs::read_to_string(&daemon.config).unwrap();
+    std::fs::write(&no_tcp, &text[..text.find("[toggle]").unwrap()]).unwrap();
+
+    let out = usbroute(&daemon.pch, &no_tcp, &nowhere)
+        .arg("toggle")
+        .output()
+        .unwrap();
+
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no-daemon-here.sock") && err.contains("control_group"),
+        "{err}"
+    );
+    assert_eq!(daemon.pch.xusb2pr(), 0x3fff);
 }
 
 #[test]

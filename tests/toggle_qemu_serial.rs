@@ -1,5 +1,6 @@
 //! A real QEMU guest selects a profile over its serial port: the VM link as users set it
-//! up (`-chardev socket,host=127.0.0.1,port=N,reconnect-ms=1000 -device isa-serial`).
+//! up (`-chardev socket,path=SOCKET,reconnect-ms=1000 -device isa-serial`; the daemon
+//! listens on the unix socket and checks QEMU's uid with SO_PEERCRED).
 //!
 //! The "guest" is a 64 KiB firmware image of a few hand-assembled real-mode
 //! instructions that write a line to COM1 (I/O port 0x3f8) again and again, so no guest
@@ -8,6 +9,7 @@
 mod routing_support;
 
 use routing_support::*;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -60,10 +62,13 @@ impl Drop for Guest {
     }
 }
 
-fn start_guest(dir: &std::path::Path, line: &str, port: u16) -> Guest {
-    let bios = dir.join(format!("writer-{port}.bin"));
+fn start_guest(dir: &std::path::Path, line: &str, socket: &Path) -> Guest {
+    let bios = dir.join(format!("writer-{line}.bin"));
     std::fs::write(&bios, serial_writer_bios(line)).unwrap();
-    let chardev = format!("socket,id=toggle,host=127.0.0.1,port={port},reconnect-ms=1000");
+    let chardev = format!(
+        "socket,id=toggle,path={},reconnect-ms=1000",
+        socket.display()
+    );
     let child = Command::new(QEMU)
         .args(["-machine", "pc", "-accel", "tcg", "-m", "16", "-nodefaults", "-display", "none"])
         .arg("-bios")
@@ -83,32 +88,24 @@ fn routing() -> RoutingConfig {
     host_guest_desk_profiles()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn serve_vm_link(
     pch: &Pch,
-    serial_port: u16,
+    socket: &Path,
     allowed: &[&str],
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let detected = detect(&pch.root(), None).unwrap();
     let router = ProfileRouter::new(Router::open(&pch.root(), detected), routing());
     let service = ToggleService::new(Arc::new(Mutex::new(router)));
-    let config = ToggleConfig {
-        listen: Some(format!("127.0.0.1:{}", free_port())),
-        ..ToggleConfig::default()
-    };
     let vms = [VmLink {
         vm: "test-vm".into(),
-        listen: format!("127.0.0.1:{serial_port}"),
+        listen: socket.display().to_string(),
         profiles: allowed.iter().map(|s| s.to_string()).collect(),
+        qemu_user: None,
+        secret: None,
     }];
-    start(service, &config, &vms).await.unwrap()
+    start(service, &ToggleConfig::default(), &vms)
+        .await
+        .unwrap()
 }
 
 async fn wait_for_mask(pch: &Pch, want: u16, within: Duration) -> u16 {
@@ -122,10 +119,10 @@ async fn wait_for_mask(pch: &Pch, want: u16, within: Duration) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_writing_guest_to_com1_switches_the_routing() {
     let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
-    let port = free_port();
-    let tasks = serve_vm_link(&pch, port, &["host", "guest"]).await;
+    let socket = socket_in(&pch);
+    let tasks = serve_vm_link(&pch, &socket, &["host", "guest"]).await;
 
-    let _guest = start_guest(pch.path(), "guest", port);
+    let _guest = start_guest(pch.path(), "guest", &socket);
     let mask = wait_for_mask(&pch, 0x3ffc, Duration::from_secs(30)).await;
 
     assert_eq!(
@@ -138,11 +135,11 @@ async fn a_guest_writing_guest_to_com1_switches_the_routing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_started_before_the_daemon_connects_once_it_listens() {
     let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
-    let port = free_port();
-    let _guest = start_guest(pch.path(), "guest", port);
+    let socket = socket_in(&pch);
+    let _guest = start_guest(pch.path(), "guest", &socket);
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    let tasks = serve_vm_link(&pch, port, &["guest"]).await;
+    let tasks = serve_vm_link(&pch, &socket, &["guest"]).await;
     let mask = wait_for_mask(&pch, 0x3ffc, Duration::from_secs(30)).await;
 
     assert_eq!(
@@ -156,11 +153,11 @@ async fn a_vm_started_before_the_daemon_connects_once_it_listens() {
 async fn a_guest_asking_for_a_profile_its_vm_may_not_select_changes_nothing() {
     let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
     let before = pch.config(XHCI);
-    let port = free_port();
-    let tasks = serve_vm_link(&pch, port, &["host", "guest"]).await;
+    let socket = socket_in(&pch);
+    let tasks = serve_vm_link(&pch, &socket, &["host", "guest"]).await;
 
-    let _desk = start_guest(pch.path(), "desk", port);
-    let connected = wait_for_connection(port).await;
+    let _desk = start_guest(pch.path(), "desk", &socket);
+    let connected = wait_for_connection(&socket).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     assert!(connected);
@@ -168,17 +165,21 @@ async fn a_guest_asking_for_a_profile_its_vm_may_not_select_changes_nothing() {
     tasks.iter().for_each(|t| t.abort());
 }
 
-/// `true` once a QEMU holds a connection to `port`: an established socket in
-/// /proc/net/tcp whose remote address ends in that port (hex).
-async fn wait_for_connection(port: u16) -> bool {
-    let remote_port = format!(":{port:04X}");
+fn socket_in(pch: &Pch) -> PathBuf {
+    pch.path().join("test-vm.serial")
+}
+
+/// `true` once a QEMU holds a connection to `socket`: a connected (state 03) unix
+/// socket with that path in /proc/net/unix (the daemon's accepted end).
+async fn wait_for_connection(socket: &Path) -> bool {
+    let path = socket.display().to_string();
     for _ in 0..300 {
-        let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-        let established = tcp.lines().skip(1).any(|line| {
+        let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+        let connected = unix.lines().skip(1).any(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            fields.len() > 3 && fields[2].ends_with(&remote_port) && fields[3] == "01"
+            fields.len() > 7 && fields[7] == path && fields[5] == "03"
         });
-        if established {
+        if connected {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -3,107 +3,16 @@
 
 mod routing_support;
 
+use routing_support::toggle_bed::*;
 use routing_support::*;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use usbroute::routing::config_space::SysfsConfigSpace;
-use usbroute::routing::control::ProfileRouter;
-use usbroute::routing::detect::detect;
-use usbroute::routing::router::Router;
 use usbroute::routing::RoutingConfig;
 use usbroute::toggle::dispatch::{Access, Session};
 use usbroute::toggle::runtime::RoutingRuntime;
-use usbroute::toggle::server::{bind, check_listen_address, Limits, ToggleError, ToggleService};
+use usbroute::toggle::server::{bind, check_listen_address, Limits, ToggleError};
 use usbroute::toggle::{start, ToggleConfig, VmLink};
-
-const HOST: u16 = 0x3fff;
-const GUEST: u16 = 0x3ffc;
-
-fn config() -> RoutingConfig {
-    host_guest_desk_profiles()
-}
-
-struct Bed {
-    pch: Pch,
-    service: ToggleService,
-    router: Arc<Mutex<ProfileRouter<SysfsConfigSpace>>>,
-}
-
-fn bed() -> Bed {
-    let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
-    let detected = detect(&pch.root(), None).unwrap();
-    let router = Arc::new(Mutex::new(ProfileRouter::new(
-        Router::open(&pch.root(), detected),
-        config(),
-    )));
-    let service = ToggleService::new(router.clone());
-    Bed {
-        pch,
-        service,
-        router,
-    }
-}
-
-fn no_limits() -> Limits {
-    Limits {
-        idle_timeout: None,
-        rate_per_second: 0,
-        max_connections: 8,
-    }
-}
-
-/// Serve `access` on a fresh loopback port; its address.
-async fn listen(bed: &Bed, access: Access, limits: Limits) -> String {
-    let listener = bind("127.0.0.1:0", None, "test").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(bed.service.clone().serve(listener, access, limits));
-    addr
-}
-
-struct Client {
-    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
-    writer: tokio::net::tcp::OwnedWriteHalf,
-}
-
-impl Client {
-    async fn connect(addr: &str) -> Self {
-        let (r, w) = TcpStream::connect(addr).await.unwrap().into_split();
-        Self {
-            reader: BufReader::new(r),
-            writer: w,
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).await.unwrap();
-    }
-
-    async fn line(&mut self) -> String {
-        let mut s = String::new();
-        tokio::time::timeout(Duration::from_secs(5), self.reader.read_line(&mut s))
-            .await
-            .expect("a reply within 5 s")
-            .unwrap();
-        s.trim_end().to_string()
-    }
-
-    async fn ask(&mut self, line: &str) -> String {
-        self.send(format!("{line}\n").as_bytes()).await;
-        self.line().await
-    }
-}
-
-async fn eventually_mask(pch: &Pch, want: u16) -> u16 {
-    for _ in 0..500 {
-        if pch.xusb2pr() == want {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    pch.xusb2pr()
-}
 
 #[tokio::test]
 async fn every_command_gets_its_reply_and_switches_the_register() {
@@ -139,37 +48,51 @@ async fn every_command_gets_its_reply_and_switches_the_register() {
 }
 
 #[tokio::test]
-async fn bad_input_gets_err_and_leaves_the_routing_alone() {
+async fn bad_input_gets_err_closes_the_connection_and_leaves_the_routing_alone() {
     let bed = bed();
     let addr = listen(&bed, Access::unrestricted("test"), no_limits()).await;
-    let mut c = Client::connect(&addr).await;
-    c.ask("guest").await;
+    Client::connect(&addr).await.ask("guest").await;
     let before = bed.pch.config(XHCI);
+    let long = "host".repeat(1000);
+    let inputs: [&[u8]; 5] = [
+        long.as_bytes(),
+        b"ho\x00st\xff",
+        b"toggle please",
+        b"host; rm -rf /",
+        b"POST / HTTP/1.1\r",
+    ];
 
-    let long = c.ask(&"host".repeat(1000)).await;
-    let binary = {
-        c.send(b"ho\x00st\xff\n").await;
-        c.line().await
-    };
+    let mut replies = Vec::new();
+    for input in inputs {
+        let mut c = Client::connect(&addr).await;
+        c.send(&[input, b"\nguest\n"].concat()).await;
+        replies.push(the_one_reply_before_closing(&mut c).await);
+    }
+    let mut c = Client::connect(&addr).await;
     let unknown = c.ask("gaming").await;
-    let garbage = c.ask("toggle please").await;
-    let shell = c.ask("host; rm -rf /").await;
     let after = c.ask("status").await;
 
-    assert!(long.starts_with("err line too long"), "{long}");
-    assert_eq!(binary, "err not a text command (printable ASCII only)");
+    let firsts: Vec<&str> = replies.iter().map(String::as_str).collect();
+    assert!(firsts[0].starts_with("err line too long"), "{firsts:?}");
+    assert_eq!(
+        firsts[1],
+        "err not a text command (printable ASCII only); closing"
+    );
+    assert_eq!(firsts[2], "err usage: toggle; closing");
+    assert!(
+        firsts[3].starts_with("err usage") && firsts[4].starts_with("err usage"),
+        "{firsts:?}"
+    );
     assert_eq!(
         unknown,
         "err no profile `gaming` (configured: desk, guest, host)"
     );
-    assert_eq!(garbage, "err usage: toggle");
-    assert!(shell.starts_with("err usage"), "{shell}");
     assert_eq!(after, "ok guest 0x3ffc");
     assert_eq!(bed.pch.config(XHCI), before);
 }
 
 #[tokio::test]
-async fn a_long_line_split_over_many_writes_is_refused_once_and_its_tail_ignored() {
+async fn a_long_line_split_over_many_writes_is_refused_once_and_closes() {
     let bed = bed();
     let addr = listen(&bed, Access::unrestricted("test"), no_limits()).await;
     let mut c = Client::connect(&addr).await;
@@ -177,12 +100,11 @@ async fn a_long_line_split_over_many_writes_is_refused_once_and_its_tail_ignored
     for _ in 0..50 {
         c.send(b"guestguestguest").await;
     }
-    c.send(b"\nstatus\n").await;
-    let first = c.line().await;
-    let second = c.line().await;
+    let _ = c.writer.write_all(b"\nguest\n").await;
+    let reply = the_one_reply_before_closing(&mut c).await;
 
-    assert!(first.starts_with("err line too long"), "{first}");
-    assert_eq!(second, "ok host 0x3fff");
+    assert!(reply.starts_with("err line too long"), "{reply}");
+    assert_eq!(bed.pch.xusb2pr(), HOST);
 }
 
 #[tokio::test]
@@ -310,10 +232,10 @@ async fn a_client_that_never_reads_its_replies_is_still_obeyed() {
     let bed = bed();
     let addr = listen(&bed, Access::unrestricted("test"), no_limits()).await;
     let mut mute = TcpStream::connect(&addr).await.unwrap();
-    // 120,000 malformed lines earn ~6 MB of `err usage: ...` replies nobody reads: more
-    // than the socket buffers hold (tcp_wmem max 4 MB), so a service that waited on
-    // writes would never reach the last line.
-    mute.write_all("x x\n".repeat(120_000).as_bytes())
+    // 100,000 unknown profiles earn ~6 MB of `err no profile ...` replies nobody reads:
+    // more than the socket buffers hold (tcp_wmem max 4 MB), so a service that waited
+    // on writes would never reach the last line.
+    mute.write_all("nosuch\n".repeat(100_000).as_bytes())
         .await
         .unwrap();
     mute.write_all(b"guest\n").await.unwrap();
@@ -383,11 +305,13 @@ async fn an_idle_client_is_disconnected() {
 }
 
 #[tokio::test]
-async fn binding_a_non_loopback_address_without_a_secret_is_refused() {
-    let err = bind("0.0.0.0:0", None, "test").await.unwrap_err();
+async fn binding_a_tcp_listener_without_a_secret_is_refused_on_loopback_too() {
+    let loopback = bind("127.0.0.1:0", None, "test").await.unwrap_err();
+    let any = bind("0.0.0.0:0", None, "test").await.unwrap_err();
 
-    assert!(matches!(err, ToggleError::NonLoopbackWithoutSecret(_)));
-    assert!(err.to_string().contains("Set `secret"), "{err}");
+    assert!(matches!(loopback, ToggleError::NoSecret(_)));
+    assert!(matches!(any, ToggleError::NoSecret(_)));
+    assert!(loopback.to_string().contains("Set `secret"), "{loopback}");
 }
 
 #[tokio::test]
@@ -398,10 +322,10 @@ async fn binding_a_non_loopback_address_with_a_secret_works() {
 }
 
 #[test]
-fn loopback_v6_needs_no_secret_and_names_are_not_addresses() {
-    assert!(check_listen_address("[::1]:4510", false).is_ok());
+fn names_are_not_addresses() {
+    assert!(check_listen_address("[::1]:4510", true).is_ok());
     assert!(matches!(
-        check_listen_address("localhost:4510", false),
+        check_listen_address("localhost:4510", true),
         Err(ToggleError::BadAddress(_))
     ));
 }
@@ -419,29 +343,36 @@ async fn start_serves_tcp_and_each_vm_link_with_its_own_profiles() {
     let (tcp, serial) = (free(), free());
     let config = ToggleConfig {
         listen: Some(tcp.clone()),
+        secret: Some("host-secret".into()),
         ..ToggleConfig::default()
     };
     let vms = [VmLink {
         vm: "win11".into(),
         listen: serial.clone(),
         profiles: vec!["guest".into()],
+        qemu_user: None,
+        secret: Some("vm-secret".into()),
     }];
     let tasks = start(bed.service.clone(), &config, &vms).await.unwrap();
 
+    let mut vm = Client::connect(&serial).await;
     let from_vm = [
-        Client::connect(&serial).await.ask("host").await,
-        Client::connect(&serial).await.ask("guest").await,
+        vm.ask("auth vm-secret").await,
+        vm.ask("host").await,
+        vm.ask("guest").await,
     ];
-    let from_host = Client::connect(&tcp).await.ask("desk").await;
+    let mut host = Client::connect(&tcp).await;
+    let from_host = [host.ask("auth host-secret").await, host.ask("desk").await];
 
     assert_eq!(
         from_vm,
         [
+            "ok auth",
             "err profile `host` is not allowed for VM win11 (allowed: guest)",
             "ok guest 0x3ffc"
         ]
     );
-    assert_eq!(from_host, "ok desk 0x3f0f");
+    assert_eq!(from_host, ["ok auth", "ok desk 0x3f0f"]);
     tasks.iter().for_each(|t| t.abort());
 }
 

@@ -19,7 +19,6 @@ use crate::routing::profile::{Plan, Route};
 use crate::routing::router::{Applied, PowerChange, Router};
 use crate::toggle::protocol::Reply;
 use crate::toggle::runtime::check_routing_config;
-use crate::toggle::DEFAULT_LISTEN;
 use anyhow::Context;
 use serde::Serialize;
 use std::io::{BufRead, BufReader, Write};
@@ -92,9 +91,9 @@ pub enum PortsCommand {
 pub struct ToggleArgs {
     /// Profile to apply; without it, flip between the two `toggle` profiles.
     pub profile: Option<String>,
-    /// Talk to this TCP toggle listener only. Without it: the daemon's control socket
-    /// when it is reachable and lets this user in, else the TCP listener (`listen` in
-    /// [toggle], else 127.0.0.1:4510).
+    /// Talk to this TCP toggle listener only (with `auth` and the [toggle] secret).
+    /// Without it: the daemon's control socket, else the TCP listener when [toggle] has
+    /// `listen`.
     #[arg(long, value_name = "IP:PORT")]
     pub address: Option<String>,
 }
@@ -370,19 +369,20 @@ pub(super) fn toggle(g: &Global, a: ToggleArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| view.control_socket.clone());
     let from_socket = match &a.address {
-        Some(_) => None,
+        Some(_) => Err("--address given".to_string()),
         None => ask_control_socket(&socket, &command)?,
     };
-    let (address, reply) = match from_socket {
-        Some(reply) => (socket.display().to_string(), reply),
-        None => {
-            let address = a
-                .address
-                .or(view.toggle.listen.clone())
-                .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let tcp = a.address.or(view.toggle.listen.clone());
+    let (address, reply) = match (from_socket, tcp) {
+        (Ok(reply), _) => (socket.display().to_string(), reply),
+        (Err(_), Some(address)) => {
             let reply = ask_service(&address, view.toggle.secret.as_deref(), &command)?;
             (address, reply)
         }
+        (Err(why), None) => anyhow::bail!(
+            "Cannot reach the daemon through its control socket {} ({why}): start `usbroute serve` with routing profiles, and run this as root or as a member of its control_group; or configure a TCP listener (`listen` and `secret` in [toggle])",
+            socket.display()
+        ),
     };
     match reply {
         Reply::Ok { profile, mask } => {
@@ -401,27 +401,27 @@ pub(super) fn toggle(g: &Global, a: ToggleArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The toggle line through the daemon's control socket; `None` when no daemon listens
-/// there or it does not let this user in (the TCP listener is tried next).
-fn ask_control_socket(socket: &Path, command: &str) -> anyhow::Result<Option<Reply>> {
+/// The toggle line through the daemon's control socket; `Err(why)` inside when no daemon
+/// listens there or it does not let this user in (a TCP listener may be tried next).
+fn ask_control_socket(socket: &Path, command: &str) -> anyhow::Result<Result<Reply, String>> {
     use crate::service::{ClientError, ErrorKind, Reply as ControlReply, Request};
     let request = Request::Routing {
         line: command.to_string(),
     };
     match crate::service::request(socket, &request) {
         Err(ClientError::Connect { source, .. }) => {
-            tracing::info!(socket = %socket.display(), "control socket not reachable ({source}); trying the TCP toggle listener");
-            Ok(None)
+            tracing::info!(socket = %socket.display(), "control socket not reachable ({source})");
+            Ok(Err(format!("not reachable: {source}")))
         }
         Ok(ControlReply::Error {
             kind: ErrorKind::PermissionDenied,
             message,
         }) => {
-            tracing::info!(socket = %socket.display(), "control socket refused this user ({message}); trying the TCP toggle listener");
-            Ok(None)
+            tracing::info!(socket = %socket.display(), "control socket refused this user ({message})");
+            Ok(Err(message))
         }
         Ok(ControlReply::Routing { line }) => Reply::parse(&line)
-            .map(Some)
+            .map(Ok)
             .with_context(|| format!("The daemon at {} replied `{line}`", socket.display())),
         Ok(ControlReply::Error { message, .. }) => {
             anyhow::bail!("The daemon at {} refused `{command}`: {message}", socket.display())
@@ -434,14 +434,14 @@ fn ask_control_socket(socket: &Path, command: &str) -> anyhow::Result<Option<Rep
     }
 }
 
-/// One request to the toggle service; `auth` first when talking to a non-loopback
-/// address and a secret is configured.
+/// One request to the toggle service's TCP listener; `auth` first when a secret is
+/// configured (the listener wants it on every address).
 fn ask_service(address: &str, secret: Option<&str>, command: &str) -> anyhow::Result<Reply> {
     let addr: SocketAddr = address
         .parse()
         .with_context(|| format!("`{address}` is not IP:PORT"))?;
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).with_context(|| {
-        format!("Cannot reach the toggle service at {addr}: is `usbroute serve` running with routing profiles configured? (`usbroute ports toggle` switches without the daemon)")
+        format!("Cannot reach the toggle service at {addr}: is `usbroute serve` running with routing profiles and this `listen` in [toggle]? (`usbroute ports toggle` switches without the daemon)")
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut writer = stream.try_clone()?;
@@ -459,7 +459,7 @@ fn ask_service(address: &str, secret: Option<&str>, command: &str) -> anyhow::Re
             )
         })
     };
-    if let (Some(secret), false) = (secret, addr.ip().is_loopback()) {
+    if let Some(secret) = secret {
         if let Reply::Err(e) = exchange(&format!("auth {secret}"))? {
             anyhow::bail!("The toggle service at {addr} refused the secret: {e}");
         }

@@ -58,6 +58,23 @@ pub struct VmConfig {
     /// Routing profile names this VM may switch to (carried for the toggle service).
     #[serde(default)]
     pub profiles: Vec<String>,
+    /// The user this VM's QEMU runs as (name or uid): the one peer besides root allowed
+    /// on a unix-socket `serial`.
+    #[serde(default)]
+    pub qemu_user: Option<String>,
+    /// The secret the guest sends first on a TCP `serial` link (its own, not [toggle]'s).
+    #[serde(default)]
+    pub serial_secret: Option<String>,
+}
+
+/// A problem a section's owner found, at a key: a path of table keys, where an element
+/// of an array of tables (`[[vm]]`) is named by its `name` (`["vm", "win11", "serial"]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyProblem {
+    /// Where.
+    pub key: Vec<String>,
+    /// What is wrong and how to fix it.
+    pub message: String,
 }
 
 /// Everything wrong with a config file.
@@ -160,11 +177,14 @@ impl Default for Config {
 impl Config {
     /// Read and validate the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text, Some(path))
+        match String::from_utf8(bytes) {
+            Ok(text) => Config::parse(&text, Some(path)),
+            Err(e) => Err(not_utf8(path, e.as_bytes(), e.utf8_error().valid_up_to())),
+        }
     }
 
     /// Validate `text`; `origin` names the file in messages. Pure.
@@ -183,6 +203,10 @@ impl Config {
             }
         };
         let config = checker.build(raw, origin);
+        for problem in crate::toggle::runtime::check_routing_config_at(&config) {
+            let span = key_span(text, &problem.key);
+            checker.report(span, problem.message);
+        }
         match checker.problems.is_empty() {
             true => Ok(config),
             false => Err(checker.into_error()),
@@ -440,4 +464,62 @@ fn line_offset(text: &str, line: usize) -> usize {
         .take(line.saturating_sub(1))
         .map(str::len)
         .sum()
+}
+
+/// A file that is not UTF-8: where the first bad byte is.
+fn not_utf8(path: &Path, bytes: &[u8], valid_up_to: usize) -> ConfigError {
+    let text = std::str::from_utf8(&bytes[..valid_up_to]).unwrap_or_default();
+    let (line, column) = line_column(text, valid_up_to);
+    let byte = bytes.get(valid_up_to).copied().unwrap_or_default();
+    ConfigError::Invalid {
+        problems: vec![Problem {
+            file: path.display().to_string(),
+            line,
+            column,
+            message: format!(
+                "byte {valid_up_to} (0x{byte:02x}) is not UTF-8 text; save the file as UTF-8"
+            ),
+        }],
+    }
+}
+
+/// A step in [`key_span`]'s walk.
+enum At<'a> {
+    Table(&'a toml_edit::Table),
+    Tables(&'a toml_edit::ArrayOfTables),
+}
+
+/// Where `key` is in the file: the deepest part of it that exists (a missing key is
+/// reported at its table), else the start of the file.
+fn key_span(text: &str, key: &[String]) -> Range<usize> {
+    use toml_edit::Item;
+    let Ok(doc) = toml_edit::ImDocument::parse(text) else {
+        return 0..0;
+    };
+    let mut found = 0..0;
+    let mut at = At::Table(doc.as_table());
+    for part in key {
+        let (span, next) = match at {
+            At::Table(t) => match t.get_key_value(part) {
+                Some((k, Item::Table(inner))) => (k.span(), At::Table(inner)),
+                Some((k, Item::ArrayOfTables(a))) => (k.span(), At::Tables(a)),
+                Some((k, _)) => {
+                    found = k.span().unwrap_or(found);
+                    break;
+                }
+                None => break,
+            },
+            // `[[vm]]` elements are named by their `name`.
+            At::Tables(a) => match a
+                .iter()
+                .find(|t| t.get("name").and_then(Item::as_str) == Some(part.as_str()))
+            {
+                Some(t) => (t.span(), At::Table(t)),
+                None => break,
+            },
+        };
+        found = span.unwrap_or(found);
+        at = next;
+    }
+    found
 }

@@ -5,6 +5,8 @@ mod config;
 mod plan;
 mod rules;
 
-pub use config::{Config, ConfigError, Problem, VmConfig, DEFAULT_CONTROL_SOCKET, HOST};
+pub use config::{
+    Config, ConfigError, KeyProblem, Problem, VmConfig, DEFAULT_CONTROL_SOCKET, HOST,
+};
 pub use plan::*;
 pub use rules::{Rule, RuleAction};

@@ -4,6 +4,7 @@ use super::config_space::ConfigSpace;
 use super::profile::{plan, Plan};
 use super::router::{Applied, Reapplied, Router};
 use super::{RoutingConfig, RoutingError};
+use crate::policy::KeyProblem;
 
 /// A router plus the `[routing]` config: apply, toggle and recognise profiles by name.
 pub struct ProfileRouter<C: ConfigSpace> {
@@ -124,50 +125,79 @@ impl<C: ConfigSpace> ProfileRouter<C> {
 }
 
 /// Problems in `[routing]` that need no hardware to see, one message each (for the
-/// config loader, so a typo fails at `serve`/`reload` time, not at the first hotkey):
-/// `toggle` naming two existing profiles, masks that parse, not both `mask` and `ehci`,
-/// labels and `ehci` entries shaped like ports or naming a label.
+/// config loader, so a typo fails at load time, not at the first hotkey): `toggle`
+/// naming two existing profiles, masks that parse, not both `mask` and `ehci`, labels
+/// and `ehci` entries shaped like ports or naming a label.
 pub fn check_config(config: &RoutingConfig) -> Vec<String> {
+    check_config_at(config)
+        .into_iter()
+        .map(|p| p.message)
+        .collect()
+}
+
+/// [`check_config`], each problem at its key (for `file:line:column`).
+pub fn check_config_at(config: &RoutingConfig) -> Vec<KeyProblem> {
     use super::profile::{parse_mask, EhciPort};
     let mut problems = Vec::new();
+    let mut at = |key: &[&str], message: String| {
+        problems.push(KeyProblem {
+            key: key.iter().map(|k| k.to_string()).collect(),
+            message,
+        })
+    };
     if !config.toggle.is_empty() && config.toggle.len() != 2 {
-        problems.push(format!(
-            "[routing] toggle must name two profiles, it has {}",
-            config.toggle.len()
-        ));
+        at(
+            &["routing", "toggle"],
+            format!(
+                "[routing] toggle must name two profiles, it has {}",
+                config.toggle.len()
+            ),
+        );
     }
     for name in &config.toggle {
         if !config.profile.contains_key(name) {
-            problems.push(format!(
-                "[routing] toggle names profile `{name}`, which has no [routing.profile.{name}]"
-            ));
+            at(
+                &["routing", "toggle"],
+                format!(
+                    "[routing] toggle names profile `{name}`, which has no [routing.profile.{name}]"
+                ),
+            );
         }
     }
     for (label, spec) in &config.labels {
         if EhciPort::parse(spec).is_none() {
-            problems.push(format!(
-                "[routing.labels] `{label}` = `{spec}`: expected a port like ehci2:3"
-            ));
+            at(
+                &["routing", "labels", label],
+                format!("[routing.labels] `{label}` = `{spec}`: expected a port like ehci2:3"),
+            );
         }
     }
     for (name, p) in &config.profile {
+        let key = |k: &'static str| ["routing", "profile", name.as_str(), k];
         if p.mask.is_some() && !p.ehci.is_empty() {
-            problems.push(format!(
-                "[routing.profile.{name}] has both `mask` and `ehci`; keep one"
-            ));
+            at(
+                &key("ehci"),
+                format!("[routing.profile.{name}] has both `mask` and `ehci`; keep one"),
+            );
         }
         if let Some(mask) = &p.mask {
             if parse_mask(mask).is_none() {
-                problems.push(format!(
-                    "[routing.profile.{name}] mask `{mask}` is not a 16-bit number such as 0x3fff"
-                ));
+                at(
+                    &key("mask"),
+                    format!(
+                        "[routing.profile.{name}] mask `{mask}` is not a 16-bit number such as 0x3fff"
+                    ),
+                );
             }
         }
         for spec in &p.ehci {
             if EhciPort::parse(spec).is_none() && !config.labels.contains_key(spec) {
-                problems.push(format!(
-                    "[routing.profile.{name}] `{spec}` is neither a port like ehci1:3 nor a label in [routing.labels]"
-                ));
+                at(
+                    &key("ehci"),
+                    format!(
+                        "[routing.profile.{name}] `{spec}` is neither a port like ehci1:3 nor a label in [routing.labels]"
+                    ),
+                );
             }
         }
     }

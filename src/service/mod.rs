@@ -19,12 +19,16 @@ pub mod protocol;
 mod routing_hooks;
 pub mod runtime;
 pub mod server;
+pub mod socket;
 
 pub use client::{request, resolve_socket, ClientError, DEFAULT_CONTROL_SOCKET};
 pub use protocol::{ErrorKind, Reply, Request};
 pub use routing_hooks::RoutingStartError;
 pub use runtime::{run, DaemonError, DaemonOptions};
-pub use server::{authorize, ControlGroup, ControlHandler, ControlServer, Peer, ServiceError};
+pub use server::{
+    authorize, ControlGroup, ControlHandler, ControlLimits, ControlServer, Peer, ServiceError,
+};
+pub use socket::{prepare_socket_path, restrict_socket};
 
 use serde::Deserialize;
 use std::path::PathBuf;

@@ -111,6 +111,8 @@ pub enum ErrorKind {
     Ambiguous,
     /// The request was valid but failed (a bad config on reload, ...).
     Failed,
+    /// Too many connections (from this peer, or in all); retry later.
+    Busy,
 }
 
 /// Answer to `status`.

@@ -1,13 +1,18 @@
 //! The control socket server: a unix socket (0660, root and the control group), every peer
-//! checked with SO_PEERCRED, line-delimited JSON in and out, requests handed to a
-//! [`ControlHandler`].
+//! checked with SO_PEERCRED and SO_PEERGROUPS, line-delimited JSON in and out, requests
+//! handed to a [`ControlHandler`]. [`ControlLimits`] caps connections per uid and in all,
+//! and closes idle connections and half-sent requests, so one group member cannot use up
+//! the daemon's file descriptors.
 
 use super::protocol::{ErrorKind, Reply, Request, MAX_LINE};
+use super::socket::{peer_groups, prepare_socket_path, restrict_socket};
 use crate::backend::BoxFuture;
 use nix::unistd::{Group, Uid, User};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -20,6 +25,8 @@ pub struct Peer {
     pub uid: u32,
     /// Primary group id.
     pub gid: u32,
+    /// Supplementary groups at connect time (SO_PEERGROUPS).
+    pub groups: Vec<u32>,
 }
 
 /// What the daemon does with a checked request.
@@ -63,13 +70,14 @@ pub enum ServiceError {
     #[error("{0}: exists and is not a socket; remove it or choose another control_socket")]
     NotASocket(PathBuf),
     /// A filesystem or socket call failed.
-    #[error("{path}: {what}: {source}")]
+    #[error("{}: {what}", path.display())]
     Io {
         /// The socket path.
         path: PathBuf,
         /// What we tried.
         what: &'static str,
         /// The error.
+        #[source]
         source: std::io::Error,
     },
 }
@@ -80,40 +88,57 @@ pub struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
     group: Option<ControlGroup>,
+    limits: ControlLimits,
+}
+
+/// How much of the daemon one client can take: connections and time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlLimits {
+    /// Connections at once from one uid (root included).
+    pub per_peer: usize,
+    /// Connections at once in all; well under the daemon's file limit, which the QMP
+    /// sockets, the uevent socket and the toggle listeners need too.
+    pub total: usize,
+    /// A connection with no request started for this long is closed.
+    pub idle_timeout: Duration,
+    /// A request line must be complete this long after its first byte.
+    pub request_timeout: Duration,
+}
+
+impl Default for ControlLimits {
+    fn default() -> Self {
+        Self {
+            per_peer: 64,
+            total: 256,
+            idle_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 impl ControlServer {
     /// Bind at `path` (creating its directory), mode 0660, group `group` when given.
     /// A stale socket left by a killed daemon is replaced; a live one is an error.
     pub fn bind(path: &Path, group: Option<ControlGroup>) -> Result<Self, ServiceError> {
-        let io = |what| {
-            let path = path.to_path_buf();
-            move |source| ServiceError::Io { path, what, source }
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io("creating its directory"))?;
-        }
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if !meta.file_type().is_socket() => {
-                return Err(ServiceError::NotASocket(path.to_path_buf()))
-            }
-            Ok(_) if std::os::unix::net::UnixStream::connect(path).is_ok() => {
-                return Err(ServiceError::InUse(path.to_path_buf()))
-            }
-            Ok(_) => std::fs::remove_file(path).map_err(io("removing the stale socket"))?,
-            Err(_) => {}
-        }
-        let listener = UnixListener::bind(path).map_err(io("binding"))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-            .map_err(io("setting mode 0660"))?;
-        if let Some(g) = &group {
-            std::os::unix::fs::chown(path, None, Some(g.gid)).map_err(io("setting the group"))?;
-        }
+        prepare_socket_path(path)?;
+        let listener = UnixListener::bind(path).map_err(|source| ServiceError::Io {
+            path: path.to_path_buf(),
+            what: "binding",
+            source,
+        })?;
+        restrict_socket(path, 0o660, None, group.as_ref().map(|g| g.gid))?;
         Ok(ControlServer {
             listener,
             path: path.to_path_buf(),
             group,
+            limits: ControlLimits::default(),
         })
+    }
+
+    /// Other connection limits than the defaults.
+    pub fn with_limits(mut self, limits: ControlLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Where the socket is.
@@ -121,27 +146,119 @@ impl ControlServer {
         &self.path
     }
 
-    /// Accept connections for ever, one task each; a slow client never blocks another.
+    /// Accept connections for ever, one task each; a slow client never blocks another,
+    /// and no client holds more than its share of connections.
     pub async fn serve(self, handler: Arc<dyn ControlHandler>) {
         let group = Arc::new(self.group.clone());
+        let open = Arc::new(Mutex::new(OpenConnections::default()));
         loop {
             let stream = match self.listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     tracing::warn!(socket = %self.path.display(), "control socket accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let peer = match peer_of(&stream) {
+                Ok(peer) => peer,
+                Err(e) => {
+                    // Without credentials nobody is let in (SO_PEERGROUPS needs Linux 4.13).
+                    tracing::warn!(socket = %self.path.display(), "cannot read a control peer's credentials: {e}");
+                    continue;
+                }
+            };
+            let ticket = match OpenConnections::admit(&open, peer.uid, &self.limits) {
+                Ok(ticket) => ticket,
+                Err(why) => {
+                    tracing::warn!(uid = peer.uid, "control connection refused: {why}");
+                    let mut line =
+                        serde_json::to_vec(&Reply::error(ErrorKind::Busy, why)).unwrap_or_default();
+                    line.push(b'\n');
+                    // Never wait on a peer that is being refused for holding too much.
+                    let _ = stream.try_write(&line);
                     continue;
                 }
             };
             let handler = handler.clone();
             let group = group.clone();
+            let limits = self.limits;
             tokio::spawn(async move {
-                if let Err(e) = serve_connection(stream, handler, group.as_ref().as_ref()).await {
+                let served =
+                    serve_connection(stream, peer, handler, group.as_ref().as_ref(), limits);
+                if let Err(e) = served.await {
                     tracing::debug!("control connection ended: {e}");
                 }
+                drop(ticket);
             });
         }
     }
+}
+
+/// Connections open now, per uid and in all.
+#[derive(Debug, Default)]
+struct OpenConnections {
+    per_uid: HashMap<u32, usize>,
+    total: usize,
+}
+
+/// One admitted connection; counted until dropped.
+struct Ticket {
+    open: Arc<Mutex<OpenConnections>>,
+    uid: u32,
+}
+
+impl OpenConnections {
+    fn admit(
+        open: &Arc<Mutex<OpenConnections>>,
+        uid: u32,
+        limits: &ControlLimits,
+    ) -> Result<Ticket, String> {
+        let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = o.per_uid.get(&uid).copied().unwrap_or(0);
+        if mine >= limits.per_peer {
+            return Err(format!(
+                "too many connections from uid {uid} (at most {} at once); close some and retry",
+                limits.per_peer
+            ));
+        }
+        if o.total >= limits.total {
+            return Err(format!(
+                "too many connections to the daemon (at most {} at once); retry later",
+                limits.total
+            ));
+        }
+        *o.per_uid.entry(uid).or_default() += 1;
+        o.total += 1;
+        Ok(Ticket {
+            open: open.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut o = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        o.total = o.total.saturating_sub(1);
+        if let Some(n) = o.per_uid.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                o.per_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// The peer's credentials and groups as the kernel recorded them at connect time.
+fn peer_of(stream: &UnixStream) -> std::io::Result<Peer> {
+    let cred = stream.peer_cred()?;
+    Ok(Peer {
+        pid: cred.pid(),
+        uid: cred.uid(),
+        gid: cred.gid(),
+        groups: peer_groups(stream.as_fd())?,
+    })
 }
 
 impl Drop for ControlServer {
@@ -152,18 +269,13 @@ impl Drop for ControlServer {
 
 async fn serve_connection(
     stream: UnixStream,
+    peer: Peer,
     handler: Arc<dyn ControlHandler>,
     group: Option<&ControlGroup>,
+    limits: ControlLimits,
 ) -> std::io::Result<()> {
-    let cred = stream.peer_cred()?;
-    let peer = Peer {
-        pid: cred.pid(),
-        uid: cred.uid(),
-        gid: cred.gid(),
-    };
     let (read, mut write) = stream.into_split();
-    let supplementary = peer.pid.map(supplementary_groups).unwrap_or_default();
-    if let Err(why) = authorize(&peer, &supplementary, Uid::effective().as_raw(), group) {
+    if let Err(why) = authorize(&peer, &peer.groups, Uid::effective().as_raw(), group) {
         tracing::warn!(uid = peer.uid, pid = ?peer.pid, "control request refused: {why}");
         send(&mut write, &Reply::error(ErrorKind::PermissionDenied, why)).await?;
         return linger(read, write).await;
@@ -172,10 +284,19 @@ async fn serve_connection(
     let mut line = Vec::new();
     loop {
         line.clear();
-        let n = (&mut reader)
-            .take(MAX_LINE as u64)
-            .read_until(b'\n', &mut line)
-            .await?;
+        // Idle between requests for a while is fine; a request begun must be finished
+        // soon, so a peer cannot hold a connection with a few bytes a minute.
+        match tokio::time::timeout(limits.idle_timeout, reader.fill_buf()).await {
+            Err(_) => return timed_out(reader, write, "no request for a while").await,
+            Ok(Ok([])) => return Ok(()),
+            Ok(r) => r.map(|_| ())?,
+        }
+        let mut limited = (&mut reader).take(MAX_LINE as u64);
+        let read_line = limited.read_until(b'\n', &mut line);
+        let n = match tokio::time::timeout(limits.request_timeout, read_line).await {
+            Err(_) => return timed_out(reader, write, "request line not finished in time").await,
+            Ok(n) => n?,
+        };
         if n == 0 {
             return Ok(());
         }
@@ -261,18 +382,20 @@ pub fn authorize(
     })
 }
 
-/// The peer's supplementary groups, read from /proc (its `Groups:` line).
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|n| n.parse().ok())
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
+/// Tell a peer why its connection ends, and end it.
+async fn timed_out(
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    write: tokio::net::unix::OwnedWriteHalf,
+    why: &str,
+) -> std::io::Result<()> {
+    let msg = format!("{why}; connection closed");
+    // The peer may not be reading: never wait on it.
+    let mut line =
+        serde_json::to_vec(&Reply::error(ErrorKind::BadRequest, msg)).unwrap_or_default();
+    line.push(b'\n');
+    let _ = write.try_write(&line);
+    drop(reader);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -284,6 +407,7 @@ mod tests {
             pid: None,
             uid,
             gid,
+            groups: vec![],
         }
     }
 

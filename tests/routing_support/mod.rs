@@ -4,6 +4,8 @@
 //! write shows up in a whole-file comparison) and the xHCI's `power/control`.
 #![allow(dead_code)]
 
+pub mod toggle_bed;
+
 use std::path::{Path, PathBuf};
 use usbroute::inventory::PciAddress;
 use usbroute::sysfs::SysfsRoot;
