@@ -9,6 +9,7 @@ pub mod backend;
 pub mod cli;
 pub mod engine;
 pub mod events;
+pub mod hostblock;
 pub mod inventory;
 pub mod policy;
 pub mod qemu;
