@@ -84,7 +84,9 @@ impl HostBlocks {
         };
         let mounts = mounts.unwrap_or_else(|| {
             if blocks.unreadable.is_empty() {
-                blocks.unreadable.push("the mount table (no /proc/self/mountinfo)".into());
+                blocks
+                    .unreadable
+                    .push("the mount table (no /proc/self/mountinfo)".into());
             }
             Vec::new()
         });
@@ -98,7 +100,13 @@ impl HostBlocks {
         for devices in btrfs.values() {
             for device in devices {
                 if !blocks.uses.contains_key(device) {
-                    blocks.add(root, device, BlockUse::Mounted { point: "(btrfs)".into() });
+                    blocks.add(
+                        root,
+                        device,
+                        BlockUse::Mounted {
+                            point: "(btrfs)".into(),
+                        },
+                    );
                 }
             }
         }
@@ -164,7 +172,8 @@ impl HostBlocks {
             }
         }
         if mount.fstype == "btrfs" {
-            let named: BTreeSet<String> = devices.iter().flat_map(|d| with_slaves(root, d)).collect();
+            let named: BTreeSet<String> =
+                devices.iter().flat_map(|d| with_slaves(root, d)).collect();
             for members in btrfs.values() {
                 if named.is_empty() || members.iter().any(|m| named.contains(m)) {
                     devices.extend(members.iter().cloned());
@@ -182,7 +191,13 @@ impl HostBlocks {
             }
         }
         for device in devices {
-            self.add(root, &device, BlockUse::Mounted { point: mount.point.clone() });
+            self.add(
+                root,
+                &device,
+                BlockUse::Mounted {
+                    point: mount.point.clone(),
+                },
+            );
         }
     }
 
@@ -194,7 +209,11 @@ impl HostBlocks {
                 return;
             }
         };
-        for source in text.lines().skip(1).filter_map(|l| l.split_whitespace().next()) {
+        for source in text
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next())
+        {
             let source = unescape_mount_field(source);
             // A swap file lives on a mounted filesystem, which is already in the list.
             if source.starts_with("/dev/") {
@@ -246,13 +265,15 @@ fn name_of_dev_path(root: &SysfsRoot, source: &str) -> Option<String> {
     }
     let base = source.rsplit('/').next().unwrap_or(source);
     if let Some(mapped) = source.strip_prefix("/dev/mapper/") {
-        return dir_names(&root.path("/sys/class/block")).into_iter().find(|dev| {
-            root.read_attr(format!("/sys/class/block/{dev}/dm/name"))
-                .ok()
-                .flatten()
-                .as_deref()
-                == Some(mapped)
-        });
+        return dir_names(&root.path("/sys/class/block"))
+            .into_iter()
+            .find(|dev| {
+                root.read_attr(format!("/sys/class/block/{dev}/dm/name"))
+                    .ok()
+                    .flatten()
+                    .as_deref()
+                    == Some(mapped)
+            });
     }
     (!base.is_empty()).then(|| base.to_string())
 }

@@ -33,7 +33,9 @@ pub fn mounted_disks(root: &SysfsRoot) -> BTreeSet<String> {
             "cannot tell which disks the host uses ({}): every USB disk stays on the host",
             blocks.unreadable.join("; ")
         );
-        let every = std::fs::read_dir(root.path("/sys/block")).into_iter().flatten();
+        let every = std::fs::read_dir(root.path("/sys/block"))
+            .into_iter()
+            .flatten();
         return every
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -137,19 +139,41 @@ mod tests {
     fn disks_tree(mountinfo: &str, extra: impl FnOnce(&Path)) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        for (minor, disk) in [(16, "sdb"), (32, "sdc"), (48, "sdd"), (64, "sde"), (80, "sdf")] {
+        for (minor, disk) in [
+            (16, "sdb"),
+            (32, "sdc"),
+            (48, "sdd"),
+            (64, "sde"),
+            (80, "sdf"),
+        ] {
             let part = format!("{disk}1");
             std::fs::create_dir_all(root.join(format!("sys/block/{disk}/{part}"))).unwrap();
-            std::fs::write(root.join(format!("sys/block/{disk}/{part}/partition")), "1\n").unwrap();
+            std::fs::write(
+                root.join(format!("sys/block/{disk}/{part}/partition")),
+                "1\n",
+            )
+            .unwrap();
             let link = |l: String, target: String| {
                 let l = root.join(l);
                 std::fs::create_dir_all(l.parent().unwrap()).unwrap();
                 std::os::unix::fs::symlink(root.join(target), l).unwrap();
             };
-            link(format!("sys/class/block/{disk}"), format!("sys/block/{disk}"));
-            link(format!("sys/class/block/{part}"), format!("sys/block/{disk}/{part}"));
-            link(format!("sys/dev/block/8:{minor}"), format!("sys/block/{disk}"));
-            link(format!("sys/dev/block/8:{}", minor + 1), format!("sys/block/{disk}/{part}"));
+            link(
+                format!("sys/class/block/{disk}"),
+                format!("sys/block/{disk}"),
+            );
+            link(
+                format!("sys/class/block/{part}"),
+                format!("sys/block/{disk}/{part}"),
+            );
+            link(
+                format!("sys/dev/block/8:{minor}"),
+                format!("sys/block/{disk}"),
+            );
+            link(
+                format!("sys/dev/block/8:{}", minor + 1),
+                format!("sys/block/{disk}/{part}"),
+            );
         }
         std::fs::create_dir_all(root.join("proc/self")).unwrap();
         std::fs::write(root.join("proc/self/mountinfo"), mountinfo).unwrap();
@@ -164,7 +188,9 @@ mod tests {
     }
 
     fn disks_of(dir: &tempfile::TempDir) -> Vec<String> {
-        mounted_disks(&SysfsRoot::new(dir.path())).into_iter().collect()
+        mounted_disks(&SysfsRoot::new(dir.path()))
+            .into_iter()
+            .collect()
     }
 
     #[test]
@@ -197,7 +223,11 @@ mod tests {
                         "E:ID_FS_TYPE=zfs_member\nE:ID_FS_LABEL=rpool\nE:ID_FS_USAGE=filesystem\n",
                     );
                 }
-                put(root, "run/udev/data/b8:81", "E:ID_FS_TYPE=zfs_member\nE:ID_FS_LABEL=tank\n");
+                put(
+                    root,
+                    "run/udev/data/b8:81",
+                    "E:ID_FS_TYPE=zfs_member\nE:ID_FS_LABEL=tank\n",
+                );
             },
         );
 
@@ -208,7 +238,11 @@ mod tests {
     fn mounted_disks_keeps_disks_of_an_imported_zfs_pool_lvm_physical_volumes_and_swap() {
         let dir = disks_tree("", |root| {
             put(root, "proc/spl/kstat/zfs/tank/state", "ONLINE\n");
-            put(root, "run/udev/data/b8:17", "E:ID_FS_TYPE=zfs_member\nE:ID_FS_LABEL=tank\n");
+            put(
+                root,
+                "run/udev/data/b8:17",
+                "E:ID_FS_TYPE=zfs_member\nE:ID_FS_LABEL=tank\n",
+            );
             put(root, "sys/block/sdc/sdc1/holders/dm-3/.keep", "");
             put(
                 root,

@@ -81,8 +81,9 @@ pub struct RestoreOutcome {
     pub members: Vec<MemberChange>,
 }
 
-/// Work out the bind of `pci`'s whole group: refuses when there is no IOMMU group, or
-/// when members look needed by the host and `opts.force` is off.
+/// Work out the bind of `pci`'s whole group: refuses when there is no IOMMU group, and,
+/// unless `opts.force`, when `pci` is not a USB controller or members look needed by
+/// the host.
 pub fn plan_bind(
     root: &SysfsRoot,
     host: &dyn PciHost,
@@ -100,6 +101,17 @@ pub fn plan_bind(
         return Err(VfioError::OnlyBridges {
             pci: *pci,
             group: group.number,
+        });
+    }
+    let target = group.members.iter().find(|m| m.pci == *pci);
+    let is_usb = target
+        .and_then(|m| m.class)
+        .and_then(crate::inventory::ControllerKind::from_pci_class)
+        .is_some();
+    if !is_usb && !opts.force {
+        return Err(VfioError::NotUsbController {
+            pci: *pci,
+            kind: target.map_or_else(|| "PCI device".to_string(), |m| m.kind_label()),
         });
     }
     if verdict.needs_force && !opts.force {
