@@ -17,6 +17,7 @@ pub mod qmp;
 pub mod routing;
 pub mod selector;
 pub mod service;
+pub mod state;
 pub mod sysfs;
 pub mod toggle;
 pub mod vfio;

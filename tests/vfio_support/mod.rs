@@ -239,6 +239,9 @@ pub struct FixtureDriverCore {
     refuses: BTreeSet<PciAddress>,
     /// When false, `/dev/vfio/N` never appears.
     creates_dev_nodes: bool,
+    /// When true, vfio-pci's `unbind` is accepted and does nothing (a device whose
+    /// release never completes: the write returns, the driver stays).
+    vfio_holds_on: bool,
 }
 
 impl FixtureDriverCore {
@@ -270,7 +273,13 @@ impl FixtureDriverCore {
             fail_write: None,
             refuses: BTreeSet::new(),
             creates_dev_nodes: true,
+            vfio_holds_on: false,
         }
+    }
+
+    pub fn vfio_holds_on(mut self) -> Self {
+        self.vfio_holds_on = true;
+        self
     }
 
     pub fn failing_write(mut self, n: usize) -> Self {
@@ -346,6 +355,9 @@ impl FixtureDriverCore {
         {
             if current.as_deref() != Some(driver) {
                 return enodev();
+            }
+            if driver == "vfio-pci" && self.vfio_holds_on {
+                return Ok(());
             }
             std::fs::remove_file(self.dev(&addr).join("driver"))?;
             return Ok(());
