@@ -246,8 +246,13 @@ pub struct FixtureDriverCore {
 
 impl FixtureDriverCore {
     pub fn new(tree: &Tree) -> Self {
+        Self::at(tree.dir.path())
+    }
+
+    /// On a tree made elsewhere (by another process: the crash tests' child).
+    pub fn at(dir: &Path) -> Self {
         let mut defaults = BTreeMap::new();
-        for entry in std::fs::read_dir(tree.path("sys/bus/pci/devices"))
+        for entry in std::fs::read_dir(dir.join("sys/bus/pci/devices"))
             .expect("devices")
             .flatten()
         {
@@ -266,8 +271,8 @@ impl FixtureDriverCore {
             }
         }
         Self {
-            live: LiveHost::new(tree.root()),
-            tree_dir: tree.dir.path().to_path_buf(),
+            live: LiveHost::new(SysfsRoot::new(dir)),
+            tree_dir: dir.to_path_buf(),
             log: RefCell::new(Vec::new()),
             defaults,
             fail_write: None,
