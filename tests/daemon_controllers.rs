@@ -3,7 +3,8 @@
 //! writes nothing; each outcome is in `status`. The sysfs is a temp-dir tree shaped like
 //! the kernel's (see tests/vfio_support), so no real controller is touched. And while a
 //! controller's VM runs (a real QEMU), device rules for devices on its IOMMU group do
-//! not fire (issue 6, EVE's parentassigngrp).
+//! not fire (issue 6, EVE's parentassigngrp). A rule removed while its VM runs keeps
+//! the controller on vfio-pci until the VM stops (issue 11).
 
 mod qemu_support;
 mod vfio_support;
@@ -11,7 +12,8 @@ mod vfio_support;
 use assert_cmd::cargo::CommandCargoExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use vfio_support::{state, Tree};
+use usbroute::vfio::{self, BindOptions};
+use vfio_support::{pci, state, FixtureDriverCore, Tree};
 
 /// `usbroute serve` on `tree` with `config`, killed on drop.
 struct Serve {
@@ -230,4 +232,52 @@ fn device_rule_for_a_device_on_a_uhci_companion_does_not_fire_while_the_ehci_vm_
         ),
         "{why}"
     );
+}
+
+#[test]
+fn removing_a_rule_while_its_vm_runs_keeps_the_controller_until_the_vm_stops() {
+    let tree = Tree::q35_usb().with_vfio();
+    // Bound by the rule earlier: every member on vfio-pci, its record, /dev/vfio/7.
+    let settle = BindOptions {
+        settle: Duration::from_millis(200),
+        ..BindOptions::default()
+    };
+    vfio::bind(
+        &tree.root(),
+        &FixtureDriverCore::new(&tree),
+        &pci("00:1d.7"),
+        &settle,
+    )
+    .unwrap();
+    let qmp_dir = tempfile::tempdir().unwrap();
+    let qmp = qmp_dir.path().join("guest.qmp");
+    let qemu = qemu_support::QemuAt::spawn(&[&qmp], &["-machine", "none"]);
+    let vm = format!("[[vm]]\nname = \"guest\"\nqmp = \"{}\"\n", qmp.display());
+    let rule = "\n[[controller]]\npci = \"0000:00:1d.7\"\nvm = \"guest\"\n";
+    let serve = Serve::start(&tree, &format!("{vm}{rule}"), &[]);
+    serve.wait_until("the VM up and its rule applied", |s| {
+        s.cli(&["status", "--json"]).contains("\"up\": true") && s.controllers().len() == 1
+    });
+    let applied = serve.controllers()[0].3.clone();
+    let unbind = "sys/bus/pci/drivers/vfio-pci/unbind";
+    let unbind_before = tree.read(unbind);
+
+    serve.write_config(&vm);
+    serve.cli(&["reload"]);
+    serve.wait_until("the removed rule's outcome", |s| {
+        s.controllers()[0].3 != applied
+    });
+    let kept = serve.controllers();
+    let unbind_while_running = tree.read(unbind);
+    qemu.kill();
+    serve.wait_until("the give-back once the VM stopped", |_| {
+        tree.read(unbind) != unbind_before
+    });
+
+    assert_eq!(
+        kept[0].3,
+        "its rule is gone, but VM guest is running with it: it stays on vfio-pci; \
+         it goes back to the host when guest stops"
+    );
+    assert_eq!(unbind_while_running, unbind_before);
 }

@@ -32,7 +32,7 @@ fn bind_dry_run_prints_the_verdict_and_every_write_in_order_and_changes_nothing(
     IOMMU group 3: the IOMMU is the hardware that keeps a VM's devices from reaching the host's memory; it can only fence off a whole group, so a VM gets a group or nothing.
     0000:00:01.0 is alone in group 3: nothing else leaves the host with it.
 --dry-run: would do, in order (nothing was changed):
-   1. save each member's current driver to /run/usbroute/vfio/3.json  # for `controller restore`
+   1. save each member's current driver to /var/lib/usbroute/vfio/3.json  # for `controller restore`
    2. write \"vfio-pci\" to /sys/bus/pci/devices/0000:00:01.0/driver_override  # from now on only vfio-pci may take 0000:00:01.0
    3. write \"0000:00:01.0\" to /sys/bus/pci/drivers/xhci_hcd/unbind  # xhci_hcd lets go of it
    4. write \"0000:00:01.0\" to /sys/bus/pci/drivers_probe  # vfio-pci takes it
@@ -41,7 +41,7 @@ fn bind_dry_run_prints_the_verdict_and_every_write_in_order_and_changes_nothing(
 "
     );
     assert_eq!(state(&tree), first);
-    assert!(!tree.path("run/usbroute/vfio/3.json").exists());
+    assert!(!tree.path("var/lib/usbroute/vfio/3.json").exists());
 }
 
 #[test]
@@ -66,7 +66,7 @@ fn bind_on_a_tree_where_no_driver_reacts_fails_at_the_check_and_puts_the_overrid
         )),
         "\n"
     );
-    assert!(!tree.path("run/usbroute/vfio/3.json").exists());
+    assert!(!tree.path("var/lib/usbroute/vfio/3.json").exists());
 }
 
 #[test]

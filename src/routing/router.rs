@@ -4,8 +4,15 @@
 //!
 //! Linux writes XUSB2PRM into XUSB2PR on every resume of the xHCI, runtime PM included,
 //! so a routing that is not pinned is silently lost. The active routing is remembered in
-//! `/run/usbroute/routing.json` (under the sysfs root) so that a later `ports toggle`,
-//! the daemon and [`Router::reconcile`] all know what should be in force.
+//! `/var/lib/usbroute/routing.json` (under the sysfs root; see [`crate::state`]) so that
+//! a later `ports toggle`, the daemon and [`Router::reconcile`] all know what should be
+//! in force.
+//!
+//! The record is written first, as an intent (target registers, and the `power/control`
+//! to give back), then `power/control` is pinned, then the registers are written. A kill
+//! at any point leaves a record naming where the host is going, and
+//! [`Router::reconcile`] (the daemon runs it at start and every few seconds) finishes
+//! the move: registers, pin and un-pin.
 
 use super::config_space::{ConfigSpace, SysfsConfigSpace, USB3_PSSEN, XUSB2PR};
 use super::detect::{Detected, Registers};
@@ -17,13 +24,16 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// Where the active routing is remembered, as a host path.
-pub const STATE_FILE: &str = "/run/usbroute/routing.json";
+pub const STATE_FILE: &str = "/var/lib/usbroute/routing.json";
+
+/// Where earlier versions kept it (emptied by systemd on every stop); read once.
+const LEGACY_STATE_FILE: &str = "/run/usbroute/routing.json";
 
 /// Held (flock) around every read-modify-write of the registers and the state file, so
 /// `usbroute ports apply` and the daemon's re-apply never interleave: otherwise the
 /// daemon could see the new register before the new state file and "restore" the old
 /// profile, resetting every device on the moved ports twice.
-pub const LOCK_FILE: &str = "/run/usbroute/routing.lock";
+pub const LOCK_FILE: &str = "/var/lib/usbroute/routing.lock";
 
 /// The routing usbroute last put in force.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +48,9 @@ pub struct ActiveRouting {
     pub usb3_pssen: u32,
     /// The xHCI's `power/control` before usbroute pinned it to `on`; `None` when not pinned.
     pub power_control_before: Option<String>,
+    /// The boot it was written in: registers and `power/control` do not survive a reboot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 /// What [`Router::apply`] did.
@@ -111,19 +124,23 @@ impl<C: ConfigSpace> Router<C> {
         Registers::read(&self.space, &self.space_path)
     }
 
-    /// The routing usbroute last put in force on this xHCI, if any.
+    /// The routing usbroute last put in force (or set out to) on this xHCI in this boot.
     pub fn active(&self) -> Result<Option<ActiveRouting>, RoutingError> {
-        let path = self.root.path(STATE_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(RoutingError::io("read", path, e)),
-        };
-        // A state file that does not parse is stale debris from an older version:
-        // treat it as absent rather than refusing to route.
-        Ok(serde_json::from_str::<ActiveRouting>(&text)
-            .ok()
-            .filter(|a| a.controller == self.detected.xhci))
+        for file in [STATE_FILE, LEGACY_STATE_FILE] {
+            let path = self.root.path(file);
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(RoutingError::io("read", path, e)),
+            };
+            // A state file that does not parse is stale debris from an older version:
+            // treat it as absent rather than refusing to route.
+            return Ok(serde_json::from_str::<ActiveRouting>(&text)
+                .ok()
+                .filter(|a| a.controller == self.detected.xhci)
+                .filter(|a| crate::state::same_boot(&self.root, a.boot_id.as_deref())));
+        }
+        Ok(None)
     }
 
     /// Write a plan. Refuses bits XUSB2PRM forbids unless `force`.
@@ -144,30 +161,38 @@ impl<C: ConfigSpace> Router<C> {
             ..before
         };
         let default = target.is_kernel_default(self.detected.chipset);
-        let mut pinned_from = previous.and_then(|p| p.power_control_before);
+        // What power/control goes back to once the routing is the default again: what an
+        // earlier apply recorded, else what it says now (unless it is `on` already).
+        let mut pinned_from = match previous.and_then(|p| p.power_control_before) {
+            Some(was) => Some(was),
+            None if !default => self.power_control()?.filter(|v| v != "on"),
+            None => None,
+        };
+        let mut record = ActiveRouting {
+            controller: self.detected.xhci,
+            profile: plan.profile.clone(),
+            xusb2pr: target.xusb2pr,
+            usb3_pssen: target.usb3_pssen,
+            power_control_before: pinned_from.clone(),
+            boot_id: crate::state::boot_id(&self.root),
+        };
+        // Intent first: a kill after this leaves a record reconcile can finish.
+        self.save(&record)?;
         let mut power = PowerChange::Unchanged;
         // Pin before writing: a runtime suspend between the write and the pin would
         // undo the routing on resume.
-        if !default && pinned_from.is_none() {
-            if let Some(was) = self.pin_power()? {
-                pinned_from = Some(was);
-                power = PowerChange::PinnedOn;
-            }
+        if !default && pinned_from.is_some() && self.pin_power()?.is_some() {
+            power = PowerChange::PinnedOn;
         }
         self.write_registers(&before, &target)?;
         if default {
             if let Some(was) = pinned_from.take() {
                 self.write_power_control(&was)?;
                 power = PowerChange::Restored;
+                record.power_control_before = None;
+                self.save(&record)?;
             }
         }
-        self.save(&ActiveRouting {
-            controller: self.detected.xhci,
-            profile: plan.profile.clone(),
-            xusb2pr: target.xusb2pr,
-            usb3_pssen: target.usb3_pssen,
-            power_control_before: pinned_from,
-        })?;
         Ok(Applied {
             before,
             after: self.registers()?,
@@ -184,19 +209,29 @@ impl<C: ConfigSpace> Router<C> {
             return Ok(None);
         };
         let now = self.registers()?;
-        let ss = self.detected.chipset.superspeed_bits();
-        if now.xusb2pr == active.xusb2pr && now.usb3_pssen & ss == active.usb3_pssen & ss {
-            return Ok(None);
-        }
-        if active.power_control_before.is_some() {
-            // Someone (a udev rule, powertop) may have put it back to auto.
-            self.pin_power()?;
-        }
         let target = Registers {
             xusb2pr: active.xusb2pr,
             usb3_pssen: active.usb3_pssen,
             ..now
         };
+        if let Some(was) = &active.power_control_before {
+            if target.is_kernel_default(self.detected.chipset) {
+                // An apply back to the default was cut short before it un-pinned.
+                self.write_power_control(was)?;
+                self.save(&ActiveRouting {
+                    power_control_before: None,
+                    ..active.clone()
+                })?;
+            } else {
+                // Cut short before the pin, or someone (a udev rule, powertop) put it
+                // back to auto: the next runtime suspend would lose the routing.
+                self.pin_power()?;
+            }
+        }
+        let ss = self.detected.chipset.superspeed_bits();
+        if now.xusb2pr == active.xusb2pr && now.usb3_pssen & ss == active.usb3_pssen & ss {
+            return Ok(None);
+        }
         self.write_registers(&now, &target)?;
         Ok(Some(Reapplied {
             profile: active.profile,
@@ -233,14 +268,17 @@ impl<C: ConfigSpace> Router<C> {
         format!("/sys/bus/pci/devices/{}/power/control", self.detected.xhci)
     }
 
+    /// `power/control` now; `None` without runtime PM (an odd kernel, a fixture).
+    fn power_control(&self) -> Result<Option<String>, RoutingError> {
+        let host = self.power_control_path();
+        self.root
+            .read_attr(&host)
+            .map_err(|e| RoutingError::io("read", self.root.path(&host), e))
+    }
+
     /// Set `power/control` to `on` if it says anything else; the old value if changed.
     fn pin_power(&self) -> Result<Option<String>, RoutingError> {
-        let host = self.power_control_path();
-        let now = self
-            .root
-            .read_attr(&host)
-            .map_err(|e| RoutingError::io("read", self.root.path(&host), e))?;
-        match now {
+        match self.power_control()? {
             // No runtime PM file (an odd kernel or a fixture without one): nothing to pin.
             None => Ok(None),
             Some(v) if v == "on" => Ok(None),
@@ -276,13 +314,11 @@ impl<C: ConfigSpace> Router<C> {
 
     fn save(&self, active: &ActiveRouting) -> Result<(), RoutingError> {
         let path = self.root.path(STATE_FILE);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| RoutingError::io("create", dir, e))?;
-        }
         let json = serde_json::to_string_pretty(active).expect("state serialises");
-        // Write then rename: a crash never leaves half a state file.
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, json).map_err(|e| RoutingError::io("write", &tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| RoutingError::io("write", &path, e))
+        crate::state::write_atomic(&path, json.as_bytes())
+            .map_err(|e| RoutingError::io("write", &path, e))?;
+        // The copy an earlier version left in /run would be read if this one vanished.
+        let _ = std::fs::remove_file(self.root.path(LEGACY_STATE_FILE));
+        Ok(())
     }
 }

@@ -1,8 +1,10 @@
 //! `[[controller]]` rules in `usbroute serve`, like driverctl's persistent overrides:
 //! every rule's group goes to vfio-pci at start, a rule added by a reload is bound then,
-//! and a rule removed by a reload gives its controller back to the host. Never forced (a
-//! group the host seems to need is reported, not taken), and never restored at shutdown:
-//! the VM may keep running with it.
+//! and a rule removed by a reload gives its controller back to the host, but only once
+//! its VM has stopped ([`hold_for_running`]): pulling a controller out from under a
+//! running guest hangs vfio-pci's unbind until the guest lets go, and the bind worker
+//! with it. Never forced (a group the host seems to need is reported, not taken), and
+//! never restored at shutdown: the VM may keep running with it.
 //!
 //! [`rule_changes`] is the pure diff of two configs; [`carry_out`] does (or, in a dry
 //! run, describes) the binds and restores through a [`PciHost`], blocking: the daemon runs
@@ -56,6 +58,8 @@ pub enum Direction {
     Bind,
     /// Back to the host's drivers.
     Restore,
+    /// Its rule is gone but its VM still runs: it stays on vfio-pci for now.
+    Kept,
 }
 
 /// One rule's bind or restore, done or (dry run) described.
@@ -77,6 +81,45 @@ impl ControllerStep {
             message: self.outcome.message.clone(),
         }
     }
+}
+
+/// Split removed rules into those to give back now and those whose VM (by the old rule)
+/// is in `running`: those stay on vfio-pci, each with the step that says so, until that
+/// VM stops. `in_config` says whether the VM is still configured (else usbroute cannot
+/// see it stop, and the message says to restore by hand). Pure.
+pub fn hold_for_running(
+    removed: Vec<ControllerRule>,
+    running: &std::collections::BTreeSet<String>,
+    in_config: impl Fn(&str) -> bool,
+) -> (Vec<ControllerRule>, Vec<ControllerStep>) {
+    let (held, now): (Vec<_>, Vec<_>) = removed.into_iter().partition(|r| running.contains(&r.vm));
+    let kept = held
+        .iter()
+        .map(|rule| {
+            let vm = &rule.vm;
+            let when = if in_config(vm) {
+                format!("it goes back to the host when {vm} stops")
+            } else {
+                format!(
+                    "{vm} is no longer in the config, so usbroute cannot see it stop: run \
+                     `usbroute controller restore {}` once it has",
+                    rule.pci
+                )
+            };
+            ControllerStep {
+                direction: Direction::Kept,
+                outcome: outcome(
+                    rule,
+                    None,
+                    true,
+                    format!(
+                        "its rule is gone, but VM {vm} is running with it: it stays on vfio-pci; {when}"
+                    ),
+                ),
+            }
+        })
+        .collect();
+    (now, kept)
 }
 
 /// Give back the removed rules' groups, then bind the added ones (removed first, so a
@@ -209,6 +252,28 @@ mod tests {
 
         assert_eq!(changes.added, [rule("21:00.3", "win11")]);
         assert_eq!(changes.removed, [rule("00:1d.7", "win11")]);
+    }
+
+    #[test]
+    fn hold_for_running_keeps_the_controllers_of_running_vms_and_says_until_when() {
+        let removed = vec![
+            rule("00:1d.7", "win11"),
+            rule("00:14.0", "lab"),
+            rule("21:00.3", "gone"),
+        ];
+        let running = ["win11".to_string(), "gone".to_string()].into();
+
+        let (now, kept) = hold_for_running(removed, &running, |vm| vm != "gone");
+
+        assert_eq!(now, [rule("00:14.0", "lab")]);
+        let messages: Vec<&str> = kept.iter().map(|k| k.outcome.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                "its rule is gone, but VM win11 is running with it: it stays on vfio-pci; it goes back to the host when win11 stops",
+                "its rule is gone, but VM gone is running with it: it stays on vfio-pci; gone is no longer in the config, so usbroute cannot see it stop: run `usbroute controller restore 0000:21:00.3` once it has",
+            ]
+        );
     }
 
     #[test]

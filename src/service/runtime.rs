@@ -15,7 +15,7 @@ use crate::inventory::{self, PciAddress, Snapshot};
 use crate::policy::Config;
 use crate::sysfs::SysfsRoot;
 use crate::vfio::{BindOptions, ControllerRule};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -85,6 +85,8 @@ pub(super) struct Daemon {
     pub(super) controllers: BTreeMap<PciAddress, ControllerStatus>,
     /// Held while a bind/restore batch runs, so two reloads never work on a group at once.
     controller_work: Arc<std::sync::Mutex<()>>,
+    /// Removed rules whose VM was running: given back when that VM goes down.
+    held_for_vms: Vec<ControllerRule>,
 }
 
 /// Run the daemon until SIGTERM or SIGINT.
@@ -137,10 +139,11 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         routing,
         controllers: BTreeMap::new(),
         controller_work: Arc::new(std::sync::Mutex::new(())),
+        held_for_vms: Vec::new(),
     };
     daemon.apply_config();
     let rules = daemon.config.controllers.clone();
-    daemon.sync_controllers(&[], &rules);
+    daemon.sync_controllers(&[], &rules, &BTreeSet::new());
     daemon.rescan("start");
     super::narrate::sees(&daemon.snapshot, "at start");
     super::narrate::ready(&socket, &daemon.config, daemon.options.dry_run);
@@ -318,6 +321,7 @@ impl Daemon {
                 if let Some(v) = self.vms.get_mut(&vm) {
                     v.up = false;
                     tracing::warn!(vm = %vm, "VM went down: {reason}");
+                    self.give_back_held(&vm);
                     self.engine.send(EngineInput::VmGone { name: vm });
                 }
             }
@@ -341,10 +345,17 @@ impl Daemon {
         RoutingHooks::check_reload(&config)
             .map_err(|e| format!("{e}\nthe running config stays in force"))?;
         self.routing.reload(&self.config, &config);
+        // Before apply_config drops VMs the new config no longer names.
+        let running: BTreeSet<String> = self
+            .vms
+            .iter()
+            .filter(|(_, v)| v.up)
+            .map(|(name, _)| name.clone())
+            .collect();
         let old = std::mem::replace(&mut self.config, Arc::new(config));
         self.apply_config();
         let new = self.config.controllers.clone();
-        self.sync_controllers(&old.controllers, &new);
+        self.sync_controllers(&old.controllers, &new, &running);
         self.rescan("reload");
         Ok(format!(
             "reloaded {}: {} VMs, {} rules",
@@ -355,10 +366,52 @@ impl Daemon {
     }
 
     /// Bind the groups of controller rules `new` adds over `old` and give back those it
-    /// drops, off the loop (sysfs writes and the wait for `/dev/vfio/N` block); the result
-    /// comes back as [`Input::ControllersDone`].
-    fn sync_controllers(&mut self, old: &[ControllerRule], new: &[ControllerRule]) {
-        let changes = controllers::rule_changes(old, new);
+    /// drops, except those whose VM is `running` (kept until it stops), off the loop
+    /// (sysfs writes and the wait for `/dev/vfio/N` block); the result comes back as
+    /// [`Input::ControllersDone`].
+    fn sync_controllers(
+        &mut self,
+        old: &[ControllerRule],
+        new: &[ControllerRule],
+        running: &BTreeSet<String>,
+    ) {
+        let mut changes = controllers::rule_changes(old, new);
+        // A rule added back while its controller was kept: it is still on vfio-pci.
+        self.held_for_vms
+            .retain(|held| !new.iter().any(|r| r.pci == held.pci));
+        let vms: BTreeSet<String> = self.config.vms.iter().map(|v| v.name.clone()).collect();
+        let (now, kept) =
+            controllers::hold_for_running(std::mem::take(&mut changes.removed), running, |vm| {
+                vms.contains(vm)
+            });
+        changes.removed = now;
+        self.held_for_vms.extend(
+            kept.iter()
+                .filter(|k| vms.contains(&k.outcome.vm))
+                .map(|k| ControllerRule {
+                    pci: k.outcome.pci,
+                    vm: k.outcome.vm.clone(),
+                }),
+        );
+        if !kept.is_empty() {
+            self.on_controllers_done(kept);
+        }
+        self.spawn_controller_work(changes);
+    }
+
+    /// The VM `vm` went down: give back the controllers kept for it.
+    fn give_back_held(&mut self, vm: &str) {
+        let (released, still): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held_for_vms)
+            .into_iter()
+            .partition(|r| r.vm == vm);
+        self.held_for_vms = still;
+        self.spawn_controller_work(controllers::RuleChanges {
+            added: Vec::new(),
+            removed: released,
+        });
+    }
+
+    fn spawn_controller_work(&self, changes: controllers::RuleChanges) {
         if changes.is_empty() {
             return;
         }
@@ -389,7 +442,7 @@ impl Daemon {
             let o = &step.outcome;
             let what = match step.direction {
                 Direction::Bind => "controller rule",
-                Direction::Restore => "controller rule removed",
+                Direction::Restore | Direction::Kept => "controller rule removed",
             };
             if o.ok {
                 tracing::info!(controller = %o.pci, vm = %o.vm, "{what}: {}", o.message);

@@ -81,8 +81,9 @@ pub struct RestoreOutcome {
     pub members: Vec<MemberChange>,
 }
 
-/// Work out the bind of `pci`'s whole group: refuses when there is no IOMMU group, or
-/// when members look needed by the host and `opts.force` is off.
+/// Work out the bind of `pci`'s whole group: refuses when there is no IOMMU group, and,
+/// unless `opts.force`, when `pci` is not a USB controller or members look needed by
+/// the host.
 pub fn plan_bind(
     root: &SysfsRoot,
     host: &dyn PciHost,
@@ -100,6 +101,17 @@ pub fn plan_bind(
         return Err(VfioError::OnlyBridges {
             pci: *pci,
             group: group.number,
+        });
+    }
+    let target = group.members.iter().find(|m| m.pci == *pci);
+    let is_usb = target
+        .and_then(|m| m.class)
+        .and_then(crate::inventory::ControllerKind::from_pci_class)
+        .is_some();
+    if !is_usb && !opts.force {
+        return Err(VfioError::NotUsbController {
+            pci: *pci,
+            kind: target.map_or_else(|| "PCI device".to_string(), |m| m.kind_label()),
         });
     }
     if verdict.needs_force && !opts.force {
@@ -129,6 +141,7 @@ pub fn plan_bind(
         group: group.number,
         controller: *pci,
         members,
+        boot_id: crate::state::boot_id(root),
     };
     let vfio_loaded = host.exists(Path::new("/sys/bus/pci/drivers/vfio-pci"));
     let mut steps = bind_plan(
@@ -280,6 +293,9 @@ pub fn restore(
         }
     }
     let now = current_states(host, &before);
+    // Judge by the drivers read back, never by the steps alone: a write the kernel
+    // accepted may still leave a member on vfio-pci.
+    problems.extend(still_on_vfio(&before, &now, record.is_some()));
     if !problems.is_empty() {
         return Err(VfioError::RestoreFailed {
             group: group.number,
@@ -292,6 +308,20 @@ pub fn restore(
         had_record: record.is_some(),
         members: changes(&before, &now),
     })
+}
+
+/// The members a restore should have taken off vfio-pci that are still on it: every
+/// member without a record, else those whose recorded driver was not vfio-pci.
+fn still_on_vfio(before: &[MemberState], now: &[MemberState], had_record: bool) -> Vec<String> {
+    before
+        .iter()
+        .zip(now)
+        .filter(|(b, n)| {
+            let wanted_off = !had_record || b.driver.as_deref() != Some(VFIO_DRIVER);
+            wanted_off && n.driver.as_deref() == Some(VFIO_DRIVER)
+        })
+        .map(|(_, n)| format!("{} is still on {VFIO_DRIVER}", n.pci))
+        .collect()
 }
 
 /// Run every step, collecting failures (used for roll-back, which must not stop).

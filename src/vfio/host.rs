@@ -77,7 +77,9 @@ impl PciHost for LiveHost {
             Ok(())
         } else {
             Err(io::Error::other(format!(
-                "`modprobe {module}` failed ({status}); is the module installed for this kernel?"
+                "`modprobe {module}` failed ({status}); is the module installed for this kernel? \
+                 Under the shipped systemd unit modules cannot be loaded: load it at boot \
+                 (contrib/modules-load.d/usbroute.conf in /etc/modules-load.d/)"
             )))
         }
     }

@@ -1,8 +1,11 @@
-//! What the host is using a PCI function for: mounted disks, the console, routed network
-//! interfaces, its only keyboard. Read through a [`SysfsRoot`]; a guess, so the verdict
-//! asks for `--force` rather than forbidding.
+//! What the host is using a PCI function for: disks it has mounted, pooled, stacked or
+//! swaps to ([`HostBlocks`]), the console, network interfaces that carry a route
+//! (directly or through a bridge, bond or VLAN on top), its only keyboard. Read through
+//! a [`SysfsRoot`]; a guess, so the verdict asks for `--force` rather than forbidding.
+//! A file that cannot be read counts as "the host may need it", never as "nothing".
 
 use super::group::{device_dir, real_dir, IommuGroup};
+use crate::hostblock::{BlockUse, HostBlocks};
 use crate::inventory::PciAddress;
 use crate::sysfs::SysfsRoot;
 use serde::{Deserialize, Serialize};
@@ -43,6 +46,33 @@ pub enum HostUse {
         /// The interface (`enp3s0`).
         interface: String,
     },
+    /// A block device below it is a disk of an imported ZFS pool.
+    ZfsPoolMember {
+        /// Kernel block device name (`sdb1`).
+        block_device: String,
+        /// The pool.
+        pool: String,
+    },
+    /// Another block device (LVM, dm-crypt, md, bcache) is built on a block device below it.
+    StackedBlockDevice {
+        /// Kernel block device name (`sda3`).
+        block_device: String,
+        /// The device on top (`dm-0`, `md127`).
+        holder: String,
+    },
+    /// A network interface below it is enslaved to a bridge, bond or VLAN that carries a
+    /// host route.
+    EnslavedNetwork {
+        /// The interface (`enp3s0`).
+        interface: String,
+        /// The interface on top with the route (`br0`).
+        master: String,
+    },
+    /// What the host uses could not be read, and a device of this kind is below it.
+    Unknown {
+        /// What could not be read, and why.
+        what: String,
+    },
     /// The only keyboards of the host are on it.
     OnlyKeyboard {
         /// The USB devices with a keyboard interface (`1-3`).
@@ -73,6 +103,24 @@ impl fmt::Display for HostUse {
             Self::RoutedNetwork { interface } => {
                 write!(f, "carries a host network route ({interface})")
             }
+            Self::ZfsPoolMember { block_device, pool } => {
+                write!(
+                    f,
+                    "holds a disk of the host's ZFS pool {pool} ({block_device})"
+                )
+            }
+            Self::StackedBlockDevice {
+                block_device,
+                holder,
+            } => write!(
+                f,
+                "holds {block_device}, which the host's {holder} is built on (LVM, dm-crypt or md)"
+            ),
+            Self::EnslavedNetwork { interface, master } => write!(
+                f,
+                "carries a host network route through {master} ({interface} is part of it)"
+            ),
+            Self::Unknown { what } => write!(f, "may be in use by the host: cannot read {what}"),
             Self::OnlyKeyboard { keyboards } => write!(
                 f,
                 "has the host's only keyboard (USB {}); the host would be left without one",
@@ -98,8 +146,7 @@ pub fn gather_host_uses(
     root: &SysfsRoot,
     group: &IommuGroup,
 ) -> BTreeMap<PciAddress, Vec<HostUse>> {
-    let mounts = mounted_block_devices(root);
-    let swaps = swap_block_devices(root);
+    let blocks = HostBlocks::read(root);
     let routed = routed_interfaces(root);
     let walks: Vec<(PciAddress, Below)> = group
         .passed_members()
@@ -120,26 +167,19 @@ pub fn gather_host_uses(
 
     let mut uses = BTreeMap::new();
     for (pci, below) in walks {
-        let mut found = Vec::new();
-        for block in &below.block_devices {
-            for (mounted, point) in &mounts {
-                if mounted == block {
-                    found.push(HostUse::MountedFilesystem {
-                        block_device: block.clone(),
-                        mount_point: point.clone(),
-                    });
-                }
-            }
+        let mut found: Vec<HostUse> = below
+            .block_devices
+            .iter()
+            .flat_map(|b| block_uses(&blocks, b))
+            .collect();
+        if !below.block_devices.is_empty() && !blocks.unreadable.is_empty() {
+            found.push(HostUse::Unknown {
+                what: format!(
+                    "{}, so its disks may be in use",
+                    blocks.unreadable.join("; ")
+                ),
+            });
         }
-        found.extend(
-            below
-                .block_devices
-                .iter()
-                .filter(|b| swaps.contains(*b))
-                .map(|b| HostUse::ActiveSwap {
-                    block_device: b.clone(),
-                }),
-        );
         if root
             .read_attr(device_dir(&pci).join("boot_vga"))
             .ok()
@@ -164,10 +204,7 @@ pub fn gather_host_uses(
             below
                 .interfaces
                 .iter()
-                .filter(|i| routed.contains(*i))
-                .map(|i| HostUse::RoutedNetwork {
-                    interface: i.clone(),
-                }),
+                .filter_map(|i| network_use(root, &routed, i)),
         );
         if !below.keyboards.is_empty() && !keyboards_elsewhere {
             found.push(HostUse::OnlyKeyboard {
@@ -303,117 +340,122 @@ fn keyboards_outside(root: &SysfsRoot, group: &IommuGroup, in_group: &BTreeSet<S
     usb_elsewhere || ps2
 }
 
-/// Block device names holding a mounted filesystem, with the mount point; device-mapper
-/// and md devices are expanded to the disks below them (`slaves/`).
-fn mounted_block_devices(root: &SysfsRoot) -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(root.path("/proc/self/mounts")).unwrap_or_default();
-    let mut found = Vec::new();
-    for line in text.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(source), Some(point)) = (fields.next(), fields.next()) else {
-            continue;
-        };
-        let point = unescape_mount_field(point);
-        found.extend(
-            block_devices_of(root, source)
-                .into_iter()
-                .map(|b| (b, point.clone())),
-        );
-    }
-    found
-}
-
-/// Block devices the host swaps to (`/proc/swaps`), expanded like mounts.
-fn swap_block_devices(root: &SysfsRoot) -> BTreeSet<String> {
-    let text = std::fs::read_to_string(root.path("/proc/swaps")).unwrap_or_default();
-    text.lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().next())
-        .flat_map(|source| block_devices_of(root, &unescape_mount_field(source)))
+/// What the host uses one block device below a member for.
+fn block_uses(blocks: &HostBlocks, block: &str) -> Vec<HostUse> {
+    blocks
+        .uses_of(block)
+        .map(|u| {
+            let block_device = block.to_string();
+            match u {
+                BlockUse::Mounted { point } => HostUse::MountedFilesystem {
+                    block_device,
+                    mount_point: point.clone(),
+                },
+                BlockUse::Swap => HostUse::ActiveSwap { block_device },
+                BlockUse::Held { holder } => HostUse::StackedBlockDevice {
+                    block_device,
+                    holder: holder.clone(),
+                },
+                BlockUse::ZfsPool { pool } => HostUse::ZfsPoolMember {
+                    block_device,
+                    pool: pool.clone(),
+                },
+            }
+        })
         .collect()
 }
 
-/// The kernel block devices behind a `/dev/...` path: the node's own name (following
-/// `/dev/mapper/x` and `/dev/disk/by-*/` links) and, for device-mapper and md, every
-/// device below it (`/sys/class/block/<name>/slaves`). Empty for non-device sources.
-fn block_devices_of(root: &SysfsRoot, source: &str) -> Vec<String> {
-    if !source.starts_with("/dev/") {
-        return Vec::new();
-    }
-    let name = std::fs::read_link(root.path(source))
-        .ok()
-        .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| source.rsplit('/').next().unwrap_or(source).to_string());
-    let mut pending = vec![name];
-    let mut seen = BTreeSet::new();
-    let mut found = Vec::new();
-    while let Some(block) = pending.pop() {
-        if !seen.insert(block.clone()) {
-            continue;
-        }
-        let slaves = root.path(format!("/sys/class/block/{block}/slaves"));
-        if let Ok(entries) = std::fs::read_dir(slaves) {
-            pending.extend(
-                entries
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned()),
-            );
-        }
-        found.push(block);
-    }
-    found
-}
+/// The network interfaces that carry a host route (loopback aside), or why they are
+/// unknown.
+type Routed = Result<BTreeSet<String>, String>;
 
-/// `/proc/self/mounts` writes space, tab, newline and backslash as octal escapes.
-fn unescape_mount_field(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
-        match (bytes[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
+/// Interfaces named in the IPv4 or IPv6 routing table (loopback aside). A missing table
+/// is empty in a recording and for IPv6 (it may be off); otherwise unreadable is an error.
+fn routed_interfaces(root: &SysfsRoot) -> Routed {
+    let read = |p: &str, optional: bool| match std::fs::read_to_string(root.path(p)) {
+        Ok(text) => Ok(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && (optional || !root.is_live()) => {
+            Ok(String::new())
         }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Interfaces named in the IPv4 or IPv6 routing table (loopback aside).
-fn routed_interfaces(root: &SysfsRoot) -> BTreeSet<String> {
-    let read = |p: &str| std::fs::read_to_string(root.path(p)).unwrap_or_default();
-    let v4 = read("/proc/net/route");
-    let v6 = read("/proc/net/ipv6_route");
+        Err(e) => Err(format!("{p} ({e})")),
+    };
+    let v4 = read("/proc/net/route", false)?;
+    let v6 = read("/proc/net/ipv6_route", true)?;
     let ipv4 = v4
         .lines()
         .skip(1)
         .filter_map(|l| l.split_whitespace().next());
     let ipv6 = v6.lines().filter_map(|l| l.split_whitespace().last());
-    ipv4.chain(ipv6)
+    Ok(ipv4
+        .chain(ipv6)
         .filter(|i| *i != "lo")
         .map(str::to_string)
-        .collect()
+        .collect())
+}
+
+/// Why the host needs `interface`: it carries a route, or an interface stacked on it
+/// (its `master` bridge or bond, an `upper_*` VLAN, and so on up) does.
+fn network_use(root: &SysfsRoot, routed: &Routed, interface: &str) -> Option<HostUse> {
+    let routed = match routed {
+        Ok(routed) => routed,
+        Err(what) => {
+            return Some(HostUse::Unknown {
+                what: format!("{what}, so {interface} may carry a route"),
+            })
+        }
+    };
+    if routed.contains(interface) {
+        return Some(HostUse::RoutedNetwork {
+            interface: interface.to_string(),
+        });
+    }
+    // Bridges in bonds in VLANs are a few levels at most; the bound only stops a cycle.
+    let mut pending = vec![(interface.to_string(), 0)];
+    let mut seen = BTreeSet::new();
+    while let Some((name, depth)) = pending.pop() {
+        if depth > 8 || !seen.insert(name.clone()) {
+            continue;
+        }
+        if name != interface && routed.contains(&name) {
+            return Some(HostUse::EnslavedNetwork {
+                interface: interface.to_string(),
+                master: name,
+            });
+        }
+        pending.extend(
+            upper_interfaces(root, &name)
+                .into_iter()
+                .map(|u| (u, depth + 1)),
+        );
+    }
+    None
+}
+
+/// The interfaces directly on top of `interface`: its `master` and its `upper_*` links.
+fn upper_interfaces(root: &SysfsRoot, interface: &str) -> BTreeSet<String> {
+    let dir = format!("/sys/class/net/{interface}");
+    let mut uppers: BTreeSet<String> = root
+        .link_name(format!("{dir}/master"))
+        .into_iter()
+        .collect();
+    uppers.extend(
+        std::fs::read_dir(root.path(&dir))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("upper_")
+                    .map(str::to_string)
+            }),
+    );
+    uppers
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unescape_mount_field_turns_octal_escapes_into_bytes() {
-        assert_eq!(
-            unescape_mount_field(r"/mnt/my\040disk\134x"),
-            r"/mnt/my disk\x"
-        );
-    }
 
     #[test]
     fn is_drm_card_accepts_cards_not_connectors() {

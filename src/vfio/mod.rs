@@ -92,6 +92,14 @@ pub enum VfioError {
         /// The group.
         group: u32,
     },
+    /// The target is not a USB controller, and no `--force`.
+    #[error("{pci} is a {kind}, not a USB controller: usbroute passes USB controllers (with their IOMMU group). If you mean to give the VM this device, pass --force")]
+    NotUsbController {
+        /// The address asked for.
+        pci: PciAddress,
+        /// What it is (`SATA controller`).
+        kind: String,
+    },
     /// Members the host seems to need, and no `--force`.
     #[error("Refusing to take IOMMU group {group} from the host: {reasons}. If you are sure, pass --force (`usbroute controller restore` gives it back)")]
     HostNeedsGroup {

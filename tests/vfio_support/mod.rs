@@ -239,12 +239,20 @@ pub struct FixtureDriverCore {
     refuses: BTreeSet<PciAddress>,
     /// When false, `/dev/vfio/N` never appears.
     creates_dev_nodes: bool,
+    /// When true, vfio-pci's `unbind` is accepted and does nothing (a device whose
+    /// release never completes: the write returns, the driver stays).
+    vfio_holds_on: bool,
 }
 
 impl FixtureDriverCore {
     pub fn new(tree: &Tree) -> Self {
+        Self::at(tree.dir.path())
+    }
+
+    /// On a tree made elsewhere (by another process: the crash tests' child).
+    pub fn at(dir: &Path) -> Self {
         let mut defaults = BTreeMap::new();
-        for entry in std::fs::read_dir(tree.path("sys/bus/pci/devices"))
+        for entry in std::fs::read_dir(dir.join("sys/bus/pci/devices"))
             .expect("devices")
             .flatten()
         {
@@ -263,14 +271,20 @@ impl FixtureDriverCore {
             }
         }
         Self {
-            live: LiveHost::new(tree.root()),
-            tree_dir: tree.dir.path().to_path_buf(),
+            live: LiveHost::new(SysfsRoot::new(dir)),
+            tree_dir: dir.to_path_buf(),
             log: RefCell::new(Vec::new()),
             defaults,
             fail_write: None,
             refuses: BTreeSet::new(),
             creates_dev_nodes: true,
+            vfio_holds_on: false,
         }
+    }
+
+    pub fn vfio_holds_on(mut self) -> Self {
+        self.vfio_holds_on = true;
+        self
     }
 
     pub fn failing_write(mut self, n: usize) -> Self {
@@ -346,6 +360,9 @@ impl FixtureDriverCore {
         {
             if current.as_deref() != Some(driver) {
                 return enodev();
+            }
+            if driver == "vfio-pci" && self.vfio_holds_on {
+                return Ok(());
             }
             std::fs::remove_file(self.dev(&addr).join("driver"))?;
             return Ok(());

@@ -33,7 +33,7 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
             "round {round}: after bind {bound:?}"
         );
         bed.guest_ok(&format!(
-            "test -e /dev/vfio/{group} && test -f /run/usbroute/vfio/{group}.json"
+            "test -e /dev/vfio/{group} && test -f /var/lib/usbroute/vfio/{group}.json"
         ))
         .await?;
         bed.wait_guest(
@@ -48,7 +48,7 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
             restored == before,
             "round {round}: after restore {restored:?}, before {before:?}"
         );
-        bed.guest_ok(&format!("! test -e /run/usbroute/vfio/{group}.json"))
+        bed.guest_ok(&format!("! test -e /var/lib/usbroute/vfio/{group}.json"))
             .await?;
         bed.wait_guest(
             "the storage device to re-enumerate on the restored EHCI",
