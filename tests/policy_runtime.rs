@@ -432,3 +432,32 @@ async fn override_ends_when_device_is_replugged() {
     .await;
     assert_eq!(a.ids(), Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn engine_without_a_picture_of_the_host_detaches_nothing() {
+    // The daemon sends no device list while sysfs cannot be read (its first scan failed):
+    // the VM's device must not be taken for unplugged.
+    let a = Arc::new(SimVm {
+        name: "a".into(),
+        ids: Mutex::new(vec!["usbroute-addr-1-5".into()]),
+        ..SimVm::default()
+    });
+    let (engine, _task) = spawn(options());
+    engine.send(Input::Rules(vec![rule(0, "port:1-1", "a")]));
+    engine.send(Input::VmUp {
+        name: "a".into(),
+        backend: Arc::clone(&a) as Arc<dyn VmBackend>,
+    });
+
+    wait_for(
+        &mut engine.status(),
+        "a answered and nothing in flight",
+        |s| s.busy.is_empty() && s.vms.get("a").is_some_and(|v| v.reachable),
+    )
+    .await;
+
+    assert_eq!(
+        (a.ids(), a.calls.lock().expect("lock").clone()),
+        (vec!["usbroute-addr-1-5".to_string()], vec![])
+    );
+}

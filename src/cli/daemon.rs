@@ -96,6 +96,11 @@ pub fn status_table(r: &StatusReport) -> String {
         "config: {config}{}\n",
         if r.dry_run { "  [dry run]" } else { "" }
     ));
+    if let Some(e) = &r.sysfs_error {
+        out.push_str(&format!(
+            "sysfs: {e}; showing the last good picture until a read succeeds\n"
+        ));
+    }
     for vm in &r.vms {
         let state = if vm.up { "up" } else { "down" };
         out.push_str(&format!(

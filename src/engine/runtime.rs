@@ -174,6 +174,9 @@ struct Coordinator {
     rules: Vec<Rule>,
     controllers: Vec<ControllerRule>,
     devices: Vec<Device>,
+    /// Whether any [`Input::Devices`] came yet: without a picture of the host, the plan
+    /// would take every VM's devices away, so no action is taken.
+    devices_known: bool,
     mounted: BTreeSet<String>,
     overrides: BTreeMap<PortPath, Override>,
     workers: BTreeMap<String, Worker>,
@@ -195,6 +198,7 @@ impl Coordinator {
             rules: vec![],
             controllers: vec![],
             devices: vec![],
+            devices_known: false,
             mounted: BTreeSet::new(),
             overrides: BTreeMap::new(),
             workers: BTreeMap::new(),
@@ -233,6 +237,7 @@ impl Coordinator {
             Input::Controllers(c) => self.controllers = c,
             Input::Devices(devices) => {
                 self.devices = devices;
+                self.devices_known = true;
                 let present: BTreeMap<&PortPath, Option<u16>> =
                     self.devices.iter().map(|d| (&d.port, d.address)).collect();
                 // An override holds for one plug: unplugged or re-plugged, it ends.
@@ -381,6 +386,11 @@ impl Coordinator {
             .collect();
         let actual = self.holdings.actual(&answering);
         let mut due = due_actions(&desired, &actual, &self.devices, &mut self.retries, now);
+        if !self.devices_known {
+            // No picture of the host yet (the first scan of sysfs failed): VMs are still
+            // listed, but nothing is attached or detached.
+            due.clear();
+        }
         if self
             .workers
             .values()

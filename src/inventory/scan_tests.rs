@@ -305,3 +305,36 @@ fn bus_of_a_platform_controller_is_listed_under_not_on_pci() {
     assert_eq!(s.devices[0].controller, None);
     assert!(render::tree(&s).starts_with("not on PCI\n└── bus 7  480 Mb/s\n    └── 7-1  dev 2"));
 }
+
+#[test]
+fn try_scan_of_an_unreadable_usb_device_listing_fails_naming_it() {
+    let (dir, _) = host();
+    let listing = dir.path().join("sys/bus/usb/devices");
+    std::fs::remove_dir_all(&listing).unwrap();
+    // Root reads any mode: a file where the directory should be fails the read as EIO
+    // or EMFILE would, with ENOTDIR.
+    std::fs::write(&listing, "").unwrap();
+
+    let err = try_scan(&SysfsRoot::new(dir.path())).unwrap_err();
+
+    assert_eq!(err.path, std::path::Path::new("/sys/bus/usb/devices"));
+}
+
+#[test]
+fn try_scan_without_any_usb_is_a_valid_empty_picture() {
+    let (dir, _) = host();
+    std::fs::remove_dir_all(dir.path().join("sys/bus/usb")).unwrap();
+
+    let s = try_scan(&SysfsRoot::new(dir.path())).unwrap();
+
+    assert_eq!((s.buses.len(), s.devices.len()), (0, 0));
+}
+
+#[test]
+fn try_scan_of_a_healthy_tree_equals_scan() {
+    let (dir, _) = host();
+
+    let checked = try_scan(&SysfsRoot::new(dir.path())).unwrap();
+
+    assert_eq!(checked, scan_of(&dir));
+}

@@ -112,6 +112,7 @@ impl Daemon {
                 .collect(),
             devices,
             controllers: self.controllers.values().cloned().collect(),
+            sysfs_error: self.scan_failure.as_ref().map(ToString::to_string),
         }
     }
 

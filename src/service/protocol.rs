@@ -128,6 +128,11 @@ pub struct StatusReport {
     /// rule, and for removed rules whose controller could not be given back.
     #[serde(default)]
     pub controllers: Vec<ControllerStatus>,
+    /// Why the last read of sysfs failed, when it did: `devices` is then the last good
+    /// picture, kept rather than taking every device for unplugged. `null` when sysfs
+    /// reads fine.
+    #[serde(default)]
+    pub sysfs_error: Option<String>,
 }
 
 /// One `[[controller]]` rule in `status`: its group's bind (or restore) and how it went.
