@@ -10,6 +10,7 @@ mod reader;
 pub mod record;
 pub mod render;
 pub mod synth;
+pub mod text;
 mod types;
 mod usb;
 mod verdict;

@@ -2,7 +2,7 @@
 //! turned into a warning, and (when recording) a log of every path touched so
 //! `record-sysfs` copies exactly what was read and nothing else.
 
-use crate::sysfs::SysfsRoot;
+use crate::sysfs::{SysfsRoot, MAX_ATTRIBUTE};
 use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
 
@@ -159,7 +159,7 @@ impl<'a> Reader<'a> {
                 if parsed.is_none() {
                     self.warn(format!(
                         "{who}: `{name}` is `{}`, not {what} ({})",
-                        value.escape_debug(),
+                        super::text::capped(&value, super::text::MAX_SHOWN).escape_debug(),
                         path.display()
                     ));
                 }
@@ -181,10 +181,11 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// An optional text attribute (`serial`, `product`): absent is normal, empty is none.
+    /// An optional text attribute (`serial`, `product`): absent is normal, empty is none;
+    /// cut to [`super::text::MAX_KEPT`] characters (the device chose it).
     pub(crate) fn text(&mut self, who: &str, dir: &Path, name: &str) -> Option<String> {
         self.parse(who, dir, name, false, "text", |v| {
-            Some(v.trim().to_string())
+            Some(super::text::capped(v.trim(), super::text::MAX_KEPT).into_owned())
         })
         .filter(|v| !v.is_empty())
     }
@@ -246,25 +247,21 @@ impl Attrs<'_, '_> {
 }
 
 /// Read a sysfs attribute like [`SysfsRoot::read_attr`] (trailing newline and NULs
-/// trimmed, lossy UTF-8, `Ok(None)` if absent) in four system calls: open, read, read
-/// (end), close. `std::fs::read` adds a `statx` for a size hint that sysfs answers with
-/// 4096 for every attribute anyway; on a scan that reads ~15 attributes per device,
-/// that is a fifth of the system calls.
+/// trimmed, lossy UTF-8, `Ok(None)` if absent, at most [`MAX_ATTRIBUTE`] bytes) in four
+/// system calls: open, read, read (end), close. `std::fs::read` adds a `statx` for a size
+/// hint that sysfs answers with 4096 for every attribute anyway; on a scan that reads ~15
+/// attributes per device, that is a fifth of the system calls. A longer file (not a sysfs
+/// attribute: a crafted recording) is cut at the page: nothing from outside makes a read
+/// allocate without bound.
 fn read_attribute(path: &Path) -> io::Result<Option<String>> {
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let mut page = [0u8; 4096];
+    let mut page = [0u8; MAX_ATTRIBUTE];
     let mut len = 0;
-    let mut rest = Vec::new();
-    loop {
-        if len == page.len() {
-            // Larger than a page (not a sysfs attribute, but a recording may hold one).
-            file.read_to_end(&mut rest)?;
-            break;
-        }
+    while len < page.len() {
         match file.read(&mut page[len..]) {
             Ok(0) => break,
             Ok(n) => len += n,
@@ -272,13 +269,8 @@ fn read_attribute(path: &Path) -> io::Result<Option<String>> {
             Err(e) => return Err(e),
         }
     }
-    let bytes: std::borrow::Cow<[u8]> = if rest.is_empty() {
-        (&page[..len]).into()
-    } else {
-        [&page[..len], &rest[..]].concat().into()
-    };
     Ok(Some(
-        String::from_utf8_lossy(&bytes)
+        String::from_utf8_lossy(&page[..len])
             .trim_end_matches(['\n', '\0'])
             .to_string(),
     ))

@@ -338,3 +338,76 @@ fn try_scan_of_a_healthy_tree_equals_scan() {
 
     assert_eq!(checked, scan_of(&dir));
 }
+
+/// A device whose product string clears the screen, rings the bell and overprints its
+/// line; its serial reverses the text after it.
+fn hostile_host() -> (tempfile::TempDir, SysfsBuilder) {
+    let (dir, b) = host();
+    b.device(&UsbDevice {
+        product_name: Some("Mouse\u{1b}[2J\u{7}\rEvil"),
+        serial: Some("\u{202e}gpj.exe"),
+        ..device("4-2", 3, 0, "12")
+    })
+    .unwrap();
+    (dir, b)
+}
+
+/// Control characters a terminal acts on, other than the line ends a listing is made of.
+fn terminal_controls(text: &str) -> Vec<char> {
+    text.chars()
+        .filter(|c| (c.is_control() && *c != '\n') || *c == '\u{202e}')
+        .collect()
+}
+
+#[test]
+fn list_and_show_escape_what_a_device_claims() {
+    let (dir, _) = hostile_host();
+    let s = scan_of(&dir);
+    let d = s.device_at(&port("4-2")).unwrap();
+
+    let (tree, details) = (render::tree(&s), render::device_details(d, &s));
+
+    assert_eq!(terminal_controls(&tree), Vec::<char>::new());
+    assert_eq!(terminal_controls(&details), Vec::<char>::new());
+    assert!(tree.contains("Mouse\\u{1b}[2J\\u{7}\\u{d}Evil"), "{tree}");
+    assert!(
+        details.contains("serial         \\u{202e}gpj.exe"),
+        "{details}"
+    );
+}
+
+#[test]
+fn json_keeps_the_device_string_as_claimed() {
+    let (dir, _) = hostile_host();
+    let s = scan_of(&dir);
+
+    let json = serde_json::to_string(&render::Listing::from(&s)).unwrap();
+
+    assert!(
+        json.contains(r#""product":"Mouse\u001b[2J\u0007\rEvil""#),
+        "{json}"
+    );
+}
+
+#[test]
+fn an_overlong_device_string_is_cut_when_read_and_when_shown() {
+    let (dir, b) = host();
+    let long = "x".repeat(100_000);
+    b.device(&UsbDevice {
+        product_name: Some(&long),
+        ..device("4-2", 3, 0, "12")
+    })
+    .unwrap();
+
+    let s = scan_of(&dir);
+    let d = s.device_at(&port("4-2")).unwrap();
+
+    assert_eq!(
+        d.product.as_deref().map(|p| p.chars().count()),
+        Some(text::MAX_KEPT)
+    );
+    assert_eq!(
+        d.label(),
+        format!("0627:0001 QEMU {}…", "x".repeat(text::MAX_SHOWN - 1))
+    );
+}

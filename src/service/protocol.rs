@@ -314,6 +314,7 @@ mod tests {
                 ok: true,
                 message: "IOMMU group 7 is on vfio-pci (4 function(s)), ready for VM win11".into(),
             }],
+            sysfs_error: None,
         });
 
         let back: Reply = serde_json::from_str(&serde_json::to_string(&reply).unwrap()).unwrap();
