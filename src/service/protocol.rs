@@ -57,7 +57,7 @@ pub enum Request {
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
     /// Answer to `status`.
-    Status(StatusReport),
+    Status(Box<StatusReport>),
     /// Answer to `why`.
     Why(WhyReport),
     /// Answer to `routing`: the toggle service's reply line (`ok PROFILE 0xMASK` or
@@ -298,7 +298,7 @@ mod tests {
 
     #[test]
     fn status_reply_round_trips() {
-        let reply = Reply::Status(StatusReport {
+        let reply = Reply::Status(Box::new(StatusReport {
             config: Some("/etc/usbroute.toml".into()),
             dry_run: false,
             vms: vec![VmStatus {
@@ -315,7 +315,7 @@ mod tests {
                 message: "IOMMU group 7 is on vfio-pci (4 function(s)), ready for VM win11".into(),
             }],
             sysfs_error: None,
-        });
+        }));
 
         let back: Reply = serde_json::from_str(&serde_json::to_string(&reply).unwrap()).unwrap();
 
