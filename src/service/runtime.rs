@@ -254,6 +254,11 @@ impl Daemon {
             self.engine.send(EngineInput::VmGone { name: name.clone() });
             tracing::info!(vm = %name, "VM no longer in the config (or its socket moved); usbroute stops managing it");
         }
+        // A reload re-arms the socket watcher, but a socket that appeared while a watch
+        // was lost makes no new event: try every VM that is down now.
+        for vm in self.vms.values().filter(|v| !v.up) {
+            let _ = vm.wake.send(());
+        }
         for (name, qmp) in &wanted {
             if !self.vms.contains_key(name) {
                 let wake = presence::spawn(
