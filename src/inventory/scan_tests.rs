@@ -411,3 +411,55 @@ fn an_overlong_device_string_is_cut_when_read_and_when_shown() {
         format!("0627:0001 QEMU {}…", "x".repeat(text::MAX_SHOWN - 1))
     );
 }
+
+/// Everything under `dir`, for checking that a refused recording wrote nothing.
+fn entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect()
+}
+
+#[test]
+fn recording_into_a_symlink_to_elsewhere_is_refused_and_writes_nothing_there() {
+    let (dir, _) = host();
+    let outside = tempfile::tempdir().unwrap();
+    let place = tempfile::tempdir().unwrap();
+    let target = place.path().join("rec");
+    std::os::unix::fs::symlink(outside.path(), &target).unwrap();
+
+    let err = record::record(&SysfsRoot::new(dir.path()), &target).unwrap_err();
+
+    assert!(err.to_string().contains("is a symlink"), "{err}");
+    assert_eq!(entries(outside.path()), Vec::<std::path::PathBuf>::new());
+}
+
+#[test]
+fn recording_into_a_directory_another_user_owns_is_refused() {
+    let (dir, _) = host();
+    let target = tempfile::tempdir().unwrap();
+    // nobody's empty directory: nobody could plant a symlink in it mid-run.
+    std::os::unix::fs::chown(target.path(), Some(65534), Some(65534)).unwrap();
+
+    let err = record::record(&SysfsRoot::new(dir.path()), target.path()).unwrap_err();
+
+    assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+    assert_eq!(entries(target.path()), Vec::<std::path::PathBuf>::new());
+}
+
+#[test]
+fn recording_below_a_directory_anyone_may_rename_in_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, _) = host();
+    let shared = tempfile::tempdir().unwrap();
+    // World-writable without the sticky bit: anyone could move `rec` away and put a
+    // symlink in its place.
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+
+    let err = record::record(&SysfsRoot::new(dir.path()), &shared.path().join("rec")).unwrap_err();
+
+    assert!(
+        err.to_string().contains("writable by others (mode 777)"),
+        "{err}"
+    );
+}
