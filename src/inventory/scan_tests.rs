@@ -321,7 +321,19 @@ fn try_scan_of_an_unreadable_usb_device_listing_fails_naming_it() {
 }
 
 #[test]
-fn try_scan_without_any_usb_is_a_valid_empty_picture() {
+fn try_scan_of_an_empty_usb_device_listing_is_a_valid_empty_picture() {
+    let (dir, _) = host();
+    let listing = dir.path().join("sys/bus/usb/devices");
+    std::fs::remove_dir_all(&listing).unwrap();
+    std::fs::create_dir(&listing).unwrap();
+
+    let s = try_scan(&SysfsRoot::new(dir.path())).unwrap();
+
+    assert_eq!((s.buses.len(), s.devices.len()), (0, 0));
+}
+
+#[test]
+fn try_scan_without_usb_at_all_is_a_valid_empty_picture() {
     let (dir, _) = host();
     std::fs::remove_dir_all(dir.path().join("sys/bus/usb")).unwrap();
 
