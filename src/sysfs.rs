@@ -3,8 +3,12 @@
 //! `SysfsRoot::new("/")` is the live host; a recorded fixture or a test's temp dir is
 //! just another root. No module opens `/sys/...` directly: it asks the root.
 
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+
+/// The most of an attribute that is read: sysfs serves at most a page, and a recording
+/// or a crafted root must not make a read allocate without bound.
+pub const MAX_ATTRIBUTE: usize = 4096;
 
 /// A directory that stands for `/` when reading sysfs, procfs and `/dev`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,17 +53,21 @@ impl SysfsRoot {
         }
     }
 
-    /// Read a sysfs attribute, trimmed of its trailing newline. `Ok(None)` if it does not exist.
+    /// Read a sysfs attribute, trimmed of its trailing newline. `Ok(None)` if it does not
+    /// exist. At most [`MAX_ATTRIBUTE`] bytes are read; the rest is ignored.
     pub fn read_attr(&self, host_path: impl AsRef<Path>) -> io::Result<Option<String>> {
-        match std::fs::read(self.path(host_path)) {
-            Ok(bytes) => Ok(Some(
-                String::from_utf8_lossy(&bytes)
-                    .trim_end_matches(['\n', '\0'])
-                    .to_string(),
-            )),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        let file = match std::fs::File::open(self.path(host_path)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut bytes = Vec::new();
+        file.take(MAX_ATTRIBUTE as u64).read_to_end(&mut bytes)?;
+        Ok(Some(
+            String::from_utf8_lossy(&bytes)
+                .trim_end_matches(['\n', '\0'])
+                .to_string(),
+        ))
     }
 
     /// The last path component of the target of a sysfs link (`driver`, `iommu_group`),
@@ -78,6 +86,19 @@ impl SysfsRoot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_attr_reads_at_most_one_page() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("big"), vec![b'x'; 1 << 20]).unwrap();
+
+        let value = SysfsRoot::new(dir.path())
+            .read_attr("/big")
+            .unwrap()
+            .unwrap();
+
+        assert_eq!(value.len(), MAX_ATTRIBUTE);
+    }
 
     #[test]
     fn path_joins_absolute_host_paths_under_the_root() {

@@ -85,6 +85,11 @@ impl Bed {
     }
 
     fn daemon_with(&self, extra: &[&str]) -> Killed {
+        self.daemon_on(Path::new(FIXTURE), extra)
+    }
+
+    /// The daemon reading sysfs under `sysfs` (a copy of the fixture a test may break).
+    fn daemon_on(&self, sysfs: &Path, extra: &[&str]) -> Killed {
         let child = Command::cargo_bin("usbroute")
             .unwrap()
             .args(["serve", "-vv"])
@@ -92,7 +97,7 @@ impl Bed {
             .arg("--config")
             .arg(self.path("usbroute.toml"))
             .arg("--sysfs-root")
-            .arg(FIXTURE)
+            .arg(sysfs)
             .arg("--control")
             .arg(self.path("control.sock"))
             .stdin(Stdio::null())
@@ -547,4 +552,39 @@ fn cli_qmp_forms_on_a_managed_vm_are_refused_naming_the_daemon_and_the_vm_comman
         "{detach_err}"
     );
     assert_eq!(bed.usb_hosts(), EXPECTED);
+}
+
+#[test]
+fn unreadable_usb_listing_on_reload_keeps_every_device_in_the_vm_and_says_so() {
+    let bed = Bed::new();
+    let sysfs = bed.path("sysfs");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(FIXTURE)
+        .arg(&sysfs)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let _qemu = bed.qemu();
+    let _daemon = bed.daemon_on(&sysfs, &[]);
+    bed.wait_for_hosts(Duration::from_secs(15));
+    // A file where the listing should be: reading it fails (ENOTDIR) as EMFILE or EIO do.
+    let listing = sysfs.join("sys/bus/usb/devices");
+    std::fs::rename(&listing, bed.path("devices.saved")).unwrap();
+    std::fs::write(&listing, "").unwrap();
+
+    bed.cli(&["reload"]);
+    wait_until(
+        Duration::from_secs(10),
+        "status to report the failed scan",
+        || {
+            bed.cli(&["status", "--json"])
+                .contains("\"sysfs_error\": \"cannot read /sys/bus/usb/devices")
+        },
+    );
+    // `why` goes through the engine after the reload's inputs: any detach is under way.
+    bed.cli(&["why", "port:1-2.1"]);
+
+    assert_eq!(bed.usb_hosts(), EXPECTED);
+    assert!(bed.cli(&["status"]).contains("1-2.1"));
 }

@@ -69,3 +69,18 @@ fn record_sysfs_refuses_a_non_empty_directory_and_keeps_its_files() {
         "mine"
     );
 }
+
+#[test]
+fn list_of_an_unreadable_usb_listing_fails_instead_of_saying_no_usb() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("sys/bus/usb")).unwrap();
+    // A file where the directory should be: reading it fails, as EIO or EMFILE would.
+    std::fs::write(root.path().join("sys/bus/usb/devices"), "").unwrap();
+
+    usbroute(root.path())
+        .arg("list")
+        .assert()
+        .failure()
+        .stdout("")
+        .stderr(predicate::str::contains("cannot read /sys/bus/usb/devices"));
+}

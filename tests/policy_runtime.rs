@@ -432,3 +432,109 @@ async fn override_ends_when_device_is_replugged() {
     .await;
     assert_eq!(a.ids(), Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn engine_without_a_picture_of_the_host_detaches_nothing() {
+    // The daemon sends no device list while sysfs cannot be read (its first scan failed):
+    // the VM's device must not be taken for unplugged.
+    let a = Arc::new(SimVm {
+        name: "a".into(),
+        ids: Mutex::new(vec!["usbroute-addr-1-5".into()]),
+        ..SimVm::default()
+    });
+    let (engine, _task) = spawn(options());
+    engine.send(Input::Rules(vec![rule(0, "port:1-1", "a")]));
+    engine.send(Input::VmUp {
+        name: "a".into(),
+        backend: Arc::clone(&a) as Arc<dyn VmBackend>,
+    });
+
+    wait_for(
+        &mut engine.status(),
+        "a answered and nothing in flight",
+        |s| s.busy.is_empty() && s.vms.get("a").is_some_and(|v| v.reachable),
+    )
+    .await;
+
+    assert_eq!(
+        (a.ids(), a.calls.lock().expect("lock").clone()),
+        (vec!["usbroute-addr-1-5".to_string()], vec![])
+    );
+}
+
+/// A VM whose QMP socket keeps re-creating itself and never answers a list: gone and
+/// up again now (before this returns) and every `period`, until the returned task is
+/// aborted.
+fn flap(engine: &EngineHandle, vm: &Arc<SimVm>, period: Duration) -> tokio::task::JoinHandle<()> {
+    vm.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let reappear = |engine: &EngineHandle, vm: &Arc<SimVm>| {
+        engine.send(Input::VmGone {
+            name: vm.name.clone(),
+        });
+        engine.send(Input::VmUp {
+            name: vm.name.clone(),
+            backend: Arc::clone(vm) as Arc<dyn VmBackend>,
+        });
+    };
+    reappear(engine, vm);
+    let (engine, vm) = (engine.clone(), Arc::clone(vm));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(period).await;
+            reappear(&engine, &vm);
+        }
+    })
+}
+
+#[tokio::test]
+async fn vms_flapping_out_of_phase_hold_attaches_back_for_one_grace_at_most() {
+    let (f1, f2, b) = (SimVm::new("f1"), SimVm::new("f2"), SimVm::new("b"));
+    let opts = EngineOptions {
+        unknown_holdings_grace: Duration::from_millis(300),
+        ..options()
+    };
+    let engine = start(vec![rule(0, "port:1-1", "b")], vec![], &[&b], opts);
+    let first = flap(&engine, &f1, Duration::from_millis(40));
+    tokio::time::sleep(Duration::from_millis(20)).await; // out of phase: not a result
+    let second = flap(&engine, &f2, Duration::from_millis(40));
+
+    engine.send(Input::Devices(vec![device("1-1", 5)]));
+    wait_for(
+        &mut engine.status(),
+        "b holds 1-1 while f1 and f2 flap",
+        |s| holds(s, "b", "usbroute-addr-1-5"),
+    )
+    .await;
+    first.abort();
+    second.abort();
+
+    assert_eq!(b.ids(), vec!["usbroute-addr-1-5"]);
+}
+
+#[tokio::test]
+async fn vm_that_answered_once_holds_back_only_what_it_could_hold() {
+    let (a, b) = (SimVm::new("a"), SimVm::new("b"));
+    // 1-2 goes to b, but a rule could send it to a as well.
+    let mut to_b = rule(1, "port:1-2", "b");
+    to_b.priority = 1;
+    let rules = vec![rule(0, "port:1-1", "b"), to_b, rule(2, "port:1-2", "a")];
+    let engine = start(rules, vec![], &[&a, &b], options());
+    let mut status = engine.status();
+    wait_for(&mut status, "both VMs answered", |s| {
+        s.vms.values().filter(|v| v.reachable).count() == 2
+    })
+    .await;
+    // a's socket is re-created and a stops answering: its holdings are unknown again,
+    // for the whole (hour-long) grace.
+    let flapping = flap(&engine, &a, Duration::from_millis(40));
+
+    engine.send(Input::Devices(vec![device("1-1", 5), device("1-2", 6)]));
+    wait_for(&mut status, "b holds 1-1", |s| {
+        holds(s, "b", "usbroute-addr-1-5")
+    })
+    .await;
+    engine.why("1-1".parse().expect("port")).await;
+    flapping.abort();
+
+    assert_eq!(b.ids(), vec!["usbroute-addr-1-5"]);
+}

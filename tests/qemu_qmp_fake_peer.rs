@@ -241,3 +241,49 @@ async fn fd_passing_over_a_plain_stream_is_refused() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn overlong_event_closes_the_connection_before_it_is_buffered_naming_the_cap() {
+    let (qmp, mut peer) = connected().await;
+    // A valid event, 16 times the cap: read whole and parsed, it would take gigabytes.
+    let padding = "x".repeat(16 * usbroute::qmp::MAX_LINE);
+    let event = format!(r#"{{"event": "HUGE", "data": {{"pad": "{padding}"}}}}"#);
+    let flood = tokio::spawn(async move {
+        peer.send(&event).await;
+    });
+
+    let err = qmp.execute("query-status", None).await.unwrap_err();
+
+    assert!(matches!(err, QmpError::TooLong { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains(&format!("longer than {} bytes", usbroute::qmp::MAX_LINE)),
+        "{err}"
+    );
+    assert!(err.is_connection_lost());
+    // The client stopped reading: the fake peer's write of the rest cannot finish.
+    assert!(!flood.is_finished());
+    flood.abort();
+}
+
+#[tokio::test]
+async fn listing_of_more_usb_hosts_than_the_cap_sends_no_property_reads() {
+    let (qmp, mut peer) = connected().await;
+    let listing = tokio::spawn(async move { usbroute::qemu::listing::usb_hosts(&qmp).await });
+    let children: Vec<Value> = (0..usbroute::qemu::listing::MAX_USB_HOSTS + 1)
+        .map(|i| json!({"name": format!("h{i}"), "type": "child<usb-host>"}))
+        .collect();
+
+    peer.answer(json!(children)).await;
+    peer.answer(json!([])).await;
+    let err = tokio::time::timeout(Duration::from_secs(5), listing)
+        .await
+        .expect("the listing ends without reading each device")
+        .expect("join")
+        .unwrap_err();
+
+    assert!(
+        matches!(err, QmpError::TooMany { count: 257, .. }),
+        "{err:?}"
+    );
+}

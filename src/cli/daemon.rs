@@ -3,6 +3,7 @@
 use super::output::print_json;
 use super::Global;
 use crate::backend::AttachMode;
+use crate::inventory::text::escaped_lines;
 use crate::service::protocol::{Reply, Request, StatusReport, WhyReport};
 use crate::service::{self, DaemonOptions};
 use anyhow::Context;
@@ -66,8 +67,11 @@ fn ask(g: &Global, request: &Request) -> anyhow::Result<Reply> {
 /// A `done` reply's message, or the daemon's error as this command's error.
 fn done(reply: Reply) -> anyhow::Result<String> {
     match reply {
-        Reply::Done { message } => Ok(message),
-        Reply::Error { kind, message } => anyhow::bail!("the daemon refused ({kind:?}): {message}"),
+        // Messages name devices by what they claim to be: escaped like every human output.
+        Reply::Done { message } => Ok(escaped_lines(&message)),
+        Reply::Error { kind, message } => {
+            anyhow::bail!("the daemon refused ({kind:?}): {}", escaped_lines(&message))
+        }
         other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
     }
 }
@@ -96,6 +100,11 @@ pub fn status_table(r: &StatusReport) -> String {
         "config: {config}{}\n",
         if r.dry_run { "  [dry run]" } else { "" }
     ));
+    if let Some(e) = &r.sysfs_error {
+        out.push_str(&format!(
+            "sysfs: {e}; showing the last good picture until a read succeeds\n"
+        ));
+    }
     for vm in &r.vms {
         let state = if vm.up { "up" } else { "down" };
         out.push_str(&format!(
@@ -136,7 +145,7 @@ pub fn status_table(r: &StatusReport) -> String {
             ));
         }
     }
-    out
+    escaped_lines(&out)
 }
 
 pub(super) fn why(g: &Global, a: WhyArgs) -> anyhow::Result<ExitCode> {
@@ -174,7 +183,7 @@ pub fn why_text(r: &WhyReport) -> String {
             out.push_str(&format!("  {mark} {}: {}\n", v.rule, v.detail));
         }
     }
-    out
+    escaped_lines(&out)
 }
 
 pub(super) fn reload(g: &Global, _a: ReloadArgs) -> anyhow::Result<ExitCode> {
@@ -231,4 +240,61 @@ pub fn daemon_managing(g: &Global, qmp: &std::path::Path) -> Option<String> {
         let path = std::fs::canonicalize(&path).unwrap_or(path);
         (path == wanted).then_some(vm.name)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::protocol::{DeviceStatus, RuleVerdict, WhyDevice};
+
+    /// What a device can claim, as a daemon of any version may pass it on.
+    const HOSTILE: &str = "0627:0001 Mouse\u{1b}[2J\u{7}\rEvil";
+
+    fn controls(text: &str) -> Vec<char> {
+        text.chars()
+            .filter(|c| c.is_control() && *c != '\n')
+            .collect()
+    }
+
+    #[test]
+    fn status_table_escapes_device_labels() {
+        let report = StatusReport {
+            devices: vec![DeviceStatus {
+                port: "1-2".into(),
+                address: None,
+                label: HOSTILE.into(),
+                location: "host".into(),
+                desired: "host".into(),
+                reason: "no rule".into(),
+                manual_override: None,
+                pending: None,
+            }],
+            ..StatusReport::default()
+        };
+
+        let table = status_table(&report);
+
+        assert_eq!(controls(&table), Vec::<char>::new());
+        assert!(table.contains("Mouse\\u{1b}[2J\\u{7}\\u{d}Evil"), "{table}");
+    }
+
+    #[test]
+    fn why_text_escapes_labels_and_rule_details() {
+        let report = WhyReport {
+            devices: vec![WhyDevice {
+                port: "1-2".into(),
+                label: HOSTILE.into(),
+                target: "host".into(),
+                reason: "no rule".into(),
+                rules: vec![RuleVerdict {
+                    rule: "rule 1".into(),
+                    matched: false,
+                    decided: false,
+                    detail: "serial `\u{1b}]0;owned\u{7}` is not `A1`".into(),
+                }],
+            }],
+        };
+
+        assert_eq!(controls(&why_text(&report)), Vec::<char>::new());
+    }
 }

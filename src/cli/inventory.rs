@@ -139,10 +139,12 @@ pub(super) fn record(g: &Global, a: RecordArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Scan under the global root, printing the snapshot's warnings to stderr.
+/// Scan under the global root, printing the snapshot's warnings to stderr. A scan that
+/// could not read the picture as a whole fails: showing it would say "no USB" when the
+/// truth is "could not look".
 fn scan(g: &Global) -> anyhow::Result<(SysfsRoot, Snapshot)> {
     let root = existing_root(g)?;
-    let snapshot = inventory::scan(&root);
+    let snapshot = inventory::try_scan(&root)?;
     for w in &snapshot.warnings {
         eprintln!("usbroute: warning: {w}");
     }

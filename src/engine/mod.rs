@@ -52,6 +52,7 @@ mod diff;
 mod holdings;
 mod retry;
 pub mod runtime;
+mod unknown;
 
 pub use diff::{reconcile, Action, Actual, VmView};
 pub use holdings::{Holdings, Outcome};

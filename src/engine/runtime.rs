@@ -11,6 +11,7 @@ use super::diff::{Action, VmView};
 use super::due_actions;
 use super::holdings::{Holdings, Outcome};
 use super::retry::{BackoffPolicy, Pending, RetryBook};
+use super::unknown::{Policy, Unknowns};
 use crate::backend::{BackendError, VmBackend, VmUsbDevice};
 use crate::inventory::{Device, PciAddress, PortPath};
 use crate::policy::{plan, why, Desired, Override, PlanInput, Rule, Why};
@@ -94,6 +95,8 @@ pub struct EngineOptions {
     /// How long attaches wait for a VM that came up but has not yet answered a list
     /// (it may hold any device). After that, the kernel's exclusive claim of a device by
     /// the QEMU holding it is the backstop, so one broken VM cannot stall every other.
+    /// Only attaches of devices that VM could hold wait (see `engine::unknown`), and a
+    /// VM never heard from gets one grace per engine run, however often it comes and goes.
     pub unknown_holdings_grace: Duration,
 }
 
@@ -174,11 +177,15 @@ struct Coordinator {
     rules: Vec<Rule>,
     controllers: Vec<ControllerRule>,
     devices: Vec<Device>,
+    /// Whether any [`Input::Devices`] came yet: without a picture of the host, the plan
+    /// would take every VM's devices away, so no action is taken.
+    devices_known: bool,
     mounted: BTreeSet<String>,
     overrides: BTreeMap<PortPath, Override>,
     workers: BTreeMap<String, Worker>,
     generation: u64,
     holdings: Holdings,
+    unknowns: Unknowns,
     retries: RetryBook,
     reports_tx: mpsc::UnboundedSender<Report>,
     reports_rx: mpsc::UnboundedReceiver<Report>,
@@ -195,11 +202,13 @@ impl Coordinator {
             rules: vec![],
             controllers: vec![],
             devices: vec![],
+            devices_known: false,
             mounted: BTreeSet::new(),
             overrides: BTreeMap::new(),
             workers: BTreeMap::new(),
             generation: 0,
             holdings: Holdings::default(),
+            unknowns: Unknowns::default(),
             retries: RetryBook::new(options.backoff),
             reports_tx,
             reports_rx,
@@ -233,6 +242,7 @@ impl Coordinator {
             Input::Controllers(c) => self.controllers = c,
             Input::Devices(devices) => {
                 self.devices = devices;
+                self.devices_known = true;
                 let present: BTreeMap<&PortPath, Option<u16>> =
                     self.devices.iter().map(|d| (&d.port, d.address)).collect();
                 // An override holds for one plug: unplugged or re-plugged, it ends.
@@ -283,6 +293,7 @@ impl Coordinator {
             self.reports_tx.clone(),
         ));
         self.holdings.forget(&name);
+        self.unknowns.came_up(&name, self.now());
         let first = Job { actions: vec![] };
         let _ = jobs.send(first);
         let worker = Worker {
@@ -332,6 +343,7 @@ impl Coordinator {
                 worker.holdings_unknown = false;
                 worker.answering = true;
                 worker.list_failures = 0;
+                self.unknowns.listed(&report.vm, &devices);
                 self.holdings.listed(&report.vm, devices);
             }
             Err(e) => {
@@ -381,15 +393,27 @@ impl Coordinator {
             .collect();
         let actual = self.holdings.actual(&answering);
         let mut due = due_actions(&desired, &actual, &self.devices, &mut self.retries, now);
-        if self
+        if !self.devices_known {
+            // No picture of the host yet (the first scan of sysfs failed): VMs are still
+            // listed, but nothing is attached or detached.
+            due.clear();
+        }
+        let waiting: Vec<&str> = self
             .workers
-            .values()
-            .any(|w| self.in_unknown_window(w, now))
-        {
-            // A VM that just came up (or a daemon that just started) may already hold any
-            // device: attach nothing until its list answers, for at most the grace period.
-            // Detaches are safe and go ahead.
-            due.retain(|a| matches!(a, Action::Detach { .. }));
+            .iter()
+            .filter(|(name, w)| self.in_unknown_window(name, w, now))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        if !waiting.is_empty() {
+            // A VM that just came up (or a daemon that just started) may already hold
+            // devices: attaches of those wait until its list answers, for at most the
+            // grace period. Detaches are safe and go ahead.
+            let policy = Policy {
+                rules: &self.rules,
+                overrides: &self.overrides,
+                devices: &self.devices,
+            };
+            due.retain(|a| !self.unknowns.holds_back(&waiting, a, &policy));
         }
         if self.options.dry_run {
             if due != self.dry_run_actions {
@@ -438,15 +462,24 @@ impl Coordinator {
             for a in &actions {
                 // In flight counts as held: no other VM may be given this device meanwhile.
                 self.holdings.acted(a, Outcome::Unknown);
+                if matches!(a, Action::Attach { .. }) {
+                    self.unknowns.attaching(name, a.id());
+                }
                 tracing::info!(vm = %name, id = a.id(), "{}", verb(a));
             }
             worker.busy = worker.jobs.send(Job { actions }).is_ok();
         }
     }
 
-    /// Attaches wait while `worker` may hold anything and its grace has not run out.
-    fn in_unknown_window(&self, worker: &Worker, now: Duration) -> bool {
-        worker.holdings_unknown && now < worker.up_since + self.options.unknown_holdings_grace
+    /// Attaches of what `worker` could hold wait while its holdings are unknown and its
+    /// grace has not run out.
+    fn in_unknown_window(&self, name: &str, worker: &Worker, now: Duration) -> bool {
+        worker.holdings_unknown && now < self.wait_ends(name, worker)
+    }
+
+    fn wait_ends(&self, name: &str, worker: &Worker) -> Duration {
+        self.unknowns
+            .wait_ends(name, worker.up_since, self.options.unknown_holdings_grace)
     }
 
     /// When a retry or a re-list falls due, or an unknown VM's grace runs out.
@@ -458,9 +491,9 @@ impl Coordinator {
             .map(|w| w.relist_at);
         let graces = self
             .workers
-            .values()
-            .filter(|w| w.holdings_unknown)
-            .map(|w| w.up_since + self.options.unknown_holdings_grace);
+            .iter()
+            .filter(|(_, w)| w.holdings_unknown)
+            .map(|(name, w)| self.wait_ends(name, w));
         self.retries
             .next_retry()
             .into_iter()

@@ -3,10 +3,13 @@
 //! A VM is up when its QMP socket accepts a connection; this watcher only says *when to
 //! try*: a socket file was created (or moved) at a VM's path. A directory that does not
 //! exist yet (`/run/qemu` before the first VM starts) is handled by watching its nearest
-//! existing ancestor and re-arming as directories appear.
+//! existing ancestor and re-arming as directories appear. A watched directory that is
+//! removed or moved away (a per-VM `RuntimeDirectory=` goes with its VM) loses its watch
+//! (`IN_DELETE_SELF`/`IN_MOVE_SELF`, then `IN_IGNORED`): the watcher then re-arms on the
+//! nearest existing ancestor and walks back down as the directories reappear.
 
 use futures_util::StreamExt;
-use inotify::{EventStream, Inotify, WatchDescriptor, WatchMask};
+use inotify::{EventMask, EventStream, Inotify, WatchDescriptor, WatchMask};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -60,7 +63,11 @@ impl SocketWatcher {
 
     /// Put a watch on each socket's directory, or on its nearest existing ancestor.
     fn arm(&mut self) -> Result<(), WatchError> {
-        let mask = WatchMask::CREATE | WatchMask::MOVED_TO | WatchMask::ONLYDIR;
+        let mask = WatchMask::CREATE
+            | WatchMask::MOVED_TO
+            | WatchMask::DELETE_SELF
+            | WatchMask::MOVE_SELF
+            | WatchMask::ONLYDIR;
         let mut watches = self.stream.watches();
         for (_, socket) in &self.sockets {
             let Some(dir) = nearest_existing_dir(socket) else {
@@ -71,6 +78,32 @@ impl SocketWatcher {
             self.dirs.insert(wd, dir);
         }
         Ok(())
+    }
+
+    /// The directory of watch `wd` was removed or moved away: drop that watch (a moved
+    /// directory would be watched under its new name) and re-arm on what exists now.
+    fn lost(&mut self, wd: WatchDescriptor, mask: EventMask) -> Result<(), WatchError> {
+        let Some(dir) = self.dirs.remove(&wd) else {
+            return Ok(());
+        };
+        if mask.contains(EventMask::MOVE_SELF) {
+            // Still alive under another name; gone already is fine.
+            let _ = self.stream.watches().remove(wd);
+        }
+        tracing::debug!(dir = %dir.display(), "a watched socket directory went away; watching its nearest existing ancestor");
+        self.arm()
+    }
+
+    /// A socket that already exists in a directory (re-)armed just now: its creation
+    /// may have come before the watch.
+    fn existing_below(&self, dir: &Path) -> Option<SocketAppeared> {
+        self.sockets
+            .iter()
+            .find(|(_, s)| s.starts_with(dir) && s.exists())
+            .map(|(vm, s)| SocketAppeared {
+                vm: vm.clone(),
+                path: s.clone(),
+            })
     }
 
     /// Wait until some VM's socket appears. Directories created on the way to a socket are
@@ -89,6 +122,15 @@ impl SocketWatcher {
             let Some(dir) = self.dirs.get(&event.wd).cloned() else {
                 continue;
             };
+            let gone = EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED;
+            if event.mask.intersects(gone) {
+                self.lost(event.wd, event.mask)?;
+                // Re-created before the new watch existed: nothing more will be heard.
+                if let Some(hit) = self.existing_below(&dir) {
+                    return Ok(hit);
+                }
+                continue;
+            }
             let Some(name) = event.name else { continue };
             let created = dir.join(&name);
             if let Some(hit) = self.socket_at(&created) {
@@ -97,15 +139,8 @@ impl SocketWatcher {
             if self.is_on_the_way(&created) {
                 self.arm()?;
                 // The socket may have been created before the new watch existed.
-                if let Some(hit) = self
-                    .sockets
-                    .iter()
-                    .find(|(_, s)| s.starts_with(&created) && s.exists())
-                {
-                    return Ok(SocketAppeared {
-                        vm: hit.0.clone(),
-                        path: hit.1.clone(),
-                    });
+                if let Some(hit) = self.existing_below(&created) {
+                    return Ok(hit);
                 }
             }
         }

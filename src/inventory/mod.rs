@@ -10,10 +10,12 @@ mod reader;
 pub mod record;
 pub mod render;
 pub mod synth;
+pub mod text;
 mod types;
 mod usb;
 mod verdict;
 
+pub use reader::ScanFailed;
 pub use types::*;
 pub use verdict::{group_verdict, Blocker, GroupVerdict};
 
@@ -22,10 +24,26 @@ use reader::Reader;
 
 /// Read the whole USB picture under `root`: one pass over `/sys/bus/pci/devices` and
 /// `/sys/bus/usb/devices`, everything sorted so equal hardware gives equal snapshots.
+///
+/// A pass that could not read the picture as a whole still returns what it read, with
+/// the failure among the warnings; callers that act on the picture use [`try_scan`].
 pub fn scan(root: &SysfsRoot) -> Snapshot {
     let mut reader = Reader::new(root);
     let snapshot = scan_with(&mut reader);
     finish(snapshot, reader).0
+}
+
+/// [`scan`], but `Err` when the picture is incomplete as a whole (a top-level listing
+/// failed, or reads ran out of file descriptors or memory), so that a caller acting on
+/// it keeps its last good picture instead of taking every device for unplugged. An
+/// absent `/sys/bus/usb` (no USB at all) is a valid, empty picture.
+pub fn try_scan(root: &SysfsRoot) -> Result<Snapshot, ScanFailed> {
+    let mut reader = Reader::new(root);
+    let snapshot = scan_with(&mut reader);
+    if let Some(failed) = reader.failure() {
+        return Err(failed.clone());
+    }
+    Ok(finish(snapshot, reader).0)
 }
 
 /// [`scan`] with a [`Reader`] of the caller's choice (the recorder logs its paths).

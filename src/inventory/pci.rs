@@ -14,7 +14,7 @@ const CLASS_CODE: &str = "a class code";
 /// Every USB host controller, sorted by address, with group members and companions filled
 /// in; `buses` is left empty for the caller, who knows the root hubs.
 pub(super) fn read_controllers(r: &mut Reader) -> Vec<Controller> {
-    let names = r.list(Path::new(PCI_DEVICES)).unwrap_or_default();
+    let names = r.list_top(Path::new(PCI_DEVICES)).unwrap_or_default();
     // Every function's class is read once here; group members reuse it.
     let mut classes: HashMap<PciAddress, Option<u32>> = HashMap::with_capacity(names.len());
     let mut usb = Vec::new();

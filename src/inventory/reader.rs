@@ -2,7 +2,7 @@
 //! turned into a warning, and (when recording) a log of every path touched so
 //! `record-sysfs` copies exactly what was read and nothing else.
 
-use crate::sysfs::SysfsRoot;
+use crate::sysfs::{SysfsRoot, MAX_ATTRIBUTE};
 use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
 
@@ -22,6 +22,22 @@ pub(crate) struct Reader<'a> {
     root: &'a SysfsRoot,
     log: Option<Vec<(PathBuf, Access)>>,
     warnings: Vec<String>,
+    /// The first read that makes the whole picture untrustworthy (see [`ScanFailed`]).
+    failure: Option<ScanFailed>,
+}
+
+/// A read failed in a way that makes the picture incomplete as a whole, not one field of
+/// one device: a top-level listing that could not be read (EIO, EMFILE), or any read that
+/// ran out of file descriptors or memory. An empty `/sys/bus/usb/devices` is a valid
+/// picture (no USB); an unreadable one is not, and acting on it would take every device
+/// away from every VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot read {path}: {reason}; the USB picture would be incomplete")]
+pub struct ScanFailed {
+    /// The host path that failed.
+    pub path: PathBuf,
+    /// The operating system's words.
+    pub reason: String,
 }
 
 impl<'a> Reader<'a> {
@@ -31,6 +47,7 @@ impl<'a> Reader<'a> {
             root,
             log: None,
             warnings: Vec::new(),
+            failure: None,
         }
     }
 
@@ -47,6 +64,22 @@ impl<'a> Reader<'a> {
         (self.warnings, self.log.unwrap_or_default())
     }
 
+    /// The first failure that makes this pass's picture incomplete, if any.
+    pub(crate) fn failure(&self) -> Option<&ScanFailed> {
+        self.failure.as_ref()
+    }
+
+    /// Remember `e` on `path` as the pass's failure when it says the host, not the one
+    /// object, is in trouble (out of fds or memory), or when `always` (a top-level read).
+    fn note_failure(&mut self, path: &Path, e: &io::Error, always: bool) {
+        if self.failure.is_none() && (always || is_resource_exhaustion(e)) {
+            self.failure = Some(ScanFailed {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            });
+        }
+    }
+
     /// Add one warning line.
     pub(crate) fn warn(&mut self, line: String) {
         self.warnings.push(line);
@@ -61,18 +94,30 @@ impl<'a> Reader<'a> {
 
     /// The names in a directory, sorted; `None` if it does not exist. Other errors warn.
     pub(crate) fn list(&mut self, dir: &Path) -> Option<Vec<String>> {
+        self.list_or_fail(dir, false)
+    }
+
+    /// [`Reader::list`] of a directory the whole picture rests on (`/sys/bus/usb/devices`):
+    /// absent is an empty picture, but any other failure, even part-way through the
+    /// listing, fails the pass.
+    pub(crate) fn list_top(&mut self, dir: &Path) -> Option<Vec<String>> {
+        self.list_or_fail(dir, true)
+    }
+
+    fn list_or_fail(&mut self, dir: &Path, top: bool) -> Option<Vec<String>> {
         self.mark(dir, Access::Dir);
-        match std::fs::read_dir(self.root.path(dir)) {
-            Ok(entries) => {
-                let mut names: Vec<String> = entries
-                    .filter_map(Result::ok)
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect();
-                names.sort_unstable();
-                Some(names)
-            }
+        let listed = std::fs::read_dir(self.root.path(dir)).and_then(|entries| {
+            let mut names = entries
+                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<io::Result<Vec<String>>>()?;
+            names.sort_unstable();
+            Ok(names)
+        });
+        match listed {
+            Ok(names) => Some(names),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => {
+                self.note_failure(dir, &e, top);
                 self.warn(format!("cannot list {}: {e}", dir.display()));
                 None
             }
@@ -82,7 +127,11 @@ impl<'a> Reader<'a> {
     /// The raw value of an attribute: `Ok(None)` when absent.
     pub(crate) fn raw(&mut self, path: &Path) -> io::Result<Option<String>> {
         self.mark(path, Access::File);
-        read_attribute(&self.root.path(path))
+        let read = read_attribute(&self.root.path(path));
+        if let Err(e) = &read {
+            self.note_failure(path, e, false);
+        }
+        read
     }
 
     /// The attributes of one sysfs object (`dir`), warnings naming it `who`.
@@ -110,7 +159,7 @@ impl<'a> Reader<'a> {
                 if parsed.is_none() {
                     self.warn(format!(
                         "{who}: `{name}` is `{}`, not {what} ({})",
-                        value.escape_debug(),
+                        super::text::capped(&value, super::text::MAX_SHOWN).escape_debug(),
                         path.display()
                     ));
                 }
@@ -132,10 +181,11 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// An optional text attribute (`serial`, `product`): absent is normal, empty is none.
+    /// An optional text attribute (`serial`, `product`): absent is normal, empty is none;
+    /// cut to [`super::text::MAX_KEPT`] characters (the device chose it).
     pub(crate) fn text(&mut self, who: &str, dir: &Path, name: &str) -> Option<String> {
         self.parse(who, dir, name, false, "text", |v| {
-            Some(v.trim().to_string())
+            Some(super::text::capped(v.trim(), super::text::MAX_KEPT).into_owned())
         })
         .filter(|v| !v.is_empty())
     }
@@ -197,25 +247,21 @@ impl Attrs<'_, '_> {
 }
 
 /// Read a sysfs attribute like [`SysfsRoot::read_attr`] (trailing newline and NULs
-/// trimmed, lossy UTF-8, `Ok(None)` if absent) in four system calls: open, read, read
-/// (end), close. `std::fs::read` adds a `statx` for a size hint that sysfs answers with
-/// 4096 for every attribute anyway; on a scan that reads ~15 attributes per device,
-/// that is a fifth of the system calls.
+/// trimmed, lossy UTF-8, `Ok(None)` if absent, at most [`MAX_ATTRIBUTE`] bytes) in four
+/// system calls: open, read, read (end), close. `std::fs::read` adds a `statx` for a size
+/// hint that sysfs answers with 4096 for every attribute anyway; on a scan that reads ~15
+/// attributes per device, that is a fifth of the system calls. A longer file (not a sysfs
+/// attribute: a crafted recording) is cut at the page: nothing from outside makes a read
+/// allocate without bound.
 fn read_attribute(path: &Path) -> io::Result<Option<String>> {
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let mut page = [0u8; 4096];
+    let mut page = [0u8; MAX_ATTRIBUTE];
     let mut len = 0;
-    let mut rest = Vec::new();
-    loop {
-        if len == page.len() {
-            // Larger than a page (not a sysfs attribute, but a recording may hold one).
-            file.read_to_end(&mut rest)?;
-            break;
-        }
+    while len < page.len() {
         match file.read(&mut page[len..]) {
             Ok(0) => break,
             Ok(n) => len += n,
@@ -223,16 +269,20 @@ fn read_attribute(path: &Path) -> io::Result<Option<String>> {
             Err(e) => return Err(e),
         }
     }
-    let bytes: std::borrow::Cow<[u8]> = if rest.is_empty() {
-        (&page[..len]).into()
-    } else {
-        [&page[..len], &rest[..]].concat().into()
-    };
     Ok(Some(
-        String::from_utf8_lossy(&bytes)
+        String::from_utf8_lossy(&page[..len])
             .trim_end_matches(['\n', '\0'])
             .to_string(),
     ))
+}
+
+/// Out of file descriptors or memory: every later read would fail the same way, so the
+/// fields it blanks say nothing about the device.
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+    ) || e.kind() == io::ErrorKind::OutOfMemory
 }
 
 /// Resolve `.` and `..` without touching the file system (`..` at `/` stays at `/`).
@@ -258,6 +308,20 @@ mod tests {
     fn normalize_resolves_parent_components_lexically() {
         let p = Path::new("/sys/bus/usb/devices/../../../devices/pci0000:00/x");
         assert_eq!(normalize(p), PathBuf::from("/sys/devices/pci0000:00/x"));
+    }
+
+    #[test]
+    fn running_out_of_descriptors_or_memory_fails_the_pass_but_eio_on_one_file_does_not() {
+        let kinds = [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOMEM,
+            libc::EIO,
+            libc::ENODEV,
+        ]
+        .map(|errno| is_resource_exhaustion(&io::Error::from_raw_os_error(errno)));
+
+        assert_eq!(kinds, [true, true, true, false, false]);
     }
 
     #[test]

@@ -2,6 +2,13 @@
 //! the same snapshot with `--sysfs-root DIR`. Attributes become files, links become the
 //! same relative symlinks (their target directories created), listed directories are
 //! created. Nothing is written outside DIR; a non-empty DIR is refused.
+//!
+//! Run as root into a directory a user can change, the copy could be steered: a symlink
+//! swapped in during the run would have root write through it. So DIR must be a real
+//! directory (not a symlink) owned by the running user, and neither it nor any directory
+//! above it may be writable by anyone else (a sticky one like /tmp is fine: others cannot
+//! rename what is not theirs). Then nobody else can change any path the copy writes to;
+//! files are opened with `O_NOFOLLOW` besides.
 
 use super::reader::{normalize, Access, Reader};
 use super::{scan, scan_with, Snapshot};
@@ -29,6 +36,18 @@ pub enum RecordError {
     /// The destination exists but is a file.
     #[error("{0} is not a directory: record into a new or empty directory")]
     NotADirectory(PathBuf),
+    /// Someone else could change the destination during the run (see the module doc).
+    #[error(
+        "{path} {why}: someone else could swap a symlink into the recording while it is \
+         written; record into a new directory under one only you (or root) can write to, \
+         such as /root or /var/tmp/NEW"
+    )]
+    Unsafe {
+        /// The directory at fault (the destination or one above it).
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
     /// Writing into the destination failed.
     #[error("cannot write {path}")]
     Write {
@@ -102,7 +121,7 @@ pub fn record(source: &SysfsRoot, dest: &Path) -> Result<Summary, RecordError> {
         toml::to_string(&metadata).unwrap_or_default()
     );
     let meta_path = dest.join(METADATA_FILE);
-    std::fs::write(&meta_path, text).map_err(|source| RecordError::Write {
+    write_no_follow(&meta_path, text.as_bytes()).map_err(|source| RecordError::Write {
         path: meta_path,
         source,
     })?;
@@ -119,25 +138,79 @@ pub fn record(source: &SysfsRoot, dest: &Path) -> Result<Summary, RecordError> {
 }
 
 fn check_destination(dest: &Path) -> Result<(), RecordError> {
+    let link = std::fs::symlink_metadata(dest).is_ok_and(|m| m.file_type().is_symlink());
+    if link {
+        return Err(RecordError::Unsafe {
+            path: dest.to_path_buf(),
+            why: "is a symlink".into(),
+        });
+    }
     if dest.exists() && !dest.is_dir() {
         return Err(RecordError::NotADirectory(dest.to_path_buf()));
     }
+    check_empty_or_create(dest)?;
+    check_nobody_else_can_change(dest)
+}
+
+/// `dest` is empty, or did not exist and was created (for the running user alone).
+fn check_empty_or_create(dest: &Path) -> Result<(), RecordError> {
     match std::fs::read_dir(dest) {
         Ok(mut entries) => match entries.next() {
             None => Ok(()),
             Some(_) => Err(RecordError::NotEmpty(dest.to_path_buf())),
         },
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dest).map_err(|source| RecordError::Write {
-                path: dest.to_path_buf(),
-                source,
-            })
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dest)
+                .map_err(|source| RecordError::Write {
+                    path: dest.to_path_buf(),
+                    source,
+                })
         }
         Err(source) => Err(RecordError::Write {
             path: dest.to_path_buf(),
             source,
         }),
     }
+}
+
+/// `dest` is owned by the running user and writable by nobody else, and every directory
+/// above it is owned by root or that user and writable by nobody else unless sticky.
+fn check_nobody_else_can_change(dest: &Path) -> Result<(), RecordError> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let real = std::fs::canonicalize(dest).map_err(|source| RecordError::Write {
+        path: dest.to_path_buf(),
+        source,
+    })?;
+    for (i, dir) in real.ancestors().enumerate() {
+        let meta = std::fs::symlink_metadata(dir).map_err(|source| RecordError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let unsafe_because = |why: String| {
+            Err(RecordError::Unsafe {
+                path: dir.to_path_buf(),
+                why,
+            })
+        };
+        let owner_ok = meta.uid() == me || (i > 0 && meta.uid() == 0);
+        if !owner_ok {
+            return unsafe_because(format!("is owned by uid {}, not by uid {me}", meta.uid()));
+        }
+        let others_write = meta.mode() & 0o022 != 0;
+        let sticky = meta.mode() & 0o1000 != 0;
+        if others_write && (i == 0 || !sticky) {
+            return unsafe_because(format!(
+                "is writable by others (mode {:o})",
+                meta.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Equal controllers, buses and devices (warnings may differ: an unreadable file in the
@@ -169,8 +242,8 @@ impl Copier<'_> {
             return std::fs::create_dir_all(&to).map_err(|e| CopyError::Dest(to, e));
         }
         if access == Access::File {
-            let bytes = std::fs::read(&from).map_err(CopyError::Source)?;
-            std::fs::write(&to, bytes).map_err(|e| CopyError::Dest(to, e))?;
+            let bytes = read_bounded(&from).map_err(CopyError::Source)?;
+            write_no_follow(&to, &bytes).map_err(|e| CopyError::Dest(to, e))?;
             self.files += 1;
         }
         Ok(())
@@ -219,6 +292,29 @@ impl Copier<'_> {
     fn dest_path(&self, host: &Path) -> PathBuf {
         self.dest.join(host.strip_prefix("/").unwrap_or(host))
     }
+}
+
+/// At most one attribute's worth of `path`, as the readers read it.
+fn read_bounded(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(crate::sysfs::MAX_ATTRIBUTE as u64)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Write `bytes` to `path`, never through a symlink at `path`.
+fn write_no_follow(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?
+        .write_all(bytes)
 }
 
 /// Now as `2026-11-21T07:30:00Z`, without a date crate (days-from-civil, inverted).

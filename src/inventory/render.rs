@@ -1,6 +1,7 @@
 //! How a snapshot looks to people (the `list` tree, `show` and `controllers` blocks) and
 //! to programs (the `list --json` object). Pure: snapshot in, text out.
 
+use super::text::{capped, escaped_lines, printable, MAX_SHOWN};
 use super::{group_verdict, Bus, Controller, Device, GroupVerdict, PortPath, Snapshot, Speed};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -88,7 +89,7 @@ pub fn tree(snapshot: &Snapshot) -> String {
             bus_subtree(&mut out, snapshot, *number, "", i + 1 == rest.len());
         }
     }
-    out
+    escaped_lines(&out)
 }
 
 fn controller_line(c: &Controller) -> String {
@@ -188,13 +189,13 @@ pub fn device_line(d: &Device) -> String {
         let _ = write!(line, "  {drivers}");
     }
     if !d.netdevs.is_empty() {
-        let _ = write!(line, "  net {}", d.netdevs.join(","));
+        let _ = write!(line, "  net {}", printable(&d.netdevs.join(",")));
     }
     if !d.block_devices.is_empty() {
-        let _ = write!(line, "  disk {}", d.block_devices.join(","));
+        let _ = write!(line, "  disk {}", printable(&d.block_devices.join(",")));
     }
     if let Some(s) = &d.serial {
-        let _ = write!(line, "  serial {s}");
+        let _ = write!(line, "  serial {}", printable(s));
     }
     line
 }
@@ -221,9 +222,9 @@ pub fn device_details(d: &Device, snapshot: &Snapshot) -> String {
             hex_or_unknown(d.product_id)
         ),
     );
-    field("manufacturer", opt_str(&d.manufacturer));
-    field("product", opt_str(&d.product));
-    field("serial", opt_str(&d.serial));
+    field("manufacturer", opt_text(&d.manufacturer));
+    field("product", opt_text(&d.product));
+    field("serial", opt_text(&d.serial));
     field(
         "class",
         d.class.map_or("unknown".into(), |c| {
@@ -262,7 +263,7 @@ pub fn device_details(d: &Device, snapshot: &Snapshot) -> String {
     field("network", list_or_none(&d.netdevs));
     field("block devices", list_or_none(&d.block_devices));
     field("sysfs", d.sysfs_path.clone());
-    out
+    escaped_lines(&out)
 }
 
 /// One block per controller with its group members and verdict, for `controllers`.
@@ -324,7 +325,7 @@ pub fn controllers_text(snapshot: &Snapshot) -> String {
             }
         }
     }
-    out
+    escaped_lines(&out)
 }
 
 fn branch(indent: &str, last: bool) -> (String, String) {
@@ -359,6 +360,12 @@ fn opt(v: Option<u16>) -> String {
 
 fn opt_str(v: &Option<String>) -> String {
     v.clone().unwrap_or_else(|| "none".into())
+}
+
+/// A string the device chose, cut to what a human output shows (escaped by the caller).
+fn opt_text(v: &Option<String>) -> String {
+    v.as_deref()
+        .map_or("none".into(), |s| capped(s, MAX_SHOWN).into_owned())
 }
 
 fn list_or_none(v: &[String]) -> String {

@@ -305,3 +305,173 @@ fn bus_of_a_platform_controller_is_listed_under_not_on_pci() {
     assert_eq!(s.devices[0].controller, None);
     assert!(render::tree(&s).starts_with("not on PCI\n└── bus 7  480 Mb/s\n    └── 7-1  dev 2"));
 }
+
+#[test]
+fn try_scan_of_an_unreadable_usb_device_listing_fails_naming_it() {
+    let (dir, _) = host();
+    let listing = dir.path().join("sys/bus/usb/devices");
+    std::fs::remove_dir_all(&listing).unwrap();
+    // Root reads any mode: a file where the directory should be fails the read as EIO
+    // or EMFILE would, with ENOTDIR.
+    std::fs::write(&listing, "").unwrap();
+
+    let err = try_scan(&SysfsRoot::new(dir.path())).unwrap_err();
+
+    assert_eq!(err.path, std::path::Path::new("/sys/bus/usb/devices"));
+}
+
+#[test]
+fn try_scan_of_an_empty_usb_device_listing_is_a_valid_empty_picture() {
+    let (dir, _) = host();
+    let listing = dir.path().join("sys/bus/usb/devices");
+    std::fs::remove_dir_all(&listing).unwrap();
+    std::fs::create_dir(&listing).unwrap();
+
+    let s = try_scan(&SysfsRoot::new(dir.path())).unwrap();
+
+    assert_eq!((s.buses.len(), s.devices.len()), (0, 0));
+}
+
+#[test]
+fn try_scan_without_usb_at_all_is_a_valid_empty_picture() {
+    let (dir, _) = host();
+    std::fs::remove_dir_all(dir.path().join("sys/bus/usb")).unwrap();
+
+    let s = try_scan(&SysfsRoot::new(dir.path())).unwrap();
+
+    assert_eq!((s.buses.len(), s.devices.len()), (0, 0));
+}
+
+#[test]
+fn try_scan_of_a_healthy_tree_equals_scan() {
+    let (dir, _) = host();
+
+    let checked = try_scan(&SysfsRoot::new(dir.path())).unwrap();
+
+    assert_eq!(checked, scan_of(&dir));
+}
+
+/// A device whose product string clears the screen, rings the bell and overprints its
+/// line; its serial reverses the text after it.
+fn hostile_host() -> (tempfile::TempDir, SysfsBuilder) {
+    let (dir, b) = host();
+    b.device(&UsbDevice {
+        product_name: Some("Mouse\u{1b}[2J\u{7}\rEvil"),
+        serial: Some("\u{202e}gpj.exe"),
+        ..device("4-2", 3, 0, "12")
+    })
+    .unwrap();
+    (dir, b)
+}
+
+/// Control characters a terminal acts on, other than the line ends a listing is made of.
+fn terminal_controls(text: &str) -> Vec<char> {
+    text.chars()
+        .filter(|c| (c.is_control() && *c != '\n') || *c == '\u{202e}')
+        .collect()
+}
+
+#[test]
+fn list_and_show_escape_what_a_device_claims() {
+    let (dir, _) = hostile_host();
+    let s = scan_of(&dir);
+    let d = s.device_at(&port("4-2")).unwrap();
+
+    let (tree, details) = (render::tree(&s), render::device_details(d, &s));
+
+    assert_eq!(terminal_controls(&tree), Vec::<char>::new());
+    assert_eq!(terminal_controls(&details), Vec::<char>::new());
+    assert!(tree.contains("Mouse\\u{1b}[2J\\u{7}\\u{d}Evil"), "{tree}");
+    assert!(
+        details.contains("serial         \\u{202e}gpj.exe"),
+        "{details}"
+    );
+}
+
+#[test]
+fn json_keeps_the_device_string_as_claimed() {
+    let (dir, _) = hostile_host();
+    let s = scan_of(&dir);
+
+    let json = serde_json::to_string(&render::Listing::from(&s)).unwrap();
+
+    assert!(
+        json.contains(r#""product":"Mouse\u001b[2J\u0007\rEvil""#),
+        "{json}"
+    );
+}
+
+#[test]
+fn an_overlong_device_string_is_cut_when_read_and_when_shown() {
+    let (dir, b) = host();
+    let long = "x".repeat(100_000);
+    b.device(&UsbDevice {
+        product_name: Some(&long),
+        ..device("4-2", 3, 0, "12")
+    })
+    .unwrap();
+
+    let s = scan_of(&dir);
+    let d = s.device_at(&port("4-2")).unwrap();
+
+    assert_eq!(
+        d.product.as_deref().map(|p| p.chars().count()),
+        Some(text::MAX_KEPT)
+    );
+    assert_eq!(
+        d.label(),
+        format!("0627:0001 QEMU {}…", "x".repeat(text::MAX_SHOWN - 1))
+    );
+}
+
+/// Everything under `dir`, for checking that a refused recording wrote nothing.
+fn entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect()
+}
+
+#[test]
+fn recording_into_a_symlink_to_elsewhere_is_refused_and_writes_nothing_there() {
+    let (dir, _) = host();
+    let outside = tempfile::tempdir().unwrap();
+    let place = tempfile::tempdir().unwrap();
+    let target = place.path().join("rec");
+    std::os::unix::fs::symlink(outside.path(), &target).unwrap();
+
+    let err = record::record(&SysfsRoot::new(dir.path()), &target).unwrap_err();
+
+    assert!(err.to_string().contains("is a symlink"), "{err}");
+    assert_eq!(entries(outside.path()), Vec::<std::path::PathBuf>::new());
+}
+
+#[test]
+fn recording_into_a_directory_another_user_owns_is_refused() {
+    let (dir, _) = host();
+    let target = tempfile::tempdir().unwrap();
+    // nobody's empty directory: nobody could plant a symlink in it mid-run.
+    std::os::unix::fs::chown(target.path(), Some(65534), Some(65534)).unwrap();
+
+    let err = record::record(&SysfsRoot::new(dir.path()), target.path()).unwrap_err();
+
+    assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+    assert_eq!(entries(target.path()), Vec::<std::path::PathBuf>::new());
+}
+
+#[test]
+fn recording_below_a_directory_anyone_may_rename_in_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, _) = host();
+    let shared = tempfile::tempdir().unwrap();
+    // World-writable without the sticky bit: anyone could move `rec` away and put a
+    // symlink in its place.
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+
+    let err = record::record(&SysfsRoot::new(dir.path()), &shared.path().join("rec")).unwrap_err();
+
+    assert!(
+        err.to_string().contains("writable by others (mode 777)"),
+        "{err}"
+    );
+}

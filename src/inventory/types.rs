@@ -448,9 +448,11 @@ impl Device {
             (Some(v), Some(p)) => format!("{v}:{p}"),
             _ => "????:????".to_string(),
         };
+        // The device chose these strings: escaped and cut, as every human output needs.
         let name = [self.manufacturer.as_deref(), self.product.as_deref()]
             .into_iter()
             .flatten()
+            .map(super::text::printable)
             .collect::<Vec<_>>()
             .join(" ");
         if name.is_empty() {

@@ -47,7 +47,7 @@ fn classify(name: &str) -> Option<Entry> {
 
 /// Buses sorted by number and devices sorted by port path, in one pass over the listing.
 pub(super) fn read_usb(r: &mut Reader) -> (Vec<Bus>, Vec<Device>) {
-    let names = r.list(Path::new(USB_DEVICES)).unwrap_or_default();
+    let names = r.list_top(Path::new(USB_DEVICES)).unwrap_or_default();
     let mut buses = Vec::new();
     let mut devices = Vec::new();
     let mut interfaces: BTreeMap<String, Vec<(u8, String)>> = BTreeMap::new();

@@ -20,6 +20,12 @@ const PROPERTIES: [&str; 6] = [
     "attached",
 ];
 
+/// The most usb-host devices one listing reads. Each costs six `qom-get`s, so without a
+/// cap a peer answering `qom-list` with a million children would make one listing send
+/// millions of commands. QEMU's USB buses hold far fewer (an xHCI has at most 15 root
+/// ports per speed; hubs add 7 or 15 each).
+pub const MAX_USB_HOSTS: usize = 256;
+
 /// Every usb-host device: those with an id (`/machine/peripheral`, listed by id) and those
 /// without (`/machine/peripheral-anon`, listed by QOM path, which `device_del` accepts too),
 /// sorted by id.
@@ -39,6 +45,13 @@ pub async fn usb_hosts(qmp: &Qmp) -> Result<Vec<VmUsbDevice>, QmpError> {
                 found.push((id, child.path));
             }
         }
+    }
+    if found.len() > MAX_USB_HOSTS {
+        return Err(QmpError::TooMany {
+            what: "usb-host devices".into(),
+            count: found.len(),
+            limit: MAX_USB_HOSTS,
+        });
     }
     let mut devices =
         try_join_all(found.into_iter().map(|(id, path)| read_one(qmp, id, path))).await?;

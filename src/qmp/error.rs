@@ -51,6 +51,36 @@ pub enum QmpError {
         /// The command that was waiting for its reply, if any.
         command: Option<String>,
     },
+    /// The peer sent a line (a reply or an event) longer than usbroute reads; the
+    /// connection is closed before the rest is buffered or anything is parsed.
+    #[error(
+        "The QMP peer at {peer} sent a message longer than {limit} bytes, usbroute's cap \
+         on one QMP reply or event (QEMU's largest, `query-qmp-schema`, is about 240 KB); \
+         the connection is closed{}; is that socket really QEMU's QMP monitor?",
+        waiting_for(.command)
+    )]
+    TooLong {
+        /// The socket path (or what else the connection runs over).
+        peer: String,
+        /// The cap, in bytes.
+        limit: usize,
+        /// The command that was waiting for its reply, if any.
+        command: Option<String>,
+    },
+    /// An answer names more objects than one listing reads: each would cost commands of
+    /// its own, so a peer could make one listing send without bound.
+    #[error(
+        "QEMU lists {count} {what}, more than the {limit} usbroute reads in one listing; \
+         the answer is not trusted"
+    )]
+    TooMany {
+        /// What was counted (`usb-host devices`).
+        what: String,
+        /// How many the answer named.
+        count: usize,
+        /// The cap.
+        limit: usize,
+    },
     /// QEMU answered the command with an error.
     #[error("QEMU refused `{command}`: {desc} ({class})")]
     Command {
@@ -94,6 +124,11 @@ impl QmpError {
         match self {
             QmpError::Closed { partial, .. } => QmpError::Closed { command, partial },
             QmpError::Garbage { got, .. } => QmpError::Garbage { got, command },
+            QmpError::TooLong { peer, limit, .. } => QmpError::TooLong {
+                peer,
+                limit,
+                command,
+            },
             QmpError::Io { reason, .. } => QmpError::Io { command, reason },
             other => other,
         }
@@ -104,7 +139,10 @@ impl QmpError {
     pub fn is_connection_lost(&self) -> bool {
         matches!(
             self,
-            QmpError::Closed { .. } | QmpError::Garbage { .. } | QmpError::Io { .. }
+            QmpError::Closed { .. }
+                | QmpError::Garbage { .. }
+                | QmpError::TooLong { .. }
+                | QmpError::Io { .. }
         )
     }
 }

@@ -17,6 +17,7 @@ mod reader;
 mod writer;
 
 pub use error::QmpError;
+pub use reader::MAX_LINE;
 
 use reader::{Line, Message};
 use serde_json::{json, Map, Value};
@@ -127,7 +128,8 @@ impl Qmp {
             gid: c.gid(),
         });
         let (read, write) = stream.into_split();
-        Self::handshake(read, Writer::Unix(write), peer, timeout).await
+        let origin = path.display().to_string();
+        Self::handshake(read, Writer::Unix(write), peer, timeout, origin).await
     }
 
     /// Talk QMP over any byte stream (a serial tty, a pipe). File descriptors cannot be
@@ -137,7 +139,15 @@ impl Qmp {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (read, write) = tokio::io::split(stream);
-        Self::handshake(read, Writer::Stream(Box::new(write)), None, DEFAULT_TIMEOUT).await
+        let origin = "a byte stream (not a socket)".to_string();
+        Self::handshake(
+            read,
+            Writer::Stream(Box::new(write)),
+            None,
+            DEFAULT_TIMEOUT,
+            origin,
+        )
+        .await
     }
 
     async fn handshake<R>(
@@ -145,6 +155,7 @@ impl Qmp {
         writer: Writer,
         peer: Option<PeerCredentials>,
         timeout: Duration,
+        origin: String,
     ) -> Result<Qmp, QmpError>
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -161,7 +172,7 @@ impl Qmp {
             broken: None,
             events: Some(events),
         }));
-        let reader = tokio::spawn(reader::run(reader, state.clone()));
+        let reader = tokio::spawn(reader::run(reader, state.clone(), origin));
         let qmp = Qmp {
             shared: Arc::new(Shared {
                 writer: tokio::sync::Mutex::new(writer),

@@ -9,9 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
-/// A QMP reply of ours (`qom-list-types`, a big `query-*`) stays well under this; a line
-/// longer than this is a peer gone wrong, and buffering it further would only eat memory.
-pub(crate) const MAX_LINE: usize = 64 * 1024 * 1024;
+/// The longest QMP line (one reply or one event) read. QEMU's largest reply,
+/// `query-qmp-schema`, is about 240 KB (QEMU 10.0); usbroute's own are far smaller. A
+/// longer line is a peer gone wrong: the connection is closed once this much arrived,
+/// so nothing more is buffered, and a line is never parsed past it (a parsed JSON value
+/// takes tens of times its text in memory).
+pub const MAX_LINE: usize = 1024 * 1024;
 
 /// How much of a bad message an error message shows.
 const SHOWN: usize = 200;
@@ -24,7 +27,26 @@ pub(crate) enum Line {
     End { partial: Vec<u8> },
 }
 
-/// Read one `\n`-terminated line, at most [`MAX_LINE`] bytes.
+/// A line ran past [`MAX_LINE`]; carried inside the `io::Error` of [`read_line`].
+#[derive(Debug)]
+pub(crate) struct LineTooLong {
+    /// How it started (shortened), to recognise the peer.
+    pub(crate) start: String,
+}
+
+impl std::fmt::Display for LineTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "a line longer than {MAX_LINE} bytes, starting {}",
+            self.start
+        )
+    }
+}
+
+impl std::error::Error for LineTooLong {}
+
+/// Read one `\n`-terminated line, at most [`MAX_LINE`] bytes (then [`LineTooLong`]).
 pub(crate) async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -> io::Result<Line> {
     let mut line = Vec::new();
     loop {
@@ -45,12 +67,10 @@ pub(crate) async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -
             return Ok(Line::Complete(line));
         }
         if line.len() > MAX_LINE {
+            let start = shorten(&String::from_utf8_lossy(&line[..SHOWN]), SHOWN);
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!(
-                    "a line longer than {MAX_LINE} bytes without a line end, starting {}",
-                    shorten(&String::from_utf8_lossy(&line[..SHOWN]), SHOWN)
-                ),
+                LineTooLong { start },
             ));
         }
     }
@@ -125,7 +145,13 @@ fn timestamp(v: &Value) -> Option<SystemTime> {
 
 /// Run until the stream ends or turns bad; then fail every waiting command and close the
 /// event channel, so nobody waits for an answer that cannot come.
-pub(crate) async fn run<R: AsyncRead + Unpin>(mut reader: BufReader<R>, state: Arc<Mutex<State>>) {
+///
+/// `peer` names the other end (the socket path) for errors.
+pub(crate) async fn run<R: AsyncRead + Unpin>(
+    mut reader: BufReader<R>,
+    state: Arc<Mutex<State>>,
+    peer: String,
+) {
     let broken = loop {
         let line = match read_line(&mut reader).await {
             Ok(Line::Complete(line)) if line.is_empty() => continue,
@@ -143,6 +169,13 @@ pub(crate) async fn run<R: AsyncRead + Unpin>(mut reader: BufReader<R>, state: A
                 break QmpError::Closed {
                     command: None,
                     partial: None,
+                }
+            }
+            Err(e) if e.get_ref().is_some_and(|inner| inner.is::<LineTooLong>()) => {
+                break QmpError::TooLong {
+                    peer,
+                    limit: MAX_LINE,
+                    command: None,
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {

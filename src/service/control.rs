@@ -21,7 +21,7 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 impl Daemon {
     pub(super) fn on_request(&mut self, request: Request, reply: oneshot::Sender<Reply>) {
         let answer = match request {
-            Request::Status {} => Reply::Status(self.status()),
+            Request::Status {} => Reply::Status(Box::new(self.status())),
             Request::Reload {} => match self.reload() {
                 Ok(msg) => Reply::done(msg),
                 Err(msg) => Reply::error(ErrorKind::Failed, msg),
@@ -112,6 +112,7 @@ impl Daemon {
                 .collect(),
             devices,
             controllers: self.controllers.values().cloned().collect(),
+            sysfs_error: self.scan_failure.as_ref().map(ToString::to_string),
         }
     }
 

@@ -64,15 +64,15 @@ impl DecisionLog {
             if self.last.get(port) == Some(decision) {
                 continue;
             }
+            // `label` escapes what the device claims about itself.
             let label = snapshot
                 .device_at(port)
                 .map(|d| d.label())
                 .unwrap_or_default();
             tracing::info!(
-                "device {port} {}: {} ({})",
-                label.escape_debug(),
+                "device {port} {label}: {} ({})",
                 placement_words(decision),
-                decision.reason
+                crate::inventory::text::escaped(&decision.reason.to_string())
             );
         }
         for port in self.last.keys() {

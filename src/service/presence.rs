@@ -1,6 +1,9 @@
 //! VM presence: one task per VM that connects to its QMP socket when told to (start, the
 //! socket appearing), reports the VM up with a connected backend, and reports it gone
-//! when the connection drops. A socket that exists but refuses is retried with backoff.
+//! when the connection drops. A socket that exists but refuses is retried with backoff;
+//! a VM that is down is tried again every [`SLOW_RETRY`] whatever inotify says, so a
+//! missed event (a watch lost with its directory, an inotify queue overflow) delays a
+//! VM, never loses it.
 
 use crate::backend::{BackendError, BoxFuture, VmBackend};
 use std::path::{Path, PathBuf};
@@ -54,6 +57,9 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_millis(250u64 << failures.saturating_sub(1).min(7)).min(Duration::from_secs(30))
 }
 
+/// How often a VM that is down is tried without being woken: the backstop for inotify.
+pub const SLOW_RETRY: Duration = Duration::from_secs(30);
+
 /// Start the presence task of VM `name`. Send `()` on the returned channel to make it try
 /// now (its socket appeared); drop the sender to stop it.
 pub fn spawn(
@@ -62,9 +68,20 @@ pub fn spawn(
     connector: Arc<dyn VmConnector>,
     report: mpsc::UnboundedSender<Presence>,
 ) -> mpsc::UnboundedSender<()> {
+    spawn_with_retry(name, qmp, connector, report, SLOW_RETRY)
+}
+
+/// [`spawn`] with another period than [`SLOW_RETRY`] for trying a VM that is down.
+pub fn spawn_with_retry(
+    name: String,
+    qmp: PathBuf,
+    connector: Arc<dyn VmConnector>,
+    report: mpsc::UnboundedSender<Presence>,
+    slow_retry: Duration,
+) -> mpsc::UnboundedSender<()> {
     let (wake, wakes) = mpsc::unbounded_channel();
     let _ = wake.send(());
-    tokio::spawn(watch_vm(name, qmp, connector, wakes, report));
+    tokio::spawn(watch_vm(name, qmp, connector, wakes, report, slow_retry));
     wake
 }
 
@@ -74,17 +91,23 @@ async fn watch_vm(
     connector: Arc<dyn VmConnector>,
     mut wakes: mpsc::UnboundedReceiver<()>,
     report: mpsc::UnboundedSender<Presence>,
+    slow_retry: Duration,
 ) {
     let mut failures = 0u32;
     loop {
-        // Wait for a wake-up, or for the retry of a socket that exists but refused.
-        let retry = (failures > 0 && qmp.exists()).then(|| backoff(failures));
+        // Wait for a wake-up, for the retry of a socket that exists but refused, or for
+        // the slow retry of a VM that is down.
+        let retry = if failures > 0 && qmp.exists() {
+            backoff(failures).min(slow_retry)
+        } else {
+            slow_retry
+        };
         tokio::select! {
             w = wakes.recv() => match w {
                 Some(()) => failures = 0,
                 None => return,
             },
-            () = sleep_opt(retry) => {}
+            () = tokio::time::sleep(retry) => {}
         }
         let link = match connect(&name, &qmp, connector.as_ref()).await {
             Ok(link) => link,
@@ -126,13 +149,6 @@ async fn closed_channel(wakes: &mut mpsc::UnboundedReceiver<()>) {
     while wakes.recv().await.is_some() {}
 }
 
-async fn sleep_opt(d: Option<Duration>) {
-    match d {
-        Some(d) => tokio::time::sleep(d).await,
-        None => std::future::pending().await,
-    }
-}
-
 async fn connect(name: &str, qmp: &Path, connector: &dyn VmConnector) -> Result<VmLink, String> {
     let mut last = format!("{} does not exist", qmp.display());
     for _ in 0..QUICK_ATTEMPTS {
@@ -146,4 +162,81 @@ async fn connect(name: &str, qmp: &Path, connector: &dyn VmConnector) -> Result<
         tokio::time::sleep(QUICK_PAUSE).await;
     }
     Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{AttachMode, VmUsbDevice};
+    use crate::inventory::Device;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A VM backend that holds nothing; only its presence matters here.
+    struct Idle;
+
+    impl VmBackend for Idle {
+        fn name(&self) -> &str {
+            "vm"
+        }
+        fn list(&self) -> BoxFuture<'_, Result<Vec<VmUsbDevice>, BackendError>> {
+            Box::pin(async { Ok(vec![]) })
+        }
+        fn attach<'a>(
+            &'a self,
+            _: &'a Device,
+            _: AttachMode,
+        ) -> BoxFuture<'a, Result<VmUsbDevice, BackendError>> {
+            Box::pin(async { unreachable!("presence never attaches") })
+        }
+        fn detach<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+            Box::pin(async { unreachable!("presence never detaches") })
+        }
+    }
+
+    /// Every connection succeeds and drops at once: a VM whose monitor goes away while
+    /// its socket stays (and no inotify event says it is back).
+    struct DropsAtOnce(AtomicU32);
+
+    impl VmConnector for DropsAtOnce {
+        fn connect<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a Path,
+        ) -> BoxFuture<'a, Result<VmLink, BackendError>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async {
+                Ok(VmLink {
+                    backend: Arc::new(Idle),
+                    closed: Box::pin(async {}),
+                })
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_vm_gone_without_a_wake_up_is_tried_again_on_the_slow_retry() {
+        let socket = tempfile::NamedTempFile::new().unwrap();
+        let connector = Arc::new(DropsAtOnce(AtomicU32::new(0)));
+        let (report, mut reports) = mpsc::unbounded_channel();
+        let _wake = spawn_with_retry(
+            "vm".into(),
+            socket.path().to_path_buf(),
+            connector.clone(),
+            report,
+            Duration::from_millis(50),
+        );
+
+        let mut ups = 0;
+        let seen = tokio::time::timeout(Duration::from_secs(10), async {
+            while ups < 2 {
+                if let Some(Presence::Up { .. }) = reports.recv().await {
+                    ups += 1;
+                }
+            }
+        })
+        .await;
+
+        assert!(seen.is_ok(), "the VM was not tried again after it went");
+        assert!(connector.0.load(Ordering::SeqCst) >= 2);
+    }
 }

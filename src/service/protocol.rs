@@ -57,7 +57,7 @@ pub enum Request {
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
     /// Answer to `status`.
-    Status(StatusReport),
+    Status(Box<StatusReport>),
     /// Answer to `why`.
     Why(WhyReport),
     /// Answer to `routing`: the toggle service's reply line (`ok PROFILE 0xMASK` or
@@ -130,6 +130,11 @@ pub struct StatusReport {
     /// rule, and for removed rules whose controller could not be given back.
     #[serde(default)]
     pub controllers: Vec<ControllerStatus>,
+    /// Why the last read of sysfs failed, when it did: `devices` is then the last good
+    /// picture, kept rather than taking every device for unplugged. `null` when sysfs
+    /// reads fine.
+    #[serde(default)]
+    pub sysfs_error: Option<String>,
 }
 
 /// One `[[controller]]` rule in `status`: its group's bind (or restore) and how it went.
@@ -295,7 +300,7 @@ mod tests {
 
     #[test]
     fn status_reply_round_trips() {
-        let reply = Reply::Status(StatusReport {
+        let reply = Reply::Status(Box::new(StatusReport {
             config: Some("/etc/usbroute.toml".into()),
             dry_run: false,
             vms: vec![VmStatus {
@@ -311,7 +316,8 @@ mod tests {
                 ok: true,
                 message: "IOMMU group 7 is on vfio-pci (4 function(s)), ready for VM win11".into(),
             }],
-        });
+            sysfs_error: None,
+        }));
 
         let back: Reply = serde_json::from_str(&serde_json::to_string(&reply).unwrap()).unwrap();
 

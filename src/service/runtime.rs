@@ -11,7 +11,7 @@ use super::server::{ControlGroup, ControlHandler, ControlServer, Peer, ServiceEr
 use crate::backend::BoxFuture;
 use crate::engine::runtime::{self as engine, EngineHandle, EngineOptions, Input as EngineInput};
 use crate::events::{Received, SocketWatcher, Trigger, UeventSocket};
-use crate::inventory::{self, PciAddress, Snapshot};
+use crate::inventory::{self, PciAddress, ScanFailed, Snapshot};
 use crate::policy::Config;
 use crate::sysfs::SysfsRoot;
 use crate::vfio::{BindOptions, ControllerRule};
@@ -87,7 +87,14 @@ pub(super) struct Daemon {
     controller_work: Arc<std::sync::Mutex<()>>,
     /// Removed rules whose VM was running: given back when that VM goes down.
     held_for_vms: Vec<ControllerRule>,
+    /// Why the last scan of sysfs failed: `snapshot` is then the last good one.
+    pub(super) scan_failure: Option<ScanFailed>,
+    /// When a failed scan is tried again (no uevent may come to trigger it).
+    scan_retry: Option<tokio::time::Instant>,
 }
+
+/// How soon a failed scan of sysfs is tried again.
+const SCAN_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Run the daemon until SIGTERM or SIGINT.
 pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
@@ -140,6 +147,8 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         controllers: BTreeMap::new(),
         controller_work: Arc::new(std::sync::Mutex::new(())),
         held_for_vms: Vec::new(),
+        scan_failure: None,
+        scan_retry: None,
     };
     daemon.apply_config();
     let rules = daemon.config.controllers.clone();
@@ -153,6 +162,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     loop {
         tokio::select! {
             _ = dirty.notified() => daemon.rescan("uevent"),
+            () = sleep_until(daemon.scan_retry) => daemon.rescan("retry after a failed scan"),
             Some(p) = presence.recv() => daemon.on_presence(p),
             Some(input) = inputs.recv() => match input {
                 Input::Control(req, reply) => daemon.on_request(req, reply),
@@ -171,6 +181,13 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     tracing::info!("usbroute daemon stopping; devices stay where they are");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     Ok(())
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Read uevents, log each, and mark the picture dirty for the ones that matter. Marking
@@ -251,6 +268,11 @@ impl Daemon {
             self.engine.send(EngineInput::VmGone { name: name.clone() });
             tracing::info!(vm = %name, "VM no longer in the config (or its socket moved); usbroute stops managing it");
         }
+        // A reload re-arms the socket watcher, but a socket that appeared while a watch
+        // was lost makes no new event: try every VM that is down now.
+        for vm in self.vms.values().filter(|v| !v.up) {
+            let _ = vm.wake.send(());
+        }
         for (name, qmp) in &wanted {
             if !self.vms.contains_key(name) {
                 let wake = presence::spawn(
@@ -285,9 +307,32 @@ impl Daemon {
         }
     }
 
+    /// Read sysfs again and hand the picture to the engine. A scan that failed (EMFILE,
+    /// EIO) keeps the last good picture and is retried: handing over an empty one would
+    /// take every device from every VM and drop every override.
     pub(super) fn rescan(&mut self, why: &str) {
+        self.scan_retry = None;
+        let snapshot = match inventory::try_scan(&self.options.root) {
+            Ok(snapshot) => snapshot,
+            Err(failed) => {
+                if self.scan_failure.as_ref() != Some(&failed) {
+                    tracing::error!(
+                        "sysfs scan failed ({why}): {failed}; keeping the last good picture ({} devices) and retrying every {} s",
+                        self.snapshot.devices.len(),
+                        SCAN_RETRY.as_secs()
+                    );
+                }
+                self.scan_failure = Some(failed);
+                self.scan_retry = Some(tokio::time::Instant::now() + SCAN_RETRY);
+                self.publish_status();
+                return;
+            }
+        };
+        if self.scan_failure.take().is_some() {
+            tracing::info!("sysfs reads again ({why}); the picture is current");
+        }
         let previous = std::mem::take(&mut self.snapshot.warnings);
-        self.snapshot = inventory::scan(&self.options.root);
+        self.snapshot = snapshot;
         // Each rescan would repeat the same complaints: say each one once.
         for w in self
             .snapshot
@@ -471,7 +516,12 @@ impl Daemon {
                 .filter(|d| d.placement != crate::policy::Placement::Host)
                 .count();
             format!(
-                "{} USB devices, {passed} for VMs; {}/{} VMs up; {} retries pending{}",
+                "{}{} USB devices, {passed} for VMs; {}/{} VMs up; {} retries pending{}",
+                if self.scan_failure.is_some() {
+                    "sysfs unreadable, last good picture: "
+                } else {
+                    ""
+                },
                 self.snapshot.devices.len(),
                 self.vms.values().filter(|v| v.up).count(),
                 self.vms.len(),
