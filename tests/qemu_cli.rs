@@ -292,3 +292,48 @@ fn vm_qmp_error_names_the_command_and_the_socket() {
         .stderr(contains("qom-get"))
         .stderr(contains(qemu.socket().display().to_string()));
 }
+
+/// `usbroute emit` for a device absent from this host: QEMU starts with the printed
+/// arguments, lists the device as ours, and `attach` of the same device finds it there.
+#[test]
+fn emit_by_port_starts_a_qemu_holding_the_device_attach_would_add() {
+    let root = tempfile::tempdir().expect("root");
+    let out = usbroute(&root)
+        .args([
+            "emit",
+            "port:1-7.2",
+            "--for",
+            "qemu",
+            "--by",
+            "port",
+            "--json",
+        ])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let emitted: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let args: Vec<&str> = emitted["qemu_args"]
+        .as_array()
+        .expect("qemu_args")
+        .iter()
+        .map(|a| a.as_str().expect("string"))
+        .collect();
+
+    let qemu = QemuGuard::q35(&args);
+
+    assert_eq!(
+        devices_json(&root, &qemu),
+        json!([{"id": "usbroute-port-1-7.2", "attached": false, "ours": true,
+                "bus": 1, "port": "7.2"}])
+    );
+    usbroute(&root)
+        .args(["attach", "port:1-7.2", "--by", "port", "--qmp"])
+        .arg(qemu.socket())
+        .assert()
+        .success()
+        .stdout(contains("has `usbroute-port-1-7.2` already"));
+}
