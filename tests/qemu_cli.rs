@@ -17,18 +17,23 @@ fn usbroute(root: &tempfile::TempDir) -> Command {
     cmd
 }
 
-fn devices_json(root: &tempfile::TempDir, qemu: &QemuGuard) -> Value {
-    let out = usbroute(root)
-        .args(["vm", "devices", "--json", "--qmp"])
-        .arg(qemu.socket())
-        .output()
-        .expect("run");
+/// What a successful command printed, as JSON.
+fn json_of(command: &mut Command) -> Value {
+    let out = command.output().expect("run");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+fn devices_json(root: &tempfile::TempDir, qemu: &QemuGuard) -> Value {
+    json_of(
+        usbroute(root)
+            .args(["vm", "devices", "--json", "--qmp"])
+            .arg(qemu.socket()),
+    )
 }
 
 #[test]
@@ -298,24 +303,15 @@ fn vm_qmp_error_names_the_command_and_the_socket() {
 #[test]
 fn emit_by_port_starts_a_qemu_holding_the_device_attach_would_add() {
     let root = tempfile::tempdir().expect("root");
-    let out = usbroute(&root)
-        .args([
-            "emit",
-            "port:1-7.2",
-            "--for",
-            "qemu",
-            "--by",
-            "port",
-            "--json",
-        ])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let emitted: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let emitted = json_of(usbroute(&root).args([
+        "emit",
+        "port:1-7.2",
+        "--for",
+        "qemu",
+        "--by",
+        "port",
+        "--json",
+    ]));
     let args: Vec<&str> = emitted["qemu_args"]
         .as_array()
         .expect("qemu_args")
