@@ -7,7 +7,7 @@
 use super::output::print_json;
 use super::vm::{attach_target, ByArg, Target};
 use super::Global;
-use crate::backend::{AttachKey, AttachMode};
+use crate::backend::AttachMode;
 use crate::inventory::Snapshot;
 use crate::qemu::controllers::ADDED_CONTROLLER_ID;
 use crate::qemu::usb_host;
@@ -63,9 +63,12 @@ pub struct EmittedUsbHost {
 
 pub(super) fn emit(g: &Global, a: EmitArgs) -> anyhow::Result<ExitCode> {
     let selector: Selector = a.selector.parse()?;
-    let Hypervisor::Qemu = a.hypervisor;
-    let emitted = emit_qemu(&crate::inventory::scan(&g.root()), &selector, a.by.into())
-        .with_context(|| format!("cannot emit `{selector}` for QEMU"))?;
+    let snapshot = crate::inventory::scan(&g.root());
+    // One arm per hypervisor: Xen (`xl`) and libvirt add theirs here.
+    let emitted = match a.hypervisor {
+        Hypervisor::Qemu => emit_qemu(&snapshot, &selector, a.by.into())
+            .with_context(|| format!("cannot emit `{selector}` for QEMU"))?,
+    };
     if a.json {
         print_json(&emitted)?;
     } else {
@@ -91,7 +94,7 @@ fn emit_qemu(
         Target::Absent(request) => (request, false),
     };
     let bus = format!("{ADDED_CONTROLLER_ID}.0");
-    let key: AttachKey = request.key;
+    let key = request.key;
     Ok(EmittedUsbHost {
         hypervisor: Hypervisor::Qemu,
         by: mode,
