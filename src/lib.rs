@@ -1,6 +1,6 @@
 //! usbroute: give virtual machines the USB hardware they should have.
 //!
-//! Data flows one way (see `../shared/notes/architecture.md`):
+//! Data flows one way (see docs/architecture.md):
 //! sysfs → [`inventory`] → [`policy`] (pure) → [`engine`] → [`backend`] (QMP, later xl/virsh).
 //! Everything that touches the host goes through [`sysfs::SysfsRoot`] or a small trait,
 //! so the same code runs on the real `/sys`, on a recorded fixture and inside the test guest.

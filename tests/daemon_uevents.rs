@@ -15,7 +15,7 @@ const DEVICE_UEVENT: &str = "/sys/devices/virtual/mem/null/uevent";
 fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
-        "these tests need root: run `sudo cargo test --test daemon_uevents` (writing {DEVICE_UEVENT} makes the kernel emit a uevent)"
+        "these tests need root: run `sudo cargo test --features real-tests --test daemon_uevents` (writing {DEVICE_UEVENT} makes the kernel emit a uevent)"
     );
 }
 

@@ -263,3 +263,36 @@ fn show_json_without_a_match_prints_an_empty_array_and_exits_1() {
     let v: Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
     assert_eq!(v, json!([]));
 }
+
+#[test]
+fn emit_for_qemu_json_by_port_gives_the_attach_id_and_arguments() {
+    let v = json_of(&[
+        "emit",
+        "port:1-2.1",
+        "--for",
+        "qemu",
+        "--by",
+        "port",
+        "--json",
+    ]);
+
+    assert_eq!(
+        pick(&v, &["for", "by", "id", "present", "bus", "qemu_args"]),
+        json!({
+            "for": "qemu", "by": "port", "id": "usbroute-port-1-2.1", "present": true,
+            "bus": "usbroute-xhci.0",
+            "qemu_args": ["-device", "qemu-xhci,id=usbroute-xhci", "-device",
+                          "usb-host,id=usbroute-port-1-2.1,bus=usbroute-xhci.0,hostbus=1,hostport=2.1"],
+        })
+    );
+}
+
+#[test]
+fn emit_for_a_selector_matching_several_devices_fails_listing_them() {
+    usbroute(&fixture())
+        .args(["emit", "id:0627:0001", "--for", "qemu", "--by", "id"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("matches 6 devices"))
+        .stderr(predicate::str::contains("port:1-2.1 "));
+}

@@ -17,18 +17,23 @@ fn usbroute(root: &tempfile::TempDir) -> Command {
     cmd
 }
 
-fn devices_json(root: &tempfile::TempDir, qemu: &QemuGuard) -> Value {
-    let out = usbroute(root)
-        .args(["vm", "devices", "--json", "--qmp"])
-        .arg(qemu.socket())
-        .output()
-        .expect("run");
+/// What a successful command printed, as JSON.
+fn json_of(command: &mut Command) -> Value {
+    let out = command.output().expect("run");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+fn devices_json(root: &tempfile::TempDir, qemu: &QemuGuard) -> Value {
+    json_of(
+        usbroute(root)
+            .args(["vm", "devices", "--json", "--qmp"])
+            .arg(qemu.socket()),
+    )
 }
 
 #[test]
@@ -291,4 +296,40 @@ fn vm_qmp_error_names_the_command_and_the_socket() {
         .failure()
         .stderr(contains("qom-get"))
         .stderr(contains(qemu.socket().display().to_string()));
+}
+
+/// `usbroute emit` for a device absent from this host: QEMU starts with the printed
+/// arguments, lists the device as ours, and `attach` of the same device finds it there.
+#[test]
+fn emit_by_port_starts_a_qemu_holding_the_device_attach_would_add() {
+    let root = tempfile::tempdir().expect("root");
+    let emitted = json_of(usbroute(&root).args([
+        "emit",
+        "port:1-7.2",
+        "--for",
+        "qemu",
+        "--by",
+        "port",
+        "--json",
+    ]));
+    let args: Vec<&str> = emitted["qemu_args"]
+        .as_array()
+        .expect("qemu_args")
+        .iter()
+        .map(|a| a.as_str().expect("string"))
+        .collect();
+
+    let qemu = QemuGuard::q35(&args);
+
+    assert_eq!(
+        devices_json(&root, &qemu),
+        json!([{"id": "usbroute-port-1-7.2", "attached": false, "ours": true,
+                "bus": 1, "port": "7.2"}])
+    );
+    usbroute(&root)
+        .args(["attach", "port:1-7.2", "--by", "port", "--qmp"])
+        .arg(qemu.socket())
+        .assert()
+        .success()
+        .stdout(contains("has `usbroute-port-1-7.2` already"));
 }

@@ -5,6 +5,7 @@
 
 mod controller;
 pub mod daemon;
+mod emit;
 mod inventory;
 mod misc;
 pub mod output;
@@ -83,6 +84,9 @@ pub enum Command {
     Detach(vm::DetachArgs),
     /// Look at a VM directly over QMP.
     Vm(vm::VmArgs),
+    /// Print what gives a VM the device at start-up (QEMU `-device usb-host,...`), as
+    /// `attach` and the daemon would attach it.
+    Emit(emit::EmitArgs),
     /// Run the policy daemon.
     Serve(daemon::ServeArgs),
     /// Where each device is, and why (asks the daemon).
@@ -131,6 +135,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Attach(a) => vm::attach(g, a),
         Command::Detach(a) => vm::detach(g, a),
         Command::Vm(a) => vm::vm(g, a),
+        Command::Emit(a) => emit::emit(g, a),
         Command::Serve(a) => daemon::serve(g, a),
         Command::Status(a) => daemon::status(g, a),
         Command::Why(a) => daemon::why(g, a),

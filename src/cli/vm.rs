@@ -259,7 +259,7 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 
 /// What an attach goes for.
 #[derive(Debug)]
-enum Target {
+pub(super) enum Target {
     /// A device on this host.
     Device(Box<Device>),
     /// Nothing on the host now, but the selector pins a port or ids for QEMU to wait for.
@@ -267,7 +267,7 @@ enum Target {
 }
 
 /// The one device `selector` names, or (by port or id) what to wait for when it is absent.
-fn attach_target(
+pub(super) fn attach_target(
     snapshot: &Snapshot,
     selector: &Selector,
     mode: AttachMode,

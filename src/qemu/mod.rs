@@ -9,11 +9,12 @@ pub mod controllers;
 pub mod fdpass;
 pub mod listing;
 pub mod qom;
+pub mod usb_host;
 
 pub use fdpass::FdPassing;
 
 use crate::backend::{AttachKey, AttachMode, BackendError, BoxFuture, VmBackend, VmUsbDevice};
-use crate::inventory::{ClassTriple, Device, Speed};
+use crate::inventory::{Device, Speed};
 use crate::qmp::{Qmp, QmpError};
 use crate::sysfs::SysfsRoot;
 use serde_json::{json, Value};
@@ -136,42 +137,8 @@ impl QemuBackend {
         device: &Device,
         mode: AttachMode,
     ) -> Result<Attached, BackendError> {
-        let what = Self::describe(device);
-        let is_hub = device.hub
-            || device
-                .class
-                .is_some_and(|c| c.class == ClassTriple::HUB_CLASS);
-        if is_hub {
-            return Err(self.refused(format!(
-                "{what} is a hub: QEMU cannot pass a hub to a VM (usb-host skips hubs); pass \
-                 the devices behind it (selector hub:{}) or the whole controller \
-                 (usbroute controller)",
-                device.port
-            )));
-        }
-        let key = AttachKey::of(mode, device).ok_or_else(|| {
-            self.refused(format!(
-                "{what}: its {} could not be read from sysfs, so it cannot be attached by \
-                 that; try another --by",
-                if mode == AttachMode::Address {
-                    "device address"
-                } else {
-                    "vendor or product id"
-                }
-            ))
-        })?;
-        self.attach_request(AttachRequest {
-            key,
-            // By port, whatever is plugged there next is attached, at whatever speed: only
-            // a bus that takes every speed (xHCI) is safe.
-            speed: if mode == AttachMode::Port {
-                None
-            } else {
-                device.speed_mbps
-            },
-            what,
-        })
-        .await
+        let request = usb_host::request_for(device, mode).map_err(|reason| self.refused(reason))?;
+        self.attach_request(request).await
     }
 
     /// Attach what `request` describes. Leaves no usb-host device and no passed file behind
@@ -204,25 +171,7 @@ impl QemuBackend {
         };
 
         let (bus, added_controller) = self.bus_for(speed, &what).await?;
-        let mut arguments = json!({"driver": "usb-host", "id": id, "bus": bus});
-        match &key {
-            AttachKey::Address { bus, address } => {
-                arguments["hostbus"] = json!(bus);
-                arguments["hostaddr"] = json!(address);
-            }
-            AttachKey::Port(port) => {
-                arguments["hostbus"] = json!(port.bus);
-                arguments["hostport"] = json!(port.chain());
-            }
-            // QEMU wants the ids as JSON integers; strings are refused.
-            AttachKey::Id {
-                vendor_id,
-                product_id,
-            } => {
-                arguments["vendorid"] = json!(vendor_id.0);
-                arguments["productid"] = json!(product_id.0);
-            }
-        }
+        let mut arguments = usb_host::device_add_arguments(&key, &bus);
 
         let mut fdset = None;
         if let Some(file) = &file {
