@@ -287,3 +287,25 @@ async fn listing_of_more_usb_hosts_than_the_cap_sends_no_property_reads() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn vfio_root_port_search_over_more_devices_than_the_cap_sends_no_property_reads() {
+    let (qmp, mut peer) = connected().await;
+    let search = tokio::spawn(async move { usbroute::vfio::free_pcie_root_ports(&qmp).await });
+    let children: Vec<Value> = (0..usbroute::vfio::MAX_PERIPHERALS + 1)
+        .map(|i| json!({"name": format!("d{i}"), "type": "child<pcie-root-port>"}))
+        .collect();
+
+    peer.answer(json!(children)).await;
+    peer.answer(json!([])).await;
+    let err = tokio::time::timeout(Duration::from_secs(5), search)
+        .await
+        .expect("the search ends without reading each device")
+        .expect("join")
+        .unwrap_err();
+
+    assert!(
+        matches!(err, QmpError::TooMany { count: 1025, .. }),
+        "{err:?}"
+    );
+}

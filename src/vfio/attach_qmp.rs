@@ -138,6 +138,12 @@ async fn free_ports_among(qmp: &Qmp, devices: &[Peripheral]) -> Result<Vec<RootP
     Ok(free_root_ports(&ports, &occupied))
 }
 
+/// The most user-created devices one listing reads. Each costs a `qom-get` (and a
+/// `qom-list` for a root port), so without a cap a peer answering `qom-list` with a
+/// million children would make one attach send millions of commands; real VMs have
+/// a few dozen.
+pub const MAX_PERIPHERALS: usize = 1024;
+
 /// A user-created device of the VM.
 struct Peripheral {
     name: String,
@@ -159,6 +165,13 @@ async fn peripherals(qmp: &Qmp) -> Result<Vec<Peripheral>, QmpError> {
                     type_name,
                 }),
         );
+    }
+    if found.len() > MAX_PERIPHERALS {
+        return Err(QmpError::TooMany {
+            what: "user-created devices".into(),
+            count: found.len(),
+            limit: MAX_PERIPHERALS,
+        });
     }
     Ok(found)
 }

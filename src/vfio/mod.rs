@@ -29,6 +29,7 @@ mod verdict;
 pub use attach::{free_root_ports, plan_attach, AttachError, DeviceAdd, Machine, RootPort};
 pub use attach_qmp::{
     attach_group, free_pcie_root_ports, AttachFailed, AttachOutcome, AttachedFunction,
+    MAX_PERIPHERALS,
 };
 pub use bind::{
     bind, execute_bind, plan_bind, plan_restore, restore, BindOptions, BindOutcome, BindPlan,
