@@ -38,7 +38,9 @@ pub struct Pch {
     pub dir: tempfile::TempDir,
 }
 
-fn config_bytes(vendor: u16, device: u16, class: u32, regs: Option<Regs>) -> Vec<u8> {
+/// A 256-byte config space: ids, class, the routing registers when `regs` is given, and
+/// a non-zero pattern everywhere else.
+pub fn config_bytes(vendor: u16, device: u16, class: u32, regs: Option<Regs>) -> Vec<u8> {
     let mut b: Vec<u8> = (0..256u32).map(|i| (i as u8) ^ 0xa5).collect();
     b[0..2].copy_from_slice(&vendor.to_le_bytes());
     b[2..4].copy_from_slice(&device.to_le_bytes());
