@@ -3,6 +3,7 @@
 //! One file per command group; each defines its own clap `Args` and a `run` function, so
 //! adding a flag never touches another group's file.
 
+mod config_file;
 mod controller;
 pub mod daemon;
 mod emit;
@@ -17,6 +18,8 @@ use crate::sysfs::SysfsRoot;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+pub use config_file::{ConfigFile, DEFAULT_CONFIG};
 
 /// Default path of the daemon's control socket.
 pub use crate::service::DEFAULT_CONTROL_SOCKET;
@@ -48,8 +51,9 @@ pub struct Global {
     /// The daemon's control socket (default: from --config, else /run/usbroute/control.sock).
     #[arg(long, global = true, value_name = "SOCKET")]
     pub control: Option<PathBuf>,
-    /// The daemon's config file (for `serve`, and to find the control socket).
-    #[arg(long, global = true, value_name = "FILE")]
+    /// The config file (default: /etc/usbroute/usbroute.toml when it exists); every command
+    /// that reads the config, or finds the daemon's control socket through it, uses it.
+    #[arg(long, global = true, env = "USBROUTE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
