@@ -3,6 +3,7 @@
 //! One file per command group; each defines its own clap `Args` and a `run` function, so
 //! adding a flag never touches another group's file.
 
+mod check;
 mod config_file;
 mod controller;
 pub mod daemon;
@@ -93,6 +94,9 @@ pub enum Command {
     Emit(emit::EmitArgs),
     /// Run the policy daemon.
     Serve(daemon::ServeArgs),
+    /// Validate the config file and print its rules in the order they win, its VMs,
+    /// controller rules and routing profiles, and warnings (like `nginx -t`).
+    Check(check::CheckArgs),
     /// Where each device is, and why (asks the daemon).
     Status(daemon::StatusArgs),
     /// Which rule decides a device, and why the others do not.
@@ -141,6 +145,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm(a) => vm::vm(g, a),
         Command::Emit(a) => emit::emit(g, a),
         Command::Serve(a) => daemon::serve(g, a),
+        Command::Check(a) => check::check(g, a),
         Command::Status(a) => daemon::status(g, a),
         Command::Why(a) => daemon::why(g, a),
         Command::Reload(a) => daemon::reload(g, a),
