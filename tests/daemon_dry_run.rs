@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use vfio_support::Tree;
 
 const XHCI: &str = "0000:00:14.0";
-const SECRET: &str = "s3cret";
 
 /// The q35 USB tree plus a Lynx Point xHCI (all ports on xHCI, `power/control` auto) and
 /// its EHCI, and a routing record saying profile `guest` (0x3ffc) is in force: the
@@ -37,7 +36,8 @@ fn fixture() -> Tree {
             0x0c0330,
             Some(routing_support::Regs::LYNX_DEFAULT),
         ),
-        ("0000:00:1a.0", 0x8c2d, 0x0c0320, None),
+        // EHCI #1 (8c26) by its device id; the address is free in the q35 tree.
+        ("0000:00:1a.0", 0x8c26, 0x0c0320, None),
     ];
     for (group, (addr, device, class, regs)) in (20..).zip(lynx) {
         let driver = if class == 0x0c0330 {
@@ -104,41 +104,14 @@ fn changed(
         .collect()
 }
 
+/// [`routing_support::toggle_daemon_config`] with `desk` at `desk_mask`, a VM, and a
+/// `[[controller]]` rule giving it `controller`.
 fn config_text(port: u16, controller: &str, desk_mask: &str) -> String {
     format!(
-        r#"[[vm]]
-name = "win11"
-qmp = "/nonexistent/win11.qmp"
-
-[[controller]]
-pci = "{controller}"
-vm = "win11"
-
-[routing]
-toggle = ["host", "guest"]
-
-[routing.profile.host]
-mask = "0x3fff"
-
-[routing.profile.guest]
-ehci = ["ehci2:1", "ehci2:2"]
-
-[routing.profile.desk]
-mask = "{desk_mask}"
-
-[toggle]
-listen = "127.0.0.1:{port}"
-secret = "{SECRET}"
-"#
+        "[[vm]]\nname = \"win11\"\nqmp = \"/nonexistent/win11.qmp\"\n\n\
+         [[controller]]\npci = \"{controller}\"\nvm = \"win11\"\n\n{}",
+        routing_support::toggle_daemon_config(port).replace("0x3f0f", desk_mask)
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `usbroute serve --dry-run -v` on a tree, its log lines collected, killed on drop.
@@ -152,7 +125,7 @@ struct DryRun {
 impl DryRun {
     fn start(tree: &Tree) -> DryRun {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let port = routing_support::free_port();
         std::fs::write(
             dir.path().join("usbroute.toml"),
             config_text(port, "0000:00:1d.7", "0x3f0f"),
@@ -256,19 +229,7 @@ impl DryRun {
     }
 
     fn tcp(&self, line: &str) -> String {
-        let stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        (&stream)
-            .write_all(format!("auth {SECRET}\n{line}\n").as_bytes())
-            .unwrap();
-        let mut reader = BufReader::new(&stream);
-        let mut auth = String::new();
-        reader.read_line(&mut auth).unwrap();
-        let mut reply = String::new();
-        reader.read_line(&mut reply).unwrap();
-        reply.trim_end().to_string()
+        routing_support::tcp_toggle(self.port, line)
     }
 }
 

@@ -156,7 +156,10 @@ impl RoutingRuntime {
                 r.found,
                 r.restored
             ),
-            Ok(None) => {}
+            Ok(None) => {
+                // Held again: a later difference, even the same one, is news.
+                *self.last_dry_run.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
             Err(e) => tracing::error!("port routing check ({why}) failed: {e}"),
         }
     }
