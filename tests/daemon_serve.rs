@@ -57,6 +57,17 @@ impl Daemon {
             .unwrap()
     }
 
+    /// SIGTERM, wait for the exit, and what it logged.
+    fn stop(&mut self) -> String {
+        use std::io::Read;
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().unwrap();
+        let mut log = String::new();
+        let mut stderr = self.child.stderr.take().unwrap();
+        stderr.read_to_string(&mut log).unwrap();
+        log
+    }
+
     fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
     }
@@ -84,6 +95,113 @@ fn serve_without_config_runs_the_empty_policy() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["config"], serde_json::Value::Null);
     assert_eq!(status["vms"], serde_json::json!([]));
+}
+
+/// Write `text` as the default config (/etc/usbroute/usbroute.toml) under the sysfs root
+/// [`Daemon::start`] uses in `dir`; its path.
+fn default_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("sysfs/etc/usbroute/usbroute.toml");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `usbroute --sysfs-root DIR/sysfs ARGS` with neither `--config` nor `--control`.
+fn bare_cli(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::cargo_bin("usbroute")
+        .unwrap()
+        .arg("--sysfs-root")
+        .arg(dir.join("sysfs"))
+        .args(args)
+        .env_remove("USBROUTE_CONFIG")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn serve_without_config_reads_the_default_file_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let default = default_config(
+        dir.path(),
+        "[[vm]]\nname = \"lab\"\nqmp = \"/nonexistent/lab.qmp\"\n",
+    );
+    let mut daemon = Daemon::start(dir.path(), &[], None);
+
+    let out = daemon.cli(&["status", "--json"]);
+    let log = daemon.stop();
+
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["config"], default.display().to_string());
+    assert_eq!(status["vms"][0]["name"], "lab");
+    assert!(
+        log.contains(&format!("config {} (the default)", default.display())),
+        "{log}"
+    );
+}
+
+#[test]
+fn status_finds_the_daemon_through_the_default_configs_control_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    default_config(
+        dir.path(),
+        &format!("control_socket = \"{}\"\n", socket.display()),
+    );
+    let _daemon = Daemon::start(dir.path(), &[], None);
+
+    let out = bare_cli(dir.path(), &["status", "--json"]);
+
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn usbroute_config_in_the_environment_names_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let config = dir.path().join("elsewhere.toml");
+    std::fs::write(
+        &config,
+        format!("control_socket = \"{}\"\n", socket.display()),
+    )
+    .unwrap();
+    let _daemon = Daemon::start(dir.path(), &[], None);
+
+    let out = Command::cargo_bin("usbroute")
+        .unwrap()
+        .args(["status", "--json"])
+        .env("USBROUTE_CONFIG", &config)
+        .output()
+        .unwrap();
+
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_given_config_that_does_not_exist_is_an_error_naming_it_for_serve_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    default_config(dir.path(), "");
+    let typo = dir.path().join("typo.toml");
+    let typo = typo.to_str().unwrap();
+
+    let serve = bare_cli(dir.path(), &["--config", typo, "serve"]);
+    let status = bare_cli(dir.path(), &["--config", typo, "status"]);
+
+    for out in [serve, status] {
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("typo.toml") && err.contains("does not exist"),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -17,40 +17,6 @@ use std::time::{Duration, Instant};
 const GUEST: u16 = 0x3ffc;
 const DESK: u16 = 0x3f0f;
 
-/// The TCP listener's secret.
-const SECRET: &str = "s3cret";
-
-/// Profiles `host`, `guest` and `desk`; the TCP listener on `port`.
-fn config_text(port: u16) -> String {
-    format!(
-        r#"[routing]
-toggle = ["host", "guest"]
-
-[routing.profile.host]
-mask = "0x3fff"
-
-[routing.profile.guest]
-ehci = ["ehci1:1", "ehci1:2"]
-
-[routing.profile.desk]
-mask = "0x3f0f"
-
-[toggle]
-listen = "127.0.0.1:{port}"
-secret = "{SECRET}"
-"#
-    )
-}
-
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A running `usbroute serve` over a PCH fixture, killed on drop.
 struct Daemon {
     child: Child,
@@ -76,7 +42,7 @@ impl Daemon {
         let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
         let port = free_port();
         let config = pch.path().join("usbroute.toml");
-        std::fs::write(&config, config_text(port)).unwrap();
+        std::fs::write(&config, toggle_daemon_config(port)).unwrap();
         let control = pch.path().join("control.sock");
         let child = usbroute(&pch, &config, &control)
             .args(["serve", "-v"])
@@ -119,20 +85,7 @@ impl Daemon {
 
     /// One line to the TCP toggle listener after `auth`, its reply line.
     fn tcp(&self, line: &str) -> String {
-        let stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        (&stream)
-            .write_all(format!("auth {SECRET}\n{line}\n").as_bytes())
-            .unwrap();
-        let mut reader = BufReader::new(&stream);
-        let mut auth = String::new();
-        reader.read_line(&mut auth).unwrap();
-        assert_eq!(auth, "ok auth\n");
-        let mut reply = String::new();
-        reader.read_line(&mut reply).unwrap();
-        reply.trim_end().to_string()
+        tcp_toggle(self.port, line)
     }
 
     /// One raw JSON request to the control socket, its reply line.
@@ -261,7 +214,7 @@ fn usbroute_toggle_without_the_control_socket_or_a_tcp_listener_names_the_socket
 #[test]
 fn reload_with_a_bad_routing_section_keeps_the_old_profiles() {
     let daemon = Daemon::start();
-    let bad = config_text(daemon.port).replace(
+    let bad = toggle_daemon_config(daemon.port).replace(
         r#"toggle = ["host", "guest"]"#,
         r#"toggle = ["host", "gest"]"#,
     );
@@ -280,7 +233,7 @@ fn reload_with_a_bad_routing_section_keeps_the_old_profiles() {
 #[test]
 fn reload_with_changed_profiles_switches_to_the_new_masks() {
     let daemon = Daemon::start();
-    let changed = config_text(daemon.port).replace("0x3f0f", "0x0fff");
+    let changed = toggle_daemon_config(daemon.port).replace("0x3f0f", "0x0fff");
     std::fs::write(&daemon.config, changed).unwrap();
 
     let reload = daemon.cli(&["reload"]);
@@ -295,7 +248,7 @@ fn reload_with_changed_profiles_switches_to_the_new_masks() {
 fn serve_with_a_bad_routing_section_refuses_to_start_and_says_why() {
     let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
     let config = pch.path().join("usbroute.toml");
-    let text = config_text(free_port()).replace(r#"mask = "0x3f0f""#, r#"mask = "0xzz""#);
+    let text = toggle_daemon_config(free_port()).replace(r#"mask = "0x3f0f""#, r#"mask = "0xzz""#);
     std::fs::write(&config, text).unwrap();
 
     let out = usbroute(&pch, &config, &pch.path().join("control.sock"))

@@ -410,7 +410,7 @@ fn routing_config() -> RoutingConfig {
 fn runtime_is_off_without_profiles() {
     let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
 
-    let rt = RoutingRuntime::from_config(&pch.root(), &RoutingConfig::default()).unwrap();
+    let rt = RoutingRuntime::from_config(&pch.root(), &RoutingConfig::default(), false).unwrap();
 
     assert!(rt.is_none());
 }
@@ -418,7 +418,7 @@ fn runtime_is_off_without_profiles() {
 #[tokio::test]
 async fn runtime_watch_puts_the_routing_back_after_a_resume() {
     let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
-    let rt = RoutingRuntime::from_config(&pch.root(), &routing_config())
+    let rt = RoutingRuntime::from_config(&pch.root(), &routing_config(), false)
         .unwrap()
         .unwrap();
     let reply = rt.control_line("guest");

@@ -41,8 +41,10 @@ pub struct WhyArgs {
 pub struct ReloadArgs {}
 
 pub(super) fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = g.config_file()?;
+    tracing::info!("{}", config.describe());
     let options = DaemonOptions {
-        config: g.config.clone(),
+        config: config.path().map(PathBuf::from),
         control: g.control.clone(),
         root: g.root(),
         dry_run: a.dry_run,
@@ -60,7 +62,7 @@ pub(super) fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
 
 /// Send one request to the daemon (socket from `--control`, `--config`, or the default).
 fn ask(g: &Global, request: &Request) -> anyhow::Result<Reply> {
-    let socket = service::resolve_socket(g.control.as_deref(), g.config.as_deref())?;
+    let socket = g.control_socket()?;
     Ok(service::request(&socket, request)?)
 }
 
@@ -230,7 +232,7 @@ pub fn clear_through_daemon(g: &Global, selector: &str) -> anyhow::Result<ExitCo
 /// The VM name under which a running daemon manages the QMP socket `qmp`, if one does:
 /// `--qmp` commands say so instead of fighting the daemon (which would undo them).
 pub fn daemon_managing(g: &Global, qmp: &std::path::Path) -> Option<String> {
-    let socket = service::resolve_socket(g.control.as_deref(), g.config.as_deref()).ok()?;
+    let socket = g.control_socket().ok()?;
     let Ok(Reply::Status(report)) = service::request(&socket, &Request::Status {}) else {
         return None;
     };

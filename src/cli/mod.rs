@@ -3,6 +3,8 @@
 //! One file per command group; each defines its own clap `Args` and a `run` function, so
 //! adding a flag never touches another group's file.
 
+mod check;
+mod config_file;
 mod controller;
 pub mod daemon;
 mod emit;
@@ -17,6 +19,8 @@ use crate::sysfs::SysfsRoot;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+pub use config_file::{ConfigFile, DEFAULT_CONFIG};
 
 /// Default path of the daemon's control socket.
 pub use crate::service::DEFAULT_CONTROL_SOCKET;
@@ -48,8 +52,9 @@ pub struct Global {
     /// The daemon's control socket (default: from --config, else /run/usbroute/control.sock).
     #[arg(long, global = true, value_name = "SOCKET")]
     pub control: Option<PathBuf>,
-    /// The daemon's config file (for `serve`, and to find the control socket).
-    #[arg(long, global = true, value_name = "FILE")]
+    /// The config file (default: /etc/usbroute/usbroute.toml when it exists); every command
+    /// that reads the config, or finds the daemon's control socket through it, uses it.
+    #[arg(long, global = true, env = "USBROUTE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -89,6 +94,9 @@ pub enum Command {
     Emit(emit::EmitArgs),
     /// Run the policy daemon.
     Serve(daemon::ServeArgs),
+    /// Validate the config file and print its rules in the order they win, its VMs,
+    /// controller rules and routing profiles, and warnings (like `nginx -t`).
+    Check(check::CheckArgs),
     /// Where each device is, and why (asks the daemon).
     Status(daemon::StatusArgs),
     /// Which rule decides a device, and why the others do not.
@@ -137,6 +145,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm(a) => vm::vm(g, a),
         Command::Emit(a) => emit::emit(g, a),
         Command::Serve(a) => daemon::serve(g, a),
+        Command::Check(a) => check::check(g, a),
         Command::Status(a) => daemon::status(g, a),
         Command::Why(a) => daemon::why(g, a),
         Command::Reload(a) => daemon::reload(g, a),

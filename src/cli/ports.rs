@@ -8,7 +8,7 @@ mod map;
 use super::output::print_json;
 use super::Global;
 use crate::inventory::PciAddress;
-use crate::policy::{Config, ConfigError};
+use crate::policy::Config;
 use crate::routing::chipset::chipset_for_xhci;
 use crate::routing::config_space::ConfigSpace;
 use crate::routing::config_space::SysfsConfigSpace;
@@ -23,12 +23,9 @@ use anyhow::Context;
 use serde::Serialize;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
-
-/// Where the config is read from when `--config` is not given.
-pub const DEFAULT_CONFIG: &str = "/etc/usbroute/usbroute.toml";
 
 /// `usbroute ports`.
 #[derive(Debug, clap::Args)]
@@ -98,24 +95,14 @@ pub struct ToggleArgs {
     pub address: Option<String>,
 }
 
-fn config_path(g: &Global) -> PathBuf {
-    g.config
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
-}
-
 /// The config, or the empty one when there is no `--config` and no default file.
 /// Problems in [routing] / [toggle] that the loader leaves to their owners fail here too.
 fn read_view(g: &Global) -> anyhow::Result<Config> {
-    let path = config_path(g);
-    let config = match Config::load(&path) {
-        Ok(c) => c,
-        Err(ConfigError::Read { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound && g.config.is_none() =>
-        {
-            Config::default()
-        }
-        Err(e) => return Err(e.into()),
+    let file = g.config_file()?;
+    let path = file.path_to_write();
+    let config = match file.path() {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
     };
     let problems = check_routing_config(&config);
     anyhow::ensure!(
@@ -140,7 +127,7 @@ pub(super) fn ports(g: &Global, a: PortsArgs) -> anyhow::Result<ExitCode> {
     let view = read_view(g)?;
     match a.command {
         None => list(g, &view, a.json),
-        Some(PortsCommand::Map) => map::run(g, &config_path(g), &view.routing),
+        Some(PortsCommand::Map) => map::run(g, g.config_file()?.path_to_write(), &view.routing),
         Some(PortsCommand::Show { profile, json }) => show(g, &view, &profile, json),
         Some(PortsCommand::Apply { profile, force }) => {
             let mut router = open_router(g, &view)?;

@@ -233,7 +233,8 @@ fn refuse_if_managed(g: &Global, qmp: &Path, force: bool, instead: &str) -> anyh
     let Some(vm) = super::daemon::daemon_managing(g, qmp) else {
         return Ok(());
     };
-    let daemon = crate::service::resolve_socket(g.control.as_deref(), g.config.as_deref())
+    let daemon = g
+        .control_socket()
         .map(|s| s.display().to_string())
         .unwrap_or_else(|_| "its control socket".into());
     let instead = if instead.ends_with("--vm") {

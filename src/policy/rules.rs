@@ -18,6 +18,16 @@ pub enum RuleAction {
     },
 }
 
+impl RuleAction {
+    /// The VM a pass rule sends devices to; `None` for a forbid rule.
+    pub fn vm(&self) -> Option<&str> {
+        match self {
+            Self::Forbid => None,
+            Self::Pass { vm, .. } => Some(vm),
+        }
+    }
+}
+
 /// One `[[rule]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {

@@ -62,6 +62,9 @@ pub struct Applied {
     pub after: Registers,
     /// `on` pinned, `auto` restored, or nothing.
     pub power: PowerChange,
+    /// A dry run: nothing was written; `after` and `power` say what would have been.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// A change to the xHCI's runtime PM setting.
@@ -85,6 +88,9 @@ pub struct Reapplied {
     pub found: u16,
     /// XUSB2PR written back.
     pub restored: u16,
+    /// A dry run: nothing was written back.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// Routing on one xHCI through one config-space accessor.
@@ -93,6 +99,8 @@ pub struct Router<C: ConfigSpace = SysfsConfigSpace> {
     detected: Detected,
     space: C,
     space_path: PathBuf,
+    /// Work out and log every write, make none (`usbroute serve --dry-run`).
+    dry_run: bool,
 }
 
 impl Router<SysfsConfigSpace> {
@@ -111,7 +119,16 @@ impl<C: ConfigSpace> Router<C> {
             detected,
             space,
             space_path: path,
+            dry_run: false,
         }
+    }
+
+    /// With `dry_run`, [`apply`](Self::apply) and [`reconcile`](Self::reconcile) log
+    /// what they would write and write nothing: no register, no `power/control`, no
+    /// state or lock file.
+    pub fn with_dry_run(mut self, dry_run: bool) -> Self {
+        self.dry_run = dry_run;
+        self
     }
 
     /// The controller and chipset.
@@ -168,6 +185,9 @@ impl<C: ConfigSpace> Router<C> {
             None if !default => self.power_control()?.filter(|v| v != "on"),
             None => None,
         };
+        if self.dry_run {
+            return self.describe_apply(plan, before, target, pinned_from);
+        }
         let mut record = ActiveRouting {
             controller: self.detected.xhci,
             profile: plan.profile.clone(),
@@ -197,6 +217,43 @@ impl<C: ConfigSpace> Router<C> {
             before,
             after: self.registers()?,
             power,
+            dry_run: false,
+        })
+    }
+
+    /// What [`apply`](Self::apply) would do, logged; nothing is written.
+    fn describe_apply(
+        &self,
+        plan: &Plan,
+        before: Registers,
+        target: Registers,
+        pinned_from: Option<String>,
+    ) -> Result<Applied, RoutingError> {
+        let default = target.is_kernel_default(self.detected.chipset);
+        let power = match pinned_from {
+            Some(_) if default => PowerChange::Restored,
+            Some(_) if self.power_control()?.is_some_and(|v| v != "on") => PowerChange::PinnedOn,
+            _ => PowerChange::Unchanged,
+        };
+        let power_text = match (power, &pinned_from) {
+            (PowerChange::PinnedOn, _) => ", and set power/control to on".to_string(),
+            (PowerChange::Restored, Some(was)) => format!(", and set power/control back to {was}"),
+            _ => String::new(),
+        };
+        tracing::info!(
+            profile = %plan.profile,
+            controller = %self.detected.xhci,
+            "dry run: would write XUSB2PR 0x{:04x} (now 0x{:04x}) and USB3_PSSEN 0x{:08x} (now 0x{:08x}){power_text}; nothing is written",
+            target.xusb2pr,
+            before.xusb2pr,
+            target.usb3_pssen,
+            before.usb3_pssen,
+        );
+        Ok(Applied {
+            before,
+            after: target,
+            power,
+            dry_run: true,
         })
     }
 
@@ -214,6 +271,17 @@ impl<C: ConfigSpace> Router<C> {
             usb3_pssen: active.usb3_pssen,
             ..now
         };
+        let ss = self.detected.chipset.superspeed_bits();
+        let holds = now.xusb2pr == active.xusb2pr && now.usb3_pssen & ss == active.usb3_pssen & ss;
+        if self.dry_run {
+            // What a real run would do is said by the caller, from what this returns.
+            return Ok((!holds).then_some(Reapplied {
+                profile: active.profile,
+                found: now.xusb2pr,
+                restored: active.xusb2pr,
+                dry_run: true,
+            }));
+        }
         if let Some(was) = &active.power_control_before {
             if target.is_kernel_default(self.detected.chipset) {
                 // An apply back to the default was cut short before it un-pinned.
@@ -228,8 +296,7 @@ impl<C: ConfigSpace> Router<C> {
                 self.pin_power()?;
             }
         }
-        let ss = self.detected.chipset.superspeed_bits();
-        if now.xusb2pr == active.xusb2pr && now.usb3_pssen & ss == active.usb3_pssen & ss {
+        if holds {
             return Ok(None);
         }
         self.write_registers(&now, &target)?;
@@ -237,6 +304,7 @@ impl<C: ConfigSpace> Router<C> {
             profile: active.profile,
             found: now.xusb2pr,
             restored: active.xusb2pr,
+            dry_run: false,
         }))
     }
 
@@ -296,8 +364,13 @@ impl<C: ConfigSpace> Router<C> {
             .map_err(|e| RoutingError::io("write", self.root.path(&host), e))
     }
 
-    /// Take the routing lock (blocking; holders only ever do a few file writes).
-    fn lock(&self) -> Result<nix::fcntl::Flock<std::fs::File>, RoutingError> {
+    /// Take the routing lock (blocking; holders only ever do a few file writes). None in
+    /// a dry run: it writes nothing, so it has nothing to keep from interleaving, and
+    /// creating the lock file would itself be a write.
+    fn lock(&self) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, RoutingError> {
+        if self.dry_run {
+            return Ok(None);
+        }
         let path = self.root.path(LOCK_FILE);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| RoutingError::io("create", dir, e))?;
@@ -309,6 +382,7 @@ impl<C: ConfigSpace> Router<C> {
             .open(&path)
             .map_err(|e| RoutingError::io("open", &path, e))?;
         nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map(Some)
             .map_err(|(_, errno)| RoutingError::io("lock", &path, errno.into()))
     }
 

@@ -56,13 +56,16 @@ fn check(config: &Config) -> Result<(), RoutingStartError> {
 
 impl RoutingHooks {
     /// Check the config, and when it has routing profiles: find the xHCI, bind the
-    /// listeners and start the watch. Every error is fatal at start.
+    /// listeners and start the watch. Every error is fatal at start. With `dry_run`
+    /// (`serve --dry-run`) every route to the registers (toggles from any listener or
+    /// the control socket, the watch, uevents, reloaded profiles) logs and writes nothing.
     pub(super) async fn start(
         root: &SysfsRoot,
         config: &Config,
+        dry_run: bool,
     ) -> Result<Self, RoutingStartError> {
         check(config)?;
-        let Some(runtime) = RoutingRuntime::from_config(root, &config.routing)? else {
+        let Some(runtime) = RoutingRuntime::from_config(root, &config.routing, dry_run)? else {
             return Ok(Self::default());
         };
         let listeners: Vec<JoinHandle<()>> = runtime
@@ -111,16 +114,7 @@ impl RoutingHooks {
         if !devpath.ends_with(&rt.controller().to_string()) {
             return;
         }
-        match rt.reconcile() {
-            Ok(Some(r)) => tracing::warn!(
-                profile = %r.profile,
-                "XUSB2PR was 0x{:04x} after a uevent of the xHCI; put 0x{:04x} back",
-                r.found,
-                r.restored
-            ),
-            Ok(None) => {}
-            Err(e) => tracing::error!("port routing check after a uevent failed: {e}"),
-        }
+        rt.reconcile_and_log("after a uevent of the xHCI");
     }
 
     /// Answer a `routing` control request: one toggle-protocol line.

@@ -113,7 +113,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         .transpose()?;
     let server = ControlServer::bind(&socket, group)?;
     let uevents = options.uevents.then(UeventSocket::open).transpose()?;
-    let routing = RoutingHooks::start(&options.root, &config).await?;
+    let routing = RoutingHooks::start(&options.root, &config, options.dry_run).await?;
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;

@@ -67,26 +67,32 @@ pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(2);
 pub struct RoutingRuntime {
     router: Arc<Mutex<ProfileRouter<SysfsConfigSpace>>>,
     service: ToggleService,
+    /// What a dry run last said it would put back: said again only when it changes, not
+    /// at every watch tick.
+    last_dry_run: Arc<Mutex<Option<Reapplied>>>,
 }
 
 impl RoutingRuntime {
     /// Detect the xHCI and build the router; `Ok(None)` when the config has no routing
-    /// profiles (then routing is off and nothing is touched).
+    /// profiles (then routing is off and nothing is touched). With `dry_run` every
+    /// toggle and re-apply is logged and nothing is written (see [`Router::with_dry_run`]).
     pub fn from_config(
         root: &SysfsRoot,
         routing: &RoutingConfig,
+        dry_run: bool,
     ) -> Result<Option<Self>, RoutingError> {
         if routing.profile.is_empty() {
             return Ok(None);
         }
         let detected = detect(root, routing.controller)?;
         let router = Arc::new(Mutex::new(ProfileRouter::new(
-            Router::open(root, detected),
+            Router::open(root, detected).with_dry_run(dry_run),
             routing.clone(),
         )));
         Ok(Some(Self {
             service: ToggleService::new(router.clone()),
             router,
+            last_dry_run: Arc::default(),
         }))
     }
 
@@ -128,22 +134,43 @@ impl RoutingRuntime {
         self.lock().set_config(routing.clone());
     }
 
+    /// Reconcile and log what was put back (or, in a dry run, would be); `why` says
+    /// what prompted the check.
+    pub fn reconcile_and_log(&self, why: &str) {
+        match self.reconcile() {
+            Ok(Some(r)) if r.dry_run => {
+                let mut last = self.last_dry_run.lock().unwrap_or_else(|p| p.into_inner());
+                if last.as_ref() != Some(&r) {
+                    tracing::info!(
+                        profile = %r.profile,
+                        "dry run: XUSB2PR was 0x{:04x} ({why}); would put 0x{:04x} back; nothing is written",
+                        r.found,
+                        r.restored
+                    );
+                    *last = Some(r);
+                }
+            }
+            Ok(Some(r)) => tracing::warn!(
+                profile = %r.profile,
+                "XUSB2PR was 0x{:04x} ({why}); put 0x{:04x} back",
+                r.found,
+                r.restored
+            ),
+            Ok(None) => {
+                // Held again: a later difference, even the same one, is news.
+                *self.last_dry_run.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+            Err(e) => tracing::error!("port routing check ({why}) failed: {e}"),
+        }
+    }
+
     /// Reconcile every `every` forever, logging what was put back.
     pub async fn watch(self, every: Duration) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            match self.reconcile() {
-                Ok(Some(r)) => tracing::warn!(
-                    profile = %r.profile,
-                    "XUSB2PR was 0x{:04x} (the kernel resets it when the xHCI resumes); put 0x{:04x} back",
-                    r.found,
-                    r.restored
-                ),
-                Ok(None) => {}
-                Err(e) => tracing::error!("port routing check failed: {e}"),
-            }
+            self.reconcile_and_log("the kernel resets it when the xHCI resumes");
         }
     }
 

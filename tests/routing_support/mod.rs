@@ -38,7 +38,9 @@ pub struct Pch {
     pub dir: tempfile::TempDir,
 }
 
-fn config_bytes(vendor: u16, device: u16, class: u32, regs: Option<Regs>) -> Vec<u8> {
+/// A 256-byte config space: ids, class, the routing registers when `regs` is given, and
+/// a non-zero pattern everywhere else.
+pub fn config_bytes(vendor: u16, device: u16, class: u32, regs: Option<Regs>) -> Vec<u8> {
     let mut b: Vec<u8> = (0..256u32).map(|i| (i as u8) ^ 0xa5).collect();
     b[0..2].copy_from_slice(&vendor.to_le_bytes());
     b[2..4].copy_from_slice(&device.to_le_bytes());
@@ -185,4 +187,59 @@ pub fn host_guest_desk_profiles() -> usbroute::routing::RoutingConfig {
     c.profile.insert("guest".into(), profile("0x3ffc"));
     c.profile.insert("desk".into(), profile("0x3f0f"));
     c
+}
+
+/// The TCP toggle listener's secret in [`toggle_daemon_config`].
+pub const TOGGLE_SECRET: &str = "s3cret";
+
+/// A daemon config with profiles `host`, `guest` (ehci1:1 and ehci1:2 to EHCI) and `desk`
+/// (0x3f0f), `toggle` flipping host and guest, and the TCP listener on `port`.
+pub fn toggle_daemon_config(port: u16) -> String {
+    format!(
+        r#"[routing]
+toggle = ["host", "guest"]
+
+[routing.profile.host]
+mask = "0x3fff"
+
+[routing.profile.guest]
+ehci = ["ehci1:1", "ehci1:2"]
+
+[routing.profile.desk]
+mask = "0x3f0f"
+
+[toggle]
+listen = "127.0.0.1:{port}"
+secret = "{TOGGLE_SECRET}"
+"#
+    )
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One line to the TCP toggle listener on `port` after `auth` with [`TOGGLE_SECRET`];
+/// its reply line.
+pub fn tcp_toggle(port: u16, line: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    (&stream)
+        .write_all(format!("auth {TOGGLE_SECRET}\n{line}\n").as_bytes())
+        .unwrap();
+    let mut reader = BufReader::new(&stream);
+    let mut auth = String::new();
+    reader.read_line(&mut auth).unwrap();
+    assert_eq!(auth, "ok auth\n");
+    let mut reply = String::new();
+    reader.read_line(&mut reply).unwrap();
+    reply.trim_end().to_string()
 }

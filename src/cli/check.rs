@@ -1,0 +1,300 @@
+//! `usbroute check`: validate the config file like `nginx -t`, and print what it means:
+//! the rules in the order they win, the VMs, the controller rules, the routing profiles,
+//! and warnings. Exit 0 when valid (warnings allowed), 1 with every error at
+//! `file:line:column` when not. The validation is [`Config::load`]'s, nothing more; the
+//! warnings only point at consequences of rules that are valid.
+
+use super::output::print_json;
+use super::{ConfigFile, Global};
+use crate::policy::{Config, ConfigError, Problem, Rule, RuleAction};
+use crate::routing::RoutingConfig;
+use serde::Serialize;
+use std::process::ExitCode;
+
+/// `usbroute check`.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `check` found (the `--json` shape).
+#[derive(Debug, Serialize)]
+struct Report {
+    /// The file checked; `null` when there is none (the empty policy).
+    file: Option<String>,
+    /// No errors.
+    valid: bool,
+    /// Each error at its place (only when not valid).
+    errors: Vec<ErrorAt>,
+    /// Valid but worth a look.
+    warnings: Vec<String>,
+    vms: Vec<VmLine>,
+    /// In the order they win: forbid rules, then pass rules by priority, then file order.
+    rules: Vec<RuleLine>,
+    controllers: Vec<ControllerLine>,
+    routing: RoutingConfig,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorAt {
+    file: String,
+    line: usize,
+    column: usize,
+    message: String,
+}
+
+#[derive(Debug, Serialize)]
+struct VmLine {
+    name: String,
+    qmp: String,
+    serial: Option<String>,
+    profiles: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct RuleLine {
+    /// `file:line`.
+    at: String,
+    /// The line alone.
+    line: usize,
+    /// Its number among the `[[rule]]`s of the file, from 1.
+    rule: usize,
+    #[serde(rename = "match")]
+    selector: String,
+    /// `forbid` or `pass`.
+    action: &'static str,
+    vm: Option<String>,
+    by: Option<crate::backend::AttachMode>,
+    priority: i64,
+    force: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct ControllerLine {
+    pci: String,
+    vm: String,
+}
+
+pub(super) fn check(g: &Global, a: CheckArgs) -> anyhow::Result<ExitCode> {
+    let file = g.config_file()?;
+    let report = match file.path() {
+        None => valid_report(&file, &Config::default()),
+        Some(path) => match Config::load(path) {
+            Ok(config) => valid_report(&file, &config),
+            Err(ConfigError::Invalid { problems }) => invalid_report(&file, problems),
+            Err(e) => return Err(e.into()),
+        },
+    };
+    if a.json {
+        print_json(&report)?;
+    } else if report.valid {
+        print!("{}", text(&file, &report));
+    } else {
+        for e in &report.errors {
+            eprintln!("{}:{}:{}: {}", e.file, e.line, e.column, e.message);
+        }
+        let n = report.errors.len();
+        let s = if n == 1 { "" } else { "s" };
+        eprintln!("{n} error{s}: the config is not valid");
+    }
+    Ok(if report.valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn invalid_report(file: &ConfigFile, problems: Vec<Problem>) -> Report {
+    Report {
+        file: file.path().map(|p| p.display().to_string()),
+        valid: false,
+        errors: problems
+            .into_iter()
+            .map(|p| ErrorAt {
+                file: p.file,
+                line: p.line,
+                column: p.column,
+                message: p.message,
+            })
+            .collect(),
+        warnings: vec![],
+        vms: vec![],
+        rules: vec![],
+        controllers: vec![],
+        routing: RoutingConfig::default(),
+    }
+}
+
+fn valid_report(file: &ConfigFile, config: &Config) -> Report {
+    let name = file.path().map(|p| p.display().to_string());
+    let at = |line: usize| format!("{}:{line}", name.as_deref().unwrap_or("<config>"));
+    let ordered = precedence(&config.rules);
+    Report {
+        warnings: warnings(config, &ordered, &at),
+        rules: ordered.iter().map(|r| rule_line(r, at(r.line))).collect(),
+        vms: config
+            .vms
+            .iter()
+            .map(|v| VmLine {
+                name: v.name.clone(),
+                qmp: v.qmp.display().to_string(),
+                serial: v.serial.clone(),
+                profiles: v.profiles.clone(),
+            })
+            .collect(),
+        controllers: config
+            .controllers
+            .iter()
+            .map(|c| ControllerLine {
+                pci: c.pci.to_string(),
+                vm: c.vm.clone(),
+            })
+            .collect(),
+        routing: config.routing.clone(),
+        file: name,
+        valid: true,
+        errors: vec![],
+    }
+}
+
+/// The rules in the order the plan lets them win: every forbid rule first, then pass
+/// rules by `priority` (highest first), equal priorities in file order (the loader
+/// refuses equal priorities that could disagree).
+fn precedence(rules: &[Rule]) -> Vec<&Rule> {
+    let mut ordered: Vec<&Rule> = rules.iter().collect();
+    ordered.sort_by_key(|r| {
+        let forbid = matches!(r.action, RuleAction::Forbid);
+        (!forbid, std::cmp::Reverse(r.priority), r.index)
+    });
+    ordered
+}
+
+/// Consequences of a valid config that may not be meant: a VM nothing is given to, and a
+/// pass rule that a rule ahead of it can override for some device both match.
+fn warnings(config: &Config, ordered: &[&Rule], at: &dyn Fn(usize) -> String) -> Vec<String> {
+    let mut out = Vec::new();
+    for vm in &config.vms {
+        let used = config
+            .rules
+            .iter()
+            .any(|r| r.action.vm() == Some(vm.name.as_str()))
+            || config.controllers.iter().any(|c| c.vm == vm.name);
+        if !used {
+            out.push(format!(
+                "VM `{}` has no rule and no [[controller]]: usbroute gives it nothing (manual `usbroute attach --vm {}` still works)",
+                vm.name, vm.name
+            ));
+        }
+    }
+    for (i, later) in ordered.iter().enumerate() {
+        let Some(vm) = later.action.vm() else {
+            continue;
+        };
+        let winner = ordered[..i]
+            .iter()
+            .find(|e| e.action.vm() != Some(vm) && !e.selector.provably_disjoint(&later.selector));
+        if let Some(winner) = winner {
+            out.push(format!(
+                "{}: this rule ({}) can match devices that the rule at {} ({}) takes first; for those it does nothing",
+                at(later.line),
+                later.describe_target(),
+                at(winner.line),
+                winner.describe_target()
+            ));
+        }
+    }
+    out
+}
+
+fn rule_line(r: &Rule, at: String) -> RuleLine {
+    let (action, vm, by) = match &r.action {
+        RuleAction::Forbid => ("forbid", None, None),
+        RuleAction::Pass { vm, mode } => ("pass", Some(vm.clone()), Some(*mode)),
+    };
+    RuleLine {
+        at,
+        line: r.line,
+        rule: r.index + 1,
+        selector: r.selector.to_string(),
+        action,
+        vm,
+        by,
+        priority: r.priority,
+        force: r.force,
+    }
+}
+
+/// The human form: what the file holds, in sections.
+fn text(file: &ConfigFile, r: &Report) -> String {
+    let mut out = format!("{}: valid\n", file.describe());
+    let mut section = |title: &str, lines: Vec<String>| {
+        if !lines.is_empty() {
+            out.push_str(&format!("\n{title}:\n"));
+            for l in lines {
+                out.push_str(&format!("  {l}\n"));
+            }
+        }
+    };
+    section(
+        "VMs",
+        r.vms
+            .iter()
+            .map(|v| format!("{} (qmp {})", v.name, v.qmp))
+            .collect(),
+    );
+    section(
+        "rules, in the order they win",
+        r.rules
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let target = match (&l.vm, l.by) {
+                    (Some(vm), Some(by)) => format!("vm {vm}, by {}", by_name(by)),
+                    _ => "forbid (stays on the host)".into(),
+                };
+                let force = if l.force { ", force" } else { "" };
+                format!(
+                    "{}. {} -> {target}, priority {}{force}  ({})",
+                    i + 1,
+                    l.selector,
+                    l.priority,
+                    l.at
+                )
+            })
+            .collect(),
+    );
+    section(
+        "controllers",
+        r.controllers
+            .iter()
+            .map(|c| format!("{} -> vm {}", c.pci, c.vm))
+            .collect(),
+    );
+    section(
+        "routing profiles",
+        r.routing
+            .profile
+            .iter()
+            .map(|(name, p)| match &p.mask {
+                Some(mask) => format!("{name}: mask {mask}"),
+                None => format!("{name}: to EHCI {}", p.ehci.join(", ")),
+            })
+            .chain(
+                (!r.routing.toggle.is_empty())
+                    .then(|| format!("toggle: {}", r.routing.toggle.join(" <-> "))),
+            )
+            .collect(),
+    );
+    section("warnings", r.warnings.clone());
+    out
+}
+
+/// `address`, `port` or `id`, as the config spells it.
+fn by_name(mode: crate::backend::AttachMode) -> String {
+    serde_json::to_value(mode)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}

@@ -1,0 +1,207 @@
+//! `usbroute check`: the config validated like `nginx -t`, its rules in the order they
+//! win, and every error at `file:line:column` at once.
+
+use assert_cmd::cargo::CommandCargoExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+const VALID: &str = r#"[[vm]]
+name = "win11"
+qmp = "/run/qemu/win11.qmp"
+
+[[vm]]
+name = "lab"
+qmp = "/run/qemu/lab.qmp"
+
+[[rule]]
+match = "id:046d:c016"
+vm = "lab"
+
+[[rule]]
+match = "class:09"
+forbid = true
+
+[[rule]]
+match = "port:1-3"
+vm = "win11"
+by = "port"
+priority = 5
+
+[[controller]]
+pci = "0000:00:1d.7"
+vm = "win11"
+
+[routing]
+toggle = ["host", "guest"]
+
+[routing.profile.host]
+mask = "0x3fff"
+
+[routing.profile.guest]
+ehci = ["ehci1:1"]
+"#;
+
+const INVALID: &str = r#"[[vm]]
+name = "win11"
+qmp = "/run/qemu/win11.qmp"
+
+[[rule]]
+match = "id:046d:c016"
+vm = "nobody"
+
+[[rule]]
+match = "port:zz"
+vm = "win11"
+
+[routing]
+toggle = ["host", "gest"]
+
+[routing.profile.host]
+mask = "0x3fff"
+"#;
+
+/// `usbroute check ARGS` on `text` written to DIR/usbroute.toml.
+fn check(dir: &Path, text: &str, args: &[&str]) -> Output {
+    let config = dir.join("usbroute.toml");
+    std::fs::write(&config, text).unwrap();
+    Command::cargo_bin("usbroute")
+        .unwrap()
+        .arg("--config")
+        .arg(&config)
+        .arg("--sysfs-root")
+        .arg(dir)
+        .arg("check")
+        .args(args)
+        .env_remove("USBROUTE_CONFIG")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_valid_config_exits_0_and_lists_the_rules_in_the_order_they_win() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let out = check(dir.path(), VALID, &[]);
+
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = dir.path().join("usbroute.toml").display().to_string();
+    let rules: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("rules"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            format!("  1. class:09 -> forbid (stays on the host), priority 0  ({file}:13)"),
+            format!("  2. port:1-3 -> vm win11, by port, priority 5  ({file}:17)"),
+            format!("  3. id:046d:c016 -> vm lab, by address, priority 0  ({file}:9)"),
+        ]
+    );
+    assert!(text.contains("0000:00:1d.7 -> vm win11"), "{text}");
+    assert!(text.contains("toggle: host <-> guest"), "{text}");
+}
+
+#[test]
+fn an_invalid_config_exits_1_with_every_error_at_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let out = check(dir.path(), INVALID, &[]);
+
+    assert_eq!(out.status.code(), Some(1));
+    let file = dir.path().join("usbroute.toml").display().to_string();
+    let err = String::from_utf8(out.stderr).unwrap();
+    for place in [
+        ":7:6: rule names VM `nobody`",
+        ":10:9: `match`",
+        ":14:1: [routing] toggle names profile `gest`",
+    ] {
+        assert!(
+            err.contains(&format!("{file}{place}")),
+            "{place} missing:\n{err}"
+        );
+    }
+    assert!(err.contains("3 errors"), "{err}");
+}
+
+#[test]
+fn json_gives_the_rules_vms_controllers_routing_and_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let out = check(dir.path(), VALID, &["--json"]);
+
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["valid"], true);
+    assert_eq!(report["errors"], serde_json::json!([]));
+    assert_eq!(
+        report["rules"][1],
+        serde_json::json!({
+            "at": format!("{}:17", dir.path().join("usbroute.toml").display()),
+            "line": 17,
+            "rule": 3,
+            "match": "port:1-3",
+            "action": "pass",
+            "vm": "win11",
+            "by": "port",
+            "priority": 5,
+            "force": false,
+        })
+    );
+    assert_eq!(report["vms"][1]["name"], "lab");
+    assert_eq!(
+        report["controllers"],
+        serde_json::json!([{"pci": "0000:00:1d.7", "vm": "win11"}])
+    );
+    assert_eq!(
+        report["routing"]["toggle"],
+        serde_json::json!(["host", "guest"])
+    );
+    assert_eq!(
+        report["warnings"].as_array().unwrap().len(),
+        2,
+        "{}",
+        report["warnings"]
+    );
+}
+
+#[test]
+fn json_of_an_invalid_config_lists_each_error_with_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let out = check(dir.path(), INVALID, &["--json"]);
+
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["valid"], false);
+    let places: Vec<(u64, u64)> = report["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["line"].as_u64().unwrap(), e["column"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(places, [(7, 6), (10, 9), (14, 1)]);
+}
+
+#[test]
+fn without_a_config_file_check_says_it_is_the_empty_policy() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let out = Command::cargo_bin("usbroute")
+        .unwrap()
+        .arg("--sysfs-root")
+        .arg(dir.path())
+        .arg("check")
+        .env_remove("USBROUTE_CONFIG")
+        .output()
+        .unwrap();
+
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the empty policy"));
+}
