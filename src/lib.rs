@@ -9,6 +9,8 @@ pub mod backend;
 pub mod cli;
 pub mod engine;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hostblock;
 pub mod inventory;
 pub mod policy;

@@ -5,14 +5,14 @@
 //! Parse, don't trust: a missing or malformed attribute makes that one field `None` and
 //! adds a line to [`Snapshot::warnings`]; it never fails the listing.
 
-mod pci;
+pub(crate) mod pci;
 mod reader;
 pub mod record;
 pub mod render;
 pub mod synth;
 pub mod text;
 mod types;
-mod usb;
+pub(crate) mod usb;
 mod verdict;
 
 pub use reader::ScanFailed;

@@ -163,7 +163,7 @@ fn pci_vendor_name(id: HexId) -> Option<String> {
 }
 
 /// `0x0c0330` → 0x0c0330.
-pub(super) fn parse_hex_u32(v: &str) -> Option<u32> {
+pub(crate) fn parse_hex_u32(v: &str) -> Option<u32> {
     let v = v.trim();
     let digits = v.strip_prefix("0x").unwrap_or(v);
     (!digits.is_empty() && digits.len() <= 8)
@@ -172,7 +172,7 @@ pub(super) fn parse_hex_u32(v: &str) -> Option<u32> {
 }
 
 /// `0x8086` or `8086` → HexId(0x8086); anything longer than 4 digits is malformed.
-pub(super) fn parse_hex_id(v: &str) -> Option<HexId> {
+pub(crate) fn parse_hex_id(v: &str) -> Option<HexId> {
     let v = v.trim();
     let digits = v.strip_prefix("0x").unwrap_or(v);
     (!digits.is_empty() && digits.len() <= 4 && digits.bytes().all(|b| b.is_ascii_hexdigit()))

@@ -247,7 +247,7 @@ fn pci_ancestor(dir: &Path) -> Option<PciAddress> {
 
 /// The kernel's `speed`: `1.5`, `12`, `480`, `5000`, ...; `unknown` is a valid answer
 /// (`Some(None)`), anything else malformed (`None`).
-fn parse_speed(v: &str) -> Option<Option<Speed>> {
+pub(crate) fn parse_speed(v: &str) -> Option<Option<Speed>> {
     let v = v.trim();
     if v == "unknown" {
         return Some(None);
@@ -258,11 +258,11 @@ fn parse_speed(v: &str) -> Option<Option<Speed>> {
         .map(|s| Some(Speed(s)))
 }
 
-fn parse_decimal<T: std::str::FromStr>(v: &str) -> Option<T> {
+pub(crate) fn parse_decimal<T: std::str::FromStr>(v: &str) -> Option<T> {
     v.trim().parse().ok()
 }
 
-fn parse_hex_u8(v: &str) -> Option<u8> {
+pub(crate) fn parse_hex_u8(v: &str) -> Option<u8> {
     let v = v.trim();
     (!v.is_empty() && v.len() <= 2)
         .then(|| u8::from_str_radix(v, 16).ok())

@@ -13,7 +13,7 @@
 //! that says so ([`QmpError::Closed`], [`QmpError::Garbage`]).
 
 mod error;
-mod reader;
+pub(crate) mod reader;
 mod writer;
 
 pub use error::QmpError;

@@ -36,7 +36,7 @@ impl ReplyWriter {
 
 /// What [`LineSplitter::push`] found.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Line {
+pub(crate) enum Line {
     /// A whole line, without its LF.
     Complete(Vec<u8>),
     /// The line grew past the limit; the rest of it up to the next LF is skipped, so
@@ -46,13 +46,13 @@ pub(super) enum Line {
 
 /// Splits a byte stream into lines of bounded length, buffering at most one line.
 #[derive(Debug, Default)]
-pub(super) struct LineSplitter {
+pub(crate) struct LineSplitter {
     line: Vec<u8>,
     discarding: bool,
 }
 
 impl LineSplitter {
-    pub(super) fn push(&mut self, byte: u8) -> Option<Line> {
+    pub(crate) fn push(&mut self, byte: u8) -> Option<Line> {
         if byte == b'\n' {
             let line = std::mem::take(&mut self.line);
             return (!std::mem::take(&mut self.discarding)).then_some(Line::Complete(line));
@@ -71,7 +71,7 @@ impl LineSplitter {
     }
 
     /// The unterminated last line at end of stream, if any.
-    pub(super) fn finish(self) -> Option<Vec<u8>> {
+    pub(crate) fn finish(self) -> Option<Vec<u8>> {
         (!self.discarding && !self.line.is_empty()).then_some(self.line)
     }
 }

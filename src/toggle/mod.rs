@@ -11,7 +11,7 @@
 
 pub mod dispatch;
 mod limits;
-mod lines;
+pub(crate) mod lines;
 pub mod protocol;
 pub mod runtime;
 pub mod server;

@@ -16,7 +16,7 @@ mod attach;
 mod attach_qmp;
 mod bind;
 mod emit;
-mod group;
+pub(crate) mod group;
 mod host;
 mod host_use;
 mod layout;
