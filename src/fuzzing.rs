@@ -20,9 +20,12 @@ use crate::service::Request;
 use crate::toggle::lines::{self, LineSplitter};
 use crate::toggle::protocol::{self, is_profile_name, parse_line, ParseError, Reply};
 
+/// A target's entry point: any bytes in, a panic when an invariant breaks.
+pub type Target = fn(&[u8]);
+
 /// Every target: its name (the `fuzz/fuzz_targets/NAME.rs` and `fuzz/seeds/NAME/` it
 /// owns) and its entry point.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("uevent", uevent),
     ("selector", selector),
     ("config", config),
@@ -322,7 +325,9 @@ pub fn sysfs_attribute(data: &[u8]) {
     let value = raw.trim_end_matches(['\n', '\0']);
     if let Some(id) = pci::parse_hex_id(value) {
         assert_eq!(pci::parse_hex_id(&id.to_string()), Some(id));
-        assert_eq!(value.parse::<HexId>().ok().or(Some(id)), Some(id));
+    }
+    if let Ok(id) = value.parse::<HexId>() {
+        assert_eq!(id.to_string().parse::<HexId>(), Ok(id));
     }
     if let Some(class) = pci::parse_hex_u32(value) {
         assert_eq!(pci::parse_hex_u32(&format!("{class:#08x}")), Some(class));
