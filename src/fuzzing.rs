@@ -303,10 +303,16 @@ pub fn mountinfo(data: &[u8]) {
         assert!(text.contains(device.as_str()));
     }
     let lines = text.lines().count();
-    let mounts = [parse_mountinfo(&text), parse_mounts(&text)];
-    for mount in mounts.iter().flatten() {
-        assert!(mounts[0].len() <= lines && mounts[1].len() <= lines);
-        assert!(!mount.source.is_empty() && !mount.fstype.is_empty() && !mount.point.is_empty());
+    for mounts in [parse_mountinfo(&text), parse_mounts(&text)] {
+        assert!(
+            mounts.len() <= lines,
+            "{} mounts from {lines} lines",
+            mounts.len()
+        );
+        for mount in mounts {
+            assert!(!mount.source.is_empty() && !mount.fstype.is_empty());
+            assert!(!mount.point.is_empty());
+        }
     }
     for field in text.split_whitespace() {
         let unescaped = unescape_mount_field(field);
