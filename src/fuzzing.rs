@@ -36,8 +36,9 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("sysfs_attribute", sysfs_attribute),
 ];
 
-/// Longest error message that quotes its input: parsers must cut what they show.
-const MAX_QUOTING_MESSAGE: usize = 1024;
+/// Longest error message that quotes its input: parsers must cut what they show. QMP
+/// shows 200 characters Debug-escaped, up to 10 bytes each (`\u{10ffff}`), plus words.
+const MAX_QUOTING_MESSAGE: usize = 4096;
 
 /// A kernel uevent datagram, through the same check the netlink socket applies.
 pub fn uevent(data: &[u8]) {
