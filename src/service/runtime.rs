@@ -218,7 +218,11 @@ async fn listen_uevents(mut sock: UeventSocket, dirty: Arc<Notify>, routing: Rou
                 tracing::warn!("uevents may be lost ({reason}); rescanning sysfs");
                 dirty.notify_one();
             }
-            Received::Rejected { reason } => tracing::warn!("ignored a netlink datagram: {reason}"),
+            // The reason quotes the datagram's header: escape what it may carry.
+            Received::Rejected { reason } => tracing::warn!(
+                "ignored a netlink datagram: {}",
+                crate::inventory::text::escaped(&reason)
+            ),
         }
     }
 }
