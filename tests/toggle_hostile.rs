@@ -133,7 +133,9 @@ fn socat_as_nobody(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start socat under setpriv: apt-get install socat util-linux");
-    child.stdin.take().unwrap().write_all(input).unwrap();
+    // A refused socat may exit before reading its input: a broken pipe here is its
+    // refusal, which the caller judges from socat's output and status.
+    let _ = child.stdin.take().unwrap().write_all(input);
     tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
 }
 
