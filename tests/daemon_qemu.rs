@@ -80,6 +80,13 @@ impl Bed {
         qemu
     }
 
+    /// The daemon's VM is up and the daemon is at rest (`status.at_rest`).
+    fn at_rest(&self) -> bool {
+        let status: serde_json::Value =
+            serde_json::from_str(&self.cli(&["status", "--json"])).unwrap();
+        status["vms"][0]["up"] == true && status["at_rest"] == true
+    }
+
     fn daemon(&self) -> Killed {
         self.daemon_with(&[])
     }
@@ -239,12 +246,13 @@ fn daemon_sigkill_and_restart_leaves_the_same_usb_host_set() {
 
     daemon.kill();
     let _daemon = bed.daemon();
+    // At rest: it has listed the VM, planned every device and has nothing in flight, so
+    // anything it would (wrongly) change is changed by now.
     wait_until(
         Duration::from_secs(10),
-        "the restarted daemon to see the VM up",
-        || bed.cli(&["status", "--json"]).contains("\"up\": true"),
+        "the restarted daemon to see the VM up and come to rest",
+        || bed.at_rest(),
     );
-    std::thread::sleep(Duration::from_millis(500));
 
     assert_eq!(bed.usb_hosts(), before);
 }
@@ -430,10 +438,9 @@ fn dry_run_attaches_nothing_and_says_so() {
     let _daemon = bed.daemon_with(&["--dry-run"]);
     wait_until(
         Duration::from_secs(10),
-        "the daemon to see the VM up",
-        || bed.cli(&["status", "--json"]).contains("\"up\": true"),
+        "the dry-run daemon to see the VM up and come to rest",
+        || bed.at_rest(),
     );
-    std::thread::sleep(Duration::from_millis(500));
 
     let status: serde_json::Value = serde_json::from_str(&bed.cli(&["status", "--json"])).unwrap();
 
@@ -587,4 +594,28 @@ fn unreadable_usb_listing_on_reload_keeps_every_device_in_the_vm_and_says_so() {
 
     assert_eq!(bed.usb_hosts(), EXPECTED);
     assert!(bed.cli(&["status"]).contains("1-2.1"));
+}
+
+#[test]
+fn status_is_not_at_rest_while_an_attach_waits_for_its_retry() {
+    let bed = Bed::new();
+    // By address: QEMU must open the device now, and this host has no USB, so the
+    // attach fails and waits for its retry.
+    let mut config = std::fs::read_to_string(bed.path("usbroute.toml")).unwrap();
+    config = config.replace(
+        "match = \"port:1-2.1\"\nby = \"port\"",
+        "match = \"port:1-2.1\"\nby = \"address\"",
+    );
+    std::fs::write(bed.path("usbroute.toml"), config).unwrap();
+    let _qemu = bed.qemu();
+    let _daemon = bed.daemon();
+
+    wait_until(
+        Duration::from_secs(15),
+        "the by-address attach to fail and wait for its retry",
+        || bed.cli(&["status", "--json"]).contains("\"attempts\""),
+    );
+    let status: serde_json::Value = serde_json::from_str(&bed.cli(&["status", "--json"])).unwrap();
+
+    assert_eq!(status["at_rest"], false, "{status:#}");
 }

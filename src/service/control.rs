@@ -87,7 +87,20 @@ impl Daemon {
                 })
             })
             .collect();
+        let at_rest = s.busy.is_empty()
+            && s.pending.is_empty()
+            && s.desired.devices.len() == self.snapshot.devices.len()
+            && self
+                .snapshot
+                .devices
+                .iter()
+                .all(|d| s.desired.devices.contains_key(&d.port))
+            && self
+                .vms
+                .iter()
+                .all(|(name, v)| !v.up || s.vms.contains_key(name));
         StatusReport {
+            at_rest,
             config: self.config.origin.as_ref().map(|p| p.display().to_string()),
             dry_run: self.options.dry_run,
             vms: self

@@ -135,6 +135,12 @@ pub struct StatusReport {
     /// reads fine.
     #[serde(default)]
     pub sysfs_error: Option<String>,
+    /// `true` when the daemon has nothing left to do on its own: every device present is
+    /// planned, every VM that is up has been listed, no action is in flight and none
+    /// waits for a retry (in a dry run: nothing more it would do). Scripts and tests wait
+    /// for this instead of sleeping.
+    #[serde(default)]
+    pub at_rest: bool,
 }
 
 /// One `[[controller]]` rule in `status`: its group's bind (or restore) and how it went.
@@ -317,6 +323,7 @@ mod tests {
                 message: "IOMMU group 7 is on vfio-pci (4 function(s)), ready for VM win11".into(),
             }],
             sysfs_error: None,
+            at_rest: true,
         }));
 
         let back: Reply = serde_json::from_str(&serde_json::to_string(&reply).unwrap()).unwrap();

@@ -157,7 +157,7 @@ fn vm_devices(status: &Value) -> Vec<String> {
 }
 
 /// Wait until the daemon's status has a decision for each of `ports`, the VM is up,
-/// and no device has an action in flight.
+/// and the daemon is at rest (nothing planned left undone, nothing in flight).
 async fn wait_settled(bed: &mut Bed, what: &str, ports: &[&str]) -> Result<()> {
     let poll = bed.poll(what, Duration::from_secs(10));
     loop {
@@ -168,8 +168,7 @@ async fn wait_settled(bed: &mut Bed, what: &str, ports: &[&str]) -> Result<()> {
                 .iter()
                 .any(|d| d["port"] == *p && d["desired"].is_string())
         });
-        let idle = devices.iter().all(|d| d["pending"].is_null());
-        if planned && idle && status["vms"][0]["up"] == true {
+        if planned && status["at_rest"] == true && status["vms"][0]["up"] == true {
             poll.met(bed);
             return Ok(());
         }
