@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod cli;
 pub mod engine;
+pub mod error_chain;
 pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -258,20 +258,28 @@ fn sighup_keeps_the_daemon_running_and_sigterm_stops_it_cleanly() {
 }
 
 #[test]
-fn status_without_a_daemon_says_how_to_start_one() {
+fn status_without_a_daemon_says_how_to_start_one_and_the_cause_once() {
     let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nothing.sock");
 
     let out = Command::cargo_bin("usbroute")
         .unwrap()
         .arg("--control")
-        .arg(dir.path().join("nothing.sock"))
+        .arg(&socket)
         .arg("status")
         .output()
         .unwrap();
 
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("is `usbroute serve` running?"), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "usbroute: cannot reach the usbroute daemon at {}; is `usbroute serve` running? \
+             (give --control SOCKET or --config FILE if it uses another socket): \
+             No such file or directory (os error 2)\n",
+            socket.display()
+        )
+    );
 }
 
 #[test]

@@ -212,6 +212,24 @@ fn usbroute_toggle_without_the_control_socket_or_a_tcp_listener_names_the_socket
 }
 
 #[test]
+fn reload_of_a_vanished_config_says_why_once_and_keeps_the_old_profiles() {
+    let daemon = Daemon::start();
+    std::fs::remove_file(&daemon.config).unwrap();
+
+    // Straight to the control socket: the CLI would stop at the missing file itself.
+    let reload = daemon.control(r#"{"request":"reload"}"#);
+    let toggled = daemon.tcp("toggle");
+
+    assert_eq!(reload["reply"], "error", "{reload}");
+    let err = reload["message"].as_str().unwrap();
+    let cause = "No such file or directory (os error 2)";
+    assert!(err.contains("cannot read the config file"), "{err}");
+    assert_eq!(err.matches(cause).count(), 1, "{err}");
+    assert!(err.contains("the running config stays in force"), "{err}");
+    assert_eq!(toggled, "ok guest 0x3ffc");
+}
+
+#[test]
 fn reload_with_a_bad_routing_section_keeps_the_old_profiles() {
     let daemon = Daemon::start();
     let bad = toggle_daemon_config(daemon.port).replace(

@@ -8,24 +8,10 @@ pub fn print_json<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The whole error chain on one line: `outer: cause: root cause`, each cause once.
-///
-/// Some messages quote their source to put the fix after it ("cannot reach the daemon
-/// at S: No such file or directory; is `usbroute serve` running?"); a cause the line
-/// already holds is not printed again.
+/// The whole error chain on one line: `outer: cause: root cause`, each cause once
+/// (the library's one printer, [`crate::error_chain::one_line`]).
 pub fn error_chain(err: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
+    crate::error_chain::one_line(err.as_ref())
 }
 
 #[cfg(test)]
@@ -33,26 +19,37 @@ mod tests {
     use super::*;
 
     #[derive(Debug, thiserror::Error)]
-    #[error("cannot reach the daemon at /run/x.sock: {source}; is it running?")]
-    struct Quoting {
+    #[error("cannot reach the daemon at /run/x.sock; is it running?")]
+    struct Unreachable {
         source: std::io::Error,
     }
 
     #[test]
-    fn error_chain_prints_a_quoted_source_once() {
+    fn error_chain_prints_a_source_after_the_message_that_leaves_it_out() {
         let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
-        let err = anyhow::Error::new(Quoting { source: io }).context("usbroute status");
+        let err = anyhow::Error::new(Unreachable { source: io }).context("usbroute status");
 
         let line = error_chain(&err);
 
         assert_eq!(
             line,
-            "usbroute status: cannot reach the daemon at /run/x.sock: no such file; is it running?"
+            "usbroute status: cannot reach the daemon at /run/x.sock; is it running?: no such file"
         );
     }
 
     #[test]
-    fn error_chain_joins_distinct_causes() {
+    fn error_chain_prints_a_cause_whose_text_the_outer_message_contains() {
+        let err = anyhow::anyhow!("permission denied")
+            .context("/dev/bus/usb/001/004: permission denied by the udev rule");
+
+        assert_eq!(
+            error_chain(&err),
+            "/dev/bus/usb/001/004: permission denied by the udev rule: permission denied"
+        );
+    }
+
+    #[test]
+    fn error_chain_prints_each_of_three_distinct_causes_once() {
         let err = anyhow::anyhow!("root cause")
             .context("middle")
             .context("outer");

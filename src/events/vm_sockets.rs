@@ -26,7 +26,7 @@ pub struct SocketAppeared {
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
     /// inotify itself failed.
-    #[error("inotify on the VMs' socket directories: {0}; raise fs.inotify.max_user_instances/max_user_watches if they are exhausted")]
+    #[error("cannot watch the VMs' socket directories with inotify; raise fs.inotify.max_user_instances/max_user_watches if they are exhausted")]
     Inotify(#[from] std::io::Error),
 }
 

@@ -81,7 +81,7 @@ pub struct KeyProblem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{}: cannot read the config file: {source}", path.display())]
+    #[error("{}: cannot read the config file; check the path (--config FILE) and that this user may read it", path.display())]
     Read {
         /// The file.
         path: PathBuf,

@@ -17,7 +17,7 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// No daemon listens at the path.
-    #[error("cannot reach the usbroute daemon at {path}: {source}; is `usbroute serve` running? (give --control SOCKET or --config FILE if it uses another socket)")]
+    #[error("cannot reach the usbroute daemon at {path}; is `usbroute serve` running? (give --control SOCKET or --config FILE if it uses another socket)")]
     Connect {
         /// Socket path.
         path: PathBuf,
@@ -25,7 +25,7 @@ pub enum ClientError {
         source: std::io::Error,
     },
     /// The connection broke or timed out.
-    #[error("usbroute daemon at {path}: {source}")]
+    #[error("no reply from the usbroute daemon at {path}; see its log (`journalctl -u usbroute`)")]
     Io {
         /// Socket path.
         path: PathBuf,

@@ -26,10 +26,10 @@ pub enum RoutingStartError {
         problems: Vec<String>,
     },
     /// The xHCI could not be found or opened.
-    #[error("port routing: {0}")]
+    #[error("port routing cannot start")]
     Routing(#[from] RoutingError),
     /// A toggle listener could not be bound.
-    #[error("toggle service: {0}")]
+    #[error("the toggle service cannot listen")]
     Listen(#[from] ToggleError),
 }
 

@@ -307,7 +307,10 @@ impl Daemon {
                     }
                 }))
             }
-            Err(e) => tracing::error!("VM sockets will only be retried on a timer: {e}"),
+            Err(e) => tracing::error!(
+                "VM sockets will only be retried on a timer: {}",
+                crate::error_chain::one_line(&e)
+            ),
         }
     }
 
@@ -389,8 +392,10 @@ impl Daemon {
         let Some(path) = self.options.config.clone() else {
             return Err("running without a config file (the empty policy): nothing to reload; restart with --config FILE".into());
         };
-        let config =
-            Config::load(&path).map_err(|e| format!("{e}\nthe running config stays in force"))?;
+        let config = Config::load(&path).map_err(|e| {
+            let why = crate::error_chain::one_line(&e);
+            format!("{why}\nthe running config stays in force")
+        })?;
         RoutingHooks::check_reload(&config)
             .map_err(|e| format!("{e}\nthe running config stays in force"))?;
         self.routing.reload(&self.config, &config);

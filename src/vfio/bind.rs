@@ -350,7 +350,7 @@ fn run_step(
 ) -> Result<(), String> {
     match step {
         Step::SaveRecord { .. } => match record {
-            Some(r) => r.save(root).map_err(|e| error_text(&e)),
+            Some(r) => r.save(root).map_err(|e| crate::error_chain::one_line(&e)),
             None => Ok(()),
         },
         Step::LoadModule { module } => {
@@ -398,7 +398,9 @@ fn run_step(
                 .and_then(|s| s.to_str())
                 .and_then(|s| s.parse().ok());
             match group {
-                Some(g) => BindRecord::remove(root, g).map_err(|e| error_text(&e)),
+                Some(g) => {
+                    BindRecord::remove(root, g).map_err(|e| crate::error_chain::one_line(&e))
+                }
                 None => Ok(()),
             }
         }
@@ -504,15 +506,4 @@ fn state_report(before: &[MemberState], now: &[MemberState]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn error_text(e: &VfioError) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

@@ -1,0 +1,91 @@
+//! The one printer of an error chain.
+//!
+//! A message says what failed and what to do; its cause is its `source()`, never quoted
+//! in the message. This walks the chain once, so every cause appears exactly once.
+
+use std::error::Error;
+
+/// The whole chain on one line: `outer: cause: root cause`.
+///
+/// Every cause is printed, even one whose text happens to appear inside an outer
+/// message: messages do not quote their source, so nothing is a repeat.
+pub fn one_line(err: &(dyn Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+    use std::path::PathBuf;
+
+    /// The message leaves its cause to the chain, and the chain prints it once.
+    fn assert_cause_printed_once(err: &(dyn Error + 'static)) {
+        let cause = err.source().expect("the error chains a cause").to_string();
+
+        let message = err.to_string();
+        let line = one_line(err);
+
+        assert!(
+            !message.contains(&cause),
+            "`{message}` quotes its source `{cause}`"
+        );
+        assert_eq!(line.matches(&cause).count(), 1, "{line}");
+        assert_eq!(line, format!("{message}: {cause}"));
+    }
+
+    fn enoent() -> io::Error {
+        io::Error::new(io::ErrorKind::NotFound, "no such file")
+    }
+
+    #[test]
+    fn config_read_error_leaves_the_io_error_to_the_chain() {
+        let err = crate::policy::ConfigError::Read {
+            path: PathBuf::from("/etc/usbroute/usbroute.toml"),
+            source: enoent(),
+        };
+        assert_cause_printed_once(&err);
+    }
+
+    #[test]
+    fn socket_watch_error_leaves_the_inotify_error_to_the_chain() {
+        assert_cause_printed_once(&crate::events::WatchError::Inotify(enoent()));
+    }
+
+    #[test]
+    fn routing_start_error_leaves_the_routing_error_to_the_chain() {
+        let cause = crate::routing::RoutingError::NoController("no xHCI".into());
+        assert_cause_printed_once(&crate::service::RoutingStartError::Routing(cause));
+    }
+
+    #[test]
+    fn routing_start_error_leaves_the_listener_error_to_the_chain() {
+        let cause = crate::toggle::server::ToggleError::BadAddress("nowhere".into());
+        assert_cause_printed_once(&crate::service::RoutingStartError::Listen(cause));
+    }
+
+    #[test]
+    fn client_connect_error_leaves_the_io_error_to_the_chain() {
+        let err = crate::service::ClientError::Connect {
+            path: PathBuf::from("/run/usbroute.sock"),
+            source: enoent(),
+        };
+        assert_cause_printed_once(&err);
+    }
+
+    #[test]
+    fn client_io_error_leaves_the_io_error_to_the_chain() {
+        let err = crate::service::ClientError::Io {
+            path: PathBuf::from("/run/usbroute.sock"),
+            source: io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+        };
+        assert_cause_printed_once(&err);
+    }
+}
