@@ -277,17 +277,25 @@ impl Bed {
     }
 
     /// Wait until every interface of `name` has a driver and, for storage, its disk
-    /// exists (usb-storage scans a second after binding): what a listing taken right
-    /// after `plug` should already show.
+    /// exists (usb-storage scans a second after binding), for a hub its ports are
+    /// powered: what a listing taken right after `plug` should already show, and what a
+    /// device plugged behind it needs.
     async fn wait_bound(&mut self, dev: &UsbDevice, name: &str) -> Result<()> {
-        let disk = if dev.kind == Kind::Storage {
-            format!("ls -d /sys/bus/usb/devices/{name}/{name}:*/host*/target*/*/block/* >/dev/null 2>&1 || exit 1; ")
-        } else {
-            String::new()
+        let ready = match dev.kind {
+            Kind::Storage => format!("ls -d /sys/bus/usb/devices/{name}/{name}:*/host*/target*/*/block/* >/dev/null 2>&1 || exit 1; "),
+            // A hub is ready for devices behind it once the kernel has powered its ports
+            // (`disable` reads 0): a device QEMU attaches to a port the hub driver is still
+            // activating was once never enumerated (1 run in 9).
+            Kind::Hub => format!(
+                "ls -d /sys/bus/usb/devices/{name}:1.0/{name}-port1 >/dev/null 2>&1 || exit 1; \
+                 for p in /sys/bus/usb/devices/{name}:1.0/{name}-port*; do \
+                   [ \"$(cat $p/disable 2>/dev/null)\" = 0 ] || exit 1; done; "
+            ),
+            _ => String::new(),
         };
         let script = format!(
             "ls -d /sys/bus/usb/devices/{name}:* >/dev/null 2>&1 || exit 1; \
-             for i in /sys/bus/usb/devices/{name}:*; do [ -e \"$i/driver\" ] || exit 1; done; {disk}"
+             for i in /sys/bus/usb/devices/{name}:*; do [ -e \"$i/driver\" ] || exit 1; done; {ready}"
         );
         self.wait_guest(
             &format!("{} ({name}) to be bound to its drivers", dev.id),
