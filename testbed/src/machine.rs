@@ -65,7 +65,11 @@ impl Machine {
             .arg(&pid_file);
         // no_timer_check: under TCG on a loaded host the IO-APIC timer check can fail and
         // panic the boot ("timer doesn't work through Interrupt-remapped IO-APIC").
-        let mut append = String::from("console=ttyS0 panic=-1 quiet no_timer_check");
+        // usbcore.autosuspend=-1: an idle emulated hub is runtime-suspended after 2 s, and a
+        // device QEMU then attaches behind it was sometimes never seen (no remote wakeup
+        // through the emulated hub); scenarios test usbroute, not USB power management.
+        let mut append =
+            String::from("console=ttyS0 panic=-1 quiet no_timer_check usbcore.autosuspend=-1");
         if cfg.iommu {
             cmd.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
             append.push_str(" intel_iommu=on");
