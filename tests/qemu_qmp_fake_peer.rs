@@ -81,7 +81,7 @@ mod fake_qmp_peer {
     }
 }
 
-use fake_qmp_peer::connected;
+use fake_qmp_peer::{connected, FakePeer};
 
 #[tokio::test]
 async fn garbage_line_fails_the_waiting_command_naming_what_arrived() {
@@ -266,22 +266,40 @@ async fn overlong_event_closes_the_connection_before_it_is_buffered_naming_the_c
     flood.abort();
 }
 
-#[tokio::test]
-async fn listing_of_more_usb_hosts_than_the_cap_sends_no_property_reads() {
-    let (qmp, mut peer) = connected().await;
-    let listing = tokio::spawn(async move { usbroute::qemu::listing::usb_hosts(&qmp).await });
-    let children: Vec<Value> = (0..usbroute::qemu::listing::MAX_USB_HOSTS + 1)
-        .map(|i| json!({"name": format!("h{i}"), "type": "child<usb-host>"}))
+/// Answer the two `qom-list`s of a listing with `count` children of `child_type` (then
+/// none), and return how the listing ended: it must end without a read per child, which
+/// the fake peer never answers.
+async fn listing_over<T: Send + 'static>(
+    mut peer: FakePeer,
+    listing: tokio::task::JoinHandle<Result<T, QmpError>>,
+    count: usize,
+    child_type: &str,
+) -> Result<T, QmpError> {
+    let children: Vec<Value> = (0..count)
+        .map(|i| json!({"name": format!("d{i}"), "type": format!("child<{child_type}>")}))
         .collect();
-
     peer.answer(json!(children)).await;
     peer.answer(json!([])).await;
-    let err = tokio::time::timeout(Duration::from_secs(5), listing)
+    tokio::time::timeout(Duration::from_secs(5), listing)
         .await
-        .expect("the listing ends without reading each device")
+        .expect("the listing ends without reading each child")
         .expect("join")
-        .unwrap_err();
+}
 
+#[tokio::test]
+async fn listing_of_more_usb_hosts_than_the_cap_sends_no_property_reads() {
+    let (qmp, peer) = connected().await;
+    let listing = tokio::spawn(async move { usbroute::qemu::listing::usb_hosts(&qmp).await });
+
+    let ended = listing_over(
+        peer,
+        listing,
+        usbroute::qemu::listing::MAX_USB_HOSTS + 1,
+        "usb-host",
+    )
+    .await;
+
+    let err = ended.unwrap_err();
     assert!(
         matches!(err, QmpError::TooMany { count: 257, .. }),
         "{err:?}"
@@ -290,20 +308,18 @@ async fn listing_of_more_usb_hosts_than_the_cap_sends_no_property_reads() {
 
 #[tokio::test]
 async fn vfio_root_port_search_over_more_devices_than_the_cap_sends_no_property_reads() {
-    let (qmp, mut peer) = connected().await;
+    let (qmp, peer) = connected().await;
     let search = tokio::spawn(async move { usbroute::vfio::free_pcie_root_ports(&qmp).await });
-    let children: Vec<Value> = (0..usbroute::vfio::MAX_PERIPHERALS + 1)
-        .map(|i| json!({"name": format!("d{i}"), "type": "child<pcie-root-port>"}))
-        .collect();
 
-    peer.answer(json!(children)).await;
-    peer.answer(json!([])).await;
-    let err = tokio::time::timeout(Duration::from_secs(5), search)
-        .await
-        .expect("the search ends without reading each device")
-        .expect("join")
-        .unwrap_err();
+    let ended = listing_over(
+        peer,
+        search,
+        usbroute::vfio::MAX_PERIPHERALS + 1,
+        "pcie-root-port",
+    )
+    .await;
 
+    let err = ended.unwrap_err();
     assert!(
         matches!(err, QmpError::TooMany { count: 1025, .. }),
         "{err:?}"

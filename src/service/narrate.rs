@@ -59,6 +59,7 @@ pub(super) struct DecisionLog {
 
 impl DecisionLog {
     /// Log every device whose decision is new or changed, and every device gone.
+    /// Called on every engine status change: it touches only what changed.
     pub(super) fn update(&mut self, desired: &Desired, snapshot: &Snapshot) {
         for (port, decision) in &desired.devices {
             if self.last.get(port) == Some(decision) {
@@ -74,13 +75,15 @@ impl DecisionLog {
                 placement_words(decision),
                 crate::inventory::text::escaped(&decision.reason.to_string())
             );
+            self.last.insert(port.clone(), decision.clone());
         }
-        for port in self.last.keys() {
-            if !desired.devices.contains_key(port) {
+        self.last.retain(|port, _| {
+            let present = desired.devices.contains_key(port);
+            if !present {
                 tracing::info!("device {port} is gone");
             }
-        }
-        self.last.clone_from(&desired.devices);
+            present
+        });
     }
 }
 

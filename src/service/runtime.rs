@@ -207,10 +207,9 @@ async fn listen_uevents(mut sock: UeventSocket, dirty: Arc<Notify>, routing: Rou
                     "uevent: {} {} ({}); re-checking the rules",
                     ev.action,
                     ev.kernel_name(),
-                    ev.product
-                        .as_deref()
-                        .unwrap_or("no product string")
-                        .escape_debug()
+                    crate::inventory::text::printable(
+                        ev.product.as_deref().unwrap_or("no product string")
+                    )
                 );
                 dirty.notify_one();
             }
