@@ -17,12 +17,12 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use usbroute::backend::qemu::{QemuBackend, QemuOptions};
 use usbroute::backend::VmBackend;
 use usbroute::engine::{reconcile, Action, Actual, VmView};
 use usbroute::events::{Received, Trigger, UeventSocket};
 use usbroute::inventory::synth::{PciFunction, SysfsBuilder, UsbDevice};
 use usbroute::policy::{plan, Config, PlanInput};
-use usbroute::qemu::{QemuBackend, QemuOptions};
 use usbroute::sysfs::SysfsRoot;
 
 #[path = "support/daemon_peers.rs"]

@@ -16,9 +16,9 @@ mod qemu_support;
 use qemu_support::{host_device, QemuGuard};
 use serde_json::json;
 use std::time::{Duration, Instant};
+use usbroute::backend::qemu::qmp::Qmp;
+use usbroute::backend::qemu::{QemuBackend, QemuOptions};
 use usbroute::backend::AttachMode;
-use usbroute::qemu::{QemuBackend, QemuOptions};
-use usbroute::qmp::Qmp;
 
 fn main() {
     let smoke = !std::env::args().any(|a| a == "--bench");

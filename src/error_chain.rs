@@ -56,24 +56,26 @@ mod tests {
 
     #[test]
     fn socket_watch_error_leaves_the_inotify_error_to_the_chain() {
-        assert_cause_printed_once(&crate::events::WatchError::Inotify(enoent()));
+        assert_cause_printed_once(&crate::backend::qemu::socket_watch::WatchError::Inotify(
+            enoent(),
+        ));
     }
 
     #[test]
     fn routing_start_error_leaves_the_routing_error_to_the_chain() {
         let cause = crate::routing::RoutingError::NoController("no xHCI".into());
-        assert_cause_printed_once(&crate::service::RoutingStartError::Routing(cause));
+        assert_cause_printed_once(&crate::daemon::RoutingStartError::Routing(cause));
     }
 
     #[test]
     fn routing_start_error_leaves_the_listener_error_to_the_chain() {
         let cause = crate::toggle::server::ToggleError::BadAddress("nowhere".into());
-        assert_cause_printed_once(&crate::service::RoutingStartError::Listen(cause));
+        assert_cause_printed_once(&crate::daemon::RoutingStartError::Listen(cause));
     }
 
     #[test]
     fn client_connect_error_leaves_the_io_error_to_the_chain() {
-        let err = crate::service::ClientError::Connect {
+        let err = crate::daemon::ClientError::Connect {
             path: PathBuf::from("/run/usbroute.sock"),
             source: enoent(),
         };
@@ -82,7 +84,7 @@ mod tests {
 
     #[test]
     fn client_io_error_leaves_the_io_error_to_the_chain() {
-        let err = crate::service::ClientError::Io {
+        let err = crate::daemon::ClientError::Io {
             path: PathBuf::from("/run/usbroute.sock"),
             source: io::Error::new(io::ErrorKind::TimedOut, "timed out"),
         };

@@ -8,15 +8,15 @@
 //! main crate so that a parser's change that breaks a target fails `cargo build`, not
 //! only the fuzz build. Not a stable interface: hidden from the docs.
 
+use crate::backend::qemu::qmp::reader::{parse_message, read_line, Line, Message};
+use crate::backend::qemu::qmp::Qmp;
+use crate::daemon::mounts::mounted_devices;
+use crate::daemon::Request;
 use crate::events::{classify, Received, UEvent};
 use crate::hostblock::{parse_mountinfo, parse_mounts, unescape_mount_field};
 use crate::inventory::{pci, usb, ControllerKind, Device, HexId, PciAddress, PortPath, Speed};
 use crate::policy::{Config, ConfigError};
-use crate::qmp::reader::{parse_message, read_line, Line, Message};
-use crate::qmp::Qmp;
 use crate::selector::Selector;
-use crate::service::mounts::mounted_devices;
-use crate::service::Request;
 use crate::toggle::lines::{self, LineSplitter};
 use crate::toggle::protocol::{self, is_profile_name, parse_line, ParseError, Reply};
 
@@ -168,7 +168,7 @@ async fn read_every_line(stream: &[u8], capacity: usize) {
                     want = rest;
                 }
                 assert_eq!(line, want);
-                assert!(line.len() <= crate::qmp::reader::MAX_LINE);
+                assert!(line.len() <= crate::backend::qemu::qmp::reader::MAX_LINE);
                 check_message(&line);
             }
             Ok(Line::End { partial }) => {
@@ -178,7 +178,7 @@ async fn read_every_line(stream: &[u8], capacity: usize) {
             }
             Err(e) => {
                 assert!(
-                    piece.len() > crate::qmp::reader::MAX_LINE,
+                    piece.len() > crate::backend::qemu::qmp::reader::MAX_LINE,
                     "refused a short line: {e}"
                 );
                 return;

@@ -6,7 +6,7 @@
 //! md, bcache) and active swap.
 //!
 //! Both guards read it: the policy keeps such USB disks on the host
-//! ([`crate::service::mounts`]), and the whole-controller verdict names them
+//! ([`crate::daemon::mounts`]), and the whole-controller verdict names them
 //! ([`crate::vfio::HostUse`]). Every read goes through the [`SysfsRoot`], so a recording
 //! replays; a file that exists but cannot be read is reported in
 //! [`HostBlocks::unreadable`], never taken for "nothing in use".

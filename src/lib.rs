@@ -1,12 +1,14 @@
 //! usbroute: give virtual machines the USB hardware they should have.
 //!
 //! Data flows one way (see docs/architecture.md):
-//! sysfs → [`inventory`] → [`policy`] (pure) → [`engine`] → [`backend`] (QMP, later xl/virsh).
+//! sysfs → [`inventory`] → [`policy`] (pure) → [`engine`] → [`backend`] (one folder per
+//! hypervisor: [`backend::qemu`] today).
 //! Everything that touches the host goes through [`sysfs::SysfsRoot`] or a small trait,
 //! so the same code runs on the real `/sys`, on a recorded fixture and inside the test guest.
 
 pub mod backend;
 pub mod cli;
+pub mod daemon;
 pub mod engine;
 pub mod error_chain;
 pub mod events;
@@ -15,11 +17,8 @@ pub mod fuzzing;
 pub mod hostblock;
 pub mod inventory;
 pub mod policy;
-pub mod qemu;
-pub mod qmp;
 pub mod routing;
 pub mod selector;
-pub mod service;
 pub mod state;
 pub mod sysfs;
 pub mod toggle;

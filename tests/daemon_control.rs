@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use usbroute::backend::BoxFuture;
-use usbroute::service::{
+use usbroute::daemon::{
     ControlGroup, ControlHandler, ControlLimits, ControlServer, Peer, Reply, Request,
 };
 

@@ -293,8 +293,8 @@ fn hub_rule_attaches_nothing_and_why_says_hubs_cannot_be_passed() {
     assert!(why.contains("hubs cannot be passed to a VM"), "{why}");
 }
 
-fn ask(bed: &Bed, request: usbroute::service::Request) -> usbroute::service::Reply {
-    usbroute::service::request(&bed.path("control.sock"), &request).unwrap()
+fn ask(bed: &Bed, request: usbroute::daemon::Request) -> usbroute::daemon::Reply {
+    usbroute::daemon::request(&bed.path("control.sock"), &request).unwrap()
 }
 
 #[test]
@@ -306,7 +306,7 @@ fn manual_attach_is_confirmed_by_the_vm_and_manual_detach_removes_it() {
 
     let attached = ask(
         &bed,
-        usbroute::service::Request::Attach {
+        usbroute::daemon::Request::Attach {
             selector: "port:1-4".into(),
             vm: "guest".into(),
             by: Some(usbroute::backend::AttachMode::Port),
@@ -315,7 +315,7 @@ fn manual_attach_is_confirmed_by_the_vm_and_manual_detach_removes_it() {
     let with_tablet = bed.usb_hosts();
     let detached = ask(
         &bed,
-        usbroute::service::Request::Detach {
+        usbroute::daemon::Request::Detach {
             selector: "port:1-4".into(),
         },
     );
@@ -323,14 +323,14 @@ fn manual_attach_is_confirmed_by_the_vm_and_manual_detach_removes_it() {
 
     assert_eq!(
         attached,
-        usbroute::service::Reply::done("1-4 attached to VM guest (confirmed by the VM)")
+        usbroute::daemon::Reply::done("1-4 attached to VM guest (confirmed by the VM)")
     );
     assert!(
         with_tablet.contains(&"usbroute-port-1-4".to_string()),
         "{with_tablet:?}"
     );
     assert!(
-        matches!(detached, usbroute::service::Reply::Done { .. }),
+        matches!(detached, usbroute::daemon::Reply::Done { .. }),
         "{detached:?}"
     );
     assert_eq!(without_tablet, EXPECTED);
@@ -344,7 +344,7 @@ fn manual_attach_to_an_unknown_vm_is_refused_with_the_known_ones() {
 
     let reply = ask(
         &bed,
-        usbroute::service::Request::Attach {
+        usbroute::daemon::Request::Attach {
             selector: "port:1-4".into(),
             vm: "nope".into(),
             by: None,
@@ -353,8 +353,8 @@ fn manual_attach_to_an_unknown_vm_is_refused_with_the_known_ones() {
 
     assert_eq!(
         reply,
-        usbroute::service::Reply::error(
-            usbroute::service::ErrorKind::NotFound,
+        usbroute::daemon::Reply::error(
+            usbroute::daemon::ErrorKind::NotFound,
             "no VM named `nope` in the config (known: guest)"
         )
     );
@@ -372,9 +372,9 @@ fn reload_with_a_bad_config_keeps_the_running_one_and_says_where() {
     )
     .unwrap();
 
-    let reply = ask(&bed, usbroute::service::Request::Reload {});
+    let reply = ask(&bed, usbroute::daemon::Request::Reload {});
 
-    let usbroute::service::Reply::Error { message, .. } = reply else {
+    let usbroute::daemon::Reply::Error { message, .. } = reply else {
         panic!("reload of a bad file succeeded")
     };
     assert!(message.contains("usbroute.toml:3:"), "{message}");
@@ -489,7 +489,7 @@ fn manual_attach_without_by_takes_the_passing_rules_mode() {
     // Rule 1 passes 1-2.1 to guest by port; by address it would be a different usb-host.
     let reply = ask(
         &bed,
-        usbroute::service::Request::Attach {
+        usbroute::daemon::Request::Attach {
             selector: "port:1-2.1".into(),
             vm: "guest".into(),
             by: None,
@@ -498,7 +498,7 @@ fn manual_attach_without_by_takes_the_passing_rules_mode() {
 
     assert_eq!(
         reply,
-        usbroute::service::Reply::done("1-2.1 attached to VM guest (confirmed by the VM)")
+        usbroute::daemon::Reply::done("1-2.1 attached to VM guest (confirmed by the VM)")
     );
     assert_eq!(bed.usb_hosts(), EXPECTED);
 }

@@ -7,7 +7,7 @@ use nix::sys::socket::{
 };
 use std::os::fd::AsRawFd;
 use std::time::Duration;
-use usbroute::events::{Action, Received, UeventSocket};
+use usbroute::events::{Received, UeventAction, UeventSocket};
 
 /// The kernel object we poke: always present, harmless to re-announce.
 const DEVICE_UEVENT: &str = "/sys/devices/virtual/mem/null/uevent";
@@ -56,7 +56,7 @@ async fn kernel_uevent_arrives_typed_from_the_kernel() {
     let Received::Event(ev) = item else {
         unreachable!("receive_tagged returns events only")
     };
-    assert_eq!(ev.action, Action::Change);
+    assert_eq!(ev.action, UeventAction::Change);
     assert_eq!(ev.devpath, "/devices/virtual/mem/null");
     assert_eq!(ev.subsystem.as_deref(), Some("mem"));
     assert_eq!(

@@ -2,7 +2,7 @@
 //! directory that did not exist when the watcher started.
 
 use std::time::Duration;
-use usbroute::events::{SocketAppeared, SocketWatcher};
+use usbroute::backend::qemu::socket_watch::{SocketAppeared, SocketWatcher};
 
 mod qemu_support;
 use qemu_support::QemuAt;

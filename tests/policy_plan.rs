@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use usbroute::backend::AttachMode;
 use usbroute::inventory::{Device, PciAddress, PortPath};
 use usbroute::policy::{
-    plan, why, Override, OverrideAction, Placement, PlanInput, Reason, Rule, Verdict,
+    plan, why, Override, OverrideAction, Placement, PlanInput, Reason, Rule, RuleMatch,
 };
 
 #[derive(Default)]
@@ -387,14 +387,14 @@ fn why_names_deciding_rule_and_failing_terms() {
         ],
     );
     let answer = why(&world.input(), &world.devices[0]);
-    let verdicts: Vec<Verdict> = answer.rules.into_iter().map(|(_, v)| v).collect();
+    let verdicts: Vec<RuleMatch> = answer.rules.into_iter().map(|(_, v)| v).collect();
     assert_eq!(
         verdicts,
         vec![
-            Verdict::NoMatch {
+            RuleMatch::NoMatch {
                 terms: vec!["port:1-2: port is 1-1".into()]
             },
-            Verdict::Decided
+            RuleMatch::Decided
         ]
     );
 }
@@ -405,7 +405,7 @@ fn why_for_hub_says_hubs_cannot_be_passed() {
     let answer = why(&world.input(), &world.devices[0]);
     let text = answer.decision.reason.to_string();
     assert!(text.starts_with("hubs cannot be passed"), "{text}");
-    assert!(matches!(&answer.rules[0].1, Verdict::Outranked { .. }));
+    assert!(matches!(&answer.rules[0].1, RuleMatch::Outranked { .. }));
 }
 
 #[test]
@@ -420,7 +420,7 @@ fn why_marks_outranked_lower_priority_rule() {
     let kinds: Vec<bool> = answer
         .rules
         .iter()
-        .map(|(_, v)| *v == Verdict::Decided)
+        .map(|(_, v)| *v == RuleMatch::Decided)
         .collect();
     assert_eq!(kinds, vec![false, true]);
 }

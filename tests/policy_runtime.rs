@@ -10,10 +10,10 @@ use tokio::sync::{watch, Semaphore};
 use usbroute::backend::{
     usbroute_device_id, AttachMode, BackendError, BoxFuture, HostMatch, VmBackend, VmUsbDevice,
 };
-use usbroute::engine::runtime::{spawn, EngineHandle, EngineOptions, Input, Status};
+use usbroute::engine::coordinator::{spawn, EngineHandle, EngineOptions, Input, Status};
 use usbroute::engine::BackoffPolicy;
 use usbroute::inventory::Device;
-use usbroute::policy::{Rule, Verdict};
+use usbroute::policy::{Rule, RuleMatch};
 
 /// A simulated VM: its usb-host ids in memory, a log of calls, and knobs for faults.
 #[derive(Default)]
@@ -398,7 +398,7 @@ async fn why_through_handle_names_deciding_rule() {
         .why("1-1".parse().expect("port"))
         .await
         .expect("device present");
-    assert_eq!(answer.rules[0].1, Verdict::Decided);
+    assert_eq!(answer.rules[0].1, RuleMatch::Decided);
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use std::time::Duration;
 use usbroute::backend::{
     AttachKey, AttachMode, BackendError, BoxFuture, HostMatch, VmBackend, VmUsbDevice,
 };
-use usbroute::engine::runtime::{spawn, EngineHandle, EngineOptions, Input, Status};
+use usbroute::engine::coordinator::{spawn, EngineHandle, EngineOptions, Input, Status};
 use usbroute::engine::BackoffPolicy;
 use usbroute::inventory::{Device, PortPath};
 use usbroute::policy::{Override, OverrideAction, Placement, Rule};

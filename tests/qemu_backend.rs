@@ -8,10 +8,10 @@ use nix::sys::signal::Signal;
 use qemu_support::{host_device, peripheral_ids, QemuGuard};
 use serde_json::json;
 use std::time::Duration;
+use usbroute::backend::qemu::qmp::Qmp;
+use usbroute::backend::qemu::{FdPassing, QemuBackend, QemuOptions};
 use usbroute::backend::{AttachMode, BackendError, HostMatch, VmBackend};
 use usbroute::inventory::HexId;
-use usbroute::qemu::{FdPassing, QemuBackend, QemuOptions};
-use usbroute::qmp::Qmp;
 
 const XHCI: &str = "qemu-xhci,id=xhci";
 
@@ -26,9 +26,13 @@ async fn backend_with(qemu: &QemuGuard, options: QemuOptions) -> QemuBackend {
 }
 
 async fn parent_bus(qmp: &Qmp, id: &str) -> String {
-    usbroute::qemu::qom::get_string(qmp, &format!("/machine/peripheral/{id}"), "parent_bus")
-        .await
-        .expect("parent_bus")
+    usbroute::backend::qemu::qom::get_string(
+        qmp,
+        &format!("/machine/peripheral/{id}"),
+        "parent_bus",
+    )
+    .await
+    .expect("parent_bus")
 }
 
 #[tokio::test]
@@ -66,7 +70,7 @@ async fn attach_by_port_of_absent_device_is_accepted_but_not_attached() {
         .attach_device(&stick, AttachMode::Port)
         .await
         .expect("attach");
-    let port = usbroute::qemu::qom::get_string(
+    let port = usbroute::backend::qemu::qom::get_string(
         vm.qmp(),
         "/machine/peripheral/usbroute-port-2-4.1",
         "hostport",

@@ -7,7 +7,7 @@ use qemu_support::QemuGuard;
 use serde_json::json;
 use std::os::fd::AsFd;
 use std::time::Duration;
-use usbroute::qmp::{Qmp, QmpError};
+use usbroute::backend::qemu::qmp::{Qmp, QmpError};
 
 #[tokio::test]
 async fn connect_reads_greeting_and_enters_command_mode() {

@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream};
-use usbroute::qmp::{Qmp, QmpError};
+use usbroute::backend::qemu::qmp::{Qmp, QmpError};
 
 /// The fake peer: the far end of an in-memory pipe, driven by each test's script.
 mod fake_qmp_peer {
@@ -246,7 +246,7 @@ async fn fd_passing_over_a_plain_stream_is_refused() {
 async fn overlong_event_closes_the_connection_before_it_is_buffered_naming_the_cap() {
     let (qmp, mut peer) = connected().await;
     // A valid event, 16 times the cap: read whole and parsed, it would take gigabytes.
-    let padding = "x".repeat(16 * usbroute::qmp::MAX_LINE);
+    let padding = "x".repeat(16 * usbroute::backend::qemu::qmp::MAX_LINE);
     let event = format!(r#"{{"event": "HUGE", "data": {{"pad": "{padding}"}}}}"#);
     let flood = tokio::spawn(async move {
         peer.send(&event).await;
@@ -256,8 +256,10 @@ async fn overlong_event_closes_the_connection_before_it_is_buffered_naming_the_c
 
     assert!(matches!(err, QmpError::TooLong { .. }), "{err:?}");
     assert!(
-        err.to_string()
-            .contains(&format!("longer than {} bytes", usbroute::qmp::MAX_LINE)),
+        err.to_string().contains(&format!(
+            "longer than {} bytes",
+            usbroute::backend::qemu::qmp::MAX_LINE
+        )),
         "{err}"
     );
     assert!(err.is_connection_lost());
@@ -289,12 +291,13 @@ async fn listing_over<T: Send + 'static>(
 #[tokio::test]
 async fn listing_of_more_usb_hosts_than_the_cap_sends_no_property_reads() {
     let (qmp, peer) = connected().await;
-    let listing = tokio::spawn(async move { usbroute::qemu::listing::usb_hosts(&qmp).await });
+    let listing =
+        tokio::spawn(async move { usbroute::backend::qemu::listing::usb_hosts(&qmp).await });
 
     let ended = listing_over(
         peer,
         listing,
-        usbroute::qemu::listing::MAX_USB_HOSTS + 1,
+        usbroute::backend::qemu::listing::MAX_USB_HOSTS + 1,
         "usb-host",
     )
     .await;
@@ -309,12 +312,14 @@ async fn listing_of_more_usb_hosts_than_the_cap_sends_no_property_reads() {
 #[tokio::test]
 async fn vfio_root_port_search_over_more_devices_than_the_cap_sends_no_property_reads() {
     let (qmp, peer) = connected().await;
-    let search = tokio::spawn(async move { usbroute::vfio::free_pcie_root_ports(&qmp).await });
+    let search = tokio::spawn(async move {
+        usbroute::backend::qemu::vfio_attach::free_pcie_root_ports(&qmp).await
+    });
 
     let ended = listing_over(
         peer,
         search,
-        usbroute::vfio::MAX_PERIPHERALS + 1,
+        usbroute::backend::qemu::vfio_attach::MAX_PERIPHERALS + 1,
         "pcie-root-port",
     )
     .await;

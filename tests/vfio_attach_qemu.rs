@@ -6,9 +6,10 @@
 mod qemu_support;
 
 use qemu_support::QemuGuard;
+use usbroute::backend::qemu::qmp::Qmp;
+use usbroute::backend::qemu::vfio_attach::{self, AttachFailed};
 use usbroute::inventory::PciAddress;
-use usbroute::qmp::Qmp;
-use usbroute::vfio::{self, AttachError, AttachFailed, RootPort};
+use usbroute::vfio::{AttachError, RootPort};
 
 /// A function no host has (PCI domain ffff).
 fn absent() -> PciAddress {
@@ -29,7 +30,9 @@ async fn free_root_ports_are_the_empty_named_and_anonymous_ones() {
     ]);
     let qmp = Qmp::connect(qemu.socket()).await.expect("connect");
 
-    let free = vfio::free_pcie_root_ports(&qmp).await.expect("ports");
+    let free = vfio_attach::free_pcie_root_ports(&qmp)
+        .await
+        .expect("ports");
 
     assert_eq!(
         free.iter()
@@ -46,7 +49,7 @@ async fn attach_on_q35_without_a_free_root_port_says_how_to_start_qemu() {
     let qemu = QemuGuard::q35(&[]);
     let qmp = Qmp::connect(qemu.socket()).await.expect("connect");
 
-    let err = vfio::attach_group(&qmp, &[absent()])
+    let err = vfio_attach::attach_group(&qmp, &[absent()])
         .await
         .expect_err("no port");
 
@@ -73,10 +76,12 @@ async fn attach_of_a_function_qemu_cannot_open_reports_qemus_words_and_leaves_no
     let qemu = QemuGuard::q35(&["-device", "pcie-root-port,id=rp1,chassis=1"]);
     let qmp = Qmp::connect(qemu.socket()).await.expect("connect");
 
-    let err = vfio::attach_group(&qmp, &[absent()])
+    let err = vfio_attach::attach_group(&qmp, &[absent()])
         .await
         .expect_err("refused");
-    let free_after: Vec<RootPort> = vfio::free_pcie_root_ports(&qmp).await.expect("ports");
+    let free_after: Vec<RootPort> = vfio_attach::free_pcie_root_ports(&qmp)
+        .await
+        .expect("ports");
 
     assert!(
         err.to_string().contains("QEMU did not take ffff:ff:1f.7"),
@@ -95,7 +100,7 @@ async fn attach_on_i440fx_adds_to_the_root_bus_and_reports_qemus_refusal() {
     let qemu = QemuGuard::start(&["-machine", "pc", "-m", "64"]);
     let qmp = Qmp::connect(qemu.socket()).await.expect("connect");
 
-    let err = vfio::attach_group(&qmp, &[absent()])
+    let err = vfio_attach::attach_group(&qmp, &[absent()])
         .await
         .expect_err("refused");
 
@@ -104,11 +109,11 @@ async fn attach_on_i440fx_adds_to_the_root_bus_and_reports_qemus_refusal() {
 
 #[tokio::test]
 async fn attach_skips_a_function_the_vm_already_has_under_usbroutes_id() {
-    let id = format!("id={}", vfio::qemu_id(&absent()));
+    let id = format!("id={}", usbroute::vfio::qemu_id(&absent()));
     let qemu = QemuGuard::q35(&["-device", &format!("pci-testdev,{id}")]);
     let qmp = Qmp::connect(qemu.socket()).await.expect("connect");
 
-    let done = vfio::attach_group(&qmp, &[absent()])
+    let done = vfio_attach::attach_group(&qmp, &[absent()])
         .await
         .expect("nothing to add");
 

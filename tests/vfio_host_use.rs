@@ -53,7 +53,7 @@ fn with_bridged_nic(tree: &Tree) {
     );
 }
 
-fn uses_of(v: &vfio::Verdict, addr: &str) -> Vec<HostUse> {
+fn uses_of(v: &vfio::PassthroughVerdict, addr: &str) -> Vec<HostUse> {
     v.goes_with
         .iter()
         .find(|m| m.pci == pci(addr))

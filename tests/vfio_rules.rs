@@ -6,8 +6,8 @@ mod vfio_support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use usbroute::backend::AttachMode;
+use usbroute::daemon::controllers::{carry_out, rule_changes, Direction};
 use usbroute::policy::{plan, Placement, PlanInput, Reason, Rule};
-use usbroute::service::controllers::{carry_out, rule_changes, Direction};
 use usbroute::vfio::{self, BindOptions, ControllerRule};
 use vfio_support::{pci, state, FixtureDriverCore, Tree};
 

@@ -102,7 +102,7 @@ impl Global {
     /// `control_socket`, else the default socket.
     pub fn control_socket(&self) -> anyhow::Result<PathBuf> {
         let config = self.config_file()?;
-        Ok(crate::service::resolve_socket(
+        Ok(crate::daemon::resolve_socket(
             self.control.as_deref(),
             config.path(),
         )?)

@@ -254,8 +254,10 @@ fn attach(
         .enable_all()
         .build()?;
     let result = runtime.block_on(async {
-        let qmp = crate::qmp::Qmp::connect(socket).await?;
-        Ok::<_, anyhow::Error>(vfio::attach_group(&qmp, &members).await?)
+        let qmp = crate::backend::qemu::qmp::Qmp::connect(socket).await?;
+        Ok::<_, anyhow::Error>(
+            crate::backend::qemu::vfio_attach::attach_group(&qmp, &members).await?,
+        )
     });
     let outcome = match result {
         Ok(o) => o,

@@ -3,9 +3,9 @@
 use super::output::print_json;
 use super::Global;
 use crate::backend::AttachMode;
+use crate::daemon::protocol::{Reply, Request, StatusReport, WhyReport};
+use crate::daemon::{self, DaemonOptions};
 use crate::inventory::text::escaped_lines;
-use crate::service::protocol::{Reply, Request, StatusReport, WhyReport};
-use crate::service::{self, DaemonOptions};
 use anyhow::Context;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,7 +48,7 @@ pub(super) fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
         control: g.control.clone(),
         root: g.root(),
         dry_run: a.dry_run,
-        connector: service::connectors::qemu(g.root()),
+        connector: crate::backend::qemu::connector::qemu(g.root()),
         uevents: true,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -56,14 +56,14 @@ pub(super) fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(service::run(options))?;
+    runtime.block_on(daemon::run(options))?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Send one request to the daemon (socket from `--control`, `--config`, or the default).
 fn ask(g: &Global, request: &Request) -> anyhow::Result<Reply> {
     let socket = g.control_socket()?;
-    Ok(service::request(&socket, request)?)
+    Ok(daemon::request(&socket, request)?)
 }
 
 /// A `done` reply's message, or the daemon's error as this command's error.
@@ -233,7 +233,7 @@ pub fn clear_through_daemon(g: &Global, selector: &str) -> anyhow::Result<ExitCo
 /// `--qmp` commands say so instead of fighting the daemon (which would undo them).
 pub fn daemon_managing(g: &Global, qmp: &std::path::Path) -> Option<String> {
     let socket = g.control_socket().ok()?;
-    let Ok(Reply::Status(report)) = service::request(&socket, &Request::Status {}) else {
+    let Ok(Reply::Status(report)) = daemon::request(&socket, &Request::Status {}) else {
         return None;
     };
     let wanted = std::fs::canonicalize(qmp).unwrap_or_else(|_| qmp.to_path_buf());
@@ -247,7 +247,7 @@ pub fn daemon_managing(g: &Global, qmp: &std::path::Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::protocol::{DeviceStatus, RuleVerdict, WhyDevice};
+    use crate::daemon::protocol::{DeviceStatus, RuleVerdict, WhyDevice};
 
     /// What a device can claim, as a daemon of any version may pass it on.
     const HOSTILE: &str = "0627:0001 Mouse\u{1b}[2J\u{7}\rEvil";

@@ -7,10 +7,10 @@
 use super::output::print_json;
 use super::vm::{attach_target, ByArg, Target};
 use super::Global;
+use crate::backend::qemu::controllers::ADDED_CONTROLLER_ID;
+use crate::backend::qemu::usb_host;
 use crate::backend::AttachMode;
 use crate::inventory::Snapshot;
-use crate::qemu::controllers::ADDED_CONTROLLER_ID;
-use crate::qemu::usb_host;
 use crate::selector::Selector;
 use anyhow::{anyhow, Context};
 use serde::Serialize;

@@ -23,7 +23,7 @@ use std::process::ExitCode;
 pub use config_file::{ConfigFile, DEFAULT_CONFIG};
 
 /// Default path of the daemon's control socket.
-pub use crate::service::DEFAULT_CONTROL_SOCKET;
+pub use crate::daemon::DEFAULT_CONTROL_SOCKET;
 
 /// Give virtual machines the USB hardware they should have.
 #[derive(Debug, Parser)]

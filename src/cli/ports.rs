@@ -391,11 +391,11 @@ pub(super) fn toggle(g: &Global, a: ToggleArgs) -> anyhow::Result<ExitCode> {
 /// The toggle line through the daemon's control socket; `Err(why)` inside when no daemon
 /// listens there or it does not let this user in (a TCP listener may be tried next).
 fn ask_control_socket(socket: &Path, command: &str) -> anyhow::Result<Result<Reply, String>> {
-    use crate::service::{ClientError, ErrorKind, Reply as ControlReply, Request};
+    use crate::daemon::{ClientError, ErrorKind, Reply as ControlReply, Request};
     let request = Request::Routing {
         line: command.to_string(),
     };
-    match crate::service::request(socket, &request) {
+    match crate::daemon::request(socket, &request) {
         Err(ClientError::Connect { source, .. }) => {
             tracing::info!(socket = %socket.display(), "control socket not reachable ({source})");
             Ok(Err(format!("not reachable: {source}")))

@@ -2,9 +2,9 @@
 
 use super::output::print_json;
 use super::Global;
+use crate::backend::qemu::{AttachRequest, Attached, FdPassing, QemuBackend, QemuOptions};
 use crate::backend::{usbroute_device_id, AttachKey, AttachMode, HostMatch, VmUsbDevice};
 use crate::inventory::{Device, HexId, Snapshot};
-use crate::qemu::{AttachRequest, Attached, FdPassing, QemuBackend, QemuOptions};
 use crate::selector::{Pattern, Selector, Term};
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};

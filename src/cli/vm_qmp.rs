@@ -7,7 +7,7 @@
 //! not exist yet or refuses connections is retried until the deadline, so "QEMU is ready"
 //! means "QEMU answered a command", not "its socket exists".
 
-use crate::qmp::{Qmp, QmpError};
+use crate::backend::qemu::qmp::{Qmp, QmpError};
 use anyhow::{bail, Context};
 use serde_json::Value;
 use std::path::Path;

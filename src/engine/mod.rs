@@ -48,10 +48,10 @@
 //! }
 //! ```
 
+pub mod coordinator;
 mod diff;
 mod holdings;
 mod retry;
-pub mod runtime;
 mod unknown;
 
 pub use diff::{reconcile, Action, Actual, VmView};

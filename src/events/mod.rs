@@ -1,13 +1,11 @@
 //! Kernel uevents from netlink, checked to come from the kernel.
 //!
 //! [`uevent`] parses a datagram into a typed [`UEvent`] (pure); [`netlink`] owns the
-//! socket; [`vm_sockets`] notices VMs' QMP sockets appearing. The daemon acts on a USB device's `bind` (ready) and `remove` (gone) and
+//! socket. The daemon acts on a USB device's `bind` (ready) and `remove` (gone) and
 //! rescans sysfs on [`Received::Resync`], so no event is silently lost.
 
 pub mod netlink;
 pub mod uevent;
-pub mod vm_sockets;
 
 pub use netlink::{classify, EventsError, Received, UeventSocket, DEFAULT_RECEIVE_BUFFER};
-pub use uevent::{Action, ParseError, Trigger, UEvent};
-pub use vm_sockets::{SocketAppeared, SocketWatcher, WatchError};
+pub use uevent::{ParseError, Trigger, UEvent, UeventAction};

@@ -11,7 +11,7 @@ use std::fmt;
 /// What happened to a kernel object.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Action {
+pub enum UeventAction {
     /// The object appeared (a USB device is not usable yet: wait for `bind`).
     Add,
     /// The object is gone.
@@ -32,38 +32,38 @@ pub enum Action {
     Other(String),
 }
 
-impl Action {
-    fn parse(s: &str) -> Action {
+impl UeventAction {
+    fn parse(s: &str) -> UeventAction {
         match s {
-            "add" => Action::Add,
-            "remove" => Action::Remove,
-            "bind" => Action::Bind,
-            "unbind" => Action::Unbind,
-            "change" => Action::Change,
-            "move" => Action::Move,
-            "online" => Action::Online,
-            "offline" => Action::Offline,
-            other => Action::Other(other.to_string()),
+            "add" => UeventAction::Add,
+            "remove" => UeventAction::Remove,
+            "bind" => UeventAction::Bind,
+            "unbind" => UeventAction::Unbind,
+            "change" => UeventAction::Change,
+            "move" => UeventAction::Move,
+            "online" => UeventAction::Online,
+            "offline" => UeventAction::Offline,
+            other => UeventAction::Other(other.to_string()),
         }
     }
 
     /// The kernel's word for it.
     pub fn as_str(&self) -> &str {
         match self {
-            Action::Add => "add",
-            Action::Remove => "remove",
-            Action::Bind => "bind",
-            Action::Unbind => "unbind",
-            Action::Change => "change",
-            Action::Move => "move",
-            Action::Online => "online",
-            Action::Offline => "offline",
-            Action::Other(s) => s,
+            UeventAction::Add => "add",
+            UeventAction::Remove => "remove",
+            UeventAction::Bind => "bind",
+            UeventAction::Unbind => "unbind",
+            UeventAction::Change => "change",
+            UeventAction::Move => "move",
+            UeventAction::Online => "online",
+            UeventAction::Offline => "offline",
+            UeventAction::Other(s) => s,
         }
     }
 }
 
-impl fmt::Display for Action {
+impl fmt::Display for UeventAction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -73,7 +73,7 @@ impl fmt::Display for Action {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UEvent {
     /// What happened.
-    pub action: Action,
+    pub action: UeventAction,
     /// The object's path under /sys, as the kernel names it (`/devices/pci0000:00/.../1-3`).
     pub devpath: String,
     /// `SUBSYSTEM` (`usb`, `net`, `mem`...), if given.
@@ -152,7 +152,7 @@ impl UEvent {
         }
         let text = |k: &str| env.get(k).cloned();
         Ok(UEvent {
-            action: Action::parse(action),
+            action: UeventAction::parse(action),
             devpath: devpath.to_string(),
             subsystem: text("SUBSYSTEM"),
             devtype: text("DEVTYPE"),
@@ -181,10 +181,10 @@ impl UEvent {
         }
         match self.action {
             // `add` races: usbfs may not be ready; the kernel says `bind` when it is.
-            Action::Bind => Trigger::DeviceReady,
-            Action::Remove => Trigger::DeviceGone,
+            UeventAction::Bind => Trigger::DeviceReady,
+            UeventAction::Remove => Trigger::DeviceGone,
             // A changed configuration or a driver leaving may change what a rule sees.
-            Action::Change | Action::Unbind | Action::Move => Trigger::Rescan,
+            UeventAction::Change | UeventAction::Unbind | UeventAction::Move => Trigger::Rescan,
             _ => Trigger::Ignore,
         }
     }
@@ -225,7 +225,7 @@ mod tests {
     fn parse_usb_bind_types_every_field() {
         let ev = UEvent::parse(BIND).unwrap();
 
-        assert_eq!(ev.action, Action::Bind);
+        assert_eq!(ev.action, UeventAction::Bind);
         assert_eq!(ev.devpath, "/devices/pci0000:00/0000:00:14.0/usb1/1-3");
         assert_eq!(ev.kernel_name(), "1-3");
         assert_eq!(ev.subsystem.as_deref(), Some("usb"));
@@ -300,7 +300,7 @@ mod tests {
     fn unknown_action_is_kept() {
         let ev = UEvent::parse(b"frobnicate@/devices/x\0").unwrap();
 
-        assert_eq!(ev.action, Action::Other("frobnicate".into()));
+        assert_eq!(ev.action, UeventAction::Other("frobnicate".into()));
     }
 
     #[test]

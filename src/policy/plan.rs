@@ -206,7 +206,7 @@ pub fn plan(input: &PlanInput<'_>) -> Desired {
 /// How one rule relates to a device's decision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "verdict", rename_all = "snake_case")]
-pub enum Verdict {
+pub enum RuleMatch {
     /// This rule decided (the decision's reason may still be a protection that kept
     /// the device on the host).
     Decided,
@@ -230,7 +230,7 @@ pub struct Why {
     /// What the plan decided.
     pub decision: Decision,
     /// Each rule in file order.
-    pub rules: Vec<(RuleRef, Verdict)>,
+    pub rules: Vec<(RuleRef, RuleMatch)>,
 }
 
 /// Explain the decision for `device` (which should be one of `input.devices`).
@@ -246,16 +246,16 @@ pub fn why(input: &PlanInput<'_>, device: &Device) -> Why {
         .map(|rule| {
             let failing = rule.selector.explain(device);
             let verdict = if !failing.is_empty() {
-                Verdict::NoMatch {
+                RuleMatch::NoMatch {
                     terms: failing
                         .iter()
                         .map(|(t, why)| format!("{t}: {why}"))
                         .collect(),
                 }
             } else if deciding == Some(rule.index) {
-                Verdict::Decided
+                RuleMatch::Decided
             } else {
-                Verdict::Outranked {
+                RuleMatch::Outranked {
                     by: decision.reason.to_string(),
                 }
             };

@@ -52,7 +52,7 @@ pub enum ToggleError {
         origin: String,
         /// What went wrong at the path.
         #[source]
-        source: crate::service::ServiceError,
+        source: crate::daemon::ServiceError,
     },
     /// `qemu_user` names no user.
     #[error("{origin}: qemu_user `{user}` is neither a user name nor a uid on this system; set it to the user QEMU runs as (such as libvirt-qemu)")]
@@ -182,13 +182,13 @@ pub fn bind_unix(path: &Path, peers: &SerialPeers) -> Result<UnixListener, Toggl
         origin: origin.clone(),
         source,
     };
-    crate::service::prepare_socket_path(path).map_err(socket_error)?;
+    crate::daemon::prepare_socket_path(path).map_err(socket_error)?;
     let listener = UnixListener::bind(path).map_err(|source| ToggleError::Bind {
         addr: path.display().to_string(),
         origin: origin.clone(),
         source,
     })?;
-    crate::service::restrict_socket(path, 0o600, peers.qemu_uid, None).map_err(socket_error)?;
+    crate::daemon::restrict_socket(path, 0o600, peers.qemu_uid, None).map_err(socket_error)?;
     Ok(listener)
 }
 

@@ -1,6 +1,6 @@
 //! Handing a bound group to a running QEMU: which machine, which root ports are free,
 //! and the `device_add` arguments, decided purely from what QMP reported. The QMP
-//! conversation itself is in `attach_qmp.rs`.
+//! conversation itself is QEMU's: `crate::backend::qemu::vfio_attach`.
 
 use super::emit::qemu_id;
 use super::layout::guest_layout;

@@ -4,7 +4,7 @@ use super::group::{read_group, IommuGroup};
 use super::host::PciHost;
 use super::plan::{bind_plan, restore_plan, restore_plan_without_record, Step};
 use super::record::{BindRecord, MemberState};
-use super::verdict::{assess, Verdict};
+use super::verdict::{assess, PassthroughVerdict};
 use super::{CpuVendor, VfioError, VFIO_DRIVER};
 use crate::inventory::PciAddress;
 use crate::sysfs::SysfsRoot;
@@ -37,7 +37,7 @@ impl Default for BindOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct BindPlan {
     /// The verdict the bind is based on.
-    pub verdict: Verdict,
+    pub verdict: PassthroughVerdict,
     /// The group as it is now.
     pub group: IommuGroup,
     /// What will be recorded.

@@ -2,7 +2,7 @@
 //! and the xl `pci=[...]` line for every non-bridge member of a group.
 
 use super::group::IommuGroup;
-use super::layout::{guest_layout, Placement};
+use super::layout::{guest_layout, GuestSlot};
 use crate::inventory::PciAddress;
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -29,7 +29,7 @@ pub struct Emitted {
 const FIRST_CHASSIS: usize = 200;
 
 /// `vfio-pci,host=...,id=...,bus=...,addr=0.F[,multifunction=on]`.
-pub(crate) fn device_arg(f: &Placement, bus: &str) -> String {
+pub(crate) fn device_arg(f: &GuestSlot, bus: &str) -> String {
     let multi = if f.multifunction {
         ",multifunction=on"
     } else {

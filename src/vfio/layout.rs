@@ -7,7 +7,7 @@ use serde::Serialize;
 
 /// One function placed in the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Placement {
+pub struct GuestSlot {
     /// The host function.
     pub host: PciAddress,
     /// Its function number behind the guest root port (`addr=0.F`).
@@ -19,7 +19,7 @@ pub struct Placement {
 /// The functions that share one guest root port, in the order to add them: higher
 /// functions first and function 0 last, because hot-adding function 0 is what makes the
 /// guest look at the slot.
-pub type PortLayout = Vec<Placement>;
+pub type PortLayout = Vec<GuestSlot>;
 
 /// Place `members` (sorted or not) on as few root ports as keep host slots together.
 /// A slot whose function 0 is not passed cannot be a guest multi-function device, so
@@ -41,7 +41,7 @@ pub fn guest_layout(members: &[PciAddress]) -> Vec<PortLayout> {
         if has_function_0 && slot.len() > 1 {
             let mut port: PortLayout = slot
                 .iter()
-                .map(|p| Placement {
+                .map(|p| GuestSlot {
                     host: *p,
                     guest_function: p.function,
                     multifunction: p.function == 0,
@@ -51,7 +51,7 @@ pub fn guest_layout(members: &[PciAddress]) -> Vec<PortLayout> {
             ports.push(port);
         } else {
             ports.extend(slot.into_iter().map(|p| {
-                vec![Placement {
+                vec![GuestSlot {
                     host: p,
                     guest_function: 0,
                     multifunction: false,

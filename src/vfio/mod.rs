@@ -13,7 +13,6 @@
 //! test can inject a failure at any write.
 
 mod attach;
-mod attach_qmp;
 mod bind;
 mod emit;
 pub(crate) mod group;
@@ -27,10 +26,6 @@ mod rules;
 mod verdict;
 
 pub use attach::{free_root_ports, plan_attach, AttachError, DeviceAdd, Machine, RootPort};
-pub use attach_qmp::{
-    attach_group, free_pcie_root_ports, AttachFailed, AttachOutcome, AttachedFunction,
-    MAX_PERIPHERALS,
-};
 pub use bind::{
     bind, execute_bind, plan_bind, plan_restore, restore, BindOptions, BindOutcome, BindPlan,
     MemberChange, RestoreOutcome,
@@ -39,7 +34,7 @@ pub use emit::{emit, qemu_id, Emitted};
 pub use group::{iommu_present, read_group, CpuVendor, IommuGroup, Member};
 pub use host::{LiveHost, PciHost};
 pub use host_use::{gather_host_uses, HostUse};
-pub use layout::{guest_layout, Placement, PortLayout};
+pub use layout::{guest_layout, GuestSlot, PortLayout};
 pub use plan::{bind_plan, restore_plan, restore_plan_without_record, Step};
 pub use record::{BindRecord, MemberState, RECORD_DIR};
 pub use report::{passthrough_text, with_passthrough, WithPassthrough};
@@ -47,7 +42,7 @@ pub use rules::{
     apply_controller_rules, held_by_rules, held_functions, restore_controller_rules, RuleOutcome,
     RulesReport,
 };
-pub use verdict::{assess, verdict, GroupFacts, MemberReport, Verdict, VerdictStatus};
+pub use verdict::{assess, verdict, GroupFacts, MemberReport, PassthroughVerdict, VerdictStatus};
 
 use crate::inventory::PciAddress;
 use serde::{Deserialize, Serialize};

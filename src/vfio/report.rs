@@ -1,7 +1,7 @@
 //! The passthrough verdict next to what `usbroute controllers` already shows: an
 //! additive `passthrough` field in JSON and a section of plain sentences in text.
 
-use super::verdict::{assess, Verdict, VerdictStatus};
+use super::verdict::{assess, PassthroughVerdict, VerdictStatus};
 use crate::inventory::PciAddress;
 use crate::sysfs::SysfsRoot;
 use serde::Serialize;
@@ -15,7 +15,7 @@ pub struct WithPassthrough<T> {
     pub report: T,
     /// Can it go to a VM, what goes with it, and what the host seems to need
     /// (`None` when its group could not be read; the warning says why).
-    pub passthrough: Option<Verdict>,
+    pub passthrough: Option<PassthroughVerdict>,
 }
 
 /// Add the verdict to each report; `pci` says which controller a report is about.

@@ -59,7 +59,7 @@ pub struct MemberReport {
 
 /// Can a controller go to a VM, and what goes with it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Verdict {
+pub struct PassthroughVerdict {
     /// The controller.
     pub pci: PciAddress,
     /// The short answer.
@@ -87,7 +87,7 @@ pub struct Verdict {
 }
 
 /// Read the facts for `pci` and give the verdict.
-pub fn assess(root: &SysfsRoot, pci: &PciAddress) -> Result<Verdict, VfioError> {
+pub fn assess(root: &SysfsRoot, pci: &PciAddress) -> Result<PassthroughVerdict, VfioError> {
     let group = read_group(root, pci)?;
     let host_uses = group
         .as_ref()
@@ -103,7 +103,7 @@ pub fn assess(root: &SysfsRoot, pci: &PciAddress) -> Result<Verdict, VfioError> 
 }
 
 /// The verdict over plain facts.
-pub fn verdict(facts: &GroupFacts) -> Verdict {
+pub fn verdict(facts: &GroupFacts) -> PassthroughVerdict {
     let pci = facts.pci;
     let Some(group) = &facts.group else {
         return no_iommu(facts);
@@ -201,7 +201,7 @@ pub fn verdict(facts: &GroupFacts) -> Verdict {
             ),
             VerdictStatus::NoIommu => unreachable!("handled above"),
         };
-    Verdict {
+    PassthroughVerdict {
         pci,
         status,
         can_pass: true,
@@ -237,7 +237,7 @@ fn member_line(m: &MemberReport) -> String {
     format!("{} {}{name}{driver}{uses}", m.pci, m.kind)
 }
 
-fn no_iommu(facts: &GroupFacts) -> Verdict {
+fn no_iommu(facts: &GroupFacts) -> PassthroughVerdict {
     let pci = facts.pci;
     let hint = facts.cpu_vendor.enable_hint();
     let (summary, why) = if facts.iommu_enabled {
@@ -256,7 +256,7 @@ fn no_iommu(facts: &GroupFacts) -> Verdict {
                 .to_string(),
         )
     };
-    Verdict {
+    PassthroughVerdict {
         pci,
         status: VerdictStatus::NoIommu,
         can_pass: false,
@@ -272,7 +272,7 @@ fn no_iommu(facts: &GroupFacts) -> Verdict {
     }
 }
 
-impl Verdict {
+impl PassthroughVerdict {
     /// The verdict as text: `PCI: summary`, then the details indented.
     pub fn to_text(&self) -> String {
         let mut out = format!("{}: {}\n", self.pci, self.summary);

@@ -8,7 +8,7 @@ use crate::usb::{Kind, UsbDevice};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 use std::time::{Duration, Instant};
-use usbroute::qmp::Qmp;
+use usbroute::backend::qemu::qmp::Qmp;
 
 /// What a guest command may take by default (KVM base; see [`Pace`]).
 const GUEST_TIMEOUT: Duration = Duration::from_secs(15);

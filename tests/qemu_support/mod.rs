@@ -193,8 +193,8 @@ pub fn host_device(
 
 /// The ids of every device in `/machine/peripheral` (what `-device ... id=` and
 /// `device_add` created), sorted.
-pub async fn peripheral_ids(qmp: &usbroute::qmp::Qmp) -> Vec<String> {
-    let mut ids: Vec<String> = usbroute::qemu::qom::children(qmp, "/machine/peripheral")
+pub async fn peripheral_ids(qmp: &usbroute::backend::qemu::qmp::Qmp) -> Vec<String> {
+    let mut ids: Vec<String> = usbroute::backend::qemu::qom::children(qmp, "/machine/peripheral")
         .await
         .expect("qom-list")
         .into_iter()

@@ -5,8 +5,8 @@
 //! bus, failed every port with "speed mismatch" and refused the device.
 
 use super::qom;
+use crate::backend::qemu::qmp::{Qmp, QmpError};
 use crate::inventory::Speed;
-use crate::qmp::{Qmp, QmpError};
 use futures_util::future::try_join_all;
 use serde_json::json;
 

@@ -1,10 +1,16 @@
-//! The VM backend trait: what the engine needs from a hypervisor (QEMU today; Xen and
-//! libvirt later beside it). Small on purpose: list, attach, detach.
+//! The VM backend traits: what the engine needs from a hypervisor. Small on purpose:
+//! list, attach, detach, and a connector that reaches a VM. One sub-folder per
+//! hypervisor ([`qemu`] today; Xen and libvirt later beside it): a new hypervisor is a
+//! new folder here plus one line of registration.
+
+pub mod qemu;
 
 use crate::inventory::{Device, HexId, PortPath};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
 
 /// A boxed future, so backends can be used as `dyn VmBackend`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -110,6 +116,24 @@ pub trait VmBackend: Send + Sync {
     ) -> BoxFuture<'a, Result<VmUsbDevice, BackendError>>;
     /// Detach by device id; returns only after the VM confirmed removal.
     fn detach<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BackendError>>;
+}
+
+/// A live connection to a VM.
+pub struct VmConnection {
+    /// The backend on that connection.
+    pub backend: Arc<dyn VmBackend>,
+    /// Resolves when the connection drops (the VM stopped or closed its socket).
+    pub closed: BoxFuture<'static, ()>,
+}
+
+/// How the daemon reaches a VM (QEMU over QMP today).
+pub trait VmConnector: Send + Sync + 'static {
+    /// Connect to the VM `name` at its QMP socket `qmp`.
+    fn connect<'a>(
+        &'a self,
+        name: &'a str,
+        qmp: &'a Path,
+    ) -> BoxFuture<'a, Result<VmConnection, BackendError>>;
 }
 
 /// What one usb-host device of ours is keyed on: the attach mode and its key. Its id is

@@ -2,29 +2,28 @@
 //!
 //! [`protocol`] is the pure request/reply data (documented in docs/daemon.md), [`server`]
 //! the tokio listener that checks every peer with SO_PEERCRED, [`client`] the CLI's side.
-//! [`runtime`] is `usbroute serve`: the edges around [`crate::engine::runtime`] (uevents,
+//! [`event_loop`] is `usbroute serve`: the edges around [`crate::engine::coordinator`] (uevents,
 //! VM presence, config, control requests, signals, systemd); [`presence`] runs one task
 //! per VM that notices it come and go; [`mounts`] finds host disks in use;
 //! [`controllers`] binds and restores the `[[controller]]` rules' groups; `routing_hooks`
 //! runs port routing (the toggle service) when the config has routing profiles.
 
 pub mod client;
-pub mod connectors;
 mod control;
 pub mod controllers;
+pub mod event_loop;
 pub mod mounts;
 mod narrate;
 pub mod presence;
 pub mod protocol;
 mod routing_hooks;
-pub mod runtime;
 pub mod server;
 pub mod socket;
 
 pub use client::{request, resolve_socket, ClientError, DEFAULT_CONTROL_SOCKET};
+pub use event_loop::{run, DaemonError, DaemonOptions};
 pub use protocol::{ErrorKind, Reply, Request};
 pub use routing_hooks::RoutingStartError;
-pub use runtime::{run, DaemonError, DaemonOptions};
 pub use server::{
     authorize, ControlGroup, ControlHandler, ControlLimits, ControlServer, Peer, ServiceError,
 };

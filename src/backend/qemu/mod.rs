@@ -5,17 +5,21 @@
 //! ([`crate::backend::AttachKey`]) and, for an unprivileged QEMU, passes the device as an
 //! open file. Detach waits for `DEVICE_DELETED`. List reads QOM, never `info usb`.
 
+pub mod connector;
 pub mod controllers;
 pub mod fdpass;
 pub mod listing;
+pub mod qmp;
 pub mod qom;
+pub mod socket_watch;
 pub mod usb_host;
+pub mod vfio_attach;
 
 pub use fdpass::FdPassing;
 
+use crate::backend::qemu::qmp::{Qmp, QmpError};
 use crate::backend::{AttachKey, AttachMode, BackendError, BoxFuture, VmBackend, VmUsbDevice};
 use crate::inventory::{Device, Speed};
-use crate::qmp::{Qmp, QmpError};
 use crate::sysfs::SysfsRoot;
 use serde_json::{json, Value};
 use std::os::fd::AsFd;

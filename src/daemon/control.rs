@@ -2,15 +2,15 @@
 //! engine inputs (overrides). Anything that waits (an attach being confirmed, a `why`)
 //! runs in its own task, so the daemon loop never waits on a VM.
 
+use super::event_loop::Daemon;
 use super::protocol::{
     DeviceStatus, ErrorKind, Pending, Reply, Request, RuleVerdict, StatusReport, VmStatus,
     WhyDevice, WhyReport,
 };
-use super::runtime::Daemon;
 use crate::backend::{AttachKey, AttachMode};
-use crate::engine::runtime::{EngineHandle, Input as EngineInput, Status};
+use crate::engine::coordinator::{EngineHandle, Input as EngineInput, Status};
 use crate::inventory::Device;
-use crate::policy::{Override, OverrideAction, Placement, RuleAction, Verdict};
+use crate::policy::{Override, OverrideAction, Placement, RuleAction, RuleMatch};
 use crate::selector::Selector;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -361,9 +361,9 @@ async fn why(engine: EngineHandle, devices: Vec<Device>, reply: oneshot::Sender<
             .into_iter()
             .map(|(rule, verdict)| {
                 let (matched, decided, detail) = match verdict {
-                    Verdict::Decided => (true, true, "decided".to_string()),
-                    Verdict::Outranked { by } => (true, false, format!("matched, but {by}")),
-                    Verdict::NoMatch { terms } => (false, false, terms.join("; ")),
+                    RuleMatch::Decided => (true, true, "decided".to_string()),
+                    RuleMatch::Outranked { by } => (true, false, format!("matched, but {by}")),
+                    RuleMatch::NoMatch { terms } => (false, false, terms.join("; ")),
                 };
                 RuleVerdict {
                     rule: rule.text,

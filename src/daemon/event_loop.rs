@@ -1,16 +1,20 @@
 //! `usbroute serve`: the edges around the engine. This loop reads the world (sysfs on
 //! uevents, VMs' QMP sockets, the config on SIGHUP) and feeds it to
-//! [`crate::engine::runtime`], which alone decides and acts; it answers control requests
+//! [`crate::engine::coordinator`], which alone decides and acts; it answers control requests
 //! from the engine's published status, and keeps systemd informed.
 
 use super::controllers::{self, ControllerStep, Direction};
-use super::presence::{self, Presence, VmConnector};
+use super::presence::{self, Presence};
 use super::protocol::{ControllerStatus, Reply, Request};
 use super::routing_hooks::RoutingHooks;
 use super::server::{ControlGroup, ControlHandler, ControlServer, Peer, ServiceError};
+use crate::backend::qemu::socket_watch::SocketWatcher;
 use crate::backend::BoxFuture;
-use crate::engine::runtime::{self as engine, EngineHandle, EngineOptions, Input as EngineInput};
-use crate::events::{Received, SocketWatcher, Trigger, UeventSocket};
+use crate::backend::VmConnector;
+use crate::engine::coordinator::{
+    self as engine, EngineHandle, EngineOptions, Input as EngineInput,
+};
+use crate::events::{Received, Trigger, UeventSocket};
 use crate::inventory::{self, PciAddress, ScanFailed, Snapshot};
 use crate::policy::Config;
 use crate::sysfs::SysfsRoot;

@@ -1,6 +1,6 @@
 //! Small typed helpers over QMP's `qom-list` and `qom-get`.
 
-use crate::qmp::{Qmp, QmpError};
+use crate::backend::qemu::qmp::{Qmp, QmpError};
 use serde_json::{json, Value};
 
 /// One property of a QOM object, as `qom-list` gives it.

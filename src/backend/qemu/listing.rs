@@ -4,9 +4,9 @@
 //! what QEMU really has connected now.
 
 use super::qom;
+use crate::backend::qemu::qmp::{Qmp, QmpError};
 use crate::backend::{AttachKey, HostMatch, VmUsbDevice};
 use crate::inventory::HexId;
-use crate::qmp::{Qmp, QmpError};
 use futures_util::future::try_join_all;
 use serde_json::Value;
 

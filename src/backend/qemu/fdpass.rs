@@ -6,8 +6,8 @@
 //! Only for `--by address`: with `--by port` or `--by id` QEMU must reopen the device on
 //! every re-plug by itself, so it needs its own access anyway.
 
+use crate::backend::qemu::qmp::PeerCredentials;
 use crate::backend::AttachMode;
-use crate::qmp::PeerCredentials;
 use crate::sysfs::SysfsRoot;
 use serde::{Deserialize, Serialize};
 use std::fs::File;

@@ -5,29 +5,11 @@
 //! missed event (a watch lost with its directory, an inotify queue overflow) delays a
 //! VM, never loses it.
 
-use crate::backend::{BackendError, BoxFuture, VmBackend};
+use crate::backend::{VmBackend, VmConnection, VmConnector};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-
-/// A live connection to a VM.
-pub struct VmLink {
-    /// The backend on that connection.
-    pub backend: Arc<dyn VmBackend>,
-    /// Resolves when the connection drops (the VM stopped or closed its socket).
-    pub closed: BoxFuture<'static, ()>,
-}
-
-/// How the daemon reaches a VM (QEMU over QMP today).
-pub trait VmConnector: Send + Sync + 'static {
-    /// Connect to the VM `name` at its QMP socket `qmp`.
-    fn connect<'a>(
-        &'a self,
-        name: &'a str,
-        qmp: &'a Path,
-    ) -> BoxFuture<'a, Result<VmLink, BackendError>>;
-}
 
 /// A VM came or went.
 pub enum Presence {
@@ -149,7 +131,11 @@ async fn closed_channel(wakes: &mut mpsc::UnboundedReceiver<()>) {
     while wakes.recv().await.is_some() {}
 }
 
-async fn connect(name: &str, qmp: &Path, connector: &dyn VmConnector) -> Result<VmLink, String> {
+async fn connect(
+    name: &str,
+    qmp: &Path,
+    connector: &dyn VmConnector,
+) -> Result<VmConnection, String> {
     let mut last = format!("{} does not exist", qmp.display());
     for _ in 0..QUICK_ATTEMPTS {
         if !qmp.exists() {
@@ -167,7 +153,7 @@ async fn connect(name: &str, qmp: &Path, connector: &dyn VmConnector) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{AttachMode, VmUsbDevice};
+    use crate::backend::{AttachMode, BackendError, BoxFuture, VmUsbDevice};
     use crate::inventory::Device;
     use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -202,10 +188,10 @@ mod tests {
             &'a self,
             _: &'a str,
             _: &'a Path,
-        ) -> BoxFuture<'a, Result<VmLink, BackendError>> {
+        ) -> BoxFuture<'a, Result<VmConnection, BackendError>> {
             self.0.fetch_add(1, Ordering::SeqCst);
             Box::pin(async {
-                Ok(VmLink {
+                Ok(VmConnection {
                     backend: Arc::new(Idle),
                     closed: Box::pin(async {}),
                 })

@@ -2,10 +2,9 @@
 //! the QEMU backend, and resolves `closed` when QMP's event stream ends (QEMU exited or
 //! closed the monitor).
 
-use super::presence::{VmConnector, VmLink};
-use crate::backend::{BackendError, BoxFuture};
-use crate::qemu::{QemuBackend, QemuOptions};
-use crate::qmp::Qmp;
+use super::qmp::Qmp;
+use super::{QemuBackend, QemuOptions};
+use crate::backend::{BackendError, BoxFuture, VmConnection, VmConnector};
 use crate::sysfs::SysfsRoot;
 use std::path::Path;
 use std::sync::Arc;
@@ -27,7 +26,7 @@ impl VmConnector for QemuConnector {
         &'a self,
         name: &'a str,
         qmp: &'a Path,
-    ) -> BoxFuture<'a, Result<VmLink, BackendError>> {
+    ) -> BoxFuture<'a, Result<VmConnection, BackendError>> {
         Box::pin(async move {
             let conn = Qmp::connect(qmp)
                 .await
@@ -45,7 +44,7 @@ impl VmConnector for QemuConnector {
                 ..QemuOptions::default()
             };
             let backend = Arc::new(QemuBackend::new(name, conn, options));
-            Ok(VmLink { backend, closed })
+            Ok(VmConnection { backend, closed })
         })
     }
 }

@@ -1,10 +1,9 @@
 //! The QMP conversation of `controller attach`: ask QEMU what it is and which root ports
 //! are empty, add the group's functions, and take back what was added if one fails.
 
-use super::attach::{free_root_ports, plan_attach, AttachError, Machine, RootPort};
-use super::emit::qemu_id;
+use crate::backend::qemu::qmp::{Qmp, QmpError};
 use crate::inventory::PciAddress;
-use crate::qmp::{Qmp, QmpError};
+use crate::vfio::{free_root_ports, plan_attach, qemu_id, AttachError, Machine, RootPort};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
