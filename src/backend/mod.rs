@@ -118,6 +118,29 @@ pub trait VmBackend: Send + Sync {
     fn detach<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BackendError>>;
 }
 
+/// Which hypervisor runs a VM and how to reach it: what a `[[vm]]` entry names. The
+/// engine and the plan never look inside; the daemon hands it to the matching driver.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum VmTarget {
+    /// A QEMU reached over its QMP socket (`qmp = "..."`).
+    Qemu {
+        /// The QMP socket.
+        qmp: std::path::PathBuf,
+    },
+    /// A Xen domain (`xen = "domain"`), driven through `xl`.
+    Xen {
+        /// The domain's name.
+        domain: String,
+    },
+    /// A libvirt domain (`libvirt = "domain"`, with `uri`).
+    Libvirt {
+        /// The domain's name.
+        domain: String,
+        /// The connection URI (`qemu:///system` when absent).
+        uri: Option<String>,
+    },
+}
+
 /// A live connection to a VM.
 pub struct VmConnection {
     /// The backend on that connection.

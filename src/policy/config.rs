@@ -67,6 +67,15 @@ pub struct VmConfig {
     pub serial_secret: Option<String>,
 }
 
+impl VmConfig {
+    /// Which hypervisor runs this VM and how to reach it.
+    pub fn target(&self) -> crate::backend::VmTarget {
+        crate::backend::VmTarget::Qemu {
+            qmp: self.qmp.clone(),
+        }
+    }
+}
+
 /// A problem a section's owner found, at a key: a path of table keys, where an element
 /// of an array of tables (`[[vm]]`) is named by its `name` (`["vm", "win11", "serial"]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
