@@ -90,4 +90,38 @@ mod tests {
         };
         assert_cause_printed_once(&err);
     }
+
+    fn bad_json() -> serde_json::Error {
+        serde_json::from_str::<serde_json::Value>("{").unwrap_err()
+    }
+
+    #[test]
+    fn client_bad_reply_leaves_the_json_error_to_the_chain() {
+        let err = crate::daemon::ClientError::BadReply {
+            path: PathBuf::from("/run/usbroute.sock"),
+            source: bad_json(),
+        };
+        assert_cause_printed_once(&err);
+    }
+
+    #[test]
+    fn client_config_errors_leave_their_cause_to_the_chain() {
+        let path = PathBuf::from("/etc/usbroute/usbroute.toml");
+        let read = crate::daemon::ClientError::ConfigRead {
+            path: path.clone(),
+            source: enoent(),
+        };
+        assert_cause_printed_once(&read);
+        let source = crate::daemon::ControlSettings::from_toml("control_socket = 3").unwrap_err();
+        assert_cause_printed_once(&crate::daemon::ClientError::ConfigInvalid { path, source });
+    }
+
+    #[test]
+    fn damaged_bind_record_leaves_the_json_error_to_the_chain() {
+        let err = crate::vfio::VfioError::BadRecord {
+            path: PathBuf::from("/var/lib/usbroute/vfio/7.json"),
+            source: bad_json(),
+        };
+        assert_cause_printed_once(&err);
+    }
 }

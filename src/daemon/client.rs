@@ -32,21 +32,38 @@ pub enum ClientError {
         /// The error.
         source: std::io::Error,
     },
+    /// The daemon closed the connection without answering.
+    #[error("usbroute daemon at {path} closed the connection without a reply; see its log (`journalctl -u usbroute`)")]
+    NoReply {
+        /// Socket path.
+        path: PathBuf,
+    },
     /// The daemon's answer is not a reply this client understands.
-    #[error("usbroute daemon at {path} sent a reply this client does not understand ({reason}); are the daemon and CLI the same version?")]
+    #[error("usbroute daemon at {path} sent a reply this client does not understand; are the daemon and CLI the same version?")]
     BadReply {
         /// Socket path.
         path: PathBuf,
-        /// Why.
-        reason: String,
+        /// What the JSON parser said.
+        #[source]
+        source: serde_json::Error,
     },
     /// The config file named to find the socket cannot be read.
-    #[error("{path}: {reason}")]
-    Config {
+    #[error("cannot read the config file {path} to find the control socket; pass --control SOCKET instead")]
+    ConfigRead {
         /// Config file.
         path: PathBuf,
         /// Why.
-        reason: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file's `control_socket`/`control_group` are not valid TOML of their type.
+    #[error("{path}: the control socket settings are not valid (see docs/config.md)")]
+    ConfigInvalid {
+        /// Config file.
+        path: PathBuf,
+        /// What the TOML parser said.
+        #[source]
+        source: toml::de::Error,
     },
 }
 
@@ -59,15 +76,16 @@ pub fn resolve_socket(
         return Ok(c.to_path_buf());
     }
     if let Some(file) = config {
-        let text = std::fs::read_to_string(file).map_err(|e| ClientError::Config {
+        let text = std::fs::read_to_string(file).map_err(|source| ClientError::ConfigRead {
             path: file.to_path_buf(),
-            reason: e.to_string(),
+            source,
         })?;
-        let settings =
-            super::ControlSettings::from_toml(&text).map_err(|reason| ClientError::Config {
+        let settings = super::ControlSettings::from_toml(&text).map_err(|source| {
+            ClientError::ConfigInvalid {
                 path: file.to_path_buf(),
-                reason,
-            })?;
+                source,
+            }
+        })?;
         return Ok(settings.socket());
     }
     Ok(PathBuf::from(DEFAULT_CONTROL_SOCKET))
@@ -107,12 +125,50 @@ pub fn request(socket: &Path, req: &Request) -> Result<Reply, ClientError> {
         .take(MAX_REPLY_LINE as u64)
         .read_until(b'\n', &mut reply)
         .map_err(io)?;
-    serde_json::from_slice(&reply).map_err(|e| ClientError::BadReply {
+    if reply.is_empty() {
+        return Err(ClientError::NoReply {
+            path: socket.to_path_buf(),
+        });
+    }
+    serde_json::from_slice(&reply).map_err(|source| ClientError::BadReply {
         path: socket.to_path_buf(),
-        reason: if reply.is_empty() {
-            "connection closed without a reply".into()
-        } else {
-            e.to_string()
-        },
+        source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, Write};
+    use std::os::unix::net::UnixListener;
+
+    /// A fake daemon (a real one never answers this way): it reads the request line, then
+    /// sends `answer` and hangs up.
+    fn fake_daemon(answer: &'static [u8]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line).unwrap();
+            (&stream).write_all(answer).unwrap();
+        });
+        (dir, path)
+    }
+
+    #[test]
+    fn a_daemon_that_hangs_up_without_answering_is_no_reply() {
+        let (_dir, path) = fake_daemon(b"");
+        let err = request(&path, &Request::Status {}).unwrap_err();
+        assert!(matches!(err, ClientError::NoReply { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_reply_that_is_not_json_keeps_the_parser_error_as_its_source() {
+        let (_dir, path) = fake_daemon(b"not json\n");
+        let err = request(&path, &Request::Status {}).unwrap_err();
+        assert!(matches!(err, ClientError::BadReply { .. }), "{err:?}");
+        assert!(std::error::Error::source(&err).is_some());
+    }
 }

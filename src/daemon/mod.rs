@@ -44,8 +44,8 @@ pub struct ControlSettings {
 
 impl ControlSettings {
     /// Read the two keys from a config file's text; every other key is ignored here.
-    pub fn from_toml(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
     }
 
     /// The socket path, the default when unset.

@@ -145,11 +145,12 @@ pub enum VfioError {
         report: String,
     },
     /// The bind record is not valid JSON of the expected shape.
-    #[error("The bind record {path} is damaged ({reason}); delete it and restore by hand")]
+    #[error("The bind record {path} is damaged; delete it and restore by hand")]
     BadRecord {
         /// The record's host path.
         path: PathBuf,
-        /// What is wrong.
-        reason: String,
+        /// What the JSON parser said.
+        #[source]
+        source: serde_json::Error,
     },
 }

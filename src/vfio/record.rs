@@ -73,11 +73,8 @@ impl BindRecord {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(source) => return Err(VfioError::Record { path, source }),
             };
-            let record: Self =
-                serde_json::from_slice(&bytes).map_err(|e| VfioError::BadRecord {
-                    path,
-                    reason: e.to_string(),
-                })?;
+            let record: Self = serde_json::from_slice(&bytes)
+                .map_err(|source| VfioError::BadRecord { path, source })?;
             return Ok(state::same_boot(root, record.boot_id.as_deref()).then_some(record));
         }
         Ok(None)
