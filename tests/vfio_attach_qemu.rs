@@ -83,14 +83,13 @@ async fn attach_of_a_function_qemu_cannot_open_reports_qemus_words_and_leaves_no
         .await
         .expect("ports");
 
+    let line = usbroute::error_chain::one_line(&err);
+    assert!(line.contains("QEMU did not take ffff:ff:1f.7"), "{line}");
+    assert!(line.contains("no such host device"), "{line}");
+    assert!(line.contains("nothing was added to the VM"), "{line}");
     assert!(
-        err.to_string().contains("QEMU did not take ffff:ff:1f.7"),
-        "{err}"
-    );
-    assert!(err.to_string().contains("no such host device"), "{err}");
-    assert!(
-        err.to_string().contains("Nothing was added to the VM."),
-        "{err}"
+        !err.to_string().contains("no such host device"),
+        "QEMU's words belong to the source, not the message: {err}"
     );
     assert_eq!(free_after.len(), 1);
 }
@@ -104,7 +103,8 @@ async fn attach_on_i440fx_adds_to_the_root_bus_and_reports_qemus_refusal() {
         .await
         .expect_err("refused");
 
-    assert!(err.to_string().contains("no such host device"), "{err}");
+    let line = usbroute::error_chain::one_line(&err);
+    assert!(line.contains("no such host device"), "{line}");
 }
 
 #[tokio::test]

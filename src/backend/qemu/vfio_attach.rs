@@ -40,14 +40,15 @@ pub enum AttachFailed {
     #[error("Cannot ask the VM about its PCI buses")]
     Query(#[source] QmpError),
     /// A `device_add` was refused; the ones before it were taken back.
-    #[error("QEMU did not take {pci}: {reason}. {undone}")]
+    #[error("QEMU did not take {pci} ({undone})")]
     DeviceAdd {
         /// The function refused.
         pci: PciAddress,
-        /// QEMU's words.
-        reason: String,
         /// What was taken back.
         undone: String,
+        /// QEMU's refusal.
+        #[source]
+        source: QmpError,
     },
 }
 
@@ -81,12 +82,12 @@ pub async fn attach_group(
     let adds = plan_attach(&missing, &machine, &free)?;
     let mut added: Vec<AttachedFunction> = Vec::new();
     for add in adds {
-        if let Err(e) = qmp.execute("device_add", Some(add.arguments.clone())).await {
+        if let Err(source) = qmp.execute("device_add", Some(add.arguments.clone())).await {
             let undone = take_back(qmp, &added).await;
             return Err(AttachFailed::DeviceAdd {
                 pci: add.pci,
-                reason: e.to_string(),
                 undone,
+                source,
             });
         }
         added.push(AttachedFunction {
@@ -105,7 +106,7 @@ pub async fn attach_group(
 /// `device_del` what was added, newest first; says what happened in one sentence.
 async fn take_back(qmp: &Qmp, added: &[AttachedFunction]) -> String {
     if added.is_empty() {
-        return "Nothing was added to the VM.".to_string();
+        return "nothing was added to the VM".to_string();
     }
     let mut failed = Vec::new();
     for f in added.iter().rev() {
@@ -116,12 +117,12 @@ async fn take_back(qmp: &Qmp, added: &[AttachedFunction]) -> String {
     let ids: Vec<&str> = added.iter().map(|f| f.id.as_str()).collect();
     if failed.is_empty() {
         format!(
-            "Asked the VM to remove what was added before it: {}.",
+            "asked the VM to remove what was added before it: {}",
             ids.join(", ")
         )
     } else {
         format!(
-            "Removing what was added before it failed for: {}.",
+            "removing what was added before it failed for: {}",
             failed.join(", ")
         )
     }
