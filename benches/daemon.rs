@@ -19,10 +19,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use usbroute::backend::qemu::{QemuBackend, QemuOptions};
 use usbroute::backend::VmBackend;
+use usbroute::config::Config;
 use usbroute::engine::{reconcile, Action, Actual, VmView};
 use usbroute::events::{Received, Trigger, UeventSocket};
 use usbroute::inventory::synth::{PciFunction, SysfsBuilder, UsbDevice};
-use usbroute::policy::{plan, Config, PlanInput};
+use usbroute::policy::{plan, PlanInput};
 use usbroute::sysfs::SysfsRoot;
 
 #[path = "support/daemon_peers.rs"]

@@ -47,7 +47,7 @@ mod tests {
 
     #[test]
     fn config_read_error_leaves_the_io_error_to_the_chain() {
-        let err = crate::policy::ConfigError::Read {
+        let err = crate::config::ConfigError::Read {
             path: PathBuf::from("/etc/usbroute/usbroute.toml"),
             source: enoent(),
         };

@@ -10,12 +10,12 @@
 
 use crate::backend::qemu::qmp::reader::{parse_message, read_line, Line, Message};
 use crate::backend::qemu::qmp::Qmp;
+use crate::config::{Config, ConfigError};
 use crate::daemon::mounts::mounted_devices;
 use crate::daemon::Request;
 use crate::events::{classify, Received, UEvent};
 use crate::hostblock::{parse_mountinfo, parse_mounts, unescape_mount_field};
 use crate::inventory::{pci, usb, ControllerKind, Device, HexId, PciAddress, PortPath, Speed};
-use crate::policy::{Config, ConfigError};
 use crate::selector::Selector;
 use crate::toggle::lines::{self, LineSplitter};
 use crate::toggle::protocol::{self, is_profile_name, parse_line, ParseError, Reply};
@@ -115,7 +115,7 @@ pub fn config(data: &[u8]) {
                 assert_eq!(config.vm(&vm.name), Some(vm), "VM names must be unique");
             }
             // The loader places [routing]/[toggle] problems in the file: none may be left.
-            let left = crate::toggle::runtime::check_routing_config(&config);
+            let left = crate::config::check_routing_config(&config);
             assert!(
                 left.is_empty(),
                 "a loaded config still has problems: {left:?}"

@@ -1,13 +1,14 @@
 //! usbroute: give virtual machines the USB hardware they should have.
 //!
 //! Data flows one way (see docs/architecture.md):
-//! sysfs → [`inventory`] → [`policy`] (pure) → [`engine`] → [`backend`] (one folder per
+//! sysfs → [`inventory`] → [`policy`] (pure; its rules come from [`config`]) → [`engine`] → [`backend`] (one folder per
 //! hypervisor: [`backend::qemu`] today).
 //! Everything that touches the host goes through [`sysfs::SysfsRoot`] or a small trait,
 //! so the same code runs on the real `/sys`, on a recorded fixture and inside the test guest.
 
 pub mod backend;
 pub mod cli;
+pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod error_chain;

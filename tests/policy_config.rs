@@ -2,7 +2,8 @@
 
 use std::path::Path;
 use usbroute::backend::AttachMode;
-use usbroute::policy::{Config, ConfigError, RuleAction};
+use usbroute::config::{Config, ConfigError};
+use usbroute::policy::RuleAction;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
     Config::parse(text, Some(Path::new("usbroute.toml")))

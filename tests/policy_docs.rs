@@ -1,6 +1,6 @@
 //! The example in docs/config.md loads, so the reference never shows a config that fails.
 
-use usbroute::policy::Config;
+use usbroute::config::Config;
 
 #[test]
 fn documented_example_config_loads() {

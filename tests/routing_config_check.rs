@@ -2,6 +2,7 @@
 //! hardware is touched.
 
 use std::collections::BTreeSet;
+use usbroute::backend::VmTarget;
 use usbroute::routing::control::check_config;
 use usbroute::routing::RoutingConfig;
 use usbroute::toggle::{self, ToggleConfig, VmLink};
@@ -64,7 +65,7 @@ fn link(vm: &str, listen: &str, profiles: &[&str], secret: Option<&str>) -> VmLi
     }
 }
 
-fn messages(problems: Vec<usbroute::policy::KeyProblem>) -> Vec<String> {
+fn messages(problems: Vec<usbroute::config::KeyProblem>) -> Vec<String> {
     problems.into_iter().map(|p| p.message).collect()
 }
 
@@ -139,19 +140,23 @@ fn a_secret_that_cannot_fit_in_an_auth_line_is_reported() {
 
 #[test]
 fn a_whole_config_is_checked_and_its_vm_links_derived() {
-    let config = usbroute::policy::Config {
+    let config = usbroute::config::Config {
         vms: vec![
-            usbroute::policy::VmConfig {
+            usbroute::config::VmConfig {
                 name: "win11".into(),
-                qmp: "/run/win11.qmp".into(),
+                target: VmTarget::Qemu {
+                    qmp: "/run/win11.qmp".into(),
+                },
                 serial: Some("/run/usbroute/win11.serial".into()),
                 profiles: vec!["guest".into(), "gaming".into()],
                 qemu_user: Some("libvirt-qemu".into()),
                 serial_secret: None,
             },
-            usbroute::policy::VmConfig {
+            usbroute::config::VmConfig {
                 name: "plain".into(),
-                qmp: "/run/plain.qmp".into(),
+                target: VmTarget::Qemu {
+                    qmp: "/run/plain.qmp".into(),
+                },
                 serial: None,
                 profiles: vec![],
                 qemu_user: None,
@@ -171,8 +176,8 @@ fn a_whole_config_is_checked_and_its_vm_links_derived() {
         ..Default::default()
     };
 
-    let links = usbroute::toggle::runtime::vm_links(&config);
-    let problems = usbroute::toggle::runtime::check_routing_config(&config);
+    let links = usbroute::config::vm_links(&config);
+    let problems = usbroute::config::check_routing_config(&config);
 
     assert_eq!(
         links,

@@ -141,6 +141,23 @@ pub enum VmTarget {
     },
 }
 
+impl VmTarget {
+    /// The backend's name: `qemu`, `xen` or `libvirt`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Qemu { .. } => "qemu",
+            Self::Xen { .. } => "xen",
+            Self::Libvirt { .. } => "libvirt",
+        }
+    }
+
+    /// This build has a backend for it (the daemon manages the VM); a config may name
+    /// the others already, and `usbroute check` warns about them.
+    pub fn is_built(&self) -> bool {
+        matches!(self, Self::Qemu { .. })
+    }
+}
+
 /// A live connection to a VM.
 pub struct VmConnection {
     /// The backend on that connection.

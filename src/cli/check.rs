@@ -6,7 +6,9 @@
 
 use super::output::print_json;
 use super::{ConfigFile, Global};
-use crate::policy::{Config, ConfigError, Problem, Rule, RuleAction};
+use crate::backend::VmTarget;
+use crate::config::{Config, ConfigError, Problem, VmConfig};
+use crate::policy::{Rule, RuleAction};
 use crate::routing::RoutingConfig;
 use serde::Serialize;
 use std::process::ExitCode;
@@ -48,9 +50,46 @@ struct ErrorAt {
 #[derive(Debug, Serialize)]
 struct VmLine {
     name: String,
-    qmp: String,
+    /// `qemu`, `xen` or `libvirt`: the `[[vm]]` key that names it.
+    backend: &'static str,
+    /// The QMP socket of a QEMU VM.
+    qmp: Option<String>,
+    /// The domain of a Xen or libvirt VM.
+    domain: Option<String>,
+    /// The libvirt connection, when given.
+    uri: Option<String>,
     serial: Option<String>,
     profiles: Vec<String>,
+}
+
+impl VmLine {
+    fn new(vm: &VmConfig) -> Self {
+        let (domain, uri) = match &vm.target {
+            VmTarget::Qemu { .. } => (None, None),
+            VmTarget::Xen { domain } => (Some(domain.clone()), None),
+            VmTarget::Libvirt { domain, uri } => (Some(domain.clone()), uri.clone()),
+        };
+        VmLine {
+            name: vm.name.clone(),
+            backend: vm.target.kind(),
+            qmp: vm.qmp().map(|p| p.display().to_string()),
+            domain,
+            uri,
+            serial: vm.serial.clone(),
+            profiles: vm.profiles.clone(),
+        }
+    }
+
+    /// `win11 (qmp /run/qemu/win11.qmp)`, `dom1 (xen domain dom1)`.
+    fn describe(&self) -> String {
+        let target = match (&self.qmp, &self.domain, &self.uri) {
+            (Some(qmp), _, _) => format!("qmp {qmp}"),
+            (None, Some(domain), Some(uri)) => format!("{} domain {domain} at {uri}", self.backend),
+            (None, Some(domain), None) => format!("{} domain {domain}", self.backend),
+            (None, None, _) => self.backend.to_string(),
+        };
+        format!("{} ({target})", self.name)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -134,16 +173,7 @@ fn valid_report(file: &ConfigFile, config: &Config) -> Report {
     Report {
         warnings: warnings(config, &ordered, &at),
         rules: ordered.iter().map(|r| rule_line(r, at(r.line))).collect(),
-        vms: config
-            .vms
-            .iter()
-            .map(|v| VmLine {
-                name: v.name.clone(),
-                qmp: v.qmp.display().to_string(),
-                serial: v.serial.clone(),
-                profiles: v.profiles.clone(),
-            })
-            .collect(),
+        vms: config.vms.iter().map(VmLine::new).collect(),
         controllers: config
             .controllers
             .iter()
@@ -171,10 +201,15 @@ fn precedence(rules: &[Rule]) -> Vec<&Rule> {
     ordered
 }
 
-/// Consequences of a valid config that may not be meant: a VM nothing is given to, and a
-/// pass rule that a rule ahead of it can override for some device both match.
+/// Consequences of a valid config that may not be meant: a VM whose backend this build
+/// lacks, a VM nothing is given to, and a pass rule that a rule ahead of it can override
+/// for some device both match.
 fn warnings(config: &Config, ordered: &[&Rule], at: &dyn Fn(usize) -> String) -> Vec<String> {
-    let mut out = Vec::new();
+    let mut out: Vec<String> = config
+        .vms
+        .iter()
+        .filter_map(VmConfig::without_backend)
+        .collect();
     for vm in &config.vms {
         let used = config
             .rules
@@ -237,13 +272,7 @@ fn text(file: &ConfigFile, r: &Report) -> String {
             }
         }
     };
-    section(
-        "VMs",
-        r.vms
-            .iter()
-            .map(|v| format!("{} (qmp {})", v.name, v.qmp))
-            .collect(),
-    );
+    section("VMs", r.vms.iter().map(VmLine::describe).collect());
     section(
         "rules, in the order they win",
         r.rules

@@ -7,8 +7,9 @@ mod map;
 
 use super::output::print_json;
 use super::Global;
+use crate::config::check_routing_config;
+use crate::config::Config;
 use crate::inventory::PciAddress;
-use crate::policy::Config;
 use crate::routing::chipset::chipset_for_xhci;
 use crate::routing::config_space::ConfigSpace;
 use crate::routing::config_space::SysfsConfigSpace;
@@ -18,7 +19,6 @@ use crate::routing::ports::{rows, PortRow};
 use crate::routing::profile::{Plan, Route};
 use crate::routing::router::{Applied, PowerChange, Router};
 use crate::toggle::protocol::Reply;
-use crate::toggle::runtime::check_routing_config;
 use anyhow::Context;
 use serde::Serialize;
 use std::io::{BufRead, BufReader, Write};

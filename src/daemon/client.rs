@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Where the daemon listens when neither `--control` nor the config says otherwise.
-pub use crate::policy::DEFAULT_CONTROL_SOCKET;
+pub use crate::config::DEFAULT_CONTROL_SOCKET;
 
 /// How long the client waits for a reply (an attach waits for QEMU to confirm).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);

@@ -11,12 +11,12 @@ use super::server::{ControlGroup, ControlHandler, ControlServer, Peer, ServiceEr
 use crate::backend::qemu::socket_watch::SocketWatcher;
 use crate::backend::BoxFuture;
 use crate::backend::VmConnector;
+use crate::config::Config;
 use crate::engine::coordinator::{
     self as engine, EngineHandle, EngineOptions, Input as EngineInput,
 };
 use crate::events::{Received, Trigger, UeventSocket};
 use crate::inventory::{self, PciAddress, ScanFailed, Snapshot};
-use crate::policy::Config;
 use crate::sysfs::SysfsRoot;
 use crate::vfio::{BindOptions, ControllerRule};
 use std::collections::{BTreeMap, BTreeSet};
@@ -45,7 +45,7 @@ pub struct DaemonOptions {
 pub enum DaemonError {
     /// The config file is not valid.
     #[error(transparent)]
-    Config(#[from] crate::policy::ConfigError),
+    Config(#[from] crate::config::ConfigError),
     /// The control socket could not be set up.
     #[error(transparent)]
     Control(#[from] ServiceError),
@@ -257,11 +257,16 @@ impl Daemon {
         // UHCI companions, and their devices must stay out of the device rules too.
         let held = crate::vfio::held_by_rules(&self.options.root, &self.config.controllers);
         self.engine.send(EngineInput::Controllers(held));
+        // A VM whose backend this build lacks is said once per config load, then left
+        // alone: its rules stay in the plan, which sees it as not running.
+        for reason in self.config.vms.iter().filter_map(|v| v.without_backend()) {
+            tracing::warn!("{reason}");
+        }
         let wanted: BTreeMap<String, PathBuf> = self
             .config
             .vms
             .iter()
-            .map(|v| (v.name.clone(), v.qmp.clone()))
+            .filter_map(|v| Some((v.name.clone(), v.qmp()?.to_path_buf())))
             .collect();
         let gone: Vec<String> = self
             .vms

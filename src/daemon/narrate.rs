@@ -3,8 +3,9 @@
 //! matches). A newcomer running `usbroute serve` can tell it works and what it would do
 //! without `-v`; `-q` keeps only warnings.
 
+use crate::config::Config;
 use crate::inventory::{PortPath, Snapshot};
-use crate::policy::{Config, Decision, Desired};
+use crate::policy::{Decision, Desired};
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -5,12 +5,10 @@
 //! reconciles on the xHCI's uevents, and answers `routing` control requests.
 
 use super::protocol::{ErrorKind, Reply};
-use crate::policy::Config;
+use crate::config::{check_routing_config, vm_links, Config};
 use crate::routing::RoutingError;
 use crate::sysfs::SysfsRoot;
-use crate::toggle::runtime::{
-    check_routing_config, vm_links, RoutingRuntime, DEFAULT_WATCH_INTERVAL,
-};
+use crate::toggle::runtime::{RoutingRuntime, DEFAULT_WATCH_INTERVAL};
 use crate::toggle::server::ToggleError;
 use tokio::task::JoinHandle;
 

@@ -16,7 +16,8 @@
 //! use std::collections::{BTreeMap, BTreeSet};
 //! use std::time::Duration;
 //! use usbroute::engine::{due_actions, Action, BackoffPolicy, Holdings, Outcome, RetryBook};
-//! use usbroute::policy::{plan, Config, PlanInput};
+//! use usbroute::config::Config;
+//! use usbroute::policy::{plan, PlanInput};
 //!
 //! let config = Config::parse(
 //!     "[[vm]]\nname = \"win\"\nqmp = \"/run/win.qmp\"\n\

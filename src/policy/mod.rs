@@ -1,12 +1,9 @@
-//! Policy: rules from the config file and the pure `plan` that decides where each device
-//! belongs, with a reason. No I/O here except [`Config::load`] reading its one file.
+//! Policy: the rules and the pure `plan` that decides where each device belongs, with a
+//! reason. No I/O, and nothing from the edges: the config file that holds the rules is
+//! read and checked by [`crate::config`], which builds [`Rule`]s for this module.
 
-mod config;
 mod plan;
 mod rules;
 
-pub use config::{
-    Config, ConfigError, KeyProblem, Problem, VmConfig, DEFAULT_CONTROL_SOCKET, HOST,
-};
 pub use plan::*;
-pub use rules::{Rule, RuleAction};
+pub use rules::{ties, Rule, RuleAction, HOST};

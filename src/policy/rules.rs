@@ -4,6 +4,9 @@ use crate::backend::AttachMode;
 use crate::selector::Selector;
 use std::fmt;
 
+/// The target name that means "stays on the host" in a rule's `vm`.
+pub const HOST: &str = "host";
+
 /// What a rule does with the devices it matches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RuleAction {
@@ -106,4 +109,26 @@ impl fmt::Display for Rule {
             self.describe_target()
         )
     }
+}
+
+/// Pairs of pass rules that the plan could not choose between: equal priority, selectors
+/// that might match one device, and different places to send it. Each pair is
+/// `(later, earlier)` in rule order, the later with the first earlier rule it ties with.
+/// Nothing may be decided by chance or file order, so the config refuses these.
+pub fn ties(rules: &[Rule]) -> Vec<(&Rule, &Rule)> {
+    let passes = |r: &Rule| matches!(r.action, RuleAction::Pass { .. });
+    rules
+        .iter()
+        .enumerate()
+        .filter_map(|(i, later)| {
+            let earlier = rules[..i].iter().find(|e| {
+                passes(e)
+                    && passes(later)
+                    && e.priority == later.priority
+                    && (&e.action, e.force) != (&later.action, later.force)
+                    && !e.selector.provably_disjoint(&later.selector)
+            })?;
+            Some((later, earlier))
+        })
+        .collect()
 }

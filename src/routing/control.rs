@@ -4,7 +4,7 @@ use super::config_space::ConfigSpace;
 use super::profile::{plan, Plan};
 use super::router::{Applied, Reapplied, Router};
 use super::{RoutingConfig, RoutingError};
-use crate::policy::KeyProblem;
+use crate::config::KeyProblem;
 
 /// A router plus the `[routing]` config: apply, toggle and recognise profiles by name.
 pub struct ProfileRouter<C: ConfigSpace> {

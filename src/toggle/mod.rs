@@ -16,7 +16,7 @@ pub mod protocol;
 pub mod runtime;
 pub mod server;
 
-use crate::policy::KeyProblem;
+use crate::config::KeyProblem;
 use serde::{Deserialize, Serialize};
 use server::{bind, bind_unix, Limits, Listener, SerialPeers, ToggleError, ToggleService};
 use std::time::Duration;

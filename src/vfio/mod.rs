@@ -14,6 +14,7 @@
 
 mod attach;
 mod bind;
+mod config;
 mod emit;
 pub(crate) mod group;
 mod host;
@@ -30,6 +31,7 @@ pub use bind::{
     bind, execute_bind, plan_bind, plan_restore, restore, BindOptions, BindOutcome, BindPlan,
     MemberChange, RestoreOutcome,
 };
+pub use config::check_controller_rules;
 pub use emit::{emit, qemu_id, Emitted};
 pub use group::{iommu_present, read_group, CpuVendor, IommuGroup, Member};
 pub use host::{LiveHost, PciHost};
