@@ -17,6 +17,8 @@ pub mod events;
 pub mod fuzzing;
 pub mod hostblock;
 pub mod inventory;
+#[cfg(test)]
+mod layering;
 pub mod policy;
 pub mod routing;
 pub mod selector;

@@ -205,3 +205,68 @@ fn without_a_config_file_check_says_it_is_the_empty_policy() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("the empty policy"));
 }
+
+const OTHER_BACKENDS: &str = r#"[[vm]]
+name = "win11"
+qmp = "/run/qemu/win11.qmp"
+
+[[vm]]
+name = "dom1"
+xen = "dom1"
+
+[[vm]]
+name = "lv"
+libvirt = "lv-domain"
+uri = "qemu:///system"
+
+[[rule]]
+match = "port:1-3"
+vm = "dom1"
+"#;
+
+#[test]
+fn a_vm_of_a_backend_this_build_lacks_is_valid_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let out = check(dir.path(), OTHER_BACKENDS, &[]);
+
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "  win11 (qmp /run/qemu/win11.qmp)",
+        "  dom1 (xen domain dom1)",
+        "  lv (libvirt domain lv-domain at qemu:///system)",
+        "  no xen backend in this build yet: the daemon will not manage VM dom1",
+        "  no libvirt backend in this build yet: the daemon will not manage VM lv",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+    }
+}
+
+#[test]
+fn json_names_the_backend_of_each_vm() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let out = check(dir.path(), OTHER_BACKENDS, &["--json"]);
+
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vms: Vec<serde_json::Value> = report["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| serde_json::json!([v["name"], v["backend"], v["qmp"], v["domain"], v["uri"]]))
+        .collect();
+    assert_eq!(
+        vms,
+        [
+            serde_json::json!(["win11", "qemu", "/run/qemu/win11.qmp", null, null]),
+            serde_json::json!(["dom1", "xen", null, "dom1", null]),
+            serde_json::json!(["lv", "libvirt", null, "lv-domain", "qemu:///system"]),
+        ]
+    );
+}

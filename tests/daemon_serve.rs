@@ -339,3 +339,33 @@ fn serve_at_default_verbosity_says_it_is_ready_and_sees_no_usb_in_plain_text() {
         "escape codes on a pipe:\n{text:?}"
     );
 }
+
+#[test]
+fn serve_leaves_alone_a_vm_whose_backend_this_build_lacks_and_says_so_once() {
+    let dir = tempfile::tempdir().unwrap();
+    default_config(
+        dir.path(),
+        "[[vm]]\nname = \"lab\"\nqmp = \"/nonexistent/lab.qmp\"\n\n[[vm]]\nname = \"dom1\"\nxen = \"dom1\"\n",
+    );
+    let mut daemon = Daemon::start(dir.path(), &[], None);
+
+    let reload = daemon.cli(&["reload"]);
+    let out = daemon.cli(&["status", "--json"]);
+    let log = daemon.stop();
+
+    assert!(
+        reload.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reload.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let managed: Vec<&str> = status["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(managed, ["lab"]);
+    let warning = "no xen backend in this build yet: the daemon will not manage VM dom1";
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
+}

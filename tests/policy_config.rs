@@ -1,7 +1,7 @@
 //! The config loader: stable keys, validation errors at file:line:column with the fix.
 
 use std::path::Path;
-use usbroute::backend::AttachMode;
+use usbroute::backend::{AttachMode, VmTarget};
 use usbroute::config::{Config, ConfigError};
 use usbroute::policy::RuleAction;
 
@@ -331,4 +331,210 @@ fn a_config_file_that_is_not_utf8_is_refused_naming_the_file_line_and_byte() {
 
     assert!(err.starts_with(&format!("{}:2:", path.display())), "{err}");
     assert!(err.contains("byte 16") && err.contains("UTF-8"), "{err}");
+}
+
+// Each section is checked by its owner; its problems land at their own place.
+
+#[test]
+fn a_vm_problem_is_reported_at_its_vm_entry() {
+    let err =
+        problems("[[vm]]\nname = \"a\"\nqmp = \"/q\"\n\n  [[vm]]\nname = \"a\"\nqmp = \"/r\"\n");
+
+    assert_eq!(
+        err,
+        "usbroute.toml:5:3: VM `a` is defined twice (first on line 1); remove one or rename it"
+    );
+}
+
+#[test]
+fn a_rule_problem_is_reported_at_its_key() {
+    let err = problems(&format!(
+        "{TWO_VMS}[[rule]]\nmatch = \"1-2\"\nvm = \"lab\"\nforbid = true\n"
+    ));
+
+    assert_eq!(
+        err,
+        "usbroute.toml:13:6: this rule says both `forbid = true` and `vm = \"lab\"`; a forbid rule keeps the device on the host: drop one of the two"
+    );
+}
+
+#[test]
+fn a_controller_problem_is_reported_at_its_controller_entry() {
+    let err = problems(&format!(
+        "{TWO_VMS}[[controller]]\npci = \"0000:00:14.0\"\nvm = \"lab\"\n\n[[controller]]\npci = \"0000:00:14.0\"\nvm = \"win11\"\n"
+    ));
+
+    assert_eq!(
+        err,
+        "usbroute.toml:15:1: controller 0000:00:14.0 is given away twice (first on line 11); a controller can belong to one VM"
+    );
+}
+
+#[test]
+fn a_top_level_problem_is_reported_at_its_key() {
+    let err = problems("\ncontrol_group = \" \"\n");
+
+    assert!(
+        err.starts_with("usbroute.toml:2:17: control_group is empty"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_serial_link_problem_is_reported_at_its_vm_key() {
+    let err = problems(
+        "[[vm]]\nname = \"lab\"\nqmp = \"/q\"\nserial = \"/run/lab.serial\"\nprofiles = [\"gaming\"]\n\n[routing.profile.office]\nmask = \"0x3fff\"\n",
+    );
+
+    assert_eq!(
+        err,
+        "usbroute.toml:5:1: VM `lab` may select profile `gaming`, which has no [routing.profile.gaming]"
+    );
+}
+
+#[test]
+fn problems_in_every_section_are_each_at_their_own_place() {
+    let text = "control_group = \"\"\n\
+                [[vm]]\nname = \"a\"\nxen = \"a\"\nqmp = \"/q\"\n\
+                [[rule]]\nvm = \"b\"\nmatch = \"1-2\"\n\
+                [[controller]]\npci = \"0000:00:14.0\"\nvm = \"c\"\n\
+                [routing]\ntoggle = [\"x\"]\n\
+                [toggle]\nlisten = \"127.0.0.1:1\"\n";
+
+    let err = problems(text);
+
+    let places: Vec<&str> = err.lines().map(|l| l.split(": ").next().unwrap()).collect();
+    assert_eq!(
+        places,
+        [
+            "usbroute.toml:2:1",  // [[vm]]: two backends
+            "usbroute.toml:7:6",  // [[rule]]: unknown VM
+            "usbroute.toml:9:1",  // [[controller]]: unknown VM
+            "usbroute.toml:1:17", // control_group
+            "usbroute.toml:13:1", // [routing] toggle needs two
+            "usbroute.toml:13:1", // [routing] toggle names no profile
+            "usbroute.toml:15:1", // [toggle] listen without a secret
+        ],
+        "{err}"
+    );
+}
+
+// `[[vm]]` names its backend: `qmp` (QEMU), `xen` or `libvirt` (with `uri`).
+
+fn one_vm(keys: &str) -> Result<Config, ConfigError> {
+    parse(&format!("[[vm]]\nname = \"v\"\n{keys}"))
+}
+
+#[test]
+fn qmp_names_a_qemu_vm_as_before() {
+    let config = one_vm("qmp = \"/run/qemu/v.qmp\"\n").expect("valid");
+
+    assert_eq!(
+        config.vms[0].target(),
+        VmTarget::Qemu {
+            qmp: "/run/qemu/v.qmp".into()
+        }
+    );
+    assert_eq!(config.vms[0].qmp(), Some(Path::new("/run/qemu/v.qmp")));
+}
+
+#[test]
+fn xen_names_a_xen_domain() {
+    let config = one_vm("xen = \"dom-v\"\n").expect("valid");
+
+    assert_eq!(
+        config.vms[0].target(),
+        VmTarget::Xen {
+            domain: "dom-v".into()
+        }
+    );
+    assert_eq!(config.vms[0].qmp(), None);
+}
+
+#[test]
+fn libvirt_names_a_domain_with_an_optional_uri() {
+    let plain = one_vm("libvirt = \"v\"\n").expect("valid");
+    let remote = one_vm("libvirt = \"v\"\nuri = \"qemu+ssh://box/system\"\n").expect("valid");
+
+    assert_eq!(
+        (plain.vms[0].target(), remote.vms[0].target()),
+        (
+            VmTarget::Libvirt {
+                domain: "v".into(),
+                uri: None
+            },
+            VmTarget::Libvirt {
+                domain: "v".into(),
+                uri: Some("qemu+ssh://box/system".into())
+            }
+        )
+    );
+}
+
+#[test]
+fn a_vm_without_a_backend_is_refused_at_its_entry() {
+    let err = one_vm("serial = \"/run/v.serial\"\n")
+        .expect_err("no backend")
+        .to_string();
+
+    assert!(
+        err.starts_with("usbroute.toml:1:1: VM `v` names none: name one of qmp, xen, libvirt"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_vm_with_two_backends_is_refused_at_its_entry() {
+    let err = one_vm("qmp = \"/q\"\nlibvirt = \"v\"\n")
+        .expect_err("two backends")
+        .to_string();
+
+    assert!(
+        err.starts_with(
+            "usbroute.toml:1:1: VM `v` names more than one: name one of qmp, xen, libvirt"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn uri_without_libvirt_is_refused_at_the_uri() {
+    let err = one_vm("xen = \"v\"\nuri = \"qemu:///system\"\n")
+        .expect_err("uri without libvirt")
+        .to_string();
+
+    assert_eq!(
+        err,
+        "usbroute.toml:4:7: VM `v`: `uri` is the libvirt connection and goes with `libvirt = \"DOMAIN\"`; add that or remove `uri`"
+    );
+}
+
+#[test]
+fn two_vms_on_one_domain_are_refused() {
+    let err = problems("[[vm]]\nname = \"a\"\nxen = \"d\"\n[[vm]]\nname = \"b\"\nxen = \"d\"\n");
+
+    assert_eq!(
+        err,
+        "usbroute.toml:4:1: xen domain d is used by two VMs (first on line 1); each VM needs its own"
+    );
+}
+
+#[test]
+fn a_rule_for_a_vm_with_a_broken_backend_reports_only_the_vm() {
+    let err = problems("[[vm]]\nname = \"a\"\n[[rule]]\nvm = \"a\"\nmatch = \"1-2\"\n");
+
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("name one of qmp, xen, libvirt"), "{err}");
+}
+
+#[test]
+fn a_vm_whose_backend_this_build_lacks_loads_and_says_the_daemon_will_not_manage_it() {
+    let config = one_vm("xen = \"v\"\n").expect("valid");
+    let qemu = one_vm("qmp = \"/q\"\n").expect("valid");
+
+    assert_eq!(
+        config.vms[0].without_backend().as_deref(),
+        Some("no xen backend in this build yet: the daemon will not manage VM v")
+    );
+    assert_eq!(qemu.vms[0].without_backend(), None);
 }

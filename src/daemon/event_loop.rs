@@ -91,6 +91,8 @@ pub(super) struct Daemon {
     controller_work: Arc<std::sync::Mutex<()>>,
     /// Removed rules whose VM was running: given back when that VM goes down.
     held_for_vms: Vec<ControllerRule>,
+    /// The config's VMs whose backend this build lacks (already said, not managed).
+    without_backend: BTreeSet<String>,
     /// Why the last scan of sysfs failed: `snapshot` is then the last good one.
     pub(super) scan_failure: Option<ScanFailed>,
     /// When a failed scan is tried again (no uevent may come to trigger it).
@@ -151,6 +153,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         controllers: BTreeMap::new(),
         controller_work: Arc::new(std::sync::Mutex::new(())),
         held_for_vms: Vec::new(),
+        without_backend: BTreeSet::new(),
         scan_failure: None,
         scan_retry: None,
     };
@@ -257,11 +260,18 @@ impl Daemon {
         // UHCI companions, and their devices must stay out of the device rules too.
         let held = crate::vfio::held_by_rules(&self.options.root, &self.config.controllers);
         self.engine.send(EngineInput::Controllers(held));
-        // A VM whose backend this build lacks is said once per config load, then left
-        // alone: its rules stay in the plan, which sees it as not running.
-        for reason in self.config.vms.iter().filter_map(|v| v.without_backend()) {
-            tracing::warn!("{reason}");
+        // A VM whose backend this build lacks is said once, when it enters the config,
+        // then left alone: its rules stay in the plan, which sees it as not running.
+        let mut without_backend = BTreeSet::new();
+        for vm in &self.config.vms {
+            if let Some(reason) = vm.without_backend() {
+                if !self.without_backend.contains(&vm.name) {
+                    tracing::warn!("{reason}");
+                }
+                without_backend.insert(vm.name.clone());
+            }
         }
+        self.without_backend = without_backend;
         let wanted: BTreeMap<String, PathBuf> = self
             .config
             .vms
