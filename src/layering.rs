@@ -60,7 +60,7 @@ fn expand(tree: &str) -> Vec<String> {
     items
         .into_iter()
         .filter(|item| !item.trim().is_empty())
-        .flat_map(|item| expand(item))
+        .flat_map(expand)
         .map(|path| format!("{prefix}{path}"))
         .collect()
 }

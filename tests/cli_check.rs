@@ -270,3 +270,30 @@ fn json_names_the_backend_of_each_vm() {
         ]
     );
 }
+
+#[test]
+fn without_config_check_reads_the_default_file_under_the_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let default = dir.path().join("etc/usbroute/usbroute.toml");
+    std::fs::create_dir_all(default.parent().unwrap()).unwrap();
+    std::fs::write(&default, INVALID).unwrap();
+
+    let out = Command::cargo_bin("usbroute")
+        .unwrap()
+        .arg("--sysfs-root")
+        .arg(dir.path())
+        .arg("check")
+        .env_remove("USBROUTE_CONFIG")
+        .output()
+        .unwrap();
+
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:7:6: rule names VM `nobody`",
+            default.display()
+        )),
+        "{err}"
+    );
+}

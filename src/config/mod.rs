@@ -3,7 +3,7 @@
 //!
 //! | section | parsed here | checked by |
 //! |---|---|---|
-//! | `control_socket`, `control_group` | `mod.rs` | `mod.rs` |
+//! | `control_socket`, `control_group` | `mod.rs`; alone, for clients: [`ControlSettings`] | `mod.rs` |
 //! | `[[vm]]` and its backend (`qmp`, `xen`, `libvirt`) | `vm.rs` ([`VmConfig`]) | `vm.rs` |
 //! | `[[rule]]` | `rules.rs` | [`policy`](crate::policy) (actions, ties) via `rules.rs` |
 //! | `[[controller]]` | serde | [`vfio::check_controller_rules`](crate::vfio::check_controller_rules) |
@@ -17,11 +17,13 @@
 //! problem found, each at `file:line:column` with the fix. A daemon reloading a bad file
 //! keeps the config it has (it only swaps on `Ok`), so bad input never loses state.
 
+mod control;
 mod problems;
 mod routing;
 mod rules;
 mod vm;
 
+pub use control::{ControlSettings, DEFAULT_CONTROL_SOCKET};
 pub use problems::{ConfigError, KeyProblem, Problem};
 pub use routing::{check_routing_config, check_routing_config_at, vm_links};
 pub use vm::VmConfig;
@@ -36,9 +38,6 @@ use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use toml::Spanned;
-
-/// Where the control socket lives unless `control_socket` says otherwise.
-pub const DEFAULT_CONTROL_SOCKET: &str = "/run/usbroute/control.sock";
 
 /// A whole, validated config.
 #[derive(Debug, Clone, PartialEq)]
