@@ -77,18 +77,30 @@ fn check(dir: &Path, text: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
-#[test]
-fn a_valid_config_exits_0_and_lists_the_rules_in_the_order_they_win() {
-    let dir = tempfile::tempdir().unwrap();
-
-    let out = check(dir.path(), VALID, &[]);
-
-    let text = String::from_utf8(out.stdout).unwrap();
+/// What `usbroute check` prints for `text`, which it must find valid (exit 0).
+fn check_valid(dir: &Path, text: &str) -> String {
+    let out = check(dir, text, &[]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `usbroute check --json` on `text`, which it must find valid (exit 0).
+fn check_valid_json(dir: &Path, text: &str) -> serde_json::Value {
+    let out = check(dir, text, &["--json"]);
+    assert!(out.status.success());
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_valid_config_exits_0_and_lists_the_rules_in_the_order_they_win() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let text = check_valid(dir.path(), VALID);
+
     let file = dir.path().join("usbroute.toml").display().to_string();
     let rules: Vec<&str> = text
         .lines()
@@ -134,10 +146,8 @@ fn an_invalid_config_exits_1_with_every_error_at_its_place() {
 fn json_gives_the_rules_vms_controllers_routing_and_warnings() {
     let dir = tempfile::tempdir().unwrap();
 
-    let out = check(dir.path(), VALID, &["--json"]);
+    let report = check_valid_json(dir.path(), VALID);
 
-    assert!(out.status.success());
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["valid"], true);
     assert_eq!(report["errors"], serde_json::json!([]));
     assert_eq!(
@@ -189,18 +199,23 @@ fn json_of_an_invalid_config_lists_each_error_with_line_and_column() {
     assert_eq!(places, [(7, 6), (10, 9), (14, 1)]);
 }
 
+/// `usbroute --sysfs-root DIR check` with neither `--config` nor `USBROUTE_CONFIG`.
+fn check_without_config(dir: &Path) -> Output {
+    Command::cargo_bin("usbroute")
+        .unwrap()
+        .arg("--sysfs-root")
+        .arg(dir)
+        .arg("check")
+        .env_remove("USBROUTE_CONFIG")
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn without_a_config_file_check_says_it_is_the_empty_policy() {
     let dir = tempfile::tempdir().unwrap();
 
-    let out = Command::cargo_bin("usbroute")
-        .unwrap()
-        .arg("--sysfs-root")
-        .arg(dir.path())
-        .arg("check")
-        .env_remove("USBROUTE_CONFIG")
-        .output()
-        .unwrap();
+    let out = check_without_config(dir.path());
 
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("the empty policy"));
@@ -228,14 +243,8 @@ vm = "dom1"
 fn a_vm_of_a_backend_this_build_lacks_is_valid_with_a_warning() {
     let dir = tempfile::tempdir().unwrap();
 
-    let out = check(dir.path(), OTHER_BACKENDS, &[]);
+    let text = check_valid(dir.path(), OTHER_BACKENDS);
 
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     for line in [
         "  win11 (qmp /run/qemu/win11.qmp)",
         "  dom1 (xen domain dom1)",
@@ -251,10 +260,8 @@ fn a_vm_of_a_backend_this_build_lacks_is_valid_with_a_warning() {
 fn json_names_the_backend_of_each_vm() {
     let dir = tempfile::tempdir().unwrap();
 
-    let out = check(dir.path(), OTHER_BACKENDS, &["--json"]);
+    let report = check_valid_json(dir.path(), OTHER_BACKENDS);
 
-    assert!(out.status.success());
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let vms: Vec<serde_json::Value> = report["vms"]
         .as_array()
         .unwrap()
@@ -278,14 +285,7 @@ fn without_config_check_reads_the_default_file_under_the_root() {
     std::fs::create_dir_all(default.parent().unwrap()).unwrap();
     std::fs::write(&default, INVALID).unwrap();
 
-    let out = Command::cargo_bin("usbroute")
-        .unwrap()
-        .arg("--sysfs-root")
-        .arg(dir.path())
-        .arg("check")
-        .env_remove("USBROUTE_CONFIG")
-        .output()
-        .unwrap();
+    let out = check_without_config(dir.path());
 
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);

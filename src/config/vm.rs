@@ -102,7 +102,7 @@ pub(super) fn check(report: &mut Report, raw: Vec<Spanned<RawVm>>) -> (Vec<VmCon
             );
         }
         names.push(vm.name.clone());
-        let Some(target) = target(report, &vm, span.clone()) else {
+        let Some(target) = backend_of(report, &vm, span.clone()) else {
             continue;
         };
         if let Some(first) = seen_targets.insert(target.clone(), line) {
@@ -127,7 +127,7 @@ pub(super) fn check(report: &mut Report, raw: Vec<Spanned<RawVm>>) -> (Vec<VmCon
 }
 
 /// The one backend a `[[vm]]` names.
-fn target(report: &mut Report, vm: &RawVm, span: std::ops::Range<usize>) -> Option<VmTarget> {
+fn backend_of(report: &mut Report, vm: &RawVm, span: std::ops::Range<usize>) -> Option<VmTarget> {
     let mut named = Vec::new();
     if let Some(qmp) = &vm.qmp {
         named.push(VmTarget::Qemu { qmp: qmp.clone() });
