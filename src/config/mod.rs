@@ -1,14 +1,14 @@
 //! The config file (TOML; its keys are a stable interface, documented in docs/config.md),
 //! composed of sections that their owners check:
 //!
-//! | section | parsed here | checked by |
-//! |---|---|---|
-//! | `control_socket`, `control_group` | `mod.rs`; alone, for clients: [`ControlSettings`] | `mod.rs` |
-//! | `[[vm]]` and its backend (`qmp`, `xen`, `libvirt`) | `vm.rs` ([`VmConfig`]) | `vm.rs` |
-//! | `[[rule]]` | `rules.rs` | [`policy`](crate::policy) (actions, ties) via `rules.rs` |
-//! | `[[controller]]` | serde | [`vfio::check_controller_rules`](crate::vfio::check_controller_rules) |
-//! | `[routing]` | serde | [`routing::control::check_config_at`](crate::routing::control::check_config_at) |
-//! | `[toggle]` and the VMs' `serial` | serde | [`toggle::check_config`](crate::toggle::check_config) via `routing.rs` |
+//! | section | checked by |
+//! |---|---|
+//! | `control_socket`, `control_group` | this file (clients read them alone: [`ControlSettings`]) |
+//! | `[[vm]]`, with its backend: `qmp`, `xen` or `libvirt` | `vm.rs` ([`VmConfig`]) |
+//! | `[[rule]]` | [`policy`](crate::policy) (actions, ties), placed by `rules.rs` |
+//! | `[[controller]]` | [`vfio::check_controller_rules`](crate::vfio::check_controller_rules) |
+//! | `[routing]` | [`routing::control::check_config_at`](crate::routing::control::check_config_at) |
+//! | `[toggle]` and the VMs' `serial` | [`toggle::check_config`](crate::toggle::check_config), handed its part by `routing.rs` |
 //!
 //! What every section shares is in `problems.rs`: a problem at `file:line:column`, or at
 //! a key for owners that check plain data ([`KeyProblem`]).

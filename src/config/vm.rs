@@ -23,7 +23,7 @@ pub struct VmConfig {
     /// The user this VM's QEMU runs as (name or uid): the one peer besides root allowed
     /// on a unix-socket `serial`.
     pub qemu_user: Option<String>,
-    /// The secret the guest sends first on a TCP `serial` link (its own, not [toggle]'s).
+    /// The secret the guest sends first on a TCP `serial` link (its own, not `[toggle]`'s).
     pub serial_secret: Option<String>,
 }
 
