@@ -11,6 +11,8 @@ use super::diff::{Action, VmView};
 use super::due_actions;
 use super::holdings::{Holdings, Outcome};
 use super::retry::{BackoffPolicy, Pending, RetryBook};
+use super::routing::worker::{self as routing_worker, RoutingInput};
+use super::routing::{RoutingAnswer, RoutingRequest, RoutingStatus};
 use super::unknown::{Policy, Unknowns};
 use crate::backend::{BackendError, VmBackend, VmUsbDevice};
 use crate::inventory::{Device, PciAddress, PortPath};
@@ -65,6 +67,9 @@ pub enum Input {
         /// Where the answer goes.
         reply: oneshot::Sender<Option<Why>>,
     },
+    /// For the port-routing reconciler (`engine::routing`); it runs beside the device
+    /// rounds, from the first [`RoutingInput::Use`] on.
+    Routing(RoutingInput),
 }
 
 /// What the engine knows, published after every round (for `usbroute status`).
@@ -83,6 +88,8 @@ pub struct Status {
     /// VMs with work in flight (actions or a list). With none busy, nothing pending and
     /// every VM answering, the engine is at rest: the VMs hold what the plan wants.
     pub busy: BTreeSet<String>,
+    /// Port routing, when the daemon routes ports.
+    pub routing: Option<RoutingStatus>,
 }
 
 /// Knobs of the runtime.
@@ -98,6 +105,9 @@ pub struct EngineOptions {
     /// Only attaches of devices that VM could hold wait (see `engine::unknown`), and a
     /// VM never heard from gets one grace per engine run, however often it comes and goes.
     pub unknown_holdings_grace: Duration,
+    /// How often the routing reconciler reads the register when nothing asks it to (the
+    /// kernel sends no uevent on a runtime resume, which rewrites it).
+    pub routing_watch: Duration,
 }
 
 impl Default for EngineOptions {
@@ -106,6 +116,7 @@ impl Default for EngineOptions {
             backoff: BackoffPolicy::default(),
             dry_run: false,
             unknown_holdings_grace: Duration::from_secs(10),
+            routing_watch: routing_worker::WATCH_INTERVAL,
         }
     }
 }
@@ -133,6 +144,15 @@ impl EngineHandle {
         let (reply, answer) = oneshot::channel();
         self.send(Input::Why { port, reply });
         answer.await.ok().flatten()
+    }
+
+    /// Hand a toggle-protocol request to the routing reconciler and wait for its answer.
+    pub async fn routing(&self, request: RoutingRequest) -> RoutingAnswer {
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::Routing(RoutingInput::Request { request, reply }));
+        answer.await.unwrap_or_else(|_| {
+            RoutingAnswer::Err("port routing is off in this daemon, or it is stopping".into())
+        })
     }
 }
 
@@ -191,6 +211,8 @@ struct Coordinator {
     reports_rx: mpsc::UnboundedReceiver<Report>,
     status: watch::Sender<Status>,
     dry_run_actions: Vec<Action>,
+    /// The routing reconciler's inputs, once routing is on.
+    routing: Option<mpsc::UnboundedSender<RoutingInput>>,
 }
 
 impl Coordinator {
@@ -214,6 +236,7 @@ impl Coordinator {
             reports_rx,
             status,
             dry_run_actions: vec![],
+            routing: None,
         }
     }
 
@@ -226,6 +249,11 @@ impl Coordinator {
             let wake = self.next_wake().map(|at| self.start + at);
             tokio::select! {
                 input = inputs.recv() => match input {
+                    // Routing has its own reconciler: no device round for it.
+                    Some(Input::Routing(input)) => {
+                        self.to_routing(input);
+                        continue;
+                    }
                     Some(input) => self.handle_input(input),
                     None => break,
                 },
@@ -271,6 +299,7 @@ impl Coordinator {
                     w.answering = false;
                 }
             }
+            Input::Routing(input) => self.to_routing(input),
             Input::Why { port, reply } => {
                 let answer = self.devices.iter().find(|d| d.port == port).map(|d| {
                     let (up, owned) = self.vms_up_and_owned();
@@ -278,6 +307,26 @@ impl Coordinator {
                 });
                 let _ = reply.send(answer);
             }
+        }
+    }
+
+    /// Forward to the routing reconciler, starting it at the first router. A request
+    /// before that is dropped, which answers it with "routing is off".
+    fn to_routing(&mut self, input: RoutingInput) {
+        match (&self.routing, input) {
+            (Some(tx), input) => {
+                let _ = tx.send(input);
+            }
+            (None, RoutingInput::Use(routing)) => {
+                let status = self.status.clone();
+                self.routing = Some(routing_worker::spawn(
+                    routing,
+                    self.options.routing_watch,
+                    self.options.dry_run,
+                    move |r| status.send_modify(|s| s.routing = Some(r)),
+                ));
+            }
+            (None, _) => {}
         }
     }
 
@@ -438,8 +487,15 @@ impl Coordinator {
                 .filter(|(_, w)| w.busy)
                 .map(|(n, _)| n.clone())
                 .collect(),
+            routing: None,
         };
-        self.status.send_replace(status);
+        // The routing reconciler writes its part itself: keep it.
+        self.status.send_modify(|s| {
+            *s = Status {
+                routing: s.routing.take(),
+                ..status
+            }
+        });
     }
 
     fn dispatch(&mut self, due: Vec<Action>, now: Duration) {

@@ -8,7 +8,9 @@
 //! - [`Holdings`]: what each VM holds — its last answered list plus attaches in flight or
 //!   of unknown outcome — turned into the diff's [`Actual`];
 //! - [`RetryBook`]: capped exponential backoff per (VM, device id) with the last error;
-//! - [`due_actions`]: one round = diff minus what is still backing off.
+//! - [`due_actions`]: one round = diff minus what is still backing off;
+//! - [`routing`]: the port-routing reconciler (the profile in force against XUSB2PR),
+//!   behind the small [`routing::PortRouting`] trait.
 //!
 //! A daemon loop that does its own I/O drives them like this:
 //!
@@ -53,6 +55,7 @@ pub mod coordinator;
 mod diff;
 mod holdings;
 mod retry;
+pub mod routing;
 mod unknown;
 
 pub use diff::{reconcile, Action, Actual, VmView};
