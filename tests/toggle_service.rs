@@ -5,13 +5,16 @@ mod routing_support;
 
 use routing_support::toggle_bed::*;
 use routing_support::*;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use usbroute::engine::coordinator::{self as engine, EngineOptions, Input};
+use usbroute::engine::routing::worker::RoutingInput;
+use usbroute::routing::control::ProfileRouter;
 use usbroute::routing::RoutingConfig;
 use usbroute::toggle::dispatch::{Access, Session};
-use usbroute::toggle::runtime::RoutingRuntime;
-use usbroute::toggle::server::{bind, check_listen_address, Limits, ToggleError};
+use usbroute::toggle::server::{bind, check_listen_address, Limits, ToggleError, ToggleService};
 use usbroute::toggle::{start, ToggleConfig, VmLink};
 
 #[tokio::test]
@@ -376,16 +379,19 @@ async fn start_serves_tcp_and_each_vm_link_with_its_own_profiles() {
     tasks.iter().for_each(|t| t.abort());
 }
 
-#[test]
-fn the_control_socket_hook_handles_a_line_directly() {
+#[tokio::test]
+async fn the_control_socket_hook_handles_a_line_directly() {
     let bed = bed();
     let mut session = Session::default();
 
-    let reply = bed.service.handle_line(
-        &Access::unrestricted("control socket"),
-        &mut session,
-        b"guest\n",
-    );
+    let reply = bed
+        .service
+        .handle_line(
+            &Access::unrestricted("control socket"),
+            &mut session,
+            b"guest\n",
+        )
+        .await;
 
     assert_eq!(
         reply.map(|r| r.to_string()).as_deref(),
@@ -406,28 +412,59 @@ fn routing_config() -> RoutingConfig {
     config()
 }
 
-#[test]
-fn runtime_is_off_without_profiles() {
-    let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
-
-    let rt = RoutingRuntime::from_config(&pch.root(), &RoutingConfig::default(), false).unwrap();
-
-    assert!(rt.is_none());
+/// The engine with its routing reconciler on `pch` (checking every 20 ms), and a
+/// toggle service whose requests go to it, as in `usbroute serve`.
+fn engine_routing(pch: &Pch) -> (engine::EngineHandle, ToggleService) {
+    let (handle, _task) = engine::spawn(EngineOptions {
+        routing_watch: Duration::from_millis(20),
+        ..EngineOptions::default()
+    });
+    let router = ProfileRouter::open(&pch.root(), &routing_config()).unwrap();
+    handle.send(Input::Routing(RoutingInput::Use(Box::new(router))));
+    let service = ToggleService::new(Arc::new(handle.clone()));
+    (handle, service)
 }
 
 #[tokio::test]
-async fn runtime_watch_puts_the_routing_back_after_a_resume() {
+async fn the_engine_puts_the_routing_back_after_a_resume() {
     let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
-    let rt = RoutingRuntime::from_config(&pch.root(), &routing_config(), false)
-        .unwrap()
-        .unwrap();
-    let reply = rt.control_line("guest");
-    let watch = tokio::spawn(rt.clone().watch(Duration::from_millis(20)));
+    let (_engine, service) = engine_routing(&pch);
+    let access = Access::unrestricted("control socket");
+    let reply = service
+        .handle_line(&access, &mut Session::default(), b"guest")
+        .await
+        .map(|r| r.to_string());
     pch.kernel_resume_rewrite();
 
     let mask = eventually_mask(&pch, GUEST).await;
-    watch.abort();
 
     assert_eq!(reply.as_deref(), Some("ok guest 0x3ffc"));
     assert_eq!(mask, GUEST);
+}
+
+#[tokio::test]
+async fn the_engine_publishes_the_routing_in_its_status() {
+    let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
+    let (engine, service) = engine_routing(&pch);
+    let access = Access::unrestricted("control socket");
+    service
+        .handle_line(&access, &mut Session::default(), b"guest")
+        .await;
+    let mut status = engine.status();
+
+    let routing = tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.routing.as_ref().is_some_and(|r| r.intent.is_some())),
+    )
+    .await
+    .expect("the routing in the status within 10 s")
+    .unwrap()
+    .routing
+    .clone()
+    .unwrap();
+
+    assert_eq!(routing.controller, XHCI);
+    assert_eq!(routing.profile.as_deref(), Some("guest"));
+    assert_eq!(routing.intent.as_deref(), Some("guest"));
+    assert_eq!(routing.xusb2pr, GUEST);
 }

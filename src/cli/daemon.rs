@@ -91,6 +91,33 @@ pub(super) fn status(g: &Global, a: StatusArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The routing line of `status`: the profile in force, and what is out of place.
+fn routing_line(r: &crate::engine::routing::RoutingStatus) -> String {
+    use crate::engine::routing::RoutingStep;
+    let mut line = format!(
+        "port routing on {}: profile {} (XUSB2PR 0x{:04x})",
+        r.controller,
+        r.profile.as_deref().unwrap_or("-"),
+        r.xusb2pr
+    );
+    if let Some(intent) = r.intent.as_ref().filter(|i| r.profile.as_ref() != Some(*i)) {
+        line.push_str(&format!(", held to {intent}"));
+    }
+    match &r.would {
+        Some(RoutingStep::Restore(w)) => {
+            line.push_str(&format!("; dry run: would put 0x{:04x} back", w.restored))
+        }
+        Some(RoutingStep::Power { .. }) => {
+            line.push_str("; dry run: would set the xHCI's power/control")
+        }
+        Some(RoutingStep::Hold) | None => {}
+    }
+    if let Some(e) = &r.error {
+        line.push_str(&format!("; FAILED: {e}"));
+    }
+    line + "\n"
+}
+
 /// The human form of `status`.
 pub fn status_table(r: &StatusReport) -> String {
     let mut out = String::new();
@@ -122,6 +149,9 @@ pub fn status_table(r: &StatusReport) -> String {
             "controller {} for vm {}: {state}{}\n",
             c.pci, c.vm, c.message
         ));
+    }
+    if let Some(routing) = &r.routing {
+        out.push_str(&routing_line(routing));
     }
     out.push_str(&format!(
         "{:<12} {:<7} {:<36} {:<10} {:<10} WHY\n",
@@ -256,6 +286,33 @@ mod tests {
         text.chars()
             .filter(|c| c.is_control() && *c != '\n')
             .collect()
+    }
+
+    #[test]
+    fn status_table_shows_the_routing_and_what_a_dry_run_would_put_back() {
+        use crate::engine::routing::{Restored, RoutingStatus, RoutingStep};
+        let report = StatusReport {
+            routing: Some(RoutingStatus {
+                controller: "0000:00:14.0".into(),
+                profile: Some("host".into()),
+                xusb2pr: 0x3fff,
+                intent: Some("guest".into()),
+                would: Some(RoutingStep::Restore(Restored {
+                    profile: "guest".into(),
+                    found: 0x3fff,
+                    restored: 0x3ffc,
+                })),
+                error: None,
+            }),
+            ..StatusReport::default()
+        };
+
+        let table = status_table(&report);
+
+        assert!(
+            table.contains("port routing on 0000:00:14.0: profile host (XUSB2PR 0x3fff), held to guest; dry run: would put 0x3ffc back\n"),
+            "{table}"
+        );
     }
 
     #[test]

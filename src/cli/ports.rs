@@ -14,10 +14,10 @@ use crate::routing::chipset::chipset_for_xhci;
 use crate::routing::config_space::ConfigSpace;
 use crate::routing::config_space::SysfsConfigSpace;
 use crate::routing::control::ProfileRouter;
-use crate::routing::detect::{detect, xhci_functions, PciIdentity, Registers};
+use crate::routing::detect::{xhci_functions, PciIdentity, Registers};
 use crate::routing::ports::{rows, PortRow};
 use crate::routing::profile::{Plan, Route};
-use crate::routing::router::{Applied, PowerChange, Router};
+use crate::routing::router::{Applied, PowerChange};
 use crate::toggle::protocol::Reply;
 use anyhow::Context;
 use serde::Serialize;
@@ -114,13 +114,9 @@ fn read_view(g: &Global) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// The same router `usbroute serve` opens ([`ProfileRouter::open`]).
 fn open_router(g: &Global, view: &Config) -> anyhow::Result<ProfileRouter<SysfsConfigSpace>> {
-    let root = g.root();
-    let detected = detect(&root, view.routing.controller)?;
-    Ok(ProfileRouter::new(
-        Router::open(&root, detected),
-        view.routing.clone(),
-    ))
+    Ok(ProfileRouter::open(&g.root(), &view.routing)?)
 }
 
 pub(super) fn ports(g: &Global, a: PortsArgs) -> anyhow::Result<ExitCode> {

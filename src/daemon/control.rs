@@ -27,7 +27,11 @@ impl Daemon {
                 Err(msg) => Reply::error(ErrorKind::Failed, msg),
             },
             Request::Clear { selector } => self.clear(&selector),
-            Request::Routing { line } => self.routing.control_line(&line),
+            Request::Routing { line } => {
+                let answer = self.routing.control_line(line);
+                tokio::spawn(async move { reply.send(answer.await) });
+                return;
+            }
             Request::Why { selector } => match self.matching(&selector) {
                 Ok(devices) => {
                     tokio::spawn(why(self.engine.clone(), devices, reply));
@@ -126,6 +130,7 @@ impl Daemon {
             devices,
             controllers: self.controllers.values().cloned().collect(),
             sysfs_error: self.scan_failure.as_ref().map(ToString::to_string),
+            routing: s.routing.clone(),
         }
     }
 

@@ -119,16 +119,16 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         .transpose()?;
     let server = ControlServer::bind(&socket, group)?;
     let uevents = options.uevents.then(UeventSocket::open).transpose()?;
-    let routing = RoutingHooks::start(&options.root, &config, options.dry_run).await?;
+    let (engine, _engine_task) = engine::spawn(EngineOptions {
+        dry_run: options.dry_run,
+        ..EngineOptions::default()
+    });
+    let routing = RoutingHooks::start(&options.root, &config, &engine).await?;
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
 
-    let (engine, _engine_task) = engine::spawn(EngineOptions {
-        dry_run: options.dry_run,
-        ..EngineOptions::default()
-    });
     let mut status = engine.status();
     let (presence_tx, mut presence) = mpsc::unbounded_channel();
     let (inputs_tx, mut inputs) = mpsc::unbounded_channel();

@@ -141,6 +141,11 @@ pub struct StatusReport {
     /// for this instead of sleeping.
     #[serde(default)]
     pub at_rest: bool,
+    /// Port routing as the engine's reconciler last read it: the profile the register
+    /// matches, XUSB2PR, the profile usbroute holds it to, what a dry run would write
+    /// back. Absent when the daemon does not route ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<crate::engine::routing::RoutingStatus>,
 }
 
 /// One `[[controller]]` rule in `status`: its group's bind (or restore) and how it went.
@@ -324,6 +329,14 @@ mod tests {
             }],
             sysfs_error: None,
             at_rest: true,
+            routing: Some(crate::engine::routing::RoutingStatus {
+                controller: "0000:00:14.0".into(),
+                profile: Some("guest".into()),
+                xusb2pr: 0x3ffc,
+                intent: Some("guest".into()),
+                would: None,
+                error: None,
+            }),
         }));
 
         let back: Reply = serde_json::from_str(&serde_json::to_string(&reply).unwrap()).unwrap();

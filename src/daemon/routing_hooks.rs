@@ -1,16 +1,21 @@
-//! Port routing inside `usbroute serve`: the daemon's few hooks into
-//! [`crate::toggle::runtime::RoutingRuntime`]. Off (and touching nothing) unless the
-//! config has `[routing.profile.*]`; on, it runs the toggle listeners (TCP, each VM's
-//! serial link), the watch that puts the routing back after the kernel rewrote XUSB2PR,
-//! reconciles on the xHCI's uevents, and answers `routing` control requests.
+//! Port routing inside `usbroute serve`: plumbing only. The engine's routing
+//! reconciler (`crate::engine::routing`) decides and writes; this hands it the router
+//! at start and after a reload, forwards the xHCI's uevents as checks, starts the toggle
+//! listeners (whose requests go to the engine), and carries `routing` control requests
+//! there. Off (and touching nothing) unless the config has `[routing.profile.*]`.
 
 use super::protocol::{ErrorKind, Reply};
 use crate::config::{check_routing_config, vm_links, Config};
+use crate::engine::coordinator::{EngineHandle, Input as EngineInput};
+use crate::engine::routing::worker::RoutingInput;
+use crate::routing::control::ProfileRouter;
+use crate::routing::detect::Detected;
 use crate::routing::RoutingError;
 use crate::sysfs::SysfsRoot;
-use crate::toggle::runtime::{RoutingRuntime, DEFAULT_WATCH_INTERVAL};
-use crate::toggle::server::ToggleError;
-use tokio::task::JoinHandle;
+use crate::toggle::dispatch::{Access, Session};
+use crate::toggle::server::{ToggleError, ToggleService};
+use std::future::Future;
+use std::sync::Arc;
 
 /// Port routing could not start.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +39,18 @@ pub enum RoutingStartError {
 /// The routing part of the daemon; cheap to clone (the uevent task holds one).
 #[derive(Clone, Default)]
 pub(super) struct RoutingHooks {
-    runtime: Option<RoutingRuntime>,
+    on: Option<On>,
+}
+
+/// Routing is on: where requests go and what a reload needs.
+#[derive(Clone)]
+struct On {
+    root: SysfsRoot,
+    /// The xHCI found at start; a reload keeps it.
+    detected: Detected,
+    engine: EngineHandle,
+    /// The same dispatcher the listeners use, for the control socket.
+    service: ToggleService,
 }
 
 /// The config's routing problems, `Err` with them all when there are any.
@@ -53,30 +69,36 @@ fn check(config: &Config) -> Result<(), RoutingStartError> {
 }
 
 impl RoutingHooks {
-    /// Check the config, and when it has routing profiles: find the xHCI, bind the
-    /// listeners and start the watch. Every error is fatal at start. With `dry_run`
-    /// (`serve --dry-run`) every route to the registers (toggles from any listener or
-    /// the control socket, the watch, uevents, reloaded profiles) logs and writes nothing.
+    /// Check the config, and when it has routing profiles: find the xHCI, hand the
+    /// router to the engine and bind the listeners. Every error is fatal at start. Under
+    /// `serve --dry-run` the engine writes nothing, whoever asks.
     pub(super) async fn start(
         root: &SysfsRoot,
         config: &Config,
-        dry_run: bool,
+        engine: &EngineHandle,
     ) -> Result<Self, RoutingStartError> {
         check(config)?;
-        let Some(runtime) = RoutingRuntime::from_config(root, &config.routing, dry_run)? else {
+        if config.routing.profile.is_empty() {
             return Ok(Self::default());
-        };
-        let listeners: Vec<JoinHandle<()>> = runtime
-            .start_listeners(&config.toggle, &vm_links(config))
-            .await?;
+        }
+        let router = ProfileRouter::open(root, &config.routing)?;
+        let detected = router.router().detected().clone();
+        engine.send(EngineInput::Routing(RoutingInput::Use(Box::new(router))));
+        let service = ToggleService::new(Arc::new(engine.clone()));
+        let listeners =
+            crate::toggle::start(service.clone(), &config.toggle, &vm_links(config)).await?;
         tracing::info!(
-            controller = %runtime.controller(),
+            controller = %detected.xhci,
             listeners = listeners.len(),
             "port routing on: toggle service listening"
         );
-        tokio::spawn(runtime.clone().watch(DEFAULT_WATCH_INTERVAL));
         Ok(Self {
-            runtime: Some(runtime),
+            on: Some(On {
+                root: root.clone(),
+                detected,
+                engine: engine.clone(),
+                service,
+            }),
         })
     }
 
@@ -90,8 +112,16 @@ impl RoutingHooks {
     /// controller are bound at start; changing them (or turning routing on or off)
     /// needs a restart, which is said in the log.
     pub(super) fn reload(&self, old: &Config, new: &Config) {
-        match &self.runtime {
-            Some(rt) if !new.routing.profile.is_empty() => rt.reload(&new.routing),
+        match &self.on {
+            Some(on) if !new.routing.profile.is_empty() => {
+                let router = ProfileRouter::open_detected(
+                    &on.root,
+                    on.detected.clone(),
+                    new.routing.clone(),
+                );
+                on.engine
+                    .send(EngineInput::Routing(RoutingInput::Use(Box::new(router))));
+            }
             Some(_) => tracing::warn!("[routing] has no profiles any more: the toggle service keeps running with the old ones until the daemon restarts"),
             None if !new.routing.profile.is_empty() => tracing::warn!("[routing] profiles were added: restart the daemon to start the toggle service"),
             None => {}
@@ -99,36 +129,72 @@ impl RoutingHooks {
         let restart_needed = old.toggle != new.toggle
             || vm_links(old) != vm_links(new)
             || old.routing.controller != new.routing.controller;
-        if self.runtime.is_some() && restart_needed {
+        if self.on.is_some() && restart_needed {
             tracing::warn!("[toggle], the VMs' serial links or [routing] controller changed: they take effect when the daemon restarts");
         }
     }
 
     /// A kernel uevent: the routed xHCI's own (bind, change, runtime PM) may mean the
-    /// kernel rewrote XUSB2PR, so put the active profile back now rather than at the
-    /// next watch tick.
+    /// kernel rewrote XUSB2PR, so the engine checks now rather than at its next tick.
     pub(super) fn on_uevent(&self, devpath: &str) {
-        let Some(rt) = &self.runtime else { return };
-        if !devpath.ends_with(&rt.controller().to_string()) {
-            return;
+        let Some(on) = &self.on else { return };
+        if devpath.ends_with(&on.detected.xhci.to_string()) {
+            on.engine.send(EngineInput::Routing(RoutingInput::Check {
+                why: "after a uevent of the xHCI".into(),
+            }));
         }
-        rt.reconcile_and_log("after a uevent of the xHCI");
     }
 
-    /// Answer a `routing` control request: one toggle-protocol line.
-    pub(super) fn control_line(&self, line: &str) -> Reply {
-        let Some(rt) = &self.runtime else {
-            return Reply::error(
-                ErrorKind::NotFound,
-                "port routing is off in this daemon: its config has no [routing.profile.*] (see docs/routing.md); `usbroute ports toggle` switches without the daemon",
-            );
-        };
-        match rt.control_line(line) {
-            Some(line) => Reply::Routing { line },
-            None => Reply::error(
-                ErrorKind::BadRequest,
-                "empty routing line: send toggle, host, guest, status or a profile name",
-            ),
+    /// Answer a `routing` control request (one toggle-protocol line; the socket checked
+    /// its peer): through the engine, so the answer comes later.
+    pub(super) fn control_line(&self, line: String) -> impl Future<Output = Reply> + 'static {
+        let service = self.on.as_ref().map(|on| on.service.clone());
+        async move {
+            let Some(service) = service else {
+                return Reply::error(
+                    ErrorKind::NotFound,
+                    "port routing is off in this daemon: its config has no [routing.profile.*] (see docs/routing.md); `usbroute ports toggle` switches without the daemon",
+                );
+            };
+            let access = Access::unrestricted("control socket");
+            let mut session = Session::default();
+            match service
+                .handle_line(&access, &mut session, line.as_bytes())
+                .await
+            {
+                Some(reply) => Reply::Routing {
+                    line: reply.to_string(),
+                },
+                None => Reply::error(
+                    ErrorKind::BadRequest,
+                    "empty routing line: send toggle, host, guest, status or a profile name",
+                ),
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::coordinator::{self as engine, EngineOptions};
+
+    #[tokio::test]
+    async fn routing_is_off_without_profiles_and_looks_for_no_xhci() {
+        // No sysfs at all: finding an xHCI would fail, so starting must not look.
+        let root = SysfsRoot::new("/nonexistent/usbroute-test-root");
+        let (engine, _task) = engine::spawn(EngineOptions::default());
+
+        let hooks = RoutingHooks::start(&root, &Config::default(), &engine)
+            .await
+            .expect("routing off starts");
+        let reply = hooks.control_line("toggle".into()).await;
+
+        assert!(hooks.on.is_none());
+        assert!(
+            matches!(&reply, Reply::Error { message, .. } if message.contains("port routing is off")),
+            "{reply:?}"
+        );
+        assert!(engine.status().borrow().routing.is_none());
     }
 }

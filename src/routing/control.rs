@@ -1,15 +1,35 @@
-//! Profiles by name on a [`Router`]: what the CLI, the daemon and the toggle service use.
+//! Profiles by name on a [`Router`]: the one type that owns the router. `usbroute
+//! ports` and `usbroute serve` both get theirs from [`ProfileRouter::open`]; in the
+//! daemon it is the engine's [`PortRouting`](crate::engine::routing::PortRouting)
+//! (`routing/port_routing.rs`), so the engine's reconciler decides every switch.
 
-use super::config_space::ConfigSpace;
+use super::config_space::{ConfigSpace, SysfsConfigSpace};
+use super::detect::{detect, Detected};
 use super::profile::{plan, Plan};
 use super::router::{Applied, Reapplied, Router};
 use super::{RoutingConfig, RoutingError};
 use crate::config::KeyProblem;
+use crate::sysfs::SysfsRoot;
 
 /// A router plus the `[routing]` config: apply, toggle and recognise profiles by name.
 pub struct ProfileRouter<C: ConfigSpace> {
     router: Router<C>,
     config: RoutingConfig,
+}
+
+impl ProfileRouter<SysfsConfigSpace> {
+    /// Find the xHCI `[routing] controller` names (or the one switchable xHCI) and route
+    /// it with `config`'s profiles, through its sysfs `config` file.
+    pub fn open(root: &SysfsRoot, config: &RoutingConfig) -> Result<Self, RoutingError> {
+        let detected = detect(root, config.controller)?;
+        Ok(Self::open_detected(root, detected, config.clone()))
+    }
+
+    /// [`open`](Self::open) on an xHCI found before (a reload keeps the controller
+    /// found at start and takes the new profiles).
+    pub fn open_detected(root: &SysfsRoot, detected: Detected, config: RoutingConfig) -> Self {
+        Self::new(Router::open(root, detected), config)
+    }
 }
 
 impl<C: ConfigSpace> ProfileRouter<C> {
@@ -65,9 +85,20 @@ impl<C: ConfigSpace> ProfileRouter<C> {
     /// Apply profile `name`. `force` adds to the profile's own `force`.
     pub fn apply(&mut self, name: &str, force: bool) -> Result<(Plan, Applied), RoutingError> {
         let plan = self.plan(name)?;
-        let force = force || self.config.profile.get(name).is_some_and(|p| p.force);
+        let force = self.forced(name, force);
         let applied = self.router.apply(&plan, force)?;
         Ok((plan, applied))
+    }
+
+    /// What [`apply`](Self::apply) would do; writes nothing.
+    pub fn preview(&self, name: &str, force: bool) -> Result<(Plan, Applied), RoutingError> {
+        let plan = self.plan(name)?;
+        let applied = self.router.preview(&plan, self.forced(name, force))?;
+        Ok((plan, applied))
+    }
+
+    fn forced(&self, name: &str, force: bool) -> bool {
+        force || self.config.profile.get(name).is_some_and(|p| p.force)
     }
 
     /// The profile in force: the one usbroute last applied if the register still holds

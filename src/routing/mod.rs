@@ -10,7 +10,10 @@
 //! - [`profile`]: pure: a profile from the config → the register values and the moves;
 //! - [`router`]: apply a plan (only 0xD0, and 0xD8 when needed), pin runtime PM,
 //!   remember the active profile, re-apply it when the kernel rewrote the register;
-//! - [`control`]: profiles by name (apply, toggle, which is active);
+//! - [`control`]: profiles by name (apply, toggle, which is active): the one type that
+//!   owns the router, opened the same way by `usbroute ports` and `usbroute serve`;
+//! - [`port_routing`]: that type as the engine's `PortRouting`, so in the daemon the
+//!   engine's routing reconciler decides every write;
 //! - [`ports`]: one row per port, joined with the inventory;
 //! - [`labels`]: the `ports map` wizard's pure core and the label writer.
 //!
@@ -21,6 +24,7 @@ pub mod config_space;
 pub mod control;
 pub mod detect;
 pub mod labels;
+pub mod port_routing;
 pub mod ports;
 pub mod profile;
 pub mod router;

@@ -62,7 +62,7 @@ pub struct Applied {
     pub after: Registers,
     /// `on` pinned, `auto` restored, or nothing.
     pub power: PowerChange,
-    /// A dry run: nothing was written; `after` and `power` say what would have been.
+    /// A preview: nothing was written; `after` and `power` say what would have been.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
 }
@@ -88,9 +88,15 @@ pub struct Reapplied {
     pub found: u16,
     /// XUSB2PR written back.
     pub restored: u16,
-    /// A dry run: nothing was written back.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub dry_run: bool,
+}
+
+/// [`Router::prepare`]'s answer.
+struct Prepared {
+    before: Registers,
+    target: Registers,
+    /// `target` is what the kernel sets itself.
+    default: bool,
+    pinned_from: Option<String>,
 }
 
 /// Routing on one xHCI through one config-space accessor.
@@ -99,8 +105,6 @@ pub struct Router<C: ConfigSpace = SysfsConfigSpace> {
     detected: Detected,
     space: C,
     space_path: PathBuf,
-    /// Work out and log every write, make none (`usbroute serve --dry-run`).
-    dry_run: bool,
 }
 
 impl Router<SysfsConfigSpace> {
@@ -119,16 +123,7 @@ impl<C: ConfigSpace> Router<C> {
             detected,
             space,
             space_path: path,
-            dry_run: false,
         }
-    }
-
-    /// With `dry_run`, [`apply`](Self::apply) and [`reconcile`](Self::reconcile) log
-    /// what they would write and write nothing: no register, no `power/control`, no
-    /// state or lock file.
-    pub fn with_dry_run(mut self, dry_run: bool) -> Self {
-        self.dry_run = dry_run;
-        self
     }
 
     /// The controller and chipset.
@@ -160,9 +155,9 @@ impl<C: ConfigSpace> Router<C> {
         Ok(None)
     }
 
-    /// Write a plan. Refuses bits XUSB2PRM forbids unless `force`.
-    pub fn apply(&mut self, plan: &Plan, force: bool) -> Result<Applied, RoutingError> {
-        let _lock = self.lock()?;
+    /// The registers before and after `plan`, and the `power/control` to give back once
+    /// the routing is the default again. Refuses bits XUSB2PRM forbids unless `force`.
+    fn prepare(&self, plan: &Plan, force: bool) -> Result<Prepared, RoutingError> {
         if plan.forbidden != 0 && !force {
             return Err(RoutingError::Forbidden {
                 profile: plan.profile.clone(),
@@ -180,14 +175,28 @@ impl<C: ConfigSpace> Router<C> {
         let default = target.is_kernel_default(self.detected.chipset);
         // What power/control goes back to once the routing is the default again: what an
         // earlier apply recorded, else what it says now (unless it is `on` already).
-        let mut pinned_from = match previous.and_then(|p| p.power_control_before) {
+        let pinned_from = match previous.and_then(|p| p.power_control_before) {
             Some(was) => Some(was),
             None if !default => self.power_control()?.filter(|v| v != "on"),
             None => None,
         };
-        if self.dry_run {
-            return self.describe_apply(plan, before, target, pinned_from);
-        }
+        Ok(Prepared {
+            before,
+            target,
+            default,
+            pinned_from,
+        })
+    }
+
+    /// Write a plan. Refuses bits XUSB2PRM forbids unless `force`.
+    pub fn apply(&mut self, plan: &Plan, force: bool) -> Result<Applied, RoutingError> {
+        let _lock = self.lock()?;
+        let Prepared {
+            before,
+            target,
+            default,
+            mut pinned_from,
+        } = self.prepare(plan, force)?;
         let mut record = ActiveRouting {
             controller: self.detected.xhci,
             profile: plan.profile.clone(),
@@ -221,37 +230,18 @@ impl<C: ConfigSpace> Router<C> {
         })
     }
 
-    /// What [`apply`](Self::apply) would do, logged; nothing is written.
-    fn describe_apply(
-        &self,
-        plan: &Plan,
-        before: Registers,
-        target: Registers,
-        pinned_from: Option<String>,
-    ) -> Result<Applied, RoutingError> {
-        let default = target.is_kernel_default(self.detected.chipset);
-        let power = match pinned_from {
-            Some(_) if default => PowerChange::Restored,
+    /// What [`apply`](Self::apply) would do (`dry_run` set): nothing is written and no
+    /// lock is taken (creating the lock file would itself be a write).
+    pub fn preview(&self, plan: &Plan, force: bool) -> Result<Applied, RoutingError> {
+        let p = self.prepare(plan, force)?;
+        let power = match p.pinned_from {
+            Some(_) if p.default => PowerChange::Restored,
             Some(_) if self.power_control()?.is_some_and(|v| v != "on") => PowerChange::PinnedOn,
             _ => PowerChange::Unchanged,
         };
-        let power_text = match (power, &pinned_from) {
-            (PowerChange::PinnedOn, _) => ", and set power/control to on".to_string(),
-            (PowerChange::Restored, Some(was)) => format!(", and set power/control back to {was}"),
-            _ => String::new(),
-        };
-        tracing::info!(
-            profile = %plan.profile,
-            controller = %self.detected.xhci,
-            "dry run: would write XUSB2PR 0x{:04x} (now 0x{:04x}) and USB3_PSSEN 0x{:08x} (now 0x{:08x}){power_text}; nothing is written",
-            target.xusb2pr,
-            before.xusb2pr,
-            target.usb3_pssen,
-            before.usb3_pssen,
-        );
         Ok(Applied {
-            before,
-            after: target,
+            before: p.before,
+            after: p.target,
             power,
             dry_run: true,
         })
@@ -273,15 +263,6 @@ impl<C: ConfigSpace> Router<C> {
         };
         let ss = self.detected.chipset.superspeed_bits();
         let holds = now.xusb2pr == active.xusb2pr && now.usb3_pssen & ss == active.usb3_pssen & ss;
-        if self.dry_run {
-            // What a real run would do is said by the caller, from what this returns.
-            return Ok((!holds).then_some(Reapplied {
-                profile: active.profile,
-                found: now.xusb2pr,
-                restored: active.xusb2pr,
-                dry_run: true,
-            }));
-        }
         if let Some(was) = &active.power_control_before {
             if target.is_kernel_default(self.detected.chipset) {
                 // An apply back to the default was cut short before it un-pinned.
@@ -304,7 +285,6 @@ impl<C: ConfigSpace> Router<C> {
             profile: active.profile,
             found: now.xusb2pr,
             restored: active.xusb2pr,
-            dry_run: false,
         }))
     }
 
@@ -337,7 +317,7 @@ impl<C: ConfigSpace> Router<C> {
     }
 
     /// `power/control` now; `None` without runtime PM (an odd kernel, a fixture).
-    fn power_control(&self) -> Result<Option<String>, RoutingError> {
+    pub fn power_control(&self) -> Result<Option<String>, RoutingError> {
         let host = self.power_control_path();
         self.root
             .read_attr(&host)
@@ -364,13 +344,8 @@ impl<C: ConfigSpace> Router<C> {
             .map_err(|e| RoutingError::io("write", self.root.path(&host), e))
     }
 
-    /// Take the routing lock (blocking; holders only ever do a few file writes). None in
-    /// a dry run: it writes nothing, so it has nothing to keep from interleaving, and
-    /// creating the lock file would itself be a write.
-    fn lock(&self) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, RoutingError> {
-        if self.dry_run {
-            return Ok(None);
-        }
+    /// Take the routing lock (blocking; holders only ever do a few file writes).
+    fn lock(&self) -> Result<nix::fcntl::Flock<std::fs::File>, RoutingError> {
         let path = self.root.path(LOCK_FILE);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| RoutingError::io("create", dir, e))?;
@@ -382,7 +357,6 @@ impl<C: ConfigSpace> Router<C> {
             .open(&path)
             .map_err(|e| RoutingError::io("open", &path, e))?;
         nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-            .map(Some)
             .map_err(|(_, errno)| RoutingError::io("lock", &path, errno.into()))
     }
 

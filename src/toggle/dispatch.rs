@@ -1,43 +1,45 @@
-//! Turn parsed requests into routing changes, checking who may do what.
+//! Turn parsed requests into routing requests, checking who may do what.
 //!
-//! The routing itself sits behind [`RoutingControl`], so the same dispatcher serves the
-//! TCP listener, every VM's serial link and the daemon's control socket.
+//! Auth and secrets are settled here, per listener; what a request means (which profile
+//! `toggle` goes to, whether this listener may select it) and the switch itself are the
+//! engine's routing reconciler's ([`crate::engine::routing::answer`]). The listeners
+//! reach it through [`RoutingControl`]: in `usbroute serve` that is the engine's
+//! handle, so every switch from the TCP listener, a VM's serial link or the control
+//! socket goes through the engine (and its one dry run); a [`Mutex`] around any
+//! [`PortRouting`] answers directly (tests, a service without the daemon).
 
 use super::protocol::{parse_line, Reply, Request};
-use crate::routing::config_space::ConfigSpace;
-use crate::routing::control::ProfileRouter;
+use crate::engine::coordinator::EngineHandle;
+use crate::engine::routing::{answer, PortRouting, RoutingAnswer, RoutingAsk, RoutingRequest};
 use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
 
-/// What the toggle service needs from the routing.
-pub trait RoutingControl: Send {
-    /// Every configured profile name.
-    fn profiles(&self) -> BTreeSet<String>;
-    /// The two profiles `toggle` flips between, if configured.
-    fn toggle_pair(&self) -> Option<(String, String)>;
-    /// The active profile (if the routing matches one) and XUSB2PR.
-    fn active(&self) -> Result<(Option<String>, u16), String>;
-    /// Apply a profile; XUSB2PR afterwards.
-    fn apply(&mut self, profile: &str) -> Result<u16, String>;
+/// A request's answer, on its way.
+pub type Answering<'a> = Pin<Box<dyn Future<Output = RoutingAnswer> + Send + 'a>>;
+
+/// Where the toggle service sends its requests.
+pub trait RoutingControl: Send + Sync {
+    /// Decide and carry out one request.
+    fn ask(&self, request: RoutingRequest) -> Answering<'_>;
 }
 
-impl<C: ConfigSpace> RoutingControl for ProfileRouter<C> {
-    fn profiles(&self) -> BTreeSet<String> {
-        self.config().profile.keys().cloned().collect()
+/// In the daemon: the engine's routing reconciler decides (and, in a dry run, only says).
+impl RoutingControl for EngineHandle {
+    fn ask(&self, request: RoutingRequest) -> Answering<'_> {
+        Box::pin(self.routing(request))
     }
+}
 
-    fn toggle_pair(&self) -> Option<(String, String)> {
-        ProfileRouter::toggle_pair(self, None).ok()
-    }
-
-    fn active(&self) -> Result<(Option<String>, u16), String> {
-        let profile = self.active_profile().map_err(|e| e.to_string())?;
-        Ok((profile, self.mask().map_err(|e| e.to_string())?))
-    }
-
-    fn apply(&mut self, profile: &str) -> Result<u16, String> {
-        // The service never adds force: only a profile's own `force = true` does.
-        let (_, applied) = ProfileRouter::apply(self, profile, false).map_err(|e| e.to_string())?;
-        Ok(applied.after.xusb2pr)
+/// Without the engine: the same decision, on the spot, one request at a time.
+impl<R: PortRouting> RoutingControl for Mutex<R> {
+    fn ask(&self, request: RoutingRequest) -> Answering<'_> {
+        // A panic elsewhere while holding the lock leaves the routing readable: the
+        // registers themselves are the truth, not the guarded value.
+        let mut routing = self.lock().unwrap_or_else(|p| p.into_inner());
+        let answer = answer(&mut *routing, &request, false);
+        Box::pin(std::future::ready(answer))
     }
 }
 
@@ -82,106 +84,82 @@ fn same_secret(a: &str, b: &str) -> bool {
     diff == 0
 }
 
-/// Handle one line. `None` for a blank line (no reply). Bad input gets `err` and
-/// changes nothing.
+/// Handle one line on the spot, over `routing` itself. `None` for a blank line (no
+/// reply). Bad input gets `err` and changes nothing.
 pub fn handle_line(
-    control: &mut dyn RoutingControl,
+    routing: &mut dyn PortRouting,
     access: &Access,
     session: &mut Session,
     line: &[u8],
 ) -> Option<Reply> {
     match parse_line(line) {
         Ok(None) => None,
-        Ok(Some(request)) => Some(dispatch(control, access, session, request)),
+        Ok(Some(request)) => Some(match admit(access, session, request) {
+            Ok(request) => reply(answer(routing, &request, false)),
+            Err(reply) => reply,
+        }),
         Err(e) => Some(Reply::Err(e.to_string())),
     }
 }
 
-/// Handle one request.
-pub fn dispatch(
-    control: &mut dyn RoutingControl,
+/// Handle one request through `control`.
+pub async fn dispatch(
+    control: &dyn RoutingControl,
     access: &Access,
     session: &mut Session,
     request: Request,
 ) -> Reply {
-    if let Request::Auth(given) = &request {
-        return match &access.secret {
-            Some(secret) if same_secret(secret, given) => {
-                session.authenticated = true;
-                Reply::Authenticated
-            }
-            Some(_) => {
-                session.failed_auths += 1;
-                Reply::Err("wrong secret".into())
-            }
-            None => Reply::Authenticated,
-        };
-    }
-    if access.secret.is_some() && !session.authenticated {
-        return Reply::Err("this listener needs `auth SECRET` first".into());
-    }
-    let target = match resolve(control, &request) {
-        Ok(None) => {
-            return match control.active() {
-                Ok((profile, mask)) => Reply::Ok { profile, mask },
-                Err(e) => Reply::Err(e),
-            }
-        }
-        Ok(Some(t)) => t,
-        Err(e) => return Reply::Err(e),
-    };
-    if let Some(allowed) = &access.allowed {
-        if !allowed.contains(&target) {
-            return Reply::Err(format!(
-                "profile `{target}` is not allowed for {} (allowed: {})",
-                access.origin,
-                allowed.iter().cloned().collect::<Vec<_>>().join(", ")
-            ));
-        }
-    }
-    match control.apply(&target) {
-        Ok(mask) => Reply::Ok {
-            profile: Some(target),
-            mask,
-        },
-        Err(e) => Reply::Err(e),
+    match admit(access, session, request) {
+        Ok(request) => reply(control.ask(request).await),
+        Err(reply) => reply,
     }
 }
 
-/// The profile a request selects; `Ok(None)` for `status`.
-fn resolve(control: &dyn RoutingControl, request: &Request) -> Result<Option<String>, String> {
-    let profiles = control.profiles();
-    let pair = || {
-        control
-            .toggle_pair()
-            .ok_or_else(|| "no `toggle = [A, B]` in [routing]".to_string())
-    };
-    // `host`/`guest` name profiles when such profiles exist (the seed author's setup),
-    // otherwise the first/second toggle profile.
-    let named_or = |name: &str, pick: fn((String, String)) -> String| {
-        if profiles.contains(name) {
-            Ok(name.to_string())
-        } else {
-            pair().map(pick)
+/// Settle `auth` and the listener's secret here: `Err` with the reply when the line is
+/// answered by that (an `auth`, or a listener not unlocked yet), else the request for
+/// the routing, with what this listener may select.
+pub fn admit(
+    access: &Access,
+    session: &mut Session,
+    request: Request,
+) -> Result<RoutingRequest, Reply> {
+    let ask = match request {
+        Request::Auth(given) => {
+            return Err(match &access.secret {
+                Some(secret) if same_secret(secret, &given) => {
+                    session.authenticated = true;
+                    Reply::Authenticated
+                }
+                Some(_) => {
+                    session.failed_auths += 1;
+                    Reply::Err("wrong secret".into())
+                }
+                None => Reply::Authenticated,
+            });
         }
-    };
-    match request {
-        Request::Status | Request::Auth(_) => Ok(None),
-        Request::Host => named_or("host", |p| p.0).map(Some),
-        Request::Guest => named_or("guest", |p| p.1).map(Some),
-        Request::Toggle => {
-            let (a, b) = pair()?;
-            let (active, _) = control.active()?;
-            Ok(Some(if active.as_deref() == Some(a.as_str()) {
-                b
-            } else {
-                a
-            }))
+        _ if access.secret.is_some() && !session.authenticated => {
+            return Err(Reply::Err("this listener needs `auth SECRET` first".into()));
         }
-        Request::Profile(name) if profiles.contains(name) => Ok(Some(name.clone())),
-        Request::Profile(name) => Err(format!(
-            "no profile `{name}` (configured: {})",
-            profiles.into_iter().collect::<Vec<_>>().join(", ")
-        )),
+        Request::Status => RoutingAsk::Status,
+        Request::Toggle => RoutingAsk::Toggle,
+        Request::Host => RoutingAsk::Host,
+        Request::Guest => RoutingAsk::Guest,
+        Request::Profile(name) => RoutingAsk::Profile(name),
+    };
+    Ok(RoutingRequest {
+        ask,
+        origin: access.origin.clone(),
+        allowed: access.allowed.clone(),
+    })
+}
+
+/// The reply line for an answer.
+pub fn reply(answer: RoutingAnswer) -> Reply {
+    match answer {
+        RoutingAnswer::Ok { profile, xusb2pr } => Reply::Ok {
+            profile,
+            mask: xusb2pr,
+        },
+        RoutingAnswer::Err(e) => Reply::Err(e),
     }
 }

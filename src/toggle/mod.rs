@@ -1,19 +1,19 @@
 //! The toggle service: a line protocol that switches routing profiles.
 //!
 //! - [`protocol`]: pure line parser and reply format;
-//! - [`dispatch`]: requests → profile changes, with per-listener access rules, behind
-//!   the [`dispatch::RoutingControl`] trait;
+//! - [`dispatch`]: auth and per-listener access rules; requests go on to the engine's
+//!   routing reconciler through the [`dispatch::RoutingControl`] trait (which decides
+//!   and switches, see `crate::engine::routing`);
 //! - [`server`]: tokio listeners (TCP where configured, per-VM serial links) and the
 //!   control-socket hook;
 //! - `limits`: rates, the shared budget of wrong secrets, evictable slots;
-//! - [`start`]: every listener the config asks for;
-//! - [`runtime`]: all of it for `usbroute serve` (router, listeners, control hook, watch).
+//! - [`start`]: every listener the config asks for (the VMs' links from
+//!   `crate::config::vm_links`).
 
 pub mod dispatch;
 mod limits;
 pub(crate) mod lines;
 pub mod protocol;
-pub mod runtime;
 pub mod server;
 
 use crate::config::KeyProblem;

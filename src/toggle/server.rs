@@ -11,7 +11,7 @@
 //! writing to COM1) can never stall the service; once its socket buffer is full it
 //! simply stops getting replies.
 
-use super::dispatch::{dispatch, handle_line, Access, RoutingControl, Session};
+use super::dispatch::{dispatch, Access, RoutingControl, Session};
 use super::limits::{AuthBudget, AuthThrottle, RateLimit, Slot, Slots};
 use super::lines::{Line, LineSplitter, ReplyWriter};
 use super::protocol::{parse_line, Reply, Request, MAX_LINE};
@@ -22,8 +22,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, UnixListener};
 
-/// The routing, shared by every listener.
-pub type SharedControl = Arc<Mutex<dyn RoutingControl>>;
+/// Where every listener sends its requests: the engine in the daemon.
+pub type SharedControl = Arc<dyn RoutingControl>;
 
 /// Why a listener could not start.
 #[derive(Debug, thiserror::Error)]
@@ -299,7 +299,7 @@ struct Shared {
     throttle: Mutex<AuthThrottle>,
 }
 
-/// The line service over a shared routing.
+/// The line service over one [`RoutingControl`].
 #[derive(Clone)]
 pub struct ToggleService {
     control: SharedControl,
@@ -313,21 +313,21 @@ impl ToggleService {
 
     /// Handle one line from anywhere (the daemon's control socket calls this with
     /// [`Access::unrestricted`]). `None` for a blank line.
-    pub fn handle_line(
+    pub async fn handle_line(
         &self,
         access: &Access,
         session: &mut Session,
         line: &[u8],
     ) -> Option<Reply> {
-        let mut control = self.control.lock().unwrap_or_else(|p| p.into_inner());
-        handle_line(&mut *control, access, session, line)
+        match parse_line(line) {
+            Ok(None) => None,
+            Ok(Some(request)) => Some(self.dispatch(access, session, request).await),
+            Err(e) => Some(Reply::Err(e.to_string())),
+        }
     }
 
-    fn dispatch(&self, access: &Access, session: &mut Session, request: Request) -> Reply {
-        // A panic elsewhere while holding the lock leaves the routing readable: the
-        // registers themselves are the truth, not the guarded value.
-        let mut control = self.control.lock().unwrap_or_else(|p| p.into_inner());
-        dispatch(&mut *control, access, session, request)
+    async fn dispatch(&self, access: &Access, session: &mut Session, request: Request) -> Reply {
+        dispatch(&*self.control, access, session, request).await
     }
 
     /// Accept connections on `listener` forever.
@@ -392,6 +392,7 @@ impl ToggleService {
                     None => true,
                     Some(Line::Complete(line)) => {
                         self.process(&line, shared, &mut session, &mut bucket, &mut out)
+                            .await
                     }
                     Some(Line::TooLong) => {
                         out.send(&Reply::Err(format!(
@@ -410,12 +411,13 @@ impl ToggleService {
         }
         // `printf toggle | nc ...` ends without a newline: still a command.
         if let Some(line) = lines.finish() {
-            self.process(&line, shared, &mut session, &mut bucket, &mut out);
+            self.process(&line, shared, &mut session, &mut bucket, &mut out)
+                .await;
         }
     }
 
     /// One complete line; `false` to hang up.
-    fn process(
+    async fn process(
         &self,
         line: &[u8],
         shared: &Shared,
@@ -450,7 +452,7 @@ impl ToggleService {
             return false;
         }
         let failed_before = session.failed_auths;
-        let reply = self.dispatch(access, session, request);
+        let reply = self.dispatch(access, session, request).await;
         if session.failed_auths > failed_before {
             lock(&shared.throttle).wrong();
         }
