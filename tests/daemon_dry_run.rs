@@ -280,3 +280,30 @@ fn a_dry_run_daemon_with_routing_profiles_and_a_controller_rule_writes_nothing()
         assert!(reply.starts_with("ok "), "{reply}");
     }
 }
+
+#[test]
+fn a_dry_run_daemon_shows_in_status_the_routing_it_would_put_back() {
+    let tree = fixture();
+    let before = tree_state(tree.dir.path());
+    let serve = DryRun::start(&tree);
+
+    let routing = |s: &DryRun| {
+        let status: serde_json::Value =
+            serde_json::from_str(&s.cli(&["status", "--json"])).unwrap();
+        status["routing"].clone()
+    };
+    serve.wait_until("the routing in status", |s| !routing(s)["would"].is_null());
+    let routing = routing(&serve);
+
+    assert_eq!(routing["controller"], XHCI);
+    assert_eq!(routing["xusb2pr"], 0x3fff);
+    assert_eq!(routing["intent"], "guest");
+    assert_eq!(
+        routing["would"],
+        serde_json::json!({"step": "restore", "profile": "guest", "found": 0x3fff, "restored": 0x3ffc})
+    );
+    assert_eq!(
+        changed(&before, &tree_state(tree.dir.path())),
+        Vec::<PathBuf>::new()
+    );
+}

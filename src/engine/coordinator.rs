@@ -11,7 +11,7 @@ use super::diff::{Action, VmView};
 use super::due_actions;
 use super::holdings::{Holdings, Outcome};
 use super::retry::{BackoffPolicy, Pending, RetryBook};
-use super::routing::worker::{self as routing_worker, RoutingInput};
+use super::routing::worker::{self as routing_worker, RoutingInput, RoutingSlot};
 use super::routing::{RoutingAnswer, RoutingRequest, RoutingStatus};
 use super::unknown::{Policy, Unknowns};
 use crate::backend::{BackendError, VmBackend, VmUsbDevice};
@@ -211,8 +211,8 @@ struct Coordinator {
     reports_rx: mpsc::UnboundedReceiver<Report>,
     status: watch::Sender<Status>,
     dry_run_actions: Vec<Action>,
-    /// The routing reconciler's inputs, once routing is on.
-    routing: Option<mpsc::UnboundedSender<RoutingInput>>,
+    /// The routing reconciler, once routing is on.
+    routing: RoutingSlot,
 }
 
 impl Coordinator {
@@ -236,7 +236,7 @@ impl Coordinator {
             reports_rx,
             status,
             dry_run_actions: vec![],
-            routing: None,
+            routing: RoutingSlot::default(),
         }
     }
 
@@ -251,7 +251,7 @@ impl Coordinator {
                 input = inputs.recv() => match input {
                     // Routing has its own reconciler: no device round for it.
                     Some(Input::Routing(input)) => {
-                        self.to_routing(input);
+                        self.forward_to_routing(input);
                         continue;
                     }
                     Some(input) => self.handle_input(input),
@@ -299,7 +299,7 @@ impl Coordinator {
                     w.answering = false;
                 }
             }
-            Input::Routing(input) => self.to_routing(input),
+            Input::Routing(input) => self.forward_to_routing(input),
             Input::Why { port, reply } => {
                 let answer = self.devices.iter().find(|d| d.port == port).map(|d| {
                     let (up, owned) = self.vms_up_and_owned();
@@ -310,24 +310,12 @@ impl Coordinator {
         }
     }
 
-    /// Forward to the routing reconciler, starting it at the first router. A request
-    /// before that is dropped, which answers it with "routing is off".
-    fn to_routing(&mut self, input: RoutingInput) {
-        match (&self.routing, input) {
-            (Some(tx), input) => {
-                let _ = tx.send(input);
-            }
-            (None, RoutingInput::Use(routing)) => {
-                let status = self.status.clone();
-                self.routing = Some(routing_worker::spawn(
-                    routing,
-                    self.options.routing_watch,
-                    self.options.dry_run,
-                    move |r| status.send_modify(|s| s.routing = Some(r)),
-                ));
-            }
-            (None, _) => {}
-        }
+    fn forward_to_routing(&mut self, input: RoutingInput) {
+        let status = self.status.clone();
+        let (every, dry_run) = (self.options.routing_watch, self.options.dry_run);
+        self.routing.forward(input, every, dry_run, move |r| {
+            status.send_modify(|s| s.routing = Some(r))
+        });
     }
 
     fn start_worker(&mut self, name: String, backend: Arc<dyn VmBackend>) {

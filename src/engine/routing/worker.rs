@@ -35,6 +35,33 @@ pub enum RoutingInput {
     },
 }
 
+/// The engine's end of the reconciler: nothing until the first router, then its inputs.
+#[derive(Default)]
+pub struct RoutingSlot(Option<mpsc::UnboundedSender<RoutingInput>>);
+
+impl RoutingSlot {
+    /// Hand `input` on, starting the reconciler at the first [`RoutingInput::Use`]
+    /// (see [`spawn`] for the rest). A request before that is dropped, which answers it
+    /// with "routing is off".
+    pub fn forward(
+        &mut self,
+        input: RoutingInput,
+        every: Duration,
+        dry_run: bool,
+        publish: impl Fn(RoutingStatus) + Send + 'static,
+    ) {
+        match (&self.0, input) {
+            (Some(tx), input) => {
+                let _ = tx.send(input);
+            }
+            (None, RoutingInput::Use(routing)) => {
+                self.0 = Some(spawn(routing, every, dry_run, publish));
+            }
+            (None, _) => {}
+        }
+    }
+}
+
 /// Start the reconciler on `routing`; it stops when the sender is dropped. `publish`
 /// gets its status after every check and request.
 pub fn spawn(
