@@ -28,6 +28,13 @@ fn reading(xusb2pr: u16, usb3_pssen: u32, intent: Option<RoutingIntent>) -> Rout
     }
 }
 
+fn ok(profile: &str, xusb2pr: u16) -> RoutingAnswer {
+    RoutingAnswer::Ok {
+        profile: Some(profile.into()),
+        xusb2pr,
+    }
+}
+
 fn ask(ask: RoutingAsk) -> RoutingRequest {
     RoutingRequest {
         ask,
@@ -114,13 +121,7 @@ fn a_named_profile_is_applied_and_answered_with_its_mask() {
 
     let answer = answer(&mut fake, &ask(RoutingAsk::Profile("guest".into())), false);
 
-    assert_eq!(
-        answer,
-        RoutingAnswer::Ok {
-            profile: Some("guest".into()),
-            xusb2pr: GUEST
-        }
-    );
+    assert_eq!(answer, ok("guest", GUEST));
     assert_eq!(fake.state().xusb2pr, GUEST);
 }
 
@@ -146,13 +147,7 @@ fn a_dry_run_switch_writes_nothing_and_answers_with_the_mask_it_would_write() {
 
     let answer = answer(&mut fake, &ask(RoutingAsk::Guest), true);
 
-    assert_eq!(
-        answer,
-        RoutingAnswer::Ok {
-            profile: Some("guest".into()),
-            xusb2pr: GUEST
-        }
-    );
+    assert_eq!(answer, ok("guest", GUEST));
     assert_eq!(fake.state().writes, 0);
     assert_eq!(fake.state().xusb2pr, KERNEL_DEFAULT);
 }
@@ -195,13 +190,7 @@ fn status_answers_the_profile_in_force_and_changes_nothing() {
 
     let answer = answer(&mut fake, &ask(RoutingAsk::Status), false);
 
-    assert_eq!(
-        answer,
-        RoutingAnswer::Ok {
-            profile: Some("guest".into()),
-            xusb2pr: GUEST
-        }
-    );
+    assert_eq!(answer, ok("guest", GUEST));
     assert_eq!(fake.state().writes, 0);
 }
 
