@@ -5,6 +5,10 @@
 
 pub mod qemu;
 
+/// The fake VM the tests above the backends run on (see the module); not a backend.
+#[doc(hidden)]
+pub mod fake;
+
 use crate::inventory::{Device, HexId, PortPath};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
