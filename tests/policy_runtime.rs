@@ -1,82 +1,65 @@
-//! The async engine runtime against simulated VMs (in-process `VmBackend`s holding their
-//! usb-host devices in memory; they can refuse, hang, or hold their first answer back).
+//! The async engine runtime against fake VMs (`usbroute::backend::fake`: in-process VMs
+//! holding their usb-host devices in memory; they can refuse, hang, or, through the
+//! [`Gated`] fault injector here, hold their first list or their attaches back).
 
 mod policy_support;
 
 use policy_support::device;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
-use usbroute::backend::{
-    usbroute_device_id, AttachMode, BackendError, BoxFuture, HostMatch, VmBackend, VmUsbDevice,
-};
+use usbroute::backend::fake::{Call, FakeHost, FakeVm, Fault};
+use usbroute::backend::{AttachMode, BackendError, BoxFuture, HostMatch, VmBackend, VmUsbDevice};
 use usbroute::engine::coordinator::{spawn, EngineHandle, EngineOptions, Input, Status};
 use usbroute::engine::BackoffPolicy;
 use usbroute::inventory::Device;
 use usbroute::policy::{Rule, RuleMatch};
 
-/// A simulated VM: its usb-host ids in memory, a log of calls, and knobs for faults.
-#[derive(Default)]
-struct SimVm {
-    name: String,
-    ids: Mutex<Vec<String>>,
-    calls: Mutex<Vec<String>>,
-    refuse_attaches: Mutex<u32>,
-    hang: std::sync::atomic::AtomicBool,
+/// A fault injector around a fake VM: holds its first list, or each attach, until the
+/// test lets it go by adding a permit.
+struct Gated {
+    vm: Arc<FakeVm>,
     /// When set, the first list waits for one permit.
     first_list_gate: Option<Semaphore>,
     /// When set, every attach waits for one permit.
     attach_gate: Option<Semaphore>,
-    attaches_started: std::sync::atomic::AtomicU32,
-    lists: std::sync::atomic::AtomicU32,
+    attaches_started: AtomicU32,
+    lists: AtomicU32,
 }
 
-impl SimVm {
-    fn new(name: &str) -> Arc<SimVm> {
-        Arc::new(SimVm {
-            name: name.into(),
-            ..SimVm::default()
+impl Gated {
+    fn first_list(vm: &Arc<FakeVm>) -> Arc<Gated> {
+        Gated::new(vm, Some(Semaphore::new(0)), None)
+    }
+
+    fn attaches(vm: &Arc<FakeVm>) -> Arc<Gated> {
+        Gated::new(vm, None, Some(Semaphore::new(0)))
+    }
+
+    fn new(vm: &Arc<FakeVm>, lists: Option<Semaphore>, attaches: Option<Semaphore>) -> Arc<Gated> {
+        Arc::new(Gated {
+            vm: Arc::clone(vm),
+            first_list_gate: lists,
+            attach_gate: attaches,
+            attaches_started: AtomicU32::new(0),
+            lists: AtomicU32::new(0),
         })
     }
-
-    fn ids(&self) -> Vec<String> {
-        self.ids.lock().expect("lock").clone()
-    }
-
-    fn attach_calls(&self) -> usize {
-        let calls = self.calls.lock().expect("lock");
-        calls.iter().filter(|c| c.starts_with("attach")).count()
-    }
-
-    async fn maybe_hang(&self) {
-        if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
-            std::future::pending::<()>().await;
-        }
-    }
 }
 
-impl VmBackend for SimVm {
+impl VmBackend for Gated {
     fn name(&self) -> &str {
-        &self.name
+        self.vm.name()
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<VmUsbDevice>, BackendError>> {
         Box::pin(async move {
-            let first = self.lists.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+            let first = self.lists.fetch_add(1, Ordering::SeqCst) == 0;
             if let (true, Some(gate)) = (first, &self.first_list_gate) {
                 let _permit = gate.acquire().await.expect("gate");
             }
-            self.maybe_hang().await;
-            Ok(self
-                .ids()
-                .into_iter()
-                .map(|id| VmUsbDevice {
-                    id,
-                    attached: true,
-                    ours: true,
-                    matcher: HostMatch::Other {},
-                })
-                .collect())
+            self.vm.list().await
         })
     }
 
@@ -86,46 +69,27 @@ impl VmBackend for SimVm {
         mode: AttachMode,
     ) -> BoxFuture<'a, Result<VmUsbDevice, BackendError>> {
         Box::pin(async move {
-            self.attaches_started
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.attaches_started.fetch_add(1, Ordering::SeqCst);
             if let Some(gate) = &self.attach_gate {
                 gate.acquire().await.expect("gate").forget();
             }
-            self.maybe_hang().await;
-            let id = usbroute_device_id(mode, device).expect("id");
-            self.calls
-                .lock()
-                .expect("lock")
-                .push(format!("attach {id}"));
-            let mut refuse = self.refuse_attaches.lock().expect("lock");
-            if *refuse > 0 {
-                *refuse -= 1;
-                return Err(BackendError::Refused {
-                    vm: self.name.clone(),
-                    reason: "failed to open host usb device".into(),
-                });
-            }
-            self.ids.lock().expect("lock").push(id.clone());
-            Ok(VmUsbDevice {
-                id,
-                attached: true,
-                ours: true,
-                matcher: HostMatch::Other {},
-            })
+            self.vm.attach(device, mode).await
         })
     }
 
     fn detach<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
-        Box::pin(async move {
-            self.maybe_hang().await;
-            self.calls
-                .lock()
-                .expect("lock")
-                .push(format!("detach {id}"));
-            self.ids.lock().expect("lock").retain(|i| i != id);
-            Ok(())
-        })
+        self.vm.detach(id)
     }
+}
+
+/// The fake VM `name`, holding the mouse at 1-1 (address 5) from before the engine.
+fn vm_holding_the_mouse(host: &FakeHost, name: &str) -> Arc<FakeVm> {
+    let vm = host.start(name);
+    vm.insert(
+        "usbroute-addr-1-5",
+        HostMatch::Address { bus: 1, address: 5 },
+    );
+    vm
 }
 
 fn rule(index: usize, selector: &str, vm: &str) -> Rule {
@@ -164,30 +128,43 @@ fn holds(status: &Status, vm: &str, id: &str) -> bool {
 }
 
 fn start(
+    host: &FakeHost,
     rules: Vec<Rule>,
     devices: Vec<Device>,
-    vms: &[&Arc<SimVm>],
+    vms: &[Arc<dyn VmBackend>],
     opts: EngineOptions,
 ) -> EngineHandle {
     let (engine, _task) = spawn(opts);
     engine.send(Input::Rules(rules));
-    engine.send(Input::Devices(devices));
+    plug(host, &engine, devices);
     for vm in vms {
         engine.send(Input::VmUp {
-            name: vm.name.clone(),
-            backend: Arc::clone(vm) as Arc<dyn VmBackend>,
+            name: vm.name().to_string(),
+            backend: Arc::clone(vm),
         });
     }
     engine
 }
 
-#[tokio::test]
+/// The host has exactly `devices` now, and the engine is told (as after a rescan).
+fn plug(host: &FakeHost, engine: &EngineHandle, devices: Vec<Device>) {
+    host.set_devices(&devices);
+    engine.send(Input::Devices(devices));
+}
+
+fn backend(vm: &Arc<impl VmBackend + 'static>) -> Arc<dyn VmBackend> {
+    Arc::clone(vm) as Arc<dyn VmBackend>
+}
+
+#[tokio::test(start_paused = true)]
 async fn attaches_matching_device_once_vm_confirms() {
-    let a = SimVm::new("a");
+    let host = FakeHost::new();
+    let a = host.start("a");
     let engine = start(
+        &host,
         vec![rule(0, "port:1-1", "a")],
         vec![device("1-1", 5)],
-        &[&a],
+        &[backend(&a)],
         options(),
     );
     wait_for(&mut engine.status(), "a holds 1-1", |s| {
@@ -197,18 +174,19 @@ async fn attaches_matching_device_once_vm_confirms() {
     assert_eq!(a.ids(), vec!["usbroute-addr-1-5"]);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn hung_vm_does_not_delay_another_vm() {
-    let (a, b) = (SimVm::new("a"), SimVm::new("b"));
+    let host = FakeHost::new();
+    let (a, b) = (host.start("a"), host.start("b"));
     let rules = vec![rule(0, "port:1-1", "a"), rule(1, "port:1-2", "b")];
-    let engine = start(rules, vec![], &[&a, &b], options());
+    let engine = start(&host, rules, vec![], &[backend(&a), backend(&b)], options());
     let mut status = engine.status();
     wait_for(&mut status, "both VMs answered", |s| {
         s.vms.values().filter(|v| v.reachable).count() == 2
     })
     .await;
-    a.hang.store(true, std::sync::atomic::Ordering::SeqCst);
-    engine.send(Input::Devices(vec![device("1-1", 5), device("1-2", 6)]));
+    a.hang(true);
+    plug(&host, &engine, vec![device("1-1", 5), device("1-2", 6)]);
     wait_for(&mut status, "b holds 1-2 while a hangs", |s| {
         holds(s, "b", "usbroute-addr-1-6")
     })
@@ -216,19 +194,17 @@ async fn hung_vm_does_not_delay_another_vm() {
     assert_eq!(b.ids(), vec!["usbroute-addr-1-6"]);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn vm_that_has_not_answered_yet_keeps_its_device() {
-    let a = Arc::new(SimVm {
-        name: "a".into(),
-        ids: Mutex::new(vec!["usbroute-addr-1-5".into()]),
-        first_list_gate: Some(Semaphore::new(0)),
-        ..SimVm::default()
-    });
-    let b = SimVm::new("b");
+    let host = FakeHost::new();
+    let a = vm_holding_the_mouse(&host, "a");
+    let gated_a = Gated::first_list(&a);
+    let b = host.start("b");
     let engine = start(
+        &host,
         vec![rule(0, "port:1-1", "b")],
         vec![device("1-1", 5)],
-        &[&a, &b],
+        &[backend(&gated_a), backend(&b)],
         options(),
     );
     let mut status = engine.status();
@@ -237,7 +213,11 @@ async fn vm_that_has_not_answered_yet_keeps_its_device() {
     })
     .await;
     let before = b.attach_calls();
-    a.first_list_gate.as_ref().expect("gate").add_permits(1);
+    gated_a
+        .first_list_gate
+        .as_ref()
+        .expect("gate")
+        .add_permits(1);
     wait_for(&mut status, "b holds 1-1", |s| {
         holds(s, "b", "usbroute-addr-1-5")
     })
@@ -248,13 +228,15 @@ async fn vm_that_has_not_answered_yet_keeps_its_device() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn restarted_engine_changes_nothing_that_is_right() {
-    let a = SimVm::new("a");
+    let host = FakeHost::new();
+    let a = host.start("a");
     let first = start(
+        &host,
         vec![rule(0, "port:1-1", "a")],
         vec![device("1-1", 5)],
-        &[&a],
+        &[backend(&a)],
         options(),
     );
     wait_for(&mut first.status(), "a holds 1-1", |s| {
@@ -263,9 +245,10 @@ async fn restarted_engine_changes_nothing_that_is_right() {
     .await;
     drop(first);
     let second = start(
+        &host,
         vec![rule(0, "port:1-1", "a")],
         vec![device("1-1", 5)],
-        &[&a],
+        &[backend(&a)],
         options(),
     );
     wait_for(&mut second.status(), "restarted engine read a", |s| {
@@ -278,14 +261,17 @@ async fn restarted_engine_changes_nothing_that_is_right() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn refused_attach_is_retried_with_last_error_shown() {
-    let a = SimVm::new("a");
-    *a.refuse_attaches.lock().expect("lock") = 2;
+    let host = FakeHost::new();
+    let a = host.start("a");
+    a.inject_on(Call::Attach, Fault::Refuse);
+    a.inject_on(Call::Attach, Fault::Refuse);
     let engine = start(
+        &host,
         vec![rule(0, "port:1-1", "a")],
         vec![device("1-1", 5)],
-        &[&a],
+        &[backend(&a)],
         options(),
     );
     let mut status = engine.status();
@@ -302,13 +288,15 @@ async fn refused_attach_is_retried_with_last_error_shown() {
     assert_eq!(a.attach_calls(), 3);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn moving_device_detaches_from_old_vm_before_attaching() {
-    let (a, b) = (SimVm::new("a"), SimVm::new("b"));
+    let host = FakeHost::new();
+    let (a, b) = (host.start("a"), host.start("b"));
     let engine = start(
+        &host,
         vec![rule(0, "port:1-1", "a")],
         vec![device("1-1", 5)],
-        &[&a, &b],
+        &[backend(&a), backend(&b)],
         options(),
     );
     let mut status = engine.status();
@@ -324,23 +312,27 @@ async fn moving_device_detaches_from_old_vm_before_attaching() {
     assert_eq!(a.ids(), Vec::<String>::new());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn attach_in_flight_counts_as_held_when_target_changes() {
-    let a = Arc::new(SimVm {
-        name: "a".into(),
-        attach_gate: Some(Semaphore::new(0)),
-        ..SimVm::default()
-    });
-    let b = SimVm::new("b");
-    let engine = start(vec![rule(0, "port:1-1", "a")], vec![], &[&a, &b], options());
+    let host = FakeHost::new();
+    let a = host.start("a");
+    let gated_a = Gated::attaches(&a);
+    let b = host.start("b");
+    let engine = start(
+        &host,
+        vec![rule(0, "port:1-1", "a")],
+        vec![],
+        &[backend(&gated_a), backend(&b)],
+        options(),
+    );
     let mut status = engine.status();
     wait_for(&mut status, "both answered", |s| {
         s.vms.values().filter(|v| v.reachable).count() == 2
     })
     .await;
-    engine.send(Input::Devices(vec![device("1-1", 5)]));
+    plug(&host, &engine, vec![device("1-1", 5)]);
     let started = async {
-        while a.attaches_started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        while gated_a.attaches_started.load(Ordering::SeqCst) == 0 {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     };
@@ -355,7 +347,7 @@ async fn attach_in_flight_counts_as_held_when_target_changes() {
     })
     .await;
     let b_attaches_while_in_flight = b.attach_calls();
-    a.attach_gate.as_ref().expect("gate").add_permits(1);
+    gated_a.attach_gate.as_ref().expect("gate").add_permits(1);
     wait_for(&mut status, "b holds 1-1", |s| {
         holds(s, "b", "usbroute-addr-1-5")
     })
@@ -366,17 +358,19 @@ async fn attach_in_flight_counts_as_held_when_target_changes() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn dry_run_decides_but_never_acts() {
-    let a = SimVm::new("a");
+    let host = FakeHost::new();
+    let a = host.start("a");
     let opts = EngineOptions {
         dry_run: true,
         ..options()
     };
     let engine = start(
+        &host,
         vec![rule(0, "port:1-1", "a")],
         vec![device("1-1", 5)],
-        &[&a],
+        &[backend(&a)],
         opts,
     );
     wait_for(&mut engine.status(), "a dry-run attach", |s| {
@@ -386,13 +380,15 @@ async fn dry_run_decides_but_never_acts() {
     assert_eq!(a.attach_calls(), 0);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn why_through_handle_names_deciding_rule() {
-    let a = SimVm::new("a");
+    let host = FakeHost::new();
+    let a = host.start("a");
     let engine = start(
+        &host,
         vec![rule(0, "port:1-1", "a")],
         vec![device("1-1", 5)],
-        &[&a],
+        &[backend(&a)],
         options(),
     );
     let answer = engine
@@ -402,10 +398,17 @@ async fn why_through_handle_names_deciding_rule() {
     assert_eq!(answer.rules[0].1, RuleMatch::Decided);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn override_ends_when_device_is_replugged() {
-    let a = SimVm::new("a");
-    let engine = start(vec![], vec![device("1-1", 5)], &[&a], options());
+    let host = FakeHost::new();
+    let a = host.start("a");
+    let engine = start(
+        &host,
+        vec![],
+        vec![device("1-1", 5)],
+        &[backend(&a)],
+        options(),
+    );
     let mut status = engine.status();
     let attach = usbroute::policy::Override {
         address: Some(5),
@@ -423,7 +426,7 @@ async fn override_ends_when_device_is_replugged() {
         holds(s, "a", "usbroute-addr-1-5")
     })
     .await;
-    engine.send(Input::Devices(vec![device("1-1", 7)]));
+    plug(&host, &engine, vec![device("1-1", 7)]);
     wait_for(&mut status, "override gone and a empty", |s| {
         s.overrides.is_empty()
             && s.vms
@@ -434,15 +437,14 @@ async fn override_ends_when_device_is_replugged() {
     assert_eq!(a.ids(), Vec::<String>::new());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn engine_without_a_picture_of_the_host_detaches_nothing() {
     // The daemon sends no device list while sysfs cannot be read (its first scan failed):
     // the VM's device must not be taken for unplugged.
-    let a = Arc::new(SimVm {
-        name: "a".into(),
-        ids: Mutex::new(vec!["usbroute-addr-1-5".into()]),
-        ..SimVm::default()
-    });
+    // The mouse is on the host (and in a); only the engine has not been told.
+    let host = FakeHost::new();
+    host.plug(device("1-1", 5));
+    let a = vm_holding_the_mouse(&host, "a");
     let (engine, _task) = spawn(options());
     engine.send(Input::Rules(vec![rule(0, "port:1-1", "a")]));
     engine.send(Input::VmUp {
@@ -458,7 +460,7 @@ async fn engine_without_a_picture_of_the_host_detaches_nothing() {
     .await;
 
     assert_eq!(
-        (a.ids(), a.calls.lock().expect("lock").clone()),
+        (a.ids(), a.calls()),
         (vec!["usbroute-addr-1-5".to_string()], vec![])
     );
 }
@@ -466,14 +468,14 @@ async fn engine_without_a_picture_of_the_host_detaches_nothing() {
 /// A VM whose QMP socket keeps re-creating itself and never answers a list: gone and
 /// up again now (before this returns) and every `period`, until the returned task is
 /// aborted.
-fn flap(engine: &EngineHandle, vm: &Arc<SimVm>, period: Duration) -> tokio::task::JoinHandle<()> {
-    vm.hang.store(true, std::sync::atomic::Ordering::SeqCst);
-    let reappear = |engine: &EngineHandle, vm: &Arc<SimVm>| {
+fn flap(engine: &EngineHandle, vm: &Arc<FakeVm>, period: Duration) -> tokio::task::JoinHandle<()> {
+    vm.hang(true);
+    let reappear = |engine: &EngineHandle, vm: &Arc<FakeVm>| {
         engine.send(Input::VmGone {
-            name: vm.name.clone(),
+            name: vm.vm_name().to_string(),
         });
         engine.send(Input::VmUp {
-            name: vm.name.clone(),
+            name: vm.vm_name().to_string(),
             backend: Arc::clone(vm) as Arc<dyn VmBackend>,
         });
     };
@@ -487,19 +489,26 @@ fn flap(engine: &EngineHandle, vm: &Arc<SimVm>, period: Duration) -> tokio::task
     })
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn vms_flapping_out_of_phase_hold_attaches_back_for_one_grace_at_most() {
-    let (f1, f2, b) = (SimVm::new("f1"), SimVm::new("f2"), SimVm::new("b"));
+    let host = FakeHost::new();
+    let (f1, f2, b) = (host.start("f1"), host.start("f2"), host.start("b"));
     let opts = EngineOptions {
         unknown_holdings_grace: Duration::from_millis(300),
         ..options()
     };
-    let engine = start(vec![rule(0, "port:1-1", "b")], vec![], &[&b], opts);
+    let engine = start(
+        &host,
+        vec![rule(0, "port:1-1", "b")],
+        vec![],
+        &[backend(&b)],
+        opts,
+    );
     let first = flap(&engine, &f1, Duration::from_millis(40));
     tokio::time::sleep(Duration::from_millis(20)).await; // out of phase: not a result
     let second = flap(&engine, &f2, Duration::from_millis(40));
 
-    engine.send(Input::Devices(vec![device("1-1", 5)]));
+    plug(&host, &engine, vec![device("1-1", 5)]);
     wait_for(
         &mut engine.status(),
         "b holds 1-1 while f1 and f2 flap",
@@ -512,14 +521,15 @@ async fn vms_flapping_out_of_phase_hold_attaches_back_for_one_grace_at_most() {
     assert_eq!(b.ids(), vec!["usbroute-addr-1-5"]);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn vm_that_answered_once_holds_back_only_what_it_could_hold() {
-    let (a, b) = (SimVm::new("a"), SimVm::new("b"));
+    let host = FakeHost::new();
+    let (a, b) = (host.start("a"), host.start("b"));
     // 1-2 goes to b, but a rule could send it to a as well.
     let mut to_b = rule(1, "port:1-2", "b");
     to_b.priority = 1;
     let rules = vec![rule(0, "port:1-1", "b"), to_b, rule(2, "port:1-2", "a")];
-    let engine = start(rules, vec![], &[&a, &b], options());
+    let engine = start(&host, rules, vec![], &[backend(&a), backend(&b)], options());
     let mut status = engine.status();
     wait_for(&mut status, "both VMs answered", |s| {
         s.vms.values().filter(|v| v.reachable).count() == 2
@@ -529,7 +539,7 @@ async fn vm_that_answered_once_holds_back_only_what_it_could_hold() {
     // for the whole (hour-long) grace.
     let flapping = flap(&engine, &a, Duration::from_millis(40));
 
-    engine.send(Input::Devices(vec![device("1-1", 5), device("1-2", 6)]));
+    plug(&host, &engine, vec![device("1-1", 5), device("1-2", 6)]);
     wait_for(&mut status, "b holds 1-1", |s| {
         holds(s, "b", "usbroute-addr-1-5")
     })

@@ -127,6 +127,21 @@ impl FakeHost {
         Some(gone)
     }
 
+    /// Make the host have exactly `devices` (what a rescan would report): a device gone or
+    /// changed at its port is unplugged first, so it counts as a new plug.
+    pub fn set_devices(&self, devices: &[Device]) {
+        let stale: Vec<PortPath> = (self.lock().devices.values())
+            .filter(|old| !devices.contains(old))
+            .map(|old| old.port.clone())
+            .collect();
+        for port in &stale {
+            self.unplug(port);
+        }
+        for device in devices {
+            self.plug(device.clone());
+        }
+    }
+
     /// The devices plugged in now, by port.
     pub fn devices(&self) -> Vec<Device> {
         self.lock().devices.values().cloned().collect()
