@@ -1,19 +1,18 @@
 //! Model-based test of the async runtime itself (coordinator + one worker per VM), not
 //! only its pure core: random sequences of plug, unplug, re-plug, VM start/stop, reload,
 //! manual overrides, refused and lost-reply faults and daemon restarts, against simulated
-//! in-process VMs sharing one simulated host. After each settle the VMs hold exactly what
+//! in-process VMs (`usbroute::backend::fake`) sharing one fake host. After each settle the VMs hold exactly what
 //! the published plan wants; at no moment is a device on two VMs or an id added twice.
 
 mod policy_support;
 
 use policy_support::{device, with_id};
 use proptest::prelude::*;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
-use usbroute::backend::{
-    AttachKey, AttachMode, BackendError, BoxFuture, HostMatch, VmBackend, VmUsbDevice,
-};
+use usbroute::backend::fake::{FakeHost, Fault};
+use usbroute::backend::{AttachKey, AttachMode, HostMatch, VmBackend};
 use usbroute::engine::coordinator::{spawn, EngineHandle, EngineOptions, Input, Status};
 use usbroute::engine::BackoffPolicy;
 use usbroute::inventory::{Device, PortPath};
@@ -29,193 +28,6 @@ const SELECTORS: [&str; 5] = [
     "id:0781:5567",
     "class:03",
 ];
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Fault {
-    Refuse,
-    LostReply,
-}
-
-#[derive(Default)]
-struct VmState {
-    up: bool,
-    incarnation: u64,
-    entries: BTreeMap<String, (AttachKey, bool)>,
-    faults: VecDeque<Fault>,
-}
-
-/// The simulated host and VMs, shared by every backend handle.
-#[derive(Default)]
-struct World {
-    devices: BTreeMap<PortPath, Device>,
-    next_devnum: u16,
-    vms: BTreeMap<String, VmState>,
-    violations: Vec<String>,
-    /// Drives how long each VM call takes (in scheduler turns), so interleavings vary.
-    jitter: u64,
-}
-
-impl World {
-    fn next_delay(&mut self) -> u64 {
-        self.jitter = self
-            .jitter
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.jitter >> 33) % 4
-    }
-
-    fn holders(&self, key: &AttachKey) -> Vec<String> {
-        let taken: Vec<&Device> = self.devices.values().filter(|d| key.refers_to(d)).collect();
-        self.vms
-            .iter()
-            .flat_map(|(vm, s)| s.entries.iter().map(move |(id, e)| (vm, id, e)))
-            .filter(|(_, _, (k, lost))| !lost && taken.iter().any(|d| k.refers_to(d)))
-            .map(|(vm, id, _)| format!("{vm}/{id}"))
-            .collect()
-    }
-}
-
-/// One VM process as the engine reaches it; calls from an old process fail.
-struct SimVm {
-    name: String,
-    incarnation: u64,
-    world: Arc<Mutex<World>>,
-}
-
-impl SimVm {
-    /// Take a few scheduler turns first, as a real VM takes its time.
-    async fn delay(&self) {
-        let turns = self.world.lock().expect("world").next_delay();
-        for _ in 0..turns {
-            tokio::task::yield_now().await;
-        }
-    }
-
-    fn call<T>(
-        &self,
-        f: impl FnOnce(&mut World, &str) -> Result<T, BackendError>,
-    ) -> Result<T, BackendError> {
-        let mut world = self.world.lock().expect("world");
-        let vm = &world.vms[&self.name];
-        if !vm.up || vm.incarnation != self.incarnation {
-            return Err(BackendError::Unreachable {
-                vm: self.name.clone(),
-                reason: "gone".into(),
-            });
-        }
-        f(&mut world, &self.name)
-    }
-}
-
-fn refused(vm: &str, why: &str) -> BackendError {
-    BackendError::Refused {
-        vm: vm.into(),
-        reason: why.into(),
-    }
-}
-
-fn lost(vm: &str) -> BackendError {
-    BackendError::Timeout {
-        vm: vm.into(),
-        what: "device_add".into(),
-        seconds: 1.0,
-    }
-}
-
-impl VmBackend for SimVm {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn list(&self) -> BoxFuture<'_, Result<Vec<VmUsbDevice>, BackendError>> {
-        Box::pin(async move {
-            self.delay().await;
-            self.call(|world, name| {
-                let present: Vec<Device> = world.devices.values().cloned().collect();
-                let vm = world.vms.get_mut(name).expect("vm");
-                if vm.faults.pop_front().is_some() {
-                    return Err(lost(name));
-                }
-                Ok(vm
-                    .entries
-                    .iter()
-                    .map(|(id, (key, lost))| VmUsbDevice {
-                        id: id.clone(),
-                        attached: !lost && present.iter().any(|d| key.refers_to(d)),
-                        ours: true,
-                        matcher: HostMatch::Other {},
-                    })
-                    .collect())
-            })
-        })
-    }
-
-    fn attach<'a>(
-        &'a self,
-        device: &'a Device,
-        mode: AttachMode,
-    ) -> BoxFuture<'a, Result<VmUsbDevice, BackendError>> {
-        Box::pin(async move {
-            self.delay().await;
-            self.call(|world, name| {
-                let key = AttachKey::of(mode, device).expect("key");
-                let id = key.to_id();
-                let fault = world.vms.get_mut(name).expect("vm").faults.pop_front();
-                if fault == Some(Fault::Refuse) {
-                    return Err(refused(name, "injected"));
-                }
-                if world.vms[name].entries.contains_key(&id) {
-                    world.violations.push(format!("{name}: {id} added twice"));
-                    return Err(refused(name, "duplicate id"));
-                }
-                let gone = mode == AttachMode::Address
-                    && !world.devices.values().any(|d| key.refers_to(d));
-                if gone {
-                    return Err(refused(name, "failed to find host usb device"));
-                }
-                let holders = world.holders(&key);
-                if !holders.is_empty() {
-                    world
-                        .violations
-                        .push(format!("{name}: {id} while held by {holders:?}"));
-                }
-                world
-                    .vms
-                    .get_mut(name)
-                    .expect("vm")
-                    .entries
-                    .insert(id.clone(), (key, false));
-                match fault {
-                    Some(_) => Err(lost(name)),
-                    None => Ok(VmUsbDevice {
-                        id,
-                        attached: true,
-                        ours: true,
-                        matcher: HostMatch::Other {},
-                    }),
-                }
-            })
-        })
-    }
-
-    fn detach<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
-        Box::pin(async move {
-            self.delay().await;
-            self.call(|world, name| {
-                let vm = world.vms.get_mut(name).expect("vm");
-                let fault = vm.faults.pop_front();
-                if fault == Some(Fault::Refuse) {
-                    return Err(refused(name, "injected"));
-                }
-                vm.entries.remove(id);
-                match fault {
-                    Some(_) => Err(lost(name)),
-                    None => Ok(()),
-                }
-            })
-        })
-    }
-}
 
 #[derive(Debug, Clone)]
 enum Event {
@@ -249,7 +61,9 @@ fn event() -> impl Strategy<Value = Event> {
 }
 
 struct Harness {
-    world: Arc<Mutex<World>>,
+    host: FakeHost,
+    /// The devnum the next plug gets (they wrap early, so addresses are reused often).
+    next_devnum: u16,
     engine: EngineHandle,
     task: tokio::task::JoinHandle<()>,
     rules: Vec<Rule>,
@@ -272,18 +86,10 @@ fn options() -> EngineOptions {
 
 impl Harness {
     fn new(jitter: u64) -> Harness {
-        let world = World {
-            jitter,
-            vms: VMS
-                .iter()
-                .map(|v| (v.to_string(), VmState::default()))
-                .collect(),
-            next_devnum: 1,
-            ..World::default()
-        };
         let (engine, task) = spawn(options());
         Harness {
-            world: Arc::new(Mutex::new(world)),
+            host: FakeHost::with_jitter(jitter),
+            next_devnum: 1,
             engine,
             task,
             rules: vec![],
@@ -291,80 +97,56 @@ impl Harness {
     }
 
     fn backend(&self, name: &str) -> Arc<dyn VmBackend> {
-        let incarnation = self.world.lock().expect("world").vms[name].incarnation;
-        Arc::new(SimVm {
-            name: name.into(),
-            incarnation,
-            world: Arc::clone(&self.world),
-        })
+        self.host.connect(name)
+    }
+
+    fn devnum(&mut self) -> u16 {
+        let address = self.next_devnum;
+        self.next_devnum = self.next_devnum % 6 + 1;
+        address
     }
 
     fn send_devices(&self) {
-        let devices = self
-            .world
-            .lock()
-            .expect("world")
-            .devices
-            .values()
-            .cloned()
-            .collect();
-        self.engine.send(Input::Devices(devices));
+        self.engine.send(Input::Devices(self.host.devices()));
     }
 
     async fn apply(&mut self, event: &Event) -> Result<(), TestCaseError> {
         match event {
             Event::Plug(p, other_kind) => {
-                let mut w = self.world.lock().expect("world");
                 let port: PortPath = PORTS[*p].parse().expect("port");
-                if !w.devices.contains_key(&port) {
-                    let address = w.next_devnum;
-                    w.next_devnum = w.next_devnum % 6 + 1;
-                    let d = device(PORTS[*p], address);
+                if !self.host.devices().iter().any(|d| d.port == port) {
+                    let d = device(PORTS[*p], self.devnum());
                     let d = if *other_kind {
                         with_id(d, 0x0781, 0x5567)
                     } else {
                         d
                     };
-                    w.devices.insert(port, d);
+                    self.host.plug(d);
                 }
-                drop(w);
                 self.send_devices();
             }
             Event::Unplug(p) | Event::Replug(p) => {
-                let mut w = self.world.lock().expect("world");
                 let port: PortPath = PORTS[*p].parse().expect("port");
-                if let Some(gone) = w.devices.remove(&port) {
-                    for vm in w.vms.values_mut() {
-                        for (key, lost) in vm.entries.values_mut() {
-                            *lost |= key.mode() == AttachMode::Address && key.refers_to(&gone);
-                        }
-                    }
+                if let Some(gone) = self.host.unplug(&port) {
                     if matches!(event, Event::Replug(_)) {
                         let mut again = gone;
-                        again.address = Some(w.next_devnum);
-                        w.next_devnum = w.next_devnum % 6 + 1;
-                        w.devices.insert(port, again);
+                        again.address = Some(self.devnum());
+                        self.host.plug(again);
                     }
                 }
-                drop(w);
                 self.send_devices();
             }
             Event::VmStart(v) | Event::VmStop(v) => {
-                let up = matches!(event, Event::VmStart(_));
-                {
-                    let mut w = self.world.lock().expect("world");
-                    let vm = w.vms.get_mut(VMS[*v]).expect("vm");
-                    vm.up = up;
-                    vm.incarnation += 1;
-                    vm.entries.clear();
-                }
                 let name = VMS[*v].to_string();
-                let input = match up {
-                    true => Input::VmUp {
-                        backend: self.backend(&name),
+                let input = match event {
+                    Event::VmStart(_) => Input::VmUp {
+                        backend: self.host.start(&name),
                         name,
                     },
-                    false => Input::VmGone { name },
+                    _ => {
+                        self.host.stop(&name);
+                        Input::VmGone { name }
+                    }
                 };
                 self.engine.send(input);
             }
@@ -386,13 +168,9 @@ impl Harness {
             }
             Event::Manual(p, target) => {
                 let port: PortPath = PORTS[*p].parse().expect("port");
-                let address = self
-                    .world
-                    .lock()
-                    .expect("world")
-                    .devices
-                    .get(&port)
-                    .and_then(|d| d.address);
+                let devices = self.host.devices();
+                let present = devices.iter().find(|d| d.port == port);
+                let address = present.and_then(|d| d.address);
                 let action = match target {
                     Some((vm, mode)) => OverrideAction::Attach {
                         vm: VMS[*vm].into(),
@@ -407,20 +185,19 @@ impl Harness {
                 });
             }
             Event::Faults(v, faults) => {
-                let mut w = self.world.lock().expect("world");
-                let vm = w.vms.get_mut(VMS[*v]).expect("vm");
-                vm.faults.extend(faults.iter().map(|l| {
-                    if *l {
-                        Fault::LostReply
+                let vm = self.host.connect(VMS[*v]);
+                for lost in faults {
+                    vm.inject(if *lost {
+                        Fault::LoseAnswer
                     } else {
                         Fault::Refuse
-                    }
-                }));
+                    });
+                }
             }
             Event::RestartDaemon => self.restart().await,
             Event::Settle => self.settle_and_check().await?,
         }
-        let violations = self.world.lock().expect("world").violations.clone();
+        let violations = self.host.conflicts();
         prop_assert!(violations.is_empty(), "violations: {violations:?}");
         Ok(())
     }
@@ -438,15 +215,7 @@ impl Harness {
         }
         self.engine.send(Input::Rules(self.rules.clone()));
         self.send_devices();
-        let up: Vec<String> = {
-            let w = self.world.lock().expect("world");
-            w.vms
-                .iter()
-                .filter(|(_, s)| s.up)
-                .map(|(n, _)| n.clone())
-                .collect()
-        };
-        for name in up {
+        for name in self.host.running() {
             self.engine.send(Input::VmUp {
                 backend: self.backend(&name),
                 name,
@@ -457,14 +226,7 @@ impl Harness {
     async fn settle_and_check(&mut self) -> Result<(), TestCaseError> {
         // A `why` is answered after every earlier input was handled: a barrier.
         self.engine.why(PORTS[0].parse().expect("port")).await;
-        let up: BTreeSet<String> = {
-            let w = self.world.lock().expect("world");
-            w.vms
-                .iter()
-                .filter(|(_, s)| s.up)
-                .map(|(n, _)| n.clone())
-                .collect()
-        };
+        let up: BTreeSet<String> = self.host.running().into_iter().collect();
         let mut status = self.engine.status();
         let at_rest = |s: &Status| {
             s.busy.is_empty()
@@ -476,29 +238,30 @@ impl Harness {
         let settled = tokio::time::timeout(Duration::from_secs(5), status.wait_for(at_rest)).await;
         prop_assert!(settled.is_ok(), "engine did not come to rest");
         let status = self.engine.status().borrow().clone();
-        let w = self.world.lock().expect("world");
+        let devices: BTreeMap<PortPath, Device> = (self.host.devices().into_iter())
+            .map(|d| (d.port.clone(), d))
+            .collect();
         let wanted: BTreeSet<(String, String)> = status
             .desired
             .devices
             .iter()
             .filter_map(|(port, decision)| match &decision.placement {
                 Placement::Vm { vm, mode } => {
-                    Some((vm.clone(), AttachKey::of(*mode, &w.devices[port])?.to_id()))
+                    Some((vm.clone(), AttachKey::of(*mode, &devices[port])?.to_id()))
                 }
                 Placement::Host => None,
             })
             .collect();
-        let held: BTreeSet<(String, String)> = w
-            .vms
-            .iter()
-            .filter(|(_, s)| s.up)
-            .flat_map(|(n, s)| s.entries.keys().map(move |id| (n.clone(), id.clone())))
+        let listed: Vec<(String, Vec<_>)> = (up.iter())
+            .map(|n| (n.clone(), self.host.connect(n).devices()))
             .collect();
-        let stale = w
-            .vms
-            .values()
-            .flat_map(|s| s.entries.values())
-            .filter(|(_, lost)| *lost)
+        let held: BTreeSet<(String, String)> = (listed.iter())
+            .flat_map(|(n, devices)| devices.iter().map(move |d| (n.clone(), d.id.clone())))
+            .collect();
+        // An address entry is made only for a plug that is there; not attached, it is one
+        // whose plug went away.
+        let stale = (listed.iter().flat_map(|(_, devices)| devices))
+            .filter(|d| matches!(d.matcher, HostMatch::Address { .. }) && !d.attached)
             .count();
         prop_assert_eq!(held, wanted);
         prop_assert_eq!(stale, 0, "address entries whose plug is gone were kept");
@@ -511,7 +274,7 @@ proptest! {
 
     #[test]
     fn runtime_converges_to_plan_and_never_doubles(events in prop::collection::vec(event(), 1..25), jitter in any::<u64>()) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().expect("runtime");
         rt.block_on(async {
             let mut h = Harness::new(jitter);
             for e in &events {

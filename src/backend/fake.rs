@@ -267,10 +267,11 @@ impl FakeVm {
         self.queue(Some(call), fault);
     }
 
+    /// A fault for a VM not started yet waits for it.
     fn queue(&self, call: Option<Call>, fault: Fault) {
-        if let Some(vm) = self.host.lock().vms.get_mut(&self.name) {
-            vm.faults.push_back((call, fault));
-        }
+        let mut state = self.host.lock();
+        let vm = state.vms.entry(self.name.clone()).or_default();
+        vm.faults.push_back((call, fault));
     }
 
     /// While `on`, every call on this handle waits without answering (a QEMU stopped
