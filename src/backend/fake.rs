@@ -194,8 +194,13 @@ impl FakeHost {
         self.lock().conflicts.clone()
     }
 
-    /// Which VMs' entries hold `device` now (`vm/id`).
-    fn holders(state: &HostState, device: &Device) -> Vec<String> {
+    /// Which VMs' usb-host devices take `device` now (`vm/id`): more than one is a device
+    /// fought over.
+    pub fn holders(&self, device: &Device) -> Vec<String> {
+        FakeHost::holders_in(&self.lock(), device)
+    }
+
+    fn holders_in(state: &HostState, device: &Device) -> Vec<String> {
         let entries = state
             .vms
             .iter()
@@ -436,7 +441,7 @@ impl FakeVm {
             }
             let held: Vec<String> = (state.devices.values())
                 .filter(|d| matches(&matcher, d))
-                .flat_map(|d| FakeHost::holders(&state, d))
+                .flat_map(|d| FakeHost::holders_in(&state, d))
                 .collect();
             if !held.is_empty() {
                 let note = format!("{}: attach of {id} while held by {held:?}", self.name);

@@ -1,12 +1,17 @@
-//! A simulated host and simulated VMs (pure, in-process) for the model-based tests of the
-//! plan + diff + retry loop. The simulated VM behaves like QEMU where the engine can tell:
-//! duplicate ids are refused, `hostaddr` attaches fail when that plug is gone and never
-//! come back, injected failures happen before or after the VM did the work.
+//! A simulated host and daemon over the fake VMs (`usbroute::backend::fake`, driven
+//! synchronously: with no hang and no jitter a fake answers at once) for the model-based
+//! tests of the plan + diff + retry loop. The fake behaves like QEMU where the engine can
+//! tell (its contract test holds it to that): an id is never added twice, `hostaddr`
+//! attaches fail when that plug is gone and never come back, injected failures happen
+//! before or after the VM did the work.
 
 use super::{device, hub, with_id};
+use futures_util::FutureExt;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
-use usbroute::backend::{AttachKey, HostMatch, VmUsbDevice};
+use usbroute::backend::fake::{self, FakeHost, FakeVm};
+use usbroute::backend::{AttachKey, BackendError, HostMatch, VmBackend, VmUsbDevice};
 use usbroute::engine::{due_actions, Action, Actual, BackoffPolicy, Holdings, Outcome, RetryBook};
 use usbroute::inventory::{Device, PciAddress, PortPath};
 use usbroute::policy::{plan, Desired, Override, Placement, PlanInput, Rule};
@@ -20,25 +25,18 @@ pub enum Fault {
     LostReply,
 }
 
-/// One usb-host device in a simulated VM.
-#[derive(Debug, Clone)]
-struct Entry {
-    key: AttachKey,
-    /// An address entry whose plug went away: QEMU never reopens it.
-    lost: bool,
-}
-
-/// One simulated VM.
-#[derive(Debug, Clone, Default)]
+/// One simulated VM: its connection while it runs.
+#[derive(Clone, Default)]
 pub struct SimVm {
     /// Running (QMP answers).
     pub up: bool,
-    entries: BTreeMap<String, Entry>,
-    faults: Vec<Fault>,
+    vm: Option<Arc<FakeVm>>,
 }
 
 /// The simulated host, VMs and daemon state.
 pub struct Sim {
+    /// The fake host the VMs run on; mirrors `devices`.
+    host: FakeHost,
     /// Devices present, by port.
     pub devices: BTreeMap<PortPath, Device>,
     next_devnum: BTreeMap<u8, u16>,
@@ -60,6 +58,8 @@ pub struct Sim {
     pub violations: Vec<String>,
     /// Actions run so far.
     pub actions_run: usize,
+    /// How many of the fake host's conflicts are in `violations` already.
+    conflicts_seen: usize,
 }
 
 /// Devnums wrap early here so that reuse of an address by another device happens often.
@@ -69,6 +69,7 @@ impl Sim {
     /// An empty host with VMs `names`, all down, and no rules.
     pub fn new(names: &[&str]) -> Sim {
         Sim {
+            host: FakeHost::new(),
             devices: BTreeMap::new(),
             next_devnum: BTreeMap::new(),
             vms: names
@@ -84,6 +85,7 @@ impl Sim {
             known: Holdings::default(),
             violations: vec![],
             actions_run: 0,
+            conflicts_seen: 0,
         }
     }
 
@@ -120,22 +122,17 @@ impl Sim {
         }
         d.block_devices = vec![format!("sd{port}")];
         d.controller = Some(controller_of(path.bus));
+        self.host.plug(d.clone());
         self.devices.insert(path, d);
     }
 
     /// Unplug whatever is at `port`; QEMU loses address entries for that plug for good.
     pub fn unplug(&mut self, port: &str) {
         let path: PortPath = port.parse().expect("port");
-        let Some(gone) = self.devices.remove(&path) else {
+        if self.devices.remove(&path).is_none() {
             return;
-        };
-        for vm in self.vms.values_mut() {
-            for e in vm.entries.values_mut() {
-                if matches!(e.key, AttachKey::Address { .. }) && e.key.refers_to(&gone) {
-                    e.lost = true;
-                }
-            }
         }
+        self.host.unplug(&path);
         // Overrides hold for one plug only; the daemon forgets them on unplug.
         self.overrides.remove(&path);
     }
@@ -159,7 +156,13 @@ impl Sim {
     pub fn set_vm(&mut self, name: &str, up: bool) {
         let vm = self.vms.get_mut(name).expect("vm");
         vm.up = up;
-        vm.entries.clear();
+        vm.vm = match up {
+            true => Some(self.host.start(name)),
+            false => {
+                self.host.stop(name);
+                None
+            }
+        };
         // The daemon sees the QMP socket go away (or a new QEMU come up): memory of the
         // old process's devices is dropped.
         self.known.forget(name);
@@ -167,7 +170,13 @@ impl Sim {
 
     /// Make the next calls to `name` fail, one fault per call.
     pub fn inject(&mut self, name: &str, faults: &[Fault]) {
-        self.vms.get_mut(name).expect("vm").faults.extend(faults);
+        let vm = self.host.connect(name);
+        for fault in faults {
+            vm.inject(match fault {
+                Fault::Refuse => fake::Fault::Refuse,
+                Fault::LostReply => fake::Fault::LoseAnswer,
+            });
+        }
     }
 
     /// The daemon dies and starts again: retry state and manual overrides are gone
@@ -211,30 +220,16 @@ impl Sim {
     }
 
     fn list(&mut self, name: &str) -> Option<Vec<VmUsbDevice>> {
-        let devices: Vec<&Device> = self.devices.values().collect();
-        let vm = self.vms.get_mut(name)?;
-        if !vm.up {
-            return None;
-        }
+        let vm = self.vms.get(name)?.vm.clone()?;
         // Faults hit only VMs the daemon has heard from since it started: a VM that never
         // answers after a daemon restart is the one window where usbroute relies on the
-        // kernel's exclusive claim of a USB device (see docs/config.md).
-        if !vm.faults.is_empty() && self.known.knows(name) {
-            // Any fault on a list is an unanswered list: the VM counts as unreachable.
-            vm.faults.remove(0);
-            return None;
+        // kernel's exclusive claim of a USB device (see docs/config.md). So the others are
+        // read without a call (which would meet a queued fault).
+        if !self.known.knows(name) {
+            return Some(vm.devices());
         }
-        Some(
-            vm.entries
-                .iter()
-                .map(|(id, e)| VmUsbDevice {
-                    id: id.clone(),
-                    attached: !e.lost && devices.iter().any(|d| e.key.refers_to(d)),
-                    ours: true,
-                    matcher: HostMatch::Other {},
-                })
-                .collect(),
-        )
+        // Any fault on a list is an unanswered list: the VM counts as unreachable.
+        answer(vm.list()).ok()
     }
 
     fn actual(&mut self) -> Actual {
@@ -278,69 +273,41 @@ impl Sim {
 
     fn execute(&mut self, action: &Action) {
         self.actions_run += 1;
-        let devices: Vec<Device> = self.devices.values().cloned().collect();
-        let vm = self.vms.get_mut(action.vm()).expect("vm");
-        let fault = (!vm.faults.is_empty()).then(|| vm.faults.remove(0));
-        if fault == Some(Fault::Refuse) {
-            self.retries
-                .failed(action, "injected refusal".into(), self.now);
-            self.known.acted(action, Outcome::Refused);
-            return;
-        }
+        let vm = self.vms[action.vm()]
+            .vm
+            .clone()
+            .expect("actions go to running VMs");
         let result = match action {
-            Action::Attach {
-                id, device, mode, ..
-            } => {
-                let key = AttachKey::of(*mode, device).expect("attach has a key");
-                let gone = matches!(key, AttachKey::Address { .. })
-                    && !devices.iter().any(|d| key.refers_to(d));
-                if vm.entries.contains_key(id) {
-                    self.violations
-                        .push(format!("attached {id} twice to {}", action.vm()));
-                    Err("duplicate id".to_string())
-                } else if gone {
-                    Err("failed to find host usb device".to_string())
-                } else {
-                    vm.entries.insert(id.clone(), Entry { key, lost: false });
-                    Ok(())
-                }
-            }
-            Action::Detach { id, .. } => match vm.entries.remove(id) {
-                Some(_) => Ok(()),
-                None => Err(format!("Device '{id}' not found")),
-            },
+            Action::Attach { device, mode, .. } => answer(vm.attach(device, *mode)).map(|_| ()),
+            Action::Detach { id, .. } => answer(vm.detach(id)),
         };
-        let outcome = match (result, fault) {
-            (Ok(()), None) => {
+        let outcome = match result {
+            Ok(()) => {
                 self.retries.succeeded(action);
                 Outcome::Done
             }
-            (Ok(()), Some(_)) => {
+            Err(BackendError::Timeout { .. }) => {
                 self.retries.failed(action, "reply lost".into(), self.now);
                 Outcome::Unknown
             }
-            (Err(e), _) => {
-                self.retries.failed(action, e, self.now);
+            Err(e) => {
+                self.retries.failed(action, e.to_string(), self.now);
                 Outcome::Refused
             }
         };
         self.known.acted(action, outcome);
+        // An id added twice, or a device taken while another VM held it.
+        let conflicts = self.host.conflicts();
+        self.violations
+            .extend_from_slice(&conflicts[self.conflicts_seen..]);
+        self.conflicts_seen = conflicts.len();
         self.check_one_holder();
     }
 
     /// No present device may be referred to by usb-host entries in two places.
     fn check_one_holder(&mut self) {
         for d in self.devices.values() {
-            let holders: Vec<String> = self
-                .vms
-                .iter()
-                .flat_map(|(n, vm)| {
-                    vm.entries
-                        .iter()
-                        .filter(|(_, e)| !e.lost && e.key.refers_to(d))
-                        .map(move |(id, _)| format!("{n}/{id}"))
-                })
-                .collect();
+            let holders = self.host.holders(d);
             if holders.len() > 1 {
                 self.violations
                     .push(format!("device {} held by {holders:?}", d.port));
@@ -350,23 +317,29 @@ impl Sim {
 
     /// `(vm, id)` of every usb-host each running VM has.
     pub fn held(&self) -> BTreeSet<(String, String)> {
-        self.vms
-            .iter()
-            .filter(|(_, v)| v.up)
-            .flat_map(|(n, v)| v.entries.keys().map(move |id| (n.clone(), id.clone())))
+        self.listings()
+            .flat_map(|(n, devices)| devices.into_iter().map(move |d| (n.clone(), d.id)))
             .collect()
+    }
+
+    /// What each running VM has, read without a call.
+    fn listings(&self) -> impl Iterator<Item = (String, Vec<VmUsbDevice>)> + '_ {
+        let running = self
+            .vms
+            .iter()
+            .filter_map(|(n, v)| Some((n, v.vm.as_ref()?)));
+        running.map(|(n, vm)| (n.clone(), vm.devices()))
     }
 
     /// `(vm, id)` of address entries whose plug is gone (QEMU will never reopen them).
     pub fn stale(&self) -> BTreeSet<(String, String)> {
-        self.vms
-            .iter()
-            .filter(|(_, v)| v.up)
-            .flat_map(|(n, v)| {
-                v.entries
-                    .iter()
-                    .filter(|(_, e)| e.lost)
-                    .map(move |(id, _)| (n.clone(), id.clone()))
+        // An address entry is made only for a plug that is there; not attached, it is one
+        // whose plug went away.
+        let lost = |d: &VmUsbDevice| matches!(d.matcher, HostMatch::Address { .. }) && !d.attached;
+        self.listings()
+            .flat_map(|(n, devices)| {
+                let gone = devices.into_iter().filter(lost);
+                gone.map(move |d| (n.clone(), d.id))
             })
             .collect()
     }
@@ -394,4 +367,10 @@ pub fn controller_of(bus: u8) -> PciAddress {
         2 => "0000:00:1d.0".parse().expect("pci"),
         _ => "0000:00:14.0".parse().expect("pci"),
     }
+}
+
+/// The answer of a fake VM's call, which comes at once (no hang, no jitter here).
+fn answer<T>(call: usbroute::backend::BoxFuture<'_, T>) -> T {
+    call.now_or_never()
+        .expect("a fake VM without hangs answers at once")
 }
