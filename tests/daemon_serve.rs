@@ -2,90 +2,37 @@
 //! sd-notify READY/STATUS on a real notify socket, SIGHUP, SIGTERM. Needs root (uevent
 //! socket with SO_RCVBUFFORCE is optional, but the control socket is made root:root 0660).
 
+mod serve_support;
+
 use assert_cmd::cargo::CommandCargoExt;
+use serve_support::Serve;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-/// A running `usbroute serve`, killed on drop.
-struct Daemon {
-    child: Child,
-    control: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Path, extra: &[&str], notify: Option<&Path>) -> Daemon {
-        let control = dir.join("control.sock");
-        let sysfs = dir.join("sysfs");
-        std::fs::create_dir_all(&sysfs).unwrap();
-        let mut cmd = Command::cargo_bin("usbroute").unwrap();
-        cmd.args(["serve", "-v", "--control"])
-            .arg(&control)
-            .arg("--sysfs-root")
-            .arg(&sysfs)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(n) = notify {
-            cmd.env("NOTIFY_SOCKET", n);
-        }
-        let child = cmd.spawn().unwrap();
-        let daemon = Daemon { child, control };
-        daemon.wait_for_socket();
-        daemon
+/// `usbroute serve -v` with its control socket and an empty sysfs root in `dir` (and
+/// `NOTIFY_SOCKET` when given), its log collected.
+fn start(dir: &Path, notify: Option<&Path>) -> Serve {
+    let sysfs = dir.join("sysfs");
+    std::fs::create_dir_all(&sysfs).unwrap();
+    let serve = Serve::at(dir.join("control.sock"))
+        .sysfs_root(&sysfs)
+        .args(&["-v"])
+        .log();
+    match notify {
+        Some(n) => serve.env("NOTIFY_SOCKET", Some(n.as_os_str())),
+        None => serve,
     }
-
-    fn wait_for_socket(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(&self.control).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the daemon's control socket did not appear in 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::cargo_bin("usbroute")
-            .unwrap()
-            .arg("--control")
-            .arg(&self.control)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    /// SIGTERM, wait for the exit, and what it logged.
-    fn stop(&mut self) -> String {
-        use std::io::Read;
-        self.signal(nix::sys::signal::Signal::SIGTERM);
-        self.child.wait().unwrap();
-        let mut log = String::new();
-        let mut stderr = self.child.stderr.take().unwrap();
-        stderr.read_to_string(&mut log).unwrap();
-        log
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    .start()
 }
 
 #[test]
 fn serve_without_config_runs_the_empty_policy() {
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &[], None);
+    let daemon = start(dir.path(), None);
 
-    let out = daemon.cli(&["status", "--json"]);
+    let out = daemon.cli_output(&["status", "--json"]);
 
     assert!(
         out.status.success(),
@@ -98,7 +45,7 @@ fn serve_without_config_runs_the_empty_policy() {
 }
 
 /// Write `text` as the default config (/etc/usbroute/usbroute.toml) under the sysfs root
-/// [`Daemon::start`] uses in `dir`; its path.
+/// [`start`] uses in `dir`; its path.
 fn default_config(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("sysfs/etc/usbroute/usbroute.toml");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -125,9 +72,9 @@ fn serve_without_config_reads_the_default_file_and_says_so() {
         dir.path(),
         "[[vm]]\nname = \"lab\"\nqmp = \"/nonexistent/lab.qmp\"\n",
     );
-    let mut daemon = Daemon::start(dir.path(), &[], None);
+    let mut daemon = start(dir.path(), None);
 
-    let out = daemon.cli(&["status", "--json"]);
+    let out = daemon.cli_output(&["status", "--json"]);
     let log = daemon.stop();
 
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -147,7 +94,7 @@ fn status_finds_the_daemon_through_the_default_configs_control_socket() {
         dir.path(),
         &format!("control_socket = \"{}\"\n", socket.display()),
     );
-    let _daemon = Daemon::start(dir.path(), &[], None);
+    let _daemon = start(dir.path(), None);
 
     let out = bare_cli(dir.path(), &["status", "--json"]);
 
@@ -168,7 +115,7 @@ fn usbroute_config_in_the_environment_names_the_config_file() {
         format!("control_socket = \"{}\"\n", socket.display()),
     )
     .unwrap();
-    let _daemon = Daemon::start(dir.path(), &[], None);
+    let _daemon = start(dir.path(), None);
 
     let out = Command::cargo_bin("usbroute")
         .unwrap()
@@ -207,9 +154,9 @@ fn a_given_config_that_does_not_exist_is_an_error_naming_it_for_serve_and_status
 #[test]
 fn reload_without_config_says_there_is_nothing_to_reload() {
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &[], None);
+    let daemon = start(dir.path(), None);
 
-    let out = daemon.cli(&["reload"]);
+    let out = daemon.cli_output(&["reload"]);
 
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -225,7 +172,7 @@ fn serve_notifies_systemd_ready_with_a_status() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
 
-    let _daemon = Daemon::start(dir.path(), &[], Some(&notify_path));
+    let _daemon = start(dir.path(), Some(&notify_path));
     let mut messages = String::new();
     let mut buf = [0u8; 4096];
     while !(messages.contains("READY=1") && messages.contains("STATUS=")) {
@@ -245,16 +192,16 @@ fn serve_notifies_systemd_ready_with_a_status() {
 #[test]
 fn sighup_keeps_the_daemon_running_and_sigterm_stops_it_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Daemon::start(dir.path(), &[], None);
+    let mut daemon = start(dir.path(), None);
 
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
-    let after_hup = daemon.cli(&["status"]);
+    let after_hup = daemon.cli_output(&["status"]);
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
     let status = daemon.child.wait().unwrap();
 
     assert!(after_hup.status.success());
     assert!(status.success(), "exit status {status:?}");
-    assert!(!daemon.control.exists(), "control socket removed on exit");
+    assert!(!daemon.control().exists(), "control socket removed on exit");
 }
 
 #[test]
@@ -287,44 +234,17 @@ fn serve_at_default_verbosity_says_it_is_ready_and_sees_no_usb_in_plain_text() {
     let dir = tempfile::tempdir().unwrap();
     let sysfs = dir.path().join("sysfs");
     std::fs::create_dir_all(&sysfs).unwrap();
-    let mut child = Command::cargo_bin("usbroute")
-        .unwrap()
-        .args(["serve", "--control"])
-        .arg(dir.path().join("control.sock"))
-        .arg("--sysfs-root")
-        .arg(&sysfs)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = lines_tx.send(line);
-        }
+    let mut daemon = Serve::at(dir.path().join("control.sock"))
+        .sysfs_root(&sysfs)
+        .env("RUST_LOG", None)
+        .log()
+        .spawn();
+    daemon.wait_until(Duration::from_secs(30), "the ready line", || {
+        daemon.logged("daemon ready")
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut said = Vec::new();
-    while !said.iter().any(|l: &String| l.contains("daemon ready")) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) => said.push(line),
-            Err(_) => break,
-        }
-    }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
+    let said = daemon.stop();
 
-    let text = said.join("\n");
+    let text = said;
     assert!(text.contains("daemon ready"), "no ready line:\n{text}");
     assert!(
         text.contains("sees no USB"),
