@@ -9,17 +9,14 @@
 //! EHCI added (config-space files as tests/routing_support builds them).
 
 mod routing_support;
+mod serve_support;
 mod vfio_support;
 
-use assert_cmd::cargo::CommandCargoExt;
+use serve_support::Serve;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vfio_support::Tree;
 
 const XHCI: &str = "0000:00:14.0";
@@ -116,10 +113,9 @@ fn config_text(port: u16, controller: &str, desk_mask: &str) -> String {
 
 /// `usbroute serve --dry-run -v` on a tree, its log lines collected, killed on drop.
 struct DryRun {
-    child: Child,
+    serve: Serve,
     dir: tempfile::TempDir,
     port: u16,
-    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl DryRun {
@@ -131,82 +127,35 @@ impl DryRun {
             config_text(port, "0000:00:1d.7", "0x3f0f"),
         )
         .unwrap();
-        let mut child = Command::cargo_bin("usbroute")
-            .unwrap()
-            .args(["serve", "--dry-run", "-v"])
-            .arg("--config")
-            .arg(dir.path().join("usbroute.toml"))
-            .arg("--control")
-            .arg(dir.path().join("control.sock"))
-            .arg("--sysfs-root")
-            .arg(tree.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
+        let serve = Serve::at(dir.path().join("control.sock"))
+            .args(&["--dry-run", "-v"])
+            .config(dir.path().join("usbroute.toml"))
+            .sysfs_root(tree.dir.path())
+            .log()
+            .start();
+        let dry_run = DryRun { serve, dir, port };
+        dry_run.wait_until("the toggle listener", |s| {
+            TcpStream::connect(("127.0.0.1", s.port)).is_ok()
         });
-        let serve = DryRun {
-            child,
-            dir,
-            port,
-            log,
-        };
-        serve.wait_until("the control socket and the toggle listener", |s| {
-            UnixStream::connect(s.control_path()).is_ok()
-                && TcpStream::connect(("127.0.0.1", s.port)).is_ok()
-        });
-        serve
-    }
-
-    fn control_path(&self) -> PathBuf {
-        self.dir.path().join("control.sock")
+        dry_run
     }
 
     fn wait_until(&self, what: &str, ok: impl Fn(&DryRun) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !ok(self) {
-            assert!(
-                Instant::now() < deadline,
-                "waited 20 s for {what}; log:\n{}",
-                self.log.lock().unwrap().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.serve
+            .wait_until(Duration::from_secs(20), what, || ok(self));
     }
 
     fn logged(&self, text: &str) -> bool {
-        self.log.lock().unwrap().iter().any(|l| l.contains(text))
+        self.serve.logged(text)
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        let out = Command::cargo_bin("usbroute")
-            .unwrap()
-            .arg("--control")
-            .arg(self.control_path())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "usbroute {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        self.serve.cli(args)
     }
 
     /// The addresses of the controller rules `status` reports an outcome for.
     fn controller_outcomes(&self) -> Vec<String> {
-        let status: serde_json::Value =
-            serde_json::from_str(&self.cli(&["status", "--json"])).unwrap();
-        status["controllers"]
+        self.serve.status()["controllers"]
             .as_array()
             .unwrap()
             .iter()
@@ -215,28 +164,13 @@ impl DryRun {
     }
 
     fn routing_request(&self, line: &str) -> String {
-        let stream = UnixStream::connect(self.control_path()).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        (&stream)
-            .write_all(format!("{{\"request\":\"routing\",\"line\":\"{line}\"}}\n").as_bytes())
-            .unwrap();
-        let mut reply = String::new();
-        BufReader::new(&stream).read_line(&mut reply).unwrap();
-        let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        let request = format!("{{\"request\":\"routing\",\"line\":\"{line}\"}}");
+        let reply = self.serve.request(&request);
         reply["line"].as_str().unwrap().to_string()
     }
 
     fn tcp(&self, line: &str) -> String {
         routing_support::tcp_toggle(self.port, line)
-    }
-}
-
-impl Drop for DryRun {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -4,22 +4,24 @@
 //! bad `[routing]` at start.
 
 mod routing_support;
+mod serve_support;
 
 use assert_cmd::cargo::CommandCargoExt;
 use routing_support::*;
-use std::io::{BufRead, BufReader, Write};
+use serve_support::Serve;
+use std::io::Write;
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 const GUEST: u16 = 0x3ffc;
 const DESK: u16 = 0x3f0f;
 
 /// A running `usbroute serve` over a PCH fixture, killed on drop.
 struct Daemon {
-    child: Child,
+    serve: Serve,
     pch: Pch,
     config: PathBuf,
     control: PathBuf,
@@ -44,36 +46,25 @@ impl Daemon {
         let config = pch.path().join("usbroute.toml");
         std::fs::write(&config, toggle_daemon_config(port)).unwrap();
         let control = pch.path().join("control.sock");
-        let child = usbroute(&pch, &config, &control)
-            .args(["serve", "-v"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let serve = Serve::at(&control)
+            .args(&["-v"])
+            .config(&config)
+            .sysfs_root(pch.path())
+            .log()
+            .start();
         let daemon = Daemon {
-            child,
+            serve,
             pch,
             config,
             control,
             port,
         };
-        daemon.wait_until_listening();
+        daemon.serve.wait_until(
+            Duration::from_secs(10),
+            "the daemon's toggle listener",
+            || TcpStream::connect(("127.0.0.1", daemon.port)).is_ok(),
+        );
         daemon
-    }
-
-    /// The control socket and the TCP listener both accept.
-    fn wait_until_listening(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&self.control).is_err()
-            || TcpStream::connect(("127.0.0.1", self.port)).is_err()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the daemon's control socket and toggle listener did not appear in 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 
     fn cli(&self, args: &[&str]) -> Output {
@@ -90,23 +81,7 @@ impl Daemon {
 
     /// One raw JSON request to the control socket, its reply line.
     fn control(&self, request: &str) -> serde_json::Value {
-        let stream = UnixStream::connect(&self.control).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        (&stream)
-            .write_all(format!("{request}\n").as_bytes())
-            .unwrap();
-        let mut reply = String::new();
-        BufReader::new(&stream).read_line(&mut reply).unwrap();
-        serde_json::from_str(&reply).unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.serve.request(request)
     }
 }
 
@@ -290,23 +265,17 @@ fn a_routing_request_to_a_daemon_without_profiles_says_routing_is_off() {
     let config = pch.path().join("usbroute.toml");
     std::fs::write(&config, "").unwrap();
     let control = pch.path().join("control.sock");
-    let mut child = usbroute(&pch, &config, &control)
-        .arg("serve")
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(&control).is_err() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let serve = Serve::at(&control)
+        .config(&config)
+        .sysfs_root(pch.path())
+        .log()
+        .start();
 
     let out = usbroute(&pch, &config, &control)
         .args(["toggle", "guest"])
         .output()
         .unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(serve);
 
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -328,5 +297,8 @@ fn clients_that_hang_up_before_their_reply_do_not_stop_the_daemon() {
     let reply = daemon.control(r#"{"request":"routing","line":"status"}"#);
 
     assert_eq!(reply["line"], "ok host 0x3fff");
-    assert!(daemon.child.try_wait().unwrap().is_none(), "daemon alive");
+    assert!(
+        daemon.serve.child.try_wait().unwrap().is_none(),
+        "daemon alive"
+    );
 }
