@@ -7,17 +7,16 @@
 //! the controller on vfio-pci until the VM stops (issue 11).
 
 mod qemu_support;
+mod serve_support;
 mod vfio_support;
 
-use assert_cmd::cargo::CommandCargoExt;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use usbroute::vfio::{self, BindOptions};
 use vfio_support::{pci, state, FixtureDriverCore, Tree};
 
 /// `usbroute serve` on `tree` with `config`, killed on drop.
 struct Serve {
-    child: Child,
+    daemon: serve_support::Serve,
     dir: tempfile::TempDir,
 }
 
@@ -25,55 +24,27 @@ impl Serve {
     fn start(tree: &Tree, config: &str, extra: &[&str]) -> Serve {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("usbroute.toml"), config).unwrap();
-        let child = Command::cargo_bin("usbroute")
-            .unwrap()
-            .args(["serve", "-v"])
+        let daemon = serve_support::Serve::at(dir.path().join("control.sock"))
+            .args(&["-v"])
             .args(extra)
-            .arg("--config")
-            .arg(dir.path().join("usbroute.toml"))
-            .arg("--control")
-            .arg(dir.path().join("control.sock"))
-            .arg("--sysfs-root")
-            .arg(tree.dir.path())
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let serve = Serve { child, dir };
-        serve.wait_until("the control socket", |s| {
-            std::os::unix::net::UnixStream::connect(s.dir.path().join("control.sock")).is_ok()
-        });
-        serve
+            .config(dir.path().join("usbroute.toml"))
+            .sysfs_root(tree.dir.path())
+            .start();
+        Serve { daemon, dir }
     }
 
     fn wait_until(&self, what: &str, ok: impl Fn(&Serve) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !ok(self) {
-            assert!(Instant::now() < deadline, "waited 10 s for {what}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.daemon
+            .wait_until(Duration::from_secs(10), what, || ok(self));
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        let out = Command::cargo_bin("usbroute")
-            .unwrap()
-            .arg("--control")
-            .arg(self.dir.path().join("control.sock"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "usbroute {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        self.daemon.cli(args)
     }
 
     /// `status --json`'s `controllers`, as (pci, vm, ok, message).
     fn controllers(&self) -> Vec<(String, String, bool, String)> {
-        let status: serde_json::Value =
-            serde_json::from_str(&self.cli(&["status", "--json"])).unwrap();
-        status["controllers"]
+        self.daemon.status()["controllers"]
             .as_array()
             .unwrap()
             .iter()
@@ -90,13 +61,6 @@ impl Serve {
 
     fn write_config(&self, config: &str) {
         std::fs::write(self.dir.path().join("usbroute.toml"), config).unwrap();
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -6,17 +6,18 @@
 //! QEMU gets two QMP monitors: one for the daemon, one the test reads through, so the test
 //! never competes with the daemon for a connection.
 
-use assert_cmd::cargo::CommandCargoExt;
 use clap::Parser;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod qemu_support;
+mod serve_support;
 use qemu_support::QemuAt;
+use serve_support::{wait_until, Serve};
 
 /// The ids usbroute derives for the two devices the rules pass.
 const EXPECTED: [&str; 2] = ["usbroute-id-46f4-0001", "usbroute-port-1-2.1"];
@@ -87,64 +88,31 @@ impl Bed {
         status["vms"][0]["up"] == true && status["at_rest"] == true
     }
 
-    fn daemon(&self) -> Killed {
+    fn daemon(&self) -> Serve {
         self.daemon_with(&[])
     }
 
-    fn daemon_with(&self, extra: &[&str]) -> Killed {
+    fn daemon_with(&self, extra: &[&str]) -> Serve {
         self.daemon_on(Path::new(FIXTURE), extra)
     }
 
     /// The daemon reading sysfs under `sysfs` (a copy of the fixture a test may break).
-    fn daemon_on(&self, sysfs: &Path, extra: &[&str]) -> Killed {
-        let child = Command::cargo_bin("usbroute")
-            .unwrap()
-            .args(["serve", "-vv"])
+    fn daemon_on(&self, sysfs: &Path, extra: &[&str]) -> Serve {
+        Serve::at(self.path("control.sock"))
+            .args(&["-vv"])
             .args(extra)
-            .arg("--config")
-            .arg(self.path("usbroute.toml"))
-            .arg("--sysfs-root")
-            .arg(sysfs)
-            .arg("--control")
-            .arg(self.path("control.sock"))
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_until(
-            Duration::from_secs(10),
-            "the daemon's control socket",
-            || UnixStream::connect(self.path("control.sock")).is_ok(),
-        );
-        Killed(child)
+            .config(self.path("usbroute.toml"))
+            .sysfs_root(sysfs)
+            .start()
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        let out = Command::cargo_bin("usbroute")
-            .unwrap()
-            .arg("--control")
-            .arg(self.path("control.sock"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "usbroute {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        serve_support::cli(&self.path("control.sock"), args)
     }
 
     /// `usbroute ARGS` that must fail: its stderr.
     fn cli_fails(&self, args: &[&str]) -> String {
-        let out = Command::cargo_bin("usbroute")
-            .unwrap()
-            .arg("--control")
-            .arg(self.path("control.sock"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "usbroute {args:?} succeeded");
-        String::from_utf8(out.stderr).unwrap()
+        serve_support::cli_fails(&self.path("control.sock"), args)
     }
 
     /// The usb-host ids QEMU has, read through the probe monitor (none while that
@@ -191,30 +159,6 @@ impl Bed {
             self.usb_hosts() == EXPECTED
         });
         start.elapsed()
-    }
-}
-
-struct Killed(Child);
-
-impl Killed {
-    fn kill(mut self) {
-        self.0.kill().unwrap();
-        self.0.wait().unwrap();
-    }
-}
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_until(within: Duration, what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !ok() {
-        assert!(Instant::now() < deadline, "waited {within:?} for {what}");
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -458,11 +402,7 @@ fn sighup_with_a_new_rule_attaches_its_device() {
     config.push_str("\n[[rule]]\nvm = \"guest\"\nmatch = \"port:1-4\"\nby = \"port\"\n");
     std::fs::write(bed.path("usbroute.toml"), config).unwrap();
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
 
     wait_until(
         Duration::from_secs(10),

@@ -41,6 +41,31 @@ pub fn wait_until(within: Duration, what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// `usbroute --control CONTROL`, to add arguments to.
+pub fn command(control: &Path) -> Command {
+    let mut command = Command::cargo_bin("usbroute").expect("the usbroute binary");
+    command.arg("--control").arg(control);
+    command
+}
+
+/// `usbroute --control CONTROL ARGS` that must succeed: its stdout.
+pub fn cli(control: &Path, args: &[&str]) -> String {
+    let out = command(control).args(args).output().expect("run usbroute");
+    assert!(
+        out.status.success(),
+        "usbroute {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 stdout")
+}
+
+/// `usbroute --control CONTROL ARGS` that must fail: its stderr.
+pub fn cli_fails(control: &Path, args: &[&str]) -> String {
+    let out = command(control).args(args).output().expect("run usbroute");
+    assert!(!out.status.success(), "usbroute {args:?} succeeded");
+    String::from_utf8(out.stderr).expect("UTF-8 stderr")
+}
+
 /// How to start `usbroute serve`: `Serve::at(control)`, then what it needs.
 pub struct ServeCommand {
     control: PathBuf,
@@ -185,9 +210,7 @@ impl Serve {
 
     /// `usbroute --control SOCKET`, to add arguments to.
     pub fn command(&self) -> Command {
-        let mut command = Command::cargo_bin("usbroute").expect("the usbroute binary");
-        command.arg("--control").arg(&self.control);
-        command
+        command(&self.control)
     }
 
     /// `usbroute --control SOCKET ARGS`, whatever it gives.
@@ -197,20 +220,12 @@ impl Serve {
 
     /// `usbroute --control SOCKET ARGS` that must succeed: its stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = self.cli_output(args);
-        assert!(
-            out.status.success(),
-            "usbroute {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("UTF-8 stdout")
+        cli(&self.control, args)
     }
 
     /// `usbroute --control SOCKET ARGS` that must fail: its stderr.
     pub fn cli_fails(&self, args: &[&str]) -> String {
-        let out = self.cli_output(args);
-        assert!(!out.status.success(), "usbroute {args:?} succeeded");
-        String::from_utf8(out.stderr).expect("UTF-8 stderr")
+        cli_fails(&self.control, args)
     }
 
     /// `status --json`.
