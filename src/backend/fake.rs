@@ -237,12 +237,6 @@ pub struct FakeVm {
     dropped: watch::Sender<bool>,
 }
 
-/// How a call met the fault queue and the connection.
-enum Verdict {
-    Go(Option<Fault>),
-    Fail(BackendError),
-}
-
 impl FakeVm {
     /// The VM's name.
     pub fn vm_name(&self) -> &str {
@@ -352,20 +346,24 @@ impl FakeVm {
 
     /// Wait while hanging, take the jitter's turns, then check the connection and take the
     /// first queued fault meant for `call`; `record` goes into the call log.
-    async fn arrive(&self, call: Call, record: Option<String>) -> Verdict {
+    async fn arrive(
+        &self,
+        call: Call,
+        record: Option<String>,
+    ) -> Result<Option<Fault>, BackendError> {
         let mut hanging = self.hanging.subscribe();
         let _ = hanging.wait_for(|h| !*h).await;
         self.host.delay().await;
         let fault = {
             let mut state = self.host.lock();
             let Some(vm) = state.vms.get_mut(&self.name) else {
-                return Verdict::Fail(self.unreachable("no such VM"));
+                return Err(self.unreachable("no such VM"));
             };
             if !vm.up || vm.incarnation != self.incarnation {
-                return Verdict::Fail(self.unreachable("the VM process is gone"));
+                return Err(self.unreachable("the VM process is gone"));
             }
             if *self.dropped.borrow() {
-                return Verdict::Fail(self.unreachable("the connection dropped"));
+                return Err(self.unreachable("the connection dropped"));
             }
             vm.calls.extend(record);
             let at = vm
@@ -378,18 +376,17 @@ impl FakeVm {
             Some(Fault::Hang) => std::future::pending().await,
             Some(Fault::DropConnection) => {
                 self.dropped.send_replace(true);
-                Verdict::Fail(self.unreachable("the connection dropped"))
+                Err(self.unreachable("the connection dropped"))
             }
-            other => Verdict::Go(other),
+            other => Ok(other),
         }
     }
 
     async fn list_now(&self) -> Result<Vec<VmUsbDevice>, BackendError> {
-        match self.arrive(Call::List, None).await {
-            Verdict::Fail(e) => Err(e),
-            Verdict::Go(Some(Fault::Refuse)) => Err(self.refused("refused a listing".into())),
-            Verdict::Go(Some(_)) => Err(self.lost_answer("qom-list")),
-            Verdict::Go(None) => Ok(self.devices()),
+        match self.arrive(Call::List, None).await? {
+            Some(Fault::Refuse) => Err(self.refused("refused a listing".into())),
+            Some(_) => Err(self.lost_answer("qom-list")),
+            None => Ok(self.devices()),
         }
     }
 
@@ -410,13 +407,9 @@ impl FakeVm {
             return Err(self.refused(format!("{what} lacks what --by {mode:?} needs")));
         };
         let id = key.to_id();
-        let fault = match self
+        let fault = self
             .arrive(Call::Attach, Some(format!("attach {id}")))
-            .await
-        {
-            Verdict::Fail(e) => return Err(e),
-            Verdict::Go(fault) => fault,
-        };
+            .await?;
         if fault == Some(Fault::Refuse) {
             return Err(self.refused(format!(
                 "cannot attach {what}: QEMU said \"failed to open host usb device\" \
@@ -430,7 +423,7 @@ impl FakeVm {
             let listed = listing(&state, &state.vms[&self.name]);
             listed.into_iter().find(|d| d.id == id)
         } else {
-            let matcher = match_of_key(&key);
+            let matcher = key.host_match();
             let on_host = state.devices.values().any(|d| matches(&matcher, d));
             if mode == AttachMode::Address && !on_host {
                 return Err(self.refused(format!(
@@ -467,13 +460,9 @@ impl FakeVm {
     }
 
     async fn detach_now(&self, id: &str) -> Result<(), BackendError> {
-        let fault = match self
+        let fault = self
             .arrive(Call::Detach, Some(format!("detach {id}")))
-            .await
-        {
-            Verdict::Fail(e) => return Err(e),
-            Verdict::Go(fault) => fault,
-        };
+            .await?;
         if fault == Some(Fault::Refuse) {
             return Err(self.refused(format!(
                 "the guest refused to release device `{id}` (a fault injected by the fake)"
@@ -539,27 +528,6 @@ fn matches(matcher: &HostMatch, device: &Device) -> bool {
             product_id,
         } => device.vendor_id == Some(*vendor_id) && device.product_id == Some(*product_id),
         HostMatch::Other {} => false,
-    }
-}
-
-/// What a usb-host made for `key` matches on (as QEMU's listing reads it back).
-fn match_of_key(key: &AttachKey) -> HostMatch {
-    match key {
-        AttachKey::Address { bus, address } => HostMatch::Address {
-            bus: *bus,
-            address: *address,
-        },
-        AttachKey::Port(port) => HostMatch::Port {
-            bus: port.bus,
-            port: port.chain(),
-        },
-        AttachKey::Id {
-            vendor_id,
-            product_id,
-        } => HostMatch::Id {
-            vendor_id: *vendor_id,
-            product_id: *product_id,
-        },
     }
 }
 

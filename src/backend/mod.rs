@@ -270,6 +270,27 @@ impl AttachKey {
         }
     }
 
+    /// What a usb-host device made for this key matches on (as a listing reads it back).
+    pub fn host_match(&self) -> HostMatch {
+        match self {
+            AttachKey::Address { bus, address } => HostMatch::Address {
+                bus: *bus,
+                address: *address,
+            },
+            AttachKey::Port(port) => HostMatch::Port {
+                bus: port.bus,
+                port: port.chain(),
+            },
+            AttachKey::Id {
+                vendor_id,
+                product_id,
+            } => HostMatch::Id {
+                vendor_id: *vendor_id,
+                product_id: *product_id,
+            },
+        }
+    }
+
     /// Could a usb-host device with this key be holding `device`? (A kind key may hold any
     /// device of that kind.)
     pub fn refers_to(&self, device: &Device) -> bool {

@@ -115,23 +115,7 @@ pub fn match_from_properties(
 
 /// What a usb-host created for `key` matches on.
 pub fn match_of_key(key: &AttachKey) -> HostMatch {
-    match key {
-        AttachKey::Address { bus, address } => HostMatch::Address {
-            bus: *bus,
-            address: *address,
-        },
-        AttachKey::Port(port) => HostMatch::Port {
-            bus: port.bus,
-            port: port.chain(),
-        },
-        AttachKey::Id {
-            vendor_id,
-            product_id,
-        } => HostMatch::Id {
-            vendor_id: *vendor_id,
-            product_id: *product_id,
-        },
-    }
+    key.host_match()
 }
 
 #[cfg(test)]
