@@ -1,5 +1,5 @@
 //! One entry point per parser of outside input, for the libFuzzer targets in `fuzz/` and
-//! for `tests/fuzz_seeds.rs`, which replays the committed seed corpora under `cargo test`.
+//! for `tests/quick/fuzz_seeds.rs`, which replays the committed seed corpora under `cargo test`.
 //!
 //! Each function takes the raw bytes an attacker or a faulty peer could send, runs them
 //! through the same code the daemon runs, and panics when an invariant breaks: beyond

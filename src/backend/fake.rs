@@ -1,6 +1,6 @@
 //! One fake VM beside the [`VmBackend`] trait, for the tests and benches of everything
 //! above the backends (engine, daemon models). It behaves like QEMU as far as the engine
-//! can see, and `tests/backend_contract.rs` runs the same cases against it and against a
+//! can see, and `tests/real_qemu/backend_contract.rs` runs the same cases against it and against a
 //! real `qemu-system-x86_64` so it cannot drift:
 //!
 //! - ids are our [`AttachKey`] ids; an attach of an id the VM has already changes nothing

@@ -1,5 +1,5 @@
 //! The fake VM's own behaviour: its faults and its host. What it shares with QEMU is
-//! pinned by `tests/backend_contract.rs` against both.
+//! pinned by `tests/real_qemu/backend_contract.rs` against both.
 
 use super::*;
 use crate::inventory::HexId;

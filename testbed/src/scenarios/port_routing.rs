@@ -5,7 +5,7 @@
 //! Not proven here: writes and port moves. QEMU does not emulate Intel's XUSB2PR (its
 //! xHCI is 1b36:000d and reads 0 at 0xD0), and usbroute never writes to a controller it
 //! does not know to be switchable. The write path is proven on config-space fixtures
-//! (tests/routing_registers.rs: only 0xD0-0xD1 and 0xD8-0xDB ever change); a port moving
+//! (tests/quick/routing_registers.rs: only 0xD0-0xD1 and 0xD8-0xDB ever change); a port moving
 //! between controllers is shown only on real Intel 7/8/9-series or X99 hardware.
 
 use crate::bed::Bed;

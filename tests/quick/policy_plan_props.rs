@@ -1,0 +1,155 @@
+//! Properties of the plan over random devices, rules and VM states.
+
+use crate::policy_support;
+
+use policy_support::{device, hub, with_id};
+use proptest::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+use usbroute::backend::AttachMode;
+use usbroute::inventory::Device;
+use usbroute::policy::{plan, Placement, PlanInput, Rule, RuleAction};
+
+const PORTS: [&str; 6] = ["1-1", "1-2", "1-3", "1-3.1", "1-3.2", "2-1"];
+const SELECTORS: [&str; 7] = [
+    "port:1-1",
+    "hub:1-3",
+    "id:046d:*",
+    "id:0781:5567",
+    "class:03",
+    "port:1-3",
+    "1-3.1",
+];
+const MODES: [AttachMode; 3] = [AttachMode::Address, AttachMode::Port, AttachMode::Id];
+
+fn devices() -> impl Strategy<Value = Vec<Device>> {
+    prop::collection::btree_map(
+        0..PORTS.len(),
+        (0..3u8, any::<bool>(), any::<bool>()),
+        0..=PORTS.len(),
+    )
+    .prop_map(|m| {
+        m.into_iter()
+            .enumerate()
+            .map(|(n, (port, (kind, nic, disk)))| {
+                let address = n as u16 + 2;
+                let mut d = match kind {
+                    0 => device(PORTS[port], address),
+                    1 => with_id(device(PORTS[port], address), 0x0781, 0x5567),
+                    _ => hub(PORTS[port], address),
+                };
+                d.netdevs = if nic { vec!["usb0".into()] } else { vec![] };
+                d.block_devices = if disk { vec![format!("sd{n}")] } else { vec![] };
+                d
+            })
+            .collect()
+    })
+}
+
+fn rules() -> impl Strategy<Value = Vec<Rule>> {
+    prop::collection::vec(
+        (
+            0..SELECTORS.len(),
+            prop::option::weighted(0.8, 0..2usize),
+            0..3usize,
+            0..3i64,
+            any::<bool>(),
+        ),
+        0..6,
+    )
+    .prop_map(|specs| {
+        specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (sel, vm, mode, priority, force))| {
+                let selector = SELECTORS[sel].parse().expect("selector");
+                let mut r = match vm {
+                    Some(v) => Rule::pass(i, selector, ["a", "b"][v], MODES[mode]),
+                    None => Rule::forbid(i, selector),
+                };
+                r.priority = priority;
+                r.force = force;
+                r
+            })
+            .collect()
+    })
+}
+
+#[derive(Debug)]
+struct World {
+    devices: Vec<Device>,
+    rules: Vec<Rule>,
+    up: BTreeSet<String>,
+    mounted: BTreeSet<String>,
+}
+
+fn world() -> impl Strategy<Value = World> {
+    (
+        devices(),
+        rules(),
+        any::<(bool, bool)>(),
+        prop::collection::btree_set(0..6usize, 0..3),
+    )
+        .prop_map(|(devices, rules, (a, b), mounted)| World {
+            devices,
+            rules,
+            up: [("a", a), ("b", b)]
+                .into_iter()
+                .filter(|(_, u)| *u)
+                .map(|(n, _)| n.to_string())
+                .collect(),
+            mounted: mounted.into_iter().map(|n| format!("sd{n}")).collect(),
+        })
+}
+
+fn run(w: &World, devices: &[Device]) -> usbroute::policy::Desired {
+    plan(&PlanInput {
+        rules: &w.rules,
+        devices,
+        mounted_disks: &w.mounted,
+        vms_up: &w.up,
+        overrides: &BTreeMap::new(),
+        controllers_owned: &BTreeMap::new(),
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn plan_does_not_depend_on_device_order(w in world()) {
+        let reversed: Vec<Device> = w.devices.iter().rev().cloned().collect();
+        prop_assert_eq!(run(&w, &w.devices), run(&w, &reversed));
+    }
+
+    #[test]
+    fn plan_respects_hubs_forbids_protections_and_running_vms(w in world()) {
+        let desired = run(&w, &w.devices);
+        for d in &w.devices {
+            let Placement::Vm { vm, mode } = &desired.devices[&d.port].placement else { continue };
+            let matching: Vec<&Rule> = w.rules.iter().filter(|r| r.selector.matches(d)).collect();
+            let decider = matching.iter().filter(|r| matches!(&r.action, RuleAction::Pass { vm: v, mode: m } if v == vm && m == mode)).map(|r| r.priority).max();
+            let top = matching.iter().filter(|r| r.action != RuleAction::Forbid).map(|r| r.priority).max();
+            let forced = matching.iter().any(|r| r.force && matches!(&r.action, RuleAction::Pass { vm: v, .. } if v == vm));
+            let mounted = d.block_devices.iter().any(|b| w.mounted.contains(b));
+            prop_assert!(!d.hub, "hub {} placed on {vm}", d.port);
+            prop_assert!(w.up.contains(vm), "{} placed on stopped VM {vm}", d.port);
+            prop_assert!(!matching.iter().any(|r| r.action == RuleAction::Forbid), "forbidden {} placed", d.port);
+            prop_assert!(forced || (d.netdevs.is_empty() && !mounted), "protected {} placed without force", d.port);
+            prop_assert_eq!(decider, top, "{} not placed by a top-priority rule", d.port);
+        }
+    }
+
+    #[test]
+    fn plan_places_each_kind_by_id_on_at_most_one_device(w in world()) {
+        let desired = run(&w, &w.devices);
+        let mut by_kind: BTreeMap<(Option<u16>, Option<u16>), Vec<&Placement>> = BTreeMap::new();
+        for d in &w.devices {
+            by_kind.entry((d.vendor_id.map(|v| v.0), d.product_id.map(|p| p.0))).or_default().push(&desired.devices[&d.port].placement);
+        }
+        for placements in by_kind.values() {
+            let by_id = placements.iter().filter(|p| matches!(p, Placement::Vm { mode: AttachMode::Id, .. })).count();
+            let on_vm = placements.iter().filter(|p| matches!(p, Placement::Vm { .. })).count();
+            prop_assert!(by_id == 0 || on_vm == 1, "a kind attached by id shares with {on_vm} placed devices");
+        }
+    }
+}
