@@ -267,10 +267,10 @@ fn serve_leaves_alone_a_vm_whose_backend_this_build_lacks_and_says_so_once() {
         dir.path(),
         "[[vm]]\nname = \"lab\"\nqmp = \"/nonexistent/lab.qmp\"\n\n[[vm]]\nname = \"dom1\"\nxen = \"dom1\"\n",
     );
-    let mut daemon = Daemon::start(dir.path(), &[], None);
+    let mut daemon = start(dir.path(), None);
 
-    let reload = daemon.cli(&["reload"]);
-    let out = daemon.cli(&["status", "--json"]);
+    let reload = daemon.cli_output(&["reload"]);
+    let out = daemon.cli_output(&["status", "--json"]);
     let log = daemon.stop();
 
     assert!(
