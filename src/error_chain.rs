@@ -124,4 +124,14 @@ mod tests {
         };
         assert_cause_printed_once(&err);
     }
+
+    #[test]
+    fn qmp_connect_error_leaves_the_os_error_to_the_chain_and_says_when_nothing_listens() {
+        let err = crate::backend::qemu::qmp::QmpError::Connect {
+            path: PathBuf::from("/run/vm.qmp"),
+            source: std::sync::Arc::new(enoent()),
+        };
+        assert_cause_printed_once(&err);
+        assert!(err.is_socket_missing());
+    }
 }

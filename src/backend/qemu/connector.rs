@@ -32,7 +32,7 @@ impl VmConnector for QemuConnector {
                 .await
                 .map_err(|e| BackendError::Unreachable {
                     vm: name.to_string(),
-                    reason: e.to_string(),
+                    reason: crate::error_chain::one_line(&e),
                 })?;
             let mut events = conn.events();
             let closed = Box::pin(async move {

@@ -104,7 +104,7 @@ impl QemuBackend {
             .await
             .map_err(|e| BackendError::Unreachable {
                 vm: name.clone(),
-                reason: e.to_string(),
+                reason: crate::error_chain::one_line(&e),
             })?;
         Ok(Self::new(name, qmp, options))
     }
@@ -417,7 +417,7 @@ impl QemuBackend {
             QmpError::Command { .. } => self.refused(e.to_string()),
             other => BackendError::Unreachable {
                 vm: self.name.clone(),
-                reason: other.to_string(),
+                reason: crate::error_chain::one_line(&other),
             },
         }
     }

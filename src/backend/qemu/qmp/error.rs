@@ -1,6 +1,7 @@
 //! What can go wrong talking QMP.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Something went wrong talking to QEMU over QMP. Every message names the command and
 /// says what to check.
@@ -8,14 +9,15 @@ use std::path::PathBuf;
 pub enum QmpError {
     /// The socket could not be opened.
     #[error(
-        "Cannot connect to the QMP socket {path}: {reason}; is QEMU running with \
-         `-qmp unix:{path},server=on,wait=off` and may this user open it?"
+        "Cannot connect to the QMP socket {path} (is QEMU running with \
+         `-qmp unix:{path},server=on,wait=off`, and may this user open it?)"
     )]
     Connect {
         /// The socket path.
         path: PathBuf,
-        /// The operating system's words.
-        reason: String,
+        /// Why connect(2) failed (shared: the error is cloned to every waiter).
+        #[source]
+        source: Arc<std::io::Error>,
     },
     /// The first message was not a QMP greeting.
     #[error("Expected a QMP greeting ({{\"QMP\": ...}}) but got {got}; is this a QMP socket (not an HMP monitor or serial console)?")]
@@ -102,12 +104,13 @@ pub enum QmpError {
         seconds: f64,
     },
     /// Reading or writing the socket failed.
-    #[error("QMP socket I/O failed{}: {reason}", waiting_for(.command))]
+    #[error("QMP socket I/O failed{}", waiting_for(.command))]
     Io {
         /// The command being sent or waited for, if any.
         command: Option<String>,
-        /// The operating system's words.
-        reason: String,
+        /// The operating system's error (shared: the error is cloned to every waiter).
+        #[source]
+        source: Arc<std::io::Error>,
     },
     /// Passing a file descriptor needs a Unix socket; this connection is something else.
     #[error("Cannot pass a file descriptor with `{command}`: this QMP connection is not a Unix socket (fd passing needs SCM_RIGHTS)")]
@@ -129,9 +132,15 @@ impl QmpError {
                 limit,
                 command,
             },
-            QmpError::Io { reason, .. } => QmpError::Io { command, reason },
+            QmpError::Io { source, .. } => QmpError::Io { command, source },
             other => other,
         }
+    }
+
+    /// `true` when nothing listens at the socket path (no file there: QEMU not started
+    /// yet, or gone), as opposed to a socket that exists but refuses.
+    pub fn is_socket_missing(&self) -> bool {
+        matches!(self, QmpError::Connect { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
     }
 
     /// `true` when the connection is gone (closed, broken by garbage, or failed I/O):

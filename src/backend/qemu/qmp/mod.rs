@@ -120,7 +120,7 @@ impl Qmp {
             .await
             .map_err(|e| QmpError::Connect {
                 path: path.to_path_buf(),
-                reason: e.to_string(),
+                source: std::sync::Arc::new(e),
             })?;
         let peer = stream.peer_cred().ok().map(|c| PeerCredentials {
             pid: c.pid(),
@@ -312,7 +312,7 @@ impl Qmp {
                 } else {
                     QmpError::Io {
                         command: None,
-                        reason: e.to_string(),
+                        source: std::sync::Arc::new(e),
                     }
                 };
                 return Err(self.broken_or(fallback).for_command(command));

@@ -187,7 +187,7 @@ pub(crate) async fn run<R: AsyncRead + Unpin>(
             Err(e) => {
                 break QmpError::Io {
                     command: None,
-                    reason: e.to_string(),
+                    source: std::sync::Arc::new(e),
                 }
             }
         };
