@@ -28,14 +28,12 @@ pub use problems::{ConfigError, KeyProblem, Problem};
 pub use routing::{check_routing_config, check_routing_config_at, vm_links};
 pub use vm::VmConfig;
 
-use crate::inventory::PciAddress;
 use crate::policy::Rule;
 use crate::routing::RoutingConfig;
 use crate::toggle::ToggleConfig;
 use crate::vfio::ControllerRule;
 use problems::Report;
 use serde::Deserialize;
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
@@ -161,17 +159,5 @@ impl Config {
     /// The VM named `name`.
     pub fn vm(&self, name: &str) -> Option<&VmConfig> {
         self.vms.iter().find(|v| v.name == name)
-    }
-
-    /// The `[[controller]]` assignments in force: those whose VM is running, each rule's own
-    /// function only (no sysfs read). The daemon holds each rule's whole IOMMU group instead
-    /// ([`crate::vfio::held_functions`]) for the plan's
-    /// [`PlanInput::controllers_owned`](crate::policy::PlanInput::controllers_owned).
-    pub fn controllers_owned(&self, vms_up: &BTreeSet<String>) -> BTreeMap<PciAddress, String> {
-        self.controllers
-            .iter()
-            .filter(|c| vms_up.contains(&c.vm))
-            .map(|c| (c.pci, c.vm.clone()))
-            .collect()
     }
 }

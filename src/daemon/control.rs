@@ -4,13 +4,14 @@
 
 use super::event_loop::Daemon;
 use super::protocol::{
-    DeviceStatus, ErrorKind, Pending, Reply, Request, RuleVerdict, StatusReport, VmStatus,
-    WhyDevice, WhyReport,
+    ControllerStatus, DeviceStatus, ErrorKind, Pending, Reply, Request, RuleVerdict, StatusReport,
+    VmStatus, WhyDevice, WhyReport,
 };
-use crate::backend::{AttachKey, AttachMode};
+use crate::backend::AttachMode;
 use crate::engine::coordinator::{EngineHandle, Input as EngineInput, Status};
+use crate::engine::Settled;
 use crate::inventory::Device;
-use crate::policy::{Override, OverrideAction, Placement, RuleAction, RuleMatch};
+use crate::policy::{Override, OverrideAction, RuleMatch};
 use crate::selector::Selector;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -62,49 +63,13 @@ impl Daemon {
     fn status(&self) -> StatusReport {
         let engine = self.engine.status();
         let s = engine.borrow();
-        let devices = self
-            .snapshot
-            .devices
+        let up = self
+            .vms
             .iter()
-            .filter_map(|d| {
-                let decision = s.desired.devices.get(&d.port)?;
-                Some(DeviceStatus {
-                    port: d.port.to_string(),
-                    address: d.address.map(|a| format!("{}:{a}", d.bus)),
-                    label: d.label(),
-                    location: holder(&s, d).unwrap_or_else(|| "host".into()),
-                    desired: decision.placement.to_string(),
-                    reason: decision.reason.to_string(),
-                    manual_override: s.overrides.get(&d.port).map(|o| match &o.action {
-                        OverrideAction::Detach => "detach".to_string(),
-                        OverrideAction::Attach { vm, .. } => format!("attach:{vm}"),
-                    }),
-                    pending: s
-                        .pending
-                        .iter()
-                        .find(|p| AttachKey::from_id(&p.id).is_some_and(|k| k.refers_to(d)))
-                        .map(|p| Pending {
-                            action: format!("{} in VM {}", p.id, p.vm),
-                            attempts: p.failures,
-                            last_error: p.last_error.clone(),
-                        }),
-                })
-            })
-            .collect();
-        let at_rest = s.busy.is_empty()
-            && s.pending.is_empty()
-            && s.desired.devices.len() == self.snapshot.devices.len()
-            && self
-                .snapshot
-                .devices
-                .iter()
-                .all(|d| s.desired.devices.contains_key(&d.port))
-            && self
-                .vms
-                .iter()
-                .all(|(name, v)| !v.up || s.vms.contains_key(name));
+            .filter(|(_, v)| v.up)
+            .map(|(name, _)| name.as_str());
         StatusReport {
-            at_rest,
+            at_rest: s.at_rest(&self.snapshot.devices, up),
             config: self.config.origin.as_ref().map(|p| p.display().to_string()),
             dry_run: self.options.dry_run,
             vms: self
@@ -127,8 +92,22 @@ impl Daemon {
                         .unwrap_or_default(),
                 })
                 .collect(),
-            devices,
-            controllers: self.controllers.values().cloned().collect(),
+            devices: self
+                .snapshot
+                .devices
+                .iter()
+                .map(|d| device_status(&s, d))
+                .collect(),
+            controllers: s
+                .controllers
+                .iter()
+                .map(|o| ControllerStatus {
+                    pci: o.pci.to_string(),
+                    vm: o.vm.clone(),
+                    ok: o.ok,
+                    message: o.message.clone(),
+                })
+                .collect(),
             sysfs_error: self.scan_failure.as_ref().map(ToString::to_string),
             routing: s.routing.clone(),
         }
@@ -210,7 +189,11 @@ impl Daemon {
         // Without `by`: how a rule passing this device to that VM would attach it, else
         // by address.
         let to = to.map(|(vm, by)| {
-            let mode = by.unwrap_or_else(|| self.rule_mode(&device, &vm).unwrap_or_default());
+            let mode = by.unwrap_or_else(|| {
+                let rules = self.engine.status();
+                let mode = rules.borrow().rule_mode(&device, &vm);
+                mode.unwrap_or_default()
+            });
             (vm, mode)
         });
         let action = match &to {
@@ -237,46 +220,38 @@ impl Daemon {
     }
 }
 
-impl Daemon {
-    /// The attach mode of the first rule that passes `device` to `vm`.
-    fn rule_mode(&self, device: &Device, vm: &str) -> Option<AttachMode> {
-        self.config
-            .rules
-            .iter()
-            .find_map(|rule| match &rule.action {
-                RuleAction::Pass { vm: v, mode } if v == vm && rule.selector.matches(device) => {
-                    Some(*mode)
-                }
-                _ => None,
-            })
+/// One device present on the host, as `status` shows it. A device the engine has not
+/// planned yet (it appeared after the engine's last round) is shown as `planning`.
+fn device_status(s: &Status, d: &Device) -> DeviceStatus {
+    let state = s.device(d);
+    let (desired, reason) = match state.decision {
+        Some(decision) => (decision.placement.to_string(), decision.reason.to_string()),
+        None => (
+            PLANNING.to_string(),
+            "just seen: the daemon has not decided about it yet".to_string(),
+        ),
+    };
+    DeviceStatus {
+        port: d.port.to_string(),
+        address: d.address.map(|a| format!("{}:{a}", d.bus)),
+        label: d.label(),
+        location: state.holder.unwrap_or_else(|| "host".into()),
+        desired,
+        reason,
+        manual_override: state.manual_override.map(|o| match &o.action {
+            OverrideAction::Detach => "detach".to_string(),
+            OverrideAction::Attach { vm, .. } => format!("attach:{vm}"),
+        }),
+        pending: state.pending.map(|p| Pending {
+            action: format!("{} in VM {}", p.id, p.vm),
+            attempts: p.failures,
+            last_error: p.last_error.clone(),
+        }),
     }
 }
 
-/// Who holds `device` now: the VM with a usb-host of ours for it. By port or id QEMU
-/// holds the place even while it (re)connects the device; by address an entry that lost
-/// its device is stale and holds nothing.
-/// By id, QEMU holds a kind, not a device: it counts for the device the plan sent there.
-fn holder(s: &Status, device: &Device) -> Option<String> {
-    let planned_vm = match s.desired.devices.get(&device.port).map(|d| &d.placement) {
-        Some(Placement::Vm { vm, .. }) => Some(vm.as_str()),
-        _ => None,
-    };
-    s.vms.iter().find_map(|(vm, view)| {
-        view.devices
-            .iter()
-            .any(|e| {
-                AttachKey::from_id(&e.id).is_some_and(|k| {
-                    let held = match k.mode() {
-                        AttachMode::Address => e.attached,
-                        AttachMode::Port => true,
-                        AttachMode::Id => planned_vm == Some(vm.as_str()),
-                    };
-                    held && k.refers_to(device)
-                })
-            })
-            .then(|| vm.clone())
-    })
-}
+/// `desired` of a device the engine has not planned yet.
+const PLANNING: &str = "planning";
 
 /// What an `attach`/`detach` request waits for.
 struct Confirmation {
@@ -323,34 +298,25 @@ impl Confirmation {
 
     fn settled(&self, s: &Status) -> Option<Reply> {
         let port = &self.device.port;
-        // Until the engine has taken the override in, its status answers an older question.
-        let expected = match &self.to {
-            Some((vm, mode)) => OverrideAction::Attach {
-                vm: vm.clone(),
-                mode: *mode,
-                force: false,
-            },
-            None => OverrideAction::Detach,
-        };
-        if s.overrides.get(port).map(|o| &o.action) != Some(&expected) {
-            return None;
-        }
-        let decision = s.desired.devices.get(port)?;
-        // An attach in flight already shows as held (so no other VM gets the device); only
-        // once the VM is no longer busy has it listed the device itself.
-        let here = holder(s, &self.device);
-        match (&self.to, &decision.placement) {
-            (None, _) if here.is_none() => Some(Reply::done(format!("{port} is on the host (until unplugged or a `clear` request)"))),
-            (Some((vm, _)), Placement::Vm { vm: planned, .. }) if planned == vm && here.as_deref() == Some(vm) && !s.busy.contains(vm) => {
-                Some(Reply::done(format!("{port} attached to VM {vm} (confirmed by the VM)")))
+        let to = self.to.as_ref().map(|(vm, mode)| (vm.as_str(), *mode));
+        Some(match s.settled(&self.device, to)? {
+            Settled::OnHost => Reply::done(format!(
+                "{port} is on the host (until unplugged or a `clear` request)"
+            )),
+            Settled::Attached { vm } => {
+                Reply::done(format!("{port} attached to VM {vm} (confirmed by the VM)"))
             }
-            (Some(_), Placement::Host) => Some(Reply::done(format!("override set, but {port} stays on the host for now: {}", decision.reason))),
-            _ => s
-                .pending
-                .iter()
-                .find(|p| AttachKey::from_id(&p.id).is_some_and(|k| k.refers_to(&self.device)))
-                .map(|p| Reply::error(ErrorKind::Failed, format!("{} in VM {} failed: {}; the daemon keeps retrying (see `usbroute status`)", p.id, p.vm, p.last_error))),
-        }
+            Settled::StaysOnHost { reason } => Reply::done(format!(
+                "override set, but {port} stays on the host for now: {reason}"
+            )),
+            Settled::Failed(p) => Reply::error(
+                ErrorKind::Failed,
+                format!(
+                    "{} in VM {} failed: {}; the daemon keeps retrying (see `usbroute status`)",
+                    p.id, p.vm, p.last_error
+                ),
+            ),
+        })
     }
 }
 
@@ -387,4 +353,48 @@ async fn why(engine: EngineHandle, devices: Vec<Device>, reply: oneshot::Sender<
         });
     }
     let _ = reply.send(Reply::Why(WhyReport { devices: out }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Decision, Placement, Reason};
+
+    #[test]
+    fn status_shows_a_device_the_engine_has_not_planned_yet_as_planning() {
+        let planned = Device {
+            address: Some(5),
+            ..Device::at("1-3".parse().unwrap())
+        };
+        let new = Device {
+            address: Some(6),
+            ..Device::at("1-4".parse().unwrap())
+        };
+        let mut s = Status::default();
+        s.desired.devices.insert(
+            planned.port.clone(),
+            Decision {
+                placement: Placement::Host,
+                reason: Reason::NoRule,
+            },
+        );
+
+        let rows: Vec<(String, String, String)> = [&planned, &new]
+            .into_iter()
+            .map(|d| device_status(&s, d))
+            .map(|row| (row.port, row.location, row.desired))
+            .collect();
+
+        assert_eq!(
+            rows,
+            [
+                ("1-3".to_string(), "host".to_string(), "host".to_string()),
+                (
+                    "1-4".to_string(),
+                    "host".to_string(),
+                    "planning".to_string()
+                ),
+            ]
+        );
+    }
 }

@@ -3,9 +3,8 @@
 //! [`crate::engine::coordinator`], which alone decides and acts; it answers control requests
 //! from the engine's published status, and keeps systemd informed.
 
-use super::controllers::{self, ControllerStep, Direction};
 use super::presence::{self, Presence};
-use super::protocol::{ControllerStatus, Reply, Request};
+use super::protocol::{Reply, Request};
 use super::routing_hooks::RoutingHooks;
 use super::server::{ControlGroup, ControlHandler, ControlServer, Peer, ServiceError};
 use crate::backend::qemu::socket_watch::SocketWatcher;
@@ -15,10 +14,10 @@ use crate::config::Config;
 use crate::engine::coordinator::{
     self as engine, EngineHandle, EngineOptions, Input as EngineInput,
 };
+use crate::engine::{ControllerConfig, VfioControllers};
 use crate::events::{Received, Trigger, UeventSocket};
-use crate::inventory::{self, PciAddress, ScanFailed, Snapshot};
+use crate::inventory::{self, ScanFailed, Snapshot};
 use crate::sysfs::SysfsRoot;
-use crate::vfio::{BindOptions, ControllerRule};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -63,7 +62,6 @@ pub enum DaemonError {
 pub(super) enum Input {
     Control(Request, oneshot::Sender<Reply>),
     SocketAppeared(String),
-    ControllersDone(Vec<ControllerStep>),
 }
 
 pub(super) struct VmPresence {
@@ -85,14 +83,11 @@ pub(super) struct Daemon {
     last_status: String,
     decisions: super::narrate::DecisionLog,
     pub(super) routing: RoutingHooks,
-    /// The last bind/restore of each `[[controller]]` rule's group, for `status`.
-    pub(super) controllers: BTreeMap<PciAddress, ControllerStatus>,
-    /// Held while a bind/restore batch runs, so two reloads never work on a group at once.
-    controller_work: Arc<std::sync::Mutex<()>>,
-    /// Removed rules whose VM was running: given back when that VM goes down.
-    held_for_vms: Vec<ControllerRule>,
     /// The config's VMs whose backend this build lacks (already said, not managed).
     without_backend: BTreeSet<String>,
+    /// The engine's count of finished controller batches at the last rescan: each batch
+    /// moves USB devices between the host and VMs.
+    controller_batches: u64,
     /// Why the last scan of sysfs failed: `snapshot` is then the last good one.
     pub(super) scan_failure: Option<ScanFailed>,
     /// When a failed scan is tried again (no uevent may come to trigger it).
@@ -119,10 +114,13 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         .transpose()?;
     let server = ControlServer::bind(&socket, group)?;
     let uevents = options.uevents.then(UeventSocket::open).transpose()?;
-    let (engine, _engine_task) = engine::spawn(EngineOptions {
-        dry_run: options.dry_run,
-        ..EngineOptions::default()
-    });
+    let (engine, _engine_task) = engine::spawn_with_controllers(
+        EngineOptions {
+            dry_run: options.dry_run,
+            ..EngineOptions::default()
+        },
+        Arc::new(VfioControllers::live(options.root.clone())),
+    );
     let routing = RoutingHooks::start(&options.root, &config, &engine).await?;
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
@@ -150,16 +148,12 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         last_status: String::new(),
         decisions: Default::default(),
         routing,
-        controllers: BTreeMap::new(),
-        controller_work: Arc::new(std::sync::Mutex::new(())),
-        held_for_vms: Vec::new(),
         without_backend: BTreeSet::new(),
+        controller_batches: 0,
         scan_failure: None,
         scan_retry: None,
     };
     daemon.apply_config();
-    let rules = daemon.config.controllers.clone();
-    daemon.sync_controllers(&[], &rules, &BTreeSet::new());
     daemon.rescan("start");
     super::narrate::sees(&daemon.snapshot, "at start");
     super::narrate::ready(&socket, &daemon.config, daemon.options.dry_run);
@@ -174,7 +168,6 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
             Some(input) = inputs.recv() => match input {
                 Input::Control(req, reply) => daemon.on_request(req, reply),
                 Input::SocketAppeared(vm) => daemon.on_socket_appeared(&vm),
-                Input::ControllersDone(steps) => daemon.on_controllers_done(steps),
             },
             Ok(()) = status.changed() => daemon.publish_status(),
             _ = hup.recv() => match daemon.reload() {
@@ -256,10 +249,15 @@ impl Daemon {
     fn apply_config(&mut self) {
         self.engine
             .send(EngineInput::Rules(self.config.rules.clone()));
-        // The whole IOMMU group of each controller rule: an EHCI given to a VM takes its
-        // UHCI companions, and their devices must stay out of the device rules too.
-        let held = crate::vfio::held_by_rules(&self.options.root, &self.config.controllers);
-        self.engine.send(EngineInput::Controllers(held));
+        // The controller rules go before any VM the config dropped is reported gone: the
+        // engine must still see that VM running, or it would give back a controller a live
+        // guest holds. `functions` is the whole IOMMU group of each rule: an EHCI given to
+        // a VM takes its UHCI companions, whose devices stay out of the device rules too.
+        self.engine.send(EngineInput::Controllers(ControllerConfig {
+            rules: self.config.controllers.clone(),
+            functions: crate::vfio::held_by_rules(&self.options.root, &self.config.controllers),
+            vms: self.config.vms.iter().map(|v| v.name.clone()).collect(),
+        }));
         // A VM whose backend this build lacks is said once, when it enters the config,
         // then left alone: its rules stay in the plan, which sees it as not running.
         let mut without_backend = BTreeSet::new();
@@ -391,7 +389,6 @@ impl Daemon {
                 if let Some(v) = self.vms.get_mut(&vm) {
                     v.up = false;
                     tracing::warn!(vm = %vm, "VM went down: {reason}");
-                    self.give_back_held(&vm);
                     self.engine.send(EngineInput::VmGone { name: vm });
                 }
             }
@@ -417,17 +414,8 @@ impl Daemon {
         RoutingHooks::check_reload(&config)
             .map_err(|e| format!("{e}\nthe running config stays in force"))?;
         self.routing.reload(&self.config, &config);
-        // Before apply_config drops VMs the new config no longer names.
-        let running: BTreeSet<String> = self
-            .vms
-            .iter()
-            .filter(|(_, v)| v.up)
-            .map(|(name, _)| name.clone())
-            .collect();
-        let old = std::mem::replace(&mut self.config, Arc::new(config));
+        self.config = Arc::new(config);
         self.apply_config();
-        let new = self.config.controllers.clone();
-        self.sync_controllers(&old.controllers, &new, &running);
         self.rescan("reload");
         Ok(format!(
             "reloaded {}: {} VMs, {} rules",
@@ -437,101 +425,13 @@ impl Daemon {
         ))
     }
 
-    /// Bind the groups of controller rules `new` adds over `old` and give back those it
-    /// drops, except those whose VM is `running` (kept until it stops), off the loop
-    /// (sysfs writes and the wait for `/dev/vfio/N` block); the result comes back as
-    /// [`Input::ControllersDone`].
-    fn sync_controllers(
-        &mut self,
-        old: &[ControllerRule],
-        new: &[ControllerRule],
-        running: &BTreeSet<String>,
-    ) {
-        let mut changes = controllers::rule_changes(old, new);
-        // A rule added back while its controller was kept: it is still on vfio-pci.
-        self.held_for_vms
-            .retain(|held| !new.iter().any(|r| r.pci == held.pci));
-        let vms: BTreeSet<String> = self.config.vms.iter().map(|v| v.name.clone()).collect();
-        let (now, kept) =
-            controllers::hold_for_running(std::mem::take(&mut changes.removed), running, |vm| {
-                vms.contains(vm)
-            });
-        changes.removed = now;
-        self.held_for_vms.extend(
-            kept.iter()
-                .filter(|k| vms.contains(&k.outcome.vm))
-                .map(|k| ControllerRule {
-                    pci: k.outcome.pci,
-                    vm: k.outcome.vm.clone(),
-                }),
-        );
-        if !kept.is_empty() {
-            self.on_controllers_done(kept);
-        }
-        self.spawn_controller_work(changes);
-    }
-
-    /// The VM `vm` went down: give back the controllers kept for it.
-    fn give_back_held(&mut self, vm: &str) {
-        let (released, still): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held_for_vms)
-            .into_iter()
-            .partition(|r| r.vm == vm);
-        self.held_for_vms = still;
-        self.spawn_controller_work(controllers::RuleChanges {
-            added: Vec::new(),
-            removed: released,
-        });
-    }
-
-    fn spawn_controller_work(&self, changes: controllers::RuleChanges) {
-        if changes.is_empty() {
-            return;
-        }
-        let root = self.options.root.clone();
-        let dry_run = self.options.dry_run;
-        let work = self.controller_work.clone();
-        let inputs = self.inputs.clone();
-        tokio::spawn(async move {
-            let steps = tokio::task::spawn_blocking(move || {
-                let _one_at_a_time = work.lock().unwrap_or_else(|e| e.into_inner());
-                let host = crate::vfio::LiveHost::new(root.clone());
-                controllers::carry_out(&root, &host, &changes, &BindOptions::default(), dry_run)
-            })
-            .await;
-            match steps {
-                Ok(steps) => {
-                    let _ = inputs.send(Input::ControllersDone(steps));
-                }
-                Err(e) => tracing::error!("controller rules: the bind task failed: {e}"),
-            }
-        });
-    }
-
-    /// Log each controller step, keep it for `status`, and rescan: a bound group's USB
-    /// devices are gone from the host, a restored one's are back.
-    fn on_controllers_done(&mut self, steps: Vec<ControllerStep>) {
-        for step in steps {
-            let o = &step.outcome;
-            let what = match step.direction {
-                Direction::Bind => "controller rule",
-                Direction::Restore | Direction::Kept => "controller rule removed",
-            };
-            if o.ok {
-                tracing::info!(controller = %o.pci, vm = %o.vm, "{what}: {}", o.message);
-            } else {
-                tracing::error!(controller = %o.pci, vm = %o.vm, "{what}: {}", o.message);
-            }
-            let restored = step.direction == Direction::Restore && o.ok && !self.options.dry_run;
-            if restored {
-                self.controllers.remove(&o.pci);
-            } else {
-                self.controllers.insert(o.pci, step.status());
-            }
-        }
-        self.rescan("controller rules");
-    }
-
     fn publish_status(&mut self) {
+        let batches = self.engine.status().borrow().controller_batches;
+        if batches != self.controller_batches {
+            // A bound group's USB devices are gone from the host, a restored one's are back.
+            self.controller_batches = batches;
+            self.rescan("controller rules");
+        }
         let status = {
             let s = self.engine.status();
             let s = s.borrow();

@@ -4,13 +4,13 @@
 //! the tokio listener that checks every peer with SO_PEERCRED, [`client`] the CLI's side.
 //! [`event_loop`] is `usbroute serve`: the edges around [`crate::engine::coordinator`] (uevents,
 //! VM presence, config, control requests, signals, systemd); [`presence`] runs one task
-//! per VM that notices it come and go; [`mounts`] finds host disks in use;
-//! [`controllers`] binds and restores the `[[controller]]` rules' groups; `routing_hooks`
-//! runs port routing (the toggle service) when the config has routing profiles.
+//! per VM that notices it come and go; [`mounts`] finds host disks in use; `routing_hooks`
+//! runs port routing (the toggle service) when the config has routing profiles. The
+//! `[[controller]]` rules are the engine's ([`crate::engine::controllers`]): the daemon
+//! only hands them over.
 
 pub mod client;
 mod control;
-pub mod controllers;
 pub mod event_loop;
 pub mod mounts;
 mod narrate;

@@ -7,8 +7,11 @@
 //! A device counts as attached only once the VM's own list shows it; an attach whose
 //! answer is lost counts as held (never as done) until a list says otherwise.
 
+use super::controller_host::SharedControllerHost;
+use super::controllers::{owned_by_running, ControllerConfig, Groups};
 use super::diff::{Action, VmView};
 use super::due_actions;
+use super::group_work::GroupWork;
 use super::holdings::{Holdings, Outcome};
 use super::retry::{BackoffPolicy, Pending, RetryBook};
 use super::routing::worker::{self as routing_worker, RoutingInput, RoutingSlot};
@@ -17,7 +20,7 @@ use super::unknown::{Policy, Unknowns};
 use crate::backend::{BackendError, VmBackend, VmUsbDevice};
 use crate::inventory::{Device, PciAddress, PortPath};
 use crate::policy::{plan, why, Desired, Override, PlanInput, Rule, Why};
-use crate::vfio::ControllerRule;
+use crate::vfio::RuleOutcome;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -29,10 +32,10 @@ use tokio::time::Instant;
 pub enum Input {
     /// The rules changed (start, reload). Only ever a whole, validated set.
     Rules(Vec<Rule>),
-    /// Every PCI function the config's `[[controller]]` rules hold, with the rule's VM: the
-    /// whole IOMMU group of each rule's controller, as [`crate::vfio::held_by_rules`] reads
-    /// it. While that VM runs, devices on any of them stay out of the device rules.
-    Controllers(Vec<ControllerRule>),
+    /// The config's `[[controller]]` rules (start, reload): their groups go to vfio-pci
+    /// (through the engine's [`ControllerHost`](super::ControllerHost)), and while a rule's VM runs, devices on
+    /// any function of its group stay out of the device rules.
+    Controllers(ControllerConfig),
     /// A fresh list of the devices present (after a uevent, a rescan, ENOBUFS).
     Devices(Vec<Device>),
     /// Whole disks with a host filesystem mounted (see [`PlanInput::mounted_disks`]).
@@ -90,6 +93,15 @@ pub struct Status {
     pub busy: BTreeSet<String>,
     /// Port routing, when the daemon routes ports.
     pub routing: Option<RoutingStatus>,
+    /// The last bind, restore or keep (in a dry run: its description) of each
+    /// `[[controller]]` rule's group, by address; a group given back drops out.
+    pub controllers: Vec<RuleOutcome>,
+    /// The device rules in force (for [`Status::rule_mode`]).
+    #[serde(skip)]
+    pub rules: Arc<[Rule]>,
+    /// How many batches of controller work have finished: each moves USB devices between
+    /// the host and VMs, so the daemon reads sysfs again when this grows.
+    pub controller_batches: u64,
 }
 
 /// Knobs of the runtime.
@@ -156,11 +168,27 @@ impl EngineHandle {
     }
 }
 
-/// Start the engine on the current tokio runtime.
+/// Start the engine on the current tokio runtime. It manages no controller groups: for
+/// that, [`spawn_with_controllers`].
 pub fn spawn(options: EngineOptions) -> (EngineHandle, tokio::task::JoinHandle<()>) {
+    start(options, None)
+}
+
+/// Start the engine, moving the `[[controller]]` rules' groups through `host`.
+pub fn spawn_with_controllers(
+    options: EngineOptions,
+    host: SharedControllerHost,
+) -> (EngineHandle, tokio::task::JoinHandle<()>) {
+    start(options, Some(host))
+}
+
+fn start(
+    options: EngineOptions,
+    host: Option<SharedControllerHost>,
+) -> (EngineHandle, tokio::task::JoinHandle<()>) {
     let (inputs, input_rx) = mpsc::unbounded_channel();
     let (status_tx, status) = watch::channel(Status::default());
-    let coordinator = Coordinator::new(options, status_tx);
+    let coordinator = Coordinator::new(options, status_tx, host);
     let task = tokio::spawn(coordinator.run(input_rx));
     (EngineHandle { inputs, status }, task)
 }
@@ -194,8 +222,11 @@ struct Worker {
 struct Coordinator {
     options: EngineOptions,
     start: Instant,
-    rules: Vec<Rule>,
-    controllers: Vec<ControllerRule>,
+    rules: Arc<[Rule]>,
+    controllers: ControllerConfig,
+    /// The groups of `controllers` as the engine has moved them.
+    groups: Groups,
+    group_work: GroupWork,
     devices: Vec<Device>,
     /// Whether any [`Input::Devices`] came yet: without a picture of the host, the plan
     /// would take every VM's devices away, so no action is taken.
@@ -216,13 +247,19 @@ struct Coordinator {
 }
 
 impl Coordinator {
-    fn new(options: EngineOptions, status: watch::Sender<Status>) -> Self {
+    fn new(
+        options: EngineOptions,
+        status: watch::Sender<Status>,
+        host: Option<SharedControllerHost>,
+    ) -> Self {
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         Coordinator {
             options,
             start: Instant::now(),
-            rules: vec![],
-            controllers: vec![],
+            rules: Arc::from(Vec::new()),
+            controllers: ControllerConfig::default(),
+            groups: Groups::default(),
+            group_work: GroupWork::new(host),
             devices: vec![],
             devices_known: false,
             mounted: BTreeSet::new(),
@@ -258,6 +295,9 @@ impl Coordinator {
                     None => break,
                 },
                 Some(report) = self.reports_rx.recv() => self.handle_report(report),
+                Some(done) = self.group_work.finished_batch() => {
+                    self.group_work.record(done, self.options.dry_run);
+                }
                 () = sleep_until(wake) => {}
             }
             self.round();
@@ -266,7 +306,7 @@ impl Coordinator {
 
     fn handle_input(&mut self, input: Input) {
         match input {
-            Input::Rules(rules) => self.rules = rules,
+            Input::Rules(rules) => self.rules = Arc::from(rules),
             Input::Controllers(c) => self.controllers = c,
             Input::Devices(devices) => {
                 self.devices = devices;
@@ -394,11 +434,7 @@ impl Coordinator {
 
     fn vms_up_and_owned(&self) -> (BTreeSet<String>, BTreeMap<PciAddress, String>) {
         let up: BTreeSet<String> = self.workers.keys().cloned().collect();
-        let mut owned = BTreeMap::new();
-        // The first rule holding a function wins, as in `vfio::held_functions`.
-        for c in self.controllers.iter().filter(|c| up.contains(&c.vm)) {
-            owned.entry(c.pci).or_insert_with(|| c.vm.clone());
-        }
+        let owned = owned_by_running(&self.controllers.functions, &up);
         (up, owned)
     }
 
@@ -417,10 +453,14 @@ impl Coordinator {
         }
     }
 
-    /// Plan, diff, and hand each idle VM its due actions.
+    /// Plan, diff, and hand each idle VM its due actions; move controller groups.
     fn round(&mut self) {
         let now = self.now();
         let (up, owned) = self.vms_up_and_owned();
+        let group_steps = self
+            .groups
+            .next(&self.controllers.rules, &up, &self.controllers.vms);
+        self.group_work.push(group_steps, self.options.dry_run);
         let desired = plan(&self.plan_input(&up, &owned));
         let answering: BTreeSet<String> = self
             .workers
@@ -476,6 +516,9 @@ impl Coordinator {
                 .map(|(n, _)| n.clone())
                 .collect(),
             routing: None,
+            controllers: self.group_work.outcomes(),
+            rules: self.rules.clone(),
+            controller_batches: self.group_work.finished(),
         };
         // The routing reconciler writes its part itself: keep it.
         self.status.send_modify(|s| {

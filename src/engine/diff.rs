@@ -90,10 +90,7 @@ pub fn reconcile(desired: &Desired, actual: &Actual, devices: &[Device]) -> Vec<
         .filter_map(|(vm, e)| AttachKey::from_id(&e.id).map(|k| (vm, e, k)))
         .collect();
     let right = |vm: &str, e: &VmUsbDevice, key: &AttachKey| {
-        // An address entry that lost its device is stale for good: QEMU never reopens
-        // hostaddr, and the kernel may hand the same devnum to another device later.
-        let stale = key.mode() == AttachMode::Address && !e.attached;
-        !stale && wanted.contains_key(&(vm, e.id.clone()))
+        !is_stale(e, key) && wanted.contains_key(&(vm, e.id.clone()))
     };
     let reachable = |vm: &str| actual.get(vm).is_some_and(|v| v.reachable);
     let mut actions: Vec<Action> = ours
@@ -125,4 +122,11 @@ pub fn reconcile(desired: &Desired, actual: &Actual, devices: &[Device]) -> Vec<
         }
     }
     actions
+}
+
+/// An address entry that lost its device is stale for good: QEMU never reopens hostaddr,
+/// and the kernel may hand the same devnum to another device later. It holds nothing, and
+/// the diff detaches it. (By port or id QEMU holds the place even while it reconnects.)
+pub(super) fn is_stale(entry: &VmUsbDevice, key: &AttachKey) -> bool {
+    key.mode() == AttachMode::Address && !entry.attached
 }

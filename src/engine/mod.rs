@@ -1,7 +1,7 @@
 //! Engine: diff desired against actual, act through backends, retry with backoff.
 //!
-//! The pure parts decide; the runtime ([`runtime`]) only carries their decisions to the
-//! VMs and their answers back:
+//! The pure parts decide; the coordinator ([`coordinator`]) only carries their decisions
+//! to the VMs and the host and their answers back:
 //! - [`reconcile`]`(desired, actual, devices) -> Vec<Action>`: the diff (see its module
 //!   for the guarantees: nothing right is touched, nothing attached twice, detach before
 //!   attach, foreign usb-host devices left alone);
@@ -10,15 +10,22 @@
 //! - [`RetryBook`]: capped exponential backoff per (VM, device id) with the last error;
 //! - [`due_actions`]: one round = diff minus what is still backing off;
 //! - [`routing`]: the port-routing reconciler (the profile in force against XUSB2PR),
-//!   behind the small [`routing::PortRouting`] trait.
+//!   behind the small [`routing::PortRouting`] trait;
+//! - [`Groups`]: the controller-group reconciler, `[[controller]]` rules' IOMMU groups on vfio-pci
+//!   (bind, restore, or keep while the VM runs), carried out through a [`ControllerHost`];
+//!   [`owned_by_running`] is the one answer to "which PCI functions do running VMs own";
+//! - queries on the published [`Status`](coordinator::Status) (who holds a device, whether
+//!   an override has settled, a rule's attach mode) in `status.rs`.
 //!
 //! A daemon loop that does its own I/O drives them like this:
 //!
 //! ```
 //! use std::collections::{BTreeMap, BTreeSet};
 //! use std::time::Duration;
-//! use usbroute::engine::{due_actions, Action, BackoffPolicy, Holdings, Outcome, RetryBook};
 //! use usbroute::config::Config;
+//! use usbroute::engine::{
+//!     due_actions, owned_by_running, Action, BackoffPolicy, Holdings, Outcome, RetryBook,
+//! };
 //! use usbroute::policy::{plan, PlanInput};
 //!
 //! let config = Config::parse(
@@ -30,7 +37,8 @@
 //! let devices = vec![/* inventory::scan(&root).devices */];
 //! let up = BTreeSet::from(["win".to_string()]);
 //! let (mounted, overrides) = (BTreeSet::new(), BTreeMap::new());
-//! let owned = config.controllers_owned(&up);
+//! // The daemon passes each rule's whole IOMMU group (`vfio::held_by_rules`).
+//! let owned = owned_by_running(&config.controllers, &up);
 //! let desired = plan(&PlanInput {
 //!     rules: &config.rules,
 //!     devices: &devices,
@@ -51,16 +59,25 @@
 //! }
 //! ```
 
+pub mod controller_host;
+pub mod controllers;
 pub mod coordinator;
 mod diff;
+mod group_work;
 mod holdings;
 mod retry;
 pub mod routing;
+mod status;
 mod unknown;
 
+pub use controller_host::{
+    carry_out, ControllerHost, Direction, GroupOutcome, SharedControllerHost, VfioControllers,
+};
+pub use controllers::{owned_by_running, ControllerConfig, GroupStep, Groups};
 pub use diff::{reconcile, Action, Actual, VmView};
 pub use holdings::{Holdings, Outcome};
 pub use retry::{BackoffPolicy, Pending, RetryBook};
+pub use status::{DeviceState, Settled};
 
 use crate::inventory::Device;
 use crate::policy::Desired;

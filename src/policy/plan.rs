@@ -187,8 +187,9 @@ pub struct PlanInput<'a> {
     /// Manual overrides by port path.
     pub overrides: &'a BTreeMap<PortPath, Override>,
     /// PCI functions given whole to a VM that is running, with that VM: every function of
-    /// the IOMMU group of each `[[controller]]` whose VM runs (see
-    /// [`crate::vfio::held_functions`]), since the whole group goes to the VM.
+    /// the IOMMU group of each `[[controller]]` whose VM runs, since the whole group goes
+    /// to the VM. The engine computes it (`engine::owned_by_running` over
+    /// `vfio::held_by_rules`).
     pub controllers_owned: &'a BTreeMap<PciAddress, String>,
 }
 

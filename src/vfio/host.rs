@@ -25,6 +25,29 @@ pub trait PciHost {
     fn load_module(&self, module: &str) -> io::Result<()>;
 }
 
+/// A borrowed host is a host (so a caller can lend one to code that owns its host).
+impl<H: PciHost + ?Sized> PciHost for &H {
+    fn write_attr(&self, path: &Path, value: &[u8]) -> io::Result<()> {
+        (**self).write_attr(path, value)
+    }
+
+    fn read_attr(&self, path: &Path) -> Option<String> {
+        (**self).read_attr(path)
+    }
+
+    fn driver_of(&self, pci: &PciAddress) -> Option<String> {
+        (**self).driver_of(pci)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        (**self).exists(path)
+    }
+
+    fn load_module(&self, module: &str) -> io::Result<()> {
+        (**self).load_module(module)
+    }
+}
+
 /// The host under a [`SysfsRoot`]: writes go to files, modules load with `modprobe`.
 #[derive(Debug, Clone)]
 pub struct LiveHost {

@@ -41,8 +41,7 @@ pub use plan::{bind_plan, restore_plan, restore_plan_without_record, Step};
 pub use record::{BindRecord, MemberState, RECORD_DIR};
 pub use report::{passthrough_text, with_passthrough, WithPassthrough};
 pub use rules::{
-    apply_controller_rules, held_by_rules, held_functions, restore_controller_rules, RuleOutcome,
-    RulesReport,
+    apply_controller_rules, held_by_rules, restore_controller_rules, RuleOutcome, RulesReport,
 };
 pub use verdict::{assess, verdict, GroupFacts, MemberReport, PassthroughVerdict, VerdictStatus};
 

@@ -108,33 +108,12 @@ fn outcome(rule: &ControllerRule, result: Result<(u32, String), VfioError>) -> R
     }
 }
 
-/// Every PCI function held for a running VM by a `[[controller]]` rule, with that VM:
-/// the whole IOMMU group of each rule's controller (an EHCI's UHCI companions too).
-/// Device rules must not fire for USB devices whose `controller` is in this map (EVE's
-/// `parentassigngrp`); when the VM stops, its functions drop out and the device rules
-/// apply again. A rule whose group cannot be read holds just its own controller. The
-/// first rule holding a function wins.
-pub fn held_functions(
-    root: &SysfsRoot,
-    rules: &[ControllerRule],
-    vm_running: impl Fn(&str) -> bool,
-) -> std::collections::BTreeMap<PciAddress, String> {
-    let running: Vec<ControllerRule> = rules
-        .iter()
-        .filter(|r| vm_running(&r.vm))
-        .cloned()
-        .collect();
-    let mut held = std::collections::BTreeMap::new();
-    for function in held_by_rules(root, &running) {
-        held.entry(function.pci).or_insert(function.vm);
-    }
-    held
-}
-
 /// Each rule expanded to every function it would hold, running VM or not: one entry per
 /// passed member of the rule's IOMMU group (bridges excepted), with the rule's VM, in rule
-/// order. The daemon reads this (sysfs I/O) when a config is applied and hands it to the
-/// engine, which keeps, purely, the entries whose VM is running.
+/// order. A rule whose group cannot be read holds just its own controller. The daemon
+/// reads this (sysfs I/O) when a config is applied and hands it to the engine, which keeps,
+/// purely, the entries whose VM is running (`engine::owned_by_running`): device rules do
+/// not fire for USB devices on those functions (EVE's `parentassigngrp`).
 pub fn held_by_rules(root: &SysfsRoot, rules: &[ControllerRule]) -> Vec<ControllerRule> {
     rules
         .iter()

@@ -281,20 +281,15 @@ fn load_missing_file_names_it() {
 }
 
 #[test]
-fn controllers_owned_only_for_running_vms() {
+fn controller_rules_own_their_functions_only_for_running_vms() {
     let config = parse(&format!(
         "{TWO_VMS}[[controller]]\npci = \"0000:00:1d.0\"\nvm = \"lab\"\n"
     ))
     .expect("valid");
     let running = std::collections::BTreeSet::from(["lab".to_string()]);
     let stopped = std::collections::BTreeSet::new();
-    assert_eq!(
-        (
-            config.controllers_owned(&running).len(),
-            config.controllers_owned(&stopped).len()
-        ),
-        (1, 0)
-    );
+    let owned = |up| usbroute::engine::owned_by_running(&config.controllers, up).len();
+    assert_eq!((owned(&running), owned(&stopped)), (1, 0));
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! `[[controller]]` rules as the daemon applies them at start and restores them.
+//! `[[controller]]` rules as the engine applies them at start and restores them.
 
 use crate::policy_support;
 use crate::vfio_support;
@@ -6,7 +6,9 @@ use crate::vfio_support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use usbroute::backend::AttachMode;
-use usbroute::daemon::controllers::{carry_out, rule_changes, Direction};
+use usbroute::engine::{
+    carry_out, owned_by_running, Direction, GroupOutcome, Groups, VfioControllers,
+};
 use usbroute::policy::{plan, Placement, PlanInput, Reason, Rule};
 use usbroute::vfio::{self, BindOptions, ControllerRule};
 use vfio_support::{pci, state, FixtureDriverCore, Tree};
@@ -104,11 +106,13 @@ fn restore_rules_give_every_group_back() {
 }
 
 #[test]
-fn held_functions_cover_the_whole_group_of_a_running_vms_controller_only() {
+fn owned_by_running_covers_the_whole_group_of_a_running_vms_controller_only() {
     let tree = Tree::q35_usb();
     let rules = [rule("00:1d.7", "win11"), rule("00:01.0", "stopped-vm")];
 
-    let held = vfio::held_functions(&tree.root(), &rules, |vm| vm == "win11");
+    let running = BTreeSet::from(["win11".to_string()]);
+
+    let held = owned_by_running(&vfio::held_by_rules(&tree.root(), &rules), &running);
 
     assert_eq!(
         held.into_iter()
@@ -154,9 +158,10 @@ fn placement_of_uhci_device(running: &[&str]) -> (Placement, Reason) {
         AttachMode::Port,
     )];
     let up: BTreeSet<String> = running.iter().map(|s| s.to_string()).collect();
-    let owned = vfio::held_functions(&tree.root(), &[rule("00:1d.7", "win11")], |vm| {
-        up.contains(vm)
-    });
+    let owned = owned_by_running(
+        &vfio::held_by_rules(&tree.root(), &[rule("00:1d.7", "win11")]),
+        &up,
+    );
     let desired = plan(&PlanInput {
         rules: &rules,
         devices: std::slice::from_ref(&device),
@@ -198,29 +203,38 @@ fn driver_of(tree: &Tree, f: &str) -> Option<String> {
         .and_then(|(_, driver, _)| driver)
 }
 
+/// What the engine does about a change of rules from `old` to `new` (no VM running):
+/// its reconciler decides, the vfio host carries out (or, `dry_run`, describes).
+fn engine_carries_out(
+    tree: &Tree,
+    host: &FixtureDriverCore,
+    old: &[ControllerRule],
+    new: &[ControllerRule],
+    opts: BindOptions,
+    dry_run: bool,
+) -> Vec<GroupOutcome> {
+    let vms: BTreeSet<String> = old.iter().chain(new).map(|r| r.vm.clone()).collect();
+    let mut groups = Groups::default();
+    groups.next(old, &BTreeSet::new(), &vms);
+    let steps = groups.next(new, &BTreeSet::new(), &vms);
+    carry_out(
+        &VfioControllers::new(tree.root(), host, opts),
+        &steps,
+        dry_run,
+    )
+}
+
 #[test]
-fn daemon_carry_out_binds_added_rules_and_restores_removed_ones() {
+fn engine_carry_out_binds_added_rules_and_restores_removed_ones() {
     let tree = Tree::q35_usb().with_vfio();
     let host = FixtureDriverCore::new(&tree);
     let first = state(&tree);
     let old = [rule("00:1d.7", "win11")];
     let new = [rule("00:01.0", "lab")];
-    carry_out(
-        &tree.root(),
-        &host,
-        &rule_changes(&[], &old),
-        &quick(),
-        false,
-    );
+    engine_carries_out(&tree, &host, &[], &old, quick(), false);
     let ehci_bound = driver_of(&tree, "0000:00:1d.0");
 
-    let steps = carry_out(
-        &tree.root(),
-        &host,
-        &rule_changes(&old, &new),
-        &quick(),
-        false,
-    );
+    let steps = engine_carries_out(&tree, &host, &old, &new, quick(), false);
 
     assert_eq!(ehci_bound.as_deref(), Some("vfio-pci"));
     assert_eq!(
@@ -245,7 +259,7 @@ fn daemon_carry_out_binds_added_rules_and_restores_removed_ones() {
 }
 
 #[test]
-fn daemon_carry_out_never_forces_a_group_the_host_needs() {
+fn engine_carry_out_never_forces_a_group_the_host_needs() {
     let tree = Tree::q35_usb().with_vfio();
     tree.usb_device("0000:00:01.0", 3, "3-1", ("03", "01", "01"));
     let host = FixtureDriverCore::new(&tree);
@@ -254,28 +268,23 @@ fn daemon_carry_out_never_forces_a_group_the_host_needs() {
         ..quick()
     };
 
-    let steps = carry_out(
-        &tree.root(),
-        &host,
-        &rule_changes(&[], &[rule("00:01.0", "lab")]),
-        &forced,
-        false,
-    );
+    let steps = engine_carries_out(&tree, &host, &[], &[rule("00:01.0", "lab")], forced, false);
 
     assert!(!steps[0].outcome.ok, "{:?}", steps[0].outcome);
     assert!(host.writes().is_empty(), "{:?}", host.writes());
 }
 
 #[test]
-fn daemon_carry_out_dry_run_says_what_it_would_write_and_writes_nothing() {
+fn engine_carry_out_dry_run_says_what_it_would_write_and_writes_nothing() {
     let tree = Tree::q35_usb().with_vfio();
     let host = FixtureDriverCore::new(&tree);
 
-    let steps = carry_out(
-        &tree.root(),
+    let steps = engine_carries_out(
+        &tree,
         &host,
-        &rule_changes(&[], &[rule("00:1d.7", "win11")]),
-        &quick(),
+        &[],
+        &[rule("00:1d.7", "win11")],
+        quick(),
         true,
     );
 
@@ -289,4 +298,23 @@ fn daemon_carry_out_dry_run_says_what_it_would_write_and_writes_nothing() {
         "{message}"
     );
     assert!(host.writes().is_empty(), "{:?}", host.writes());
+}
+
+#[test]
+fn engine_carry_out_dry_run_of_a_removed_rule_says_what_it_would_give_back() {
+    let tree = Tree::q35_usb().with_vfio();
+    let host = FixtureDriverCore::new(&tree);
+    let old = [rule("00:1d.7", "win11")];
+    engine_carries_out(&tree, &host, &[], &old, quick(), false);
+    let writes = host.writes().len();
+
+    let steps = engine_carries_out(&tree, &host, &old, &[], quick(), true);
+
+    assert_eq!(steps[0].direction, Direction::Restore);
+    let message = &steps[0].outcome.message;
+    assert!(
+        message.starts_with("dry run: would give IOMMU group 7 back to the host: "),
+        "{message}"
+    );
+    assert_eq!(host.writes().len(), writes);
 }
