@@ -111,3 +111,121 @@ impl GroupWork {
         self.finished
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::controller_host::ControllerHost;
+    use super::super::controllers::ControllerConfig;
+    use super::super::coordinator::{spawn_with_controllers, EngineOptions, Input, Status};
+    use crate::vfio::{ControllerRule, RuleOutcome};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    /// Answers every call with its name, and remembers the calls.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl Recorder {
+        fn answer(&self, call: &str, rule: &ControllerRule) -> RuleOutcome {
+            let message = format!("{call} {}", rule.pci);
+            self.0.lock().unwrap().push(message.clone());
+            RuleOutcome {
+                pci: rule.pci,
+                vm: rule.vm.clone(),
+                group: None,
+                ok: true,
+                message,
+            }
+        }
+    }
+
+    impl ControllerHost for Recorder {
+        fn bind(&self, rule: &ControllerRule) -> RuleOutcome {
+            self.answer("bind", rule)
+        }
+        fn restore(&self, rule: &ControllerRule) -> RuleOutcome {
+            self.answer("restore", rule)
+        }
+        fn describe_bind(&self, rule: &ControllerRule) -> RuleOutcome {
+            self.answer("describe bind", rule)
+        }
+        fn describe_restore(&self, rule: &ControllerRule) -> RuleOutcome {
+            self.answer("describe restore", rule)
+        }
+    }
+
+    fn rules(pcis: &[&str]) -> ControllerConfig {
+        let rules: Vec<ControllerRule> = pcis
+            .iter()
+            .map(|pci| ControllerRule {
+                pci: pci.parse().unwrap(),
+                vm: "win11".into(),
+            })
+            .collect();
+        ControllerConfig {
+            functions: rules.clone(),
+            rules,
+            vms: ["win11".to_string()].into(),
+        }
+    }
+
+    /// Send each config in turn, each once the engine has finished the work of the one
+    /// before; return the calls made and the status after the last.
+    async fn run(dry_run: bool, configs: Vec<ControllerConfig>) -> (Vec<String>, Status) {
+        let host = Arc::new(Recorder::default());
+        let options = EngineOptions {
+            dry_run,
+            ..EngineOptions::default()
+        };
+        let (engine, _task) = spawn_with_controllers(options, host.clone());
+        let mut status = engine.status();
+        for (done, config) in (1..).zip(configs) {
+            engine.send(Input::Controllers(config));
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while status.borrow_and_update().controller_batches < done {
+                    status.changed().await.unwrap();
+                }
+            })
+            .await
+            .expect("the engine finished the batch");
+        }
+        let calls = host.0.lock().unwrap().clone();
+        let last = status.borrow().clone();
+        (calls, last)
+    }
+
+    #[tokio::test]
+    async fn the_engine_binds_and_restores_through_its_host_and_publishes_each_outcome() {
+        let (calls, status) = run(false, vec![rules(&["00:1d.7"]), rules(&["00:14.0"])]).await;
+
+        assert_eq!(
+            calls,
+            [
+                "bind 0000:00:1d.7",
+                "restore 0000:00:1d.7",
+                "bind 0000:00:14.0"
+            ]
+        );
+        let shown: Vec<&str> = status
+            .controllers
+            .iter()
+            .map(|o| o.message.as_str())
+            .collect();
+        assert_eq!(shown, ["bind 0000:00:14.0"]);
+    }
+
+    #[tokio::test]
+    async fn in_a_dry_run_the_engine_only_asks_for_descriptions_and_keeps_them_in_status() {
+        let (calls, status) = run(true, vec![rules(&["00:1d.7"]), rules(&["00:14.0"])]).await;
+
+        assert_eq!(
+            calls,
+            [
+                "describe bind 0000:00:1d.7",
+                "describe restore 0000:00:1d.7",
+                "describe bind 0000:00:14.0"
+            ]
+        );
+        assert_eq!(status.controllers.len(), 2, "{:?}", status.controllers);
+    }
+}
