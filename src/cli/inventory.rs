@@ -97,20 +97,19 @@ pub(super) fn show(g: &Global, a: ShowArgs) -> anyhow::Result<ExitCode> {
 
 pub(super) fn controllers(g: &Global, a: ControllersArgs) -> anyhow::Result<ExitCode> {
     let (root, snapshot) = scan(g)?;
+    // One verdict per controller: JSON shows it twice shaped, text as a block and a line.
+    let entries = crate::vfio::controller_entries(&root, &snapshot);
     if a.json {
-        let reports = render::controller_reports(&snapshot);
-        print_json(&crate::vfio::with_passthrough(&root, reports, |r| {
-            r.controller.pci
-        }))?;
+        print_json(&entries)?;
     } else if snapshot.controllers.is_empty() {
         println!(
             "No USB host controllers on PCI under {}.",
             root.path("/sys/bus/pci/devices").display()
         );
     } else {
-        print!("{}", render::controllers_text(&snapshot));
-        let pcis: Vec<_> = snapshot.controllers.iter().map(|c| c.pci).collect();
-        print!("{}", crate::vfio::passthrough_text(&root, &pcis));
+        let verdicts = entries.iter().map(|e| (e.controller, &e.verdict));
+        print!("{}", render::controllers_text(verdicts));
+        print!("{}", crate::vfio::passthrough_text(&entries));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -13,11 +13,9 @@ pub mod synth;
 pub mod text;
 mod types;
 pub(crate) mod usb;
-mod verdict;
 
 pub use reader::ScanFailed;
 pub use types::*;
-pub use verdict::{group_verdict, Blocker, GroupVerdict};
 
 use crate::sysfs::SysfsRoot;
 use reader::Reader;

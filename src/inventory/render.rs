@@ -2,7 +2,7 @@
 //! to programs (the `list --json` object). Pure: snapshot in, text out.
 
 use super::text::{capped, escaped_lines, printable, MAX_SHOWN};
-use super::{group_verdict, Bus, Controller, Device, GroupVerdict, PortPath, Snapshot, Speed};
+use super::{Bus, Controller, Device, IsolationSummary, PortPath, Snapshot, Speed};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
@@ -26,28 +26,6 @@ impl<'a> From<&'a Snapshot> for Listing<'a> {
             devices: &s.devices,
         }
     }
-}
-
-/// One `controllers --json` entry: the controller object plus its verdict.
-#[derive(Debug, Serialize)]
-pub struct ControllerReport<'a> {
-    /// Every controller field.
-    #[serde(flatten)]
-    pub controller: &'a Controller,
-    /// Whether its IOMMU group can go to a VM alone.
-    pub verdict: GroupVerdict,
-}
-
-/// Controllers with their verdicts, for `controllers --json`.
-pub fn controller_reports(snapshot: &Snapshot) -> Vec<ControllerReport<'_>> {
-    snapshot
-        .controllers
-        .iter()
-        .map(|c| ControllerReport {
-            controller: c,
-            verdict: group_verdict(snapshot, c),
-        })
-        .collect()
 }
 
 /// `true` when there is nothing USB to show at all.
@@ -266,12 +244,13 @@ pub fn device_details(d: &Device, snapshot: &Snapshot) -> String {
     escaped_lines(&out)
 }
 
-/// One block per controller with its group members and verdict, for `controllers`.
-pub fn controllers_text(snapshot: &Snapshot) -> String {
+/// One block per controller with its group members and verdict, for `controllers`
+/// (the verdicts from `crate::vfio::controller_entries`).
+pub fn controllers_text<'a>(
+    controllers: impl IntoIterator<Item = (&'a Controller, &'a IsolationSummary)>,
+) -> String {
     let mut out = String::new();
-    for report in controller_reports(snapshot) {
-        let c = report.controller;
-        let v = &report.verdict;
+    for (c, v) in controllers {
         let _ = writeln!(out, "{}", controller_line(c));
         let buses: Vec<String> = c.buses.iter().map(u8::to_string).collect();
         let _ = writeln!(

@@ -488,3 +488,28 @@ impl Snapshot {
         self.controllers.iter().find(|c| &c.pci == pci)
     }
 }
+
+/// Can a controller's IOMMU group go to a VM alone (`controllers`' `verdict`): USB
+/// companions on the controller's own slot go along, any other member (PCI bridges aside,
+/// they stay) blocks. Plain data: `crate::vfio::isolation_summary` computes it from the
+/// one passthrough verdict.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IsolationSummary {
+    /// `true` when nothing blocks giving the group to a VM.
+    pub alone: bool,
+    /// The controller's IOMMU group, `None` without an IOMMU.
+    pub iommu_group: Option<u32>,
+    /// USB controllers of the same slot (companions): they leave with the controller.
+    pub goes_along: Vec<PciAddress>,
+    /// Why the group cannot go alone; empty when it can.
+    pub blockers: Vec<Blocker>,
+}
+
+/// One reason a group cannot go to a VM alone.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Blocker {
+    /// The group member in the way, `None` for reasons about the controller itself.
+    pub pci: Option<PciAddress>,
+    /// What is wrong, naming the member and what to do.
+    pub reason: String,
+}

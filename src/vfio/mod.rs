@@ -39,7 +39,7 @@ pub use host_use::{gather_host_uses, HostUse};
 pub use layout::{guest_layout, GuestSlot, PortLayout};
 pub use plan::{bind_plan, restore_plan, restore_plan_without_record, Step};
 pub use record::{BindRecord, MemberState, RECORD_DIR};
-pub use report::{passthrough_text, with_passthrough, WithPassthrough};
+pub use report::{controller_entries, isolation_summary, passthrough_text, ControllerEntry};
 pub use rules::{
     apply_controller_rules, held_by_rules, restore_controller_rules, RuleOutcome, RulesReport,
 };

@@ -51,6 +51,9 @@ pub struct MemberReport {
     pub name: Option<String>,
     /// Its driver now.
     pub driver: Option<String>,
+    /// Its PCI class code (shown in words as `kind`).
+    #[serde(skip)]
+    pub class: Option<u32>,
     /// `true` for PCI bridges, which stay with the host.
     pub bridge: bool,
     /// Why the host seems to need it (empty: nothing known).
@@ -113,6 +116,7 @@ pub fn verdict(facts: &GroupFacts) -> PassthroughVerdict {
         kind: m.kind_label(),
         name: m.product_name(),
         driver: m.driver.clone(),
+        class: m.class,
         bridge: m.bridge,
         host_uses: facts.host_uses.get(&m.pci).cloned().unwrap_or_default(),
     };

@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use usbroute::inventory::{
-    group_verdict, record, render, scan, ControllerKind, Device, PortPath, Snapshot, Speed,
+    record, render, scan, Controller, ControllerKind, Device, IsolationSummary, PortPath, Snapshot,
+    Speed,
 };
 use usbroute::sysfs::SysfsRoot;
 
@@ -16,6 +17,15 @@ fn fixture() -> PathBuf {
 
 fn guest() -> Snapshot {
     scan(&SysfsRoot::new(fixture()))
+}
+
+/// The `verdict` of `controllers --json` for `controller`, read under `dir`.
+fn verdict_of(dir: &Path, s: &Snapshot, controller: &Controller) -> IsolationSummary {
+    usbroute::vfio::controller_entries(&SysfsRoot::new(dir), s)
+        .into_iter()
+        .find(|e| e.controller.pci == controller.pci)
+        .expect("a controller there")
+        .verdict
 }
 
 /// A writable copy of the fixture (symlinks kept as they are), for putting faults in.
@@ -118,7 +128,7 @@ fn xhci_provides_a_usb2_and_a_usb3_bus_in_its_own_group() {
     assert_eq!(xhci.buses, [1, 2]);
     assert_eq!(xhci.iommu_group, Some(3));
     assert!(xhci.iommu_group_members.is_empty());
-    assert!(group_verdict(&s, xhci).alone);
+    assert!(verdict_of(&fixture(), &s, xhci).alone);
 }
 
 #[test]
@@ -148,7 +158,7 @@ fn ehci_has_three_uhci_companions_sharing_its_group() {
             ("0000:00:1d.2".to_string(), ControllerKind::Uhci, Some(4)),
         ]
     );
-    assert_eq!(group_verdict(&s, ehci).goes_along, ehci.companions);
+    assert_eq!(verdict_of(&fixture(), &s, ehci).goes_along, ehci.companions);
 }
 
 #[test]
@@ -239,7 +249,7 @@ fn controller_without_iommu_group_link_has_null_group_and_cannot_go_alone() {
     let xhci = s.controller(&XHCI.parse().unwrap()).unwrap();
     assert_eq!(xhci.iommu_group, None);
     assert!(xhci.iommu_group_members.is_empty());
-    let verdict = group_verdict(&s, xhci);
+    let verdict = verdict_of(dir.path(), &s, xhci);
     assert!(!verdict.alone);
     assert!(verdict.blockers[0].reason.contains("no IOMMU group"));
     assert_eq!(s.devices, before.devices);
@@ -272,7 +282,11 @@ fn tree_of_the_guest() {
 
 #[test]
 fn controllers_of_the_guest() {
-    insta::assert_snapshot!(render::controllers_text(&guest()));
+    let s = guest();
+    let entries = usbroute::vfio::controller_entries(&SysfsRoot::new(fixture()), &s);
+    let verdicts = entries.iter().map(|e| (e.controller, &e.verdict));
+
+    insta::assert_snapshot!(render::controllers_text(verdicts));
 }
 
 #[test]
