@@ -203,25 +203,13 @@ fn steps_text(steps: &[vfio::Step]) -> String {
 }
 
 fn outcome(rule: &ControllerRule, group: Option<u32>, ok: bool, message: String) -> RuleOutcome {
-    RuleOutcome {
-        pci: rule.pci,
-        vm: rule.vm.clone(),
-        group,
-        ok,
-        message,
-    }
+    RuleOutcome::new(rule, group, ok, message)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::controllers::tests::rule;
     use super::*;
-
-    fn rule(pci: &str, vm: &str) -> ControllerRule {
-        ControllerRule {
-            pci: pci.parse().unwrap(),
-            vm: vm.into(),
-        }
-    }
 
     /// A host that must not be asked: keeps never touch it.
     struct Untouchable;

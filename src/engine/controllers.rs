@@ -170,10 +170,11 @@ impl Groups {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn rule(pci: &str, vm: &str) -> ControllerRule {
+    /// The rule giving the controller at `pci` to `vm`.
+    pub(in crate::engine) fn rule(pci: &str, vm: &str) -> ControllerRule {
         ControllerRule {
             pci: pci.parse().unwrap(),
             vm: vm.into(),

@@ -23,6 +23,19 @@ pub struct RuleOutcome {
     pub message: String,
 }
 
+impl RuleOutcome {
+    /// The outcome of `rule`.
+    pub fn new(rule: &ControllerRule, group: Option<u32>, ok: bool, message: String) -> Self {
+        RuleOutcome {
+            pci: rule.pci,
+            vm: rule.vm.clone(),
+            group,
+            ok,
+            message,
+        }
+    }
+}
+
 /// One outcome per rule, in config order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RulesReport {
@@ -95,16 +108,9 @@ pub fn restore_controller_rules(
 /// One rule's line in a report: the group and a sentence on success, the error's words
 /// on failure.
 fn outcome(rule: &ControllerRule, result: Result<(u32, String), VfioError>) -> RuleOutcome {
-    let (group, ok, message) = match result {
-        Ok((group, message)) => (Some(group), true, message),
-        Err(e) => (None, false, e.to_string()),
-    };
-    RuleOutcome {
-        pci: rule.pci,
-        vm: rule.vm.clone(),
-        group,
-        ok,
-        message,
+    match result {
+        Ok((group, message)) => RuleOutcome::new(rule, Some(group), true, message),
+        Err(e) => RuleOutcome::new(rule, None, false, e.to_string()),
     }
 }
 
