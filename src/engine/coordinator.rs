@@ -9,19 +9,18 @@
 
 use super::controller_host::SharedControllerHost;
 use super::controllers::{owned_by_running, ControllerConfig, Groups};
-use super::diff::{Action, VmView};
+use super::diff::Action;
 use super::due_actions;
 use super::group_work::GroupWork;
 use super::holdings::{Holdings, Outcome};
-use super::retry::{BackoffPolicy, Pending, RetryBook};
+use super::retry::{BackoffPolicy, RetryBook};
 use super::routing::worker::{self as routing_worker, RoutingInput, RoutingSlot};
-use super::routing::{RoutingAnswer, RoutingRequest, RoutingStatus};
+use super::routing::{RoutingAnswer, RoutingRequest};
+pub use super::status::Status;
 use super::unknown::{Policy, Unknowns};
 use crate::backend::{BackendError, VmBackend, VmUsbDevice};
 use crate::inventory::{Device, PciAddress, PortPath};
-use crate::policy::{plan, why, Desired, Override, PlanInput, Rule, Why};
-use crate::vfio::RuleOutcome;
-use serde::Serialize;
+use crate::policy::{plan, why, Override, PlanInput, Rule, Why};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,35 +72,6 @@ pub enum Input {
     /// For the port-routing reconciler (`engine::routing`); it runs beside the device
     /// rounds, from the first [`RoutingInput::Use`] on.
     Routing(RoutingInput),
-}
-
-/// What the engine knows, published after every round (for `usbroute status`).
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Status {
-    /// The plan for every device present.
-    pub desired: Desired,
-    /// What each running VM holds (last list, plus attaches of unknown outcome).
-    pub vms: BTreeMap<String, VmView>,
-    /// Failed actions waiting for their retry, with the last error.
-    pub pending: Vec<Pending>,
-    /// Manual overrides in force.
-    pub overrides: BTreeMap<PortPath, Override>,
-    /// Actions that the plan wants but `--dry-run` did not do.
-    pub dry_run_actions: Vec<Action>,
-    /// VMs with work in flight (actions or a list). With none busy, nothing pending and
-    /// every VM answering, the engine is at rest: the VMs hold what the plan wants.
-    pub busy: BTreeSet<String>,
-    /// Port routing, when the daemon routes ports.
-    pub routing: Option<RoutingStatus>,
-    /// The last bind, restore or keep (in a dry run: its description) of each
-    /// `[[controller]]` rule's group, by address; a group given back drops out.
-    pub controllers: Vec<RuleOutcome>,
-    /// The device rules in force (for [`Status::rule_mode`]).
-    #[serde(skip)]
-    pub rules: Arc<[Rule]>,
-    /// How many batches of controller work have finished: each moves USB devices between
-    /// the host and VMs, so the daemon reads sysfs again when this grows.
-    pub controller_batches: u64,
 }
 
 /// Knobs of the runtime.

@@ -1,14 +1,47 @@
-//! Questions the daemon asks of the engine's published [`Status`]: who holds a device,
+//! The engine's published [`Status`], and the questions the daemon asks of it: who holds a device,
 //! what the status says about one device present, whether the engine is at rest, whether
 //! a manual override has settled, and how a rule would attach a device. The meaning of
 //! the engine's data is written here once; the control socket only words the answers.
 
-use super::coordinator::Status;
-use super::diff::is_stale;
+use super::diff::{is_stale, Action, VmView};
+use super::routing::RoutingStatus;
 use super::Pending;
 use crate::backend::{AttachKey, AttachMode};
-use crate::inventory::Device;
-use crate::policy::{Decision, Override, OverrideAction, Placement, RuleAction};
+use crate::inventory::{Device, PortPath};
+use crate::policy::{Decision, Desired, Override, OverrideAction, Placement, Rule, RuleAction};
+use crate::vfio::RuleOutcome;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// What the engine knows, published after every round (for `usbroute status`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    /// The plan for every device present.
+    pub desired: Desired,
+    /// What each running VM holds (last list, plus attaches of unknown outcome).
+    pub vms: BTreeMap<String, VmView>,
+    /// Failed actions waiting for their retry, with the last error.
+    pub pending: Vec<Pending>,
+    /// Manual overrides in force.
+    pub overrides: BTreeMap<PortPath, Override>,
+    /// Actions that the plan wants but `--dry-run` did not do.
+    pub dry_run_actions: Vec<Action>,
+    /// VMs with work in flight (actions or a list). With none busy, nothing pending and
+    /// every VM answering, the engine is at rest: the VMs hold what the plan wants.
+    pub busy: BTreeSet<String>,
+    /// Port routing, when the daemon routes ports.
+    pub routing: Option<RoutingStatus>,
+    /// The last bind, restore or keep (in a dry run: its description) of each
+    /// `[[controller]]` rule's group, by address; a group given back drops out.
+    pub controllers: Vec<RuleOutcome>,
+    /// The device rules in force (for [`Status::rule_mode`]).
+    #[serde(skip)]
+    pub rules: Arc<[Rule]>,
+    /// How many batches of controller work have finished: each moves USB devices between
+    /// the host and VMs, so the daemon reads sysfs again when this grows.
+    pub controller_batches: u64,
+}
 
 /// What the status says about one device present on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
