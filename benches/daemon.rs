@@ -221,6 +221,7 @@ async fn usbroute_pipeline(qmp: &Path, n: usize) -> (Percentiles, Percentiles) {
             devices: &snapshot.devices,
             mounted_disks: &mounted,
             vms_up: &up,
+            backends: &Default::default(),
             overrides: &overrides,
             controllers_owned: &owned,
         };

@@ -96,6 +96,7 @@ fn main() {
         devices: &devices,
         mounted_disks: &mounted,
         vms_up: &up,
+        backends: &Default::default(),
         overrides: &overrides,
         controllers_owned: &owned,
     };

@@ -1,18 +1,20 @@
 //! The VM backend traits: what the engine needs from a hypervisor. Small on purpose:
-//! list, attach, detach, and a connector that reaches a VM. One sub-folder per
-//! hypervisor ([`qemu`] today; Xen and libvirt later beside it): a new hypervisor is a
-//! new folder here plus one line of registration.
+//! list, attach, detach ([`VmBackend`]), and a driver that says what it can attach by and
+//! reports a VM's presence ([`driver::VmDriver`]). One sub-folder per hypervisor
+//! ([`qemu`] today; Xen and libvirt later beside it): a new hypervisor is a new folder
+//! here plus one line of registration in [`driver::drivers`].
 
+pub mod driver;
 pub mod qemu;
 
 /// The fake VM the tests above the backends run on (see the module); not a backend.
 #[doc(hidden)]
 pub mod fake;
+pub use driver::{drivers, Capabilities, Drivers, PresenceEvent, PresenceStream, VmDriver};
 
 use crate::inventory::{Device, HexId, PortPath};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -20,7 +22,9 @@ use std::sync::Arc;
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// How a usb-host device in the VM finds its host device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// `hostbus`+`hostaddr`: exact and immediate; one plug of one device.
@@ -30,6 +34,17 @@ pub enum AttachMode {
     Port,
     /// `vendorid`+`productid`: any device of that kind (QEMU rescans).
     Id,
+}
+
+impl AttachMode {
+    /// Its name in the config and on the command line (`by = "port"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            AttachMode::Address => "address",
+            AttachMode::Port => "port",
+            AttachMode::Id => "id",
+        }
+    }
 }
 
 /// What a usb-host device in a VM matches on.
@@ -146,7 +161,8 @@ pub enum VmTarget {
 }
 
 impl VmTarget {
-    /// The backend's name: `qemu`, `xen` or `libvirt`.
+    /// The kind of hypervisor (`qemu`, `xen`, `libvirt`): the name of the driver that
+    /// serves it (see [`driver::Drivers::for_target`]).
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Qemu { .. } => "qemu",
@@ -155,29 +171,36 @@ impl VmTarget {
         }
     }
 
-    /// This build has a backend for it (the daemon manages the VM); a config may name
-    /// the others already, and `usbroute check` warns about them.
+    /// This build has a driver for it (the daemon manages the VM); a config may name
+    /// the others already, and `usbroute check` warns about them. Asks the registry,
+    /// [`driver::drivers`].
     pub fn is_built(&self) -> bool {
-        matches!(self, Self::Qemu { .. })
+        driver::drivers(crate::sysfs::SysfsRoot::default())
+            .for_target(self)
+            .is_some()
     }
 }
 
-/// A live connection to a VM.
+impl std::fmt::Display for VmTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmTarget::Qemu { qmp } => write!(f, "{}", qmp.display()),
+            VmTarget::Xen { domain } => write!(f, "xen domain {domain}"),
+            VmTarget::Libvirt { domain, uri } => write!(
+                f,
+                "libvirt domain {domain} at {}",
+                uri.as_deref().unwrap_or("qemu:///system")
+            ),
+        }
+    }
+}
+
+/// A live connection to a VM, as a driver holds it.
 pub struct VmConnection {
     /// The backend on that connection.
     pub backend: Arc<dyn VmBackend>,
     /// Resolves when the connection drops (the VM stopped or closed its socket).
     pub closed: BoxFuture<'static, ()>,
-}
-
-/// How the daemon reaches a VM (QEMU over QMP today).
-pub trait VmConnector: Send + Sync + 'static {
-    /// Connect to the VM `name` at its QMP socket `qmp`.
-    fn connect<'a>(
-        &'a self,
-        name: &'a str,
-        qmp: &'a Path,
-    ) -> BoxFuture<'a, Result<VmConnection, BackendError>>;
 }
 
 /// What one usb-host device of ours is keyed on: the attach mode and its key. Its id is

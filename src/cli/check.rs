@@ -6,7 +6,7 @@
 
 use super::output::print_json;
 use super::{ConfigFile, Global};
-use crate::backend::VmTarget;
+use crate::backend::{Drivers, VmTarget};
 use crate::config::{Config, ConfigError, Problem, VmConfig};
 use crate::policy::{Rule, RuleAction};
 use crate::routing::RoutingConfig;
@@ -170,8 +170,11 @@ fn valid_report(file: &ConfigFile, config: &Config) -> Report {
     let name = file.path().map(|p| p.display().to_string());
     let at = |line: usize| format!("{}:{line}", name.as_deref().unwrap_or("<config>"));
     let ordered = precedence(&config.rules);
+    let drivers = crate::backend::drivers(crate::sysfs::SysfsRoot::default());
+    let mut warnings = warnings(config, &ordered, &at);
+    warnings.extend(backend_warnings(config, &drivers, &at));
     Report {
-        warnings: warnings(config, &ordered, &at),
+        warnings,
         rules: ordered.iter().map(|r| rule_line(r, at(r.line))).collect(),
         vms: config.vms.iter().map(VmLine::new).collect(),
         controllers: config
@@ -238,6 +241,43 @@ fn warnings(config: &Config, ordered: &[&Rule], at: &dyn Fn(usize) -> String) ->
                 at(winner.line),
                 winner.describe_target()
             ));
+        }
+    }
+    out
+}
+
+/// Rules a VM's backend cannot carry out: a pass rule asking for a mode the backend
+/// lacks (the plan keeps those devices on the host). A VM whose kind has no driver in
+/// this build is warned about by [`warnings`].
+fn backend_warnings(
+    config: &Config,
+    drivers: &Drivers,
+    at: &dyn Fn(usize) -> String,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for vm in &config.vms {
+        let Some(caps) = drivers.for_target(&vm.target).map(|d| d.capabilities()) else {
+            continue;
+        };
+        for rule in &config.rules {
+            let RuleAction::Pass { vm: to, mode } = &rule.action else {
+                continue;
+            };
+            if *to == vm.name && !caps.supports(*mode) {
+                let instead: Vec<String> = caps
+                    .modes
+                    .iter()
+                    .map(|m| format!("`by = \"{}\"`", m.name()))
+                    .collect();
+                out.push(format!(
+                    "{}: VM `{}`'s backend ({}) cannot attach by {}, so this rule keeps its devices on the host; use {}",
+                    at(rule.line),
+                    vm.name,
+                    caps.backend,
+                    mode.name(),
+                    instead.join(" or ")
+                ));
+            }
         }
     }
     out
@@ -326,4 +366,54 @@ fn by_name(mode: crate::backend::AttachMode) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{AttachMode, BackendError, PresenceStream, VmDriver, VmTarget};
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    /// A driver serving QEMU targets that attaches by address only, as Xen's would.
+    struct AddressOnly;
+
+    impl VmDriver for AddressOnly {
+        fn name(&self) -> &'static str {
+            "qemu"
+        }
+        fn modes(&self) -> BTreeSet<AttachMode> {
+            [AttachMode::Address].into()
+        }
+        fn watch(&self, _: &str, _: &VmTarget) -> Result<PresenceStream, BackendError> {
+            unreachable!("check never watches a VM")
+        }
+    }
+
+    const CONFIG: &str = "[[vm]]\nname = \"a\"\nqmp = \"/run/a.qmp\"\n\n[[rule]]\nmatch = \"port:1-1\"\nvm = \"a\"\nby = \"port\"\n\n[[rule]]\nmatch = \"port:1-2\"\nvm = \"a\"\n";
+
+    fn at(line: usize) -> String {
+        format!("usbroute.toml:{line}")
+    }
+
+    #[test]
+    fn a_rule_asking_a_backend_for_a_mode_it_lacks_is_warned_about_at_its_line() {
+        let config = Config::parse(CONFIG, None).unwrap();
+        let drivers = Drivers::new(vec![Arc::new(AddressOnly)]);
+
+        let warnings = backend_warnings(&config, &drivers, &at);
+
+        assert_eq!(
+            warnings,
+            ["usbroute.toml:5: VM `a`'s backend (qemu) cannot attach by port, so this rule keeps its devices on the host; use `by = \"address\"`"]
+        );
+    }
+
+    #[test]
+    fn this_builds_qemu_driver_warns_about_nothing() {
+        let config = Config::parse(CONFIG, None).unwrap();
+        let drivers = crate::backend::drivers(crate::sysfs::SysfsRoot::default());
+
+        assert!(backend_warnings(&config, &drivers, &at).is_empty());
+    }
 }

@@ -48,7 +48,7 @@ pub(super) fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
         control: g.control.clone(),
         root: g.root(),
         dry_run: a.dry_run,
-        connector: crate::backend::qemu::connector::qemu(g.root()),
+        drivers: crate::backend::drivers(g.root()),
         uevents: true,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -43,13 +43,8 @@ impl VmConfig {
 
     /// Why the daemon will not manage this VM, when this build has no backend for it.
     pub fn without_backend(&self) -> Option<String> {
-        (!self.target.is_built()).then(|| {
-            format!(
-                "no {} backend in this build yet: the daemon will not manage VM {}",
-                self.target.kind(),
-                self.name
-            )
-        })
+        (!self.target.is_built())
+            .then(|| crate::backend::driver::not_built(&self.name, &self.target))
     }
 }
 

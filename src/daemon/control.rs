@@ -77,7 +77,7 @@ impl Daemon {
                 .iter()
                 .map(|(name, v)| VmStatus {
                     name: name.clone(),
-                    qmp: v.qmp.display().to_string(),
+                    qmp: v.target.to_string(),
                     up: v.up,
                     devices: s
                         .vms

@@ -1,15 +1,13 @@
 //! `usbroute serve`: the edges around the engine. This loop reads the world (sysfs on
-//! uevents, VMs' QMP sockets, the config on SIGHUP) and feeds it to
-//! [`crate::engine::coordinator`], which alone decides and acts; it answers control requests
-//! from the engine's published status, and keeps systemd informed.
+//! uevents, each VM's presence from its backend's driver, the config on SIGHUP) and
+//! feeds it to [`crate::engine::coordinator`], which alone decides and acts; it answers
+//! control requests from the engine's published status, and keeps systemd informed.
 
-use super::presence::{self, Presence};
 use super::protocol::{Reply, Request};
 use super::routing_hooks::RoutingHooks;
 use super::server::{ControlGroup, ControlHandler, ControlServer, Peer, ServiceError};
-use crate::backend::qemu::socket_watch::SocketWatcher;
-use crate::backend::BoxFuture;
-use crate::backend::VmConnector;
+use super::vms::{PresenceNote, VmPresence};
+use crate::backend::{BoxFuture, Drivers};
 use crate::config::Config;
 use crate::engine::coordinator::{
     self as engine, EngineHandle, EngineOptions, Input as EngineInput,
@@ -33,8 +31,9 @@ pub struct DaemonOptions {
     pub root: SysfsRoot,
     /// Log what would be done; do nothing.
     pub dry_run: bool,
-    /// Reaches VMs.
-    pub connector: Arc<dyn VmConnector>,
+    /// The hypervisor drivers: each VM's presence comes from the driver of its kind
+    /// ([`crate::backend::drivers`]; tests register fakes).
+    pub drivers: Drivers,
     /// Listen to kernel uevents (off only in benches that feed events themselves).
     pub uevents: bool,
 }
@@ -61,13 +60,6 @@ pub enum DaemonError {
 
 pub(super) enum Input {
     Control(Request, oneshot::Sender<Reply>),
-    SocketAppeared(String),
-}
-
-pub(super) struct VmPresence {
-    pub(super) qmp: PathBuf,
-    wake: mpsc::UnboundedSender<()>,
-    pub(super) up: bool,
 }
 
 /// What the daemon loop owns.
@@ -77,14 +69,14 @@ pub(super) struct Daemon {
     pub(super) snapshot: Snapshot,
     pub(super) vms: BTreeMap<String, VmPresence>,
     pub(super) engine: EngineHandle,
-    presence: mpsc::UnboundedSender<Presence>,
-    inputs: mpsc::UnboundedSender<Input>,
-    watcher: Option<tokio::task::JoinHandle<()>>,
+    pub(super) presence: mpsc::UnboundedSender<PresenceNote>,
+    /// Numbers the watches of VMs (see [`VmPresence`]).
+    pub(super) watches: u64,
     last_status: String,
     decisions: super::narrate::DecisionLog,
     pub(super) routing: RoutingHooks,
-    /// The config's VMs whose backend this build lacks (already said, not managed).
-    without_backend: BTreeSet<String>,
+    /// VMs of the config whose kind has no driver in this build (said once, not managed).
+    pub(super) unmanaged: BTreeSet<String>,
     /// The engine's count of finished controller batches at the last rescan: each batch
     /// moves USB devices between the host and VMs.
     controller_batches: u64,
@@ -134,7 +126,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     if let Some(sock) = uevents {
         tokio::spawn(listen_uevents(sock, dirty.clone(), routing.clone()));
     }
-    tokio::spawn(server.serve(Arc::new(ControlBridge(inputs_tx.clone()))));
+    tokio::spawn(server.serve(Arc::new(ControlBridge(inputs_tx))));
 
     let mut daemon = Daemon {
         options,
@@ -143,12 +135,11 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         vms: BTreeMap::new(),
         engine,
         presence: presence_tx,
-        inputs: inputs_tx,
-        watcher: None,
+        watches: 0,
         last_status: String::new(),
         decisions: Default::default(),
         routing,
-        without_backend: BTreeSet::new(),
+        unmanaged: BTreeSet::new(),
         controller_batches: 0,
         scan_failure: None,
         scan_retry: None,
@@ -167,7 +158,6 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
             Some(p) = presence.recv() => daemon.on_presence(p),
             Some(input) = inputs.recv() => match input {
                 Input::Control(req, reply) => daemon.on_request(req, reply),
-                Input::SocketAppeared(vm) => daemon.on_socket_appeared(&vm),
             },
             Ok(()) = status.changed() => daemon.publish_status(),
             _ = hup.recv() => match daemon.reload() {
@@ -244,8 +234,7 @@ impl ControlHandler for ControlBridge {
 }
 
 impl Daemon {
-    /// Hand the config to the engine, start presence tasks for new VMs, stop those gone,
-    /// and re-arm the socket watcher.
+    /// Hand the config to the engine and watch its VMs (see [`Daemon::watch_vms`]).
     fn apply_config(&mut self) {
         self.engine
             .send(EngineInput::Rules(self.config.rules.clone()));
@@ -258,76 +247,7 @@ impl Daemon {
             functions: crate::vfio::held_by_rules(&self.options.root, &self.config.controllers),
             vms: self.config.vms.iter().map(|v| v.name.clone()).collect(),
         }));
-        // A VM whose backend this build lacks is said once, when it enters the config,
-        // then left alone: its rules stay in the plan, which sees it as not running.
-        let mut without_backend = BTreeSet::new();
-        for vm in &self.config.vms {
-            if let Some(reason) = vm.without_backend() {
-                if !self.without_backend.contains(&vm.name) {
-                    tracing::warn!("{reason}");
-                }
-                without_backend.insert(vm.name.clone());
-            }
-        }
-        self.without_backend = without_backend;
-        let wanted: BTreeMap<String, PathBuf> = self
-            .config
-            .vms
-            .iter()
-            .filter_map(|v| Some((v.name.clone(), v.qmp()?.to_path_buf())))
-            .collect();
-        let gone: Vec<String> = self
-            .vms
-            .iter()
-            .filter(|(name, vm)| wanted.get(*name) != Some(&vm.qmp))
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in gone {
-            // Dropping the wake sender ends its presence task.
-            self.vms.remove(&name);
-            self.engine.send(EngineInput::VmGone { name: name.clone() });
-            tracing::info!(vm = %name, "VM no longer in the config (or its socket moved); usbroute stops managing it");
-        }
-        // A reload re-arms the socket watcher, but a socket that appeared while a watch
-        // was lost makes no new event: try every VM that is down now.
-        for vm in self.vms.values().filter(|v| !v.up) {
-            let _ = vm.wake.send(());
-        }
-        for (name, qmp) in &wanted {
-            if !self.vms.contains_key(name) {
-                let wake = presence::spawn(
-                    name.clone(),
-                    qmp.clone(),
-                    self.options.connector.clone(),
-                    self.presence.clone(),
-                );
-                self.vms.insert(
-                    name.clone(),
-                    VmPresence {
-                        qmp: qmp.clone(),
-                        wake,
-                        up: false,
-                    },
-                );
-            }
-        }
-        if let Some(old) = self.watcher.take() {
-            old.abort();
-        }
-        let inputs = self.inputs.clone();
-        match SocketWatcher::new(wanted) {
-            Ok(mut watcher) => {
-                self.watcher = Some(tokio::spawn(async move {
-                    while let Ok(seen) = watcher.next().await {
-                        let _ = inputs.send(Input::SocketAppeared(seen.vm));
-                    }
-                }))
-            }
-            Err(e) => tracing::error!(
-                "VM sockets will only be retried on a timer: {}",
-                crate::error_chain::one_line(&e)
-            ),
-        }
+        self.watch_vms();
     }
 
     /// Read sysfs again and hand the picture to the engine. A scan that failed (EMFILE,
@@ -375,31 +295,6 @@ impl Daemon {
             )));
         self.engine
             .send(EngineInput::Devices(self.snapshot.devices.clone()));
-    }
-
-    fn on_presence(&mut self, p: Presence) {
-        match p {
-            Presence::Up { vm, backend } => {
-                if let Some(v) = self.vms.get_mut(&vm) {
-                    v.up = true;
-                    self.engine.send(EngineInput::VmUp { name: vm, backend });
-                }
-            }
-            Presence::Gone { vm, reason } => {
-                if let Some(v) = self.vms.get_mut(&vm) {
-                    v.up = false;
-                    tracing::warn!(vm = %vm, "VM went down: {reason}");
-                    self.engine.send(EngineInput::VmGone { name: vm });
-                }
-            }
-        }
-    }
-
-    fn on_socket_appeared(&mut self, vm: &str) {
-        if let Some(v) = self.vms.get(vm) {
-            tracing::info!(vm = %vm, socket = %v.qmp.display(), "QMP socket appeared");
-            let _ = v.wake.send(());
-        }
     }
 
     /// Re-read the config; on error keep the running one and say why.

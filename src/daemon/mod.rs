@@ -3,22 +3,22 @@
 //! [`protocol`] is the pure request/reply data (documented in docs/daemon.md), [`server`]
 //! the tokio listener that checks every peer with SO_PEERCRED, [`client`] the CLI's side.
 //! [`event_loop`] is `usbroute serve`: the edges around [`crate::engine::coordinator`] (uevents,
-//! VM presence, config, control requests, signals, systemd); [`presence`] runs one task
-//! per VM that notices it come and go; [`mounts`] finds host disks in use; `routing_hooks`
-//! runs port routing (the toggle service) when the config has routing profiles. The
-//! `[[controller]]` rules are the engine's ([`crate::engine::controllers`]): the daemon
-//! only hands them over.
+//! VM presence from each backend's driver, config, control requests, signals, systemd);
+//! `vms` watches each VM through its driver and forwards its presence; [`mounts`] finds
+//! host disks in use; `routing_hooks` runs port routing (the toggle service) when the
+//! config has routing profiles. The `[[controller]]` rules are the engine's
+//! ([`crate::engine::controllers`]): the daemon only hands them over.
 
 pub mod client;
 mod control;
 pub mod event_loop;
 pub mod mounts;
 mod narrate;
-pub mod presence;
 pub mod protocol;
 mod routing_hooks;
 pub mod server;
 pub mod socket;
+mod vms;
 
 pub use crate::config::ControlSettings;
 pub use client::{request, resolve_socket, ClientError, DEFAULT_CONTROL_SOCKET};

@@ -18,7 +18,7 @@ use super::routing::worker::{self as routing_worker, RoutingInput, RoutingSlot};
 use super::routing::{RoutingAnswer, RoutingRequest};
 pub use super::status::Status;
 use super::unknown::{Policy, Unknowns};
-use crate::backend::{BackendError, VmBackend, VmUsbDevice};
+use crate::backend::{BackendError, Capabilities, VmBackend, VmUsbDevice};
 use crate::inventory::{Device, PciAddress, PortPath};
 use crate::policy::{plan, why, Override, PlanInput, Rule, Why};
 use std::collections::{BTreeMap, BTreeSet};
@@ -39,6 +39,9 @@ pub enum Input {
     Devices(Vec<Device>),
     /// Whole disks with a host filesystem mounted (see [`PlanInput::mounted_disks`]).
     MountedDisks(BTreeSet<String>),
+    /// What each configured VM's backend can attach by (start, reload); a VM absent may
+    /// be asked for any mode.
+    Backends(BTreeMap<String, Capabilities>),
     /// A VM is running and reachable through `backend`.
     VmUp {
         /// The VM's name.
@@ -202,6 +205,7 @@ struct Coordinator {
     /// would take every VM's devices away, so no action is taken.
     devices_known: bool,
     mounted: BTreeSet<String>,
+    backends: BTreeMap<String, Capabilities>,
     overrides: BTreeMap<PortPath, Override>,
     workers: BTreeMap<String, Worker>,
     generation: u64,
@@ -233,6 +237,7 @@ impl Coordinator {
             devices: vec![],
             devices_known: false,
             mounted: BTreeSet::new(),
+            backends: BTreeMap::new(),
             overrides: BTreeMap::new(),
             workers: BTreeMap::new(),
             generation: 0,
@@ -288,6 +293,7 @@ impl Coordinator {
                     .retain(|port, o| present.get(port) == Some(&o.address));
             }
             Input::MountedDisks(m) => self.mounted = m,
+            Input::Backends(b) => self.backends = b,
             Input::VmUp { name, backend } => self.start_worker(name, backend),
             Input::VmGone { name } => {
                 tracing::info!(vm = %name, "VM gone; its devices are free again");
@@ -418,6 +424,7 @@ impl Coordinator {
             devices: &self.devices,
             mounted_disks: &self.mounted,
             vms_up: up,
+            backends: &self.backends,
             overrides: &self.overrides,
             controllers_owned: owned,
         }

@@ -44,6 +44,7 @@
 //!     devices: &devices,
 //!     mounted_disks: &mounted,
 //!     vms_up: &up,
+//!     backends: &Default::default(),
 //!     overrides: &overrides,
 //!     controllers_owned: &owned,
 //! });

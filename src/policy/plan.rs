@@ -17,7 +17,7 @@
 //! other devices of that kind stay on the host, with a reason that says so.
 
 use super::rules::{Rule, RuleAction};
-use crate::backend::{AttachKey, AttachMode};
+use crate::backend::{AttachKey, AttachMode, Capabilities};
 use crate::inventory::{Device, HexId, PciAddress, PortPath};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -99,6 +99,19 @@ pub enum Reason {
     MountedDisk {
         /// Its mounted block devices.
         disks: Vec<String>,
+        /// What wanted it in a VM (`None`: a manual attach).
+        wanted_by: Option<RuleRef>,
+    },
+    /// The VM's backend cannot attach by the mode asked for (Xen attaches by address only).
+    ModeUnsupported {
+        /// The VM.
+        vm: String,
+        /// Its backend (`xen`).
+        backend: String,
+        /// The mode asked for.
+        mode: AttachMode,
+        /// The modes it can attach by.
+        supported: Vec<AttachMode>,
         /// What wanted it in a VM (`None`: a manual attach).
         wanted_by: Option<RuleRef>,
     },
@@ -184,6 +197,8 @@ pub struct PlanInput<'a> {
     pub mounted_disks: &'a BTreeSet<String>,
     /// VMs running now (their QMP socket answers).
     pub vms_up: &'a BTreeSet<String>,
+    /// What each VM's backend can attach by; a VM absent is asked for any mode.
+    pub backends: &'a BTreeMap<String, Capabilities>,
     /// Manual overrides by port path.
     pub overrides: &'a BTreeMap<PortPath, Override>,
     /// PCI functions given whole to a VM that is running, with that VM: every function of
@@ -276,6 +291,7 @@ fn deciding_rule(reason: &Reason) -> Option<usize> {
         Reason::HostNetdev { wanted_by, .. }
         | Reason::MountedDisk { wanted_by, .. }
         | Reason::VmDown { wanted_by, .. }
+        | Reason::ModeUnsupported { wanted_by, .. }
         | Reason::NotAttachable { wanted_by, .. }
         | Reason::KindClaimed { wanted_by, .. } => wanted_by.as_ref().map(|r| r.index),
         _ => None,
@@ -353,6 +369,16 @@ fn decide(input: &PlanInput<'_>, device: &Device) -> Decision {
     if !force && !mounted.is_empty() {
         return host(Reason::MountedDisk {
             disks: mounted,
+            wanted_by,
+        });
+    }
+    // Before "not running": a down VM that cannot take the device should not promise it.
+    if let Some(caps) = input.backends.get(vm).filter(|c| !c.supports(mode)) {
+        return host(Reason::ModeUnsupported {
+            vm: vm.clone(),
+            backend: caps.backend.clone(),
+            mode,
+            supported: caps.modes.iter().copied().collect(),
             wanted_by,
         });
     }
@@ -457,6 +483,11 @@ impl fmt::Display for Reason {
             }
             Reason::VmDown { vm, wanted_by } => {
                 write!(f, "VM {vm} is not running; it gets the device when it starts")?;
+                wanted(f, wanted_by)
+            }
+            Reason::ModeUnsupported { vm, backend, mode, supported, wanted_by } => {
+                let instead: Vec<String> = supported.iter().map(|m| format!("`by = \"{}\"`", m.name())).collect();
+                write!(f, "VM {vm}'s backend ({backend}) cannot attach by {}; use {}", mode.name(), if instead.is_empty() { "another VM".to_string() } else { instead.join(" or ") })?;
                 wanted(f, wanted_by)
             }
             Reason::NotAttachable { mode, wanted_by } => {

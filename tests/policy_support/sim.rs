@@ -214,6 +214,7 @@ impl Sim {
             devices: &devices,
             mounted_disks: &self.mounted,
             vms_up: &up,
+            backends: &Default::default(),
             overrides: &self.overrides,
             controllers_owned: &owned,
         })

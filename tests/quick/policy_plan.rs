@@ -4,7 +4,7 @@ use crate::policy_support;
 
 use policy_support::{device, hub, with_id, XHCI};
 use std::collections::{BTreeMap, BTreeSet};
-use usbroute::backend::AttachMode;
+use usbroute::backend::{AttachMode, Capabilities};
 use usbroute::inventory::{Device, PciAddress, PortPath};
 use usbroute::policy::{
     plan, why, Override, OverrideAction, Placement, PlanInput, Reason, Rule, RuleMatch,
@@ -18,6 +18,7 @@ struct World {
     up: BTreeSet<String>,
     overrides: BTreeMap<PortPath, Override>,
     owned: BTreeMap<PciAddress, String>,
+    backends: BTreeMap<String, Capabilities>,
 }
 
 impl World {
@@ -36,6 +37,7 @@ impl World {
             devices: &self.devices,
             mounted_disks: &self.mounted,
             vms_up: &self.up,
+            backends: &self.backends,
             overrides: &self.overrides,
             controllers_owned: &self.owned,
         }
@@ -430,4 +432,109 @@ fn decision_serialises_placement_and_reason_flat() {
     let world = World::new(vec![device("1-1", 2)], vec![]);
     let json = serde_json::to_string(&plan(&world.input()).devices[&p("1-1")]).expect("json");
     assert_eq!(json, r#"{"on":"host","reason":"no_rule"}"#);
+}
+
+/// VM `a`'s backend attaches by address only, as Xen's does.
+fn a_by_address_only(world: &mut World) {
+    let caps = Capabilities {
+        backend: "xen".into(),
+        modes: [AttachMode::Address].into(),
+    };
+    world.backends.insert("a".into(), caps);
+}
+
+#[test]
+fn a_rule_by_port_for_a_backend_without_port_keeps_the_device_home_and_says_why() {
+    let rule = pass_by(0, "port:1-1", "a", AttachMode::Port);
+    let mut world = World::new(vec![device("1-1", 2)], vec![rule]);
+    a_by_address_only(&mut world);
+
+    let reason = world.reason("1-1");
+
+    assert_eq!(world.placement("1-1"), Placement::Host);
+    assert!(
+        matches!(&reason, Reason::ModeUnsupported { vm, backend, mode: AttachMode::Port, supported, wanted_by: Some(_) }
+        if vm == "a" && backend == "xen" && supported == &[AttachMode::Address])
+    );
+    assert!(
+        reason.to_string().starts_with(
+            "VM a's backend (xen) cannot attach by port; use `by = \"address\"` (rule 1"
+        ),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_rule_by_address_for_a_backend_limited_to_address_is_passed() {
+    let mut world = World::new(vec![device("1-1", 2)], vec![pass(0, "port:1-1", "a")]);
+    a_by_address_only(&mut world);
+
+    assert_eq!(world.placement("1-1"), on("a"));
+}
+
+#[test]
+fn a_stopped_vm_whose_backend_lacks_the_mode_says_the_mode_not_the_wait() {
+    let rule = pass_by(0, "id:046d:c016", "a", AttachMode::Id);
+    let mut world = World::new(vec![with_id(device("1-1", 2), 0x046d, 0xc016)], vec![rule]);
+    a_by_address_only(&mut world);
+    world.up.remove("a");
+
+    let reason = world.reason("1-1");
+
+    assert!(
+        matches!(
+            reason,
+            Reason::ModeUnsupported {
+                mode: AttachMode::Id,
+                ..
+            }
+        ),
+        "{reason:?}"
+    );
+}
+
+#[test]
+fn a_manual_attach_by_a_mode_the_backend_lacks_stays_home_and_names_the_manual_attach() {
+    let mut world = World::new(vec![device("1-1", 2)], vec![]);
+    a_by_address_only(&mut world);
+    let manual = Override {
+        address: Some(2),
+        action: OverrideAction::Attach {
+            vm: "a".into(),
+            mode: AttachMode::Port,
+            force: false,
+        },
+    };
+    world.overrides.insert(p("1-1"), manual);
+
+    let reason = world.reason("1-1");
+
+    assert!(matches!(
+        &reason,
+        Reason::ModeUnsupported {
+            wanted_by: None,
+            ..
+        }
+    ));
+    assert!(
+        reason
+            .to_string()
+            .ends_with("(a manual attach wants it in a VM)"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn why_names_the_rule_a_backend_cannot_carry_out_as_the_deciding_one() {
+    let rule = pass_by(0, "port:1-1", "a", AttachMode::Port);
+    let mut world = World::new(vec![device("1-1", 2)], vec![rule]);
+    a_by_address_only(&mut world);
+
+    let answer = why(&world.input(), &world.devices[0]);
+
+    assert_eq!(answer.rules[0].1, RuleMatch::Decided);
+    assert!(matches!(
+        answer.decision.reason,
+        Reason::ModeUnsupported { .. }
+    ));
 }

@@ -5,9 +5,9 @@ use crate::policy_support;
 use policy_support::{device, hub, with_id};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
-use usbroute::backend::AttachMode;
+use usbroute::backend::{AttachMode, Capabilities};
 use usbroute::inventory::Device;
-use usbroute::policy::{plan, Placement, PlanInput, Rule, RuleAction};
+use usbroute::policy::{plan, Placement, PlanInput, Reason, Rule, RuleAction};
 
 const PORTS: [&str; 6] = ["1-1", "1-2", "1-3", "1-3.1", "1-3.2", "2-1"];
 const SELECTORS: [&str; 7] = [
@@ -102,11 +102,29 @@ fn world() -> impl Strategy<Value = World> {
 }
 
 fn run(w: &World, devices: &[Device]) -> usbroute::policy::Desired {
+    run_with(w, devices, &BTreeMap::new())
+}
+
+/// VM `b`'s backend attaches by address only (as Xen's does).
+fn b_by_address_only() -> BTreeMap<String, Capabilities> {
+    let caps = Capabilities {
+        backend: "xen".into(),
+        modes: [AttachMode::Address].into(),
+    };
+    [("b".to_string(), caps)].into()
+}
+
+fn run_with(
+    w: &World,
+    devices: &[Device],
+    backends: &BTreeMap<String, Capabilities>,
+) -> usbroute::policy::Desired {
     plan(&PlanInput {
         rules: &w.rules,
         devices,
         mounted_disks: &w.mounted,
         vms_up: &w.up,
+        backends,
         overrides: &BTreeMap::new(),
         controllers_owned: &BTreeMap::new(),
     })
@@ -150,6 +168,25 @@ proptest! {
             let by_id = placements.iter().filter(|p| matches!(p, Placement::Vm { mode: AttachMode::Id, .. })).count();
             let on_vm = placements.iter().filter(|p| matches!(p, Placement::Vm { .. })).count();
             prop_assert!(by_id == 0 || on_vm == 1, "a kind attached by id shares with {on_vm} placed devices");
+        }
+    }
+
+    #[test]
+    fn a_backend_limited_to_address_gets_only_address_and_the_rest_stays_home_with_the_reason(w in world()) {
+        let unlimited = run(&w, &w.devices);
+        let limited = run_with(&w, &w.devices, &b_by_address_only());
+        for d in &w.devices {
+            let was = &unlimited.devices[&d.port].placement;
+            let now = &limited.devices[&d.port];
+            let is_b_by_other = |p: &Placement| matches!(p, Placement::Vm { vm, mode } if vm == "b" && *mode != AttachMode::Address);
+            prop_assert!(!is_b_by_other(&now.placement), "{} placed on b by a mode b lacks", d.port);
+            if is_b_by_other(was) {
+                let unsupported = matches!(&now.reason, Reason::ModeUnsupported { vm, .. } if vm == "b");
+                prop_assert!(now.placement == Placement::Host && unsupported, "{} went elsewhere: {:?}", d.port, now);
+            }
+            if matches!(was, Placement::Vm { vm, .. } if vm == "b") && !is_b_by_other(was) {
+                prop_assert_eq!(&now.placement, was, "{} by address to b changed", d.port);
+            }
         }
     }
 }

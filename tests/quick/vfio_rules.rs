@@ -167,6 +167,7 @@ fn placement_of_uhci_device(running: &[&str]) -> (Placement, Reason) {
         devices: std::slice::from_ref(&device),
         mounted_disks: &BTreeSet::new(),
         vms_up: &up,
+        backends: &Default::default(),
         overrides: &BTreeMap::new(),
         controllers_owned: &owned,
     });

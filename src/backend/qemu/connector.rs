@@ -1,14 +1,24 @@
-//! The daemon's link to QEMU: a [`VmConnector`] that opens a QMP connection, wraps it in
-//! the QEMU backend, and resolves `closed` when QMP's event stream ends (QEMU exited or
-//! closed the monitor).
+//! The QEMU driver's link to a VM: a [`VmConnector`] that opens a QMP connection, wraps
+//! it in the QEMU backend, and resolves `closed` when QMP's event stream ends (QEMU exited
+//! or closed the monitor). The trait is the seam presence tests fill with fakes.
 
 use super::qmp::Qmp;
 use super::{QemuBackend, QemuOptions};
-use crate::backend::{BackendError, BoxFuture, VmConnection, VmConnector};
+use crate::backend::{BackendError, BoxFuture, VmConnection};
 use crate::sysfs::SysfsRoot;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::broadcast::error::RecvError;
+
+/// How the QEMU driver reaches a VM over its QMP socket.
+pub trait VmConnector: Send + Sync + 'static {
+    /// Connect to the VM `name` at its QMP socket `qmp`.
+    fn connect<'a>(
+        &'a self,
+        name: &'a str,
+        qmp: &'a Path,
+    ) -> BoxFuture<'a, Result<VmConnection, BackendError>>;
+}
 
 /// Reaches VMs through QEMU's QMP.
 #[derive(Debug, Clone)]

@@ -7,15 +7,19 @@
 
 pub mod connector;
 pub mod controllers;
+pub mod driver;
 pub mod fdpass;
 pub mod listing;
+mod presence;
 pub mod qmp;
 pub mod qom;
 pub mod socket_watch;
 pub mod usb_host;
 pub mod vfio_attach;
 
+pub use driver::{driver, QemuDriver};
 pub use fdpass::FdPassing;
+pub use presence::SLOW_RETRY;
 
 use crate::backend::qemu::qmp::{Qmp, QmpError};
 use crate::backend::{AttachKey, AttachMode, BackendError, BoxFuture, VmBackend, VmUsbDevice};

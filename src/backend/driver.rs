@@ -1,0 +1,165 @@
+//! A driver per hypervisor: what it is called, what it can attach by, and whether a VM
+//! is up. The daemon asks the [`Drivers`] registry for the driver of each `[[vm]]`'s
+//! [`VmTarget`] and forwards that VM's [`PresenceStream`] to the engine; how a driver
+//! notices a VM (QEMU: connecting to its QMP socket, woken by inotify) is its own business.
+//!
+//! Adding a hypervisor: a folder under `backend/` with a [`VmDriver`], plus one line in
+//! [`drivers`].
+
+use super::{AttachMode, BackendError, VmBackend, VmTarget};
+use crate::sysfs::SysfsRoot;
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// What a VM's backend can do, as plain data for the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    /// The driver's name (`qemu`), for reasons and logs.
+    pub backend: String,
+    /// The attach modes it supports. Each mode is the identity the hypervisor finds the
+    /// host device by: bus+address, bus+port path, or vendor:product.
+    pub modes: BTreeSet<AttachMode>,
+}
+
+impl Capabilities {
+    /// Can this backend attach by `mode`?
+    pub fn supports(&self, mode: AttachMode) -> bool {
+        self.modes.contains(&mode)
+    }
+}
+
+/// A VM came up or went away.
+pub enum PresenceEvent {
+    /// The VM is reachable; this backend is connected to it.
+    Up(Arc<dyn VmBackend>),
+    /// The VM went away (stopped, closed its monitor).
+    Gone {
+        /// Why, for the log.
+        reason: String,
+    },
+}
+
+/// Asks a presence stream to try its VM now (after a reload: an event may have been missed).
+pub type Retry = Arc<dyn Fn() + Send + Sync>;
+
+/// One VM's presence, up and gone in turn, for as long as the stream is kept: dropping
+/// it stops the driver watching that VM.
+pub struct PresenceStream {
+    events: mpsc::UnboundedReceiver<PresenceEvent>,
+    retry: Retry,
+}
+
+impl PresenceStream {
+    /// A stream of the events sent into `events`'s sender; `retry` makes the driver try the
+    /// VM now.
+    pub fn new(events: mpsc::UnboundedReceiver<PresenceEvent>, retry: Retry) -> Self {
+        PresenceStream { events, retry }
+    }
+
+    /// The next event; `None` once the driver stopped watching.
+    pub async fn next(&mut self) -> Option<PresenceEvent> {
+        self.events.recv().await
+    }
+
+    /// A handle that makes the driver try the VM now, usable after the stream moved.
+    pub fn retrier(&self) -> Retry {
+        self.retry.clone()
+    }
+}
+
+/// A hypervisor's driver.
+pub trait VmDriver: Send + Sync {
+    /// Its name, which is also the [`VmTarget::kind`] it serves (`qemu`).
+    fn name(&self) -> &'static str;
+    /// The attach modes its backends support.
+    fn modes(&self) -> BTreeSet<AttachMode>;
+    /// Watch VM `vm` at `target` (a target of this driver's kind). Needs a tokio runtime.
+    fn watch(&self, vm: &str, target: &VmTarget) -> Result<PresenceStream, BackendError>;
+
+    /// [`Self::name`] and [`Self::modes`] as data.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            backend: self.name().to_string(),
+            modes: self.modes(),
+        }
+    }
+}
+
+/// The drivers of this build, by the kind of target they serve.
+#[derive(Clone, Default)]
+pub struct Drivers {
+    drivers: Vec<Arc<dyn VmDriver>>,
+}
+
+impl std::fmt::Debug for Drivers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.drivers.iter().map(|d| d.name()).collect();
+        f.debug_tuple("Drivers").field(&names).finish()
+    }
+}
+
+impl Drivers {
+    /// A registry of these drivers (tests fill it with fakes).
+    pub fn new(drivers: Vec<Arc<dyn VmDriver>>) -> Self {
+        Drivers { drivers }
+    }
+
+    /// The driver of `target`'s kind; `None` when this build has none.
+    pub fn for_target(&self, target: &VmTarget) -> Option<&Arc<dyn VmDriver>> {
+        self.drivers.iter().find(|d| d.name() == target.kind())
+    }
+}
+
+/// What is said of VM `vm` at `target` when this build has no driver for its kind.
+pub fn not_built(vm: &str, target: &VmTarget) -> String {
+    format!(
+        "no {} backend in this build yet: the daemon will not manage VM {vm}",
+        target.kind()
+    )
+}
+
+/// Every driver this build has. A new hypervisor is one line here.
+pub fn drivers(root: SysfsRoot) -> Drivers {
+    Drivers::new(vec![super::qemu::driver(root)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registry_finds_qemu_for_a_qmp_target_and_nothing_for_xen_or_libvirt() {
+        let registry = drivers(SysfsRoot::default());
+        let qemu = VmTarget::Qemu {
+            qmp: "/run/a.qmp".into(),
+        };
+        let xen = VmTarget::Xen { domain: "a".into() };
+        let libvirt = VmTarget::Libvirt {
+            domain: "a".into(),
+            uri: None,
+        };
+
+        let found = registry.for_target(&qemu).map(|d| d.name());
+
+        assert_eq!(found, Some("qemu"));
+        assert!(registry.for_target(&xen).is_none());
+        assert!(registry.for_target(&libvirt).is_none());
+    }
+
+    #[test]
+    fn qemu_attaches_by_address_port_and_id() {
+        let registry = drivers(SysfsRoot::default());
+        let qemu = VmTarget::Qemu {
+            qmp: "/run/a.qmp".into(),
+        };
+
+        let caps = registry.for_target(&qemu).unwrap().capabilities();
+
+        assert_eq!(caps.backend, "qemu");
+        assert!(caps.supports(AttachMode::Address));
+        assert!(caps.supports(AttachMode::Port));
+        assert!(caps.supports(AttachMode::Id));
+    }
+}
