@@ -320,7 +320,7 @@ fn text(file: &ConfigFile, r: &Report) -> String {
             .enumerate()
             .map(|(i, l)| {
                 let target = match (&l.vm, l.by) {
-                    (Some(vm), Some(by)) => format!("vm {vm}, by {}", by_name(by)),
+                    (Some(vm), Some(by)) => format!("vm {vm}, by {}", by.name()),
                     _ => "forbid (stays on the host)".into(),
                 };
                 let force = if l.force { ", force" } else { "" };
@@ -360,35 +360,11 @@ fn text(file: &ConfigFile, r: &Report) -> String {
     out
 }
 
-/// `address`, `port` or `id`, as the config spells it.
-fn by_name(mode: crate::backend::AttachMode) -> String {
-    serde_json::to_value(mode)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{AttachMode, BackendError, PresenceStream, VmDriver, VmTarget};
-    use std::collections::BTreeSet;
+    use crate::backend::driver::fake::FakeDriver;
     use std::sync::Arc;
-
-    /// A driver serving QEMU targets that attaches by address only, as Xen's would.
-    struct AddressOnly;
-
-    impl VmDriver for AddressOnly {
-        fn name(&self) -> &'static str {
-            "qemu"
-        }
-        fn modes(&self) -> BTreeSet<AttachMode> {
-            [AttachMode::Address].into()
-        }
-        fn watch(&self, _: &str, _: &VmTarget) -> Result<PresenceStream, BackendError> {
-            unreachable!("check never watches a VM")
-        }
-    }
 
     const CONFIG: &str = "[[vm]]\nname = \"a\"\nqmp = \"/run/a.qmp\"\n\n[[rule]]\nmatch = \"port:1-1\"\nvm = \"a\"\nby = \"port\"\n\n[[rule]]\nmatch = \"port:1-2\"\nvm = \"a\"\n";
 
@@ -399,7 +375,7 @@ mod tests {
     #[test]
     fn a_rule_asking_a_backend_for_a_mode_it_lacks_is_warned_about_at_its_line() {
         let config = Config::parse(CONFIG, None).unwrap();
-        let drivers = Drivers::new(vec![Arc::new(AddressOnly)]);
+        let drivers = Drivers::new(vec![Arc::new(FakeDriver::address_only())]);
 
         let warnings = backend_warnings(&config, &drivers, &at);
 

@@ -166,57 +166,11 @@ async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{AttachMode, BackendError, BoxFuture, VmBackend, VmUsbDevice};
+    use crate::backend::driver::fake::FakeDriver;
     use crate::config::Config;
     use crate::daemon::{request, DaemonOptions, Request};
-    use crate::inventory::Device;
     use std::path::{Path, PathBuf};
-    use std::sync::Mutex;
     use std::time::Duration;
-
-    /// A VM that holds nothing and takes nothing.
-    struct Idle;
-
-    impl VmBackend for Idle {
-        fn name(&self) -> &str {
-            "a"
-        }
-        fn list(&self) -> BoxFuture<'_, Result<Vec<VmUsbDevice>, BackendError>> {
-            Box::pin(async { Ok(vec![]) })
-        }
-        fn attach<'a>(
-            &'a self,
-            _: &'a Device,
-            _: AttachMode,
-        ) -> BoxFuture<'a, Result<VmUsbDevice, BackendError>> {
-            Box::pin(async { unreachable!("nothing is attached by port to an address-only VM") })
-        }
-        fn detach<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
-            Box::pin(async { Ok(()) })
-        }
-    }
-
-    /// A driver serving QEMU targets by address only, whose VMs come up at once; the test
-    /// holds each stream's sender to say them gone.
-    #[derive(Default)]
-    struct FakeDriver {
-        senders: Mutex<Vec<mpsc::UnboundedSender<PresenceEvent>>>,
-    }
-
-    impl VmDriver for FakeDriver {
-        fn name(&self) -> &'static str {
-            "qemu"
-        }
-        fn modes(&self) -> BTreeSet<AttachMode> {
-            [AttachMode::Address].into()
-        }
-        fn watch(&self, _: &str, _: &VmTarget) -> Result<PresenceStream, BackendError> {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let _ = tx.send(PresenceEvent::Up(Arc::new(Idle)));
-            self.senders.lock().unwrap().push(tx);
-            Ok(PresenceStream::new(rx, Arc::new(|| {})))
-        }
-    }
 
     const CONFIG: &str = "[[vm]]\nname = \"a\"\nqmp = \"/nonexistent/a.qmp\"\n\n[[rule]]\nmatch = \"port:1-2.1\"\nvm = \"a\"\nby = \"port\"\n";
 
@@ -272,7 +226,7 @@ mod tests {
         let socket = dir.path().join("control.sock");
         let fixture =
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/guest-xhci-ehci");
-        let driver = Arc::new(FakeDriver::default());
+        let driver = Arc::new(FakeDriver::address_only());
         let options = DaemonOptions {
             config: Some(config),
             control: Some(socket.clone()),

@@ -491,7 +491,7 @@ impl fmt::Display for Reason {
                 wanted(f, wanted_by)
             }
             Reason::NotAttachable { mode, wanted_by } => {
-                write!(f, "the device's {} is unreadable, so it cannot be attached by {}", match mode { AttachMode::Address => "address", AttachMode::Port => "port", AttachMode::Id => "vendor:product id" }, serde_json::to_value(mode).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default())?;
+                write!(f, "the device's {} is unreadable, so it cannot be attached by {}", match mode { AttachMode::Address => "address", AttachMode::Port => "port", AttachMode::Id => "vendor:product id" }, mode.name())?;
                 wanted(f, wanted_by)
             }
             Reason::KindClaimed { claimed_by, vm, wanted_by } => {

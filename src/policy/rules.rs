@@ -81,10 +81,7 @@ impl Rule {
         match &self.action {
             RuleAction::Forbid => "forbid".into(),
             RuleAction::Pass { vm, mode } => {
-                let by = serde_json::to_value(mode)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default();
+                let by = mode.name();
                 let force = if self.force { ", force" } else { "" };
                 format!("vm = \"{vm}\", by = \"{by}\"{force}")
             }

@@ -23,6 +23,18 @@ fn ids_for_each_mode() {
 }
 
 #[test]
+fn each_attach_mode_is_named_as_the_config_spells_it() {
+    let modes = [AttachMode::Address, AttachMode::Port, AttachMode::Id];
+
+    let names = modes.map(AttachMode::name);
+
+    assert_eq!(names, ["address", "port", "id"]);
+    for (mode, name) in modes.iter().zip(names) {
+        assert_eq!(serde_json::to_value(mode).unwrap(), name);
+    }
+}
+
+#[test]
 fn no_address_means_no_address_id() {
     let mut d = device("1-1", 5);
     d.address = None;

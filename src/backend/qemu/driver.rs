@@ -261,33 +261,10 @@ async fn next_appeared(watcher: &mut Option<SocketWatcher>) -> Result<SocketAppe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::VmConnection;
-    use crate::backend::{BoxFuture, PresenceEvent, VmBackend, VmUsbDevice};
-    use crate::inventory::Device;
+    use crate::backend::driver::fake::IdleVm;
+    use crate::backend::{BoxFuture, PresenceEvent, VmConnection};
     use std::path::Path;
     use std::sync::atomic::AtomicU32;
-
-    /// A VM backend that holds nothing; only its presence matters here.
-    struct Idle;
-
-    impl VmBackend for Idle {
-        fn name(&self) -> &str {
-            "vm"
-        }
-        fn list(&self) -> BoxFuture<'_, Result<Vec<VmUsbDevice>, BackendError>> {
-            Box::pin(async { Ok(vec![]) })
-        }
-        fn attach<'a>(
-            &'a self,
-            _: &'a Device,
-            _: AttachMode,
-        ) -> BoxFuture<'a, Result<VmUsbDevice, BackendError>> {
-            Box::pin(async { unreachable!("presence never attaches") })
-        }
-        fn detach<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
-            Box::pin(async { unreachable!("presence never detaches") })
-        }
-    }
 
     /// Every connection succeeds; with `drop_at_once` it drops at once: a VM whose
     /// monitor goes away while its socket stays (and no inotify event says it is back).
@@ -319,7 +296,7 @@ mod tests {
             };
             Box::pin(async {
                 Ok(VmConnection {
-                    backend: Arc::new(Idle),
+                    backend: Arc::new(IdleVm),
                     closed,
                 })
             })
