@@ -295,10 +295,31 @@ mod tests {
         }
     }
 
+    /// A slow retry that never comes within a test.
+    const HOUR: Duration = Duration::from_secs(3600);
+
     fn qemu_target(qmp: &Path) -> VmTarget {
         VmTarget::Qemu {
             qmp: qmp.to_path_buf(),
         }
+    }
+
+    /// A driver over `connector` watching VM `vm` at a socket file that exists.
+    fn watching(
+        connector: Arc<Connects>,
+        slow_retry: Duration,
+    ) -> (tempfile::NamedTempFile, QemuDriver, PresenceStream) {
+        let socket = tempfile::NamedTempFile::new().unwrap();
+        let driver = QemuDriver::with_connector(connector, slow_retry);
+        let stream = driver.watch("vm", &qemu_target(socket.path())).unwrap();
+        (socket, driver, stream)
+    }
+
+    /// The VM came up and went (a connector that drops at once).
+    async fn up_then_gone(stream: &mut PresenceStream) {
+        assert!(matches!(stream.next().await, Some(PresenceEvent::Up(_))));
+        let gone = stream.next().await;
+        assert!(matches!(gone, Some(PresenceEvent::Gone { .. })));
     }
 
     /// Wait (up to 10 s) until `done` holds, checking every few milliseconds.
@@ -315,10 +336,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_vm_gone_without_a_wake_up_is_tried_again_on_the_slow_retry() {
-        let socket = tempfile::NamedTempFile::new().unwrap();
         let connector = Connects::new(true);
-        let driver = QemuDriver::with_connector(connector.clone(), Duration::from_millis(50));
-        let mut stream = driver.watch("vm", &qemu_target(socket.path())).unwrap();
+        let (_socket, _driver, mut stream) = watching(connector.clone(), Duration::from_millis(50));
 
         let mut ups = 0;
         let seen = tokio::time::timeout(Duration::from_secs(10), async {
@@ -339,15 +358,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let qmp = dir.path().join("vm.qmp");
         std::fs::write(&qmp, b"").unwrap();
-        let driver = QemuDriver::with_connector(Connects::new(true), Duration::from_secs(3600));
+        let driver = QemuDriver::with_connector(Connects::new(true), HOUR);
         let mut stream = driver.watch("vm", &qemu_target(&qmp)).unwrap();
         // Up once the watcher armed, then gone at once: from here only a wake-up (the
         // socket appearing) or the slow retry an hour away tries the VM again.
-        assert!(matches!(stream.next().await, Some(PresenceEvent::Up(_))));
-        assert!(matches!(
-            stream.next().await,
-            Some(PresenceEvent::Gone { .. })
-        ));
+        up_then_gone(&mut stream).await;
 
         std::fs::remove_file(&qmp).unwrap();
         std::fs::write(&qmp, b"").unwrap();
@@ -359,9 +374,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_vm_whose_connection_drops_is_reported_gone_with_the_reason() {
-        let socket = tempfile::NamedTempFile::new().unwrap();
-        let driver = QemuDriver::with_connector(Connects::new(true), Duration::from_secs(3600));
-        let mut stream = driver.watch("vm", &qemu_target(socket.path())).unwrap();
+        let (_socket, _driver, mut stream) = watching(Connects::new(true), HOUR);
 
         let up = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
         let gone = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
@@ -376,7 +389,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_a_stream_stops_watching_its_vm() {
         let dir = tempfile::tempdir().unwrap();
-        let driver = QemuDriver::with_connector(Connects::new(false), Duration::from_secs(3600));
+        let driver = QemuDriver::with_connector(Connects::new(false), HOUR);
         let kept = driver
             .watch("a", &qemu_target(&dir.path().join("a.qmp")))
             .unwrap();
@@ -400,15 +413,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_retry_tries_a_down_vm_at_once() {
-        let socket = tempfile::NamedTempFile::new().unwrap();
         let connector = Connects::new(true);
-        let driver = QemuDriver::with_connector(connector.clone(), Duration::from_secs(3600));
-        let mut stream = driver.watch("vm", &qemu_target(socket.path())).unwrap();
-        assert!(matches!(stream.next().await, Some(PresenceEvent::Up(_))));
-        assert!(matches!(
-            stream.next().await,
-            Some(PresenceEvent::Gone { .. })
-        ));
+        let (_socket, _driver, mut stream) = watching(connector.clone(), HOUR);
+        up_then_gone(&mut stream).await;
 
         (stream.retrier())();
         let again = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
