@@ -125,44 +125,18 @@ pub fn drivers(root: SysfsRoot) -> Drivers {
     Drivers::new(vec![super::qemu::driver(root)])
 }
 
-/// Fakes for unit tests of what sits on drivers (the daemon, `check`).
+/// The fake driver beside the trait, for unit tests of what sits on drivers (the daemon,
+/// `check`); its VMs are [`crate::backend::fake::FakeVm`]s.
 #[cfg(test)]
 pub(crate) mod fake {
     use super::*;
-    use crate::backend::{BoxFuture, VmUsbDevice};
-    use crate::inventory::Device;
+    use crate::backend::fake::FakeHost;
     use std::sync::Mutex;
 
-    /// A VM that holds nothing and takes nothing; only its presence matters.
-    pub(crate) struct IdleVm;
-
-    impl VmBackend for IdleVm {
-        fn name(&self) -> &str {
-            "idle"
-        }
-        fn list(&self) -> BoxFuture<'_, Result<Vec<VmUsbDevice>, BackendError>> {
-            Box::pin(async { Ok(vec![]) })
-        }
-        fn attach<'a>(
-            &'a self,
-            _: &'a Device,
-            _: AttachMode,
-        ) -> BoxFuture<'a, Result<VmUsbDevice, BackendError>> {
-            Box::pin(async {
-                Err(BackendError::Refused {
-                    vm: "idle".into(),
-                    reason: "the idle fake takes nothing".into(),
-                })
-            })
-        }
-        fn detach<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
-            Box::pin(async { Ok(()) })
-        }
-    }
-
-    /// A driver serving `qemu` targets by `modes` only, whose VMs come up at once (as an
-    /// [`IdleVm`]); `senders` holds each stream's sender, to say a VM gone.
+    /// A driver serving `qemu` targets by `modes` only, whose VMs start on `host` and come
+    /// up at once; `senders` holds each stream's sender, to say a VM gone.
     pub(crate) struct FakeDriver {
+        pub(crate) host: FakeHost,
         pub(crate) modes: BTreeSet<AttachMode>,
         pub(crate) senders: Mutex<Vec<mpsc::UnboundedSender<PresenceEvent>>>,
     }
@@ -171,6 +145,7 @@ pub(crate) mod fake {
         /// A fake attaching by address only, as Xen's driver would.
         pub(crate) fn address_only() -> Self {
             FakeDriver {
+                host: FakeHost::new(),
                 modes: [AttachMode::Address].into(),
                 senders: Mutex::default(),
             }
@@ -184,9 +159,9 @@ pub(crate) mod fake {
         fn modes(&self) -> BTreeSet<AttachMode> {
             self.modes.clone()
         }
-        fn watch(&self, _: &str, _: &VmTarget) -> Result<PresenceStream, BackendError> {
+        fn watch(&self, vm: &str, _: &VmTarget) -> Result<PresenceStream, BackendError> {
             let (tx, rx) = mpsc::unbounded_channel();
-            let _ = tx.send(PresenceEvent::Up(Arc::new(IdleVm)));
+            let _ = tx.send(PresenceEvent::Up(self.host.start(vm)));
             self.senders.lock().unwrap().push(tx);
             Ok(PresenceStream::new(rx, Arc::new(|| {})))
         }

@@ -253,7 +253,7 @@ async fn next_appeared(watcher: &mut Option<SocketWatcher>) -> Result<SocketAppe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::driver::fake::IdleVm;
+    use crate::backend::fake::FakeHost;
     use crate::backend::{BoxFuture, PresenceEvent, VmConnection};
     use std::path::Path;
     use std::sync::atomic::AtomicU32;
@@ -288,7 +288,7 @@ mod tests {
             };
             Box::pin(async {
                 Ok(VmConnection {
-                    backend: Arc::new(IdleVm),
+                    backend: FakeHost::new().start("vm"),
                     closed,
                 })
             })
@@ -334,7 +334,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    // Paused time: the 50 ms slow retry passes at once, and cannot flake.
+    #[tokio::test(start_paused = true)]
     async fn a_vm_gone_without_a_wake_up_is_tried_again_on_the_slow_retry() {
         let connector = Connects::new(true);
         let (_socket, _driver, mut stream) = watching(connector.clone(), Duration::from_millis(50));
