@@ -134,4 +134,26 @@ mod tests {
         assert_cause_printed_once(&err);
         assert!(err.is_socket_missing());
     }
+
+    #[test]
+    fn an_unreachable_vm_keeps_the_connection_error_whole_in_the_chain() {
+        let qmp = crate::backend::qemu::qmp::QmpError::Connect {
+            path: PathBuf::from("/run/vm.qmp"),
+            source: std::sync::Arc::new(enoent()),
+        };
+        let err = crate::backend::BackendError::Unreachable {
+            vm: "win11".into(),
+            source: Box::new(qmp),
+        };
+        let line = one_line(&err);
+        let qmp = err
+            .source()
+            .expect("the QMP error is the source")
+            .to_string();
+        assert_eq!(
+            line,
+            format!("VM win11: not reachable: {qmp}: no such file")
+        );
+        assert!(!err.to_string().contains(&qmp), "{err}");
+    }
 }

@@ -325,7 +325,7 @@ impl FakeVm {
     fn unreachable(&self, reason: &str) -> BackendError {
         BackendError::Unreachable {
             vm: self.name.clone(),
-            reason: reason.to_string(),
+            source: reason.into(),
         }
     }
 

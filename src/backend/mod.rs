@@ -94,12 +94,14 @@ pub struct VmUsbDevice {
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     /// The VM cannot be reached (socket gone, connection refused, closed mid-command).
-    #[error("VM {vm}: not reachable: {reason}")]
+    #[error("VM {vm}: not reachable")]
     Unreachable {
         /// VM name.
         vm: String,
-        /// What happened.
-        reason: String,
+        /// What happened: the hypervisor connection's own error (QEMU: a `QmpError`),
+        /// kept whole so its chain is printed once.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The hypervisor refused the request.
     #[error("VM {vm}: {reason}")]

@@ -4,6 +4,7 @@
 //! [`carry_out`], which alone decides between doing a step and, in a dry run, describing it.
 
 use super::controllers::GroupStep;
+use crate::error_chain::one_line;
 use crate::sysfs::SysfsRoot;
 use crate::vfio::{self, BindOptions, ControllerRule, LiveHost, PciHost, RuleOutcome};
 
@@ -162,7 +163,12 @@ impl<H: PciHost> ControllerHost for VfioControllers<H> {
                     steps_text(&plan.steps)
                 ),
             ),
-            Err(e) => outcome(rule, None, false, format!("dry run: would fail: {e}")),
+            Err(e) => outcome(
+                rule,
+                None,
+                false,
+                format!("dry run: would fail: {}", one_line(&e)),
+            ),
         }
     }
 
@@ -178,7 +184,12 @@ impl<H: PciHost> ControllerHost for VfioControllers<H> {
                     steps_text(&steps)
                 ),
             ),
-            Err(e) => outcome(rule, None, false, format!("dry run: would fail: {e}")),
+            Err(e) => outcome(
+                rule,
+                None,
+                false,
+                format!("dry run: would fail: {}", one_line(&e)),
+            ),
         }
     }
 }

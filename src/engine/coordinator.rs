@@ -383,8 +383,9 @@ impl Coordinator {
                     self.retries.succeeded(&action);
                 }
                 Err(e) => {
-                    tracing::warn!(vm = action.vm(), id = action.id(), error = %e, "{} failed", verb(&action));
-                    self.retries.failed(&action, e.to_string(), now);
+                    let error = crate::error_chain::one_line(&e);
+                    tracing::warn!(vm = action.vm(), id = action.id(), %error, "{} failed", verb(&action));
+                    self.retries.failed(&action, error, now);
                 }
             }
             self.holdings.acted(&action, outcome);
@@ -403,7 +404,7 @@ impl Coordinator {
                 worker.answering = false;
                 worker.list_failures += 1;
                 worker.relist_at = now + self.options.backoff.delay(worker.list_failures);
-                tracing::warn!(vm = %report.vm, error = %e, "cannot read the VM's devices; its last known devices stay reserved");
+                tracing::warn!(vm = %report.vm, error = %crate::error_chain::one_line(&e), "cannot read the VM's devices; its last known devices stay reserved");
             }
         }
     }

@@ -435,7 +435,7 @@ async fn qemu_killed_mid_attach_gives_a_clear_error() {
     qemu.signal(Signal::SIGKILL);
     let err = attach.await.expect("join").unwrap_err();
 
-    let text = err.to_string();
+    let text = usbroute::error_chain::one_line(&err);
     assert!(matches!(err, BackendError::Unreachable { .. }), "{err:?}");
     assert!(
         text.contains(&qemu.socket().display().to_string()),

@@ -42,7 +42,7 @@ impl VmConnector for QemuConnector {
                 .await
                 .map_err(|e| BackendError::Unreachable {
                     vm: name.to_string(),
-                    reason: crate::error_chain::one_line(&e),
+                    source: Box::new(e),
                 })?;
             let mut events = conn.events();
             let closed = Box::pin(async move {

@@ -108,7 +108,7 @@ impl QemuBackend {
             .await
             .map_err(|e| BackendError::Unreachable {
                 vm: name.clone(),
-                reason: crate::error_chain::one_line(&e),
+                source: Box::new(e),
             })?;
         Ok(Self::new(name, qmp, options))
     }
@@ -421,7 +421,7 @@ impl QemuBackend {
             QmpError::Command { .. } => self.refused(e.to_string()),
             other => BackendError::Unreachable {
                 vm: self.name.clone(),
-                reason: crate::error_chain::one_line(&other),
+                source: Box::new(other),
             },
         }
     }

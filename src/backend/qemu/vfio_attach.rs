@@ -111,7 +111,7 @@ async fn take_back(qmp: &Qmp, added: &[AttachedFunction]) -> String {
     let mut failed = Vec::new();
     for f in added.iter().rev() {
         if let Err(e) = qmp.execute("device_del", Some(json!({"id": f.id}))).await {
-            failed.push(format!("{} ({e})", f.id));
+            failed.push(format!("{} ({})", f.id, crate::error_chain::one_line(&e)));
         }
     }
     let ids: Vec<&str> = added.iter().map(|f| f.id.as_str()).collect();
