@@ -437,10 +437,12 @@ fn an_overlong_device_string_is_cut_when_read_and_when_shown() {
 
 /// Everything under `dir`, for checking that a refused recording wrote nothing.
 fn entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    std::fs::read_dir(dir)
+    let mut found: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .collect()
+        .collect();
+    found.sort();
+    found
 }
 
 #[test]
@@ -460,14 +462,24 @@ fn recording_into_a_symlink_to_elsewhere_is_refused_and_writes_nothing_there() {
 #[test]
 fn recording_into_a_directory_another_user_owns_is_refused() {
     let (dir, _) = host();
-    let target = tempfile::tempdir().unwrap();
-    // nobody's empty directory: nobody could plant a symlink in it mid-run.
-    std::os::unix::fs::chown(target.path(), Some(65534), Some(65534)).unwrap();
+    let made = tempfile::tempdir().unwrap();
+    // Root gives an empty directory to nobody; any other user (the quick tier runs as
+    // anyone) meets root's `/`. Either way its owner could plant a symlink mid-run.
+    let (target, owner) = if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::chown(made.path(), Some(65534), Some(65534)).unwrap();
+        (made.path(), 65534)
+    } else {
+        (std::path::Path::new("/"), 0)
+    };
+    let before = entries(target);
 
-    let err = record::record(&SysfsRoot::new(dir.path()), target.path()).unwrap_err();
+    let err = record::record(&SysfsRoot::new(dir.path()), target).unwrap_err();
 
-    assert!(err.to_string().contains("owned by uid 65534"), "{err}");
-    assert_eq!(entries(target.path()), Vec::<std::path::PathBuf>::new());
+    assert!(
+        err.to_string().contains(&format!("owned by uid {owner}")),
+        "{err}"
+    );
+    assert_eq!(entries(target), before);
 }
 
 #[test]
