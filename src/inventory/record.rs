@@ -148,6 +148,11 @@ fn check_destination(dest: &Path) -> Result<(), RecordError> {
     if dest.exists() && !dest.is_dir() {
         return Err(RecordError::NotADirectory(dest.to_path_buf()));
     }
+    // Whose it is comes first: someone else's directory is refused whatever is in it.
+    if dest.exists() {
+        check_nobody_else_can_change(dest)?;
+        return check_empty_or_create(dest);
+    }
     check_empty_or_create(dest)?;
     check_nobody_else_can_change(dest)
 }
