@@ -244,7 +244,7 @@ async fn usbroute_pipeline(qmp: &Path, n: usize) -> (Percentiles, Percentiles) {
         samples.push(t.elapsed());
         assert_eq!(attached, ["usbroute-port-1-2.1"]);
         for id in attached {
-            backend.detach(&id).await.unwrap();
+            backend.detach_id(&id).await.unwrap();
         }
     }
     (Percentiles::new(samples), Percentiles::new(deciding))

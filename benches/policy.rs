@@ -129,11 +129,11 @@ fn main() {
     for (port, decision) in &desired.devices {
         if let Placement::Vm { vm, mode } = &decision.placement {
             let d = devices.iter().find(|d| &d.port == port).expect("device");
-            let id = AttachKey::of(*mode, d).expect("key").to_id();
+            let key = AttachKey::of(*mode, d).expect("key");
             let entry = VmUsbDevice {
-                id,
+                id: usbroute::backend::qemu::ids::device_id(&key),
                 attached: true,
-                ours: true,
+                key: Some(key),
                 matcher: HostMatch::Other {},
             };
             actual.get_mut(vm).expect("vm").devices.push(entry);

@@ -3,8 +3,10 @@
 //! can see, and `tests/real_qemu/backend_contract.rs` runs the same cases against it and against a
 //! real `qemu-system-x86_64` so it cannot drift:
 //!
-//! - ids are our [`AttachKey`] ids; an attach of an id the VM has already changes nothing
-//!   and answers with what the VM has (QEMU's backend checks before `device_add`);
+//! - it names our devices as QEMU does (`backend::qemu::ids`: the contract test compares
+//!   its listings with a real QEMU's) and reads the [`AttachKey`] back from the id; an
+//!   attach of an id the VM has already changes nothing and answers with what the VM has
+//!   (QEMU's backend checks before `device_add`);
 //! - by port and by id an absent device is accepted but not `attached`; by address it is
 //!   refused (QEMU cannot find that plug), and an address entry whose plug goes away is
 //!   never attached again (QEMU does not reopen it); hubs are refused;
@@ -21,6 +23,7 @@
 //! no part of the library's contract; always compiled (no feature to forget), and the
 //! linker drops it from the binary, which never names it.
 
+use crate::backend::qemu::ids;
 use crate::backend::{
     AttachKey, AttachMode, BackendError, BoxFuture, HostMatch, VmBackend, VmConnection, VmUsbDevice,
 };
@@ -406,7 +409,7 @@ impl FakeVm {
         let Some(key) = AttachKey::of(mode, device) else {
             return Err(self.refused(format!("{what} lacks what --by {mode:?} needs")));
         };
-        let id = key.to_id();
+        let id = ids::device_id(&key);
         let fault = self
             .arrive(Call::Attach, Some(format!("attach {id}")))
             .await?;
@@ -449,7 +452,7 @@ impl FakeVm {
             Some(VmUsbDevice {
                 id,
                 attached: on_host,
-                ours: true,
+                key: Some(key),
                 matcher,
             })
         };
@@ -459,7 +462,8 @@ impl FakeVm {
         }
     }
 
-    async fn detach_now(&self, id: &str) -> Result<(), BackendError> {
+    async fn detach_now(&self, key: &AttachKey) -> Result<(), BackendError> {
+        let id = &ids::device_id(key);
         let fault = self
             .arrive(Call::Detach, Some(format!("detach {id}")))
             .await?;
@@ -499,8 +503,12 @@ impl VmBackend for FakeVm {
         Box::pin(self.attach_now(device, mode))
     }
 
-    fn detach<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
-        Box::pin(self.detach_now(id))
+    fn detach<'a>(&'a self, key: &'a AttachKey) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(self.detach_now(key))
+    }
+
+    fn device_id(&self, key: &AttachKey) -> String {
+        ids::device_id(key)
     }
 }
 
@@ -510,7 +518,7 @@ fn listing(state: &HostState, vm: &VmState) -> Vec<VmUsbDevice> {
     let listed = vm.entries.iter().map(|(id, e)| VmUsbDevice {
         id: id.clone(),
         attached: !e.lost && state.devices.values().any(|d| matches(&e.matcher, d)),
-        ours: AttachKey::from_id(id).is_some(),
+        key: ids::key_of(id),
         matcher: e.matcher.clone(),
     });
     listed.collect()

@@ -77,17 +77,48 @@ pub enum HostMatch {
 }
 
 /// One usb-host device a VM has, as read back from the VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmUsbDevice {
-    /// The hypervisor's device id (QEMU `id`).
+    /// The hypervisor's own handle for it (QEMU: its device `id`), for display and for
+    /// the user's own devices; the engine goes by [`Self::key`].
     pub id: String,
     /// `true` when the host device is really connected to the guest now.
     pub attached: bool,
-    /// `true` when usbroute created it (its id says so).
-    pub ours: bool,
+    /// What usbroute attached it for, when it is one of ours; `None`: the user's own
+    /// device, which usbroute leaves alone. The backend reads it back from its own handle
+    /// (QEMU: from the id, see `qemu::ids`), so a restarted daemon knows its devices.
+    pub key: Option<AttachKey>,
     /// What it matches on.
-    #[serde(flatten)]
     pub matcher: HostMatch,
+}
+
+impl VmUsbDevice {
+    /// Is it one of ours (attached by usbroute)?
+    pub fn is_ours(&self) -> bool {
+        self.key.is_some()
+    }
+}
+
+/// The JSON form `vm devices --json` prints: `id`, `attached`, `ours` and the match
+/// fields (a contract; the key itself is the id's business).
+impl Serialize for VmUsbDevice {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Shown<'a> {
+            id: &'a str,
+            attached: bool,
+            ours: bool,
+            #[serde(flatten)]
+            matcher: &'a HostMatch,
+        }
+        Shown {
+            id: &self.id,
+            attached: self.attached,
+            ours: self.is_ours(),
+            matcher: &self.matcher,
+        }
+        .serialize(serializer)
+    }
 }
 
 /// Something a backend could not do; always names the VM.
@@ -135,8 +166,12 @@ pub trait VmBackend: Send + Sync {
         device: &'a Device,
         mode: AttachMode,
     ) -> BoxFuture<'a, Result<VmUsbDevice, BackendError>>;
-    /// Detach by device id; returns only after the VM confirmed removal.
-    fn detach<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BackendError>>;
+    /// Detach our device attached for `key`; returns only after the VM confirmed removal.
+    /// (The user's own devices are no business of the engine's.)
+    fn detach<'a>(&'a self, key: &'a AttachKey) -> BoxFuture<'a, Result<(), BackendError>>;
+    /// The backend's own handle for our device attached for `key` (QEMU: its device id),
+    /// as its listing reports it in [`VmUsbDevice::id`]; for status and logs.
+    fn device_id(&self, key: &AttachKey) -> String;
 }
 
 /// Which hypervisor runs a VM and how to reach it: what a `[[vm]]` entry names. The
@@ -205,21 +240,23 @@ pub struct VmConnection {
     pub closed: BoxFuture<'static, ()>,
 }
 
-/// What one usb-host device of ours is keyed on: the attach mode and its key. Its id is
-/// derived from this alone, so a restarted daemon recomputes the same id, and the inverse
-/// ([`AttachKey::from_id`]) lets a listing tell our devices from the user's.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// What one usb-host device of ours is keyed on: the attach mode and its key. The engine
+/// knows our devices by this alone; each backend maps it to its own handle and back
+/// (QEMU: a device id, `backend::qemu::ids`), so a restarted daemon recognises its
+/// devices from a listing.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AttachKey {
-    /// `usbroute-addr-B-D`: one plug of one device.
+    /// One plug of one device: bus and device address.
     Address {
         /// Host bus.
         bus: u8,
         /// Host device address.
         address: u16,
     },
-    /// `usbroute-port-1-3.4.2`: a physical port.
+    /// A physical port.
     Port(PortPath),
-    /// `usbroute-id-vvvv-pppp`: a kind of device.
+    /// A kind of device: vendor and product id.
     Id {
         /// Vendor id.
         vendor_id: HexId,
@@ -227,9 +264,6 @@ pub enum AttachKey {
         product_id: HexId,
     },
 }
-
-/// Every id usbroute gives a device starts with this (QEMU ids must start with a letter).
-pub const OUR_ID_PREFIX: &str = "usbroute-";
 
 impl AttachKey {
     /// The key of `device` under `mode`; `None` when the device lacks it (unknown address
@@ -254,44 +288,6 @@ impl AttachKey {
             AttachKey::Address { .. } => AttachMode::Address,
             AttachKey::Port(_) => AttachMode::Port,
             AttachKey::Id { .. } => AttachMode::Id,
-        }
-    }
-
-    /// The device id: `usbroute-addr-1-5`, `usbroute-port-1-3.4.2`, `usbroute-id-046d-c016`
-    /// (a letter first, then only `[A-Za-z0-9._-]`, as QEMU requires).
-    pub fn to_id(&self) -> String {
-        match self {
-            AttachKey::Address { bus, address } => format!("{OUR_ID_PREFIX}addr-{bus}-{address}"),
-            AttachKey::Port(port) => format!("{OUR_ID_PREFIX}port-{port}"),
-            AttachKey::Id {
-                vendor_id,
-                product_id,
-            } => format!("{OUR_ID_PREFIX}id-{vendor_id}-{product_id}"),
-        }
-    }
-
-    /// The key an id of ours stands for; `None` for anyone else's id.
-    pub fn from_id(id: &str) -> Option<AttachKey> {
-        let rest = id.strip_prefix(OUR_ID_PREFIX)?;
-        let (kind, key) = rest.split_once('-')?;
-        let canonical = |k: AttachKey| (k.to_id() == id).then_some(k);
-        match kind {
-            "addr" => {
-                let (bus, address) = key.split_once('-')?;
-                canonical(AttachKey::Address {
-                    bus: bus.parse().ok()?,
-                    address: address.parse().ok()?,
-                })
-            }
-            "port" => canonical(AttachKey::Port(key.parse().ok()?)),
-            "id" => {
-                let (v, p) = key.split_once('-')?;
-                canonical(AttachKey::Id {
-                    vendor_id: v.parse().ok()?,
-                    product_id: p.parse().ok()?,
-                })
-            }
-            _ => None,
         }
     }
 
@@ -330,9 +326,4 @@ impl AttachKey {
             } => device.vendor_id == Some(*vendor_id) && device.product_id == Some(*product_id),
         }
     }
-}
-
-/// The id usbroute gives `device` attached by `mode` (see [`AttachKey::to_id`]).
-pub fn usbroute_device_id(mode: AttachMode, device: &Device) -> Option<String> {
-    AttachKey::of(mode, device).map(|k| k.to_id())
 }

@@ -98,7 +98,7 @@ fn emit_qemu(
     Ok(EmittedUsbHost {
         hypervisor: Hypervisor::Qemu,
         by: mode,
-        id: key.to_id(),
+        id: crate::backend::qemu::ids::device_id(&key),
         what: request.what,
         present,
         qemu_args: vec![
@@ -204,7 +204,7 @@ mod tests {
             .to_vec();
 
         let attach_ids: Vec<String> = [AttachMode::Address, AttachMode::Port, AttachMode::Id]
-            .map(|mode| crate::backend::usbroute_device_id(mode, mouse).unwrap())
+            .map(|mode| crate::backend::qemu::ids::usbroute_device_id(mode, mouse).unwrap())
             .to_vec();
         assert_eq!(ids, attach_ids);
     }

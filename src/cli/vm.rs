@@ -2,8 +2,9 @@
 
 use super::output::print_json;
 use super::Global;
+use crate::backend::qemu::ids::{self, usbroute_device_id};
 use crate::backend::qemu::{AttachRequest, Attached, FdPassing, QemuBackend, QemuOptions};
-use crate::backend::{usbroute_device_id, AttachKey, AttachMode, HostMatch, VmUsbDevice};
+use crate::backend::{AttachKey, AttachMode, HostMatch, VmUsbDevice};
 use crate::inventory::{Device, HexId, Snapshot};
 use crate::selector::{Pattern, Selector, Term};
 use anyhow::{bail, Context};
@@ -364,7 +365,7 @@ fn detach_target(
         }
     }
     for mode in [AttachMode::Port, AttachMode::Id] {
-        wanted.extend(pinned_key(&selector, mode).map(|k| k.to_id()));
+        wanted.extend(pinned_key(&selector, mode).map(|k| ids::device_id(&k)));
     }
     let hits: Vec<&VmUsbDevice> = listed.iter().filter(|d| wanted.contains(&d.id)).collect();
     match hits.as_slice() {
@@ -420,7 +421,7 @@ fn print_devices(devices: &[VmUsbDevice]) {
             "{:width$}  {:8}  {:4}  {}",
             d.id,
             if d.attached { "yes" } else { "no" },
-            if d.ours { "yes" } else { "no" },
+            if d.is_ours() { "yes" } else { "no" },
             describe_match(&d.matcher)
         );
     }
@@ -469,7 +470,7 @@ mod tests {
         VmUsbDevice {
             id: id.into(),
             attached: true,
-            ours: id.starts_with("usbroute-"),
+            key: ids::key_of(id),
             matcher: HostMatch::Other {},
         }
     }

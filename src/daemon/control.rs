@@ -85,7 +85,7 @@ impl Daemon {
                         .map(|view| {
                             view.devices
                                 .iter()
-                                .filter(|e| e.ours)
+                                .filter(|e| e.is_ours())
                                 .map(|e| e.id.clone())
                                 .collect()
                         })

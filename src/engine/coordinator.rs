@@ -181,6 +181,8 @@ struct Report {
 
 struct Worker {
     jobs: mpsc::UnboundedSender<Job>,
+    /// The backend it works on; asked only what it calls a device (for status and logs).
+    backend: Arc<dyn VmBackend>,
     generation: u64,
     busy: bool,
     /// No list has answered since it came up: it may hold anything.
@@ -341,7 +343,7 @@ impl Coordinator {
         tokio::spawn(work(
             name.clone(),
             self.generation,
-            backend,
+            backend.clone(),
             job_rx,
             self.reports_tx.clone(),
         ));
@@ -351,6 +353,7 @@ impl Coordinator {
         let _ = jobs.send(first);
         let worker = Worker {
             jobs,
+            backend,
             generation: self.generation,
             busy: true,
             holdings_unknown: true,
@@ -372,6 +375,7 @@ impl Coordinator {
         }
         worker.busy = false;
         for (action, result) in report.results {
+            let id = worker.backend.device_id(action.key());
             let outcome = match &result {
                 Ok(()) => Outcome::Done,
                 Err(BackendError::Refused { .. }) => Outcome::Refused,
@@ -379,16 +383,16 @@ impl Coordinator {
             };
             match result {
                 Ok(()) => {
-                    tracing::info!(vm = action.vm(), id = action.id(), "{} done", verb(&action));
+                    tracing::info!(vm = action.vm(), id, "{} done", verb(&action));
                     self.retries.succeeded(&action);
                 }
                 Err(e) => {
                     let error = crate::error_chain::one_line(&e);
-                    tracing::warn!(vm = action.vm(), id = action.id(), %error, "{} failed", verb(&action));
-                    self.retries.failed(&action, error, now);
+                    tracing::warn!(vm = action.vm(), id, %error, "{} failed", verb(&action));
+                    self.retries.failed(&action, &id, error, now);
                 }
             }
-            self.holdings.acted(&action, outcome);
+            self.holdings.acted(&action, &id, outcome);
         }
         match report.list {
             Ok(devices) => {
@@ -473,7 +477,8 @@ impl Coordinator {
         if self.options.dry_run {
             if due != self.dry_run_actions {
                 for a in &due {
-                    tracing::info!(vm = a.vm(), id = a.id(), "dry run: would {}", verb(a));
+                    let id = self.device_id(a);
+                    tracing::info!(vm = a.vm(), id, "dry run: would {}", verb(a));
                 }
             }
             self.dry_run_actions = due;
@@ -525,14 +530,24 @@ impl Coordinator {
                 continue;
             }
             for a in &actions {
+                let id = worker.backend.device_id(a.key());
                 // In flight counts as held: no other VM may be given this device meanwhile.
-                self.holdings.acted(a, Outcome::Unknown);
+                self.holdings.acted(a, &id, Outcome::Unknown);
                 if matches!(a, Action::Attach { .. }) {
-                    self.unknowns.attaching(name, a.id());
+                    self.unknowns.attaching(name, a.key());
                 }
-                tracing::info!(vm = %name, id = a.id(), "{}", verb(a));
+                tracing::info!(vm = %name, id, "{}", verb(a));
             }
             worker.busy = worker.jobs.send(Job { actions }).is_ok();
+        }
+    }
+
+    /// What `action`'s VM calls its device, for logs (the key itself when the VM has no
+    /// worker).
+    fn device_id(&self, action: &Action) -> String {
+        match self.workers.get(action.vm()) {
+            Some(worker) => worker.backend.device_id(action.key()),
+            None => format!("{:?}", action.key()),
         }
     }
 
@@ -597,17 +612,17 @@ async fn work(
         for action in job.actions {
             let result = match &action {
                 Action::Attach {
-                    device, mode, id, ..
+                    device, mode, key, ..
                 } => {
                     backend.attach(device, *mode).await.map(|got| {
-                        if got.id != *id {
-                            // The backend must name devices by backend::usbroute_device_id,
-                            // or a restarted daemon cannot recognise them.
-                            tracing::error!(vm = %vm, expected = %id, got = %got.id, "backend used another device id");
+                        if got.key.as_ref() != Some(key) {
+                            // The backend must read the key back from what it lists, or a
+                            // restarted daemon cannot recognise its devices.
+                            tracing::error!(vm = %vm, expected = ?key, got = ?got.key, id = %got.id, "backend listed the device under another key");
                         }
                     })
                 }
-                Action::Detach { id, .. } => backend.detach(id).await,
+                Action::Detach { key, .. } => backend.detach(key).await,
             };
             results.push((action, result));
         }

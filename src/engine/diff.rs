@@ -1,13 +1,16 @@
 //! The diff: what to do so that the VMs hold what the plan wants. Pure.
 //!
 //! Guarantees, for any input:
-//! - nothing already right is touched (an id present where it is wanted stays);
-//! - nothing is attached twice (an id a VM lists is never attached to it again);
+//! - nothing already right is touched (a key present where it is wanted stays);
+//! - nothing is attached twice (a key a VM lists is never attached to it again);
 //! - a device is never on two VMs: an attach is emitted only when no usb-host of ours in
 //!   any VM could be holding a device the new one could take (for `by = "id"`, any device
 //!   of that kind); otherwise only the detach is emitted now, and the
 //!   attach follows on a later round, after the VM confirmed the detach;
-//! - usb-host devices that are not ours (ids without the `usbroute-` form) are left alone.
+//! - usb-host devices that are not ours (listed without an [`AttachKey`]) are left alone.
+//!
+//! Our devices are known by their [`AttachKey`] only; what a hypervisor calls them is its
+//! backend's business.
 
 use crate::backend::{AttachKey, AttachMode, VmUsbDevice};
 use crate::inventory::Device;
@@ -19,7 +22,7 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "action", rename_all = "lowercase")]
 pub enum Action {
-    /// Add a usb-host device for `device` to `vm`, matching by `mode`, with id `id`.
+    /// Add a usb-host device for `device` to `vm`, matching by `mode`, keyed on `key`.
     Attach {
         /// The VM.
         vm: String,
@@ -27,15 +30,15 @@ pub enum Action {
         device: Box<Device>,
         /// How the usb-host finds it.
         mode: AttachMode,
-        /// The id it gets (derived from `mode`'s key).
-        id: String,
+        /// What it is attached for (`device`'s key under `mode`).
+        key: AttachKey,
     },
-    /// Remove our usb-host device `id` from `vm`.
+    /// Remove our usb-host device attached for `key` from `vm`.
     Detach {
         /// The VM.
         vm: String,
-        /// The device id.
-        id: String,
+        /// What it was attached for.
+        key: AttachKey,
     },
 }
 
@@ -47,10 +50,10 @@ impl Action {
         }
     }
 
-    /// The device id it acts on.
-    pub fn id(&self) -> &str {
+    /// The key of the usb-host device it acts on.
+    pub fn key(&self) -> &AttachKey {
         match self {
-            Action::Attach { id, .. } | Action::Detach { id, .. } => id,
+            Action::Attach { key, .. } | Action::Detach { key, .. } => key,
         }
     }
 }
@@ -71,53 +74,53 @@ pub struct VmView {
 pub type Actual = BTreeMap<String, VmView>;
 
 /// Compute the actions that move `actual` towards `desired`. Detaches come first, then
-/// attaches; both sorted by VM and id, so the same inputs always give the same list.
+/// attaches; both sorted by VM and key, so the same inputs always give the same list.
 pub fn reconcile(desired: &Desired, actual: &Actual, devices: &[Device]) -> Vec<Action> {
     let by_port: BTreeMap<_, _> = devices.iter().map(|d| (&d.port, d)).collect();
-    let mut wanted: BTreeMap<(&str, String), (&Device, AttachKey)> = BTreeMap::new();
+    let mut wanted: BTreeMap<(&str, AttachKey), &Device> = BTreeMap::new();
     for (port, decision) in &desired.devices {
         let (Placement::Vm { vm, mode }, Some(device)) = (&decision.placement, by_port.get(port))
         else {
             continue;
         };
         if let Some(key) = AttachKey::of(*mode, device) {
-            wanted.insert((vm.as_str(), key.to_id()), (device, key));
+            wanted.insert((vm.as_str(), key), device);
         }
     }
-    let ours: Vec<(&str, &VmUsbDevice, AttachKey)> = actual
+    let ours: Vec<(&str, &VmUsbDevice, &AttachKey)> = actual
         .iter()
         .flat_map(|(vm, view)| view.devices.iter().map(move |e| (vm.as_str(), e)))
-        .filter_map(|(vm, e)| AttachKey::from_id(&e.id).map(|k| (vm, e, k)))
+        .filter_map(|(vm, e)| e.key.as_ref().map(|k| (vm, e, k)))
         .collect();
     let right = |vm: &str, e: &VmUsbDevice, key: &AttachKey| {
-        !is_stale(e, key) && wanted.contains_key(&(vm, e.id.clone()))
+        !is_stale(e, key) && wanted.contains_key(&(vm, key.clone()))
     };
     let reachable = |vm: &str| actual.get(vm).is_some_and(|v| v.reachable);
     let mut actions: Vec<Action> = ours
         .iter()
         .filter(|(vm, e, key)| reachable(vm) && !right(vm, e, key))
-        .map(|(vm, e, _)| Action::Detach {
+        .map(|(vm, _, key)| Action::Detach {
             vm: vm.to_string(),
-            id: e.id.clone(),
+            key: (*key).clone(),
         })
         .collect();
-    for ((vm, id), (device, key)) in &wanted {
+    for ((vm, key), device) in &wanted {
         let Some(view) = actual.get(*vm).filter(|v| v.reachable) else {
             continue;
         };
-        let present = view.devices.iter().any(|e| &e.id == id);
+        let present = view.devices.iter().any(|e| e.key.as_ref() == Some(key));
         // Every device this usb-host could take (all devices of a kind, for `by = "id"`)
         // must be free of our other usb-host devices first.
         let held_elsewhere = devices.iter().filter(|d| key.refers_to(d)).any(|d| {
             ours.iter()
-                .any(|(v, e, k)| (v != vm || &e.id != id) && k.refers_to(d))
+                .any(|(v, _, k)| (v != vm || *k != key) && k.refers_to(d))
         });
         if !present && !held_elsewhere {
             actions.push(Action::Attach {
                 vm: vm.to_string(),
                 device: Box::new((*device).clone()),
                 mode: key.mode(),
-                id: id.clone(),
+                key: key.clone(),
             });
         }
     }

@@ -41,25 +41,28 @@ impl Holdings {
         self.known.contains_key(vm)
     }
 
-    /// Account for an action's outcome until the next list.
-    pub fn acted(&mut self, action: &Action, outcome: Outcome) {
+    /// Account for an action's outcome until the next list; `id` is the backend's handle
+    /// for its device ([`crate::backend::VmBackend::device_id`]), shown until the VM lists
+    /// it itself.
+    pub fn acted(&mut self, action: &Action, id: &str, outcome: Outcome) {
         let Some(list) = self.known.get_mut(action.vm()) else {
             return;
         };
-        let id = action.id();
+        let key = action.key();
+        let is_this = |e: &VmUsbDevice| e.key.as_ref() == Some(key);
         match (action, outcome) {
             (_, Outcome::Refused) => {}
             (Action::Attach { .. }, _) => {
-                if !list.iter().any(|e| e.id == id) {
+                if !list.iter().any(is_this) {
                     list.push(VmUsbDevice {
                         id: id.to_string(),
                         attached: true,
-                        ours: true,
+                        key: Some(key.clone()),
                         matcher: HostMatch::Other {},
                     });
                 }
             }
-            (Action::Detach { .. }, Outcome::Done) => list.retain(|e| e.id != id),
+            (Action::Detach { .. }, Outcome::Done) => list.retain(|e| !is_this(e)),
             (Action::Detach { .. }, Outcome::Unknown) => {}
         }
     }

@@ -1,8 +1,9 @@
-//! Retry bookkeeping: capped exponential backoff per VM and device id, with the last
+//! Retry bookkeeping: capped exponential backoff per VM and device key, with the last
 //! error for `status`. Pure data; the caller passes the time (`now`, any monotonic clock
 //! measured from any fixed start), so tests drive it without sleeping.
 
 use super::diff::Action;
+use crate::backend::AttachKey;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -39,7 +40,9 @@ impl BackoffPolicy {
 pub struct Pending {
     /// The VM.
     pub vm: String,
-    /// The device id.
+    /// What the usb-host device is (to be) attached for.
+    pub key: AttachKey,
+    /// The backend's handle for it (QEMU: the device id), for messages.
     pub id: String,
     /// Failures in a row.
     pub failures: u32,
@@ -50,11 +53,16 @@ pub struct Pending {
     pub last_error: String,
 }
 
-/// Failures per (VM, device id).
+/// Failures per (VM, key).
 #[derive(Debug, Clone, Default)]
 pub struct RetryBook {
     policy: BackoffPolicy,
-    pending: BTreeMap<(String, String), Pending>,
+    pending: BTreeMap<(String, AttachKey), Pending>,
+}
+
+/// Where `action`'s failures are kept.
+fn slot(action: &Action) -> (String, AttachKey) {
+    (action.vm().to_string(), action.key().clone())
 }
 
 impl RetryBook {
@@ -66,33 +74,32 @@ impl RetryBook {
         }
     }
 
-    /// Record that `action` failed with `error` at `now`.
-    pub fn failed(&mut self, action: &Action, error: String, now: Duration) {
-        let key = (action.vm().to_string(), action.id().to_string());
-        let failures = self.pending.get(&key).map_or(0, |p| p.failures) + 1;
+    /// Record that `action` failed with `error` at `now`; `id` is the backend's handle
+    /// for its device ([`crate::backend::VmBackend::device_id`]), for messages.
+    pub fn failed(&mut self, action: &Action, id: &str, error: String, now: Duration) {
+        let slot = slot(action);
+        let failures = self.pending.get(&slot).map_or(0, |p| p.failures) + 1;
         let retry_at = now + self.policy.delay(failures);
-        self.pending.insert(
-            key,
-            Pending {
-                vm: action.vm().to_string(),
-                id: action.id().to_string(),
-                failures,
-                retry_at,
-                last_error: error,
-            },
-        );
+        let pending = Pending {
+            vm: action.vm().to_string(),
+            key: action.key().clone(),
+            id: id.to_string(),
+            failures,
+            retry_at,
+            last_error: error,
+        };
+        self.pending.insert(slot, pending);
     }
 
     /// Record that `action` succeeded: its backoff starts over.
     pub fn succeeded(&mut self, action: &Action) {
-        self.pending
-            .remove(&(action.vm().to_string(), action.id().to_string()));
+        self.pending.remove(&slot(action));
     }
 
     /// May `action` run at `now`?
     pub fn ready(&self, action: &Action, now: Duration) -> bool {
         self.pending
-            .get(&(action.vm().to_string(), action.id().to_string()))
+            .get(&slot(action))
             .map_or(true, |p| p.retry_at <= now)
     }
 
@@ -100,7 +107,7 @@ impl RetryBook {
     /// old failure does not delay a device that comes back later.
     pub fn keep_only(&mut self, current: &[Action]) {
         self.pending
-            .retain(|(vm, id), _| current.iter().any(|a| a.vm() == vm && a.id() == id));
+            .retain(|(vm, key), _| current.iter().any(|a| a.vm() == vm && a.key() == key));
     }
 
     /// The earliest retry time, to arm a timer.
@@ -108,13 +115,13 @@ impl RetryBook {
         self.pending.values().map(|p| p.retry_at).min()
     }
 
-    /// Every pending retry, by VM and id.
+    /// Every pending retry, by VM and key.
     pub fn pending(&self) -> impl Iterator<Item = &Pending> {
         self.pending.values()
     }
 
-    /// The pending retry of one VM's device id.
-    pub fn get(&self, vm: &str, id: &str) -> Option<&Pending> {
-        self.pending.get(&(vm.to_string(), id.to_string()))
+    /// The pending retry of one VM's device attached for `key`.
+    pub fn get(&self, vm: &str, key: &AttachKey) -> Option<&Pending> {
+        self.pending.get(&(vm.to_string(), key.clone()))
     }
 }

@@ -6,7 +6,7 @@
 use super::diff::{is_stale, Action, VmView};
 use super::routing::RoutingStatus;
 use super::Pending;
-use crate::backend::{AttachKey, AttachMode};
+use crate::backend::AttachMode;
 use crate::inventory::{Device, PortPath};
 use crate::policy::{Decision, Desired, Override, OverrideAction, Placement, Rule, RuleAction};
 use crate::vfio::RuleOutcome;
@@ -90,10 +90,10 @@ impl Status {
             view.devices
                 .iter()
                 .any(|e| {
-                    AttachKey::from_id(&e.id).is_some_and(|k| {
+                    e.key.as_ref().is_some_and(|k| {
                         let for_this_vm =
                             k.mode() != AttachMode::Id || planned_vm == Some(vm.as_str());
-                        !is_stale(e, &k) && for_this_vm && k.refers_to(device)
+                        !is_stale(e, k) && for_this_vm && k.refers_to(device)
                     })
                 })
                 .then(|| vm.clone())
@@ -102,9 +102,7 @@ impl Status {
 
     /// A failed action about `device` waiting for its retry.
     pub fn pending_for(&self, device: &Device) -> Option<&Pending> {
-        self.pending
-            .iter()
-            .find(|p| AttachKey::from_id(&p.id).is_some_and(|k| k.refers_to(device)))
+        self.pending.iter().find(|p| p.key.refers_to(device))
     }
 
     /// Everything the status says about `device`, one of the devices present.
@@ -181,7 +179,7 @@ impl Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{HostMatch, VmUsbDevice};
+    use crate::backend::{AttachKey, HostMatch, VmUsbDevice};
     use crate::engine::VmView;
     use crate::policy::{Reason, Rule};
     use std::time::Duration;
@@ -193,15 +191,16 @@ mod tests {
         }
     }
 
-    fn id_of(mode: AttachMode, d: &Device) -> String {
-        AttachKey::of(mode, d).unwrap().to_id()
+    fn key_of(mode: AttachMode, d: &Device) -> AttachKey {
+        AttachKey::of(mode, d).unwrap()
     }
 
-    fn entry(id: String, attached: bool) -> VmUsbDevice {
+    /// One of ours, under a handle the engine never reads.
+    fn entry(key: AttachKey, attached: bool) -> VmUsbDevice {
         VmUsbDevice {
-            id,
+            id: "a handle of the backend's".into(),
             attached,
-            ours: true,
+            key: Some(key),
             matcher: HostMatch::Other {},
         }
     }
@@ -244,7 +243,7 @@ mod tests {
     #[test]
     fn holder_by_port_holds_the_place_even_while_the_device_reconnects() {
         let d = device("1-3", 5);
-        let s = holding("win", vec![entry(id_of(AttachMode::Port, &d), false)]);
+        let s = holding("win", vec![entry(key_of(AttachMode::Port, &d), false)]);
 
         assert_eq!(s.holder(&d).as_deref(), Some("win"));
     }
@@ -252,8 +251,8 @@ mod tests {
     #[test]
     fn holder_by_address_without_its_device_is_stale_and_holds_nothing() {
         let d = device("1-3", 5);
-        let stale = holding("win", vec![entry(id_of(AttachMode::Address, &d), false)]);
-        let live = holding("win", vec![entry(id_of(AttachMode::Address, &d), true)]);
+        let stale = holding("win", vec![entry(key_of(AttachMode::Address, &d), false)]);
+        let live = holding("win", vec![entry(key_of(AttachMode::Address, &d), true)]);
 
         assert_eq!(stale.holder(&d), None);
         assert_eq!(live.holder(&d).as_deref(), Some("win"));
@@ -264,7 +263,7 @@ mod tests {
         let mut d = device("1-3", 5);
         d.vendor_id = Some(crate::inventory::HexId(0x046d));
         d.product_id = Some(crate::inventory::HexId(0xc016));
-        let mut s = holding("win", vec![entry(id_of(AttachMode::Id, &d), true)]);
+        let mut s = holding("win", vec![entry(key_of(AttachMode::Id, &d), true)]);
         let unplanned = s.holder(&d);
         plan(&mut s, &d, to_vm("win"), Reason::ManualAttach);
 
@@ -308,7 +307,7 @@ mod tests {
     #[test]
     fn settled_attach_needs_the_vm_to_hold_it_and_be_done_listing() {
         let d = device("1-3", 5);
-        let mut s = holding("win", vec![entry(id_of(AttachMode::Port, &d), true)]);
+        let mut s = holding("win", vec![entry(key_of(AttachMode::Port, &d), true)]);
         plan(&mut s, &d, to_vm("win"), Reason::ManualAttach);
         let action = OverrideAction::Attach {
             vm: "win".into(),
@@ -342,7 +341,8 @@ mod tests {
         plan(&mut s, &d, to_vm("win"), Reason::ManualAttach);
         let failure = Pending {
             vm: "win".into(),
-            id: id_of(AttachMode::Port, &d),
+            key: key_of(AttachMode::Port, &d),
+            id: "a handle of the backend's".into(),
             failures: 2,
             retry_at: Duration::ZERO,
             last_error: "QMP said no".into(),

@@ -26,8 +26,8 @@ struct Acquaintance {
     first_up: Duration,
     /// It answered a list at least once in this run.
     answered: bool,
-    /// Every id of ours it was listed with or sent an attach for in this run.
-    ids: BTreeSet<String>,
+    /// Every key of ours it was listed with or sent an attach for in this run.
+    keys: BTreeSet<AttachKey>,
 }
 
 /// Per VM name, what bounds what it may hold while its holdings are unknown.
@@ -61,18 +61,15 @@ impl Unknowns {
     pub(crate) fn listed(&mut self, vm: &str, devices: &[VmUsbDevice]) {
         let known = self.vms.entry(vm.to_string()).or_default();
         known.answered = true;
-        known.ids.extend(
-            devices
-                .iter()
-                .filter(|d| AttachKey::from_id(&d.id).is_some())
-                .map(|d| d.id.clone()),
-        );
+        known
+            .keys
+            .extend(devices.iter().filter_map(|d| d.key.clone()));
     }
 
-    /// An attach of `id` is being sent to `vm`.
-    pub(crate) fn attaching(&mut self, vm: &str, id: &str) {
+    /// An attach of `key` is being sent to `vm`.
+    pub(crate) fn attaching(&mut self, vm: &str, key: &AttachKey) {
         if let Some(known) = self.vms.get_mut(vm) {
-            known.ids.insert(id.to_string());
+            known.keys.insert(key.clone());
         }
     }
 
@@ -89,12 +86,9 @@ impl Unknowns {
     /// other than its own, could hold a device the new usb-host could take.
     pub(crate) fn holds_back(&self, waiting: &[&str], action: &Action, policy: &Policy) -> bool {
         let Action::Attach {
-            vm, device, mode, ..
+            vm, device, key, ..
         } = action
         else {
-            return false;
-        };
-        let Some(key) = AttachKey::of(*mode, device) else {
             return false;
         };
         let taken: Vec<&Device> = policy
@@ -114,11 +108,11 @@ impl Unknowns {
         let Some(known) = self.vms.get(vm).filter(|k| k.answered) else {
             return true;
         };
-        let by_id = |id: &String| AttachKey::from_id(id).is_some_and(|k| k.refers_to(device));
+        let by_key = |key: &AttachKey| key.refers_to(device);
         let by_override = policy.overrides.get(&device.port).is_some_and(
             |o| matches!(&o.action, OverrideAction::Attach { vm: to, .. } if to == vm),
         );
-        known.ids.iter().any(by_id) || by_override || by_rule(vm, device, policy)
+        known.keys.iter().any(by_key) || by_override || by_rule(vm, device, policy)
     }
 }
 

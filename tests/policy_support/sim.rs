@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 use usbroute::backend::fake::{self, FakeHost, FakeVm};
+use usbroute::backend::qemu::ids;
 use usbroute::backend::{AttachKey, BackendError, HostMatch, VmBackend, VmUsbDevice};
 use usbroute::engine::{due_actions, Action, Actual, BackoffPolicy, Holdings, Outcome, RetryBook};
 use usbroute::inventory::{Device, PciAddress, PortPath};
@@ -278,9 +279,10 @@ impl Sim {
             .vm
             .clone()
             .expect("actions go to running VMs");
+        let id = vm.device_id(action.key());
         let result = match action {
             Action::Attach { device, mode, .. } => answer(vm.attach(device, *mode)).map(|_| ()),
-            Action::Detach { id, .. } => answer(vm.detach(id)),
+            Action::Detach { key, .. } => answer(vm.detach(key)),
         };
         let outcome = match result {
             Ok(()) => {
@@ -288,15 +290,16 @@ impl Sim {
                 Outcome::Done
             }
             Err(BackendError::Timeout { .. }) => {
-                self.retries.failed(action, "reply lost".into(), self.now);
+                self.retries
+                    .failed(action, &id, "reply lost".into(), self.now);
                 Outcome::Unknown
             }
             Err(e) => {
-                self.retries.failed(action, e.to_string(), self.now);
+                self.retries.failed(action, &id, e.to_string(), self.now);
                 Outcome::Refused
             }
         };
-        self.known.acted(action, outcome);
+        self.known.acted(action, &id, outcome);
         // An id added twice, or a device taken while another VM held it.
         let conflicts = self.host.conflicts();
         self.violations
@@ -345,7 +348,7 @@ impl Sim {
             .collect()
     }
 
-    /// `(vm, id)` the plan wants, for running VMs.
+    /// `(vm, id)` the plan wants, for running VMs (the fake names devices as QEMU does).
     pub fn wanted(&self) -> BTreeSet<(String, String)> {
         let desired = self.desired();
         desired
@@ -354,7 +357,7 @@ impl Sim {
             .filter_map(|(port, decision)| match &decision.placement {
                 Placement::Vm { vm, mode } => {
                     let key = AttachKey::of(*mode, &self.devices[port])?;
-                    Some((vm.clone(), key.to_id()))
+                    Some((vm.clone(), ids::device_id(&key)))
                 }
                 Placement::Host => None,
             })

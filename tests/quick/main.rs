@@ -14,7 +14,7 @@ mod serve_support;
 #[path = "../vfio_support/mod.rs"]
 mod vfio_support;
 
-mod backend_ids;
+mod backend_keys;
 mod cli_check;
 mod cli_pipe;
 mod crash_consistency;
@@ -35,6 +35,7 @@ mod policy_plan;
 mod policy_plan_props;
 mod policy_runtime;
 mod policy_runtime_model;
+mod qemu_ids;
 mod qemu_qmp_fake_peer;
 mod routing_cli;
 mod routing_config_check;

@@ -1,11 +1,14 @@
-//! The diff, holdings and retry book, one behaviour per test.
+//! The diff, holdings and retry book, one behaviour per test. The engine goes by
+//! [`AttachKey`]; the tests write keys as QEMU's ids (`usbroute-addr-1-5`), read into
+//! keys as the QEMU backend's listing would ([`ids`]), for brevity.
 
 use crate::policy_support;
 
 use policy_support::device;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
-use usbroute::backend::{AttachMode, HostMatch, VmUsbDevice};
+use usbroute::backend::qemu::ids;
+use usbroute::backend::{AttachKey, AttachMode, HostMatch, VmUsbDevice};
 use usbroute::engine::{
     reconcile, Action, Actual, BackoffPolicy, Holdings, Outcome, RetryBook, VmView,
 };
@@ -40,7 +43,7 @@ fn usb(id: &str, attached: bool) -> VmUsbDevice {
     VmUsbDevice {
         id: id.into(),
         attached,
-        ours: id.starts_with("usbroute-"),
+        key: ids::key_of(id),
         matcher: HostMatch::Other {},
     }
 }
@@ -64,8 +67,8 @@ fn summary(actions: &[Action]) -> Vec<String> {
     actions
         .iter()
         .map(|a| match a {
-            Action::Attach { vm, id, .. } => format!("attach {vm} {id}"),
-            Action::Detach { vm, id } => format!("detach {vm} {id}"),
+            Action::Attach { vm, key, .. } => format!("attach {vm} {}", ids::device_id(key)),
+            Action::Detach { vm, key } => format!("detach {vm} {}", ids::device_id(key)),
         })
         .collect()
 }
@@ -208,9 +211,9 @@ fn holdings_keep_unknown_attach_as_held() {
         vm: "a".into(),
         device: Box::new(device("1-1", 5)),
         mode: ADDR,
-        id: "usbroute-addr-1-5".into(),
+        key: key("usbroute-addr-1-5"),
     };
-    holdings.acted(&attach, Outcome::Unknown);
+    holdings.acted(&attach, "usbroute-addr-1-5", Outcome::Unknown);
     let view = holdings.actual(&BTreeSet::new());
     assert_eq!(
         view["a"],
@@ -229,9 +232,9 @@ fn holdings_refused_attach_changes_nothing() {
         vm: "a".into(),
         device: Box::new(device("1-1", 5)),
         mode: ADDR,
-        id: "usbroute-addr-1-5".into(),
+        key: key("usbroute-addr-1-5"),
     };
-    holdings.acted(&attach, Outcome::Refused);
+    holdings.acted(&attach, "usbroute-addr-1-5", Outcome::Refused);
     assert_eq!(
         holdings.actual(&BTreeSet::from(["a".to_string()]))["a"].devices,
         vec![]
@@ -246,10 +249,14 @@ fn holdings_forget_drops_vm() {
     assert_eq!(holdings.actual(&BTreeSet::new()), BTreeMap::new());
 }
 
+fn key(id: &str) -> AttachKey {
+    ids::key_of(id).expect("one of our ids")
+}
+
 fn detach(id: &str) -> Action {
     Action::Detach {
         vm: "a".into(),
-        id: id.into(),
+        key: key(id),
     }
 }
 
@@ -267,7 +274,12 @@ fn backoff_doubles_and_caps() {
 fn retry_waits_until_backoff_elapsed() {
     let mut book = RetryBook::new(BackoffPolicy::default());
     let action = detach("usbroute-addr-1-5");
-    book.failed(&action, "timeout".into(), Duration::from_secs(10));
+    book.failed(
+        &action,
+        "usbroute-addr-1-5",
+        "timeout".into(),
+        Duration::from_secs(10),
+    );
     let at = |ms: u64| book.ready(&action, Duration::from_millis(ms));
     assert_eq!((at(10_100), at(10_250)), (false, true));
 }
@@ -276,9 +288,14 @@ fn retry_waits_until_backoff_elapsed() {
 fn retry_keeps_last_error_and_count() {
     let mut book = RetryBook::new(BackoffPolicy::default());
     let action = detach("usbroute-addr-1-5");
-    book.failed(&action, "first".into(), Duration::ZERO);
-    book.failed(&action, "second".into(), Duration::from_secs(1));
-    let pending = book.get("a", "usbroute-addr-1-5").expect("pending");
+    book.failed(&action, "usbroute-addr-1-5", "first".into(), Duration::ZERO);
+    book.failed(
+        &action,
+        "usbroute-addr-1-5",
+        "second".into(),
+        Duration::from_secs(1),
+    );
+    let pending = book.get("a", &key("usbroute-addr-1-5")).expect("pending");
     assert_eq!(
         (
             pending.failures,
@@ -293,7 +310,7 @@ fn retry_keeps_last_error_and_count() {
 fn retry_success_clears_backoff() {
     let mut book = RetryBook::new(BackoffPolicy::default());
     let action = detach("usbroute-addr-1-5");
-    book.failed(&action, "x".into(), Duration::ZERO);
+    book.failed(&action, "usbroute-addr-1-5", "x".into(), Duration::ZERO);
     book.succeeded(&action);
     assert_eq!(
         (book.ready(&action, Duration::ZERO), book.next_retry()),
@@ -304,7 +321,12 @@ fn retry_success_clears_backoff() {
 #[test]
 fn retry_forgets_actions_no_longer_wanted() {
     let mut book = RetryBook::new(BackoffPolicy::default());
-    book.failed(&detach("usbroute-addr-1-5"), "x".into(), Duration::ZERO);
+    book.failed(
+        &detach("usbroute-addr-1-5"),
+        "usbroute-addr-1-5",
+        "x".into(),
+        Duration::ZERO,
+    );
     book.keep_only(&[detach("usbroute-addr-1-6")]);
     assert_eq!(book.pending().count(), 0);
 }

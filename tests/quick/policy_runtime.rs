@@ -6,11 +6,13 @@ use crate::policy_support;
 
 use policy_support::device;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 use usbroute::backend::fake::{Call, FakeHost, FakeVm, Fault};
-use usbroute::backend::{AttachMode, BackendError, BoxFuture, HostMatch, VmBackend, VmUsbDevice};
+use usbroute::backend::{
+    AttachKey, AttachMode, BackendError, BoxFuture, HostMatch, VmBackend, VmUsbDevice,
+};
 use usbroute::engine::coordinator::{spawn, EngineHandle, EngineOptions, Input, Status};
 use usbroute::engine::BackoffPolicy;
 use usbroute::inventory::Device;
@@ -77,8 +79,12 @@ impl VmBackend for Gated {
         })
     }
 
-    fn detach<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
-        self.vm.detach(id)
+    fn detach<'a>(&'a self, key: &'a AttachKey) -> BoxFuture<'a, Result<(), BackendError>> {
+        self.vm.detach(key)
+    }
+
+    fn device_id(&self, key: &AttachKey) -> String {
+        self.vm.device_id(key)
     }
 }
 
@@ -548,4 +554,95 @@ async fn vm_that_answered_once_holds_back_only_what_it_could_hold() {
     flapping.abort();
 
     assert_eq!(b.ids(), vec!["usbroute-addr-1-5"]);
+}
+
+/// A backend naming our devices its own way (`ua-0`, `ua-1`, … in order of first sight,
+/// as libvirt aliases might be), over a fake VM: the engine must go by keys alone.
+struct Aliased {
+    vm: Arc<FakeVm>,
+    aliases: Mutex<Vec<AttachKey>>,
+}
+
+impl Aliased {
+    fn alias(&self, key: &AttachKey) -> String {
+        let mut aliases = self.aliases.lock().expect("aliases");
+        let n = match aliases.iter().position(|k| k == key) {
+            Some(n) => n,
+            None => {
+                aliases.push(key.clone());
+                aliases.len() - 1
+            }
+        };
+        format!("ua-{n}")
+    }
+
+    fn renamed(&self, mut device: VmUsbDevice) -> VmUsbDevice {
+        if let Some(key) = &device.key {
+            device.id = self.alias(key);
+        }
+        device
+    }
+}
+
+impl VmBackend for Aliased {
+    fn name(&self) -> &str {
+        self.vm.name()
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<VmUsbDevice>, BackendError>> {
+        Box::pin(async move {
+            let listed = self.vm.list().await?;
+            Ok(listed.into_iter().map(|d| self.renamed(d)).collect())
+        })
+    }
+
+    fn attach<'a>(
+        &'a self,
+        device: &'a Device,
+        mode: AttachMode,
+    ) -> BoxFuture<'a, Result<VmUsbDevice, BackendError>> {
+        Box::pin(async move { Ok(self.renamed(self.vm.attach(device, mode).await?)) })
+    }
+
+    fn detach<'a>(&'a self, key: &'a AttachKey) -> BoxFuture<'a, Result<(), BackendError>> {
+        self.vm.detach(key)
+    }
+
+    fn device_id(&self, key: &AttachKey) -> String {
+        self.alias(key)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_with_device_names_of_its_own_is_driven_by_key_alone() {
+    let host = FakeHost::new();
+    let vm = vm_holding_the_mouse(&host, "a");
+    let a = Arc::new(Aliased {
+        vm: Arc::clone(&vm),
+        aliases: Mutex::default(),
+    });
+    let rules = vec![rule(0, "port:1-1", "a"), rule(1, "port:1-2", "a")];
+    let devices = vec![device("1-1", 5), device("1-2", 6)];
+    let engine = start(&host, rules, devices, &[backend(&a)], options());
+    let mut status = engine.status();
+
+    wait_for(&mut status, "a holds both, under its own names", |s| {
+        holds(s, "a", "ua-0") && holds(s, "a", "ua-1")
+    })
+    .await;
+    let attaches = vm.attach_calls();
+    engine.send(Input::Rules(vec![]));
+    wait_for(&mut status, "a holds nothing", |s| {
+        s.vms.get("a").is_some_and(|v| v.devices.is_empty()) && s.busy.is_empty()
+    })
+    .await;
+
+    assert_eq!(attaches, 1, "the mouse it held was recognised by its key");
+    assert_eq!(vm.ids(), Vec::<String>::new());
+    assert_eq!(
+        vm.calls().len(),
+        3,
+        "one attach, two detaches: {:?}",
+        vm.calls()
+    );
 }

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 use usbroute::backend::fake::{FakeHost, Fault};
+use usbroute::backend::qemu::ids;
 use usbroute::backend::{AttachKey, AttachMode, HostMatch, VmBackend};
 use usbroute::engine::coordinator::{spawn, EngineHandle, EngineOptions, Input, Status};
 use usbroute::engine::BackoffPolicy;
@@ -247,7 +248,8 @@ impl Harness {
             .iter()
             .filter_map(|(port, decision)| match &decision.placement {
                 Placement::Vm { vm, mode } => {
-                    Some((vm.clone(), AttachKey::of(*mode, &devices[port])?.to_id()))
+                    let key = AttachKey::of(*mode, &devices[port])?;
+                    Some((vm.clone(), ids::device_id(&key)))
                 }
                 Placement::Host => None,
             })

@@ -13,7 +13,7 @@ use qemu_support::{host_device, QemuGuard};
 use std::sync::Arc;
 use usbroute::backend::fake::FakeHost;
 use usbroute::backend::qemu::{QemuBackend, QemuOptions};
-use usbroute::backend::{AttachMode, BackendError, HostMatch, VmBackend, VmUsbDevice};
+use usbroute::backend::{AttachKey, AttachMode, BackendError, HostMatch, VmBackend, VmUsbDevice};
 use usbroute::inventory::{Device, HexId};
 
 /// Which VM a case runs against.
@@ -86,11 +86,16 @@ fn mouse() -> Device {
 
 const MOUSE_BY_ID: &str = "usbroute-id-046d-c016";
 
+const MOUSE_KIND: AttachKey = AttachKey::Id {
+    vendor_id: HexId(0x046d),
+    product_id: HexId(0xc016),
+};
+
 fn mouse_by_id() -> VmUsbDevice {
     VmUsbDevice {
         id: MOUSE_BY_ID.into(),
         attached: false,
-        ours: true,
+        key: Some(MOUSE_KIND),
         matcher: HostMatch::Id {
             vendor_id: HexId(0x046d),
             product_id: HexId(0xc016),
@@ -117,7 +122,7 @@ async fn attach_by_port_is_ours_and_listed_not_attached(peer: Peer) {
     let expected = VmUsbDevice {
         id: "usbroute-port-1-3".into(),
         attached: false,
-        ours: true,
+        key: Some(AttachKey::Port("1-3".parse().unwrap())),
         matcher: HostMatch::Port {
             bus: 1,
             port: "3".into(),
@@ -152,15 +157,19 @@ async fn detach_removes_the_device(peer: Peer) {
         .await
         .expect("attach");
 
-    vm.backend.detach(MOUSE_BY_ID).await.expect("detach");
+    vm.backend.detach(&MOUSE_KIND).await.expect("detach");
 
     assert_eq!(list(&vm).await, vec![]);
 }
 
 async fn detach_of_a_missing_id_is_refused_naming_it(peer: Peer) {
     let vm = peer.start(&[]).await;
+    let missing = AttachKey::Id {
+        vendor_id: HexId(0xdead),
+        product_id: HexId(0xbeef),
+    };
 
-    let text = refused_text(vm.backend.detach("usbroute-id-dead-beef").await);
+    let text = refused_text(vm.backend.detach(&missing).await);
 
     assert!(
         text.contains("has no device `usbroute-id-dead-beef`"),
@@ -208,13 +217,26 @@ async fn a_device_added_by_hand_is_listed_not_ours(peer: Peer) {
     let by_hand = VmUsbDevice {
         id: "hostdev0".into(),
         attached: false,
-        ours: false,
+        key: None,
         matcher: HostMatch::Id {
             vendor_id: HexId(0x1234),
             product_id: HexId(0x5678),
         },
     };
     assert_eq!(listed, vec![by_hand]);
+}
+
+async fn a_device_of_ours_is_listed_under_the_name_device_id_gives(peer: Peer) {
+    let vm = peer.start(&[]).await;
+    vm.backend
+        .attach(&mouse(), AttachMode::Id)
+        .await
+        .expect("attach");
+
+    let listed = list(&vm).await;
+
+    let names: Vec<&str> = listed.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(names, vec![vm.backend.device_id(&MOUSE_KIND)]);
 }
 
 async fn a_hub_is_refused_and_leaves_nothing(peer: Peer) {
@@ -255,5 +277,6 @@ contract!(
     attach_of_an_attached_device_changes_nothing,
     a_device_of_ours_from_before_is_listed_and_kept,
     a_device_added_by_hand_is_listed_not_ours,
+    a_device_of_ours_is_listed_under_the_name_device_id_gives,
     a_hub_is_refused_and_leaves_nothing,
 );

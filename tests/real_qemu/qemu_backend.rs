@@ -10,7 +10,7 @@ use serde_json::json;
 use std::time::Duration;
 use usbroute::backend::qemu::qmp::Qmp;
 use usbroute::backend::qemu::{FdPassing, QemuBackend, QemuOptions};
-use usbroute::backend::{AttachMode, BackendError, HostMatch, VmBackend};
+use usbroute::backend::{AttachKey, AttachMode, BackendError, HostMatch, VmBackend};
 use usbroute::inventory::HexId;
 
 const XHCI: &str = "qemu-xhci,id=xhci";
@@ -48,7 +48,11 @@ async fn attach_by_id_of_absent_device_is_accepted_but_not_attached() {
 
     assert_eq!(attached.device.id, "usbroute-id-046d-c016");
     assert!(!attached.device.attached);
-    assert!(attached.device.ours);
+    let kind = AttachKey::Id {
+        vendor_id: HexId(0x046d),
+        product_id: HexId(0xc016),
+    };
+    assert_eq!(attached.device.key, Some(kind));
     assert_eq!(
         attached.device.matcher,
         HostMatch::Id {
@@ -366,8 +370,12 @@ async fn detach_returns_after_device_deleted() {
         .await
         .expect("attach");
     let mut events = vm.qmp().events();
+    let kind = AttachKey::Id {
+        vendor_id: HexId(0x046d),
+        product_id: HexId(0xc016),
+    };
 
-    vm.detach("usbroute-id-046d-c016").await.expect("detach");
+    vm.detach(&kind).await.expect("detach");
     let seen = events
         .try_recv()
         .expect("an event had arrived before detach returned");
@@ -382,7 +390,7 @@ async fn detach_of_unknown_id_names_it_and_the_listing_command() {
     let qemu = QemuGuard::q35(&["-device", XHCI]);
     let vm = backend(&qemu).await;
 
-    let err = vm.detach("usbroute-id-dead-beef").await.unwrap_err();
+    let err = vm.detach_id("usbroute-id-dead-beef").await.unwrap_err();
 
     let text = err.to_string();
     assert!(
@@ -463,7 +471,7 @@ async fn detach_times_out_when_qemu_never_confirms_the_removal() {
     };
     let vm = backend_with(&qemu, options).await;
 
-    let err = vm.detach("slow").await.unwrap_err();
+    let err = vm.detach_id("slow").await.unwrap_err();
 
     assert!(matches!(err, BackendError::Timeout { .. }), "{err:?}");
     assert!(

@@ -76,7 +76,7 @@ pub async fn read_one(qmp: &Qmp, id: String, path: String) -> Result<VmUsbDevice
         number(product),
     );
     Ok(VmUsbDevice {
-        ours: AttachKey::from_id(&id).is_some(),
+        key: super::ids::key_of(&id),
         attached: attached.as_bool().unwrap_or(false),
         matcher,
         id,

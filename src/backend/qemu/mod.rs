@@ -1,14 +1,15 @@
 //! The QEMU backend: usb-host devices attached, detached and listed over QMP.
 //!
 //! Attach names the bus (a controller that fits the device's speed, or a `qemu-xhci`
-//! added first), gives the device a deterministic id of ours
-//! ([`crate::backend::AttachKey`]) and, for an unprivileged QEMU, passes the device as an
+//! added first), gives the device the id of its [`crate::backend::AttachKey`] ([`ids`]:
+//! `usbroute-port-1-3`, read back into the key when listing) and, for an unprivileged QEMU, passes the device as an
 //! open file. Detach waits for `DEVICE_DELETED`. List reads QOM, never `info usb`.
 
 pub mod connector;
 pub mod controllers;
 pub mod driver;
 pub mod fdpass;
+pub mod ids;
 pub mod listing;
 mod presence;
 pub mod qmp;
@@ -153,7 +154,7 @@ impl QemuBackend {
     /// when it fails (a `qemu-xhci` added for it stays: see [`Attached::added_controller`]).
     pub async fn attach_request(&self, request: AttachRequest) -> Result<Attached, BackendError> {
         let AttachRequest { key, speed, what } = request;
-        let (mode, id) = (key.mode(), key.to_id());
+        let (mode, id) = (key.mode(), ids::device_id(&key));
         let peer = self.qmp.peer();
         let pass_fd = fdpass::decide(self.options.fd_passing, mode, peer)
             .map_err(|reason| self.refused(format!("{what}: {reason}")))?;
@@ -226,8 +227,8 @@ impl QemuBackend {
         let device = VmUsbDevice {
             id,
             attached: attached.as_bool().unwrap_or(false),
-            ours: true,
             matcher: listing::match_of_key(&key),
+            key: Some(key),
         };
         Ok(Attached {
             device,
@@ -314,7 +315,9 @@ impl QemuBackend {
         })
     }
 
-    /// Remove the device with QEMU id (or QOM path) `id`, and wait until QEMU says it is gone.
+    /// Remove the device with QEMU id (or QOM path) `id`, and wait until QEMU says it is
+    /// gone. Any device, the user's too (`usbroute vm detach`); the engine detaches ours
+    /// by key ([`VmBackend::detach`]).
     pub async fn detach_id(&self, id: &str) -> Result<(), BackendError> {
         // Subscribe before asking, so the event cannot slip past between the two.
         let mut events = self.qmp.events();
@@ -462,7 +465,11 @@ impl VmBackend for QemuBackend {
         Box::pin(async move { Ok(self.attach_device(device, mode).await?.device) })
     }
 
-    fn detach<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
-        Box::pin(self.detach_id(id))
+    fn detach<'a>(&'a self, key: &'a AttachKey) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move { self.detach_id(&ids::device_id(key)).await })
+    }
+
+    fn device_id(&self, key: &AttachKey) -> String {
+        ids::device_id(key)
     }
 }

@@ -48,7 +48,7 @@ fn match_properties(key: &AttachKey) -> Vec<(&'static str, PropertyValue)> {
 
 /// The `device_add` arguments for a usb-host device keyed on `key`, on VM bus `bus`.
 pub fn device_add_arguments(key: &AttachKey, bus: &str) -> Value {
-    let mut arguments = json!({"driver": "usb-host", "id": key.to_id(), "bus": bus});
+    let mut arguments = json!({"driver": "usb-host", "id": super::ids::device_id(key), "bus": bus});
     for (name, value) in match_properties(key) {
         arguments[name] = match value {
             PropertyValue::Number(n) => json!(n),
@@ -64,7 +64,7 @@ pub fn device_add_arguments(key: &AttachKey, bus: &str) -> Value {
 /// number, a port chain or one of our ids, none of which can hold the `,` QEMU's option
 /// syntax would need doubled.
 pub fn device_option(key: &AttachKey, bus: &str) -> String {
-    let mut option = format!("usb-host,id={},bus={bus}", key.to_id());
+    let mut option = format!("usb-host,id={},bus={bus}", super::ids::device_id(key));
     for (name, value) in match_properties(key) {
         let value = match value {
             PropertyValue::Number(n) => n.to_string(),
