@@ -7,7 +7,7 @@
 //!   attach, foreign usb-host devices left alone);
 //! - [`Holdings`]: what each VM holds — its last answered list plus attaches in flight or
 //!   of unknown outcome — turned into the diff's [`Actual`];
-//! - [`RetryBook`]: capped exponential backoff per (VM, device id) with the last error;
+//! - [`RetryBook`]: capped exponential backoff per (VM, attach key) with the last error;
 //! - [`due_actions`]: one round = diff minus what is still backing off;
 //! - [`routing`]: the port-routing reconciler (the profile in force against XUSB2PR),
 //!   behind the small [`routing::PortRouting`] trait;
@@ -53,9 +53,10 @@
 //! let mut retries = RetryBook::new(BackoffPolicy::default());
 //! let now = Duration::ZERO; // any monotonic clock
 //! for action in due_actions(&desired, &holdings.actual(&up), &devices, &mut retries, now) {
-//!     holdings.acted(&action, Outcome::Unknown); // in flight: counts as held
+//!     let id = "the backend's name for it"; // backend.device_id(action.key())
+//!     holdings.acted(&action, id, Outcome::Unknown); // in flight: counts as held
 //!     // ... run it through the VM's backend, then:
-//!     retries.succeeded(&action); // or retries.failed(&action, error, now)
+//!     retries.succeeded(&action); // or retries.failed(&action, id, error, now)
 //!     // ... and list the VM again: holdings.listed(vm, list)
 //! }
 //! ```

@@ -150,12 +150,16 @@ async fn attach_by_address_of_an_absent_device_is_refused_and_leaves_nothing(pee
     assert_eq!(list(&vm).await, vec![]);
 }
 
-async fn detach_removes_the_device(peer: Peer) {
+/// A VM that had the mouse attached by id.
+async fn with_the_mouse_by_id(peer: Peer) -> Vm {
     let vm = peer.start(&[]).await;
-    vm.backend
-        .attach(&mouse(), AttachMode::Id)
-        .await
-        .expect("attach");
+    let attached = vm.backend.attach(&mouse(), AttachMode::Id).await;
+    attached.expect("attach");
+    vm
+}
+
+async fn detach_removes_the_device(peer: Peer) {
+    let vm = with_the_mouse_by_id(peer).await;
 
     vm.backend.detach(&MOUSE_KIND).await.expect("detach");
 
@@ -227,11 +231,7 @@ async fn a_device_added_by_hand_is_listed_not_ours(peer: Peer) {
 }
 
 async fn a_device_of_ours_is_listed_under_the_name_device_id_gives(peer: Peer) {
-    let vm = peer.start(&[]).await;
-    vm.backend
-        .attach(&mouse(), AttachMode::Id)
-        .await
-        .expect("attach");
+    let vm = with_the_mouse_by_id(peer).await;
 
     let listed = list(&vm).await;
 
