@@ -18,7 +18,8 @@ use super::routing::worker::{self as routing_worker, RoutingInput, RoutingSlot};
 use super::routing::{RoutingAnswer, RoutingRequest};
 pub use super::status::Status;
 use super::unknown::{Policy, Unknowns};
-use crate::backend::{BackendError, Capabilities, VmBackend, VmUsbDevice};
+use super::vm_worker::{work, Job, Report, Worker};
+use crate::backend::{BackendError, Capabilities, VmBackend};
 use crate::inventory::{Device, PciAddress, PortPath};
 use crate::policy::{plan, why, Override, PlanInput, Rule, Why};
 use std::collections::{BTreeMap, BTreeSet};
@@ -164,34 +165,6 @@ fn start(
     let coordinator = Coordinator::new(options, status_tx, host);
     let task = tokio::spawn(coordinator.run(input_rx));
     (EngineHandle { inputs, status }, task)
-}
-
-/// One batch of work for a VM worker; an empty batch only lists.
-struct Job {
-    actions: Vec<Action>,
-}
-
-/// A worker's answer: every action's result and a fresh list.
-struct Report {
-    vm: String,
-    generation: u64,
-    results: Vec<(Action, Result<(), BackendError>)>,
-    list: Result<Vec<VmUsbDevice>, BackendError>,
-}
-
-struct Worker {
-    jobs: mpsc::UnboundedSender<Job>,
-    /// The backend it works on; asked only what it calls a device (for status and logs).
-    backend: Arc<dyn VmBackend>,
-    generation: u64,
-    busy: bool,
-    /// No list has answered since it came up: it may hold anything.
-    holdings_unknown: bool,
-    /// When it came up (engine clock).
-    up_since: Duration,
-    answering: bool,
-    list_failures: u32,
-    relist_at: Duration,
 }
 
 struct Coordinator {
@@ -596,45 +569,5 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-/// One VM's worker: runs its jobs one after another, then lists.
-async fn work(
-    vm: String,
-    generation: u64,
-    backend: Arc<dyn VmBackend>,
-    mut jobs: mpsc::UnboundedReceiver<Job>,
-    reports: mpsc::UnboundedSender<Report>,
-) {
-    while let Some(job) = jobs.recv().await {
-        let mut results = Vec::with_capacity(job.actions.len());
-        for action in job.actions {
-            let result = match &action {
-                Action::Attach {
-                    device, mode, key, ..
-                } => {
-                    backend.attach(device, *mode).await.map(|got| {
-                        if got.key.as_ref() != Some(key) {
-                            // The backend must read the key back from what it lists, or a
-                            // restarted daemon cannot recognise its devices.
-                            tracing::error!(vm = %vm, expected = ?key, got = ?got.key, id = %got.id, "backend listed the device under another key");
-                        }
-                    })
-                }
-                Action::Detach { key, .. } => backend.detach(key).await,
-            };
-            results.push((action, result));
-        }
-        let list = backend.list().await;
-        let report = Report {
-            vm: vm.clone(),
-            generation,
-            results,
-            list,
-        };
-        if reports.send(report).is_err() {
-            return;
-        }
     }
 }

@@ -71,6 +71,7 @@ mod retry;
 pub mod routing;
 mod status;
 mod unknown;
+mod vm_worker;
 
 pub use controller_host::{
     carry_out, ControllerHost, Direction, GroupOutcome, SharedControllerHost, VfioControllers,

@@ -1,6 +1,8 @@
 //! Test data shared by the selector, policy and engine tests: devices built in one line.
 #![allow(dead_code)]
 
+pub mod backends;
+
 use usbroute::inventory::{ClassTriple, Device, HexId, Interface, PciAddress, PortPath};
 
 /// The xHCI every test device hangs off unless a test moves it.

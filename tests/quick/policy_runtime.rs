@@ -4,89 +4,18 @@
 
 use crate::policy_support;
 
+use policy_support::backends::{Aliased, Gated};
 use policy_support::device;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use usbroute::backend::fake::{Call, FakeHost, FakeVm, Fault};
-use usbroute::backend::{
-    AttachKey, AttachMode, BackendError, BoxFuture, HostMatch, VmBackend, VmUsbDevice,
-};
+use usbroute::backend::{AttachMode, HostMatch, VmBackend};
 use usbroute::engine::coordinator::{spawn, EngineHandle, EngineOptions, Input, Status};
 use usbroute::engine::BackoffPolicy;
 use usbroute::inventory::Device;
 use usbroute::policy::{Rule, RuleMatch};
-
-/// A fault injector around a fake VM: holds its first list, or each attach, until the
-/// test lets it go by adding a permit.
-struct Gated {
-    vm: Arc<FakeVm>,
-    /// When set, the first list waits for one permit.
-    first_list_gate: Option<Semaphore>,
-    /// When set, every attach waits for one permit.
-    attach_gate: Option<Semaphore>,
-    attaches_started: AtomicU32,
-    lists: AtomicU32,
-}
-
-impl Gated {
-    fn first_list(vm: &Arc<FakeVm>) -> Arc<Gated> {
-        Gated::new(vm, Some(Semaphore::new(0)), None)
-    }
-
-    fn attaches(vm: &Arc<FakeVm>) -> Arc<Gated> {
-        Gated::new(vm, None, Some(Semaphore::new(0)))
-    }
-
-    fn new(vm: &Arc<FakeVm>, lists: Option<Semaphore>, attaches: Option<Semaphore>) -> Arc<Gated> {
-        Arc::new(Gated {
-            vm: Arc::clone(vm),
-            first_list_gate: lists,
-            attach_gate: attaches,
-            attaches_started: AtomicU32::new(0),
-            lists: AtomicU32::new(0),
-        })
-    }
-}
-
-impl VmBackend for Gated {
-    fn name(&self) -> &str {
-        self.vm.name()
-    }
-
-    fn list(&self) -> BoxFuture<'_, Result<Vec<VmUsbDevice>, BackendError>> {
-        Box::pin(async move {
-            let first = self.lists.fetch_add(1, Ordering::SeqCst) == 0;
-            if let (true, Some(gate)) = (first, &self.first_list_gate) {
-                let _permit = gate.acquire().await.expect("gate");
-            }
-            self.vm.list().await
-        })
-    }
-
-    fn attach<'a>(
-        &'a self,
-        device: &'a Device,
-        mode: AttachMode,
-    ) -> BoxFuture<'a, Result<VmUsbDevice, BackendError>> {
-        Box::pin(async move {
-            self.attaches_started.fetch_add(1, Ordering::SeqCst);
-            if let Some(gate) = &self.attach_gate {
-                gate.acquire().await.expect("gate").forget();
-            }
-            self.vm.attach(device, mode).await
-        })
-    }
-
-    fn detach<'a>(&'a self, key: &'a AttachKey) -> BoxFuture<'a, Result<(), BackendError>> {
-        self.vm.detach(key)
-    }
-
-    fn device_id(&self, key: &AttachKey) -> String {
-        self.vm.device_id(key)
-    }
-}
 
 /// The fake VM `name`, holding the mouse at 1-1 (address 5) from before the engine.
 fn vm_holding_the_mouse(host: &FakeHost, name: &str) -> Arc<FakeVm> {
@@ -554,63 +483,6 @@ async fn vm_that_answered_once_holds_back_only_what_it_could_hold() {
     flapping.abort();
 
     assert_eq!(b.ids(), vec!["usbroute-addr-1-5"]);
-}
-
-/// A backend naming our devices its own way (`ua-0`, `ua-1`, … in order of first sight,
-/// as libvirt aliases might be), over a fake VM: the engine must go by keys alone.
-struct Aliased {
-    vm: Arc<FakeVm>,
-    aliases: Mutex<Vec<AttachKey>>,
-}
-
-impl Aliased {
-    fn alias(&self, key: &AttachKey) -> String {
-        let mut aliases = self.aliases.lock().expect("aliases");
-        let n = match aliases.iter().position(|k| k == key) {
-            Some(n) => n,
-            None => {
-                aliases.push(key.clone());
-                aliases.len() - 1
-            }
-        };
-        format!("ua-{n}")
-    }
-
-    fn renamed(&self, mut device: VmUsbDevice) -> VmUsbDevice {
-        if let Some(key) = &device.key {
-            device.id = self.alias(key);
-        }
-        device
-    }
-}
-
-impl VmBackend for Aliased {
-    fn name(&self) -> &str {
-        self.vm.name()
-    }
-
-    fn list(&self) -> BoxFuture<'_, Result<Vec<VmUsbDevice>, BackendError>> {
-        Box::pin(async move {
-            let listed = self.vm.list().await?;
-            Ok(listed.into_iter().map(|d| self.renamed(d)).collect())
-        })
-    }
-
-    fn attach<'a>(
-        &'a self,
-        device: &'a Device,
-        mode: AttachMode,
-    ) -> BoxFuture<'a, Result<VmUsbDevice, BackendError>> {
-        Box::pin(async move { Ok(self.renamed(self.vm.attach(device, mode).await?)) })
-    }
-
-    fn detach<'a>(&'a self, key: &'a AttachKey) -> BoxFuture<'a, Result<(), BackendError>> {
-        self.vm.detach(key)
-    }
-
-    fn device_id(&self, key: &AttachKey) -> String {
-        self.alias(key)
-    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,0 +1,77 @@
+//! One VM's worker: the task that talks to that VM's backend, so a slow or hung VM
+//! stalls only itself. The coordinator hands it [`Job`]s and reads its [`Report`]s; it
+//! never awaits a backend itself.
+
+use super::diff::Action;
+use crate::backend::{BackendError, VmBackend, VmUsbDevice};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// One batch of work for a VM worker; an empty batch only lists.
+pub(super) struct Job {
+    pub(super) actions: Vec<Action>,
+}
+
+/// A worker's answer: every action's result and a fresh list.
+pub(super) struct Report {
+    pub(super) vm: String,
+    pub(super) generation: u64,
+    pub(super) results: Vec<(Action, Result<(), BackendError>)>,
+    pub(super) list: Result<Vec<VmUsbDevice>, BackendError>,
+}
+
+pub(super) struct Worker {
+    pub(super) jobs: mpsc::UnboundedSender<Job>,
+    /// The backend it works on; asked only what it calls a device (for status and logs).
+    pub(super) backend: Arc<dyn VmBackend>,
+    pub(super) generation: u64,
+    pub(super) busy: bool,
+    /// No list has answered since it came up: it may hold anything.
+    pub(super) holdings_unknown: bool,
+    /// When it came up (engine clock).
+    pub(super) up_since: Duration,
+    pub(super) answering: bool,
+    pub(super) list_failures: u32,
+    pub(super) relist_at: Duration,
+}
+
+/// One VM's worker: runs its jobs one after another, then lists.
+pub(super) async fn work(
+    vm: String,
+    generation: u64,
+    backend: Arc<dyn VmBackend>,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    reports: mpsc::UnboundedSender<Report>,
+) {
+    while let Some(job) = jobs.recv().await {
+        let mut results = Vec::with_capacity(job.actions.len());
+        for action in job.actions {
+            let result = match &action {
+                Action::Attach {
+                    device, mode, key, ..
+                } => {
+                    backend.attach(device, *mode).await.map(|got| {
+                        if got.key.as_ref() != Some(key) {
+                            // The backend must read the key back from what it lists, or a
+                            // restarted daemon cannot recognise its devices.
+                            tracing::error!(vm = %vm, expected = ?key, got = ?got.key, id = %got.id, "backend listed the device under another key");
+                        }
+                    })
+                }
+                Action::Detach { key, .. } => backend.detach(key).await,
+            };
+            results.push((action, result));
+        }
+        let list = backend.list().await;
+        let report = Report {
+            vm: vm.clone(),
+            generation,
+            results,
+            list,
+        };
+        if reports.send(report).is_err() {
+            return;
+        }
+    }
+}
