@@ -13,10 +13,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use usbroute::engine::routing::{RoutingAnswer, RoutingRequest};
+use usbroute::routing::config_space::SysfsConfigSpace;
 use usbroute::routing::control::ProfileRouter;
 use usbroute::routing::detect::detect;
 use usbroute::routing::router::Router;
 use usbroute::routing::RoutingConfig;
+use usbroute::toggle::dispatch::{Answering, RoutingControl};
 use usbroute::toggle::server::ToggleService;
 use usbroute::toggle::{start, ToggleConfig, VmLink};
 
@@ -88,14 +91,56 @@ fn routing() -> RoutingConfig {
     host_guest_desk_profiles()
 }
 
+/// The routing as the toggle service reaches it, keeping every answer it gave, so a test
+/// can wait for a request to have been decided instead of waiting a while.
+struct Answers {
+    routing: Mutex<ProfileRouter<SysfsConfigSpace>>,
+    given: Mutex<Vec<RoutingAnswer>>,
+}
+
+impl RoutingControl for Answers {
+    fn ask(&self, request: RoutingRequest) -> Answering<'_> {
+        Box::pin(async move {
+            let answer = self.routing.ask(request).await;
+            self.given.lock().unwrap().push(answer.clone());
+            answer
+        })
+    }
+}
+
+impl Answers {
+    /// The first answer given, once there is one (`None` after 30 s).
+    async fn first(&self) -> Option<RoutingAnswer> {
+        for _ in 0..300 {
+            if let Some(answer) = self.given.lock().unwrap().first() {
+                return Some(answer.clone());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+}
+
 async fn serve_vm_link(
     pch: &Pch,
     socket: &Path,
     allowed: &[&str],
 ) -> Vec<tokio::task::JoinHandle<()>> {
+    serve_vm_link_answering(pch, socket, allowed).await.0
+}
+
+async fn serve_vm_link_answering(
+    pch: &Pch,
+    socket: &Path,
+    allowed: &[&str],
+) -> (Vec<tokio::task::JoinHandle<()>>, Arc<Answers>) {
     let detected = detect(&pch.root(), None).unwrap();
     let router = ProfileRouter::new(Router::open(&pch.root(), detected), routing());
-    let service = ToggleService::new(Arc::new(Mutex::new(router)));
+    let answers = Arc::new(Answers {
+        routing: Mutex::new(router),
+        given: Mutex::new(Vec::new()),
+    });
+    let service = ToggleService::new(answers.clone());
     let vms = [VmLink {
         vm: "test-vm".into(),
         listen: socket.display().to_string(),
@@ -103,9 +148,10 @@ async fn serve_vm_link(
         qemu_user: None,
         secret: None,
     }];
-    start(service, &ToggleConfig::default(), &vms)
+    let tasks = start(service, &ToggleConfig::default(), &vms)
         .await
-        .unwrap()
+        .unwrap();
+    (tasks, answers)
 }
 
 async fn wait_for_mask(pch: &Pch, want: u16, within: Duration) -> u16 {
@@ -154,35 +200,19 @@ async fn a_guest_asking_for_a_profile_its_vm_may_not_select_changes_nothing() {
     let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
     let before = pch.config(XHCI);
     let socket = socket_in(&pch);
-    let tasks = serve_vm_link(&pch, &socket, &["host", "guest"]).await;
+    let (tasks, answers) = serve_vm_link_answering(&pch, &socket, &["host", "guest"]).await;
 
     let _desk = start_guest(pch.path(), "desk", &socket);
-    let connected = wait_for_connection(&socket).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let answer = answers.first().await;
 
-    assert!(connected);
+    match answer {
+        Some(RoutingAnswer::Err(why)) => assert!(why.contains("not allowed"), "{why}"),
+        other => panic!("the guest's `desk` line was not refused: {other:?}"),
+    }
     assert_eq!(pch.config(XHCI), before);
     tasks.iter().for_each(|t| t.abort());
 }
 
 fn socket_in(pch: &Pch) -> PathBuf {
     pch.path().join("test-vm.serial")
-}
-
-/// `true` once a QEMU holds a connection to `socket`: a connected (state 03) unix
-/// socket with that path in /proc/net/unix (the daemon's accepted end).
-async fn wait_for_connection(socket: &Path) -> bool {
-    let path = socket.display().to_string();
-    for _ in 0..300 {
-        let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
-        let connected = unix.lines().skip(1).any(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            fields.len() > 7 && fields[7] == path && fields[5] == "03"
-        });
-        if connected {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
 }
