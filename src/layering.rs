@@ -169,6 +169,21 @@ fn nothing_under_backend_imports_the_daemon() {
 }
 
 #[test]
+fn the_capabilities_the_daemon_runs_do_not_import_the_daemon_or_the_cli() {
+    let found: Vec<String> = ["toggle", "routing", "vfio", "events", "inventory"]
+        .iter()
+        .flat_map(|dir| offenders(dir, &owned(&["daemon", "cli"])))
+        .collect();
+
+    assert!(
+        found.is_empty(),
+        "the daemon and the CLI drive these capabilities, which must not reach back into \
+         them (shared plumbing such as unix_socket lives at the top):\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
 fn the_layering_check_sees_paths_groups_and_nested_groups_and_skips_comments() {
     let text = "use crate::selector::Selector;\n\
                 use crate::{inventory, toggle::VmLink};\n\

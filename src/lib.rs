@@ -25,4 +25,5 @@ pub mod selector;
 pub mod state;
 pub mod sysfs;
 pub mod toggle;
+pub mod unix_socket;
 pub mod vfio;

@@ -17,7 +17,6 @@ mod narrate;
 pub mod protocol;
 mod routing_hooks;
 pub mod server;
-pub mod socket;
 mod vms;
 
 pub use crate::config::ControlSettings;
@@ -28,4 +27,3 @@ pub use routing_hooks::RoutingStartError;
 pub use server::{
     authorize, ControlGroup, ControlHandler, ControlLimits, ControlServer, Peer, ServiceError,
 };
-pub use socket::{prepare_socket_path, restrict_socket};

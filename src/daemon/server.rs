@@ -5,8 +5,8 @@
 //! the daemon's file descriptors.
 
 use super::protocol::{ErrorKind, Reply, Request, MAX_LINE};
-use super::socket::{peer_groups, prepare_socket_path, restrict_socket};
 use crate::backend::BoxFuture;
+use crate::unix_socket::{peer_groups, prepare_socket_path, restrict_socket, SocketPathError};
 use nix::unistd::{Group, Uid, User};
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -53,6 +53,17 @@ impl ControlGroup {
                 gid: g.gid.as_raw(),
             }),
             _ => Err(ServiceError::NoSuchGroup(name.to_string())),
+        }
+    }
+}
+
+/// The control socket's path problems, worded for the control socket.
+impl From<SocketPathError> for ServiceError {
+    fn from(e: SocketPathError) -> Self {
+        match e {
+            SocketPathError::InUse(path) => ServiceError::InUse(path),
+            SocketPathError::NotASocket(path) => ServiceError::NotASocket(path),
+            SocketPathError::Io { path, what, source } => ServiceError::Io { path, what, source },
         }
     }
 }

@@ -52,7 +52,7 @@ pub enum ToggleError {
         origin: String,
         /// What went wrong at the path.
         #[source]
-        source: crate::daemon::ServiceError,
+        source: crate::unix_socket::SocketPathError,
     },
     /// `qemu_user` names no user.
     #[error("{origin}: qemu_user `{user}` is neither a user name nor a uid on this system; set it to the user QEMU runs as (such as libvirt-qemu)")]
@@ -182,13 +182,13 @@ pub fn bind_unix(path: &Path, peers: &SerialPeers) -> Result<UnixListener, Toggl
         origin: origin.clone(),
         source,
     };
-    crate::daemon::prepare_socket_path(path).map_err(socket_error)?;
+    crate::unix_socket::prepare_socket_path(path).map_err(socket_error)?;
     let listener = UnixListener::bind(path).map_err(|source| ToggleError::Bind {
         addr: path.display().to_string(),
         origin: origin.clone(),
         source,
     })?;
-    crate::daemon::restrict_socket(path, 0o600, peers.qemu_uid, None).map_err(socket_error)?;
+    crate::unix_socket::restrict_socket(path, 0o600, peers.qemu_uid, None).map_err(socket_error)?;
     Ok(listener)
 }
 
@@ -477,4 +477,28 @@ async fn sleep_or_never(timeout: Option<Duration>) {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_serial_path_taken_by_a_file_is_refused_in_the_serial_sockets_own_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("win11.serial");
+        std::fs::write(&path, b"not a socket").unwrap();
+        let peers = SerialPeers::new("win11", None).unwrap();
+
+        let err = bind_unix(&path, &peers).unwrap_err();
+
+        let line = crate::error_chain::one_line(&err);
+        assert!(
+            line.starts_with("VM win11: cannot set up the serial socket: "),
+            "{line}"
+        );
+        assert!(line.contains("exists and is not a socket"), "{line}");
+        assert!(!line.contains("control_socket"), "{line}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+    }
 }

@@ -1,25 +1,47 @@
-//! Unix socket plumbing shared by the control socket and the VMs' toggle serial
+//! Unix socket plumbing shared by the daemon's control socket and the VMs' toggle serial
 //! sockets: the path made ready (stale socket replaced, a live one refused), the mode
 //! and owner set, and the peer's groups as the kernel recorded them at connect time.
+//! Each user words the errors for its own socket (`daemon::ServiceError`,
+//! `toggle::server::ToggleError`).
 
-use super::server::ServiceError;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+/// A socket path could not be made ready or restricted.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketPathError {
+    /// Something answers on the socket already.
+    #[error("{0}: something is already listening there; stop it first, or choose another path")]
+    InUse(PathBuf),
+    /// Something that is not a socket sits at the path.
+    #[error("{0}: exists and is not a socket; remove it or choose another path")]
+    NotASocket(PathBuf),
+    /// A filesystem call failed.
+    #[error("{}: {what}", path.display())]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// What we tried.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
 /// Make `path` ready for `bind`: its directory created, a stale socket left by a killed
 /// daemon removed. A live socket (another daemon answers) or a non-socket is an error.
-pub fn prepare_socket_path(path: &Path) -> Result<(), ServiceError> {
+pub fn prepare_socket_path(path: &Path) -> Result<(), SocketPathError> {
     let io = io_error(path);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io("creating its directory"))?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => {
-            Err(ServiceError::NotASocket(path.to_path_buf()))
+            Err(SocketPathError::NotASocket(path.to_path_buf()))
         }
         Ok(_) if std::os::unix::net::UnixStream::connect(path).is_ok() => {
-            Err(ServiceError::InUse(path.to_path_buf()))
+            Err(SocketPathError::InUse(path.to_path_buf()))
         }
         Ok(_) => std::fs::remove_file(path).map_err(io("removing the stale socket")),
         Err(_) => Ok(()),
@@ -32,7 +54,7 @@ pub fn restrict_socket(
     mode: u32,
     uid: Option<u32>,
     gid: Option<u32>,
-) -> Result<(), ServiceError> {
+) -> Result<(), SocketPathError> {
     let io = io_error(path);
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(io("setting its mode"))?;
@@ -44,11 +66,11 @@ pub fn restrict_socket(
 
 fn io_error(
     path: &Path,
-) -> impl Fn(&'static str) -> Box<dyn FnOnce(std::io::Error) -> ServiceError> {
+) -> impl Fn(&'static str) -> Box<dyn FnOnce(std::io::Error) -> SocketPathError> {
     let path = path.to_path_buf();
     move |what| {
         let path = path.clone();
-        Box::new(move |source| ServiceError::Io { path, what, source })
+        Box::new(move |source| SocketPathError::Io { path, what, source })
     }
 }
 
