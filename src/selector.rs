@@ -1,7 +1,9 @@
 //! Selectors: the one grammar for naming devices, used by the CLI, the config file and the
 //! toggle service. Parsing and matching are pure.
 //!
-//! Forms: `port:1-3.4.2`, `id:046d:c016` (`*` per half), `addr:3.5` / `addr:3:5` (decimal,
+//! Forms: `port:1-3.4.2`, `port:0000:00:14.0/3.4.2` (the controller and the port chain below
+//! its root hub: no bus number; `00:14.0/3.4.2`, `platform:vhci_hcd.0/1`, `ss3` on a
+//! SuperSpeed root hub), `id:046d:c016` (`*` per half), `addr:3.5` / `addr:3:5` (decimal,
 //! `003.005` too), `serial:ABC`, `class:03`, `iface:03:01:*`, `controller:0000:00:14.0`,
 //! `hub:1-3`; bare `1-3.4.2`, `046d:c016`, `3.5`; `,` joins terms with AND.
 //!
@@ -10,7 +12,7 @@
 //! `\\` as the only escapes: `serial:"AB,12"`. [`Selector`]'s `Display` quotes exactly when
 //! needed, so printing and parsing again always gives the same selector.
 
-use crate::inventory::{Device, PciAddress, PortPath};
+use crate::inventory::{Device, PciAddress, PhysicalPort, PortPath};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -39,6 +41,9 @@ impl<T: PartialEq> Pattern<T> {
 pub enum Term {
     /// `port:1-3.4.2`: the device at this physical place.
     Port(PortPath),
+    /// `port:0000:00:14.0/3.4.2`: the device at this physical place, named by its
+    /// controller instead of a bus number (which can change between boots).
+    PhysicalPort(PhysicalPort),
     /// `id:vvvv:pppp`: vendor and product, each half may be `*`.
     Id {
         /// Vendor id pattern.
@@ -90,7 +95,7 @@ pub struct SelectorError {
 }
 
 /// The accepted forms, shown with every parse error.
-pub const FORMS: &str = "accepted forms: port:1-3.4.2 | id:046d:c016 (id:046d:*) | addr:3.5 (addr:3:5, addr:003.005) | serial:ABC (serial:\"A,B\") | class:03 | iface:03:01:* | controller:0000:00:14.0 | hub:1-3 | bare 1-3.4.2, 046d:c016, 3.5; join with `,` for AND";
+pub const FORMS: &str = "accepted forms: port:1-3.4.2 | port:0000:00:14.0/3.4.2 (port:00:14.0/3, port:platform:vhci_hcd.0/1) | id:046d:c016 (id:046d:*) | addr:3.5 (addr:3:5, addr:003.005) | serial:ABC (serial:\"A,B\") | class:03 | iface:03:01:* | controller:0000:00:14.0 | hub:1-3 | bare 1-3.4.2, 046d:c016, 3.5; join with `,` for AND";
 
 /// Highest USB device address (USB 2.0 §9.4.6: 7 bits, 0 is the default address).
 const MAX_USB_ADDRESS: u16 = 127;
@@ -126,6 +131,7 @@ impl Term {
         let nested = |a: &PortPath, b: &PortPath| a == b || a.is_behind(b) || b.is_behind(a);
         match (self, other) {
             (Term::Port(a), Term::Port(b)) => a != b,
+            (Term::PhysicalPort(a), Term::PhysicalPort(b)) => a != b,
             (Term::Port(p), Term::Hub(h)) => !p.is_behind(h),
             (Term::Port(p), Term::Addr { bus, .. }) => p.bus != *bus,
             (Term::Hub(a), Term::Hub(b)) => !nested(a, b),
@@ -162,6 +168,7 @@ impl Term {
         };
         match self {
             Term::Port(p) => device.port == *p,
+            Term::PhysicalPort(p) => device.physical_port.as_ref() == Some(p),
             Term::Id { vendor, product } => {
                 vendor.accepts(device.vendor_id.map(|h| h.0))
                     && product.accepts(device.product_id.map(|h| h.0))
@@ -193,6 +200,10 @@ impl Term {
         let unknown = || "unknown".to_string();
         match self {
             Term::Port(p) => (device.port != *p).then(|| format!("port is {}", device.port)),
+            Term::PhysicalPort(_) => Some(device.physical_port.as_ref().map_or_else(
+                || "the device's controller is not known".into(),
+                |p| format!("physical port is {p}"),
+            )),
             Term::Id { vendor, product } => {
                 let v = device.vendor_id.map(|h| h.0);
                 let p = device.product_id.map(|h| h.0);
@@ -327,6 +338,11 @@ fn parse_term(part: &str) -> Result<Term, SelectorError> {
     };
     let bad = |reason: String| err(part, reason);
     match kind.to_ascii_lowercase().as_str() {
+        "port" if value.contains('/') => value
+            .trim()
+            .parse()
+            .map(Term::PhysicalPort)
+            .map_err(|e: crate::inventory::BadPhysicalPort| bad(e.to_string())),
         "port" => parse_port(value).map(Term::Port).map_err(bad),
         "hub" => parse_port(value).map(Term::Hub).map_err(bad),
         "id" => parse_id(value).map_err(bad),
@@ -513,6 +529,7 @@ impl fmt::Display for Term {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Term::Port(p) => write!(f, "port:{p}"),
+            Term::PhysicalPort(p) => write!(f, "port:{p}"),
             Term::Id { vendor, product } => write!(f, "id:{vendor}:{product}"),
             Term::Addr { bus, address } => write!(f, "addr:{bus}.{address}"),
             Term::Serial(s) => write!(f, "serial:{}", quote_serial(s)),

@@ -6,6 +6,7 @@
 //! adds a line to [`Snapshot::warnings`]; it never fails the listing.
 
 pub(crate) mod pci;
+mod physical;
 mod reader;
 pub mod record;
 pub mod render;
@@ -14,6 +15,7 @@ pub mod text;
 mod types;
 pub(crate) mod usb;
 
+pub use physical::{BadControllerName, BadPhysicalPort, ControllerName, PhysicalPort};
 pub use reader::ScanFailed;
 pub use types::*;
 

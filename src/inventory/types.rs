@@ -349,6 +349,10 @@ pub struct Bus {
     pub number: u8,
     /// The controller providing it, `None` if not on PCI (dummy_hcd, platform controllers).
     pub controller: Option<PciAddress>,
+    /// The controller by a name that does not depend on bus numbers: its PCI address, or
+    /// its platform device (`platform:vhci_hcd.0`) when it has no PCI parent.
+    #[serde(default)]
+    pub controller_name: Option<super::ControllerName>,
     /// Root hub speed in Mb/s.
     pub speed_mbps: Option<Speed>,
     /// Number of root-hub ports.
@@ -374,6 +378,11 @@ pub struct Interface {
 pub struct Device {
     /// Port path exactly as the kernel names the device, `1-3.4.2`.
     pub port: PortPath,
+    /// The same place without the bus number: controller and port chain
+    /// (`0000:00:14.0/3.4.2`); stays across reboots that renumber the buses. `None` when
+    /// the bus's controller is not known.
+    #[serde(default)]
+    pub physical_port: Option<super::PhysicalPort>,
     /// Bus number.
     pub bus: u8,
     /// Device address on the bus (devnum), `None` if unreadable.
@@ -423,6 +432,7 @@ impl Device {
             bus: port.bus,
             parent: port.parent(),
             port,
+            physical_port: None,
             address: None,
             vendor_id: None,
             product_id: None,

@@ -2,7 +2,10 @@
 
 use super::pci::parse_hex_id;
 use super::reader::{Access, Attrs, Reader};
-use super::{Bus, ClassTriple, Device, HexId, Interface, PciAddress, PortPath, Speed};
+use super::{
+    Bus, ClassTriple, ControllerName, Device, HexId, Interface, PciAddress, PhysicalPort, PortPath,
+    Speed,
+};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -75,6 +78,10 @@ pub(super) fn read_usb(r: &mut Reader) -> (Vec<Bus>, Vec<Device>) {
         })
         .collect();
     devices.sort_by(|a, b| a.port.cmp(&b.port));
+    for device in &mut devices {
+        let bus = buses.iter().find(|b| b.number == device.bus);
+        device.physical_port = bus.and_then(|bus| PhysicalPort::on_bus(bus, &device.port));
+    }
     for (device, _) in interfaces {
         r.warn(format!(
             "{USB_DEVICES}: interfaces of `{device}` but no such device"
@@ -90,6 +97,7 @@ fn read_bus(r: &mut Reader, number: u8, name: &str) -> Bus {
     Bus {
         number,
         controller: pci_ancestor(&dir),
+        controller_name: controller_name(&dir),
         speed_mbps: a.required("speed", SPEED, parse_speed).flatten(),
         ports: a.optional("maxchild", "a port count", parse_decimal),
         version: a.text("version"),
@@ -149,6 +157,7 @@ fn read_device(r: &mut Reader, port: PortPath, name: &str, ifaces: Vec<(u8, Stri
         interfaces,
         netdevs,
         block_devices,
+        physical_port: None,
         port,
     }
 }
@@ -245,6 +254,13 @@ fn pci_ancestor(dir: &Path) -> Option<PciAddress> {
         .next()
 }
 
+/// The controller of a root hub: the device its resolved sysfs directory hangs off (a PCI
+/// function, or a platform device such as `vhci_hcd.0` when there is no PCI parent).
+fn controller_name(root_hub_dir: &Path) -> Option<ControllerName> {
+    let parent = root_hub_dir.parent()?.file_name()?.to_str()?;
+    ControllerName::from_parent_dir(parent)
+}
+
 /// The kernel's `speed`: `1.5`, `12`, `480`, `5000`, ...; `unknown` is a valid answer
 /// (`Some(None)`), anything else malformed (`None`).
 pub(crate) fn parse_speed(v: &str) -> Option<Option<Speed>> {
@@ -302,5 +318,21 @@ mod tests {
     fn pci_ancestor_is_the_nearest_pci_directory() {
         let dir = Path::new("/sys/devices/pci0000:00/0000:00:1c.0/0000:02:00.0/usb3/3-1/3-1.2");
         assert_eq!(pci_ancestor(dir), Some("0000:02:00.0".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_root_hub_without_a_pci_parent_is_named_by_its_platform_device() {
+        let pci = Path::new("/sys/devices/pci0000:00/0000:00:1c.0/0000:02:00.0/usb3");
+        let vhci = Path::new("/sys/devices/platform/vhci_hcd.0/usb3");
+
+        assert_eq!(
+            controller_name(pci),
+            Some(ControllerName::Pci("0000:02:00.0".parse().unwrap()))
+        );
+        assert_eq!(
+            controller_name(vhci),
+            Some(ControllerName::Platform("vhci_hcd.0".into()))
+        );
+        assert_eq!(pci_ancestor(vhci), None);
     }
 }

@@ -35,6 +35,7 @@ fn bus(number: u8, controller: &str, speed: f64) -> Bus {
     Bus {
         number,
         controller: Some(pci(controller)),
+        controller_name: None,
         speed_mbps: Some(Speed(speed)),
         ports: None,
         version: None,

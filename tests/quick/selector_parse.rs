@@ -3,7 +3,7 @@
 use crate::policy_support;
 
 use policy_support::{device, hub, interface, with_id};
-use usbroute::inventory::{PciAddress, PortPath};
+use usbroute::inventory::{Device, PciAddress, PhysicalPort, PortPath};
 use usbroute::selector::{Pattern, Selector, Term};
 
 fn parse(s: &str) -> Selector {
@@ -29,6 +29,51 @@ fn error(s: &str) -> String {
 #[test]
 fn parse_typed_port() {
     assert_eq!(one("port:1-3.4.2"), Term::Port(port("1-3.4.2")));
+}
+
+#[test]
+fn parse_controller_anchored_port_long_and_short_pci_forms_alike() {
+    let want: PhysicalPort = "0000:00:14.0/3.4.2".parse().expect("physical port");
+
+    assert_eq!(
+        one("port:0000:00:14.0/3.4.2"),
+        Term::PhysicalPort(want.clone())
+    );
+    assert_eq!(one("port:00:14.0/3.4.2"), Term::PhysicalPort(want));
+    assert_eq!(one("port:00:14.0/3").to_string(), "port:0000:00:14.0/3");
+}
+
+#[test]
+fn parse_port_on_a_platform_controller() {
+    let term = one("port:platform:vhci_hcd.0/1");
+
+    assert_eq!(term.to_string(), "port:platform:vhci_hcd.0/1");
+}
+
+#[test]
+fn controller_anchored_port_matches_by_place_not_bus_number() {
+    let at = |port: &str, physical: &str| Device {
+        physical_port: Some(physical.parse().expect("physical port")),
+        ..Device::at(port.parse().expect("port path"))
+    };
+    let sel: Selector = "port:00:14.0/3.4".parse().expect("selector");
+
+    assert!(sel.matches(&at("1-3.4", "0000:00:14.0/3.4")));
+    assert!(sel.matches(&at("7-3.4", "0000:00:14.0/3.4")));
+    assert!(!sel.matches(&at("1-3.4", "0000:00:1d.0/3.4")));
+    assert_eq!(
+        sel.explain(&at("1-3.4", "0000:00:14.0/ss3.4"))[0].1,
+        "physical port is 0000:00:14.0/ss3.4"
+    );
+    assert!(!sel.matches(&Device::at("1-3.4".parse().expect("port path"))));
+}
+
+#[test]
+fn malformed_controller_anchored_port_names_the_form() {
+    let e = error("port:0000:00:14.0/3..4");
+
+    assert!(e.contains("not a physical port"), "{e}");
+    assert!(e.contains("port:0000:00:14.0/3.4.2"), "{e}");
 }
 
 #[test]

@@ -1,12 +1,40 @@
 //! Property tests of the selector grammar: printing round-trips, no input panics.
 
 use proptest::prelude::*;
-use usbroute::inventory::{PciAddress, PortPath};
+use usbroute::inventory::{ControllerName, PciAddress, PhysicalPort, PortPath};
 use usbroute::selector::{Pattern, Selector, Term};
 
 fn port_path() -> impl Strategy<Value = PortPath> {
     (1u8..=255, prop::collection::vec(1u8..=255, 1..=7))
         .prop_map(|(bus, ports)| PortPath { bus, ports })
+}
+
+fn pci_address() -> impl Strategy<Value = PciAddress> {
+    (any::<u16>(), any::<u8>(), 0u8..32, 0u8..8).prop_map(|(domain, bus, device, function)| {
+        PciAddress {
+            domain,
+            bus,
+            device,
+            function,
+        }
+    })
+}
+
+fn physical_port() -> impl Strategy<Value = PhysicalPort> {
+    let controller = prop_oneof![
+        pci_address().prop_map(ControllerName::Pci),
+        "[a-z][a-z0-9_.:-]{0,15}".prop_map(ControllerName::Platform),
+    ];
+    (
+        controller,
+        any::<bool>(),
+        prop::collection::vec(1u8..=255, 1..=7),
+    )
+        .prop_map(|(controller, superspeed, ports)| PhysicalPort {
+            controller,
+            superspeed,
+            ports,
+        })
 }
 
 fn pattern<T: std::fmt::Debug + Clone + 'static>(
@@ -19,6 +47,7 @@ fn term() -> impl Strategy<Value = Term> {
     prop_oneof![
         port_path().prop_map(Term::Port),
         port_path().prop_map(Term::Hub),
+        physical_port().prop_map(Term::PhysicalPort),
         (pattern(any::<u16>()), pattern(any::<u16>()))
             .prop_map(|(vendor, product)| Term::Id { vendor, product }),
         (1u8..=255, 1u16..=127).prop_map(|(bus, address)| Term::Addr { bus, address }),
@@ -34,14 +63,7 @@ fn term() -> impl Strategy<Value = Term> {
                 subclass,
                 protocol
             }),
-        (any::<u16>(), any::<u8>(), 0u8..32, 0u8..8).prop_map(|(domain, bus, device, function)| {
-            Term::Controller(PciAddress {
-                domain,
-                bus,
-                device,
-                function,
-            })
-        }),
+        pci_address().prop_map(Term::Controller),
     ]
 }
 
@@ -70,7 +92,7 @@ proptest! {
     }
 
     #[test]
-    fn accepted_string_prints_to_fixed_point(s in "(port|hub|id|addr|class|iface|serial)?:?[0-9a-f*:.,-]{1,16}") {
+    fn accepted_string_prints_to_fixed_point(s in "(port|hub|id|addr|class|iface|serial)?:?(platform:)?[0-9a-f*:./,-]{1,16}") {
         if let Ok(sel) = s.parse::<Selector>() {
             let reparsed: Selector = sel.to_string().parse().map_err(|e| TestCaseError::fail(format!("{sel}: {e}")))?;
             prop_assert_eq!(reparsed, sel);
@@ -85,11 +107,21 @@ fn small_device() -> impl Strategy<Value = usbroute::inventory::Device> {
         1u16..4,
         prop::sample::select(vec![(0x046d, 0xc016), (0x046d, 0x0001), (0x0781, 0xc016)]),
         prop::option::of(prop::sample::select(vec!["A", "B"])),
-        prop::sample::select(vec!["0000:00:14.0", "0000:00:1d.0"]),
+        prop::sample::select(vec!["0000:00:14.0", "0000:00:1d.0", "platform:vhci_hcd.0"]),
         0u8..4,
     )
-        .prop_map(|(port, address, (v, p), serial, pci, class)| {
+        .prop_map(|(port, address, (v, p), serial, controller, class)| {
             let port: PortPath = port.parse().expect("port");
+            let controller: ControllerName = controller.parse().expect("controller");
+            let pci = match &controller {
+                ControllerName::Pci(pci) => Some(*pci),
+                ControllerName::Platform(_) => None,
+            };
+            let physical_port = PhysicalPort {
+                controller,
+                superspeed: false,
+                ports: port.ports.clone(),
+            };
             usbroute::inventory::Device {
                 address: Some(address),
                 vendor_id: Some(usbroute::inventory::HexId(v)),
@@ -100,7 +132,8 @@ fn small_device() -> impl Strategy<Value = usbroute::inventory::Device> {
                     subclass: 0,
                     protocol: 0,
                 }),
-                controller: Some(pci.parse().expect("pci")),
+                controller: pci,
+                physical_port: Some(physical_port),
                 ..usbroute::inventory::Device::at(port)
             }
         })
@@ -126,6 +159,11 @@ fn small_selector() -> impl Strategy<Value = Selector> {
         "class:02",
         "controller:0000:00:14.0",
         "controller:00:1d.0",
+        "port:0000:00:14.0/1",
+        "port:00:14.0/2.1",
+        "port:0000:00:1d.0/1",
+        "port:platform:vhci_hcd.0/1",
+        "port:0000:00:14.0/ss1",
     ]);
     prop::collection::vec(term, 1..3).prop_map(|terms| terms.join(",").parse().expect("selector"))
 }

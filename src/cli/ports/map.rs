@@ -226,6 +226,7 @@ mod tests {
             buses: vec![Bus {
                 number: 3,
                 controller: Some(pci("0000:00:14.0")),
+                controller_name: None,
                 speed_mbps: Some(Speed(480.0)),
                 ports: None,
                 version: None,
