@@ -202,8 +202,12 @@ pub(super) fn why(g: &Global, a: WhyArgs) -> anyhow::Result<ExitCode> {
 pub fn why_text(r: &WhyReport) -> String {
     let mut out = String::new();
     for d in &r.devices {
+        let physical = d
+            .physical_port
+            .as_ref()
+            .map_or(String::new(), |p| format!(" ({p})"));
         out.push_str(&format!(
-            "{} {}: {} — {}\n",
+            "{}{physical} {}: {} — {}\n",
             d.port, d.label, d.target, d.reason
         ));
         for v in &d.rules {
@@ -342,6 +346,7 @@ mod tests {
         let report = WhyReport {
             devices: vec![WhyDevice {
                 port: "1-2".into(),
+                physical_port: None,
                 label: HOSTILE.into(),
                 target: "host".into(),
                 reason: "no rule".into(),
@@ -355,5 +360,24 @@ mod tests {
         };
 
         assert_eq!(controls(&why_text(&report)), Vec::<char>::new());
+    }
+
+    #[test]
+    fn why_text_names_the_device_by_its_controller_anchored_place_too() {
+        let report = WhyReport {
+            devices: vec![WhyDevice {
+                port: "1-2".into(),
+                physical_port: Some("0000:00:14.0/2".into()),
+                label: "0627:0001 Mouse".into(),
+                target: "host".into(),
+                reason: "no rule".into(),
+                rules: vec![],
+            }],
+        };
+
+        assert_eq!(
+            why_text(&report),
+            "1-2 (0000:00:14.0/2) 0627:0001 Mouse: host — no rule\n"
+        );
     }
 }

@@ -346,6 +346,7 @@ async fn why(engine: EngineHandle, devices: Vec<Device>, reply: oneshot::Sender<
             .collect();
         out.push(WhyDevice {
             port: d.port.to_string(),
+            physical_port: d.physical_port.as_ref().map(ToString::to_string),
             label: d.label(),
             target: w.decision.placement.to_string(),
             reason: w.decision.reason.to_string(),

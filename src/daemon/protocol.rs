@@ -219,6 +219,9 @@ pub struct WhyReport {
 pub struct WhyDevice {
     /// Port path.
     pub port: String,
+    /// The controller-anchored place (`0000:00:14.0/3.4.2`), when its controller is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub physical_port: Option<String>,
     /// Label.
     pub label: String,
     /// `host` or a VM name.

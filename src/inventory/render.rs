@@ -149,10 +149,15 @@ fn device_children(
     }
 }
 
-/// `1-1.3  dev 5  0627:0001 QEMU USB Mouse  12 Mb/s  usbhid`.
+/// `1-1.3  0000:00:14.0/1.3  dev 5  0627:0001 QEMU USB Mouse  12 Mb/s  usbhid`: the
+/// kernel's name, then the controller-anchored one (when the controller is known).
 pub fn device_line(d: &Device) -> String {
+    let physical = d
+        .physical_port
+        .as_ref()
+        .map_or(String::new(), |p| format!("  {p}"));
     let mut line = format!(
-        "{}  dev {}  {}  {}",
+        "{}{physical}  dev {}  {}  {}",
         d.port,
         opt(d.address),
         d.label(),
@@ -185,6 +190,13 @@ pub fn device_details(d: &Device, snapshot: &Snapshot) -> String {
         let _ = writeln!(out, "  {name:<14} {value}");
     };
     field("port", format!("{}  (port:{})", d.port, d.port));
+    field(
+        "physical port",
+        d.physical_port.as_ref().map_or_else(
+            || "unknown (the bus's controller is not known)".into(),
+            |p| format!("{p}  (port:{p}, stays when buses are renumbered)"),
+        ),
+    );
     field(
         "bus.address",
         match d.address {

@@ -110,7 +110,7 @@ fn list_prints_the_tree_and_warnings_only_on_stderr() {
         .assert()
         .success()
         .stdout(predicate::str::contains(
-            "│       └── 1-2.3.1  dev 8  0627:0001 QEMU QEMU USB Keyboard  12 Mb/s  usbhid",
+            "│       └── 1-2.3.1  0000:00:03.0/2.3.1  dev 8  0627:0001 QEMU QEMU USB Keyboard  12 Mb/s  usbhid",
         ))
         .stdout(predicate::str::contains("warning").not())
         .stderr(predicate::str::contains(
