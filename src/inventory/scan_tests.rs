@@ -314,7 +314,9 @@ fn bus_of_a_platform_controller_is_listed_under_not_on_pci() {
 
     assert_eq!(s.buses[0].controller, None);
     assert_eq!(s.devices[0].controller, None);
-    assert!(render::tree(&s).starts_with("not on PCI\n└── bus 7  480 Mb/s\n    └── 7-1  dev 2"));
+    assert!(render::tree(&s).starts_with(
+        "not on PCI\n└── bus 7  480 Mb/s\n    └── 7-1  platform:dummy_hcd.0/1  dev 2"
+    ));
 }
 
 #[test]
@@ -497,4 +499,38 @@ fn recording_below_a_directory_anyone_may_rename_in_is_refused() {
         err.to_string().contains("writable by others (mode 777)"),
         "{err}"
     );
+}
+
+#[test]
+fn a_bus_without_a_pci_parent_is_named_by_its_platform_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = SysfsBuilder::new(dir.path());
+    b.platform_bus("vhci_hcd.0", 3, "480", "2.00", 8).unwrap();
+    b.device(&device("3-1", 2, 0, "480")).unwrap();
+
+    let s = scan(&crate::sysfs::SysfsRoot::new(dir.path()));
+
+    assert_eq!(s.buses[0].controller, None);
+    assert_eq!(
+        s.buses[0].controller_name,
+        Some(ControllerName::Platform("vhci_hcd.0".into()))
+    );
+    assert_eq!(s.devices[0].controller, None);
+    let physical = s.devices[0].physical_port.as_ref().map(ToString::to_string);
+    assert_eq!(physical.as_deref(), Some("platform:vhci_hcd.0/1"));
+}
+
+#[test]
+fn devices_on_a_superspeed_root_hub_carry_the_ss_marker() {
+    let (dir, _b) = host();
+
+    let s = scan(&crate::sysfs::SysfsRoot::new(dir.path()));
+
+    let physical = |port: &str| {
+        s.device_at(&port.parse().unwrap())
+            .and_then(|d| d.physical_port.as_ref())
+            .map(ToString::to_string)
+    };
+    assert_eq!(physical("2-1").as_deref(), Some("0000:00:14.0/ss1"));
+    assert_eq!(physical("1-1.4.1").as_deref(), Some("0000:00:14.0/1.4.1"));
 }

@@ -94,6 +94,33 @@ impl SysfsBuilder {
         ports: u8,
     ) -> io::Result<()> {
         let dir = format!("/sys/devices/pci0000:00/{pci}/usb{number}");
+        self.root_hub(&dir, number, speed, version, ports)
+    }
+
+    /// Create root hub `usbN` below platform device `platform` (`vhci_hcd.0`): a bus
+    /// whose controller has no PCI parent, as USB/IP and SoC controllers have.
+    pub fn platform_bus(
+        &self,
+        platform: &str,
+        number: u8,
+        speed: &str,
+        version: &str,
+        ports: u8,
+    ) -> io::Result<()> {
+        let dir = format!("/sys/devices/platform/{platform}/usb{number}");
+        self.root_hub(&dir, number, speed, version, ports)
+    }
+
+    /// The root hub's attributes and links at host directory `dir`.
+    fn root_hub(
+        &self,
+        dir: &str,
+        number: u8,
+        speed: &str,
+        version: &str,
+        ports: u8,
+    ) -> io::Result<()> {
+        let dir = dir.to_string();
         self.attr(&dir, "busnum", &number.to_string())?;
         self.attr(&dir, "devnum", "1")?;
         self.attr(&dir, "speed", speed)?;
