@@ -8,8 +8,10 @@ use super::output::print_json;
 use super::{ConfigFile, Global};
 use crate::backend::{Drivers, VmTarget};
 use crate::config::{Config, ConfigError, Problem, VmConfig};
+use crate::inventory::Snapshot;
 use crate::policy::{Rule, RuleAction};
 use crate::routing::RoutingConfig;
+use crate::selector::Term;
 use serde::Serialize;
 use std::process::ExitCode;
 
@@ -119,9 +121,10 @@ struct ControllerLine {
 pub(super) fn check(g: &Global, a: CheckArgs) -> anyhow::Result<ExitCode> {
     let file = g.config_file()?;
     let report = match file.path() {
-        None => valid_report(&file, &Config::default()),
+        None => valid_report(&file, &Config::default(), &Snapshot::default()),
         Some(path) => match Config::load(path) {
-            Ok(config) => valid_report(&file, &config),
+            // The host's inventory only turns bus-numbered ports into their stable form.
+            Ok(config) => valid_report(&file, &config, &crate::inventory::scan(&g.root())),
             Err(ConfigError::Invalid { problems }) => invalid_report(&file, problems),
             Err(e) => return Err(e.into()),
         },
@@ -166,13 +169,14 @@ fn invalid_report(file: &ConfigFile, problems: Vec<Problem>) -> Report {
     }
 }
 
-fn valid_report(file: &ConfigFile, config: &Config) -> Report {
+fn valid_report(file: &ConfigFile, config: &Config, host: &Snapshot) -> Report {
     let name = file.path().map(|p| p.display().to_string());
     let at = |line: usize| format!("{}:{line}", name.as_deref().unwrap_or("<config>"));
     let ordered = precedence(&config.rules);
     let drivers = crate::backend::drivers(crate::sysfs::SysfsRoot::default());
     let mut warnings = warnings(config, &ordered, &at);
     warnings.extend(backend_warnings(config, &drivers, &at));
+    warnings.extend(bus_numbered_warnings(config, host, &at));
     Report {
         warnings,
         rules: ordered.iter().map(|r| rule_line(r, at(r.line))).collect(),
@@ -283,6 +287,36 @@ fn backend_warnings(
     out
 }
 
+/// Rules that name a port by its bus number (`port:1-3`): the kernel numbers buses in
+/// probe order, so the number can change at the next boot or kernel update and the rule
+/// then means another socket. Each gets the stable form when this host has that bus.
+fn bus_numbered_warnings(
+    config: &Config,
+    host: &Snapshot,
+    at: &dyn Fn(usize) -> String,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for rule in &config.rules {
+        for term in &rule.selector.terms {
+            let Term::Port(port) = term else {
+                continue;
+            };
+            let instead = match host.physical_port_of(port) {
+                Some(stable) => format!("write `port:{stable}`, the same port named by its controller"),
+                None => format!(
+                    "bus {} is not on this host now; find the port's stable name (such as 0000:00:14.0/3.4) in the second column of `usbroute list`",
+                    port.bus
+                ),
+            };
+            out.push(format!(
+                "{}: `{term}` names the port by its bus number, which can change at the next boot or kernel update; {instead}",
+                at(rule.line)
+            ));
+        }
+    }
+    out
+}
+
 fn rule_line(r: &Rule, at: String) -> RuleLine {
     let (action, vm, by) = match &r.action {
         RuleAction::Forbid => ("forbid", None, None),
@@ -382,6 +416,52 @@ mod tests {
         assert_eq!(
             warnings,
             ["usbroute.toml:5: VM `a`'s backend (qemu) cannot attach by port, so this rule keeps its devices on the host; use `by = \"address\"`"]
+        );
+    }
+
+    #[test]
+    fn a_bus_numbered_port_is_warned_about_with_its_stable_form_when_the_bus_is_here() {
+        let config = Config::parse(CONFIG, None).unwrap();
+        let host = Snapshot {
+            buses: vec![crate::inventory::Bus {
+                number: 1,
+                controller: None,
+                controller_name: Some("0000:00:14.0".parse().unwrap()),
+                speed_mbps: None,
+                ports: None,
+                version: Some("2.00".into()),
+            }],
+            ..Snapshot::default()
+        };
+
+        let warnings = bus_numbered_warnings(&config, &host, &at);
+
+        assert_eq!(warnings.len(), 2);
+        assert!(
+            warnings[0].starts_with("usbroute.toml:5: `port:1-1` names the port by its bus number")
+                && warnings[0].ends_with(
+                    "write `port:0000:00:14.0/1`, the same port named by its controller"
+                ),
+            "{}",
+            warnings[0]
+        );
+        assert!(
+            warnings[1].contains("write `port:0000:00:14.0/2`"),
+            "{}",
+            warnings[1]
+        );
+    }
+
+    #[test]
+    fn a_bus_numbered_port_on_a_bus_not_here_points_at_usbroute_list() {
+        let config = Config::parse(CONFIG, None).unwrap();
+
+        let warnings = bus_numbered_warnings(&config, &Snapshot::default(), &at);
+
+        assert!(
+            warnings[0].ends_with("bus 1 is not on this host now; find the port's stable name (such as 0000:00:14.0/3.4) in the second column of `usbroute list`"),
+            "{}",
+            warnings[0]
         );
     }
 

@@ -175,9 +175,14 @@ fn json_gives_the_rules_vms_controllers_routing_and_warnings() {
     );
     assert_eq!(
         report["warnings"].as_array().unwrap().len(),
-        2,
+        3,
         "{}",
         report["warnings"]
+    );
+    let bus_numbered = report["warnings"][2].as_str().unwrap();
+    assert!(
+        bus_numbered.contains(":17: `port:1-3` names the port by its bus number"),
+        "{bus_numbered}"
     );
 }
 
