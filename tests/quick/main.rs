@@ -45,6 +45,7 @@ mod routing_recorded;
 mod routing_registers;
 mod selector_parse;
 mod selector_props;
+mod selector_renumbered;
 mod systemd_unit;
 mod test_tiers;
 mod toggle_fuzz;
