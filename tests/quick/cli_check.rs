@@ -60,8 +60,9 @@ toggle = ["host", "gest"]
 mask = "0x3fff"
 "#;
 
-/// `usbroute check ARGS` on `text` written to DIR/usbroute.toml.
-fn check(dir: &Path, text: &str, args: &[&str]) -> Output {
+/// `usbroute check ARGS` on `text` written to DIR/usbroute.toml, with DIR as the sysfs
+/// root (the host whose inventory `check` consults).
+pub(crate) fn check(dir: &Path, text: &str, args: &[&str]) -> Output {
     let config = dir.join("usbroute.toml");
     std::fs::write(&config, text).unwrap();
     Command::cargo_bin("usbroute")

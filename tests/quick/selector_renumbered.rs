@@ -3,10 +3,8 @@
 //! the xHCI's USB 2 root hub and of the EHCI swapped. Every `port:CONTROLLER/chain` rule
 //! still means the same physical device; a bus-numbered rule does not, and `check` says so.
 
-use assert_cmd::cargo::CommandCargoExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Command;
 use usbroute::config::Config;
 use usbroute::inventory::synth::{PciFunction, SysfsBuilder, UsbDevice};
 use usbroute::inventory::{scan, Snapshot};
@@ -190,20 +188,9 @@ fn the_plan_sends_every_device_to_the_same_vm_after_renumbering() {
 fn check_flags_a_bus_numbered_rule_with_its_stable_form_on_this_host() {
     let dir = tempfile::tempdir().unwrap();
     host(dir.path(), &RENUMBERED);
-    let config = dir.path().join("usbroute.toml");
     let text = format!("{ANCHORED}\n[[rule]]\nmatch = \"port:3-2.1\"\nvm = \"a\"\npriority = 1\n");
-    std::fs::write(&config, text).unwrap();
 
-    let out = Command::cargo_bin("usbroute")
-        .unwrap()
-        .arg("--config")
-        .arg(&config)
-        .arg("--sysfs-root")
-        .arg(dir.path())
-        .args(["check", "--json"])
-        .env_remove("USBROUTE_CONFIG")
-        .output()
-        .unwrap();
+    let out = crate::cli_check::check(dir.path(), &text, &["--json"]);
 
     assert!(
         out.status.success(),
