@@ -93,7 +93,7 @@ fn kept(rule: &ControllerRule, vm_configured: bool) -> RuleOutcome {
             rule.pci
         )
     };
-    outcome(
+    RuleOutcome::new(
         rule,
         None,
         true,
@@ -152,7 +152,7 @@ impl<H: PciHost> ControllerHost for VfioControllers<H> {
 
     fn describe_bind(&self, rule: &ControllerRule) -> RuleOutcome {
         match vfio::plan_bind(&self.root, &self.host, &rule.pci, &self.opts) {
-            Ok(plan) => outcome(
+            Ok(plan) => RuleOutcome::new(
                 rule,
                 Some(plan.group.number),
                 true,
@@ -163,18 +163,13 @@ impl<H: PciHost> ControllerHost for VfioControllers<H> {
                     steps_text(&plan.steps)
                 ),
             ),
-            Err(e) => outcome(
-                rule,
-                None,
-                false,
-                format!("dry run: would fail: {}", one_line(&e)),
-            ),
+            Err(e) => would_fail(rule, &e),
         }
     }
 
     fn describe_restore(&self, rule: &ControllerRule) -> RuleOutcome {
         match vfio::plan_restore(&self.root, &self.host, &rule.pci) {
-            Ok((group, _, steps)) => outcome(
+            Ok((group, _, steps)) => RuleOutcome::new(
                 rule,
                 Some(group.number),
                 true,
@@ -184,22 +179,16 @@ impl<H: PciHost> ControllerHost for VfioControllers<H> {
                     steps_text(&steps)
                 ),
             ),
-            Err(e) => outcome(
-                rule,
-                None,
-                false,
-                format!("dry run: would fail: {}", one_line(&e)),
-            ),
+            Err(e) => would_fail(rule, &e),
         }
     }
 }
 
 /// The one outcome of a one-rule report.
 fn first(outcomes: Vec<RuleOutcome>, rule: &ControllerRule) -> RuleOutcome {
-    outcomes
-        .into_iter()
-        .next()
-        .unwrap_or_else(|| outcome(rule, None, false, "no outcome was reported".to_string()))
+    outcomes.into_iter().next().unwrap_or_else(|| {
+        RuleOutcome::new(rule, None, false, "no outcome was reported".to_string())
+    })
 }
 
 fn steps_text(steps: &[vfio::Step]) -> String {
@@ -213,8 +202,14 @@ fn steps_text(steps: &[vfio::Step]) -> String {
     }
 }
 
-fn outcome(rule: &ControllerRule, group: Option<u32>, ok: bool, message: String) -> RuleOutcome {
-    RuleOutcome::new(rule, group, ok, message)
+/// What a dry run says of a rule whose plan cannot be made.
+fn would_fail(rule: &ControllerRule, e: &vfio::VfioError) -> RuleOutcome {
+    RuleOutcome::new(
+        rule,
+        None,
+        false,
+        format!("dry run: would fail: {}", one_line(e)),
+    )
 }
 
 #[cfg(test)]

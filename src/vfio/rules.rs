@@ -110,7 +110,7 @@ pub fn restore_controller_rules(
 fn outcome(rule: &ControllerRule, result: Result<(u32, String), VfioError>) -> RuleOutcome {
     match result {
         Ok((group, message)) => RuleOutcome::new(rule, Some(group), true, message),
-        Err(e) => RuleOutcome::new(rule, None, false, e.to_string()),
+        Err(e) => RuleOutcome::new(rule, None, false, crate::error_chain::one_line(&e)),
     }
 }
 

@@ -2,7 +2,6 @@
 //! it in the QEMU backend, and resolves `closed` when QMP's event stream ends (QEMU exited
 //! or closed the monitor). The trait is the seam presence tests fill with fakes.
 
-use super::qmp::Qmp;
 use super::{QemuBackend, QemuOptions};
 use crate::backend::{BackendError, BoxFuture, VmConnection};
 use crate::sysfs::SysfsRoot;
@@ -38,23 +37,20 @@ impl VmConnector for QemuConnector {
         qmp: &'a Path,
     ) -> BoxFuture<'a, Result<VmConnection, BackendError>> {
         Box::pin(async move {
-            let conn = Qmp::connect(qmp)
-                .await
-                .map_err(|e| BackendError::Unreachable {
-                    vm: name.to_string(),
-                    source: Box::new(e),
-                })?;
-            let mut events = conn.events();
-            let closed = Box::pin(async move {
-                // Lagging behind is fine here: only the end of the stream matters.
-                while !matches!(events.recv().await, Err(RecvError::Closed)) {}
-            });
             let options = QemuOptions {
                 root: self.root.clone(),
                 ..QemuOptions::default()
             };
-            let backend = Arc::new(QemuBackend::new(name, conn, options));
-            Ok(VmConnection { backend, closed })
+            let backend = QemuBackend::connect_as(name, qmp, options).await?;
+            let mut events = backend.qmp().events();
+            let closed = Box::pin(async move {
+                // Lagging behind is fine here: only the end of the stream matters.
+                while !matches!(events.recv().await, Err(RecvError::Closed)) {}
+            });
+            Ok(VmConnection {
+                backend: Arc::new(backend),
+                closed,
+            })
         })
     }
 }

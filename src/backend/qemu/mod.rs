@@ -104,11 +104,19 @@ impl QemuBackend {
 
     /// Connect to the QMP socket at `socket`; the VM is named after the socket path.
     pub async fn connect(socket: &Path, options: QemuOptions) -> Result<Self, BackendError> {
-        let name = socket.display().to_string();
+        Self::connect_as(&socket.display().to_string(), socket, options).await
+    }
+
+    /// Connect to VM `name`'s QMP socket at `socket`.
+    pub async fn connect_as(
+        name: &str,
+        socket: &Path,
+        options: QemuOptions,
+    ) -> Result<Self, BackendError> {
         let qmp = Qmp::connect(socket)
             .await
             .map_err(|e| BackendError::Unreachable {
-                vm: name.clone(),
+                vm: name.to_string(),
                 source: Box::new(e),
             })?;
         Ok(Self::new(name, qmp, options))
