@@ -196,21 +196,18 @@ fn valid_report(file: &ConfigFile, config: &Config, host: &Snapshot) -> Report {
     }
 }
 
-/// The rules in the order the plan lets them win: every forbid rule first, then pass
-/// rules by `priority` (highest first), equal priorities in file order (the loader
-/// refuses equal priorities that could disagree).
+/// The rules in the order the plan lets them win ([`Rule::rank`]): every forbid rule
+/// first, then pass rules by `priority` (highest first), equal priorities in file order.
 fn precedence(rules: &[Rule]) -> Vec<&Rule> {
     let mut ordered: Vec<&Rule> = rules.iter().collect();
-    ordered.sort_by_key(|r| {
-        let forbid = matches!(r.action, RuleAction::Forbid);
-        (!forbid, std::cmp::Reverse(r.priority), r.index)
-    });
+    ordered.sort_by_key(|r| r.rank());
     ordered
 }
 
 /// Consequences of a valid config that may not be meant: a VM whose backend this build
-/// lacks, a VM nothing is given to, and a pass rule that a rule ahead of it can override
-/// for some device both match.
+/// lacks, a VM nothing is given to, a pass rule that a forbid rule can override for some
+/// device both match, and two pass rules for different VMs that can match one device
+/// (each at the losing rule's line, naming the winner and why it wins).
 fn warnings(config: &Config, ordered: &[&Rule], at: &dyn Fn(usize) -> String) -> Vec<String> {
     let mut out: Vec<String> = config
         .vms
@@ -231,12 +228,12 @@ fn warnings(config: &Config, ordered: &[&Rule], at: &dyn Fn(usize) -> String) ->
         }
     }
     for (i, later) in ordered.iter().enumerate() {
-        let Some(vm) = later.action.vm() else {
+        if later.action.vm().is_none() {
             continue;
-        };
-        let winner = ordered[..i]
-            .iter()
-            .find(|e| e.action.vm() != Some(vm) && !e.selector.provably_disjoint(&later.selector));
+        }
+        let winner = ordered[..i].iter().find(|e| {
+            e.action == RuleAction::Forbid && !e.selector.provably_disjoint(&later.selector)
+        });
         if let Some(winner) = winner {
             out.push(format!(
                 "{}: this rule ({}) can match devices that the rule at {} ({}) takes first; for those it does nothing",
@@ -247,6 +244,11 @@ fn warnings(config: &Config, ordered: &[&Rule], at: &dyn Fn(usize) -> String) ->
             ));
         }
     }
+    out.extend(
+        crate::policy::overlaps(&config.rules)
+            .into_iter()
+            .map(|o| format!("{}: {o}", at(o.loser.line))),
+    );
     out
 }
 

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `control_socket`, `control_group` | this file (clients read them alone: [`ControlSettings`]) |
 //! | `[[vm]]`, with its backend: `qmp`, `xen` or `libvirt` | `vm.rs` ([`VmConfig`]) |
-//! | `[[rule]]` | [`policy`](crate::policy) (actions, ties), placed by `rules.rs` |
+//! | `[[rule]]` | [`policy`](crate::policy) (actions, precedence), placed by `rules.rs` |
 //! | `[[controller]]` | [`vfio::check_controller_rules`](crate::vfio::check_controller_rules) |
 //! | `[routing]` | [`routing::control::check_config_at`](crate::routing::control::check_config_at) |
 //! | `[toggle]` and the VMs' `serial` | [`toggle::check_config`](crate::toggle::check_config), handed its part by `routing.rs` |

@@ -117,15 +117,6 @@ impl<'a> Report<'a> {
         line_column(self.text, offset).0
     }
 
-    /// The byte offset where a 1-based line starts.
-    pub(super) fn line_start(&self, line: usize) -> usize {
-        self.text
-            .split_inclusive('\n')
-            .take(line.saturating_sub(1))
-            .map(str::len)
-            .sum()
-    }
-
     /// `value` when nothing was found, else every problem.
     pub(super) fn finish<T>(self, value: T) -> Result<T, ConfigError> {
         match self.problems.is_empty() {

@@ -1,10 +1,10 @@
 //! `[[rule]]`: the keys as written, made into [`policy::Rule`](crate::policy::Rule)s. What
-//! a rule means (its action, which rules tie) is the policy's; this file places each
+//! a rule means (its action, its rank, which rules overlap) is the policy's; this file places each
 //! problem at its key.
 
 use super::problems::Report;
 use crate::backend::AttachMode;
-use crate::policy::{ties, Rule, RuleAction, HOST};
+use crate::policy::{Rule, RuleAction, HOST};
 use crate::selector::Selector;
 use serde::Deserialize;
 use std::ops::Range;
@@ -25,19 +25,12 @@ pub(super) struct RawRule {
 
 /// The rules, in file order; `vms` are the `[[vm]]` names a rule may send devices to.
 pub(super) fn check(report: &mut Report, raw: Vec<Spanned<RawRule>>, vms: &[String]) -> Vec<Rule> {
-    let rules: Vec<Rule> = raw
-        .into_iter()
+    // Overlapping rules are not a problem: first match wins (`policy::overlaps` names
+    // them for `check` and the daemon's log).
+    raw.into_iter()
         .enumerate()
         .filter_map(|(index, r)| check_rule(report, index, r, vms))
-        .collect();
-    for (later, earlier) in ties(&rules) {
-        let offset = report.line_start(later.line);
-        report.at(offset..offset, format!(
-            "this rule ({}) and the rule on line {} ({}) can match the same device and both have priority {}, but they send it to different places; give the one that should win a higher `priority = N`, or make the `match` selectors exclusive",
-            later.describe_target(), earlier.line, earlier.describe_target(), later.priority
-        ));
-    }
-    rules
+        .collect()
 }
 
 fn check_rule(

@@ -333,7 +333,7 @@ async fn why(engine: EngineHandle, devices: Vec<Device>, reply: oneshot::Sender<
             .map(|(rule, verdict)| {
                 let (matched, decided, detail) = match verdict {
                     RuleMatch::Decided => (true, true, "decided".to_string()),
-                    RuleMatch::Outranked { by } => (true, false, format!("matched, but {by}")),
+                    RuleMatch::Outranked { by, .. } => (true, false, format!("matched, but {by}")),
                     RuleMatch::NoMatch { terms } => (false, false, terms.join("; ")),
                 };
                 RuleVerdict {

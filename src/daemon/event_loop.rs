@@ -128,6 +128,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     }
     tokio::spawn(server.serve(Arc::new(ControlBridge(inputs_tx))));
 
+    super::narrate::overlaps(&config);
     let mut daemon = Daemon {
         options,
         config: Arc::new(config),
@@ -309,6 +310,7 @@ impl Daemon {
         RoutingHooks::check_reload(&config)
             .map_err(|e| format!("{e}\nthe running config stays in force"))?;
         self.routing.reload(&self.config, &config);
+        super::narrate::overlaps(&config);
         self.config = Arc::new(config);
         self.apply_config();
         self.rescan("reload");

@@ -34,6 +34,19 @@ pub(super) fn ready(socket: &Path, config: &Config, dry_run: bool) {
     );
 }
 
+/// One warning per pair of pass rules for different VMs that can match one device,
+/// naming both lines and which wins: said once per load (at start and on each reload),
+/// not per device, since first match wins and the file may mean it.
+pub(super) fn overlaps(config: &Config) {
+    let file = config
+        .origin
+        .as_ref()
+        .map_or("<config>".to_string(), |p| p.display().to_string());
+    for overlap in crate::policy::overlaps(&config.rules) {
+        tracing::warn!("{file}:{}: {overlap}", overlap.loser.line);
+    }
+}
+
 /// One line on what the daemon sees at start (or after a resync).
 pub(super) fn sees(snapshot: &Snapshot, why: &str) {
     if snapshot.controllers.is_empty() && snapshot.devices.is_empty() {

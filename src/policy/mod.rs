@@ -6,4 +6,4 @@ mod plan;
 mod rules;
 
 pub use plan::*;
-pub use rules::{ties, Rule, RuleAction, HOST};
+pub use rules::{overlaps, Overlap, Rule, RuleAction, WinsBy, HOST};

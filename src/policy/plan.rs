@@ -4,10 +4,13 @@
 //! Precedence, first that applies decides:
 //! 1. a hub stays on the host (devices behind it are decided on their own);
 //! 2. a device on a controller given whole to a running VM: device rules do not fire;
-//! 3. a forbid rule that matches keeps it on the host (beats manual attach too);
+//! 3. a forbid rule that matches keeps it on the host, wherever it is in the file: a
+//!    forbid is a protection, so it beats every pass rule and a manual attach too;
 //! 4. a manual override for this plug (detach: host; attach: that VM);
-//! 5. the matching pass rule with the highest `priority` (equal priorities that could
-//!    disagree are rejected when the config loads; among agreeing ones the first counts);
+//! 5. the matching pass rule with the highest `priority`; among equal priorities the
+//!    earliest in the file (first match wins, as in USBGuard, udev and firewalls).
+//!    Overlapping rules are never an error: `usbroute check` and the daemon warn about
+//!    rules for different VMs that might match one device ([`super::overlaps`]);
 //! 6. no rule: host.
 //!
 //! A VM target is then checked: a host network interface or a mounted host filesystem on
@@ -16,7 +19,7 @@
 //! device with that vendor:product, so the first such device (by port) claims the kind and
 //! other devices of that kind stay on the host, with a reason that says so.
 
-use super::rules::{Rule, RuleAction};
+use super::rules::{Rule, RuleAction, WinsBy};
 use crate::backend::{AttachKey, AttachMode, Capabilities};
 use crate::inventory::{Device, HexId, PciAddress, PortPath};
 use serde::Serialize;
@@ -228,8 +231,11 @@ pub enum RuleMatch {
     Decided,
     /// It matched, but something ranked above it decided.
     Outranked {
-        /// What decided instead.
+        /// What decided instead, and why it ranks above this rule.
         by: String,
+        /// Why the deciding rule ranks above this one; `None` when no rule decided (a
+        /// hub, a controller given whole, a manual override).
+        because: Option<WinsBy>,
     },
     /// It did not match; one entry per failing selector term.
     NoMatch {
@@ -271,9 +277,8 @@ pub fn why(input: &PlanInput<'_>, device: &Device) -> Why {
             } else if deciding == Some(rule.index) {
                 RuleMatch::Decided
             } else {
-                RuleMatch::Outranked {
-                    by: decision.reason.to_string(),
-                }
+                let winner = deciding.and_then(|i| input.rules.iter().find(|r| r.index == i));
+                outranked(&decision.reason, winner, rule)
             };
             (RuleRef::from(rule), verdict)
         })
@@ -282,6 +287,33 @@ pub fn why(input: &PlanInput<'_>, device: &Device) -> Why {
         port: device.port.clone(),
         decision,
         rules,
+    }
+}
+
+/// The verdict for `rule`, which matched but did not decide: what decided, and by what
+/// it ranks above `rule` (a forbid, a higher priority, an earlier place in the file).
+fn outranked(reason: &Reason, deciding: Option<&Rule>, rule: &Rule) -> RuleMatch {
+    let Some((winner, because)) = deciding.and_then(|d| Some((d, d.beats(rule)?))) else {
+        return RuleMatch::Outranked {
+            by: reason.to_string(),
+            because: None,
+        };
+    };
+    let rank = match because {
+        WinsBy::Forbid => "a forbid rule, which wins over every pass rule".to_string(),
+        WinsBy::Priority => format!(
+            "a higher priority ({} > {})",
+            winner.priority, rule.priority
+        ),
+        WinsBy::FileOrder => "an earlier rule in the file (first match wins)".to_string(),
+    };
+    let decided = match reason {
+        Reason::Rule { .. } | Reason::Forbidden { .. } => String::new(),
+        other => format!("; {other}"),
+    };
+    RuleMatch::Outranked {
+        by: format!("outranked by {winner}, {rank}{decided}"),
+        because: Some(because),
     }
 }
 
@@ -324,9 +356,10 @@ fn decide(input: &PlanInput<'_>, device: &Device) -> Decision {
         .iter()
         .filter(|r| r.selector.matches(device))
         .collect();
-    if let Some(rule) = matching.iter().find(|r| r.action == RuleAction::Forbid) {
+    let first = matching.iter().copied().min_by_key(|r| r.rank());
+    if let Some(rule) = first.filter(|r| r.action == RuleAction::Forbid) {
         return host(Reason::Forbidden {
-            rule: RuleRef::from(*rule),
+            rule: RuleRef::from(rule),
         });
     }
     let manual = input
@@ -336,23 +369,16 @@ fn decide(input: &PlanInput<'_>, device: &Device) -> Decision {
     let (vm, mode, force, wanted_by) = match manual.map(|o| &o.action) {
         Some(OverrideAction::Detach) => return host(Reason::ManualDetach),
         Some(OverrideAction::Attach { vm, mode, force }) => (vm, *mode, *force, None),
-        None => {
-            // Highest priority; among equals the lowest index (the loader guarantees equal
-            // priorities that match agree, so this choice never changes the outcome).
-            let best = matching
-                .iter()
-                .copied()
-                .max_by(|a, b| a.priority.cmp(&b.priority).then(b.index.cmp(&a.index)));
-            match best {
-                Some(
-                    rule @ Rule {
-                        action: RuleAction::Pass { vm, mode },
-                        ..
-                    },
-                ) => (vm, *mode, rule.force, Some(RuleRef::from(rule))),
-                _ => return host(Reason::NoRule),
-            }
-        }
+        // No forbid matched, so the first in rank is the highest priority, earliest pass rule.
+        None => match first {
+            Some(
+                rule @ Rule {
+                    action: RuleAction::Pass { vm, mode },
+                    ..
+                },
+            ) => (vm, *mode, rule.force, Some(RuleRef::from(rule))),
+            _ => return host(Reason::NoRule),
+        },
     };
     let mounted: Vec<String> = device
         .block_devices

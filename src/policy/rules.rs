@@ -108,24 +108,126 @@ impl fmt::Display for Rule {
     }
 }
 
-/// Pairs of pass rules that the plan could not choose between: equal priority, selectors
-/// that might match one device, and different places to send it. Each pair is
-/// `(later, earlier)` in rule order, the later with the first earlier rule it ties with.
-/// Nothing may be decided by chance or file order, so the config refuses these.
-pub fn ties(rules: &[Rule]) -> Vec<(&Rule, &Rule)> {
-    let passes = |r: &Rule| matches!(r.action, RuleAction::Pass { .. });
-    rules
-        .iter()
-        .enumerate()
-        .filter_map(|(i, later)| {
-            let earlier = rules[..i].iter().find(|e| {
-                passes(e)
-                    && passes(later)
-                    && e.priority == later.priority
-                    && (&e.action, e.force) != (&later.action, later.force)
-                    && !e.selector.provably_disjoint(&later.selector)
-            })?;
-            Some((later, earlier))
+/// Why one rule wins over another for a device both match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WinsBy {
+    /// It is a forbid rule, and forbid rules win over every pass rule wherever they are.
+    Forbid,
+    /// Its `priority` is higher.
+    Priority,
+    /// Equal priority (or both forbid): it comes earlier in the file. First match wins.
+    FileOrder,
+}
+
+impl Rule {
+    /// Where this rule stands in the precedence, lowest first: every forbid rule (in
+    /// file order), then pass rules by `priority` (highest first), equal priorities in
+    /// file order. The plan lets the first matching rule of this order decide.
+    pub fn rank(&self) -> (bool, std::cmp::Reverse<i64>, usize) {
+        match self.action {
+            RuleAction::Forbid => (false, std::cmp::Reverse(0), self.index),
+            RuleAction::Pass { .. } => (true, std::cmp::Reverse(self.priority), self.index),
+        }
+    }
+
+    /// Whether this rule wins over `other` for a device both match, and why; `None` when
+    /// `other` wins (or it is the same rule).
+    pub fn beats(&self, other: &Rule) -> Option<WinsBy> {
+        if self.rank() >= other.rank() {
+            return None;
+        }
+        Some(match (&self.action, &other.action) {
+            (RuleAction::Forbid, RuleAction::Pass { .. }) => WinsBy::Forbid,
+            _ if self.priority != other.priority => WinsBy::Priority,
+            _ => WinsBy::FileOrder,
         })
-        .collect()
+    }
+}
+
+/// Two pass rules for different VMs whose selectors might match one device (they are
+/// not provably disjoint): such a device goes to `winner`'s VM. Not an error (first
+/// match wins), but worth a warning, since the file may not mean it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overlap<'a> {
+    /// The rule that decides for a device both match.
+    pub winner: &'a Rule,
+    /// The rule that does nothing for such a device.
+    pub loser: &'a Rule,
+    /// Why the winner wins: [`WinsBy::Priority`] or [`WinsBy::FileOrder`].
+    pub by: WinsBy,
+}
+
+impl fmt::Display for Overlap<'_> {
+    /// `the rules on line 11 (vm = "lab", ...) and line 15 (vm = "win11", ...) can match
+    /// the same device; line 11 wins: it comes earlier in the file (both have priority 0)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (first, second) = if self.winner.index < self.loser.index {
+            (self.winner, self.loser)
+        } else {
+            (self.loser, self.winner)
+        };
+        write!(
+            f,
+            "{} ({}) and {} ({}) can match the same device and send it to different VMs; {} wins: ",
+            place(first),
+            first.describe_target(),
+            place(second),
+            second.describe_target(),
+            place(self.winner),
+        )?;
+        match self.by {
+            WinsBy::Priority => write!(
+                f,
+                "its priority is higher ({} > {})",
+                self.winner.priority, self.loser.priority
+            ),
+            _ => write!(
+                f,
+                "it comes earlier in the file (both have priority {}); if that is not meant, give the other a higher `priority = N` or make the `match` selectors exclusive",
+                self.winner.priority
+            ),
+        }
+    }
+}
+
+/// `the rule on line 11`, or `rule 2` for a rule not from a file.
+fn place(rule: &Rule) -> String {
+    if rule.line > 0 {
+        format!("the rule on line {}", rule.line)
+    } else {
+        format!("rule {}", rule.index + 1)
+    }
+}
+
+/// Every pair of pass rules that send a device both might match to different VMs, in
+/// file order of the later rule, each with who wins and why. Rules for the same VM that
+/// differ only in `by` or `force` are not listed: the device goes to that VM either way.
+pub fn overlaps(rules: &[Rule]) -> Vec<Overlap<'_>> {
+    let mut out = Vec::new();
+    for (i, later) in rules.iter().enumerate() {
+        for earlier in &rules[..i] {
+            let (Some(a), Some(b)) = (earlier.action.vm(), later.action.vm()) else {
+                continue;
+            };
+            if a == b || earlier.selector.provably_disjoint(&later.selector) {
+                continue;
+            }
+            let overlap = match (earlier.beats(later), later.beats(earlier)) {
+                (Some(by), _) => Overlap {
+                    winner: earlier,
+                    loser: later,
+                    by,
+                },
+                (None, Some(by)) => Overlap {
+                    winner: later,
+                    loser: earlier,
+                    by,
+                },
+                (None, None) => continue,
+            };
+            out.push(overlap);
+        }
+    }
+    out
 }

@@ -174,13 +174,14 @@ fn json_gives_the_rules_vms_controllers_routing_and_warnings() {
         report["routing"]["toggle"],
         serde_json::json!(["host", "guest"])
     );
+    // Issue 13 added the overlap of the lab and win11 rules (a fourth warning).
     assert_eq!(
         report["warnings"].as_array().unwrap().len(),
-        3,
+        4,
         "{}",
         report["warnings"]
     );
-    let bus_numbered = report["warnings"][2].as_str().unwrap();
+    let bus_numbered = report["warnings"][3].as_str().unwrap();
     assert!(
         bus_numbered.contains(":17: `port:1-3` names the port by its bus number"),
         "{bus_numbered}"
@@ -302,4 +303,63 @@ fn without_config_check_reads_the_default_file_under_the_root() {
         )),
         "{err}"
     );
+}
+
+/// Two rules for `lab` differing in `by`, then one for `last_vm` that overlaps both.
+fn overlapping(last_vm: &str) -> String {
+    let other = match last_vm {
+        "lab" => String::new(),
+        vm => format!("[[vm]]\nname = \"{vm}\"\nqmp = \"/run/qemu/{vm}.qmp\"\n\n"),
+    };
+    format!(
+        r#"{other}[[vm]]
+name = "lab"
+qmp = "/run/qemu/lab.qmp"
+
+[[rule]]
+match = "id:046d:c016"
+vm = "lab"
+by = "id"
+
+[[rule]]
+match = "port:0000:00:14.0/2"
+vm = "lab"
+by = "port"
+
+[[rule]]
+match = "class:03"
+vm = "{last_vm}"
+"#
+    )
+}
+
+#[test]
+fn overlapping_rules_for_two_vms_are_valid_with_a_warning_naming_both_lines_and_the_winner() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let text = check_valid(dir.path(), &overlapping("win11"));
+
+    let file = dir.path().join("usbroute.toml").display().to_string();
+    let warnings: Vec<&str> = text
+        .lines()
+        .skip_while(|l| *l != "warnings:")
+        .skip(1)
+        .collect();
+    assert_eq!(
+        warnings,
+        [
+            format!("  {file}:19: the rule on line 9 (vm = \"lab\", by = \"id\") and the rule on line 19 (vm = \"win11\", by = \"address\") can match the same device and send it to different VMs; the rule on line 9 wins: it comes earlier in the file (both have priority 0); if that is not meant, give the other a higher `priority = N` or make the `match` selectors exclusive"),
+            format!("  {file}:19: the rule on line 14 (vm = \"lab\", by = \"port\") and the rule on line 19 (vm = \"win11\", by = \"address\") can match the same device and send it to different VMs; the rule on line 14 wins: it comes earlier in the file (both have priority 0); if that is not meant, give the other a higher `priority = N` or make the `match` selectors exclusive"),
+        ]
+    );
+}
+
+#[test]
+fn rules_for_one_vm_differing_in_by_are_valid_without_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let report = check_valid_json(dir.path(), &overlapping("lab"));
+
+    assert_eq!(report["rules"].as_array().unwrap().len(), 3);
+    assert_eq!(report["warnings"], serde_json::json!([]));
 }

@@ -289,3 +289,31 @@ fn serve_leaves_alone_a_vm_whose_backend_this_build_lacks_and_says_so_once() {
     let warning = "no xen backend in this build yet: the daemon will not manage VM dom1";
     assert_eq!(log.matches(warning).count(), 1, "{log}");
 }
+
+#[test]
+fn serve_warns_once_per_load_about_rules_for_two_vms_that_overlap_naming_both_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = default_config(
+        dir.path(),
+        "[[vm]]\nname = \"lab\"\nqmp = \"/nonexistent/lab.qmp\"\n\n[[vm]]\nname = \"win11\"\nqmp = \"/nonexistent/win11.qmp\"\n\n[[rule]]\nmatch = \"id:046d:c016\"\nvm = \"lab\"\nby = \"id\"\n\n[[rule]]\nmatch = \"port:1-2\"\nvm = \"lab\"\nby = \"port\"\n\n[[rule]]\nmatch = \"class:03\"\nvm = \"win11\"\n",
+    );
+    let mut daemon = start(dir.path(), None);
+
+    let reload = daemon.cli_output(&["reload"]);
+    let log = daemon.stop();
+
+    assert!(
+        reload.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reload.stderr)
+    );
+    let at_line_9 = format!(
+        "{}:19: the rule on line 9 (vm = \"lab\", by = \"id\") and the rule on line 19 (vm = \"win11\", by = \"address\") can match the same device and send it to different VMs; the rule on line 9 wins: it comes earlier in the file",
+        config.display()
+    );
+    let at_line_14 = "the rule on line 14 (vm = \"lab\", by = \"port\") and the rule on line 19";
+    // Once at start, once for the reload; the two rules for lab never warn.
+    assert_eq!(log.matches(&at_line_9).count(), 2, "{log}");
+    assert_eq!(log.matches(at_line_14).count(), 2, "{log}");
+    assert_eq!(log.matches("can match the same device").count(), 4, "{log}");
+}

@@ -31,6 +31,7 @@ mod policy_diff;
 mod policy_docs;
 mod policy_event_order;
 mod policy_model;
+mod policy_overlaps;
 mod policy_plan;
 mod policy_plan_props;
 mod policy_runtime;

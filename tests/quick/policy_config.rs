@@ -196,12 +196,44 @@ fn priority_on_forbid_rule_is_error() {
     );
 }
 
+/// Changed with issue 13: overlapping rules used to be refused at load as a tie; first
+/// match wins now, and `check` and the daemon warn instead (tests/quick/cli_check.rs).
 #[test]
-fn equal_priority_overlapping_rules_to_different_vms_is_error() {
-    let msg = problems(&format!(
+fn equal_priority_overlapping_rules_to_different_vms_load_in_file_order() {
+    let text = format!(
         "{TWO_VMS}[[rule]]\nvm = \"lab\"\nmatch = \"port:1-2\"\n\n[[rule]]\nvm = \"win11\"\nmatch = \"id:046d:c016\"\n"
-    ));
-    assert!(msg.contains("usbroute.toml:15:1: this rule (vm = \"win11\", by = \"address\") and the rule on line 11 (vm = \"lab\", by = \"address\") can match the same device and both have priority 0"), "{msg}");
+    );
+
+    let config = parse(&text).expect("overlapping rules load");
+
+    let lines: Vec<usize> = config.rules.iter().map(|r| r.line).collect();
+    assert_eq!(lines, [11, 15]);
+}
+
+#[test]
+fn rules_for_one_vm_differing_in_by_load() {
+    let text = format!(
+        "{TWO_VMS}[[rule]]\nvm = \"lab\"\nmatch = \"id:046d:c016\"\nby = \"id\"\n\n[[rule]]\nvm = \"lab\"\nmatch = \"port:1-2\"\nby = \"port\"\n\n[[rule]]\nvm = \"lab\"\nmatch = \"class:03\"\nforce = true\n"
+    );
+
+    let config = parse(&text).expect("rules for one VM load");
+
+    let modes: Vec<Option<AttachMode>> = config
+        .rules
+        .iter()
+        .map(|r| match &r.action {
+            RuleAction::Pass { mode, .. } => Some(*mode),
+            RuleAction::Forbid => None,
+        })
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            Some(AttachMode::Id),
+            Some(AttachMode::Port),
+            Some(AttachMode::Address)
+        ]
+    );
 }
 
 #[test]

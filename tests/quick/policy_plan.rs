@@ -1,4 +1,5 @@
-//! The pure plan: every precedence step, protections, ties, overrides, controller ownership.
+//! The pure plan: every precedence step, protections, file order, overrides, controller
+//! ownership.
 
 use crate::policy_support;
 
@@ -7,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use usbroute::backend::{AttachMode, Capabilities};
 use usbroute::inventory::{Device, PciAddress, PortPath};
 use usbroute::policy::{
-    plan, why, Override, OverrideAction, Placement, PlanInput, Reason, Rule, RuleMatch,
+    plan, why, Override, OverrideAction, Placement, PlanInput, Reason, Rule, RuleMatch, WinsBy,
 };
 
 #[derive(Default)]
@@ -122,7 +123,7 @@ fn equal_priority_agreeing_rules_name_first_rule() {
         vec![device("1-1", 2)],
         vec![pass(0, "id:046d:c016", "a"), pass(1, "port:1-1", "a")],
     );
-    let Reason::Rule { rule } = world.reason("1-1") else {
+    let Reason::Rule { rule, .. } = world.reason("1-1") else {
         panic!("decided by a rule")
     };
     assert_eq!(rule.index, 0);
@@ -425,6 +426,77 @@ fn why_marks_outranked_lower_priority_rule() {
         .map(|(_, v)| *v == RuleMatch::Decided)
         .collect();
     assert_eq!(kinds, vec![false, true]);
+}
+
+/// The outranked rule's verdict says what decided and why it ranks above.
+fn outranked_by(rules: Vec<Rule>) -> (String, Option<WinsBy>) {
+    let world = World::new(vec![device("1-1", 2)], rules);
+    let answer = why(&world.input(), &world.devices[0]);
+    let outranked: Vec<(String, Option<WinsBy>)> = answer
+        .rules
+        .into_iter()
+        .filter_map(|(_, v)| match v {
+            RuleMatch::Outranked { by, because } => Some((by, because)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(outranked.len(), 1, "{outranked:?}");
+    outranked.into_iter().next().unwrap()
+}
+
+#[test]
+fn why_says_an_earlier_rule_outranks_a_later_one_of_equal_priority() {
+    let (by, because) = outranked_by(vec![pass(0, "id:046d:c016", "a"), pass(1, "port:1-1", "b")]);
+
+    assert_eq!(because, Some(WinsBy::FileOrder));
+    assert!(by.starts_with("outranked by rule 1 ("), "{by}");
+    assert!(
+        by.ends_with(", an earlier rule in the file (first match wins)"),
+        "{by}"
+    );
+}
+
+#[test]
+fn why_says_a_higher_priority_outranks_an_earlier_rule() {
+    let mut high = pass(1, "port:1-1", "b");
+    high.priority = 3;
+    let (by, because) = outranked_by(vec![pass(0, "id:046d:c016", "a"), high]);
+
+    assert_eq!(because, Some(WinsBy::Priority));
+    assert!(by.starts_with("outranked by rule 2 ("), "{by}");
+    assert!(by.ends_with(", a higher priority (3 > 0)"), "{by}");
+}
+
+#[test]
+fn why_says_a_forbid_outranks_every_pass_rule() {
+    let mut p = pass(0, "port:1-1", "a");
+    p.priority = 9;
+    let (by, because) = outranked_by(vec![p, forbid(1, "id:046d:*")]);
+
+    assert_eq!(because, Some(WinsBy::Forbid));
+    assert!(by.starts_with("outranked by rule 2 ("), "{by}");
+    assert!(
+        by.ends_with(", a forbid rule, which wins over every pass rule"),
+        "{by}"
+    );
+}
+
+#[test]
+fn why_adds_the_protection_that_kept_the_winners_device_home() {
+    let mut world = World::new(
+        vec![device("1-1", 2)],
+        vec![pass(0, "id:046d:c016", "a"), pass(1, "port:1-1", "b")],
+    );
+    world.up.remove("a");
+    let answer = why(&world.input(), &world.devices[0]);
+    let RuleMatch::Outranked { by, .. } = &answer.rules[1].1 else {
+        panic!("rule 2 is outranked: {:?}", answer.rules)
+    };
+
+    assert!(
+        by.contains("(first match wins); VM a is not running"),
+        "{by}"
+    );
 }
 
 #[test]

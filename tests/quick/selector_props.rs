@@ -171,7 +171,7 @@ fn small_selector() -> impl Strategy<Value = Selector> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
 
-    /// The config loader trusts `provably_disjoint` to rule out ties: it must be sound.
+    /// The overlap warnings (`policy::overlaps`) trust `provably_disjoint`: it must be sound.
     #[test]
     fn provably_disjoint_selectors_never_match_one_device(
         a in small_selector(),
