@@ -336,7 +336,7 @@ mod tests {
             force: false,
         };
         override_to(&mut s, &d, action);
-        plan(&mut s, &d, Placement::Host, Reason::Hub);
+        plan(&mut s, &d, Placement::Host, Reason::Hub { subtree: None });
         let refused = s.settled(&d, Some(("win", AttachMode::Port)));
         plan(&mut s, &d, to_vm("win"), Reason::ManualAttach);
         let failure = Pending {
@@ -352,7 +352,7 @@ mod tests {
         assert_eq!(
             refused,
             Some(Settled::StaysOnHost {
-                reason: Reason::Hub.to_string()
+                reason: Reason::Hub { subtree: None }.to_string()
             })
         );
         assert_eq!(

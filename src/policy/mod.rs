@@ -4,6 +4,8 @@
 
 mod plan;
 mod rules;
+mod why;
 
 pub use plan::*;
 pub use rules::{overlaps, Overlap, Rule, RuleAction, WinsBy, HOST};
+pub use why::{why, RuleMatch, Why};

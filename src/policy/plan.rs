@@ -19,9 +19,10 @@
 //! device with that vendor:product, so the first such device (by port) claims the kind and
 //! other devices of that kind stay on the host, with a reason that says so.
 
-use super::rules::{Rule, RuleAction, WinsBy};
+use super::rules::{Rule, RuleAction};
 use crate::backend::{AttachKey, AttachMode, Capabilities};
 use crate::inventory::{Device, HexId, PciAddress, PortPath};
+use crate::selector::Term;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -72,6 +73,10 @@ pub enum Reason {
     Rule {
         /// That rule.
         rule: RuleRef,
+        /// The hub of the rule's `hub:` term that the device is behind, if the rule has
+        /// one: the device goes with the hub's subtree.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        behind_hub: Option<PortPath>,
     },
     /// A forbid rule matched.
     Forbidden {
@@ -79,7 +84,12 @@ pub enum Reason {
         rule: RuleRef,
     },
     /// Hubs are never passed.
-    Hub,
+    Hub {
+        /// The pass rule whose `hub:` term names this hub or a hub above it: it gives the
+        /// devices behind this hub to a VM, while the hub stays on the host.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        subtree: Option<SubtreeRule>,
+    },
     /// The device is on a controller given whole to a running VM.
     ControllerOwned {
         /// The controller.
@@ -141,6 +151,15 @@ pub enum Reason {
         /// What wanted this device in a VM (`None`: a manual attach).
         wanted_by: Option<RuleRef>,
     },
+}
+
+/// A `hub:` rule as seen from a hub it covers: the devices behind go to `vm`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SubtreeRule {
+    /// The rule.
+    pub rule: RuleRef,
+    /// Its VM.
+    pub vm: String,
 }
 
 /// Where one device belongs, and why.
@@ -222,114 +241,6 @@ pub fn plan(input: &PlanInput<'_>) -> Desired {
     Desired { devices }
 }
 
-/// How one rule relates to a device's decision.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "verdict", rename_all = "snake_case")]
-pub enum RuleMatch {
-    /// This rule decided (the decision's reason may still be a protection that kept
-    /// the device on the host).
-    Decided,
-    /// It matched, but something ranked above it decided.
-    Outranked {
-        /// What decided instead, and why it ranks above this rule.
-        by: String,
-        /// Why the deciding rule ranks above this one; `None` when no rule decided (a
-        /// hub, a controller given whole, a manual override).
-        because: Option<WinsBy>,
-    },
-    /// It did not match; one entry per failing selector term.
-    NoMatch {
-        /// `port:1-2: port is 1-1`.
-        terms: Vec<String>,
-    },
-}
-
-/// The answer to `usbroute why`: the decision and every rule's verdict.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Why {
-    /// The device.
-    pub port: PortPath,
-    /// What the plan decided.
-    pub decision: Decision,
-    /// Each rule in file order.
-    pub rules: Vec<(RuleRef, RuleMatch)>,
-}
-
-/// Explain the decision for `device` (which should be one of `input.devices`).
-pub fn why(input: &PlanInput<'_>, device: &Device) -> Why {
-    let decision = plan(input)
-        .devices
-        .remove(&device.port)
-        .unwrap_or_else(|| decide(input, device));
-    let deciding = deciding_rule(&decision.reason);
-    let rules = input
-        .rules
-        .iter()
-        .map(|rule| {
-            let failing = rule.selector.explain(device);
-            let verdict = if !failing.is_empty() {
-                RuleMatch::NoMatch {
-                    terms: failing
-                        .iter()
-                        .map(|(t, why)| format!("{t}: {why}"))
-                        .collect(),
-                }
-            } else if deciding == Some(rule.index) {
-                RuleMatch::Decided
-            } else {
-                let winner = deciding.and_then(|i| input.rules.iter().find(|r| r.index == i));
-                outranked(&decision.reason, winner, rule)
-            };
-            (RuleRef::from(rule), verdict)
-        })
-        .collect();
-    Why {
-        port: device.port.clone(),
-        decision,
-        rules,
-    }
-}
-
-/// The verdict for `rule`, which matched but did not decide: what decided, and by what
-/// it ranks above `rule` (a forbid, a higher priority, an earlier place in the file).
-fn outranked(reason: &Reason, deciding: Option<&Rule>, rule: &Rule) -> RuleMatch {
-    let Some((winner, because)) = deciding.and_then(|d| Some((d, d.beats(rule)?))) else {
-        return RuleMatch::Outranked {
-            by: reason.to_string(),
-            because: None,
-        };
-    };
-    let rank = match because {
-        WinsBy::Forbid => "a forbid rule, which wins over every pass rule".to_string(),
-        WinsBy::Priority => format!(
-            "a higher priority ({} > {})",
-            winner.priority, rule.priority
-        ),
-        WinsBy::FileOrder => "an earlier rule in the file (first match wins)".to_string(),
-    };
-    let decided = match reason {
-        Reason::Rule { .. } | Reason::Forbidden { .. } => String::new(),
-        other => format!("; {other}"),
-    };
-    RuleMatch::Outranked {
-        by: format!("outranked by {winner}, {rank}{decided}"),
-        because: Some(because),
-    }
-}
-
-fn deciding_rule(reason: &Reason) -> Option<usize> {
-    match reason {
-        Reason::Rule { rule } | Reason::Forbidden { rule } => Some(rule.index),
-        Reason::HostNetdev { wanted_by, .. }
-        | Reason::MountedDisk { wanted_by, .. }
-        | Reason::VmDown { wanted_by, .. }
-        | Reason::ModeUnsupported { wanted_by, .. }
-        | Reason::NotAttachable { wanted_by, .. }
-        | Reason::KindClaimed { wanted_by, .. } => wanted_by.as_ref().map(|r| r.index),
-        _ => None,
-    }
-}
-
 fn host(reason: Reason) -> Decision {
     Decision {
         placement: Placement::Host,
@@ -338,9 +249,11 @@ fn host(reason: Reason) -> Decision {
 }
 
 /// Steps 1–6 and the target checks for one device.
-fn decide(input: &PlanInput<'_>, device: &Device) -> Decision {
+pub(super) fn decide(input: &PlanInput<'_>, device: &Device) -> Decision {
     if device.hub {
-        return host(Reason::Hub);
+        return host(Reason::Hub {
+            subtree: subtree_rule(input.rules, device),
+        });
     }
     let owner = device
         .controller
@@ -366,7 +279,7 @@ fn decide(input: &PlanInput<'_>, device: &Device) -> Decision {
         .overrides
         .get(&device.port)
         .filter(|o| o.address == device.address);
-    let (vm, mode, force, wanted_by) = match manual.map(|o| &o.action) {
+    let (vm, mode, force, deciding) = match manual.map(|o| &o.action) {
         Some(OverrideAction::Detach) => return host(Reason::ManualDetach),
         Some(OverrideAction::Attach { vm, mode, force }) => (vm, *mode, *force, None),
         // No forbid matched, so the first in rank is the highest priority, earliest pass rule.
@@ -376,10 +289,11 @@ fn decide(input: &PlanInput<'_>, device: &Device) -> Decision {
                     action: RuleAction::Pass { vm, mode },
                     ..
                 },
-            ) => (vm, *mode, rule.force, Some(RuleRef::from(rule))),
+            ) => (vm, *mode, rule.force, Some(rule)),
             _ => return host(Reason::NoRule),
         },
     };
+    let wanted_by = deciding.map(RuleRef::from);
     let mounted: Vec<String> = device
         .block_devices
         .iter()
@@ -417,9 +331,12 @@ fn decide(input: &PlanInput<'_>, device: &Device) -> Decision {
     if AttachKey::of(mode, device).is_none() {
         return host(Reason::NotAttachable { mode, wanted_by });
     }
-    let reason = match wanted_by {
-        Some(rule) => Reason::Rule { rule },
-        None => Reason::ManualAttach,
+    let reason = match (wanted_by, deciding) {
+        (Some(rule), Some(deciding)) => Reason::Rule {
+            rule,
+            behind_hub: hub_above(deciding, &device.port),
+        },
+        _ => Reason::ManualAttach,
     };
     Decision {
         placement: Placement::Vm {
@@ -428,6 +345,33 @@ fn decide(input: &PlanInput<'_>, device: &Device) -> Decision {
         },
         reason,
     }
+}
+
+/// The hub of `rule`'s `hub:` terms that `port` is behind.
+fn hub_above(rule: &Rule, port: &PortPath) -> Option<PortPath> {
+    rule.selector.terms.iter().find_map(|t| match t {
+        Term::Hub(hub) if port.is_behind(hub) => Some(hub.clone()),
+        _ => None,
+    })
+}
+
+/// The pass rule, first in rank, with a `hub:` term that names `hub` or a hub above it:
+/// the rule that gives the devices behind `hub` to its VM.
+fn subtree_rule(rules: &[Rule], hub: &Device) -> Option<SubtreeRule> {
+    let covers = |r: &&Rule| {
+        r.selector.terms.iter().any(
+            |t| matches!(t, Term::Hub(above) if *above == hub.port || hub.port.is_behind(above)),
+        )
+    };
+    let rule = rules
+        .iter()
+        .filter(covers)
+        .filter(|r| r.action.vm().is_some())
+        .min_by_key(|r| r.rank())?;
+    Some(SubtreeRule {
+        rule: RuleRef::from(rule),
+        vm: rule.action.vm()?.to_string(),
+    })
 }
 
 /// A kind attached by id belongs to its first device (by port); every other device of
@@ -458,7 +402,7 @@ fn settle_id_claims(devices: &[Device], decisions: &mut BTreeMap<PortPath, Decis
             .filter(|(claimer, _)| claimer != port);
         if let (Some((claimer, vm)), Placement::Vm { .. }) = (claim, &decision.placement) {
             let wanted_by = match &decision.reason {
-                Reason::Rule { rule } => Some(rule.clone()),
+                Reason::Rule { rule, .. } => Some(rule.clone()),
                 _ => None,
             };
             *decision = host(Reason::KindClaimed {
@@ -490,9 +434,11 @@ impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Reason::NoRule => f.write_str("no rule matches it"),
-            Reason::Rule { rule } => write!(f, "{}", rule.text),
+            Reason::Rule { rule, behind_hub: None } => write!(f, "{}", rule.text),
+            Reason::Rule { rule, behind_hub: Some(hub) } => write!(f, "{}: the device is behind hub {hub}", rule.text),
             Reason::Forbidden { rule } => write!(f, "forbidden by {}", rule.text),
-            Reason::Hub => f.write_str("hubs cannot be passed to a VM (the devices behind a hub can: match them, e.g. hub:1-3)"),
+            Reason::Hub { subtree: None } => f.write_str("hubs cannot be passed to a VM (the devices behind a hub can: match them, e.g. hub:1-3)"),
+            Reason::Hub { subtree: Some(s) } => write!(f, "hubs cannot be passed to a VM, so this hub stays on the host; {} gives the devices behind it to VM {}", s.rule.text, s.vm),
             Reason::ControllerOwned { controller, vm } => write!(
                 f,
                 "its controller {controller} is given whole (with its IOMMU group) to running VM {vm}, so device rules do not apply"

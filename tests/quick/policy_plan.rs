@@ -150,7 +150,7 @@ fn hub_is_never_passed_even_with_force() {
     let world = World::new(vec![hub("1-3", 2)], vec![r]);
     assert_eq!(
         (world.placement("1-3"), world.reason("1-3")),
-        (Placement::Host, Reason::Hub)
+        (Placement::Host, Reason::Hub { subtree: None })
     );
 }
 
@@ -163,6 +163,121 @@ fn device_behind_hub_is_passed() {
     assert_eq!(
         (world.placement("1-3"), world.placement("1-3.2")),
         (Placement::Host, on("a"))
+    );
+}
+
+/// Two levels of hubs behind 1-3 with a device at each, and a hub elsewhere.
+fn hub_chain(rules: Vec<Rule>) -> World {
+    World::new(
+        vec![
+            hub("1-3", 2),
+            device("1-3.1", 3),
+            hub("1-3.4", 4),
+            device("1-3.4.2", 5),
+            hub("1-2", 6),
+        ],
+        rules,
+    )
+}
+
+#[test]
+fn every_device_behind_a_hub_rule_goes_at_any_depth_and_no_hub_does() {
+    let world = hub_chain(vec![pass(0, "hub:1-3", "a")]);
+
+    let placed: Vec<(String, Placement)> = plan(&world.input())
+        .devices
+        .into_iter()
+        .map(|(port, d)| (port.to_string(), d.placement))
+        .collect();
+
+    assert_eq!(
+        placed,
+        [
+            ("1-2".to_string(), Placement::Host),
+            ("1-3".to_string(), Placement::Host),
+            ("1-3.1".to_string(), on("a")),
+            ("1-3.4".to_string(), Placement::Host),
+            ("1-3.4.2".to_string(), on("a")),
+        ]
+    );
+}
+
+#[test]
+fn a_hub_a_hub_rule_names_or_covers_stays_home_naming_the_rule_and_its_vm() {
+    let mut forbid_first = forbid(0, "port:1-1");
+    forbid_first.line = 3;
+    let world = hub_chain(vec![
+        forbid_first,
+        pass(1, "port:1-3.1", "b"),
+        pass(2, "hub:1-3", "a"),
+    ]);
+
+    let reasons: Vec<Reason> = ["1-3", "1-3.4"].map(|p| world.reason(p)).into();
+
+    for reason in &reasons {
+        let Reason::Hub { subtree: Some(s) } = reason else {
+            panic!("a hub the rule covers: {reason:?}")
+        };
+        assert_eq!((s.rule.index, s.vm.as_str()), (2, "a"));
+    }
+    let text = reasons[1].to_string();
+    assert!(
+        text.starts_with("hubs cannot be passed to a VM, so this hub stays on the host; rule 3 ("),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(" gives the devices behind it to VM a"),
+        "{text}"
+    );
+    assert_eq!(world.reason("1-2"), Reason::Hub { subtree: None });
+}
+
+#[test]
+fn a_device_a_hub_rule_gives_away_is_said_to_be_behind_that_hub() {
+    let world = hub_chain(vec![pass(0, "hub:1-3", "a")]);
+
+    let reason = world.reason("1-3.4.2");
+
+    let Reason::Rule { behind_hub, .. } = &reason else {
+        panic!("decided by the hub rule: {reason:?}")
+    };
+    assert_eq!(behind_hub, &Some(p("1-3")));
+    assert!(
+        reason
+            .to_string()
+            .ends_with(": the device is behind hub 1-3"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn hub_reasons_add_json_fields_and_keep_the_old_ones() {
+    let world = hub_chain(vec![pass(0, "hub:1-3", "a")]);
+    let desired = plan(&world.input());
+    let json = |port: &str| serde_json::to_value(&desired.devices[&p(port)]).expect("json");
+
+    assert_eq!(
+        json("1-2"),
+        serde_json::json!({"on": "host", "reason": "hub"})
+    );
+    assert_eq!(
+        (
+            json("1-3")["reason"].clone(),
+            json("1-3")["subtree"]["vm"].clone(),
+            json("1-3")["subtree"]["rule"]["index"].clone()
+        ),
+        (
+            serde_json::json!("hub"),
+            serde_json::json!("a"),
+            serde_json::json!(0)
+        )
+    );
+    assert_eq!(
+        (
+            json("1-3.1")["reason"].clone(),
+            json("1-3.1")["behind_hub"].clone()
+        ),
+        (serde_json::json!("rule"), serde_json::json!("1-3"))
     );
 }
 
