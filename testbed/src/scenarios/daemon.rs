@@ -11,9 +11,9 @@ use serde_json::{json, Value};
 use std::time::Duration;
 
 /// The inner QEMU's second monitor, for looking while the daemon holds the first.
-const PROBE: &str = "/tmp/inner-serve-probe.qmp";
-const CONFIG: &str = "/tmp/serve.toml";
-const CONTROL: &str = "/tmp/serve.sock";
+pub(super) const PROBE: &str = "/tmp/inner-serve-probe.qmp";
+pub(super) const CONFIG: &str = "/tmp/serve.toml";
+pub(super) const CONTROL: &str = "/tmp/serve.sock";
 
 /// Plug, unplug, re-plug, device before VM, hub refused, daemon SIGKILL + restart.
 pub async fn run(bed: &mut Bed) -> Result<()> {
@@ -107,7 +107,7 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
 }
 
 /// Start the daemon in the background; its pid.
-async fn start_daemon(bed: &mut Bed) -> Result<String> {
+pub(super) async fn start_daemon(bed: &mut Bed) -> Result<String> {
     let pid = bed
         .guest_ok(&format!(
             "usbroute serve --config {CONFIG} >>/tmp/serve.log 2>&1 </dev/null & echo $!"
@@ -124,7 +124,7 @@ async fn start_daemon(bed: &mut Bed) -> Result<String> {
 }
 
 /// `usbroute-addr-BUS-DEV` of the guest device `name`.
-async fn address_id(bed: &mut Bed, name: &str) -> Result<String> {
+pub(super) async fn address_id(bed: &mut Bed, name: &str) -> Result<String> {
     let nums = bed
         .guest_ok(&format!(
             "cat /sys/bus/usb/devices/{name}/busnum /sys/bus/usb/devices/{name}/devnum"
@@ -158,7 +158,7 @@ fn vm_devices(status: &Value) -> Vec<String> {
 
 /// Wait until the daemon's status has a decision for each of `ports`, the VM is up,
 /// and the daemon is at rest (nothing planned left undone, nothing in flight).
-async fn wait_settled(bed: &mut Bed, what: &str, ports: &[&str]) -> Result<()> {
+pub(super) async fn wait_settled(bed: &mut Bed, what: &str, ports: &[&str]) -> Result<()> {
     let poll = bed.poll(what, Duration::from_secs(10));
     loop {
         let status = daemon_status(bed).await?;
@@ -194,7 +194,7 @@ async fn probe(bed: &mut Bed, command: &str, arguments: Value) -> Result<Value> 
 }
 
 /// The usb-host ids of the inner QEMU, sorted.
-async fn usb_hosts(bed: &mut Bed) -> Result<Vec<String>> {
+pub(super) async fn usb_hosts(bed: &mut Bed) -> Result<Vec<String>> {
     let listed = probe(bed, "qom-list", json!({"path": "/machine/peripheral"})).await?;
     let mut ids: Vec<String> = listed
         .as_array()
@@ -207,7 +207,7 @@ async fn usb_hosts(bed: &mut Bed) -> Result<Vec<String>> {
     Ok(ids)
 }
 
-async fn qom_attached(bed: &mut Bed, id: &str) -> Result<bool> {
+pub(super) async fn qom_attached(bed: &mut Bed, id: &str) -> Result<bool> {
     let path = format!("/machine/peripheral/{id}");
     let attached = probe(
         bed,
@@ -219,7 +219,7 @@ async fn qom_attached(bed: &mut Bed, id: &str) -> Result<bool> {
 }
 
 /// Wait until the inner QEMU has exactly `want` (in any order).
-async fn wait_hosts(bed: &mut Bed, what: &str, want: &[&str]) -> Result<()> {
+pub(super) async fn wait_hosts(bed: &mut Bed, what: &str, want: &[&str]) -> Result<()> {
     let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
     want.sort();
     let poll = bed.poll(what, Duration::from_secs(10));
