@@ -1,6 +1,6 @@
 //! `[[rule]]`: the keys as written, made into [`policy::Rule`](crate::policy::Rule)s. What
-//! a rule means (its action, its rank, which rules overlap) is the policy's; this file places each
-//! problem at its key.
+//! a rule means (its action, its rank, which rules overlap) is the policy's; this file
+//! places each problem at its key.
 
 use super::problems::Report;
 use crate::backend::AttachMode;
