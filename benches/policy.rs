@@ -61,7 +61,7 @@ fn rules() -> Vec<Rule> {
                 &format!("vm{}", i % VMS),
                 AttachMode::Port,
             );
-            r.priority = i as i64; // distinct: no ties
+            r.priority = i as i64; // distinct: the highest matching priority decides
             r
         })
         .collect()
