@@ -39,6 +39,10 @@ pub enum PresenceEvent {
         /// Why, for the log.
         reason: String,
     },
+    /// `Some(why)`: the VM runs, but another client holds the connection the driver needs
+    /// (QEMU serves one client per monitor); the driver waits its turn. `None`: that wait
+    /// ended without a connection. (An `Up` ends it too.)
+    Held(Option<String>),
 }
 
 /// Asks a presence stream to try its VM now (after a reload: an event may have been missed).

@@ -3,7 +3,7 @@
 use super::output::print_json;
 use super::Global;
 use crate::backend::AttachMode;
-use crate::daemon::protocol::{Reply, Request, StatusReport, WhyReport};
+use crate::daemon::protocol::{Reply, Request, StatusReport, VmDevice, VmStatus, WhyReport};
 use crate::daemon::{self, DaemonOptions};
 use crate::inventory::text::escaped_lines;
 use anyhow::Context;
@@ -254,6 +254,12 @@ pub fn detach_through_daemon(g: &Global, selector: &str) -> anyhow::Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
+/// Send an override request (`attach`, `detach`) for a `--qmp` command whose monitor the
+/// daemon holds; its `done` message, escaped. For `cli/vm.rs`.
+pub fn through_daemon(g: &Global, request: &Request) -> anyhow::Result<String> {
+    done(ask(g, request)?)
+}
+
 /// Drop the manual override of the matching devices. For `cli/vm.rs` (`attach --clear`).
 pub fn clear_through_daemon(g: &Global, selector: &str) -> anyhow::Result<ExitCode> {
     let request = Request::Clear {
@@ -264,18 +270,33 @@ pub fn clear_through_daemon(g: &Global, selector: &str) -> anyhow::Result<ExitCo
 }
 
 /// The VM name under which a running daemon manages the QMP socket `qmp`, if one does:
-/// `--qmp` commands say so instead of fighting the daemon (which would undo them).
+/// `--qmp` commands go through the daemon instead of fighting it (which would undo them).
 pub fn daemon_managing(g: &Global, qmp: &std::path::Path) -> Option<String> {
+    daemon_vm(g, qmp).map(|vm| vm.name)
+}
+
+/// The VM a running daemon manages at the QMP socket `qmp`, as its `status` shows it
+/// (`up`: the daemon holds that monitor's one connection). `None` without a daemon.
+pub fn daemon_vm(g: &Global, qmp: &std::path::Path) -> Option<VmStatus> {
     let socket = g.control_socket().ok()?;
     let Ok(Reply::Status(report)) = daemon::request(&socket, &Request::Status {}) else {
         return None;
     };
     let wanted = std::fs::canonicalize(qmp).unwrap_or_else(|_| qmp.to_path_buf());
-    report.vms.into_iter().find_map(|vm| {
+    report.vms.into_iter().find(|vm| {
         let path = PathBuf::from(&vm.qmp);
-        let path = std::fs::canonicalize(&path).unwrap_or(path);
-        (path == wanted).then_some(vm.name)
+        std::fs::canonicalize(&path).unwrap_or(path) == wanted
     })
+}
+
+/// VM `vm`'s usb-host devices, listed by the daemon over its own connection to the VM.
+/// For `vm devices` (`cli/vm_devices.rs`).
+pub fn vm_devices_through_daemon(g: &Global, vm: &str) -> anyhow::Result<Vec<VmDevice>> {
+    let request = Request::VmDevices { vm: vm.to_string() };
+    match ask(g, &request)? {
+        Reply::VmDevices { devices, .. } => Ok(devices),
+        other => done(other).and_then(|m| anyhow::bail!("unexpected reply from the daemon: {m}")),
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! controllers.
 
 use super::output::print_json;
-use super::vm::{attach_target, ByArg, Target};
+use super::vm::ByArg;
+use super::vm_target::{attach_target, Target};
 use super::Global;
 use crate::backend::qemu::controllers::ADDED_CONTROLLER_ID;
 use crate::backend::qemu::usb_host;

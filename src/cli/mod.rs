@@ -13,7 +13,9 @@ mod misc;
 pub mod output;
 mod ports;
 mod vm;
+mod vm_devices;
 mod vm_qmp;
+mod vm_target;
 
 use crate::sysfs::SysfsRoot;
 use clap::{Parser, Subcommand};
@@ -88,7 +90,7 @@ pub enum Command {
     /// Detach a device from a VM.
     Detach(vm::DetachArgs),
     /// Look at a VM directly over QMP.
-    Vm(vm::VmArgs),
+    Vm(vm_devices::VmArgs),
     /// Print what gives a VM the device at start-up (QEMU `-device usb-host,...`), as
     /// `attach` and the daemon would attach it.
     Emit(emit::EmitArgs),
@@ -142,7 +144,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::RecordSysfs(a) => inventory::record(g, a),
         Command::Attach(a) => vm::attach(g, a),
         Command::Detach(a) => vm::detach(g, a),
-        Command::Vm(a) => vm::vm(g, a),
+        Command::Vm(a) => vm_devices::vm(g, a),
         Command::Emit(a) => emit::emit(g, a),
         Command::Serve(a) => daemon::serve(g, a),
         Command::Check(a) => check::check(g, a),

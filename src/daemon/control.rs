@@ -5,14 +5,15 @@
 use super::event_loop::Daemon;
 use super::protocol::{
     ControllerStatus, DeviceStatus, ErrorKind, Pending, Reply, Request, RuleVerdict, StatusReport,
-    VmStatus, WhyDevice, WhyReport,
+    VmDevice, VmStatus, WhyDevice, WhyReport,
 };
-use crate::backend::AttachMode;
+use crate::backend::{AttachMode, VmBackend};
 use crate::engine::coordinator::{EngineHandle, Input as EngineInput, Status};
 use crate::engine::Settled;
 use crate::inventory::Device;
 use crate::policy::{Override, OverrideAction, RuleMatch};
 use crate::selector::Selector;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -49,6 +50,13 @@ impl Daemon {
                     Err(r) => r,
                 }
             }
+            Request::VmDevices { vm } => match self.connected_backend(&vm) {
+                Ok(backend) => {
+                    tokio::spawn(vm_devices(vm, backend, reply));
+                    return;
+                }
+                Err(r) => r,
+            },
             Request::Detach { selector } => match self.set_override(&selector, None) {
                 Ok(wait) => {
                     tokio::spawn(wait.confirm(self.engine.clone(), reply));
@@ -79,6 +87,7 @@ impl Daemon {
                     name: name.clone(),
                     qmp: v.target.to_string(),
                     up: v.up,
+                    monitor_held: v.held.is_some(),
                     devices: s
                         .vms
                         .get(name)
@@ -111,6 +120,31 @@ impl Daemon {
             sysfs_error: self.scan_failure.as_ref().map(ToString::to_string),
             routing: s.routing.clone(),
         }
+    }
+
+    /// The daemon's connected backend of VM `vm`: `not_found` for a VM the config does
+    /// not name, `failed` while it is down.
+    fn connected_backend(&self, vm: &str) -> Result<Arc<dyn VmBackend>, Reply> {
+        let Some(presence) = self.vms.get(vm) else {
+            let known: Vec<&str> = self.vms.keys().map(String::as_str).collect();
+            return Err(Reply::error(
+                ErrorKind::NotFound,
+                format!(
+                    "no VM named `{vm}` that the daemon manages (managed: {})",
+                    known.join(", ")
+                ),
+            ));
+        };
+        let held = presence
+            .held
+            .as_ref()
+            .map_or(String::new(), |h| format!(": {h}"));
+        presence.backend.clone().ok_or_else(|| {
+            Reply::error(
+                ErrorKind::Failed,
+                format!("VM {vm} is down: the daemon has no connection to it{held}"),
+            )
+        })
     }
 
     fn matching(&self, selector: &str) -> Result<Vec<Device>, Reply> {
@@ -318,6 +352,19 @@ impl Confirmation {
             ),
         })
     }
+}
+
+/// Answer `vm_devices` from the VM itself, over the daemon's connection (its own task:
+/// a slow VM delays only this reply).
+async fn vm_devices(vm: String, backend: Arc<dyn VmBackend>, reply: oneshot::Sender<Reply>) {
+    let answer = match backend.list().await {
+        Ok(listed) => Reply::VmDevices {
+            vm,
+            devices: listed.iter().map(VmDevice::from).collect(),
+        },
+        Err(e) => Reply::error(ErrorKind::Failed, crate::error_chain::one_line(&e)),
+    };
+    let _ = reply.send(answer);
 }
 
 /// Answer `why` for each device from the engine.

@@ -1,7 +1,7 @@
 //! The control protocol: one JSON object per line each way, documented in docs/daemon.md.
 //! Pure data; the server and the client only move these across the socket.
 
-use crate::backend::AttachMode;
+use crate::backend::{AttachMode, HostMatch, VmUsbDevice};
 use serde::{Deserialize, Serialize};
 
 /// Longest request or reply line accepted, newline included. A longer line is refused
@@ -50,6 +50,13 @@ pub enum Request {
         /// The line, without its newline.
         line: String,
     },
+    /// Every usb-host device a VM has, read over the daemon's own connection to it (QEMU
+    /// serves one client per monitor, and the daemon holds it), answered with
+    /// [`Reply::VmDevices`]. `failed` while the VM is down.
+    VmDevices {
+        /// A VM named in the config.
+        vm: String,
+    },
 }
 
 /// The daemon's answer: `{"reply": "done", "message": "..."}`, `{"reply": "error", ...}`...
@@ -65,6 +72,13 @@ pub enum Reply {
     Routing {
         /// The reply line, without its newline.
         line: String,
+    },
+    /// Answer to `vm_devices`.
+    VmDevices {
+        /// The VM.
+        vm: String,
+        /// Its usb-host devices, as `usbroute vm devices --json` prints them.
+        devices: Vec<VmDevice>,
     },
     /// A command was carried out (or accepted: the reconcile loop does the work).
     Done {
@@ -170,8 +184,39 @@ pub struct VmStatus {
     pub qmp: String,
     /// `true` when its QMP socket accepted a connection.
     pub up: bool,
+    /// `true` while its monitor takes the daemon's connection but another client holds it
+    /// (QEMU serves one client per monitor): the daemon waits its turn, and the log says
+    /// how to give usbroute a monitor of its own.
+    #[serde(default)]
+    pub monitor_held: bool,
     /// Ids of the usb-host devices usbroute gave it.
     pub devices: Vec<String>,
+}
+
+/// One usb-host device of a VM in a `vm_devices` reply: the fields `usbroute vm devices
+/// --json` prints (`id`, `attached`, `ours` and the match fields that apply).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDevice {
+    /// The hypervisor's handle (QEMU: the device id).
+    pub id: String,
+    /// `true` when the host device is really connected to the guest now.
+    pub attached: bool,
+    /// `true` when usbroute attached it.
+    pub ours: bool,
+    /// What it matches on (`bus`+`address`, `bus`+`port`, `vendor_id`+`product_id`).
+    #[serde(flatten)]
+    pub matcher: HostMatch,
+}
+
+impl From<&VmUsbDevice> for VmDevice {
+    fn from(d: &VmUsbDevice) -> Self {
+        VmDevice {
+            id: d.id.clone(),
+            attached: d.attached,
+            ours: d.is_ours(),
+            matcher: d.matcher.clone(),
+        }
+    }
 }
 
 /// One device in `status`.
@@ -321,6 +366,7 @@ mod tests {
                 name: "win11".into(),
                 qmp: "/run/qemu/win11.qmp".into(),
                 up: true,
+                monitor_held: false,
                 devices: vec!["usbroute-port-1-3".into()],
             }],
             devices: vec![],
@@ -345,5 +391,72 @@ mod tests {
         let back: Reply = serde_json::from_str(&serde_json::to_string(&reply).unwrap()).unwrap();
 
         assert_eq!(back, reply);
+    }
+
+    #[test]
+    fn vm_devices_request_reads_documented_form() {
+        let req: Request =
+            serde_json::from_str(r#"{"request":"vm_devices","vm":"win11"}"#).unwrap();
+
+        assert_eq!(req, Request::VmDevices { vm: "win11".into() });
+    }
+
+    #[test]
+    fn vm_devices_reply_writes_the_vm_devices_json_and_round_trips() {
+        let reply = Reply::VmDevices {
+            vm: "win11".into(),
+            devices: vec![
+                VmDevice {
+                    id: "usbroute-port-1-3.4".into(),
+                    attached: false,
+                    ours: true,
+                    matcher: HostMatch::Port {
+                        bus: 1,
+                        port: "3.4".into(),
+                    },
+                },
+                VmDevice {
+                    id: "mine".into(),
+                    attached: true,
+                    ours: false,
+                    matcher: HostMatch::Address { bus: 2, address: 7 },
+                },
+            ],
+        };
+
+        let line = serde_json::to_string(&reply).unwrap();
+        let back: Reply = serde_json::from_str(&line).unwrap();
+
+        assert_eq!(
+            line,
+            r#"{"reply":"vm_devices","vm":"win11","devices":[{"id":"usbroute-port-1-3.4","attached":false,"ours":true,"bus":1,"port":"3.4"},{"id":"mine","attached":true,"ours":false,"bus":2,"address":7}]}"#
+        );
+        assert_eq!(back, reply);
+    }
+
+    #[test]
+    fn vm_device_is_printed_as_vm_devices_json_prints_the_listed_device() {
+        let listed = VmUsbDevice {
+            id: "usbroute-id-046d-c016".into(),
+            attached: true,
+            key: crate::backend::qemu::ids::key_of("usbroute-id-046d-c016"),
+            matcher: HostMatch::Id {
+                vendor_id: crate::inventory::HexId(0x046d),
+                product_id: crate::inventory::HexId(0xc016),
+            },
+        };
+
+        let through_daemon = serde_json::to_value(VmDevice::from(&listed)).unwrap();
+
+        assert_eq!(through_daemon, serde_json::to_value(&listed).unwrap());
+    }
+
+    #[test]
+    fn status_from_a_daemon_without_monitor_held_reads_as_not_held() {
+        let vm = r#"{"name":"a","qmp":"/run/a.qmp","up":false,"devices":[]}"#;
+
+        let status: VmStatus = serde_json::from_str(vm).unwrap();
+
+        assert!(!status.monitor_held);
     }
 }

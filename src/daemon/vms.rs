@@ -5,7 +5,7 @@
 
 use super::event_loop::Daemon;
 use crate::backend::driver::Retry;
-use crate::backend::{Drivers, PresenceEvent, PresenceStream, VmDriver, VmTarget};
+use crate::backend::{Drivers, PresenceEvent, PresenceStream, VmBackend, VmDriver, VmTarget};
 use crate::config::VmConfig;
 use crate::engine::coordinator::Input as EngineInput;
 use std::collections::{BTreeMap, BTreeSet};
@@ -24,6 +24,11 @@ pub(super) struct VmPresence {
     forwarder: tokio::task::JoinHandle<()>,
     /// The driver reported it up and not gone since.
     pub(super) up: bool,
+    /// While up: the driver's connected backend, for control requests that read the VM
+    /// through the daemon's connection (`vm_devices`: its monitor serves only us).
+    pub(super) backend: Option<Arc<dyn VmBackend>>,
+    /// The driver waits for a connection another client holds (its words), if it does.
+    pub(super) held: Option<String>,
 }
 
 impl Drop for VmPresence {
@@ -120,6 +125,8 @@ impl Daemon {
             retry,
             forwarder,
             up: false,
+            backend: None,
+            held: None,
         };
         self.vms.insert(name, vm);
     }
@@ -133,13 +140,22 @@ impl Daemon {
         match note.event {
             PresenceEvent::Up(backend) => {
                 v.up = true;
+                v.held = None;
+                v.backend = Some(backend.clone());
                 self.engine.send(EngineInput::VmUp { name: vm, backend });
             }
             PresenceEvent::Gone { reason } => {
                 v.up = false;
+                v.backend = None;
                 tracing::warn!(vm = %vm, "VM went down: {reason}");
                 self.engine.send(EngineInput::VmGone { name: vm });
             }
+            // Said once per wait, not on every retry: the driver reports a wait once.
+            PresenceEvent::Held(Some(reason)) => {
+                tracing::warn!(vm = %vm, "{reason}");
+                v.held = Some(reason);
+            }
+            PresenceEvent::Held(None) => v.held = None,
         }
     }
 }

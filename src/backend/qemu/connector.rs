@@ -39,6 +39,9 @@ impl VmConnector for QemuConnector {
         Box::pin(async move {
             let options = QemuOptions {
                 root: self.root.clone(),
+                // A monitor another client holds queues us: keep our place (the presence
+                // task reports the wait) and be greeted the moment that client leaves.
+                greeting_timeout: None,
                 ..QemuOptions::default()
             };
             let backend = QemuBackend::connect_as(name, qmp, options).await?;

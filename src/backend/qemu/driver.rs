@@ -295,6 +295,38 @@ mod tests {
         }
     }
 
+    /// A fake for a monitor another client holds (QEMU takes the connection and says
+    /// nothing until that client leaves): every connection waits until [`Self::leave`].
+    #[derive(Default)]
+    struct HeldMonitor {
+        calls: AtomicU32,
+        left: tokio::sync::Notify,
+    }
+
+    impl HeldMonitor {
+        /// The other client leaves: QEMU greets the connection waiting in its queue.
+        fn leave(&self) {
+            self.left.notify_one();
+        }
+    }
+
+    impl VmConnector for HeldMonitor {
+        fn connect<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a Path,
+        ) -> BoxFuture<'a, Result<VmConnection, BackendError>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async {
+                self.left.notified().await;
+                Ok(VmConnection {
+                    backend: FakeHost::new().start("vm"),
+                    closed: Box::pin(std::future::pending()),
+                })
+            })
+        }
+    }
+
     /// A slow retry that never comes within a test.
     const HOUR: Duration = Duration::from_secs(3600);
 
@@ -352,6 +384,34 @@ mod tests {
 
         assert!(seen.is_ok(), "the VM was not tried again after it went");
         assert!(connector.calls.load(Ordering::SeqCst) >= 2);
+    }
+
+    // Paused time: the 5 s until a silent connection counts as held pass at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_held_monitor_is_reported_once_and_the_vm_comes_up_when_the_other_client_leaves() {
+        let connector = Arc::new(HeldMonitor::default());
+        let socket = tempfile::NamedTempFile::new().unwrap();
+        let driver = QemuDriver::with_connector(connector.clone(), HOUR);
+        let mut stream = driver.watch("win11", &qemu_target(socket.path())).unwrap();
+
+        let held = tokio::time::timeout(Duration::from_secs(60), stream.next()).await;
+        connector.leave();
+        let up = tokio::time::timeout(Duration::from_secs(60), stream.next()).await;
+
+        let Ok(Some(PresenceEvent::Held(Some(reason)))) = held else {
+            panic!("the VM was not reported held")
+        };
+        assert!(
+            reason.contains("probably held by another client"),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("`-qmp unix:/run/usbroute/win11.qmp,server=on,wait=off`"),
+            "{reason}"
+        );
+        assert!(matches!(up, Ok(Some(PresenceEvent::Up(_)))));
+        // It kept its place in QEMU's queue: one connection, no retries meanwhile.
+        assert_eq!(connector.calls.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

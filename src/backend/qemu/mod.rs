@@ -44,6 +44,9 @@ pub struct QemuOptions {
     pub unplug_timeout: Duration,
     /// Where `/dev/bus/usb` is read (the live host: `/`).
     pub root: SysfsRoot,
+    /// How long connecting waits for QEMU's greeting ([`qmp::GREETING_TIMEOUT`]); `None`:
+    /// until QEMU greets (the daemon keeps its place in the queue of a held monitor).
+    pub greeting_timeout: Option<Duration>,
 }
 
 impl Default for QemuOptions {
@@ -52,6 +55,7 @@ impl Default for QemuOptions {
             fd_passing: FdPassing::Auto,
             unplug_timeout: DEFAULT_UNPLUG_TIMEOUT,
             root: SysfsRoot::default(),
+            greeting_timeout: Some(qmp::GREETING_TIMEOUT),
         }
     }
 }
@@ -113,7 +117,8 @@ impl QemuBackend {
         socket: &Path,
         options: QemuOptions,
     ) -> Result<Self, BackendError> {
-        let qmp = Qmp::connect(socket)
+        let greeting = options.greeting_timeout;
+        let qmp = Qmp::connect_with(socket, greeting, qmp::DEFAULT_TIMEOUT)
             .await
             .map_err(|e| BackendError::Unreachable {
                 vm: name.to_string(),

@@ -26,13 +26,17 @@ pub enum QmpError {
         got: String,
     },
     /// The socket accepted the connection but nothing was said: QEMU serves one client per
-    /// QMP socket and queues the rest.
+    /// QMP monitor and queues the rest without a word until the one it serves leaves.
     #[error(
-        "QEMU sent no QMP greeting within {seconds:.1} s; another client (libvirt, a second \
-         usbroute, socat) is probably connected: QEMU serves one client per QMP socket, so \
-         give usbroute its own `-qmp unix:...,server=on,wait=off` socket"
+        "QEMU sent no QMP greeting on {monitor} within {seconds:.1} s: the monitor {monitor} is \
+         probably held by another client (QEMU serves one client per monitor and queues the \
+         rest; the usbroute daemon, libvirt, socat), or QEMU is still starting; give usbroute \
+         its own monitor: add `-qmp unix:/run/usbroute/NAME.qmp,server=on,wait=off` \
+         (`-qmp` may be repeated)"
     )]
     NoGreeting {
+        /// The monitor's socket path (or what else the connection runs over).
+        monitor: String,
         /// How long we waited.
         seconds: f64,
     },
@@ -141,6 +145,12 @@ impl QmpError {
     /// yet, or gone), as opposed to a socket that exists but refuses.
     pub fn is_socket_missing(&self) -> bool {
         matches!(self, QmpError::Connect { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+
+    /// `true` when the socket took the connection but QEMU never greeted: another client
+    /// probably holds the monitor ([`QmpError::NoGreeting`]).
+    pub fn is_monitor_held(&self) -> bool {
+        matches!(self, QmpError::NoGreeting { .. })
     }
 
     /// `true` when the connection is gone (closed, broken by garbage, or failed I/O):

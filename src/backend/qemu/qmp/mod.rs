@@ -35,6 +35,13 @@ use writer::Writer;
 /// How long a command may wait for its reply unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long [`Qmp::connect`] waits for QEMU's greeting. QEMU greets a client the moment
+/// it accepts it, and it accepts one client per monitor: a socket that takes the
+/// connection but stays silent this long is almost always held by another client
+/// ([`QmpError::NoGreeting`]). Generous for a slow machine: the greeting costs QEMU
+/// nothing once its main loop runs.
+pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How many events a slow subscriber may fall behind before it sees `Lagged`.
 const EVENT_BUFFER: usize = 256;
 
@@ -109,13 +116,25 @@ struct Pending {
 }
 
 impl Qmp {
-    /// Connect to QEMU's QMP Unix socket, read the greeting and enter command mode.
+    /// Connect to QEMU's QMP Unix socket, read the greeting (within
+    /// [`GREETING_TIMEOUT`]) and enter command mode.
     pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
-        Self::connect_with_timeout(path, DEFAULT_TIMEOUT).await
+        Self::connect_with(path, Some(GREETING_TIMEOUT), DEFAULT_TIMEOUT).await
     }
 
     /// [`Qmp::connect`] with `timeout` for the greeting and, later, for every command.
     pub async fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        Self::connect_with(path, Some(timeout), timeout).await
+    }
+
+    /// [`Qmp::connect`] waiting `greeting` for the greeting (`None`: until QEMU greets,
+    /// for a caller that keeps its place in QEMU's queue of clients on purpose) and
+    /// `timeout` for every command.
+    pub async fn connect_with(
+        path: &Path,
+        greeting: Option<Duration>,
+        timeout: Duration,
+    ) -> Result<Qmp, QmpError> {
         let stream = UnixStream::connect(path)
             .await
             .map_err(|e| QmpError::Connect {
@@ -129,7 +148,8 @@ impl Qmp {
         });
         let (read, write) = stream.into_split();
         let origin = path.display().to_string();
-        Self::handshake(read, Writer::Unix(write), peer, timeout, origin).await
+        let deadlines = Deadlines { greeting, timeout };
+        Self::handshake(read, Writer::Unix(write), peer, deadlines, origin).await
     }
 
     /// Talk QMP over any byte stream (a serial tty, a pipe). File descriptors cannot be
@@ -140,11 +160,15 @@ impl Qmp {
     {
         let (read, write) = tokio::io::split(stream);
         let origin = "a byte stream (not a socket)".to_string();
+        let deadlines = Deadlines {
+            greeting: Some(DEFAULT_TIMEOUT),
+            timeout: DEFAULT_TIMEOUT,
+        };
         Self::handshake(
             read,
             Writer::Stream(Box::new(write)),
             None,
-            DEFAULT_TIMEOUT,
+            deadlines,
             origin,
         )
         .await
@@ -154,18 +178,23 @@ impl Qmp {
         read: R,
         writer: Writer,
         peer: Option<PeerCredentials>,
-        timeout: Duration,
+        deadlines: Deadlines,
         origin: String,
     ) -> Result<Qmp, QmpError>
     where
         R: AsyncRead + Unpin + Send + 'static,
     {
         let mut reader = BufReader::new(read);
-        let greeting = tokio::time::timeout(timeout, read_greeting(&mut reader))
-            .await
-            .map_err(|_| QmpError::NoGreeting {
-                seconds: timeout.as_secs_f64(),
-            })??;
+        let greeting = match deadlines.greeting {
+            Some(wait) => tokio::time::timeout(wait, read_greeting(&mut reader))
+                .await
+                .map_err(|_| QmpError::NoGreeting {
+                    monitor: origin.clone(),
+                    seconds: wait.as_secs_f64(),
+                })??,
+            None => read_greeting(&mut reader).await?,
+        };
+        let timeout = deadlines.timeout;
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let state = Arc::new(Mutex::new(State {
             pending: HashMap::new(),
@@ -344,6 +373,12 @@ impl Qmp {
     fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// How long a handshake waits for the greeting, and every command for its reply.
+struct Deadlines {
+    greeting: Option<Duration>,
+    timeout: Duration,
 }
 
 struct ForgetOnDrop<'a> {
