@@ -135,7 +135,14 @@ pub fn status_table(r: &StatusReport) -> String {
         ));
     }
     for vm in &r.vms {
-        let state = if vm.up { "up" } else { "down" };
+        let state = match (vm.up, vm.monitor_held) {
+            (true, _) => "up",
+            (false, true) => {
+                "down, its monitor held by another client (the daemon waits its turn; the \
+                 log says how to give usbroute a monitor of its own)"
+            }
+            (false, false) => "down",
+        };
         out.push_str(&format!(
             "vm {}: {state} ({}), {} device(s) from usbroute\n",
             vm.name,
@@ -399,6 +406,27 @@ mod tests {
         assert_eq!(
             why_text(&report),
             "1-2 (0000:00:14.0/2) 0627:0001 Mouse: host — no rule\n"
+        );
+    }
+
+    #[test]
+    fn status_table_says_a_vm_down_because_another_client_holds_its_monitor() {
+        let report = StatusReport {
+            vms: vec![VmStatus {
+                name: "win11".into(),
+                qmp: "/run/qemu/win11.qmp".into(),
+                up: false,
+                monitor_held: true,
+                devices: vec![],
+            }],
+            ..StatusReport::default()
+        };
+
+        let table = status_table(&report);
+
+        assert!(
+            table.starts_with("config: none (empty policy: everything stays on the host)\nvm win11: down, its monitor held by another client (the daemon waits its turn;"),
+            "{table}"
         );
     }
 }

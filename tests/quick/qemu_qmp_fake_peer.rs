@@ -330,3 +330,34 @@ async fn vfio_root_port_search_over_more_devices_than_the_cap_sends_no_property_
         "{err:?}"
     );
 }
+
+/// A FAKE for a held monitor (QEMU does the same for a second client; this one costs no
+/// QEMU and, on paused time, no wait): a socket that takes the connection and never greets.
+#[tokio::test(start_paused = true)]
+async fn a_socket_that_never_greets_is_reported_held_after_the_default_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("held.qmp");
+    // Listening but never accepting: connect(2) succeeds, nothing is ever said.
+    let _listener = tokio::net::UnixListener::bind(&path).unwrap();
+
+    let err = Qmp::connect(&path).await.unwrap_err();
+
+    let text = err.to_string();
+    assert!(err.is_monitor_held(), "{err:?}");
+    assert!(
+        text.starts_with(&format!(
+            "QEMU sent no QMP greeting on {} within 5.0 s: the monitor {} is probably held by \
+             another client (QEMU serves one client per monitor",
+            path.display(),
+            path.display()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(
+            "give usbroute its own monitor: add \
+             `-qmp unix:/run/usbroute/NAME.qmp,server=on,wait=off` (`-qmp` may be repeated)"
+        ),
+        "{text}"
+    );
+}

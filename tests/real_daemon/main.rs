@@ -14,6 +14,7 @@ mod vfio_support;
 
 mod daemon_control;
 mod daemon_controllers;
+mod daemon_monitor;
 mod daemon_qemu;
 mod daemon_uevents;
 mod daemon_vm_sockets;

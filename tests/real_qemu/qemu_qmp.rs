@@ -210,4 +210,45 @@ async fn second_client_on_a_busy_socket_is_told_why_nothing_answers() {
 
     assert!(matches!(err, QmpError::NoGreeting { .. }), "{err:?}");
     assert!(err.to_string().contains("another client"), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("the monitor {} is", qemu.socket().display())),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("add `-qmp unix:/run/usbroute/NAME.qmp,server=on,wait=off`"),
+        "{err}"
+    );
+}
+
+/// What the daemon relies on to connect the moment another client leaves: QEMU keeps a
+/// second client's connection queued, silent, and greets it when the first leaves.
+#[tokio::test]
+async fn a_queued_client_is_greeted_when_the_one_served_leaves() {
+    let qemu = QemuGuard::machine_none();
+    let first = Qmp::connect(qemu.socket()).await.expect("connect");
+    let second = tokio::spawn({
+        let socket = qemu.socket().to_path_buf();
+        async move { Qmp::connect_with(&socket, None, Duration::from_secs(10)).await }
+    });
+    // Still queued while the first is served: QEMU says nothing to it.
+    let queued = first.execute("query-status", None).await;
+    let waiting = !second.is_finished();
+
+    drop(first);
+    let second = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("greeted within 10 s of the first client leaving")
+        .expect("join")
+        .expect("the queued client is served");
+
+    assert!(queued.is_ok() && waiting);
+    assert_eq!(
+        second
+            .execute("query-status", None)
+            .await
+            .expect("query-status")["status"],
+        "prelaunch"
+    );
 }

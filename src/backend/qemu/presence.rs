@@ -134,9 +134,8 @@ async fn wait_held<T, E>(
         () = tokio::time::sleep(HELD_AFTER) => {}
         () = report.closed() => return None,
     }
-    let reason = why();
-    tracing::debug!("{reason}");
-    report.send(PresenceEvent::Held(Some(reason))).ok()?;
+    // The daemon logs it, once per wait.
+    report.send(PresenceEvent::Held(Some(why()))).ok()?;
     let done = tokio::select! {
         done = attempt => done,
         () = report.closed() => return None,
