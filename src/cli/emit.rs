@@ -3,6 +3,10 @@
 //! device `usbroute attach` and the daemon would attach (same id, same match properties),
 //! so either finds it there as its own. `usbroute controller emit` is the same for whole
 //! controllers.
+//!
+//! QEMU serves one client per QMP monitor, so it also names the monitor usbroute should
+//! have to itself (`-qmp` may be repeated): with `--vm NAME`, the socket the config gives
+//! that VM (else `/run/usbroute/NAME.qmp`) as an argument; without, as a comment.
 
 use super::output::print_json;
 use super::vm::ByArg;
@@ -15,6 +19,7 @@ use crate::inventory::Snapshot;
 use crate::selector::Selector;
 use anyhow::{anyhow, Context};
 use serde::Serialize;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// `usbroute emit SELECTOR --for HYPERVISOR`.
@@ -29,6 +34,10 @@ pub struct EmitArgs {
     /// there, across re-plug), id (any such device). As for `attach`.
     #[arg(long, value_enum, default_value = "address")]
     pub by: ByArg,
+    /// The VM's name: also print the `-qmp` monitor usbroute uses for it (the config's
+    /// `qmp`, else /run/usbroute/NAME.qmp), beside the user's own monitor.
+    #[arg(long, value_name = "NAME")]
+    pub vm: Option<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -60,16 +69,49 @@ pub struct EmittedUsbHost {
     pub bus: String,
     /// The arguments, as separate argv words: `-device qemu-xhci,...`, `-device usb-host,...`.
     pub qemu_args: Vec<String>,
+    /// With `--vm`: usbroute's own QMP monitor for that VM, as argv words (`-qmp`,
+    /// `unix:SOCKET,server=on,wait=off`); empty without `--vm`.
+    pub monitor_args: Vec<String>,
+}
+
+/// Where usbroute talks to a VM it is not told of: the socket `emit` suggests.
+fn suggested_socket(vm: &str) -> PathBuf {
+    PathBuf::from(format!("/run/usbroute/{vm}.qmp"))
+}
+
+/// `-qmp` and its value for a monitor at `socket`.
+fn monitor_args(socket: &Path) -> Vec<String> {
+    vec![
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", socket.display()),
+    ]
+}
+
+/// The QMP socket usbroute uses for VM `vm`: the config's `qmp` for it, else the
+/// suggested one.
+fn vm_socket(g: &Global, vm: &str) -> anyhow::Result<PathBuf> {
+    let config = g.config_file()?;
+    let Some(path) = config.path() else {
+        return Ok(suggested_socket(vm));
+    };
+    let config = crate::config::Config::load(path)?;
+    Ok(config
+        .vm(vm)
+        .and_then(|v| v.qmp())
+        .map_or_else(|| suggested_socket(vm), Path::to_path_buf))
 }
 
 pub(super) fn emit(g: &Global, a: EmitArgs) -> anyhow::Result<ExitCode> {
     let selector: Selector = a.selector.parse()?;
     let snapshot = crate::inventory::scan(&g.root());
     // One arm per hypervisor: Xen (`xl`) and libvirt add theirs here.
-    let emitted = match a.hypervisor {
+    let mut emitted = match a.hypervisor {
         Hypervisor::Qemu => emit_qemu(&snapshot, &selector, a.by.into())
             .with_context(|| format!("cannot emit `{selector}` for QEMU"))?,
     };
+    if let Some(vm) = &a.vm {
+        emitted.monitor_args = monitor_args(&vm_socket(g, vm)?);
+    }
     if a.json {
         print_json(&emitted)?;
     } else {
@@ -108,6 +150,7 @@ fn emit_qemu(
             "-device".into(),
             usb_host::device_option(&key, &bus),
         ],
+        monitor_args: Vec::new(),
         bus,
     })
 }
@@ -131,7 +174,24 @@ impl EmittedUsbHost {
              # once per VM, or drop its line and set bus= to the VM's own xHCI bus.\n",
             self.what, self.id
         );
-        let lines: Vec<String> = self.qemu_args.chunks(2).map(|p| p.join(" ")).collect();
+        out.push_str(
+            "# QEMU serves one client per QMP monitor: give usbroute (the daemon, attach --qmp)\n\
+             # a monitor of its own beside yours (-qmp may be repeated)",
+        );
+        if self.monitor_args.is_empty() {
+            out.push_str(&format!(
+                ":\n#   {}\n",
+                monitor_args(&suggested_socket("NAME")).join(" ")
+            ));
+        } else {
+            out.push_str(", as the last line does.\n");
+        }
+        let words = self.qemu_args.iter().chain(&self.monitor_args);
+        let words: Vec<&String> = words.collect();
+        let lines: Vec<String> = words
+            .chunks(2)
+            .map(|p| p.iter().map(|w| w.as_str()).collect::<Vec<_>>().join(" "))
+            .collect();
         out.push_str(&lines.join(" \\\n"));
         out.push('\n');
         out
@@ -252,5 +312,33 @@ mod tests {
         let err = emitted("port:1-2", AttachMode::Port).unwrap_err();
 
         assert!(err.to_string().contains("is a hub"), "{err}");
+    }
+
+    #[test]
+    fn emit_without_a_vm_names_usbroutes_own_monitor_in_a_comment() {
+        let text = emitted("port:1-2.1", AttachMode::Port).unwrap().to_text();
+
+        assert!(
+            text.contains(
+                "# a monitor of its own beside yours (-qmp may be repeated):\n\
+                 #   -qmp unix:/run/usbroute/NAME.qmp,server=on,wait=off\n-device qemu-xhci"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn emit_for_a_vm_ends_with_its_monitor_argument() {
+        let mut e = emitted("port:1-2.1", AttachMode::Port).unwrap();
+        e.monitor_args = monitor_args(Path::new("/run/qemu/win11.qmp"));
+
+        let text = e.to_text();
+
+        assert!(
+            text.ends_with(
+                "hostbus=1,hostport=2.1 \\\n-qmp unix:/run/qemu/win11.qmp,server=on,wait=off\n"
+            ),
+            "{text}"
+        );
     }
 }

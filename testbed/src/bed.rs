@@ -48,9 +48,10 @@ impl Bed {
         let started = Instant::now();
         let mut machine = Machine::start(cfg, pace.deadline(Duration::from_secs(3))).await?;
         let connected = async {
-            let qmp = Qmp::connect(&machine.qmp_socket)
-                .await?
-                .with_timeout(pace.deadline(QMP_TIMEOUT));
+            // The pace's deadline for the greeting too: QEMU greets once its main loop
+            // runs, which on a loaded machine may be later than a plain connect's 5 s.
+            let qmp =
+                Qmp::connect_with_timeout(&machine.qmp_socket, pace.deadline(QMP_TIMEOUT)).await?;
             let mut agent = Agent::connect(&machine.agent_socket).await?;
             agent.wait_ready(pace.deadline(BOOT_TIMEOUT)).await?;
             anyhow::Ok((qmp, agent))

@@ -333,3 +333,59 @@ fn emit_by_port_starts_a_qemu_holding_the_device_attach_would_add() {
         .success()
         .stdout(contains("has `usbroute-port-1-7.2` already"));
 }
+
+/// `usbroute emit --vm NAME` adds usbroute's own monitor (the config's `qmp` of that VM):
+/// a QEMU started with it and its user's monitor (the guard's) serves both, so usbroute
+/// lists the VM while the user's client holds the other one.
+#[test]
+fn emit_for_a_vm_gives_usbroute_a_monitor_beside_the_users_own() {
+    let root = tempfile::tempdir().expect("root");
+    let ours = root.path().join("win11-usbroute.qmp");
+    let config = root.path().join("usbroute.toml");
+    let vm = format!("[[vm]]\nname = \"win11\"\nqmp = \"{}\"\n", ours.display());
+    std::fs::write(&config, vm).expect("config");
+    let emitted = json_of(usbroute(&root).arg("--config").arg(&config).args([
+        "emit",
+        "port:1-7.2",
+        "--for",
+        "qemu",
+        "--by",
+        "port",
+        "--vm",
+        "win11",
+        "--json",
+    ]));
+    let words = |field: &str| -> Vec<String> {
+        emitted[field]
+            .as_array()
+            .expect(field)
+            .iter()
+            .map(|a| a.as_str().expect("string").to_string())
+            .collect()
+    };
+    let args: Vec<String> = [words("qemu_args"), words("monitor_args")].concat();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    let qemu = QemuGuard::q35(&args);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _users_client = runtime
+        .block_on(usbroute::backend::qemu::qmp::Qmp::connect(qemu.socket()))
+        .expect("the user's client holds the guard's monitor");
+    let listed = json_of(
+        usbroute(&root)
+            .args(["vm", "devices", "--json", "--qmp"])
+            .arg(&ours),
+    );
+
+    assert_eq!(
+        words("monitor_args"),
+        [
+            "-qmp".to_string(),
+            format!("unix:{},server=on,wait=off", ours.display())
+        ]
+    );
+    assert_eq!(listed[0]["id"], "usbroute-port-1-7.2");
+}
