@@ -8,7 +8,7 @@ use super::vm_target::{attach_target, detach_target, Target};
 use super::Global;
 use crate::backend::qemu::{Attached, FdPassing, QemuBackend, QemuOptions};
 use crate::backend::{AttachKey, AttachMode};
-use crate::selector::Selector;
+use crate::selector::{Pattern, Selector, Term};
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -207,16 +207,24 @@ fn said_by_daemon(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The selector naming what our device of `key` was attached for.
+/// The selector naming what our device of `key` was attached for (printed by the
+/// selector grammar itself).
 fn key_selector(key: &AttachKey) -> String {
-    match key {
-        AttachKey::Address { bus, address } => format!("addr:{bus}.{address}"),
-        AttachKey::Port(port) => format!("port:{port}"),
+    let term = match key {
+        AttachKey::Address { bus, address } => Term::Addr {
+            bus: *bus,
+            address: *address,
+        },
+        AttachKey::Port(port) => Term::Port(port.clone()),
         AttachKey::Id {
             vendor_id,
             product_id,
-        } => format!("id:{vendor_id}:{product_id}"),
-    }
+        } => Term::Id {
+            vendor: Pattern::Exact(vendor_id.0),
+            product: Pattern::Exact(product_id.0),
+        },
+    };
+    term.to_string()
 }
 
 pub(super) fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {

@@ -281,17 +281,20 @@ mod tests {
             _: &'a Path,
         ) -> BoxFuture<'a, Result<VmConnection, BackendError>> {
             self.calls.fetch_add(1, Ordering::SeqCst);
-            let closed: crate::backend::BoxFuture<'static, ()> = if self.drop_at_once {
+            let closed: BoxFuture<'static, ()> = if self.drop_at_once {
                 Box::pin(async {})
             } else {
                 Box::pin(std::future::pending())
             };
-            Box::pin(async {
-                Ok(VmConnection {
-                    backend: FakeHost::new().start("vm"),
-                    closed,
-                })
-            })
+            Box::pin(async { Ok(fake_connection(closed)) })
+        }
+    }
+
+    /// A connection to a fake VM that ends when `closed` does.
+    fn fake_connection(closed: BoxFuture<'static, ()>) -> VmConnection {
+        VmConnection {
+            backend: FakeHost::new().start("vm"),
+            closed,
         }
     }
 
@@ -319,10 +322,7 @@ mod tests {
             self.calls.fetch_add(1, Ordering::SeqCst);
             Box::pin(async {
                 self.left.notified().await;
-                Ok(VmConnection {
-                    backend: FakeHost::new().start("vm"),
-                    closed: Box::pin(std::future::pending()),
-                })
+                Ok(fake_connection(Box::pin(std::future::pending())))
             })
         }
     }
