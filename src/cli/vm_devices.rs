@@ -70,6 +70,7 @@ pub(super) fn vm(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
                 .filter(|t| !t.is_zero())
                 .context("--timeout must be a positive number of seconds")?;
             let arguments = super::vm_qmp::parse_arguments(arguments.as_deref())?;
+            refuse_if_daemon_holds(g, &qmp)?;
             let reply = super::vm::block_on(super::vm_qmp::run_command(
                 &qmp, &command, arguments, deadline, wait,
             ))?;
@@ -84,6 +85,24 @@ pub(super) fn vm(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
         print_devices(&devices);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A raw command does not go through the daemon (it would not learn what the command
+/// changed): on a monitor a running daemon holds, say so at once instead of waiting in
+/// QEMU's queue until the deadline.
+fn refuse_if_daemon_holds(g: &Global, qmp: &Path) -> anyhow::Result<()> {
+    let Some(vm) = super::daemon::daemon_vm(g, qmp).filter(|vm| vm.up) else {
+        return Ok(());
+    };
+    anyhow::bail!(
+        "the usbroute daemon holds the monitor {} of VM `{}`, and QEMU serves one client per \
+         monitor; give usbroute its own monitor: add \
+         `-qmp unix:/run/usbroute/{}.qmp,server=on,wait=off` (`-qmp` may be repeated), set \
+         the VM's `qmp` to it, and send raw commands to the other one",
+        qmp.display(),
+        vm.name,
+        vm.name
+    )
 }
 
 /// The VM's devices: through a daemon holding its monitor (said on stderr, so stdout is

@@ -2,7 +2,8 @@
 //! `usbroute serve` or by another client. QEMU takes a second client's connection and
 //! says nothing (no greeting) until the first leaves, so:
 //! - `vm devices --qmp SOCK` of a monitor the daemon holds answers through the daemon;
-//!   `attach`/`detach --qmp` are done by the daemon as manual overrides;
+//!   `attach`/`detach --qmp` are done by the daemon as manual overrides; a raw `vm qmp` is
+//!   refused at once, naming the daemon and the fix;
 //! - a second client of a held monitor is told, after the greeting deadline, that the
 //!   monitor is probably held and to give usbroute its own `-qmp`; the direct path works
 //!   again once the daemon stopped;
@@ -142,6 +143,7 @@ fn vm_devices_of_a_monitor_the_daemon_holds_answers_through_the_daemon() {
     let started = Instant::now();
     let out = daemon.cli_output(&["vm", "devices", "--qmp", &bed.qmp_arg(), "--json"]);
     let took = started.elapsed();
+    let raw = daemon.cli_fails(&["vm", "qmp", "--qmp", &bed.qmp_arg(), "query-status"]);
 
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -153,6 +155,11 @@ fn vm_devices_of_a_monitor_the_daemon_holds_answers_through_the_daemon() {
     assert!(
         stderr.contains("listed by the usbroute daemon, which holds the monitor"),
         "{stderr}"
+    );
+    assert!(
+        raw.contains("the usbroute daemon holds the monitor")
+            && raw.contains("`-qmp unix:/run/usbroute/guest.qmp,server=on,wait=off`"),
+        "{raw}"
     );
     eprintln!("vm devices through the daemon took {took:?}");
 }
