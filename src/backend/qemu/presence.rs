@@ -23,8 +23,8 @@ use tokio::sync::mpsc;
 /// a moment before listen(), so the first connect can be refused.
 const QUICK_ATTEMPTS: u32 = 20;
 const QUICK_PAUSE: Duration = Duration::from_millis(25);
-/// Retry of a socket that exists but refuses (stale after a crash, or another client
-/// holds QEMU's only monitor connection): 250 ms doubling to 30 s.
+/// Retry of a socket that exists but refuses (stale after a crash): 250 ms doubling to
+/// 30 s. (A monitor another client holds does not refuse: it queues us, see `wait_held`.)
 fn backoff(failures: u32) -> Duration {
     Duration::from_millis(250u64 << failures.saturating_sub(1).min(7)).min(Duration::from_secs(30))
 }
