@@ -59,6 +59,10 @@ impl Machine {
             .with_context(|| format!("creating {}", qemu_log.display()))?;
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-M", "q35", "-smp", "2", "-m", "1024", "-nodefaults"])
+            // S3 (suspend to RAM) for the `suspend` scenario: q35 hides it unless asked
+            // (QEMU's ICH9 defaults to disable_s3=1). It only adds the _S3 state to
+            // the ACPI tables; the guest uses it only when told to (`echo mem`).
+            .args(["-global", "ICH9-LPC.disable_s3=0"])
             .args(cfg.accel.qemu_args())
             .args(["-display", "none", "-no-reboot"])
             .arg("-pidfile")
@@ -83,6 +87,13 @@ impl Machine {
             .arg(format!("file:{}", console_log.display()))
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_socket.display()))
+            // A second monitor for people: QEMU serves one client per monitor and the
+            // bed holds the first, so `scripts/testbed shell` users talk to this one.
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                cfg.run_dir.join("qmp-shell.sock").display()
+            ))
             .arg("-chardev")
             .arg(format!(
                 "socket,id=agent,path={},server=on,wait=off",

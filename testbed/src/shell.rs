@@ -20,7 +20,7 @@ pub async fn run(cfg: &MachineConfig, rich: bool) -> Result<()> {
     }
     eprintln!(
         "guest commands, one per line (outer QMP: {}):",
-        cfg.run_dir.join("qmp.sock").display()
+        cfg.run_dir.join("qmp-shell.sock").display()
     );
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
