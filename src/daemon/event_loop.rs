@@ -123,6 +123,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     let (presence_tx, mut presence) = mpsc::unbounded_channel();
     let (inputs_tx, mut inputs) = mpsc::unbounded_channel();
     let dirty = Arc::new(Notify::new());
+    let mut clock_jumps = super::clock_watch::spawn();
     if let Some(sock) = uevents {
         tokio::spawn(listen_uevents(sock, dirty.clone(), routing.clone()));
     }
@@ -157,6 +158,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
             _ = dirty.notified() => daemon.rescan("uevent"),
             () = sleep_until(daemon.scan_retry) => daemon.rescan("retry after a failed scan"),
             Some(p) = presence.recv() => daemon.on_presence(p),
+            Some(jump) = clock_jumps.recv() => daemon.on_clock_jump(jump),
             Some(input) = inputs.recv() => match input {
                 Input::Control(req, reply) => daemon.on_request(req, reply),
             },

@@ -10,6 +10,7 @@
 //! ([`crate::engine::controllers`]): the daemon only hands them over.
 
 pub mod client;
+pub mod clock_watch;
 mod control;
 pub mod event_loop;
 pub mod mounts;

@@ -139,8 +139,16 @@ impl RoutingHooks {
     pub(super) fn on_uevent(&self, devpath: &str) {
         let Some(on) = &self.on else { return };
         if devpath.ends_with(&on.detected.xhci.to_string()) {
+            self.check("after a uevent of the xHCI");
+        }
+    }
+
+    /// Ask the engine to check the register now (the kernel rewrites XUSB2PR on every
+    /// resume of an Intel xHCI, for one); nothing when routing is off.
+    pub(super) fn check(&self, why: &str) {
+        if let Some(on) = &self.on {
             on.engine.send(EngineInput::Routing(RoutingInput::Check {
-                why: "after a uevent of the xHCI".into(),
+                why: why.into(),
             }));
         }
     }

@@ -66,6 +66,11 @@ pub enum Input {
     },
     /// Read every VM's devices again (the VM may have changed behind our back).
     Refresh,
+    /// The host resumed from suspend: the kernel reset every USB device and handed
+    /// their interfaces back to its own drivers, while QEMU may still list its usb-host
+    /// devices as attached. Every VM is listed again and every device of ours detached
+    /// and attached anew (docs/daemon.md, "Suspend and resume").
+    Resumed,
     /// Explain the decision for the device at `port` (`None`: no device there).
     Why {
         /// The device's port.
@@ -283,11 +288,13 @@ impl Coordinator {
                     self.overrides.remove(&port);
                 }
             },
-            Input::Refresh => {
+            Input::Refresh | Input::Resumed => {
                 let now = self.now();
+                let renew = matches!(input, Input::Resumed);
                 for w in self.workers.values_mut() {
                     w.relist_at = now;
                     w.answering = false;
+                    w.renew |= renew;
                 }
             }
             Input::Routing(input) => self.forward_to_routing(input),
@@ -334,6 +341,7 @@ impl Coordinator {
             answering: false,
             list_failures: 0,
             relist_at: Duration::ZERO,
+            renew: false,
         };
         self.workers.insert(name, worker);
     }
@@ -425,6 +433,7 @@ impl Coordinator {
             .collect();
         let actual = self.holdings.actual(&answering);
         let mut due = due_actions(&desired, &actual, &self.devices, &mut self.retries, now);
+        self.add_renewals(&actual, &mut due);
         if !self.devices_known {
             // No picture of the host yet (the first scan of sysfs failed): VMs are still
             // listed, but nothing is attached or detached.
@@ -483,6 +492,21 @@ impl Coordinator {
                 ..status
             }
         });
+    }
+
+    /// After a resume, each VM that answered a fresh list and is idle gets every device
+    /// of ours detached (the next rounds attach what is still wanted).
+    fn add_renewals(&mut self, actual: &super::diff::Actual, due: &mut Vec<Action>) {
+        for (name, worker) in self.workers.iter_mut() {
+            if !worker.renew || !worker.answering || worker.busy {
+                continue;
+            }
+            worker.renew = false;
+            if let Some(view) = actual.get(name) {
+                let renew = super::diff::renewals(name, view, due);
+                due.extend(renew);
+            }
+        }
     }
 
     fn dispatch(&mut self, due: Vec<Action>, now: Duration) {

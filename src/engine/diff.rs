@@ -127,9 +127,87 @@ pub fn reconcile(desired: &Desired, actual: &Actual, devices: &[Device]) -> Vec<
     actions
 }
 
+/// After the host resumed: a detach of every usb-host device of ours `vm` lists in
+/// `view` that `due` does not act on already. The kernel reset every USB device on resume
+/// and gave their interfaces back to its own drivers, so a device QEMU lists as attached
+/// may hold nothing; detached, it is attached again by the next round like any wanted
+/// device that is missing (its key unchanged, or a new devnum's).
+pub fn renewals(vm: &str, view: &VmView, due: &[Action]) -> Vec<Action> {
+    view.devices
+        .iter()
+        .filter_map(|e| e.key.as_ref())
+        .filter(|key| !due.iter().any(|a| a.vm() == vm && a.key() == *key))
+        .map(|key| Action::Detach {
+            vm: vm.to_string(),
+            key: key.clone(),
+        })
+        .collect()
+}
+
 /// An address entry that lost its device is stale for good: QEMU never reopens hostaddr,
 /// and the kernel may hand the same devnum to another device later. It holds nothing, and
 /// the diff detaches it. (By port or id QEMU holds the place even while it reconnects.)
 pub(super) fn is_stale(entry: &VmUsbDevice, key: &AttachKey) -> bool {
     key.mode() == AttachMode::Address && !entry.attached
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::HostMatch;
+
+    fn ours(key: AttachKey) -> VmUsbDevice {
+        VmUsbDevice {
+            id: "id".into(),
+            attached: true,
+            key: Some(key),
+            matcher: HostMatch::Other {},
+        }
+    }
+
+    fn addr(address: u16) -> AttachKey {
+        AttachKey::Address { bus: 1, address }
+    }
+
+    #[test]
+    fn renewals_detach_every_device_of_ours_and_leave_the_users_own_alone() {
+        let users_own = VmUsbDevice {
+            key: None,
+            ..ours(addr(9))
+        };
+        let view = VmView {
+            devices: vec![ours(addr(2)), users_own, ours(addr(3))],
+            reachable: true,
+        };
+
+        let renew = renewals("vm", &view, &[]);
+
+        let keys: Vec<&AttachKey> = renew.iter().map(Action::key).collect();
+        assert_eq!(keys, vec![&addr(2), &addr(3)]);
+        assert!(renew
+            .iter()
+            .all(|a| matches!(a, Action::Detach { vm, .. } if vm == "vm")));
+    }
+
+    #[test]
+    fn renewals_skip_a_device_the_round_already_acts_on() {
+        let view = VmView {
+            devices: vec![ours(addr(2)), ours(addr(3))],
+            reachable: true,
+        };
+        let due = vec![Action::Detach {
+            vm: "vm".into(),
+            key: addr(2),
+        }];
+
+        let renew = renewals("vm", &view, &due);
+
+        assert_eq!(
+            renew,
+            vec![Action::Detach {
+                vm: "vm".into(),
+                key: addr(3)
+            }]
+        );
+    }
 }

@@ -77,7 +77,7 @@ pub use controller_host::{
     carry_out, ControllerHost, Direction, GroupOutcome, SharedControllerHost, VfioControllers,
 };
 pub use controllers::{owned_by_running, ControllerConfig, GroupStep, Groups};
-pub use diff::{reconcile, Action, Actual, VmView};
+pub use diff::{reconcile, renewals, Action, Actual, VmView};
 pub use holdings::{Holdings, Outcome};
 pub use retry::{BackoffPolicy, Pending, RetryBook};
 pub use status::{DeviceState, Settled};

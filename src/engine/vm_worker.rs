@@ -34,6 +34,9 @@ pub(super) struct Worker {
     pub(super) answering: bool,
     pub(super) list_failures: u32,
     pub(super) relist_at: Duration,
+    /// The host resumed: once a fresh list answers, every device of ours in it is
+    /// detached and attached again ([`super::diff::renewals`]).
+    pub(super) renew: bool,
 }
 
 /// One VM's worker: runs its jobs one after another, then lists.
