@@ -36,9 +36,12 @@ impl Bed {
         if let Some(why) = self.broken() {
             bail!("the guest is unusable: {why}");
         }
+        let mut undone = Vec::new();
+        if self.wake_if_suspended().await? {
+            undone.push("the guest was left suspended (woken with system_wakeup)".into());
+        }
         self.stop_guest_processes().await?;
         self.unplug_all().await?;
-        let mut undone = Vec::new();
         for (pci, own) in CONTROLLERS {
             if let Some(was) = self.rebind(pci, own).await? {
                 undone.push(format!("{pci} was left on {was}"));
@@ -52,6 +55,26 @@ impl Bed {
         .await?;
         self.verify_bare().await?;
         Ok(undone)
+    }
+
+    /// Wake a guest a scenario left in S3 (its agent answers nothing while asleep, so the
+    /// rest of the reset would time out and charge the next scenario a reboot); whether
+    /// it had to.
+    async fn wake_if_suspended(&mut self) -> Result<bool> {
+        let status = self.qmp.execute("query-status", None).await?;
+        if status["status"] != "suspended" {
+            return Ok(false);
+        }
+        self.qmp.execute("system_wakeup", None).await?;
+        let poll = self.poll("the guest left in S3 to run again", Duration::from_secs(15));
+        loop {
+            let status = self.qmp.execute("query-status", None).await?;
+            if status["status"] == "running" {
+                poll.met(self);
+                return Ok(true);
+            }
+            poll.again(self, &status).await?;
+        }
     }
 
     /// Kill every inner QEMU and usbroute process, and wait until they are gone (a QEMU

@@ -12,6 +12,7 @@ mod serve_support;
 #[path = "../vfio_support/mod.rs"]
 mod vfio_support;
 
+mod daemon_clock;
 mod daemon_control;
 mod daemon_controllers;
 mod daemon_monitor;

@@ -114,12 +114,17 @@ pub(super) async fn start_daemon(bed: &mut Bed) -> Result<String> {
         ))
         .await?;
     // Answering, not merely listening: a daemon killed earlier leaves its socket file.
-    bed.wait_guest(
-        "the daemon to answer on its control socket",
-        &format!("usbroute --control {CONTROL} status >/dev/null"),
-        Duration::from_secs(10),
-    )
-    .await?;
+    let answering = bed
+        .wait_guest(
+            "the daemon to answer on its control socket",
+            &format!("usbroute --control {CONTROL} status >/dev/null"),
+            Duration::from_secs(10),
+        )
+        .await;
+    if let Err(e) = answering {
+        let log = bed.guest("tail -n 20 /tmp/serve.log").await?;
+        return Err(e.context(format!("daemon log:\n{}", log.stdout)));
+    }
     Ok(pid.trim().to_string())
 }
 
@@ -139,7 +144,7 @@ pub(super) async fn address_id(bed: &mut Bed, name: &str) -> Result<String> {
 }
 
 /// `usbroute status --json` from the daemon.
-async fn daemon_status(bed: &mut Bed) -> Result<Value> {
+pub(super) async fn daemon_status(bed: &mut Bed) -> Result<Value> {
     let out = bed
         .guest_ok(&format!("usbroute --control {CONTROL} status --json"))
         .await?;

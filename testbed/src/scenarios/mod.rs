@@ -19,6 +19,7 @@ mod qemu_attach;
 mod qemu_by_port;
 mod qemu_fd_passing;
 mod record_sysfs;
+mod suspend;
 mod vfio_ehci;
 mod vfio_rollback;
 mod vfio_support;
@@ -56,6 +57,7 @@ pub fn all() -> Vec<Scenario> {
         scenario!("inner-qemu", inner_qemu, "an inner QEMU runs in the guest (root and unprivileged) and takes a device with usb-host"),
         scenario!("daemon", daemon, "`usbroute serve` attaches on bind by address, detaches on remove, re-attaches on re-plug, survives SIGKILL"),
         scenario!("hub-subtree", hub_subtree, "a `hub:` rule gives the inner QEMU every device behind a two-level hub chain, now and later, never a hub; `why` says so"),
+        scenario!("suspend", suspend, "S3 of the guest and system_wakeup: `usbroute serve` notices the resume and every device (by address, port, id) is held by the inner QEMU again"),
         scenario!("qemu-attach", qemu_attach, "`usbroute attach` by address gives a guest device to an inner QEMU (attached: true); detach gives it back"),
         scenario!("qemu-by-port", qemu_by_port, "`usbroute attach --by port` of an empty port: the inner QEMU takes the device on plug and re-plug, lets go on unplug"),
         scenario!("qemu-fd-passing", qemu_fd_passing, "an inner QEMU running as nobody gets a device through usbroute's fd passing"),
