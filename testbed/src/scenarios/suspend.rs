@@ -58,12 +58,8 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
     .map(|(id, name)| (id.to_string(), name.to_string()));
     let ids: Vec<&str> = held.iter().map(|(id, _)| id.as_str()).collect();
     wait_hosts(bed, "the three devices in the inner QEMU", &ids).await?;
-    wait_settled(
-        bed,
-        "the daemon to settle",
-        &[&kbd_name, &tablet_name, &disk_name],
-    )
-    .await?;
+    let ports = [kbd_name.as_str(), &tablet_name, &disk_name];
+    wait_settled(bed, "the daemon to settle", &ports).await?;
     wait_held(bed, "the inner QEMU to hold every device before S3", &held).await?;
 
     suspend_and_wake(bed).await?;
@@ -80,12 +76,7 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
         bail!("{e:#}\nthe guest kernel on the sleep:\n{}", kernel.stdout);
     }
     wait_renewed(bed, &ids).await?;
-    wait_settled(
-        bed,
-        "the daemon to settle after the resume",
-        &[&kbd_name, &tablet_name, &disk_name],
-    )
-    .await?;
+    wait_settled(bed, "the daemon to settle after the resume", &ports).await?;
     wait_hosts(bed, "the same three devices in the inner QEMU", &ids).await?;
     wait_held(
         bed,
