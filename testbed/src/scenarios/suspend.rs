@@ -34,12 +34,10 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
     let disk_name = bed.plug(&disk).await?;
     let extra = format!("-qmp unix:{PROBE},server=on,wait=off");
     let inner = bed.start_inner_qemu("serve", "root", &extra).await?;
-    // The priorities only keep today's load-time tie check quiet (the id rule could match
-    // what the port rules name); which rule wins does not matter here.
     let config = format!(
         "control_socket = \"{CONTROL}\"\n\n[[vm]]\nname = \"inner\"\nqmp = \"{}\"\n\n\
-         [[rule]]\nvm = \"inner\"\nmatch = \"port:{kbd_name}\"\nby = \"address\"\npriority = 1\n\n\
-         [[rule]]\nvm = \"inner\"\nmatch = \"port:{tablet_name}\"\nby = \"port\"\npriority = 1\n\n\
+         [[rule]]\nvm = \"inner\"\nmatch = \"port:{kbd_name}\"\nby = \"address\"\n\n\
+         [[rule]]\nvm = \"inner\"\nmatch = \"port:{tablet_name}\"\nby = \"port\"\n\n\
          [[rule]]\nvm = \"inner\"\nmatch = \"id:46f4:0001\"\nby = \"id\"\n",
         inner.qmp
     );
