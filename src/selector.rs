@@ -2,10 +2,16 @@
 //! toggle service. Parsing and matching are pure.
 //!
 //! Forms: `port:1-3.4.2`, `port:0000:00:14.0/3.4.2` (the controller and the port chain below
-//! its root hub: no bus number; `00:14.0/3.4.2`, `platform:vhci_hcd.0/1`, `ss3` on a
-//! SuperSpeed root hub), `id:046d:c016` (`*` per half), `addr:3.5` / `addr:3:5` (decimal,
-//! `003.005` too), `serial:ABC`, `class:03`, `iface:03:01:*`, `controller:0000:00:14.0`,
-//! `hub:1-3`; bare `1-3.4.2`, `046d:c016`, `3.5`; `,` joins terms with AND.
+//! its root hub: no bus number; `00:14.0/3.4.2`, `platform:vhci_hcd.0/1`, `ss3` for a USB 3
+//! port without a USB 2 twin), `id:046d:c016` (`*` per half), `addr:3.5` / `addr:3:5`
+//! (decimal, `003.005` too), `serial:ABC`, `class:03`, `iface:03:01:*`,
+//! `controller:0000:00:14.0`, `hub:1-3`, `hub:0000:00:14.0/3`; bare `1-3.4.2`, `046d:c016`,
+//! `3.5`; `,` joins terms with AND.
+//!
+//! A controller-anchored port names a socket: a USB 3 device and a USB 2 device plugged
+//! into the same socket get the same name (the USB 2 side's numbering, see
+//! `inventory::PhysicalPort`), so `port:0000:00:14.0/3` matches either speed there. The
+//! bus-numbered `port:1-3` stays literal: it names a port of one bus, so one speed.
 //!
 //! Serials may contain `:` freely (`serial:` takes the rest of its term). A serial holding a
 //! `,`, a `"`, a `\` or leading/trailing spaces is written in double quotes, with `\"` and
@@ -75,6 +81,9 @@ pub enum Term {
     Controller(PciAddress),
     /// `hub:1-3`: every device behind this hub's ports, at any depth.
     Hub(PortPath),
+    /// `hub:0000:00:14.0/3`: every device behind the hub in this socket, at any depth,
+    /// either speed (a USB 3 hub's two halves sit in one socket).
+    PhysicalHub(PhysicalPort),
 }
 
 /// Terms joined with AND; never empty.
@@ -95,7 +104,7 @@ pub struct SelectorError {
 }
 
 /// The accepted forms, shown with every parse error.
-pub const FORMS: &str = "accepted forms: port:1-3.4.2 | port:0000:00:14.0/3.4.2 (port:00:14.0/3, port:platform:vhci_hcd.0/1) | id:046d:c016 (id:046d:*) | addr:3.5 (addr:3:5, addr:003.005) | serial:ABC (serial:\"A,B\") | class:03 | iface:03:01:* | controller:0000:00:14.0 | hub:1-3 | bare 1-3.4.2, 046d:c016, 3.5; join with `,` for AND";
+pub const FORMS: &str = "accepted forms: port:1-3.4.2 | port:0000:00:14.0/3.4.2 (port:00:14.0/3, port:platform:vhci_hcd.0/1) | id:046d:c016 (id:046d:*) | addr:3.5 (addr:3:5, addr:003.005) | serial:ABC (serial:\"A,B\") | class:03 | iface:03:01:* | controller:0000:00:14.0 | hub:1-3 (hub:0000:00:14.0/3) | bare 1-3.4.2, 046d:c016, 3.5; join with `,` for AND";
 
 /// Highest USB device address (USB 2.0 §9.4.6: 7 bits, 0 is the default address).
 const MAX_USB_ADDRESS: u16 = 127;
@@ -132,6 +141,10 @@ impl Term {
         match (self, other) {
             (Term::Port(a), Term::Port(b)) => a != b,
             (Term::PhysicalPort(a), Term::PhysicalPort(b)) => a != b,
+            (Term::PhysicalPort(p), Term::PhysicalHub(h)) => !p.is_behind(h),
+            (Term::PhysicalHub(a), Term::PhysicalHub(b)) => {
+                !(a == b || a.is_behind(b) || b.is_behind(a))
+            }
             (Term::Port(p), Term::Hub(h)) => !p.is_behind(h),
             (Term::Port(p), Term::Addr { bus, .. }) => p.bus != *bus,
             (Term::Hub(a), Term::Hub(b)) => !nested(a, b),
@@ -189,6 +202,10 @@ impl Term {
             } => iface(class, subclass, protocol),
             Term::Controller(pci) => device.controller == Some(*pci),
             Term::Hub(hub) => device.port.is_behind(hub),
+            Term::PhysicalHub(hub) => device
+                .physical_port
+                .as_ref()
+                .is_some_and(|p| p.is_behind(hub)),
         }
     }
 
@@ -268,6 +285,10 @@ impl Term {
             }),
             Term::Hub(hub) => (!device.port.is_behind(hub))
                 .then(|| format!("{} is not behind hub {hub}", device.port)),
+            Term::PhysicalHub(hub) => Some(device.physical_port.as_ref().map_or_else(
+                || "the device's controller is not known".into(),
+                |p| format!("{p} is not behind hub {hub}"),
+            )),
         }
     }
 }
@@ -344,6 +365,11 @@ fn parse_term(part: &str) -> Result<Term, SelectorError> {
             .map(Term::PhysicalPort)
             .map_err(|e: crate::inventory::BadPhysicalPort| bad(e.to_string())),
         "port" => parse_port(value).map(Term::Port).map_err(bad),
+        "hub" if value.contains('/') => value
+            .trim()
+            .parse()
+            .map(Term::PhysicalHub)
+            .map_err(|e: crate::inventory::BadPhysicalPort| bad(e.to_string())),
         "hub" => parse_port(value).map(Term::Hub).map_err(bad),
         "id" => parse_id(value).map_err(bad),
         "addr" => parse_addr(value, &[".", ":"]).map_err(bad),
@@ -541,6 +567,7 @@ impl fmt::Display for Term {
             } => write!(f, "iface:{class}:{subclass}:{protocol}"),
             Term::Controller(pci) => write!(f, "controller:{pci}"),
             Term::Hub(p) => write!(f, "hub:{p}"),
+            Term::PhysicalHub(p) => write!(f, "hub:{p}"),
         }
     }
 }

@@ -289,9 +289,10 @@ fn backend_warnings(
     out
 }
 
-/// Rules that name a port by its bus number (`port:1-3`): the kernel numbers buses in
-/// probe order, so the number can change at the next boot or kernel update and the rule
-/// then means another socket. Each gets the stable form when this host has that bus.
+/// Rules that name a port or a hub by its bus number (`port:1-3`, `hub:1-3`): the kernel
+/// numbers buses in probe order, so the number can change at the next boot or kernel
+/// update and the rule then means another socket. Each gets the stable form when this
+/// host has that bus.
 fn bus_numbered_warnings(
     config: &Config,
     host: &Snapshot,
@@ -300,11 +301,13 @@ fn bus_numbered_warnings(
     let mut out = Vec::new();
     for rule in &config.rules {
         for term in &rule.selector.terms {
-            let Term::Port(port) = term else {
-                continue;
+            let (kind, port) = match term {
+                Term::Port(port) => ("port", port),
+                Term::Hub(port) => ("hub", port),
+                _ => continue,
             };
             let instead = match host.physical_port_of(port) {
-                Some(stable) => format!("write `port:{stable}`, the same port named by its controller"),
+                Some(stable) => format!("write `{kind}:{stable}`, the same port named by its controller"),
                 None => format!(
                     "bus {} is not on this host now; find the port's stable name (such as 0000:00:14.0/3.4) in the second column of `usbroute list`",
                     port.bus
@@ -432,6 +435,8 @@ mod tests {
                 speed_mbps: None,
                 ports: None,
                 version: Some("2.00".into()),
+                twin: None,
+                twin_ports: Vec::new(),
             }],
             ..Snapshot::default()
         };

@@ -31,7 +31,7 @@ pub(super) fn attach_target(
         .collect();
     match found.as_slice() {
         [one] => Ok(Target::Device(Box::new((*one).clone()))),
-        [] => match pinned_key(selector, mode) {
+        [] => match pinned_key(snapshot, selector, mode) {
             Some(key) => Ok(Target::Absent(AttachRequest {
                 key,
                 speed: None,
@@ -40,13 +40,15 @@ pub(super) fn attach_target(
                 ),
             })),
             None if mode == AttachMode::Address => bail!(
-                "{} is not on this host; use --by port (with port:BUS-PORT) or --by id (with \
-                 id:VVVV:PPPP) to attach it when it appears, or `usbroute list` to see what is here",
+                "{} is not on this host; use --by port (with port:BUS-PORT or \
+                 port:CONTROLLER/PORT) or --by id (with id:VVVV:PPPP) to attach it when it \
+                 appears, or `usbroute list` to see what is here",
                 absent_name(selector)
             ),
             None => bail!(
                 "no device on this host matches `{selector}`; to attach one that is not plugged \
-                 in yet, name it exactly: --by port needs port:BUS-PORT, --by id needs \
+                 in yet, name it exactly: --by port needs port:BUS-PORT or \
+                 port:CONTROLLER/PORT (a controller on this host), --by id needs \
                  id:VVVV:PPPP (no wildcards)"
             ),
         },
@@ -63,15 +65,21 @@ fn absent_name(selector: &Selector) -> String {
     match selector.terms.as_slice() {
         [Term::Addr { bus, address }] => format!("device at bus {bus} addr {address}"),
         [Term::Port(port)] => format!("device at port {port}"),
+        [Term::PhysicalPort(port)] => format!("device at port {port}"),
         _ => format!("a device matching `{selector}`"),
     }
 }
 
 /// The key an absent device would get: the selector's exact port (by port) or exact ids
-/// (by id).
-fn pinned_key(selector: &Selector, mode: AttachMode) -> Option<AttachKey> {
+/// (by id). A controller-anchored port becomes the port of that controller's bus where a
+/// device in that socket shows up talking USB 2 (the USB 3 bus for an `ss` name): QEMU
+/// matches on a bus number, so one speed; a daemon rule follows both.
+fn pinned_key(snapshot: &Snapshot, selector: &Selector, mode: AttachMode) -> Option<AttachKey> {
     selector.terms.iter().find_map(|term| match (mode, term) {
         (AttachMode::Port, Term::Port(port)) => Some(AttachKey::Port(port.clone())),
+        (AttachMode::Port, Term::PhysicalPort(socket)) => {
+            snapshot.bus_port_of(socket).map(AttachKey::Port)
+        }
         (
             AttachMode::Id,
             Term::Id {
@@ -115,7 +123,7 @@ pub(super) fn detach_target(
         }
     }
     for mode in [AttachMode::Port, AttachMode::Id] {
-        wanted.extend(pinned_key(&selector, mode).map(|k| ids::device_id(&k)));
+        wanted.extend(pinned_key(&snapshot, &selector, mode).map(|k| ids::device_id(&k)));
     }
     let hits: Vec<&VmUsbDevice> = listed.iter().filter(|d| wanted.contains(&d.id)).collect();
     match hits.as_slice() {

@@ -15,9 +15,11 @@ const MAX_CHAIN: usize = 7;
 /// The prefix of a platform controller's name (`platform:vhci_hcd.0`).
 const PLATFORM: &str = "platform:";
 
-/// The marker of a chain on a SuperSpeed root hub (`0000:00:14.0/ss3`): an xHCI numbers
-/// the ports of its USB 2 and its USB 3 root hub separately, each from 1, so without it
-/// two different sockets could share a name.
+/// The marker of a chain named by a SuperSpeed root hub's numbering (`0000:00:14.0/ss3`).
+/// A socket is named by its USB 2 side wherever the kernel links the USB 3 port to a USB 2
+/// twin (`peer`); a USB 3 port without one (no USB 2 wires, or a link the kernel did not
+/// make) keeps the USB 3 numbering, and since an xHCI numbers its USB 2 and USB 3 root
+/// ports separately, each from 1, the marker keeps two different sockets apart.
 const SUPERSPEED: &str = "ss";
 
 /// A USB host controller, named by the device its root hubs hang off.
@@ -92,24 +94,61 @@ pub struct PhysicalPort {
 
 impl PhysicalPort {
     /// Where `port` is on `bus` (the bus numbered `port.bus`), `None` when the bus's
-    /// controller has no name.
+    /// controller has no name. A root port of a USB 3 root hub with a USB 2 twin is named
+    /// by the twin; any other port of a USB 3 root hub gets the `ss` marker. (Deeper ports
+    /// of a USB 3 bus are named by their hub port's `peer`, which the inventory reads.)
     pub fn on_bus(bus: &Bus, port: &PortPath) -> Option<PhysicalPort> {
-        let superspeed = bus.speed_mbps.is_some_and(|s| s.is_super())
-            || bus.version.as_deref().is_some_and(|v| v.starts_with('3'));
+        let controller = bus.controller_name.clone()?;
+        let superspeed = bus.is_superspeed();
+        if let ([root], true) = (port.ports.as_slice(), superspeed) {
+            if let Some(twin) = bus.twin_of(*root) {
+                return Some(PhysicalPort {
+                    controller,
+                    superspeed: false,
+                    ports: vec![twin],
+                });
+            }
+        }
         Some(PhysicalPort {
-            controller: bus.controller_name.clone()?,
+            controller,
             superspeed,
             ports: port.ports.clone(),
         })
     }
+
+    /// `true` when `self` is strictly below `hub` (behind one of its ports, at any depth).
+    pub fn is_behind(&self, hub: &PhysicalPort) -> bool {
+        self.controller == hub.controller
+            && self.superspeed == hub.superspeed
+            && self.ports.len() > hub.ports.len()
+            && self.ports.starts_with(&hub.ports)
+    }
 }
 
 impl Snapshot {
-    /// The controller-anchored name of a bus-numbered port on this host, `None` when
-    /// no such bus is here (or its controller has no name).
+    /// The controller-anchored name of a bus-numbered port on this host: the name of the
+    /// device there if one is, else what [`PhysicalPort::on_bus`] says; `None` when no such
+    /// bus is here (or its controller has no name).
     pub fn physical_port_of(&self, port: &PortPath) -> Option<PhysicalPort> {
+        if let Some(named) = self.device_at(port).and_then(|d| d.physical_port.clone()) {
+            return Some(named);
+        }
         let bus = self.buses.iter().find(|b| b.number == port.bus)?;
         PhysicalPort::on_bus(bus, port)
+    }
+
+    /// The bus-numbered port where a device in socket `physical` shows up when it talks
+    /// USB 2 (or, for an `ss` name, USB 3): on the controller's bus of that speed. `None`
+    /// when no bus of that controller and speed is here.
+    pub fn bus_port_of(&self, physical: &PhysicalPort) -> Option<PortPath> {
+        let bus = self.buses.iter().find(|b| {
+            b.controller_name.as_ref() == Some(&physical.controller)
+                && b.is_superspeed() == physical.superspeed
+        })?;
+        Some(PortPath {
+            bus: bus.number,
+            ports: physical.ports.clone(),
+        })
     }
 }
 

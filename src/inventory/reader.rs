@@ -196,6 +196,16 @@ impl<'a> Reader<'a> {
         self.root.link_name(path)
     }
 
+    /// Where the link `path` points (resolved lexically, like [`Reader::resolve`]), `None`
+    /// when there is no such link.
+    pub(crate) fn follow(&mut self, path: &Path) -> Option<PathBuf> {
+        self.mark(path, Access::Link);
+        let target = std::fs::read_link(self.root.path(path)).ok()?;
+        Some(normalize(
+            &path.parent().unwrap_or(Path::new("/")).join(target),
+        ))
+    }
+
     /// Where a sysfs entry really lives: follows one relative link lexically (sysfs links
     /// point from real directories, so `..` is safe), or returns the path if not a link.
     pub(crate) fn resolve(&mut self, path: &Path) -> PathBuf {

@@ -48,9 +48,10 @@ pub fn tree(snapshot: &Snapshot) -> String {
                 .map_or("unbound".to_string(), |d| format!("driver {d}"));
             let _ = writeln!(out, "└── no buses ({why})");
         }
-        for (i, number) in buses.iter().enumerate() {
-            shown_buses.insert(*number);
-            bus_subtree(&mut out, snapshot, *number, "", i + 1 == buses.len());
+        shown_buses.extend(buses.iter().copied());
+        let groups = twin_groups(snapshot, buses);
+        for (i, group) in groups.iter().enumerate() {
+            bus_subtree(&mut out, snapshot, group, "", i + 1 == groups.len());
         }
     }
     // Buses of non-PCI controllers, and devices whose root hub could not be read.
@@ -63,8 +64,10 @@ pub fn tree(snapshot: &Snapshot) -> String {
         .collect();
     if !rest.is_empty() {
         out.push_str("not on PCI\n");
-        for (i, number) in rest.iter().enumerate() {
-            bus_subtree(&mut out, snapshot, *number, "", i + 1 == rest.len());
+        let rest: Vec<u8> = rest.into_iter().collect();
+        let groups = twin_groups(snapshot, &rest);
+        for (i, group) in groups.iter().enumerate() {
+            bus_subtree(&mut out, snapshot, group, "", i + 1 == groups.len());
         }
     }
     escaped_lines(&out)
@@ -99,10 +102,61 @@ fn controller_line(c: &Controller) -> String {
     line
 }
 
-fn bus_subtree(out: &mut String, snapshot: &Snapshot, number: u8, indent: &str, last: bool) {
+/// `numbers` in groups shown as one subtree: a bus alone, or twin root hubs (an xHCI's
+/// USB 2 and USB 3 halves, whose ports are the same sockets) together, USB 2 first.
+fn twin_groups(snapshot: &Snapshot, numbers: &[u8]) -> Vec<Vec<u8>> {
+    let bus = |n: u8| snapshot.buses.iter().find(|b| b.number == n);
+    let mut groups: Vec<Vec<u8>> = Vec::new();
+    for &number in numbers {
+        if groups.iter().any(|g| g.contains(&number)) {
+            continue;
+        }
+        let twin = bus(number)
+            .and_then(|b| b.twin)
+            .filter(|t| *t != number && numbers.contains(t));
+        let mut group: Vec<u8> = std::iter::once(number).chain(twin).collect();
+        group.sort_by_key(|n| (bus(*n).is_some_and(Bus::is_superspeed), *n));
+        groups.push(group);
+    }
+    groups
+}
+
+/// One bus, or twin buses as one set of sockets: their devices together, in socket order.
+fn bus_subtree(out: &mut String, snapshot: &Snapshot, numbers: &[u8], indent: &str, last: bool) {
     let (branch, child_indent) = branch(indent, last);
+    let lines: Vec<String> = numbers.iter().map(|n| bus_line(snapshot, *n)).collect();
+    out.push_str(&branch);
+    out.push_str(&lines.join(" + "));
+    if numbers.len() > 1 {
+        out.push_str("  (twins: one socket, two speeds)");
+    }
+    out.push('\n');
+
+    // Children by parent port; a device whose hub is missing hangs off the bus itself.
+    let on_bus: Vec<&Device> = snapshot
+        .devices
+        .iter()
+        .filter(|d| numbers.contains(&d.bus))
+        .collect();
+    let present: BTreeSet<&PortPath> = on_bus.iter().map(|d| &d.port).collect();
+    let mut children: BTreeMap<Option<&PortPath>, Vec<&Device>> = BTreeMap::new();
+    for d in &on_bus {
+        let parent = d.parent.as_ref().filter(|p| present.contains(p));
+        children.entry(parent).or_default().push(d);
+    }
+    if numbers.len() > 1 {
+        // Twins: the USB 2 and USB 3 devices of one socket side by side.
+        for kids in children.values_mut() {
+            kids.sort_by(|a, b| (&a.physical_port, &a.port).cmp(&(&b.physical_port, &b.port)));
+        }
+    }
+    device_children(out, &children, None, &child_indent);
+}
+
+/// `bus 1  USB 2.00  480 Mb/s  8 ports`.
+fn bus_line(snapshot: &Snapshot, number: u8) -> String {
     let bus = snapshot.buses.iter().find(|b| b.number == number);
-    let mut line = format!("{branch}bus {number}");
+    let mut line = format!("bus {number}");
     match bus {
         Some(b) => {
             if let Some(v) = &b.version {
@@ -115,22 +169,7 @@ fn bus_subtree(out: &mut String, snapshot: &Snapshot, number: u8, indent: &str, 
         }
         None => line.push_str("  (root hub not readable)"),
     }
-    out.push_str(&line);
-    out.push('\n');
-
-    // Children by parent port; a device whose hub is missing hangs off the bus itself.
-    let on_bus: Vec<&Device> = snapshot
-        .devices
-        .iter()
-        .filter(|d| d.bus == number)
-        .collect();
-    let present: BTreeSet<&PortPath> = on_bus.iter().map(|d| &d.port).collect();
-    let mut children: BTreeMap<Option<&PortPath>, Vec<&Device>> = BTreeMap::new();
-    for d in &on_bus {
-        let parent = d.parent.as_ref().filter(|p| present.contains(p));
-        children.entry(parent).or_default().push(d);
-    }
-    device_children(out, &children, None, &child_indent);
+    line
 }
 
 fn device_children(

@@ -177,16 +177,42 @@ impl SysfsBuilder {
     /// The host directory of the device named `port`: below its hub's directory.
     fn device_dir(&self, port: &str) -> io::Result<String> {
         let parent = match port.rsplit_once('.') {
-            Some((hub, _)) => format!("/sys/bus/usb/devices/{hub}"),
-            None => format!(
-                "/sys/bus/usb/devices/usb{}",
-                port.split('-').next().unwrap_or("0")
-            ),
+            Some((hub, _)) => hub.to_string(),
+            None => format!("usb{}", port.split('-').next().unwrap_or("0")),
         };
-        let parent_real = std::fs::canonicalize(self.real(&parent))?;
+        Ok(format!("{}/{port}", self.hub_dir(&parent)?))
+    }
+
+    /// The host directory of hub `hub` (a root hub `usb2`, or a hub device `2-1`).
+    fn hub_dir(&self, hub: &str) -> io::Result<String> {
+        let link = format!("/sys/bus/usb/devices/{hub}");
+        let real = std::fs::canonicalize(self.real(&link))?;
         let root = std::fs::canonicalize(&self.dir)?;
-        let parent_host = parent_real.strip_prefix(&root).map_err(io::Error::other)?;
-        Ok(format!("/{}/{port}", parent_host.display()))
+        let host = real.strip_prefix(&root).map_err(io::Error::other)?;
+        Ok(format!("/{}", host.display()))
+    }
+
+    /// Link port `port` of hub `hub` and port `twin_port` of hub `twin` as twins (the
+    /// kernel's `peer` link, both ways), as it links an xHCI's USB 2 and USB 3 root ports
+    /// and the two halves of a USB 3 hub. Hubs are named as the kernel names them: `usb1`
+    /// for a root hub, `1-2` for a hub device; both must exist.
+    pub fn twins(&self, hub: &str, port: u8, twin: &str, twin_port: u8) -> io::Result<()> {
+        let one = self.port_dir(hub, port)?;
+        let other = self.port_dir(twin, twin_port)?;
+        self.link(&format!("{one}/peer"), &other)?;
+        self.link(&format!("{other}/peer"), &one)
+    }
+
+    /// The host directory of port `port` of hub `hub` (`.../usb1/1-0:1.0/usb1-port3`).
+    fn port_dir(&self, hub: &str, port: u8) -> io::Result<String> {
+        let interface = match hub.strip_prefix("usb") {
+            Some(bus) => format!("{bus}-0:1.0"),
+            None => format!("{hub}:1.0"),
+        };
+        Ok(format!(
+            "{}/{interface}/{hub}-port{port}",
+            self.hub_dir(hub)?
+        ))
     }
 
     /// Write attribute `name` of host directory `dir` (creating directories).

@@ -359,6 +359,41 @@ pub struct Bus {
     pub ports: Option<u8>,
     /// USB version of the root hub (`2.00`, `3.00`).
     pub version: Option<String>,
+    /// The other root hub of the same controller whose ports are the same sockets: an
+    /// xHCI's USB 2 and USB 3 root hubs, whose ports the kernel links pairwise (`peer`).
+    /// `None` for a bus without twins (EHCI, UHCI, a USB 3 root hub with no USB 2 wires).
+    #[serde(default)]
+    pub twin: Option<u8>,
+    /// Which of its ports has which twin on bus `twin` (the same socket at the other
+    /// speed); a port not listed has none.
+    #[serde(default)]
+    pub twin_ports: Vec<PortTwin>,
+}
+
+/// One root-hub port and its twin: the same socket on the other root hub of the
+/// controller (USB 2 and USB 3 wires of one connector).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortTwin {
+    /// The port on this bus.
+    pub port: u8,
+    /// The port on the twin bus.
+    pub twin: u8,
+}
+
+impl Bus {
+    /// `true` for a SuperSpeed (USB 3) root hub.
+    pub fn is_superspeed(&self) -> bool {
+        self.speed_mbps.is_some_and(|s| s.is_super())
+            || self.version.as_deref().is_some_and(|v| v.starts_with('3'))
+    }
+
+    /// The twin of root port `port` (on bus [`Bus::twin`]), if it has one.
+    pub fn twin_of(&self, port: u8) -> Option<u8> {
+        self.twin_ports
+            .iter()
+            .find(|t| t.port == port)
+            .map(|t| t.twin)
+    }
 }
 
 /// One interface of a device.

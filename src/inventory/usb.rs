@@ -4,7 +4,7 @@ use super::pci::parse_hex_id;
 use super::reader::{Access, Attrs, Reader};
 use super::{
     Bus, ClassTriple, ControllerName, Device, HexId, Interface, PciAddress, PhysicalPort, PortPath,
-    Speed,
+    PortTwin, Speed,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -78,9 +78,9 @@ pub(super) fn read_usb(r: &mut Reader) -> (Vec<Bus>, Vec<Device>) {
         })
         .collect();
     devices.sort_by(|a, b| a.port.cmp(&b.port));
+    check_twins(r, &mut buses);
     for device in &mut devices {
-        let bus = buses.iter().find(|b| b.number == device.bus);
-        device.physical_port = bus.and_then(|bus| PhysicalPort::on_bus(bus, &device.port));
+        device.physical_port = physical_port(r, &buses, device);
     }
     for (device, _) in interfaces {
         r.warn(format!(
@@ -94,14 +94,138 @@ fn read_bus(r: &mut Reader, number: u8, name: &str) -> Bus {
     let who = format!("bus {number}");
     let dir = r.resolve(&Path::new(USB_DEVICES).join(name));
     let mut a = r.attrs(&who, &dir);
+    let speed_mbps = a.required("speed", SPEED, parse_speed).flatten();
+    let ports: Option<u8> = a.optional("maxchild", "a port count", parse_decimal);
+    let version = a.text("version");
+    // Each root port's twin, if the kernel linked one; all of them on one other bus.
+    let peers: Vec<(u8, PortPath)> = (1..=ports.unwrap_or(0))
+        .filter_map(|p| read_peer(r, &port_dir(&dir, number, &[], p)).map(|peer| (p, peer)))
+        .filter(|(_, peer)| peer.bus != number && peer.ports.len() == 1)
+        .collect();
+    let twin = peers.first().map(|(_, peer)| peer.bus);
+    let twin_ports = peers
+        .iter()
+        .filter(|(_, peer)| Some(peer.bus) == twin)
+        .map(|(port, peer)| PortTwin {
+            port: *port,
+            twin: peer.ports[0],
+        })
+        .collect();
     Bus {
         number,
         controller: pci_ancestor(&dir),
         controller_name: controller_name(&dir),
-        speed_mbps: a.required("speed", SPEED, parse_speed).flatten(),
-        ports: a.optional("maxchild", "a port count", parse_decimal),
-        version: a.text("version"),
+        speed_mbps,
+        ports,
+        version,
+        twin,
+        twin_ports,
     }
+}
+
+/// A twin is another root hub of the same controller: a link elsewhere (a crafted
+/// recording, a kernel bug) is dropped with a warning, so no socket is named after
+/// another controller's port.
+fn check_twins(r: &mut Reader, buses: &mut [Bus]) {
+    let names: BTreeMap<u8, Option<ControllerName>> = buses
+        .iter()
+        .map(|b| (b.number, b.controller_name.clone()))
+        .collect();
+    for bus in buses.iter_mut() {
+        let Some(twin) = bus.twin else { continue };
+        let same = names
+            .get(&twin)
+            .is_some_and(|name| *name == bus.controller_name);
+        if !same || bus.controller_name.is_none() {
+            r.warn(format!(
+                "bus {}: its ports' `peer` links point to bus {twin}, which is not another \
+                 root hub of its controller; twins ignored",
+                bus.number
+            ));
+            bus.twin = None;
+            bus.twin_ports.clear();
+        }
+    }
+}
+
+/// The socket a device is in, named by its controller. A device on a USB 3 bus takes the
+/// name of its port's USB 2 twin when the kernel linked one (`peer`), so a USB 3 and a
+/// USB 2 device in the same socket get the same name; without one, the `ss` marker.
+fn physical_port(r: &mut Reader, buses: &[Bus], device: &Device) -> Option<PhysicalPort> {
+    let bus = buses.iter().find(|b| b.number == device.bus)?;
+    let ports = &device.port.ports;
+    if !bus.is_superspeed() || ports.len() < 2 {
+        // Root ports: the bus read their twins already.
+        return PhysicalPort::on_bus(bus, &device.port);
+    }
+    // Behind a USB 3 hub: its port's twin is a port of the hub's USB 2 half.
+    let (last, hub) = ports.split_last()?;
+    let hub_dir = Path::new(&device.sysfs_path).parent()?;
+    let twin = read_peer(r, &port_dir(hub_dir, device.bus, hub, *last)).filter(|peer| {
+        buses
+            .iter()
+            .find(|b| b.number == peer.bus)
+            .is_some_and(|b| !b.is_superspeed() && b.controller_name == bus.controller_name)
+    });
+    match (twin, &bus.controller_name) {
+        (Some(twin), Some(controller)) => Some(PhysicalPort {
+            controller: controller.clone(),
+            superspeed: false,
+            ports: twin.ports,
+        }),
+        _ => PhysicalPort::on_bus(bus, &device.port),
+    }
+}
+
+/// The directory of port `port` of a hub whose resolved directory is `hub_dir`: the root
+/// hub of bus `bus` when `chain` is empty (`usb2/2-0:1.0/usb2-port3`), else the hub at
+/// `bus-chain` (`2-1/2-1:1.0/2-1-port3`; hubs have one configuration, numbered 1).
+fn port_dir(hub_dir: &Path, bus: u8, chain: &[u8], port: u8) -> PathBuf {
+    let (hub, interface) = if chain.is_empty() {
+        (format!("usb{bus}"), format!("{bus}-0:1.0"))
+    } else {
+        let name = PortPath {
+            bus,
+            ports: chain.to_vec(),
+        }
+        .to_string();
+        (name.clone(), format!("{name}:1.0"))
+    };
+    hub_dir.join(interface).join(format!("{hub}-port{port}"))
+}
+
+/// The twin a hub port's `peer` link names (the same socket at the other speed), as the
+/// port path a device plugged there gets; `None` without a link, or (with a warning) when
+/// the link does not name a port.
+fn read_peer(r: &mut Reader, port_dir: &Path) -> Option<PortPath> {
+    let link = port_dir.join("peer");
+    let target = r.follow(&link)?;
+    let peer = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(parse_port_dir_name);
+    if peer.is_none() {
+        r.warn(format!(
+            "{}: does not point to a hub port, ignored",
+            link.display()
+        ));
+    }
+    peer
+}
+
+/// `usb1-port3` (root port 3 of bus 1) → `1-3`; `1-5-port3` (port 3 of hub 1-5) → `1-5.3`.
+fn parse_port_dir_name(name: &str) -> Option<PortPath> {
+    let (hub, port) = name.rsplit_once("-port")?;
+    let port = super::types::parse_decimal_u8(port).filter(|p| *p > 0)?;
+    let mut path = match hub.strip_prefix("usb") {
+        Some(bus) => PortPath {
+            bus: super::types::parse_decimal_u8(bus).filter(|b| *b > 0)?,
+            ports: Vec::new(),
+        },
+        None => hub.parse().ok()?,
+    };
+    path.ports.push(port);
+    format!("{path}").parse().ok()
 }
 
 fn read_device(r: &mut Reader, port: PortPath, name: &str, ifaces: Vec<(u8, String)>) -> Device {
@@ -305,6 +429,16 @@ mod tests {
         );
         assert_eq!(classify("2-0:1.0"), Some(Entry::RootHubInterface));
         assert_eq!(classify("usbmon"), None);
+    }
+
+    #[test]
+    fn a_peer_link_names_a_root_port_or_a_hub_port() {
+        assert_eq!(parse_port_dir_name("usb1-port3"), "1-3".parse().ok());
+        assert_eq!(parse_port_dir_name("1-5-port3"), "1-5.3".parse().ok());
+        assert_eq!(parse_port_dir_name("1-1.2.3.4.5.6.7-port1"), None);
+        for bad in ["usb1", "usb0-port1", "usb1-port0", "x-port1", "1-5-portx"] {
+            assert_eq!(parse_port_dir_name(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@ mod inventory_cli;
 mod inventory_cli_edges;
 mod inventory_fixture;
 mod inventory_props;
+mod inventory_twins;
 mod policy_config;
 mod policy_diff;
 mod policy_docs;

@@ -39,6 +39,8 @@ fn bus(number: u8, controller: &str, speed: f64) -> Bus {
         speed_mbps: Some(Speed(speed)),
         ports: None,
         version: None,
+        twin: None,
+        twin_ports: Vec::new(),
     }
 }
 

@@ -461,6 +461,31 @@ fn cli_attach_vm_goes_through_the_daemon_and_is_confirmed() {
 }
 
 #[test]
+fn cli_attach_vm_takes_a_device_named_by_its_controller_anchored_port() {
+    let bed = Bed::new();
+    let _qemu = bed.qemu();
+    let _daemon = bed.daemon();
+    bed.wait_for_hosts(Duration::from_secs(15));
+
+    // 1-4 of the recording: socket 4 of the xHCI at 0000:00:03.0.
+    let out = bed.cli(&[
+        "attach",
+        "port:0000:00:03.0/4",
+        "--vm",
+        "guest",
+        "--by",
+        "port",
+    ]);
+
+    assert_eq!(out, "1-4 attached to VM guest (confirmed by the VM)\n");
+    assert!(
+        bed.usb_hosts().contains(&"usbroute-port-1-4".to_string()),
+        "{:?}",
+        bed.usb_hosts()
+    );
+}
+
+#[test]
 fn cli_detach_keeps_a_ruled_device_on_the_host_until_cleared() {
     let bed = Bed::new();
     let _qemu = bed.qemu();

@@ -230,6 +230,8 @@ mod tests {
                 speed_mbps: Some(Speed(480.0)),
                 ports: None,
                 version: None,
+                twin: None,
+                twin_ports: Vec::new(),
             }],
             devices,
             ..Snapshot::default()
