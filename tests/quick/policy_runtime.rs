@@ -248,6 +248,44 @@ async fn moving_device_detaches_from_old_vm_before_attaching() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_usb2_device_replacing_a_usb3_one_in_a_socket_swaps_the_usb_host() {
+    // One socket of the xHCI: USB 3 devices show up on bus 2, USB 2 ones on bus 1; the
+    // inventory names both by the socket, so one rule matches either.
+    let socket = |port: &str| Device {
+        physical_port: Some("0000:00:14.0/3".parse().unwrap()),
+        ..device(port, 2)
+    };
+    let host = FakeHost::new();
+    let a = host.start("a");
+    let by_port = Rule::pass(
+        0,
+        "port:0000:00:14.0/3".parse().unwrap(),
+        "a",
+        AttachMode::Port,
+    );
+    let engine = start(
+        &host,
+        vec![by_port],
+        vec![socket("2-1")],
+        &[backend(&a)],
+        options(),
+    );
+    let mut status = engine.status();
+    wait_for(&mut status, "a holds the USB 3 device", |s| {
+        holds(s, "a", "usbroute-port-2-1")
+    })
+    .await;
+
+    plug(&host, &engine, vec![socket("1-3")]);
+
+    wait_for(&mut status, "a holds the USB 2 device only", |s| {
+        holds(s, "a", "usbroute-port-1-3") && !holds(s, "a", "usbroute-port-2-1")
+    })
+    .await;
+    assert_eq!(a.ids(), vec!["usbroute-port-1-3"]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn attach_in_flight_counts_as_held_when_target_changes() {
     let host = FakeHost::new();
     let a = host.start("a");

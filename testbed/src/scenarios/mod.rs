@@ -20,6 +20,7 @@ mod qemu_by_port;
 mod qemu_fd_passing;
 mod record_sysfs;
 mod suspend;
+mod twins;
 mod vfio_ehci;
 mod vfio_rollback;
 mod vfio_support;
@@ -66,6 +67,7 @@ pub fn all() -> Vec<Scenario> {
         scenario!("vfio-xhci", vfio_xhci, "the xHCI on vfio-pci runs in an inner QEMU, at start and by `controller attach`"),
         scenario!("vfio-rollback", vfio_rollback, "a bind failing after every member moved rolls back; the only keyboard is refused"),
         scenario!("port-routing", port_routing, "usbroute reads the guest xHCI's routing registers through live sysfs as dd does, refuses the non-Intel xHCI, changes no byte"),
+        scenario!("twins", twins, "a USB 3 storage device and a USB 2 keyboard plugged in turn into one xHCI socket both go to the VM of one `port:CONTROLLER/N` rule"),
         scenario!("record-sysfs", record_sysfs, "a recording made in the guest lists the same, in the guest and on the host"),
     ]
 }
