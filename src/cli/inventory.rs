@@ -27,7 +27,7 @@ pub struct ListArgs {
 #[derive(Debug, clap::Args)]
 pub struct ShowArgs {
     /// Which devices: port:1-3.4.2, port:0000:00:14.0/3.4.2, id:046d:c016, addr:3.5, serial:ABC, class:03,
-    /// iface:03:01:*, controller:0000:00:14.0, hub:1-3 (`,` for AND).
+    /// iface:03:01:*, controller:0000:00:14.0, hub:1-3, hub:0000:00:14.0/3 (`,` for AND).
     pub selector: String,
     /// Print a JSON array of device objects.
     #[arg(long)]

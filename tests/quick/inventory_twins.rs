@@ -307,3 +307,33 @@ fn attaching_an_empty_socket_by_port_waits_on_its_usb2_bus() {
     );
     assert_eq!(usb3_only["id"], "usbroute-port-2-3");
 }
+
+#[test]
+fn check_gives_bus_numbered_usb3_ports_and_hubs_their_sockets_name() {
+    let (dir, _b) = host();
+    let text = "[[vm]]\nname = \"a\"\nqmp = \"/run/a.qmp\"\n\n\
+                [[rule]]\nmatch = \"port:2-1\"\nvm = \"a\"\n\n\
+                [[rule]]\nmatch = \"hub:2-2\"\nvm = \"a\"\n\n\
+                [[rule]]\nmatch = \"port:2-4\"\nvm = \"a\"\n";
+
+    let out = crate::cli_check::check(dir.path(), text, &["--json"]);
+
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let advice: Vec<&str> = report["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w.as_str())
+        .filter_map(|w| w.split("; write ").nth(1))
+        .collect();
+    assert_eq!(
+        advice,
+        [
+            "`port:0000:00:14.0/3`, the same port named by its controller",
+            "`hub:0000:00:14.0/4`, the same port named by its controller",
+            "`port:0000:00:14.0/ss4`, the same port named by its controller",
+        ],
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -44,6 +44,14 @@ fn parse_controller_anchored_port_long_and_short_pci_forms_alike() {
 }
 
 #[test]
+fn parse_controller_anchored_hub_long_and_short_pci_forms_alike() {
+    let want: PhysicalPort = "0000:00:14.0/3".parse().expect("physical port");
+
+    assert_eq!(one("hub:00:14.0/3"), Term::PhysicalHub(want));
+    assert_eq!(one("hub:00:14.0/3.1").to_string(), "hub:0000:00:14.0/3.1");
+}
+
+#[test]
 fn parse_port_on_a_platform_controller() {
     let term = one("port:platform:vhci_hcd.0/1");
 

@@ -48,6 +48,7 @@ fn term() -> impl Strategy<Value = Term> {
         port_path().prop_map(Term::Port),
         port_path().prop_map(Term::Hub),
         physical_port().prop_map(Term::PhysicalPort),
+        physical_port().prop_map(Term::PhysicalHub),
         (pattern(any::<u16>()), pattern(any::<u16>()))
             .prop_map(|(vendor, product)| Term::Id { vendor, product }),
         (1u8..=255, 1u16..=127).prop_map(|(bus, address)| Term::Addr { bus, address }),
@@ -164,6 +165,10 @@ fn small_selector() -> impl Strategy<Value = Selector> {
         "port:0000:00:1d.0/1",
         "port:platform:vhci_hcd.0/1",
         "port:0000:00:14.0/ss1",
+        "hub:0000:00:14.0/1",
+        "hub:00:14.0/2",
+        "hub:0000:00:14.0/2.1",
+        "hub:platform:vhci_hcd.0/1",
     ]);
     prop::collection::vec(term, 1..3).prop_map(|terms| terms.join(",").parse().expect("selector"))
 }
