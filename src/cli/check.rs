@@ -177,6 +177,7 @@ fn valid_report(file: &ConfigFile, config: &Config, host: &Snapshot) -> Report {
     let mut warnings = warnings(config, &ordered, &at);
     warnings.extend(backend_warnings(config, &drivers, &at));
     warnings.extend(bus_numbered_warnings(config, host, &at));
+    warnings.extend(usb3_side_warnings(config, host, &at));
     Report {
         warnings,
         rules: ordered.iter().map(|r| rule_line(r, at(r.line))).collect(),
@@ -315,6 +316,56 @@ fn bus_numbered_warnings(
             };
             out.push(format!(
                 "{}: `{term}` names the port by its bus number, which can change at the next boot or kernel update; {instead}",
+                at(rule.line)
+            ));
+        }
+    }
+    out
+}
+
+/// Rules that name a socket by its USB 3 side (`port:0000:00:14.0/ss1`) where this host's
+/// kernel links that port to a USB 2 twin: usbroute names every device in such a socket by
+/// the USB 2 side, so the rule matches nothing. Each gets the socket's name.
+fn usb3_side_warnings(
+    config: &Config,
+    host: &Snapshot,
+    at: &dyn Fn(usize) -> String,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for rule in &config.rules {
+        for term in &rule.selector.terms {
+            let (Term::PhysicalPort(port) | Term::PhysicalHub(port)) = term else {
+                continue;
+            };
+            let twin = host
+                .buses
+                .iter()
+                .filter(|b| {
+                    b.is_superspeed() && b.controller_name.as_ref() == Some(&port.controller)
+                })
+                .find_map(|b| b.twin_of(port.ports[0]));
+            let (Some(twin), true) = (twin, port.superspeed) else {
+                continue;
+            };
+            let kind = if matches!(term, Term::PhysicalHub(_)) {
+                "hub"
+            } else {
+                "port"
+            };
+            let socket = crate::inventory::PhysicalPort {
+                superspeed: false,
+                ports: std::iter::once(twin)
+                    .chain(port.ports[1..].iter().copied())
+                    .collect(),
+                ..port.clone()
+            };
+            let below = if port.ports.len() > 1 {
+                " (the hub ports below may be numbered differently on the USB 2 side: see `usbroute list`)"
+            } else {
+                ""
+            };
+            out.push(format!(
+                "{}: `{term}` names the USB 3 side of a socket that has USB 2 wires too; usbroute names every device there by the USB 2 side, so this matches nothing: write `{kind}:{socket}`{below}",
                 at(rule.line)
             ));
         }

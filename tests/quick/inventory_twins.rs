@@ -337,3 +337,29 @@ fn check_gives_bus_numbered_usb3_ports_and_hubs_their_sockets_name() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn check_says_a_usb3_side_name_of_a_twinned_socket_matches_nothing() {
+    let (dir, _b) = host();
+    let text = "[[vm]]\nname = \"a\"\nqmp = \"/run/a.qmp\"\n\n\
+                [[rule]]\nmatch = \"port:0000:00:14.0/ss1\"\nvm = \"a\"\n\n\
+                [[rule]]\nmatch = \"port:0000:00:14.0/ss3\"\nvm = \"a\"\n";
+
+    let out = crate::cli_check::check(dir.path(), text, &["--json"]);
+
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let warnings: Vec<&str> = report["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w.as_str())
+        .filter(|w| w.contains("USB 3 side"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains(":5: `port:0000:00:14.0/ss1`")
+            && warnings[0].ends_with("matches nothing: write `port:0000:00:14.0/3`"),
+        "{}",
+        warnings[0]
+    );
+}
