@@ -290,6 +290,25 @@ fn backend_warnings(
     out
 }
 
+/// One warning per selector term `warn` has something to say about, at its rule's line.
+fn term_warnings(
+    config: &Config,
+    at: &dyn Fn(usize) -> String,
+    warn: impl Fn(&Term) -> Option<String>,
+) -> Vec<String> {
+    config
+        .rules
+        .iter()
+        .flat_map(|rule| {
+            let warn = &warn;
+            rule.selector
+                .terms
+                .iter()
+                .filter_map(move |term| warn(term).map(|w| format!("{}: {w}", at(rule.line))))
+        })
+        .collect()
+}
+
 /// Rules that name a port or a hub by its bus number (`port:1-3`, `hub:1-3`): the kernel
 /// numbers buses in probe order, so the number can change at the next boot or kernel
 /// update and the rule then means another socket. Each gets the stable form when this
@@ -299,28 +318,23 @@ fn bus_numbered_warnings(
     host: &Snapshot,
     at: &dyn Fn(usize) -> String,
 ) -> Vec<String> {
-    let mut out = Vec::new();
-    for rule in &config.rules {
-        for term in &rule.selector.terms {
-            let (kind, port) = match term {
-                Term::Port(port) => ("port", port),
-                Term::Hub(port) => ("hub", port),
-                _ => continue,
-            };
-            let instead = match host.physical_port_of(port) {
-                Some(stable) => format!("write `{kind}:{stable}`, the same port named by its controller"),
-                None => format!(
-                    "bus {} is not on this host now; find the port's stable name (such as 0000:00:14.0/3.4) in the second column of `usbroute list`",
-                    port.bus
-                ),
-            };
-            out.push(format!(
-                "{}: `{term}` names the port by its bus number, which can change at the next boot or kernel update; {instead}",
-                at(rule.line)
-            ));
-        }
-    }
-    out
+    term_warnings(config, at, |term| {
+        let (kind, port) = match term {
+            Term::Port(port) => ("port", port),
+            Term::Hub(port) => ("hub", port),
+            _ => return None,
+        };
+        let instead = match host.physical_port_of(port) {
+            Some(stable) => format!("write `{kind}:{stable}`, the same port named by its controller"),
+            None => format!(
+                "bus {} is not on this host now; find the port's stable name (such as 0000:00:14.0/3.4) in the second column of `usbroute list`",
+                port.bus
+            ),
+        };
+        Some(format!(
+            "`{term}` names the port by its bus number, which can change at the next boot or kernel update; {instead}"
+        ))
+    })
 }
 
 /// Rules that name a socket by its USB 3 side (`port:0000:00:14.0/ss1`) where this host's
@@ -331,46 +345,37 @@ fn usb3_side_warnings(
     host: &Snapshot,
     at: &dyn Fn(usize) -> String,
 ) -> Vec<String> {
-    let mut out = Vec::new();
-    for rule in &config.rules {
-        for term in &rule.selector.terms {
-            let (Term::PhysicalPort(port) | Term::PhysicalHub(port)) = term else {
-                continue;
-            };
-            let twin = host
-                .buses
-                .iter()
-                .filter(|b| {
-                    b.is_superspeed() && b.controller_name.as_ref() == Some(&port.controller)
-                })
-                .find_map(|b| b.twin_of(port.ports[0]));
-            let (Some(twin), true) = (twin, port.superspeed) else {
-                continue;
-            };
-            let kind = if matches!(term, Term::PhysicalHub(_)) {
-                "hub"
-            } else {
-                "port"
-            };
-            let socket = crate::inventory::PhysicalPort {
-                superspeed: false,
-                ports: std::iter::once(twin)
-                    .chain(port.ports[1..].iter().copied())
-                    .collect(),
-                ..port.clone()
-            };
-            let below = if port.ports.len() > 1 {
-                " (the hub ports below may be numbered differently on the USB 2 side: see `usbroute list`)"
-            } else {
-                ""
-            };
-            out.push(format!(
-                "{}: `{term}` names the USB 3 side of a socket that has USB 2 wires too; usbroute names every device there by the USB 2 side, so this matches nothing: write `{kind}:{socket}`{below}",
-                at(rule.line)
-            ));
-        }
-    }
-    out
+    term_warnings(config, at, |term| {
+        let (Term::PhysicalPort(port) | Term::PhysicalHub(port)) = term else {
+            return None;
+        };
+        let twin = host
+            .buses
+            .iter()
+            .filter(|b| b.is_superspeed() && b.controller_name.as_ref() == Some(&port.controller))
+            .find_map(|b| b.twin_of(port.ports[0]))
+            .filter(|_| port.superspeed)?;
+        let kind = if matches!(term, Term::PhysicalHub(_)) {
+            "hub"
+        } else {
+            "port"
+        };
+        let socket = crate::inventory::PhysicalPort {
+            superspeed: false,
+            ports: std::iter::once(twin)
+                .chain(port.ports[1..].iter().copied())
+                .collect(),
+            ..port.clone()
+        };
+        let below = if port.ports.len() > 1 {
+            " (the hub ports below may be numbered differently on the USB 2 side: see `usbroute list`)"
+        } else {
+            ""
+        };
+        Some(format!(
+            "`{term}` names the USB 3 side of a socket that has USB 2 wires too; usbroute names every device there by the USB 2 side, so this matches nothing: write `{kind}:{socket}`{below}"
+        ))
+    })
 }
 
 fn rule_line(r: &Rule, at: String) -> RuleLine {

@@ -25,6 +25,21 @@ pub struct PciFunction<'a> {
     pub iommu_group: Option<u32>,
 }
 
+impl<'a> PciFunction<'a> {
+    /// A USB host controller of class `class` (`0x0c0330` for an xHCI) at `address`, with
+    /// made-up ids, no driver bound and no IOMMU.
+    pub fn usb_controller(address: &'a str, class: u32) -> Self {
+        PciFunction {
+            address,
+            class,
+            vendor: 0x8086,
+            device: 0x1234,
+            driver: None,
+            iommu_group: None,
+        }
+    }
+}
+
 /// A USB device to create (its hub, if any, must have been created first).
 #[derive(Debug, Clone)]
 pub struct UsbDevice<'a> {

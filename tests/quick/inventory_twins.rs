@@ -45,15 +45,7 @@ fn controllers() -> (tempfile::TempDir, SysfsBuilder) {
     let dir = tempfile::tempdir().unwrap();
     let b = SysfsBuilder::new(dir.path());
     for (address, class) in [(XHCI, 0x0c0330), (EHCI, 0x0c0320)] {
-        b.pci(&PciFunction {
-            address,
-            class,
-            vendor: 0x8086,
-            device: 0x1234,
-            driver: None,
-            iommu_group: None,
-        })
-        .unwrap();
+        b.pci(&PciFunction::usb_controller(address, class)).unwrap();
     }
     b.bus(XHCI, 1, "480", "2.00", 4).unwrap();
     b.bus(XHCI, 2, "5000", "3.00", 4).unwrap();
@@ -308,22 +300,32 @@ fn attaching_an_empty_socket_by_port_waits_on_its_usb2_bus() {
     assert_eq!(usb3_only["id"], "usbroute-port-2-3");
 }
 
-#[test]
-fn check_gives_bus_numbered_usb3_ports_and_hubs_their_sockets_name() {
-    let (dir, _b) = host();
-    let text = "[[vm]]\nname = \"a\"\nqmp = \"/run/a.qmp\"\n\n\
-                [[rule]]\nmatch = \"port:2-1\"\nvm = \"a\"\n\n\
-                [[rule]]\nmatch = \"hub:2-2\"\nvm = \"a\"\n\n\
-                [[rule]]\nmatch = \"port:2-4\"\nvm = \"a\"\n";
-
-    let out = crate::cli_check::check(dir.path(), text, &["--json"]);
-
+/// `usbroute check --json`'s warnings on `rules` (after a VM `a`) on the host in `dir`.
+fn check_warnings(dir: &tempfile::TempDir, rules: &str) -> Vec<String> {
+    let text = format!("[[vm]]\nname = \"a\"\nqmp = \"/run/a.qmp\"\n\n{rules}");
+    let out = crate::cli_check::check(dir.path(), &text, &["--json"]);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let advice: Vec<&str> = report["warnings"]
+    report["warnings"]
         .as_array()
         .unwrap()
         .iter()
-        .filter_map(|w| w.as_str())
+        .filter_map(|w| w.as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn check_gives_bus_numbered_usb3_ports_and_hubs_their_sockets_name() {
+    let (dir, _b) = host();
+
+    let warnings = check_warnings(
+        &dir,
+        "[[rule]]\nmatch = \"port:2-1\"\nvm = \"a\"\n\n\
+         [[rule]]\nmatch = \"hub:2-2\"\nvm = \"a\"\n\n\
+         [[rule]]\nmatch = \"port:2-4\"\nvm = \"a\"\n",
+    );
+
+    let advice: Vec<&str> = warnings
+        .iter()
         .filter_map(|w| w.split("; write ").nth(1))
         .collect();
     assert_eq!(
@@ -333,33 +335,29 @@ fn check_gives_bus_numbered_usb3_ports_and_hubs_their_sockets_name() {
             "`hub:0000:00:14.0/4`, the same port named by its controller",
             "`port:0000:00:14.0/ss4`, the same port named by its controller",
         ],
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+        "{warnings:?}"
     );
 }
 
 #[test]
 fn check_says_a_usb3_side_name_of_a_twinned_socket_matches_nothing() {
     let (dir, _b) = host();
-    let text = "[[vm]]\nname = \"a\"\nqmp = \"/run/a.qmp\"\n\n\
-                [[rule]]\nmatch = \"port:0000:00:14.0/ss1\"\nvm = \"a\"\n\n\
-                [[rule]]\nmatch = \"port:0000:00:14.0/ss3\"\nvm = \"a\"\n";
 
-    let out = crate::cli_check::check(dir.path(), text, &["--json"]);
+    let warnings = check_warnings(
+        &dir,
+        "[[rule]]\nmatch = \"port:0000:00:14.0/ss1\"\nvm = \"a\"\n\n\
+         [[rule]]\nmatch = \"port:0000:00:14.0/ss3\"\nvm = \"a\"\n",
+    );
 
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let warnings: Vec<&str> = report["warnings"]
-        .as_array()
-        .unwrap()
+    let usb3_side: Vec<&String> = warnings
         .iter()
-        .filter_map(|w| w.as_str())
         .filter(|w| w.contains("USB 3 side"))
         .collect();
-    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(usb3_side.len(), 1, "{warnings:?}");
     assert!(
-        warnings[0].contains(":5: `port:0000:00:14.0/ss1`")
-            && warnings[0].ends_with("matches nothing: write `port:0000:00:14.0/3`"),
+        usb3_side[0].contains(":5: `port:0000:00:14.0/ss1`")
+            && usb3_side[0].ends_with("matches nothing: write `port:0000:00:14.0/3`"),
         "{}",
-        warnings[0]
+        usb3_side[0]
     );
 }

@@ -58,15 +58,7 @@ fn device(port: &str, serial: &'static str, class: u8, speed: &'static str) -> U
 fn host(dir: &Path, n: &Numbering) -> Snapshot {
     let b = SysfsBuilder::new(dir);
     for (address, class) in [(XHCI, 0x0c0330), (EHCI, 0x0c0320)] {
-        b.pci(&PciFunction {
-            address,
-            class,
-            vendor: 0x8086,
-            device: 0x1234,
-            driver: None,
-            iommu_group: None,
-        })
-        .unwrap();
+        b.pci(&PciFunction::usb_controller(address, class)).unwrap();
     }
     b.bus(XHCI, n.xhci_usb2, "480", "2.00", 4).unwrap();
     b.bus(XHCI, n.xhci_usb3, "5000", "3.00", 4).unwrap();
