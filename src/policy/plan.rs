@@ -334,7 +334,7 @@ pub(super) fn decide(input: &PlanInput<'_>, device: &Device) -> Decision {
     let reason = match (wanted_by, deciding) {
         (Some(rule), Some(deciding)) => Reason::Rule {
             rule,
-            behind_hub: hub_above(deciding, &device.port),
+            behind_hub: hub_above(deciding, device),
         },
         _ => Reason::ManualAttach,
     };
@@ -347,10 +347,17 @@ pub(super) fn decide(input: &PlanInput<'_>, device: &Device) -> Decision {
     }
 }
 
-/// The hub of `rule`'s `hub:` terms that `port` is behind.
-fn hub_above(rule: &Rule, port: &PortPath) -> Option<PortPath> {
+/// The hub of `rule`'s `hub:` terms that `device` is behind (a hub named by its socket,
+/// `hub:0000:00:14.0/3`, as the kernel names it on the device's bus: the same hops).
+fn hub_above(rule: &Rule, device: &Device) -> Option<PortPath> {
+    let port = &device.port;
+    let physical = device.physical_port.as_ref();
     rule.selector.terms.iter().find_map(|t| match t {
         Term::Hub(hub) if port.is_behind(hub) => Some(hub.clone()),
+        Term::PhysicalHub(hub) if physical.is_some_and(|p| p.is_behind(hub)) => Some(PortPath {
+            bus: port.bus,
+            ports: port.ports.get(..hub.ports.len())?.to_vec(),
+        }),
         _ => None,
     })
 }
@@ -358,10 +365,13 @@ fn hub_above(rule: &Rule, port: &PortPath) -> Option<PortPath> {
 /// The pass rule, first in rank, with a `hub:` term that names `hub` or a hub above it:
 /// the rule that gives the devices behind `hub` to its VM.
 fn subtree_rule(rules: &[Rule], hub: &Device) -> Option<SubtreeRule> {
+    let socket = hub.physical_port.as_ref();
     let covers = |r: &&Rule| {
-        r.selector.terms.iter().any(
-            |t| matches!(t, Term::Hub(above) if *above == hub.port || hub.port.is_behind(above)),
-        )
+        r.selector.terms.iter().any(|t| match t {
+            Term::Hub(above) => *above == hub.port || hub.port.is_behind(above),
+            Term::PhysicalHub(above) => socket.is_some_and(|s| s == above || s.is_behind(above)),
+            _ => false,
+        })
     };
     let rule = rules
         .iter()

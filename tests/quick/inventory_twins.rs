@@ -12,8 +12,11 @@
 
 use assert_cmd::Command;
 use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use usbroute::backend::AttachMode;
 use usbroute::inventory::synth::{PciFunction, SysfsBuilder, UsbDevice};
 use usbroute::inventory::{record, render, scan, PhysicalPort, PortTwin, Snapshot};
+use usbroute::policy::{plan, Placement, PlanInput, Reason, Rule};
 use usbroute::selector::Selector;
 use usbroute::sysfs::SysfsRoot;
 
@@ -360,4 +363,50 @@ fn check_says_a_usb3_side_name_of_a_twinned_socket_matches_nothing() {
         "{}",
         usb3_side[0]
     );
+}
+
+#[test]
+fn a_hub_rule_by_socket_gives_both_halves_devices_and_no_hub_naming_the_hub_each_is_behind() {
+    let (dir, _b) = host();
+    let s = scan_of(&dir);
+    let rules = [Rule::pass(
+        0,
+        "hub:0000:00:14.0/4".parse().unwrap(),
+        "a",
+        AttachMode::Port,
+    )];
+
+    let desired = plan(&PlanInput {
+        rules: &rules,
+        devices: &s.devices,
+        mounted_disks: &BTreeSet::new(),
+        vms_up: &BTreeSet::from(["a".to_string()]),
+        backends: &BTreeMap::new(),
+        overrides: &BTreeMap::new(),
+        controllers_owned: &BTreeMap::new(),
+    });
+
+    let decided = |port: &str| desired.devices[&port.parse().unwrap()].clone();
+    for (device, hub) in [("2-2.1", "2-2"), ("1-4.3", "1-4")] {
+        let decision = decided(device);
+        assert!(
+            matches!(decision.placement, Placement::Vm { .. }),
+            "{device}"
+        );
+        let Reason::Rule { behind_hub, .. } = decision.reason else {
+            panic!("{device}: {:?}", decision.reason)
+        };
+        assert_eq!(behind_hub, hub.parse().ok(), "{device}");
+    }
+    for hub in ["1-4", "2-2"] {
+        let decision = decided(hub);
+        assert_eq!(decision.placement, Placement::Host, "{hub}");
+        let Reason::Hub {
+            subtree: Some(subtree),
+        } = decision.reason
+        else {
+            panic!("{hub}: {:?}", decision.reason)
+        };
+        assert_eq!(subtree.vm, "a", "{hub}");
+    }
 }
