@@ -223,6 +223,7 @@ async fn usbroute_pipeline(qmp: &Path, n: usize) -> (Percentiles, Percentiles) {
             vms_up: &up,
             backends: &Default::default(),
             overrides: &overrides,
+            follows: &Default::default(),
             controllers_owned: &owned,
         };
         let desired = plan(&input);

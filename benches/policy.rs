@@ -98,6 +98,7 @@ fn main() {
         vms_up: &up,
         backends: &Default::default(),
         overrides: &overrides,
+        follows: &Default::default(),
         controllers_owned: &owned,
     };
 

@@ -4,7 +4,7 @@
 
 use super::problems::Report;
 use crate::backend::AttachMode;
-use crate::policy::{Rule, RuleAction, HOST};
+use crate::policy::{parse_window, Rule, RuleAction, HOST};
 use crate::selector::Selector;
 use serde::Deserialize;
 use std::ops::Range;
@@ -21,6 +21,7 @@ pub(super) struct RawRule {
     forbid: Option<Spanned<bool>>,
     force: Option<Spanned<bool>>,
     priority: Option<Spanned<i64>>,
+    follow: Option<Spanned<String>>,
 }
 
 /// The rules, in file order; `vms` are the `[[vm]]` names a rule may send devices to.
@@ -96,7 +97,23 @@ fn check_rule(
             raw.priority.as_ref().map(Spanned::span),
             "a forbid rule always wins over every other rule",
         );
+        no_effect_on_forbid(
+            report,
+            "follow",
+            raw.follow.as_ref().map(Spanned::span),
+            "a forbid rule gives no device to a VM, so there is nothing to follow",
+        );
     }
+    let follow = match raw.follow {
+        Some(w) if !matches!(action, Some(RuleAction::Forbid)) => match parse_window(w.get_ref()) {
+            Ok(window) => Some(window),
+            Err(e) => {
+                report.at(w.span(), format!("`follow`: {e}"));
+                return None;
+            }
+        },
+        _ => None,
+    };
     Some(Rule {
         index,
         line,
@@ -104,6 +121,7 @@ fn check_rule(
         action: action?,
         priority: raw.priority.map_or(0, Spanned::into_inner),
         force: raw.force.is_some_and(Spanned::into_inner),
+        follow,
     })
 }
 

@@ -11,6 +11,7 @@ use super::controller_host::SharedControllerHost;
 use super::controllers::{owned_by_running, ControllerConfig, Groups};
 use super::diff::Action;
 use super::due_actions;
+use super::follow::{DeviceChange, Follows, Moment};
 use super::group_work::GroupWork;
 use super::holdings::{Holdings, Outcome};
 use super::retry::{BackoffPolicy, RetryBook};
@@ -187,6 +188,8 @@ struct Coordinator {
     mounted: BTreeSet<String>,
     backends: BTreeMap<String, Capabilities>,
     overrides: BTreeMap<PortPath, Override>,
+    /// Devices that left under a `follow` rule, and the plugs that follow them.
+    follows: Follows,
     workers: BTreeMap<String, Worker>,
     generation: u64,
     holdings: Holdings,
@@ -219,6 +222,7 @@ impl Coordinator {
             mounted: BTreeSet::new(),
             backends: BTreeMap::new(),
             overrides: BTreeMap::new(),
+            follows: Follows::default(),
             workers: BTreeMap::new(),
             generation: 0,
             holdings: Holdings::default(),
@@ -264,7 +268,15 @@ impl Coordinator {
             Input::Rules(rules) => self.rules = Arc::from(rules),
             Input::Controllers(c) => self.controllers = c,
             Input::Devices(devices) => {
-                self.devices = devices;
+                let before = std::mem::replace(&mut self.devices, devices);
+                let change = DeviceChange {
+                    before: &before,
+                    after: &self.devices,
+                    decided: &self.status.borrow().desired,
+                    rules: &self.rules,
+                };
+                self.follows
+                    .devices_changed(&change, Moment::wall_now(self.now()));
                 self.devices_known = true;
                 let present: BTreeMap<&PortPath, Option<u16>> =
                     self.devices.iter().map(|d| (&d.port, d.address)).collect();
@@ -412,6 +424,7 @@ impl Coordinator {
             vms_up: up,
             backends: &self.backends,
             overrides: &self.overrides,
+            follows: self.follows.bindings(),
             controllers_owned: owned,
         }
     }

@@ -7,6 +7,8 @@
 //!   attach, foreign usb-host devices left alone);
 //! - [`Holdings`]: what each VM holds — its last answered list plus attaches in flight or
 //!   of unknown outcome — turned into the diff's [`Actual`];
+//! - [`Follows`]: devices that left under a rule's `follow`, and the plugs that follow
+//!   them (bindings the plan reads; expired departures dropped on the next change, no timer);
 //! - [`RetryBook`]: capped exponential backoff per (VM, attach key) with the last error;
 //! - [`due_actions`]: one round = diff minus what is still backing off;
 //! - [`routing`]: the port-routing reconciler (the profile in force against XUSB2PR),
@@ -46,6 +48,7 @@
 //!     vms_up: &up,
 //!     backends: &Default::default(),
 //!     overrides: &overrides,
+//!     follows: &Default::default(), // Follows::bindings()
 //!     controllers_owned: &owned,
 //! });
 //! let mut holdings = Holdings::default();
@@ -65,6 +68,7 @@ pub mod controller_host;
 pub mod controllers;
 pub mod coordinator;
 mod diff;
+mod follow;
 mod group_work;
 mod holdings;
 mod retry;
@@ -78,6 +82,7 @@ pub use controller_host::{
 };
 pub use controllers::{owned_by_running, ControllerConfig, GroupStep, Groups};
 pub use diff::{reconcile, renewals, Action, Actual, VmView};
+pub use follow::{DeviceChange, Follows, Moment};
 pub use holdings::{Holdings, Outcome};
 pub use retry::{BackoffPolicy, Pending, RetryBook};
 pub use status::{DeviceState, Settled};

@@ -322,9 +322,15 @@ fn write_no_follow(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .write_all(bytes)
 }
 
-/// Now as `2026-11-21T07:30:00Z`, without a date crate (days-from-civil, inverted).
+/// Now as `2026-11-21T07:30:00Z`.
 fn utc_now() -> String {
-    let secs = std::time::SystemTime::now()
+    utc_text(std::time::SystemTime::now())
+}
+
+/// `at` as `2026-11-21T07:30:00Z` (whole seconds), without a date crate (days-from-civil,
+/// inverted); also how the engine stamps when a followed device left.
+pub fn utc_text(at: std::time::SystemTime) -> String {
+    let secs = at
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let (days, rem) = (secs / 86_400, secs % 86_400);

@@ -10,7 +10,8 @@
 //! 5. the matching pass rule with the highest `priority`; among equal priorities the
 //!    earliest in the file (first match wins, as in USBGuard, udev and firewalls).
 //!    Overlapping rules are never an error: `usbroute check` and the daemon warn about
-//!    rules for different VMs that might match one device ([`super::overlaps`]);
+//!    rules for different VMs that might match one device ([`super::overlaps`]); a
+//!    rule whose device this plug follows ([`PlanInput::follows`]) counts as matching;
 //! 6. no rule: host.
 //!
 //! A VM target is then checked: a host network interface or a mounted host filesystem on
@@ -19,6 +20,7 @@
 //! device with that vendor:product, so the first such device (by port) claims the kind and
 //! other devices of that kind stay on the host, with a reason that says so.
 
+use super::follow::{Departed, Follow};
 use super::rules::{Rule, RuleAction};
 use crate::backend::{AttachKey, AttachMode, Capabilities};
 use crate::inventory::{Device, HexId, PciAddress, PortPath};
@@ -142,6 +144,17 @@ pub enum Reason {
         /// What wanted it in a VM (`None`: a manual attach).
         wanted_by: Option<RuleRef>,
     },
+    /// A `follow` rule decided for this device although its selector does not match it:
+    /// the device it gave a VM left this physical port, and this one appeared there
+    /// within the rule's window (a re-enumeration, say into a bootloader).
+    Followed {
+        /// The followed rule.
+        rule: RuleRef,
+        /// The device that left.
+        previous: Departed,
+        /// How long after it left this device appeared, in milliseconds.
+        after_ms: u64,
+    },
     /// Another device of the same kind is attached by id, which may grab any of them.
     KindClaimed {
         /// The device that claimed the kind.
@@ -223,6 +236,9 @@ pub struct PlanInput<'a> {
     pub backends: &'a BTreeMap<String, Capabilities>,
     /// Manual overrides by port path.
     pub overrides: &'a BTreeMap<PortPath, Override>,
+    /// Plugs following a device that left (a rule's `follow`), by port path; the engine
+    /// keeps them (see [`Follow`]).
+    pub follows: &'a BTreeMap<PortPath, Follow>,
     /// PCI functions given whole to a VM that is running, with that VM: every function of
     /// the IOMMU group of each `[[controller]]` whose VM runs, since the whole group goes
     /// to the VM. The engine computes it (`engine::owned_by_running` over
@@ -264,11 +280,18 @@ pub(super) fn decide(input: &PlanInput<'_>, device: &Device) -> Decision {
             vm: vm.clone(),
         });
     }
-    let matching: Vec<&Rule> = input
+    let mut matching: Vec<&Rule> = input
         .rules
         .iter()
         .filter(|r| r.selector.matches(device))
         .collect();
+    // The followed rule joins the matching ones at its own rank: precedence decides.
+    let follow = input.follows.get(&device.port);
+    let followed = follow.and_then(|f| Some((f.rule_for(input.rules, device)?, f)));
+    let followed = followed.filter(|(rule, _)| !matching.iter().any(|m| m.index == rule.index));
+    if let Some((rule, _)) = followed {
+        matching.push(rule);
+    }
     let first = matching.iter().copied().min_by_key(|r| r.rank());
     if let Some(rule) = first.filter(|r| r.action == RuleAction::Forbid) {
         return host(Reason::Forbidden {
@@ -331,8 +354,15 @@ pub(super) fn decide(input: &PlanInput<'_>, device: &Device) -> Decision {
     if AttachKey::of(mode, device).is_none() {
         return host(Reason::NotAttachable { mode, wanted_by });
     }
-    let reason = match (wanted_by, deciding) {
-        (Some(rule), Some(deciding)) => Reason::Rule {
+    let reason = match (wanted_by, deciding, followed) {
+        (Some(rule), Some(deciding), Some((by, f))) if by.index == deciding.index => {
+            Reason::Followed {
+                rule,
+                previous: f.previous.clone(),
+                after_ms: f.after_ms,
+            }
+        }
+        (Some(rule), Some(deciding), _) => Reason::Rule {
             rule,
             behind_hub: hub_above(deciding, device),
         },
@@ -412,7 +442,7 @@ fn settle_id_claims(devices: &[Device], decisions: &mut BTreeMap<PortPath, Decis
             .filter(|(claimer, _)| claimer != port);
         if let (Some((claimer, vm)), Placement::Vm { .. }) = (claim, &decision.placement) {
             let wanted_by = match &decision.reason {
-                Reason::Rule { rule, .. } => Some(rule.clone()),
+                Reason::Rule { rule, .. } | Reason::Followed { rule, .. } => Some(rule.clone()),
                 _ => None,
             };
             *decision = host(Reason::KindClaimed {
@@ -446,6 +476,11 @@ impl fmt::Display for Reason {
             Reason::NoRule => f.write_str("no rule matches it"),
             Reason::Rule { rule, behind_hub: None } => write!(f, "{}", rule.text),
             Reason::Rule { rule, behind_hub: Some(hub) } => write!(f, "{}: the device is behind hub {hub}", rule.text),
+            Reason::Followed { rule, previous, after_ms } => write!(
+                f,
+                "{} followed the device it gave the VM, which left {previous}; this one appeared there {}.{:03} s later",
+                rule.text, after_ms / 1000, after_ms % 1000
+            ),
             Reason::Forbidden { rule } => write!(f, "forbidden by {}", rule.text),
             Reason::Hub { subtree: None } => f.write_str("hubs cannot be passed to a VM (the devices behind a hub can: match them, e.g. hub:1-3)"),
             Reason::Hub { subtree: Some(s) } => write!(f, "hubs cannot be passed to a VM, so this hub stays on the host; {} gives the devices behind it to VM {}", s.rule.text, s.vm),

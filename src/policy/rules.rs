@@ -3,6 +3,7 @@
 use crate::backend::AttachMode;
 use crate::selector::Selector;
 use std::fmt;
+use std::time::Duration;
 
 /// The target name that means "stays on the host" in a rule's `vm`.
 pub const HOST: &str = "host";
@@ -46,6 +47,10 @@ pub struct Rule {
     pub priority: i64,
     /// Overrides the built-in protections (host netdev, mounted disk); never hubs.
     pub force: bool,
+    /// `follow = "10s"`: a device this rule gave a VM that leaves, and a device that
+    /// appears on the same physical port within this window, goes to the same VM even
+    /// with other ids (a bootloader re-enumeration). `None`: off. Pass rules only.
+    pub follow: Option<Duration>,
 }
 
 impl Rule {
@@ -61,6 +66,7 @@ impl Rule {
             },
             priority: 0,
             force: false,
+            follow: None,
         }
     }
 
@@ -73,6 +79,7 @@ impl Rule {
             action: RuleAction::Forbid,
             priority: 0,
             force: false,
+            follow: None,
         }
     }
 
@@ -83,7 +90,10 @@ impl Rule {
             RuleAction::Pass { vm, mode } => {
                 let by = mode.name();
                 let force = if self.force { ", force" } else { "" };
-                format!("vm = \"{vm}\", by = \"{by}\"{force}")
+                let follow = self.follow.map_or(String::new(), |w| {
+                    format!(", follow = \"{}\"", window_text(w))
+                });
+                format!("vm = \"{vm}\", by = \"{by}\"{force}{follow}")
             }
         }
     }
@@ -230,4 +240,57 @@ pub fn overlaps(rules: &[Rule]) -> Vec<Overlap<'_>> {
         }
     }
     out
+}
+
+/// The longest `follow` window: a re-enumeration takes seconds; a device that comes back
+/// after minutes is a new plug, not the same device.
+pub const MAX_FOLLOW: Duration = Duration::from_secs(600);
+
+/// Why a `follow` window was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadWindow {
+    /// Not a number and a unit.
+    #[error("`{0}` is not a duration: write a whole number and a unit, `500ms`, `10s` or `2m`")]
+    Syntax(String),
+    /// Zero follows nothing.
+    #[error("a window of 0 follows nothing: leave `follow` out to turn it off")]
+    Zero,
+    /// Longer than [`MAX_FOLLOW`].
+    #[error("`{0}` is longer than the 10 minutes allowed: a device back after that long is a new plug, not a re-enumeration")]
+    TooLong(String),
+}
+
+/// A `follow` window: a whole number with `ms`, `s` or `m`, above 0 and at most
+/// [`MAX_FOLLOW`].
+pub fn parse_window(text: &str) -> Result<Duration, BadWindow> {
+    let syntax = || BadWindow::Syntax(text.to_string());
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    // At most 7 digits: enough for 10 minutes in ms, and no overflow below.
+    let n: u64 = match number.len() {
+        1..=7 => number.parse().map_err(|_| syntax())?,
+        _ if number.is_empty() => return Err(syntax()),
+        _ => return Err(BadWindow::TooLong(text.to_string())),
+    };
+    let window = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        _ => return Err(syntax()),
+    };
+    match window {
+        Duration::ZERO => Err(BadWindow::Zero),
+        w if w > MAX_FOLLOW => Err(BadWindow::TooLong(text.to_string())),
+        w => Ok(w),
+    }
+}
+
+/// A window as the config writes it: `10s`, `500ms`, `2m`.
+pub fn window_text(window: Duration) -> String {
+    let ms = window.as_millis();
+    match ms {
+        _ if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
+    }
 }

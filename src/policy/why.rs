@@ -51,15 +51,18 @@ pub fn why(input: &PlanInput<'_>, device: &Device) -> Why {
         .iter()
         .map(|rule| {
             let failing = rule.selector.explain(device);
-            let verdict = if !failing.is_empty() {
+            // A followed rule decides a device its selector does not match.
+            let followed = matches!(decision.reason, Reason::Followed { .. });
+            let decided = deciding == Some(rule.index) && (failing.is_empty() || followed);
+            let verdict = if decided {
+                RuleMatch::Decided
+            } else if !failing.is_empty() {
                 RuleMatch::NoMatch {
                     terms: failing
                         .iter()
                         .map(|(t, why)| format!("{t}: {why}"))
                         .collect(),
                 }
-            } else if deciding == Some(rule.index) {
-                RuleMatch::Decided
             } else {
                 let winner = deciding.and_then(|i| input.rules.iter().find(|r| r.index == i));
                 outranked(&decision.reason, winner, rule)
@@ -92,7 +95,7 @@ fn outranked(reason: &Reason, deciding: Option<&Rule>, rule: &Rule) -> RuleMatch
         WinsBy::FileOrder => "an earlier rule in the file (first match wins)".to_string(),
     };
     let decided = match reason {
-        Reason::Rule { .. } | Reason::Forbidden { .. } => String::new(),
+        Reason::Rule { .. } | Reason::Forbidden { .. } | Reason::Followed { .. } => String::new(),
         other => format!("; {other}"),
     };
     RuleMatch::Outranked {
@@ -103,7 +106,9 @@ fn outranked(reason: &Reason, deciding: Option<&Rule>, rule: &Rule) -> RuleMatch
 
 fn deciding_rule(reason: &Reason) -> Option<usize> {
     match reason {
-        Reason::Rule { rule, .. } | Reason::Forbidden { rule } => Some(rule.index),
+        Reason::Rule { rule, .. } | Reason::Forbidden { rule } | Reason::Followed { rule, .. } => {
+            Some(rule.index)
+        }
         Reason::HostNetdev { wanted_by, .. }
         | Reason::MountedDisk { wanted_by, .. }
         | Reason::VmDown { wanted_by, .. }

@@ -217,6 +217,7 @@ impl Sim {
             vms_up: &up,
             backends: &Default::default(),
             overrides: &self.overrides,
+            follows: &BTreeMap::new(),
             controllers_owned: &owned,
         })
     }

@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use usbroute::backend::{AttachMode, Capabilities};
 use usbroute::inventory::{Device, PciAddress, PortPath};
 use usbroute::policy::{
-    plan, why, Override, OverrideAction, Placement, PlanInput, Reason, Rule, RuleMatch, WinsBy,
+    plan, why, Follow, Override, OverrideAction, Placement, PlanInput, Reason, Rule, RuleMatch,
+    WinsBy,
 };
 
 #[derive(Default)]
@@ -18,6 +19,7 @@ struct World {
     mounted: BTreeSet<String>,
     up: BTreeSet<String>,
     overrides: BTreeMap<PortPath, Override>,
+    follows: BTreeMap<PortPath, Follow>,
     owned: BTreeMap<PciAddress, String>,
     backends: BTreeMap<String, Capabilities>,
 }
@@ -40,6 +42,7 @@ impl World {
             vms_up: &self.up,
             backends: &self.backends,
             overrides: &self.overrides,
+            follows: &self.follows,
             controllers_owned: &self.owned,
         }
     }

@@ -126,6 +126,7 @@ fn run_with(
         vms_up: &w.up,
         backends,
         overrides: &BTreeMap::new(),
+        follows: &BTreeMap::new(),
         controllers_owned: &BTreeMap::new(),
     })
 }

@@ -123,6 +123,7 @@ fn placements(config: &Config, host: &Snapshot) -> BTreeMap<String, Placement> {
         vms_up: &vms_up,
         backends: &BTreeMap::new(),
         overrides: &BTreeMap::new(),
+        follows: &BTreeMap::new(),
         controllers_owned: &BTreeMap::new(),
     });
     host.devices

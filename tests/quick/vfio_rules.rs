@@ -169,6 +169,7 @@ fn placement_of_uhci_device(running: &[&str]) -> (Placement, Reason) {
         vms_up: &up,
         backends: &Default::default(),
         overrides: &BTreeMap::new(),
+        follows: &BTreeMap::new(),
         controllers_owned: &owned,
     });
     let decision = desired.devices[&device.port].clone();
