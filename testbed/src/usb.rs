@@ -42,6 +42,10 @@ pub enum Kind {
     Storage,
     /// `usb-hub` (0409:55aa), full speed, 8 ports.
     Hub,
+    /// `usb-wacom-tablet` (056a:0000, "Wacom PenPartner"), full speed: the one emulated
+    /// HID device with other ids than QEMU's 0627:0001, for a device that comes back on
+    /// the same port as another product (a re-enumeration).
+    Wacom,
 }
 
 impl Kind {
@@ -53,6 +57,7 @@ impl Kind {
             Kind::Tablet => "usb-tablet",
             Kind::Storage => "usb-storage",
             Kind::Hub => "usb-hub",
+            Kind::Wacom => "usb-wacom-tablet",
         }
     }
 
@@ -62,6 +67,7 @@ impl Kind {
             Kind::Kbd | Kind::Mouse | Kind::Tablet => ("0627", "0001"),
             Kind::Storage => ("46f4", "0001"),
             Kind::Hub => ("0409", "55aa"),
+            Kind::Wacom => ("056a", "0000"),
         }
     }
 }
@@ -141,7 +147,7 @@ impl UsbDevice {
         let chain = self.port_chain();
         let behind_hub = chain.len() > 1;
         let own_max: u32 = match self.kind {
-            Kind::Hub => 12,
+            Kind::Hub | Kind::Wacom => 12,
             Kind::Storage => 5000,
             _ if self.full_speed_only => 12,
             _ => 480,
@@ -185,7 +191,7 @@ impl UsbDevice {
     /// Speed of the device at the root port (what decides EHCI vs companion).
     fn root_speed(&self) -> u32 {
         match self.kind {
-            Kind::Hub => 12,
+            Kind::Hub | Kind::Wacom => 12,
             _ if self.full_speed_only => 12,
             _ => 480,
         }

@@ -64,3 +64,11 @@ pub fn with_id(mut d: Device, vendor: u16, product: u16) -> Device {
 }
 
 pub mod sim;
+
+/// `d` with its controller-anchored place, `0000:00:14.0/CHAIN` (every test device's
+/// controller): the place a followed device must come back to.
+pub fn placed(mut d: Device) -> Device {
+    let place = format!("{XHCI}/{}", d.port.chain());
+    d.physical_port = Some(place.parse().expect("physical port"));
+    d
+}

@@ -31,6 +31,7 @@ mod policy_config;
 mod policy_diff;
 mod policy_docs;
 mod policy_event_order;
+mod policy_follow;
 mod policy_model;
 mod policy_overlaps;
 mod policy_plan;

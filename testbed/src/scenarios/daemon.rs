@@ -212,6 +212,7 @@ pub(super) async fn usb_hosts(bed: &mut Bed) -> Result<Vec<String>> {
     Ok(ids)
 }
 
+/// Whether the inner QEMU says its usb-host `id` is attached to a host device.
 pub(super) async fn qom_attached(bed: &mut Bed, id: &str) -> Result<bool> {
     let path = format!("/machine/peripheral/{id}");
     let attached = probe(

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 mod daemon;
+mod follow;
 mod hotplug;
 mod hub_subtree;
 mod inner_qemu;
@@ -59,6 +60,7 @@ pub fn all() -> Vec<Scenario> {
         scenario!("daemon", daemon, "`usbroute serve` attaches on bind by address, detaches on remove, re-attaches on re-plug, survives SIGKILL"),
         scenario!("hub-subtree", hub_subtree, "a `hub:` rule gives the inner QEMU every device behind a two-level hub chain, now and later, never a hub; `why` says so"),
         scenario!("suspend", suspend, "S3 of the guest and system_wakeup: `usbroute serve` notices the resume and every device (by address, port, id) is held by the inner QEMU again"),
+        scenario!("follow", follow, "a device re-enumerating with other ids on the same port within a rule's follow window goes to the same VM, `why` says what it followed; after the window it stays home"),
         scenario!("qemu-attach", qemu_attach, "`usbroute attach` by address gives a guest device to an inner QEMU (attached: true); detach gives it back"),
         scenario!("qemu-by-port", qemu_by_port, "`usbroute attach --by port` of an empty port: the inner QEMU takes the device on plug and re-plug, lets go on unplug"),
         scenario!("qemu-fd-passing", qemu_fd_passing, "an inner QEMU running as nobody gets a device through usbroute's fd passing"),
