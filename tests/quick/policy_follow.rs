@@ -164,7 +164,7 @@ fn a_rule_ranked_above_the_followed_one_decides() {
     let d = &plan_with(&rules, &devices, &follows).devices[&p("1-3")];
 
     assert_eq!(d.placement, on("b"));
-    assert!(matches!(&d.reason, Reason::Rule { rule } if rule.index == 1));
+    assert!(matches!(&d.reason, Reason::Rule { rule, .. } if rule.index == 1));
 }
 
 #[test]

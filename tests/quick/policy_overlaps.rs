@@ -80,6 +80,7 @@ fn placements(rules: &[Rule], devices: &[Device]) -> BTreeMap<String, Reason> {
         vms_up: &up,
         backends: &BTreeMap::new(),
         overrides: &BTreeMap::new(),
+        follows: &BTreeMap::new(),
         controllers_owned: &BTreeMap::new(),
     });
     desired

@@ -27,7 +27,7 @@ fn vm_holding_the_mouse(host: &FakeHost, name: &str) -> Arc<FakeVm> {
     vm
 }
 
-fn rule(index: usize, selector: &str, vm: &str) -> Rule {
+pub(crate) fn rule(index: usize, selector: &str, vm: &str) -> Rule {
     Rule::pass(
         index,
         selector.parse().expect("selector"),
@@ -36,7 +36,7 @@ fn rule(index: usize, selector: &str, vm: &str) -> Rule {
     )
 }
 
-fn options() -> EngineOptions {
+pub(crate) fn options() -> EngineOptions {
     EngineOptions {
         backoff: BackoffPolicy {
             initial: Duration::from_millis(20),
@@ -50,19 +50,23 @@ fn options() -> EngineOptions {
     }
 }
 
-async fn wait_for(status: &mut watch::Receiver<Status>, what: &str, ok: impl Fn(&Status) -> bool) {
+pub(crate) async fn wait_for(
+    status: &mut watch::Receiver<Status>,
+    what: &str,
+    ok: impl Fn(&Status) -> bool,
+) {
     let waited = tokio::time::timeout(Duration::from_secs(5), status.wait_for(|s| ok(s))).await;
     assert!(waited.is_ok(), "timed out waiting for: {what}");
 }
 
-fn holds(status: &Status, vm: &str, id: &str) -> bool {
+pub(crate) fn holds(status: &Status, vm: &str, id: &str) -> bool {
     status
         .vms
         .get(vm)
         .is_some_and(|v| v.reachable && v.devices.iter().any(|d| d.id == id))
 }
 
-fn start(
+pub(crate) fn start(
     host: &FakeHost,
     rules: Vec<Rule>,
     devices: Vec<Device>,
@@ -82,12 +86,12 @@ fn start(
 }
 
 /// The host has exactly `devices` now, and the engine is told (as after a rescan).
-fn plug(host: &FakeHost, engine: &EngineHandle, devices: Vec<Device>) {
+pub(crate) fn plug(host: &FakeHost, engine: &EngineHandle, devices: Vec<Device>) {
     host.set_devices(&devices);
     engine.send(Input::Devices(devices));
 }
 
-fn backend(vm: &Arc<impl VmBackend + 'static>) -> Arc<dyn VmBackend> {
+pub(crate) fn backend(vm: &Arc<impl VmBackend + 'static>) -> Arc<dyn VmBackend> {
     Arc::clone(vm) as Arc<dyn VmBackend>
 }
 
