@@ -32,6 +32,7 @@ mod policy_diff;
 mod policy_docs;
 mod policy_event_order;
 mod policy_follow;
+mod policy_follow_config;
 mod policy_follow_runtime;
 mod policy_model;
 mod policy_overlaps;
