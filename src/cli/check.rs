@@ -110,6 +110,9 @@ struct RuleLine {
     by: Option<crate::backend::AttachMode>,
     priority: i64,
     force: bool,
+    /// The `follow` window (`10s`), only on a rule that has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    follow: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -393,6 +396,7 @@ fn rule_line(r: &Rule, at: String) -> RuleLine {
         by,
         priority: r.priority,
         force: r.force,
+        follow: r.follow.map(crate::policy::window_text),
     }
 }
 

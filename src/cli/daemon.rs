@@ -384,6 +384,7 @@ mod tests {
                     decided: false,
                     detail: "serial `\u{1b}]0;owned\u{7}` is not `A1`".into(),
                 }],
+                followed: None,
             }],
         };
 
@@ -400,6 +401,7 @@ mod tests {
                 target: "host".into(),
                 reason: "no rule".into(),
                 rules: vec![],
+                followed: None,
             }],
         };
 

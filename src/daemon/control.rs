@@ -4,14 +4,14 @@
 
 use super::event_loop::Daemon;
 use super::protocol::{
-    ControllerStatus, DeviceStatus, ErrorKind, Pending, Reply, Request, RuleVerdict, StatusReport,
-    VmDevice, VmStatus, WhyDevice, WhyReport,
+    ControllerStatus, DeviceStatus, ErrorKind, Followed, Pending, Reply, Request, RuleVerdict,
+    StatusReport, VmDevice, VmStatus, WhyDevice, WhyReport,
 };
 use crate::backend::{AttachMode, VmBackend};
 use crate::engine::coordinator::{EngineHandle, Input as EngineInput, Status};
 use crate::engine::Settled;
 use crate::inventory::Device;
-use crate::policy::{Override, OverrideAction, RuleMatch};
+use crate::policy::{Override, OverrideAction, Reason, RuleMatch};
 use crate::selector::Selector;
 use std::sync::Arc;
 use std::time::Duration;
@@ -398,9 +398,34 @@ async fn why(engine: EngineHandle, devices: Vec<Device>, reply: oneshot::Sender<
             target: w.decision.placement.to_string(),
             reason: w.decision.reason.to_string(),
             rules,
+            followed: followed(&w.decision.reason),
         });
     }
     let _ = reply.send(Reply::Why(WhyReport { devices: out }));
+}
+
+/// What a followed device came after, for `why --json`.
+fn followed(reason: &Reason) -> Option<Followed> {
+    let Reason::Followed {
+        rule,
+        previous,
+        after_ms,
+    } = reason
+    else {
+        return None;
+    };
+    let id = previous
+        .vendor_id
+        .zip(previous.product_id)
+        .map(|(v, p)| format!("{v}:{p}"));
+    Some(Followed {
+        rule: rule.text.clone(),
+        port: previous.port.to_string(),
+        physical_port: previous.physical_port.to_string(),
+        id,
+        left_at: previous.left_at.clone(),
+        after_ms: *after_ms,
+    })
 }
 
 #[cfg(test)]
@@ -444,5 +469,35 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn why_json_says_what_a_followed_device_came_after_and_nothing_for_others() {
+        let previous = crate::policy::Departed {
+            port: "1-3".parse().unwrap(),
+            physical_port: "0000:00:14.0/3".parse().unwrap(),
+            vendor_id: Some(crate::inventory::HexId(0x0627)),
+            product_id: Some(crate::inventory::HexId(0x0001)),
+            left_at: "2026-12-01T19:55:04Z".into(),
+        };
+        let rule = crate::policy::RuleRef {
+            index: 0,
+            line: 4,
+            text: "rule 1".into(),
+        };
+        let reason = Reason::Followed {
+            rule,
+            previous,
+            after_ms: 1500,
+        };
+
+        let json = serde_json::to_value(followed(&reason)).unwrap();
+
+        assert_eq!(
+            json,
+            serde_json::json!({"rule": "rule 1", "port": "1-3", "physical_port": "0000:00:14.0/3",
+                "id": "0627:0001", "left_at": "2026-12-01T19:55:04Z", "after_ms": 1500})
+        );
+        assert_eq!(followed(&Reason::NoRule), None);
     }
 }

@@ -275,6 +275,26 @@ pub struct WhyDevice {
     pub reason: String,
     /// Every rule in order, with whether it matched and why (not).
     pub rules: Vec<RuleVerdict>,
+    /// What it follows, when a rule's `follow` decided it (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub followed: Option<Followed>,
+}
+
+/// The device a followed device came after (a rule's `follow`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Followed {
+    /// The followed rule, as `rules[].rule` names it.
+    pub rule: String,
+    /// The port path of the device that left (`1-3`).
+    pub port: String,
+    /// Its controller-anchored place, the same as this device's.
+    pub physical_port: String,
+    /// Its `vendor:product` (`0627:0001`), `null` when unreadable.
+    pub id: Option<String>,
+    /// When it left, UTC (`2026-12-01T19:55:04Z`).
+    pub left_at: String,
+    /// How long after it left this device appeared, in milliseconds.
+    pub after_ms: u64,
 }
 
 /// One rule's verdict on one device.

@@ -50,6 +50,18 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
             && why.contains("056a:0000"),
         "`why` for the tablet does not name the keyboard it followed:\n{why}"
     );
+    let out = bed
+        .guest_ok(&format!(
+            "usbroute --control {CONTROL} why port:{tablet} --json"
+        ))
+        .await?;
+    let json: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("why --json printed: {out}"))?;
+    let followed = &json["devices"][0]["followed"];
+    ensure!(
+        followed["id"] == "0627:0001" && followed["port"] == name.as_str(),
+        "`why --json` for the tablet does not name the keyboard it followed: {json}"
+    );
     bed.unplug(&wacom.id).await?;
     wait_hosts(bed, "the tablet's usb-host to go", &[]).await?;
 
