@@ -383,6 +383,7 @@ fn a_hub_rule_by_socket_gives_both_halves_devices_and_no_hub_naming_the_hub_each
         vms_up: &BTreeSet::from(["a".to_string()]),
         backends: &BTreeMap::new(),
         overrides: &BTreeMap::new(),
+        follows: &BTreeMap::new(),
         controllers_owned: &BTreeMap::new(),
     });
 
