@@ -70,6 +70,7 @@ pub mod coordinator;
 mod diff;
 mod follow;
 mod group_work;
+mod handle;
 mod holdings;
 mod retry;
 pub mod routing;
