@@ -38,6 +38,7 @@ mod policy_model;
 mod policy_overlaps;
 mod policy_plan;
 mod policy_plan_props;
+mod policy_plan_why;
 mod policy_runtime;
 mod policy_runtime_model;
 mod qemu_ids;

@@ -8,24 +8,23 @@ use std::collections::{BTreeMap, BTreeSet};
 use usbroute::backend::{AttachMode, Capabilities};
 use usbroute::inventory::{Device, PciAddress, PortPath};
 use usbroute::policy::{
-    plan, why, Follow, Override, OverrideAction, Placement, PlanInput, Reason, Rule, RuleMatch,
-    WinsBy,
+    plan, Follow, Override, OverrideAction, Placement, PlanInput, Reason, Rule,
 };
 
 #[derive(Default)]
-struct World {
-    rules: Vec<Rule>,
-    devices: Vec<Device>,
-    mounted: BTreeSet<String>,
-    up: BTreeSet<String>,
-    overrides: BTreeMap<PortPath, Override>,
-    follows: BTreeMap<PortPath, Follow>,
-    owned: BTreeMap<PciAddress, String>,
-    backends: BTreeMap<String, Capabilities>,
+pub(crate) struct World {
+    pub(crate) rules: Vec<Rule>,
+    pub(crate) devices: Vec<Device>,
+    pub(crate) mounted: BTreeSet<String>,
+    pub(crate) up: BTreeSet<String>,
+    pub(crate) overrides: BTreeMap<PortPath, Override>,
+    pub(crate) follows: BTreeMap<PortPath, Follow>,
+    pub(crate) owned: BTreeMap<PciAddress, String>,
+    pub(crate) backends: BTreeMap<String, Capabilities>,
 }
 
 impl World {
-    fn new(devices: Vec<Device>, rules: Vec<Rule>) -> World {
+    pub(crate) fn new(devices: Vec<Device>, rules: Vec<Rule>) -> World {
         World {
             devices,
             rules,
@@ -34,7 +33,7 @@ impl World {
         }
     }
 
-    fn input(&self) -> PlanInput<'_> {
+    pub(crate) fn input(&self) -> PlanInput<'_> {
         PlanInput {
             rules: &self.rules,
             devices: &self.devices,
@@ -47,20 +46,20 @@ impl World {
         }
     }
 
-    fn placement(&self, port: &str) -> Placement {
+    pub(crate) fn placement(&self, port: &str) -> Placement {
         plan(&self.input()).devices[&p(port)].placement.clone()
     }
 
-    fn reason(&self, port: &str) -> Reason {
+    pub(crate) fn reason(&self, port: &str) -> Reason {
         plan(&self.input()).devices[&p(port)].reason.clone()
     }
 }
 
-fn p(s: &str) -> PortPath {
+pub(crate) fn p(s: &str) -> PortPath {
     s.parse().expect("port")
 }
 
-fn pass(index: usize, sel: &str, vm: &str) -> Rule {
+pub(crate) fn pass(index: usize, sel: &str, vm: &str) -> Rule {
     Rule::pass(
         index,
         sel.parse().expect("selector"),
@@ -69,15 +68,15 @@ fn pass(index: usize, sel: &str, vm: &str) -> Rule {
     )
 }
 
-fn pass_by(index: usize, sel: &str, vm: &str, mode: AttachMode) -> Rule {
+pub(crate) fn pass_by(index: usize, sel: &str, vm: &str, mode: AttachMode) -> Rule {
     Rule::pass(index, sel.parse().expect("selector"), vm, mode)
 }
 
-fn forbid(index: usize, sel: &str) -> Rule {
+pub(crate) fn forbid(index: usize, sel: &str) -> Rule {
     Rule::forbid(index, sel.parse().expect("selector"))
 }
 
-fn on(vm: &str) -> Placement {
+pub(crate) fn on(vm: &str) -> Placement {
     Placement::Vm {
         vm: vm.into(),
         mode: AttachMode::Address,
@@ -499,232 +498,8 @@ fn plan_is_independent_of_device_order() {
 }
 
 #[test]
-fn why_names_deciding_rule_and_failing_terms() {
-    let world = World::new(
-        vec![device("1-1", 2)],
-        vec![
-            pass(0, "port:1-2", "a"),
-            pass(1, "id:046d:c016,port:1-1", "b"),
-        ],
-    );
-    let answer = why(&world.input(), &world.devices[0]);
-    let verdicts: Vec<RuleMatch> = answer.rules.into_iter().map(|(_, v)| v).collect();
-    assert_eq!(
-        verdicts,
-        vec![
-            RuleMatch::NoMatch {
-                terms: vec!["port:1-2: port is 1-1".into()]
-            },
-            RuleMatch::Decided
-        ]
-    );
-}
-
-#[test]
-fn why_for_hub_says_hubs_cannot_be_passed() {
-    let world = World::new(vec![hub("1-3", 2)], vec![pass(0, "port:1-3", "a")]);
-    let answer = why(&world.input(), &world.devices[0]);
-    let text = answer.decision.reason.to_string();
-    assert!(text.starts_with("hubs cannot be passed"), "{text}");
-    assert!(matches!(&answer.rules[0].1, RuleMatch::Outranked { .. }));
-}
-
-#[test]
-fn why_marks_outranked_lower_priority_rule() {
-    let mut high = pass(1, "port:1-1", "b");
-    high.priority = 1;
-    let world = World::new(
-        vec![device("1-1", 2)],
-        vec![pass(0, "id:046d:c016", "a"), high],
-    );
-    let answer = why(&world.input(), &world.devices[0]);
-    let kinds: Vec<bool> = answer
-        .rules
-        .iter()
-        .map(|(_, v)| *v == RuleMatch::Decided)
-        .collect();
-    assert_eq!(kinds, vec![false, true]);
-}
-
-/// The outranked rule's verdict says what decided and why it ranks above.
-fn outranked_by(rules: Vec<Rule>) -> (String, Option<WinsBy>) {
-    let world = World::new(vec![device("1-1", 2)], rules);
-    let answer = why(&world.input(), &world.devices[0]);
-    let outranked: Vec<(String, Option<WinsBy>)> = answer
-        .rules
-        .into_iter()
-        .filter_map(|(_, v)| match v {
-            RuleMatch::Outranked { by, because } => Some((by, because)),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(outranked.len(), 1, "{outranked:?}");
-    outranked.into_iter().next().unwrap()
-}
-
-#[test]
-fn why_says_an_earlier_rule_outranks_a_later_one_of_equal_priority() {
-    let (by, because) = outranked_by(vec![pass(0, "id:046d:c016", "a"), pass(1, "port:1-1", "b")]);
-
-    assert_eq!(because, Some(WinsBy::FileOrder));
-    assert!(by.starts_with("outranked by rule 1 ("), "{by}");
-    assert!(
-        by.ends_with(", an earlier rule in the file (first match wins)"),
-        "{by}"
-    );
-}
-
-#[test]
-fn why_says_a_higher_priority_outranks_an_earlier_rule() {
-    let mut high = pass(1, "port:1-1", "b");
-    high.priority = 3;
-    let (by, because) = outranked_by(vec![pass(0, "id:046d:c016", "a"), high]);
-
-    assert_eq!(because, Some(WinsBy::Priority));
-    assert!(by.starts_with("outranked by rule 2 ("), "{by}");
-    assert!(by.ends_with(", a higher priority (3 > 0)"), "{by}");
-}
-
-#[test]
-fn why_says_a_forbid_outranks_every_pass_rule() {
-    let mut p = pass(0, "port:1-1", "a");
-    p.priority = 9;
-    let (by, because) = outranked_by(vec![p, forbid(1, "id:046d:*")]);
-
-    assert_eq!(because, Some(WinsBy::Forbid));
-    assert!(by.starts_with("outranked by rule 2 ("), "{by}");
-    assert!(
-        by.ends_with(", a forbid rule, which wins over every pass rule"),
-        "{by}"
-    );
-}
-
-#[test]
-fn why_adds_the_protection_that_kept_the_winners_device_home() {
-    let mut world = World::new(
-        vec![device("1-1", 2)],
-        vec![pass(0, "id:046d:c016", "a"), pass(1, "port:1-1", "b")],
-    );
-    world.up.remove("a");
-    let answer = why(&world.input(), &world.devices[0]);
-    let RuleMatch::Outranked { by, .. } = &answer.rules[1].1 else {
-        panic!("rule 2 is outranked: {:?}", answer.rules)
-    };
-
-    assert!(
-        by.contains("(first match wins); VM a is not running"),
-        "{by}"
-    );
-}
-
-#[test]
 fn decision_serialises_placement_and_reason_flat() {
     let world = World::new(vec![device("1-1", 2)], vec![]);
     let json = serde_json::to_string(&plan(&world.input()).devices[&p("1-1")]).expect("json");
     assert_eq!(json, r#"{"on":"host","reason":"no_rule"}"#);
-}
-
-/// VM `a`'s backend attaches by address only, as Xen's does.
-fn a_by_address_only(world: &mut World) {
-    let caps = Capabilities {
-        backend: "xen".into(),
-        modes: [AttachMode::Address].into(),
-    };
-    world.backends.insert("a".into(), caps);
-}
-
-#[test]
-fn a_rule_by_port_for_a_backend_without_port_keeps_the_device_home_and_says_why() {
-    let rule = pass_by(0, "port:1-1", "a", AttachMode::Port);
-    let mut world = World::new(vec![device("1-1", 2)], vec![rule]);
-    a_by_address_only(&mut world);
-
-    let reason = world.reason("1-1");
-
-    assert_eq!(world.placement("1-1"), Placement::Host);
-    assert!(
-        matches!(&reason, Reason::ModeUnsupported { vm, backend, mode: AttachMode::Port, supported, wanted_by: Some(_) }
-        if vm == "a" && backend == "xen" && supported == &[AttachMode::Address])
-    );
-    assert!(
-        reason.to_string().starts_with(
-            "VM a's backend (xen) cannot attach by port; use `by = \"address\"` (rule 1"
-        ),
-        "{reason}"
-    );
-}
-
-#[test]
-fn a_rule_by_address_for_a_backend_limited_to_address_is_passed() {
-    let mut world = World::new(vec![device("1-1", 2)], vec![pass(0, "port:1-1", "a")]);
-    a_by_address_only(&mut world);
-
-    assert_eq!(world.placement("1-1"), on("a"));
-}
-
-#[test]
-fn a_stopped_vm_whose_backend_lacks_the_mode_says_the_mode_not_the_wait() {
-    let rule = pass_by(0, "id:046d:c016", "a", AttachMode::Id);
-    let mut world = World::new(vec![with_id(device("1-1", 2), 0x046d, 0xc016)], vec![rule]);
-    a_by_address_only(&mut world);
-    world.up.remove("a");
-
-    let reason = world.reason("1-1");
-
-    assert!(
-        matches!(
-            reason,
-            Reason::ModeUnsupported {
-                mode: AttachMode::Id,
-                ..
-            }
-        ),
-        "{reason:?}"
-    );
-}
-
-#[test]
-fn a_manual_attach_by_a_mode_the_backend_lacks_stays_home_and_names_the_manual_attach() {
-    let mut world = World::new(vec![device("1-1", 2)], vec![]);
-    a_by_address_only(&mut world);
-    let manual = Override {
-        address: Some(2),
-        action: OverrideAction::Attach {
-            vm: "a".into(),
-            mode: AttachMode::Port,
-            force: false,
-        },
-    };
-    world.overrides.insert(p("1-1"), manual);
-
-    let reason = world.reason("1-1");
-
-    assert!(matches!(
-        &reason,
-        Reason::ModeUnsupported {
-            wanted_by: None,
-            ..
-        }
-    ));
-    assert!(
-        reason
-            .to_string()
-            .ends_with("(a manual attach wants it in a VM)"),
-        "{reason}"
-    );
-}
-
-#[test]
-fn why_names_the_rule_a_backend_cannot_carry_out_as_the_deciding_one() {
-    let rule = pass_by(0, "port:1-1", "a", AttachMode::Port);
-    let mut world = World::new(vec![device("1-1", 2)], vec![rule]);
-    a_by_address_only(&mut world);
-
-    let answer = why(&world.input(), &world.devices[0]);
-
-    assert_eq!(answer.rules[0].1, RuleMatch::Decided);
-    assert!(matches!(
-        answer.decision.reason,
-        Reason::ModeUnsupported { .. }
-    ));
 }
