@@ -41,6 +41,7 @@ mod policy_plan_props;
 mod policy_plan_why;
 mod policy_runtime;
 mod policy_runtime_model;
+mod policy_runtime_places;
 mod qemu_ids;
 mod qemu_qmp_fake_peer;
 mod routing_cli;
