@@ -99,7 +99,9 @@ pub async fn run(cfg: &MachineConfig, accel_reason: String, scenarios: &[Scenari
         };
         let (outcome, time, unrestored) = run_one(live, s).await;
         report.results.push((s.name, outcome, time));
-        let Some(why) = unrestored else { continue };
+        let Some(why) = unrestored.or(s.reboot_after.map(String::from)) else {
+            continue;
+        };
         if let Err(e) = reboot(live, &why).await {
             println!("the guest could not be booted again: {e:#}");
             if let Some(dead) = bed.take() {

@@ -38,6 +38,9 @@ pub struct Scenario {
     pub about: &'static str,
     /// The check.
     pub run: RunFn,
+    /// Why the guest is rebooted after this scenario even when it restores cleanly:
+    /// what it did leaves state the reset cannot see or undo.
+    pub reboot_after: Option<&'static str>,
 }
 
 /// `scenario!("name", module, "what it proves")`.
@@ -47,6 +50,13 @@ macro_rules! scenario {
             name: $name,
             about: $about,
             run: |bed| Box::pin($module::run(bed)),
+            reboot_after: None,
+        }
+    };
+    ($name:literal, $module:ident, $about:literal, reboot_after: $why:literal) => {
+        Scenario {
+            reboot_after: Some($why),
+            ..scenario!($name, $module, $about)
         }
     };
 }
@@ -59,7 +69,7 @@ pub fn all() -> Vec<Scenario> {
         scenario!("inner-qemu", inner_qemu, "an inner QEMU runs in the guest (root and unprivileged) and takes a device with usb-host"),
         scenario!("daemon", daemon, "`usbroute serve` attaches on bind by address, detaches on remove, re-attaches on re-plug, survives SIGKILL"),
         scenario!("hub-subtree", hub_subtree, "a `hub:` rule gives the inner QEMU every device behind a two-level hub chain, now and later, never a hub; `why` says so"),
-        scenario!("suspend", suspend, "S3 of the guest and system_wakeup: `usbroute serve` notices the resume and every device (by address, port, id) is held by the inner QEMU again"),
+        scenario!("suspend", suspend, "S3 of the guest and system_wakeup: `usbroute serve` notices the resume and every device (by address, port, id) is held by the inner QEMU again", reboot_after: "a guest that slept in S3 while its inner QEMU held a USB disk fails READ CAPACITY (DID_ERROR) on every USB disk plugged later, on every controller, until it reboots (docs/testbed.md)"),
         scenario!("follow", follow, "a device re-enumerating with other ids on the same port within a rule's follow window goes to the same VM, `why` says what it followed; after the window it stays home"),
         scenario!("qemu-attach", qemu_attach, "`usbroute attach` by address gives a guest device to an inner QEMU (attached: true); detach gives it back"),
         scenario!("qemu-by-port", qemu_by_port, "`usbroute attach --by port` of an empty port: the inner QEMU takes the device on plug and re-plug, lets go on unplug"),
