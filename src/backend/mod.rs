@@ -5,6 +5,7 @@
 //! here plus one line of registration in [`driver::drivers`].
 
 pub mod driver;
+pub mod libvirt;
 pub mod qemu;
 
 /// The fake VM the tests above the backends run on (see the module); not a backend.
