@@ -49,6 +49,8 @@ pub struct EmitArgs {
 pub enum Hypervisor {
     /// `qemu-system-*` command-line arguments (`-device usb-host,...`).
     Qemu,
+    /// A libvirt `<hostdev>` element (`virsh attach-device --config`); by address or id.
+    Libvirt,
 }
 
 /// What `emit --for qemu` prints (`--json`: field names are stable).
@@ -104,10 +106,21 @@ fn vm_socket(g: &Global, vm: &str) -> anyhow::Result<PathBuf> {
 pub(super) fn emit(g: &Global, a: EmitArgs) -> anyhow::Result<ExitCode> {
     let selector: Selector = a.selector.parse()?;
     let snapshot = crate::inventory::scan(&g.root());
-    // One arm per hypervisor: Xen (`xl`) and libvirt add theirs here.
+    // One arm per hypervisor: Xen (`xl`) adds its own here.
     let mut emitted = match a.hypervisor {
         Hypervisor::Qemu => emit_qemu(&snapshot, &selector, a.by.into())
             .with_context(|| format!("cannot emit `{selector}` for QEMU"))?,
+        Hypervisor::Libvirt => {
+            if a.vm.is_some() {
+                anyhow::bail!(
+                    "--vm names usbroute's own QMP monitor of a QEMU VM; libvirt keeps its \
+                     domains' monitors to itself, so drop --vm with --for libvirt"
+                );
+            }
+            super::emit_libvirt::emit(&snapshot, &selector, a.by.into(), a.json)
+                .with_context(|| format!("cannot emit `{selector}` for libvirt"))?;
+            return Ok(ExitCode::SUCCESS);
+        }
     };
     if let Some(vm) = &a.vm {
         emitted.monitor_args = monitor_args(&vm_socket(g, vm)?);

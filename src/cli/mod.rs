@@ -8,6 +8,7 @@ mod config_file;
 mod controller;
 pub mod daemon;
 mod emit;
+mod emit_libvirt;
 mod inventory;
 mod misc;
 pub mod output;
