@@ -34,6 +34,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("toggle_line", toggle_line),
     ("mountinfo", mountinfo),
     ("sysfs_attribute", sysfs_attribute),
+    ("domain_xml", domain_xml),
 ];
 
 /// Longest error message that quotes its input: parsers must cut what they show. QMP
@@ -367,4 +368,28 @@ pub fn sysfs_attribute(data: &[u8]) {
         let _ = (port.parent(), port.chain());
     }
     let _ = crate::vfio::group::parse_override(Some(value.to_string()));
+}
+
+/// A libvirt domain XML (`virsh dumpxml`), as the libvirt backend lists it: UTF-8 text
+/// through `backend::libvirt::domain_xml`.
+pub fn domain_xml(data: &[u8]) {
+    use crate::backend::libvirt::{alias, domain_xml};
+    let Ok(xml) = std::str::from_utf8(data) else {
+        return;
+    };
+    match domain_xml::usb_hostdevs(xml) {
+        Ok(hostdevs) => {
+            assert!(hostdevs.len() <= xml.matches("hostdev").count());
+            for hostdev in hostdevs {
+                let device = hostdev.to_vm_device();
+                // Ours only by an alias we would write for that very key.
+                if let Some(key) = &device.key {
+                    assert_eq!(alias::alias_of(key).as_deref(), Some(device.id.as_str()));
+                }
+                assert!(device.id.chars().all(|c| !c.is_control()), "{:?}", device.id);
+            }
+        }
+        // The message itself (the reader's error is its source) stays short.
+        Err(e) => assert!(e.to_string().len() <= MAX_QUOTING_MESSAGE),
+    }
 }
