@@ -386,7 +386,11 @@ pub fn domain_xml(data: &[u8]) {
                 if let Some(key) = &device.key {
                     assert_eq!(alias::alias_of(key).as_deref(), Some(device.id.as_str()));
                 }
-                assert!(device.id.chars().all(|c| !c.is_control()), "{:?}", device.id);
+                assert!(
+                    device.id.chars().all(|c| !c.is_control()),
+                    "{:?}",
+                    device.id
+                );
             }
         }
         // The message itself (the reader's error is its source) stays short.

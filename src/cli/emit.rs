@@ -211,19 +211,23 @@ impl EmittedUsbHost {
     }
 }
 
+/// The recorded test-bed guest (tests/fixtures/README.md) every `emit --for` is tested
+/// on: 1-2.1 is a mouse at address 5, 0627:0001 (as are five more devices); 1-2 a hub.
+#[cfg(test)]
+pub(super) fn recorded_guest() -> Snapshot {
+    let root = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/guest-xhci-ehci"
+    );
+    crate::inventory::scan(&crate::sysfs::SysfsRoot::new(root))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sysfs::SysfsRoot;
 
-    /// The recorded test-bed guest (tests/fixtures/README.md): 1-2.1 is a mouse at
-    /// address 5, 0627:0001 (as are five more devices); 1-2 a hub.
     fn guest() -> Snapshot {
-        let root = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/guest-xhci-ehci"
-        );
-        crate::inventory::scan(&SysfsRoot::new(root))
+        recorded_guest()
     }
 
     fn emitted(selector: &str, mode: AttachMode) -> anyhow::Result<EmittedUsbHost> {

@@ -131,20 +131,11 @@ fn comment_safe(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sysfs::SysfsRoot;
+    use crate::cli::emit::recorded_guest;
 
-    /// The recorded test-bed guest (tests/fixtures/README.md): 1-2.1 is a mouse at
-    /// address 5, 0627:0001 (as are five more devices); 1-2 a hub.
-    fn guest() -> Snapshot {
-        let root = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/guest-xhci-ehci"
-        );
-        crate::inventory::scan(&SysfsRoot::new(root))
-    }
-
+    /// On the recorded guest: 1-2.1 is a mouse at bus 1 address 5, 0627:0001; 1-2 a hub.
     fn emitted(selector: &str, mode: AttachMode) -> anyhow::Result<EmittedHostdev> {
-        emit_libvirt(&guest(), &selector.parse().unwrap(), mode)
+        emit_libvirt(&recorded_guest(), &selector.parse().unwrap(), mode)
     }
 
     #[test]
