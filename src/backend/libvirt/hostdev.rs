@@ -121,6 +121,26 @@ mod tests {
     }
 
     #[test]
+    fn the_modes_libvirt_offers_are_exactly_those_with_a_hostdev_form() {
+        let keys = [
+            AttachKey::Address { bus: 1, address: 5 },
+            AttachKey::Port("1-3".parse().unwrap()),
+            AttachKey::Id {
+                vendor_id: HexId(1),
+                product_id: HexId(2),
+            },
+        ];
+
+        for key in keys {
+            assert_eq!(
+                hostdev_xml(&key, Form::Live).is_ok(),
+                super::super::MODES.contains(&key.mode()),
+                "{key:?}"
+            );
+        }
+    }
+
+    #[test]
     fn attribute_values_are_escaped() {
         assert_eq!(attr("a'b<&\"c>"), "a&apos;b&lt;&amp;&quot;c&gt;");
     }
