@@ -51,6 +51,8 @@ pub enum Hypervisor {
     Qemu,
     /// A libvirt `<hostdev>` element (`virsh attach-device --config`); by address or id.
     Libvirt,
+    /// xl.cfg lines for a Xen domain (`usbctrl=`, `usbdev=`; `emit_xl.rs`).
+    Xl,
 }
 
 /// What `emit --for qemu` prints (`--json`: field names are stable).
@@ -106,7 +108,7 @@ fn vm_socket(g: &Global, vm: &str) -> anyhow::Result<PathBuf> {
 pub(super) fn emit(g: &Global, a: EmitArgs) -> anyhow::Result<ExitCode> {
     let selector: Selector = a.selector.parse()?;
     let snapshot = crate::inventory::scan(&g.root());
-    // One arm per hypervisor: Xen (`xl`) adds its own here.
+    // One arm per hypervisor.
     let mut emitted = match a.hypervisor {
         Hypervisor::Qemu => emit_qemu(&snapshot, &selector, a.by.into())
             .with_context(|| format!("cannot emit `{selector}` for QEMU"))?,
@@ -119,6 +121,16 @@ pub(super) fn emit(g: &Global, a: EmitArgs) -> anyhow::Result<ExitCode> {
             }
             super::emit_libvirt::emit(&snapshot, &selector, a.by.into(), a.json)
                 .with_context(|| format!("cannot emit `{selector}` for libvirt"))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Hypervisor::Xl => {
+            anyhow::ensure!(
+                a.vm.is_none(),
+                "--vm names a QEMU monitor; xl has none: leave it out"
+            );
+            super::emit_xl::emit_xl(&snapshot, &selector, a.by.into())
+                .with_context(|| format!("cannot emit `{selector}` for xl"))?
+                .print(a.json)?;
             return Ok(ExitCode::SUCCESS);
         }
     };

@@ -9,6 +9,7 @@ mod controller;
 pub mod daemon;
 mod emit;
 mod emit_libvirt;
+mod emit_xl;
 mod inventory;
 mod misc;
 pub mod output;

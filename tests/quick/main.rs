@@ -17,6 +17,7 @@ mod vfio_support;
 mod backend_keys;
 mod cli_check;
 mod cli_emit_libvirt;
+mod cli_emit_xl;
 mod cli_pipe;
 mod crash_consistency;
 mod daemon_dry_run;
