@@ -35,6 +35,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("mountinfo", mountinfo),
     ("sysfs_attribute", sysfs_attribute),
     ("domain_xml", domain_xml),
+    ("xen", xen),
 ];
 
 /// Longest error message that quotes its input: parsers must cut what they show. QMP
@@ -395,5 +396,47 @@ pub fn domain_xml(data: &[u8]) {
         }
         // The message itself (the reader's error is its source) stays short.
         Err(e) => assert!(e.to_string().len() <= MAX_QUOTING_MESSAGE),
+    }
+}
+
+/// What Xen's tools say of a domain's USB: `xl usb-list` output, or (input starting with
+/// `/`) xenstore nodes as `PATH=VALUE` lines, judged against an empty host and one that
+/// has a device at every busid.
+pub fn xen(data: &[u8]) {
+    use crate::backend::xen::{usb_list, xenstore};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if !text.starts_with('/') {
+        match usb_list::parse_usb_list(text) {
+            Ok(controllers) => {
+                assert!(controllers.len() <= usb_list::MAX_CONTROLLERS);
+                for c in &controllers {
+                    assert!(c.listed.len() <= usize::from(c.ports));
+                    assert!(c.listed.iter().all(|p| p.port >= 1 && p.port <= c.ports));
+                }
+            }
+            Err(e) => assert!(e.to_string().len() <= MAX_QUOTING_MESSAGE),
+        }
+        return;
+    }
+    let nodes: Vec<(&str, &str)> = text.lines().filter_map(|l| l.split_once('=')).collect();
+    let ports = xenstore::domain_ports(1, nodes);
+    for mark in ports.marks.values() {
+        assert_eq!(xenstore::Mark::parse(&mark.value()).as_ref(), Some(mark));
+    }
+    let everywhere: std::collections::BTreeMap<PortPath, u16> = ports
+        .ports
+        .values()
+        .filter_map(|v| match v {
+            xenstore::PortValue::Busid(b) => Some((b.clone(), 2)),
+            _ => None,
+        })
+        .collect();
+    for host in [Default::default(), everywhere] {
+        let reports = xenstore::judge(&ports, &host);
+        assert_eq!(reports.len(), ports.ports.len());
+        let listed = xenstore::listing(&reports, &host);
+        assert!(listed.len() <= reports.len());
     }
 }
