@@ -26,7 +26,9 @@
 //!
 //! ## Attach modes
 //!
-//! libxl attaches by bus+address only: see [`MODES`] and [`BY_ADDRESS_ONLY`].
+//! libxl attaches by bus+address only, so the driver will offer [`MODES`] = address; a rule
+//! by port or id is followed by usbroute attaching each plug by its address
+//! ([`BY_ADDRESS_ONLY`], what `why` and `emit` say).
 
 pub mod decide;
 pub mod usb_list;
@@ -34,13 +36,15 @@ pub mod xenstore;
 
 use crate::backend::AttachMode;
 
-/// The attach modes the Xen driver will offer the plan (its `Capabilities`): all three.
-/// libxl knows only bus+address, so usbroute carries out `by = "port"` and `by = "id"`
-/// itself: each plug that a rule gives the domain is attached by its address, the mark
-/// keeps the rule's key, and a re-plug (a new address) finds the old port stale, clears it
-/// and attaches the new plug.
-pub const MODES: [AttachMode; 3] = [AttachMode::Address, AttachMode::Port, AttachMode::Id];
+/// The attach modes the Xen driver will give the plan (its `Capabilities`): address only,
+/// the one identity libxl attaches by (`usbdev-attach hostbus= hostaddr=`). A rule with
+/// `by = "port"` or `"id"` is honoured by usbroute itself, not by Xen: each plug it matches
+/// is attached by its address under its own address key; when it is unplugged, its port
+/// goes stale and is cleared ([`xenstore::judge`]), and the next plug is attached by its
+/// new address. (Today's plan keeps such a rule's device home for an address-only backend,
+/// docs/config.md; placing it by address instead is the live half's change to make.)
+pub const MODES: [AttachMode; 1] = [AttachMode::Address];
 
-/// What `why` and `emit` say of a Xen domain's attach mode.
+/// What `why` and `emit` say of a Xen domain and a rule by port or id.
 pub const BY_ADDRESS_ONLY: &str = "Xen attaches by bus+address only; usbroute serve \
     follows a port or a kind of device itself, attaching each plug by its address";
