@@ -108,26 +108,26 @@ fn vm_socket(g: &Global, vm: &str) -> anyhow::Result<PathBuf> {
 pub(super) fn emit(g: &Global, a: EmitArgs) -> anyhow::Result<ExitCode> {
     let selector: Selector = a.selector.parse()?;
     let snapshot = crate::inventory::scan(&g.root());
+    let no_monitor = match a.hypervisor {
+        Hypervisor::Qemu => None,
+        Hypervisor::Libvirt => Some(("libvirt", "libvirt keeps its domains' monitors to itself")),
+        Hypervisor::Xl => Some(("xl", "xl has none")),
+    };
+    if let (Some((name, why)), Some(_)) = (no_monitor, &a.vm) {
+        anyhow::bail!(
+            "--vm names usbroute's own QMP monitor of a QEMU VM; {why}, so drop --vm with --for {name}"
+        );
+    }
     // One arm per hypervisor.
     let mut emitted = match a.hypervisor {
         Hypervisor::Qemu => emit_qemu(&snapshot, &selector, a.by.into())
             .with_context(|| format!("cannot emit `{selector}` for QEMU"))?,
         Hypervisor::Libvirt => {
-            if a.vm.is_some() {
-                anyhow::bail!(
-                    "--vm names usbroute's own QMP monitor of a QEMU VM; libvirt keeps its \
-                     domains' monitors to itself, so drop --vm with --for libvirt"
-                );
-            }
             super::emit_libvirt::emit(&snapshot, &selector, a.by.into(), a.json)
                 .with_context(|| format!("cannot emit `{selector}` for libvirt"))?;
             return Ok(ExitCode::SUCCESS);
         }
         Hypervisor::Xl => {
-            anyhow::ensure!(
-                a.vm.is_none(),
-                "--vm names a QEMU monitor; xl has none: leave it out"
-            );
             super::emit_xl::emit_xl(&snapshot, &selector, a.by.into())
                 .with_context(|| format!("cannot emit `{selector}` for xl"))?
                 .print(a.json)?;
