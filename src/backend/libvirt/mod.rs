@@ -12,6 +12,7 @@
 pub mod alias;
 pub mod domain_xml;
 pub mod hostdev;
+pub mod rpc;
 
 use crate::backend::AttachMode;
 
