@@ -29,8 +29,12 @@ pub enum VmCommand {
     /// client per monitor).
     Devices {
         /// The VM's QMP socket.
-        #[arg(long, value_name = "SOCKET")]
-        qmp: PathBuf,
+        #[arg(long, value_name = "SOCKET", required_unless_present = "vm")]
+        qmp: Option<PathBuf>,
+        /// A VM of the running daemon's config, of any hypervisor (a libvirt domain too):
+        /// the daemon lists it over its own connection.
+        #[arg(long, value_name = "NAME", conflicts_with = "qmp")]
+        vm: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -57,7 +61,14 @@ pub enum VmCommand {
 
 pub(super) fn vm(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
     let (qmp, json) = match a.command {
-        VmCommand::Devices { qmp, json } => (qmp, json),
+        VmCommand::Devices { qmp, vm, json } => match (qmp, vm) {
+            (_, Some(vm)) => {
+                let devices = super::daemon::vm_devices_through_daemon(g, &vm)?;
+                return show(&devices, json);
+            }
+            (Some(qmp), None) => (qmp, json),
+            (None, None) => unreachable!("clap requires --qmp or --vm"),
+        },
         VmCommand::Qmp {
             qmp,
             command,
@@ -79,10 +90,14 @@ pub(super) fn vm(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let devices = list(g, &qmp)?;
+    show(&devices, json)
+}
+
+fn show(devices: &[VmDevice], json: bool) -> anyhow::Result<ExitCode> {
     if json {
         print_json(&devices)?;
     } else {
-        print_devices(&devices);
+        print_devices(devices);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -151,5 +166,28 @@ fn describe_match(m: &HostMatch) -> String {
             product_id,
         } => format!("id {vendor_id}:{product_id}"),
         HostMatch::Other {} => "other (hostdevice or no match properties)".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<crate::cli::Cli, clap::Error> {
+        crate::cli::Cli::try_parse_from(std::iter::once("usbroute").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn vm_devices_takes_a_qmp_socket_or_a_vm_name_and_not_both() {
+        assert!(parse(&["vm", "devices", "--vm", "lab"]).is_ok());
+        assert!(parse(&["vm", "devices", "--qmp", "/run/a.qmp"]).is_ok());
+
+        let neither = parse(&["vm", "devices"]).unwrap_err();
+        let both = parse(&["vm", "devices", "--vm", "lab", "--qmp", "/q"]).unwrap_err();
+
+        assert_eq!(neither.kind(), ErrorKind::MissingRequiredArgument);
+        assert!(neither.to_string().contains("--qmp"), "{neither}");
+        assert_eq!(both.kind(), ErrorKind::ArgumentConflict);
     }
 }

@@ -11,8 +11,14 @@
 
 pub mod alias;
 pub mod domain_xml;
+pub mod driver;
 pub mod hostdev;
+mod link;
+mod presence;
 pub mod rpc;
+pub mod vm;
+
+pub use driver::{driver, LibvirtDriver};
 
 use crate::backend::AttachMode;
 
