@@ -29,6 +29,7 @@ mod inventory_cli_edges;
 mod inventory_fixture;
 mod inventory_props;
 mod inventory_twins;
+mod libvirt_rpc_fake_peer;
 mod policy_config;
 mod policy_diff;
 mod policy_docs;
