@@ -36,6 +36,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("sysfs_attribute", sysfs_attribute),
     ("domain_xml", domain_xml),
     ("xen", xen),
+    ("libvirt_rpc", libvirt_rpc),
 ];
 
 /// Longest error message that quotes its input: parsers must cut what they show. QMP
@@ -438,5 +439,27 @@ pub fn xen(data: &[u8]) {
         assert_eq!(reports.len(), ports.ports.len());
         let listed = xenstore::listing(&reports, &host);
         assert!(listed.len() <= reports.len());
+    }
+}
+
+/// Bytes as libvirt's daemon would send them: split into packets (a bad length or header
+/// ends it, as it ends the connection), each payload read as a reply, an error and an
+/// event. Nothing may panic, a packet's payload is never over the message cap, and a
+/// string decoded from a payload is never longer than the payload.
+pub fn libvirt_rpc(data: &[u8]) {
+    use crate::backend::libvirt::rpc::{packet, procedures as p};
+    let mut buf = data.to_vec();
+    while let Ok(Some(packet)) = packet::take_packet(&mut buf) {
+        let payload = &packet.payload;
+        assert!(payload.len() + packet::LEN_SIZE + packet::HEADER_SIZE <= packet::MESSAGE_MAX);
+        if let Ok(e) = p::remote_error(payload) {
+            assert!(e.message.map_or(0, |m| m.len()) <= payload.len());
+        }
+        let _ = p::event(packet.header.procedure, payload);
+        let _ = p::auth_list_ret(payload);
+        let _ = p::domain_ret(payload);
+        if let Ok(s) = p::string_ret(payload, "xml", usize::MAX) {
+            assert!(s.len() <= payload.len());
+        }
     }
 }
