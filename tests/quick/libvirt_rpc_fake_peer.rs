@@ -108,7 +108,16 @@ fn vm() -> Domain {
 
 /// A fake daemon on a socket in a fresh directory, and the URI naming it. The daemon
 /// task runs `script` on the first connection, after the handshake.
-async fn with_fake<F, Fut>(script: F) -> (tempfile::TempDir, LibvirtUri)
+fn with_fake<F, Fut>(script: F) -> (tempfile::TempDir, LibvirtUri)
+where
+    F: FnOnce(FakeDaemon) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    serve_fake(true, script)
+}
+
+/// [`with_fake`], with or without answering the handshake first.
+fn serve_fake<F, Fut>(handshake: bool, script: F) -> (tempfile::TempDir, LibvirtUri)
 where
     F: FnOnce(FakeDaemon) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
@@ -122,11 +131,16 @@ where
             stream,
             buf: Vec::new(),
         };
-        fake.handshake().await;
+        if handshake {
+            fake.handshake().await;
+        }
         script(fake).await;
     });
-    let uri = LibvirtUri::parse(&format!("qemu:///system?socket={}", path.display())).expect("uri");
-    (dir, uri)
+    (dir, uri_for(&path))
+}
+
+fn uri_for(socket: &std::path::Path) -> LibvirtUri {
+    LibvirtUri::parse(&format!("qemu:///system?socket={}", socket.display())).expect("uri")
 }
 
 async fn open(
@@ -159,8 +173,7 @@ async fn garbage_on_the_socket_ends_the_connection_and_fails_the_waiting_call() 
         fake.send_raw(&[0, 0, 0, 28, 0xde, 0xad, 0xbe, 0xef]).await;
         fake.send_raw(&[0; 20]).await;
         tokio::time::sleep(TEST_DEADLINE).await;
-    })
-    .await;
+    });
     let (conn, _events) = open(&uri).await;
     let err = conn.is_running(&vm()).await.unwrap_err();
     assert!(lost_reason(err).contains("0xdeadbeef"));
@@ -176,8 +189,7 @@ async fn a_length_over_the_maximum_is_refused_before_reading_the_body() {
         // 64 MiB announced; nothing follows, so a client that waited for it would hang.
         fake.send_raw(&0x0400_0000u32.to_be_bytes()).await;
         tokio::time::sleep(TEST_DEADLINE).await;
-    })
-    .await;
+    });
     let (conn, _events) = open(&uri).await;
     let err = conn.domain_xml(&vm()).await.unwrap_err();
     assert!(lost_reason(err).contains("over libvirt's maximum"));
@@ -188,8 +200,7 @@ async fn a_hung_reply_times_out_naming_the_call_and_the_socket() {
     let (_dir, uri) = with_fake(|mut fake| async move {
         fake.next_call().await;
         tokio::time::sleep(TEST_DEADLINE).await;
-    })
-    .await;
+    });
     let (conn, _events) = open(&uri).await;
     let err = conn
         .attach_device_live(&vm(), "<hostdev/>")
@@ -206,8 +217,7 @@ async fn a_connection_closed_mid_call_fails_the_call_and_resolves_closed() {
     let (_dir, uri) = with_fake(|mut fake| async move {
         fake.next_call().await;
         drop(fake);
-    })
-    .await;
+    });
     let (conn, _events) = open(&uri).await;
     let err = conn.lookup_domain("vm1").await.unwrap_err();
     assert!(lost_reason(err).contains("closed"));
@@ -242,8 +252,7 @@ async fn replies_out_of_order_reach_their_own_callers() {
         fake.reply(&second, &shutoff).await;
         fake.reply(&first, &running).await;
         tokio::time::sleep(TEST_DEADLINE).await;
-    })
-    .await;
+    });
     let (conn, _events) = open(&uri).await;
     let a = Domain {
         name: "a".into(),
@@ -279,8 +288,7 @@ async fn an_unknown_event_is_dropped_and_a_known_one_forwarded() {
         )
         .await;
         tokio::time::sleep(TEST_DEADLINE).await;
-    })
-    .await;
+    });
     let (_conn, mut events) = open(&uri).await;
     let event = tokio::time::timeout(TEST_DEADLINE, events.recv())
         .await
@@ -320,8 +328,7 @@ async fn a_no_domain_error_is_none_and_its_message_is_escaped() {
             .await;
         }
         tokio::time::sleep(TEST_DEADLINE).await;
-    })
-    .await;
+    });
     let (conn, _events) = open(&uri).await;
     assert_eq!(conn.lookup_domain("gone").await.expect("lookup"), None);
     let err = conn.domain_xml(&vm()).await.unwrap_err();
@@ -334,8 +341,7 @@ async fn a_no_domain_error_is_none_and_its_message_is_escaped() {
 #[tokio::test]
 async fn a_missing_socket_names_it_and_how_to_start_the_daemon() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("no-sock");
-    let uri = LibvirtUri::parse(&format!("qemu:///system?socket={}", path.display())).expect("uri");
+    let uri = uri_for(&dir.path().join("no-sock"));
     let err = Connection::open(&uri).await.unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, RpcError::SocketMissing { .. }), "{err:?}");
@@ -347,20 +353,11 @@ async fn a_missing_socket_names_it_and_how_to_start_the_daemon() {
 
 #[tokio::test]
 async fn polkit_only_auth_is_refused_saying_what_to_do() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("polkit-sock");
-    let listener = UnixListener::bind(&path).expect("bind");
-    tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.expect("accept");
-        let mut fake = FakeDaemon {
-            stream,
-            buf: Vec::new(),
-        };
+    let (_dir, uri) = serve_fake(false, |mut fake| async move {
         let auth = fake.next_call().await;
         fake.reply(&auth, &[0, 0, 0, 1, 0, 0, 0, 2]).await;
         tokio::time::sleep(TEST_DEADLINE).await;
     });
-    let uri = LibvirtUri::parse(&format!("qemu:///system?socket={}", path.display())).expect("uri");
     let err = Connection::open(&uri).await.unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, RpcError::UnsupportedAuth { .. }), "{err:?}");
