@@ -157,10 +157,10 @@ impl LibvirtVm {
     }
 }
 
-/// Did libvirt answer with an error (the request was not carried out)?
+/// Did libvirt answer with an error (the request was not carried out)? Any other error
+/// (timeout, connection lost) leaves it unknown whether libvirt acted.
 fn is_refusal(e: &RpcError) -> bool {
-    let _ = e;
-    false
+    matches!(e, RpcError::Libvirt { .. })
 }
 
 impl VmBackend for LibvirtVm {
