@@ -8,13 +8,19 @@
 //! cargo run --example libvirt_probe -- tiny [qemu:///system] [--idle] [--wait-close]
 //! ```
 //!
+//! tiny.xml: `<domain type='qemu'><name>tiny</name><memory unit='MiB'>64</memory>
+//! <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>
+//! <emulator>/usr/bin/qemu-system-x86_64</emulator><controller type='usb' model='qemu-xhci'/>
+//! </devices></domain>`.
+//!
 //! It looks up an unknown domain (None) and the named one, times DOMAIN_GET_STATE (p50 of
-//! 100), reads the live XML, attaches a USB host device that does not exist (libvirt's
-//! error), attaches a USB tablet with a `ua-` alias and detaches it by alias (the
-//! DEVICE_REMOVED event), destroys and starts the domain through `virsh` to see the
-//! lifecycle events. `--idle` then waits 40 s without a call (past the daemon's keepalive
-//! window) and calls again; `--wait-close` then waits up to 120 s for the connection to
-//! close (stop the daemon meanwhile) and shows that a call after it fails.
+//! 100) and makes 50 at once, reads the live XML, attaches a USB host device that does not
+//! exist (libvirt's error), attaches a USB tablet with a `ua-` alias and detaches it by
+//! alias (the DEVICE_REMOVED event), destroys and starts the domain through `virsh` to see
+//! the lifecycle events and the error of an attach to a stopped domain. `--idle` then
+//! waits 40 s without a call (past the daemon's 5 s x 5 keepalive window) and calls again;
+//! `--wait-close` then waits up to 120 s for the connection to close (stop the daemon
+//! meanwhile) and shows that a call after it fails.
 //! `RUST_LOG=usbroute=trace` shows every packet's size.
 
 use std::process::Command;
@@ -28,7 +34,17 @@ const MISSING_USB: &str = "<hostdev mode='subsystem' type='usb' managed='yes'><s
     <vendor id='0xdead'/><product id='0xbeef'/></source><alias name='ua-id-dead-beef'/></hostdev>";
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> std::process::ExitCode {
+    match probe().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("libvirt_probe: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn probe() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
@@ -67,6 +83,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     rtts.sort();
     println!("DOMAIN_GET_STATE p50 {:?} p99 {:?}", rtts[50], rtts[98]);
+
+    // Concurrent calls on one connection, matched by serial.
+    let t = Instant::now();
+    let calls = (0..50).map(|_| conn.is_running(&dom));
+    let all = futures_util::future::join_all(calls).await;
+    let ok = all.iter().filter(|r| matches!(r, Ok(true))).count();
+    println!(
+        "50 concurrent GET_STATE: {ok} answered running in {:?}",
+        t.elapsed()
+    );
 
     let xml = conn.domain_xml(&dom).await?;
     println!(
