@@ -6,14 +6,15 @@
 //! [`procedures`] (the calls and events we use, their numbers and layouts), `uri.rs`
 //! (which socket), `connection.rs` (peer check, the I/O task), `error.rs` ([`RpcError`]).
 //!
-//! Checked against libvirt's source (11.x): `src/rpc/virnetprotocol.x` (framing, header,
-//! 16 MiB message cap), `src/remote/remote_protocol.x` (program 0x20008086 version 1,
-//! procedure numbers, `remote_error`, the args/ret/msg structs), `src/remote/remote_sockets.c`
-//! (socket choice), `include/libvirt/{virterror,libvirt-domain}.h` (error codes, event ids,
-//! states). Keepalive: the daemon starts pinging a client only after the client asks for
-//! `VIR_DRV_FEATURE_PROGRAM_KEEPALIVE` (CONNECT_SUPPORTS_FEATURE), which we never do; an idle
-//! connection to libvirt 11.3 stayed open past its 5 s × 5 keepalive window with no ping
-//! (see the probe in `examples/libvirt_probe.rs`).
+//! Checked against libvirt's own source: `src/rpc/virnetprotocol.x` (framing, header, the
+//! 16 MiB message cap), `src/remote/remote_protocol.x` (program 0x20008086 version 1, the
+//! procedure numbers, `remote_error`, `remote_nonnull_domain`; the args/ret/msg structs
+//! also as go-libvirt generates them from it), `src/remote/remote_sockets.c`
+//! (socket choice), `src/rpc/virkeepaliveprotocol.x` (program 0x6b656570), and libvirt 11.3's
+//! installed `virterror.h`/`libvirt-domain.h` (error codes, event ids, states, flags).
+//! Keepalive: the client asks the daemon to start it; we never do, and libvirtd 11.3 left
+//! a connection idle for 40 s (past its 5 s x 5 keepalive window) open with no ping
+//! (`examples/libvirt_probe.rs --idle`). A keepalive packet, if one came, is dropped.
 
 mod connection;
 mod error;
