@@ -126,7 +126,7 @@ pub fn not_built(vm: &str, target: &VmTarget) -> String {
 
 /// Every driver this build has. A new hypervisor is one line here.
 pub fn drivers(root: SysfsRoot) -> Drivers {
-    Drivers::new(vec![super::qemu::driver(root)])
+    Drivers::new(vec![super::qemu::driver(root), super::libvirt::driver()])
 }
 
 /// The fake driver beside the trait, for unit tests of what sits on drivers (the daemon,
@@ -177,7 +177,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_registry_finds_qemu_for_a_qmp_target_and_nothing_for_xen_or_libvirt() {
+    fn the_registry_finds_qemu_and_libvirt_and_nothing_for_xen() {
         let registry = drivers(SysfsRoot::default());
         let qemu = VmTarget::Qemu {
             qmp: "/run/a.qmp".into(),
@@ -192,7 +192,10 @@ mod tests {
 
         assert_eq!(found, Some("qemu"));
         assert!(registry.for_target(&xen).is_none());
-        assert!(registry.for_target(&libvirt).is_none());
+        assert_eq!(
+            registry.for_target(&libvirt).map(|d| d.name()),
+            Some("libvirt")
+        );
     }
 
     #[test]
@@ -207,6 +210,22 @@ mod tests {
         assert_eq!(caps.backend, "qemu");
         assert!(caps.supports(AttachMode::Address));
         assert!(caps.supports(AttachMode::Port));
+        assert!(caps.supports(AttachMode::Id));
+    }
+
+    #[test]
+    fn libvirt_attaches_by_address_and_id_but_not_port() {
+        let registry = drivers(SysfsRoot::default());
+        let libvirt = VmTarget::Libvirt {
+            domain: "lab".into(),
+            uri: None,
+        };
+
+        let caps = registry.for_target(&libvirt).unwrap().capabilities();
+
+        assert_eq!(caps.backend, "libvirt");
+        assert!(caps.supports(AttachMode::Address));
+        assert!(!caps.supports(AttachMode::Port));
         assert!(caps.supports(AttachMode::Id));
     }
 }
