@@ -1,9 +1,10 @@
-//! The libvirt backend's pure half (issue 15): the `<hostdev>` XML usbroute attaches, its
-//! user aliases (an [`AttachKey`] spelled the way libvirt accepts, and read back), and the
-//! live domain XML (`virsh dumpxml`) read into a listing. No I/O and no driver yet: the
-//! live backend (connection, events, attach and detach by alias) is built on these, and
-//! registers in `backend::drivers` only then, since a backend that cannot act must not be
-//! registered.
+//! The libvirt backend: libvirt domains driven over libvirt's own remote protocol
+//! ([`rpc`], a native client: no libvirt C library, so a host without libvirt builds and
+//! runs usbroute). The [`driver`] shares one connection per URI among the domains there
+//! (`link`), follows each domain by lifecycle events (`presence`), and hands the engine a
+//! [`vm::LibvirtVm`] per running domain: a live `<hostdev>` ([`hostdev`]) under our user
+//! alias ([`alias`]), detached by that alias, listed from the live domain XML
+//! ([`domain_xml`]). The domain's QMP monitor is libvirt's and is never touched.
 //!
 //! libvirt names a host USB device by bus and device number or by vendor and product id;
 //! it has no host-port form (QEMU's `hostport`), so a libvirt VM attaches by address or id
