@@ -1,6 +1,5 @@
 //! The libvirt driver: a VM is up while its domain runs, as libvirt says over one shared
-//! connection per URI ([`super::link`]), followed by lifecycle events
-//! ([`super::presence`]). A URI usbroute cannot use (a remote host, another driver) is
+//! connection per URI (`link`), followed by lifecycle events (`presence`). A URI usbroute cannot use (a remote host, another driver) is
 //! refused when the VM is watched, naming what is supported.
 
 use super::link::Link;
