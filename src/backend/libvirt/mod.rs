@@ -1,6 +1,6 @@
 //! The libvirt backend: libvirt domains driven over libvirt's own remote protocol
 //! ([`rpc`], a native client: no libvirt C library, so a host without libvirt builds and
-//! runs usbroute). The [`driver`] shares one connection per URI among the domains there
+//! runs usbroute). The [`driver()`] shares one connection per URI among the domains there
 //! (`link`), follows each domain by lifecycle events (`presence`), and hands the engine a
 //! [`vm::LibvirtVm`] per running domain: a live `<hostdev>` ([`hostdev`]) under our user
 //! alias ([`alias`]), detached by that alias, listed from the live domain XML
