@@ -25,6 +25,11 @@ const CONTROLLERS: [(&str, &str); 5] = [
 /// Where usbroute keeps records a scenario may leave behind (vfio binds, routing state).
 const USBROUTE_STATE: &str = "/run/usbroute /var/lib/usbroute";
 
+/// The processes scenarios start in the guest, killed and waited for between them.
+/// Busybox `killall` and `pidof`: the guest's busybox (Debian's busybox-static) has no
+/// `pkill` or `pgrep`, and a `! pgrep` that is not found passes.
+const GUEST_PROCESSES: &str = "qemu-system-x86_64 usbroute";
+
 /// The guest's PS/2 keyboard (q35's i8042), which a scenario may unbind.
 const SERIO: &str = "/sys/bus/serio/devices/serio0";
 
@@ -80,11 +85,11 @@ impl Bed {
     /// Kill every inner QEMU and usbroute process, and wait until they are gone (a QEMU
     /// holding a device or a vfio group lets go only when it has exited).
     async fn stop_guest_processes(&mut self) -> Result<()> {
-        self.guest_ok("pkill -9 qemu-system-x86_64; pkill -9 usbroute; true")
+        self.guest_ok(&format!("killall -9 {GUEST_PROCESSES} 2>/dev/null; true"))
             .await?;
         self.wait_guest(
             "inner QEMUs and usbroute processes to exit",
-            "! pgrep qemu-system-x86_64 >/dev/null && ! pgrep usbroute >/dev/null",
+            &format!("! pidof {GUEST_PROCESSES} >/dev/null"),
             Duration::from_secs(10),
         )
         .await?;
@@ -140,9 +145,11 @@ impl Bed {
         script.push_str(&format!(
             "[ -e {SERIO}/driver ] || echo 'the PS/2 keyboard serio0 has no driver'; "
         ));
+        script.push_str(&format!(
+            "for p in {GUEST_PROCESSES}; do pidof $p >/dev/null && echo \"$p is still running\"; done; "
+        ));
         script.push_str(
-            "pgrep -l qemu-system-x86_64; pgrep -l usbroute; \
-             for d in /sys/bus/usb/devices/*-*; do \
+            "for d in /sys/bus/usb/devices/*-*; do \
                case ${d##*/} in *:*) ;; *) [ -e \"$d\" ] && echo \"USB device ${d##*/} is still there\";; esac; \
              done; true",
         );
