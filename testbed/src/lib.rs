@@ -6,6 +6,7 @@ pub mod accel;
 pub mod agent;
 pub mod bed;
 pub mod inner;
+pub mod libvirt;
 pub mod machine;
 pub mod pace;
 pub mod record;

@@ -2,7 +2,7 @@
 //! that caused it and never to the next one.
 //!
 //! [`Bed::reset`] stops what scenarios start in the guest (inner QEMUs, usbroute
-//! daemons), unplugs what the bed plugged, puts every USB controller back on its own
+//! daemons, libvirtd and its domains), unplugs what the bed plugged, puts every USB controller back on its own
 //! driver (unbinding it from vfio-pci or whatever a scenario left it on), drops
 //! usbroute's records, and then verifies the result. What it cannot restore, a reboot
 //! does (see the runner).
@@ -25,10 +25,11 @@ const CONTROLLERS: [(&str, &str); 5] = [
 /// Where usbroute keeps records a scenario may leave behind (vfio binds, routing state).
 const USBROUTE_STATE: &str = "/run/usbroute /var/lib/usbroute";
 
-/// The processes scenarios start in the guest, killed and waited for between them.
+/// The processes scenarios start in the guest (inner QEMUs and libvirt's domains, usbroute,
+/// libvirtd), killed and waited for between them.
 /// Busybox `killall` and `pidof`: the guest's busybox (Debian's busybox-static) has no
 /// `pkill` or `pgrep`, and a `! pgrep` that is not found passes.
-const GUEST_PROCESSES: &str = "qemu-system-x86_64 usbroute";
+const GUEST_PROCESSES: &str = "qemu-system-x86_64 usbroute libvirtd";
 
 /// The guest's PS/2 keyboard (q35's i8042), which a scenario may unbind.
 const SERIO: &str = "/sys/bus/serio/devices/serio0";
@@ -53,9 +54,11 @@ impl Bed {
             }
         }
         // The PS/2 keyboard: vfio-rollback lets it go for a while.
+        // libvirt's state goes too (not its capability cache: the next start stays warm).
         self.guest_ok(&format!(
-            "rm -rf {USBROUTE_STATE} /tmp/inner-* /tmp/serve*; \
-             [ -e {SERIO}/driver ] || echo -n serio0 > /sys/bus/serio/drivers/atkbd/bind; true"
+            "rm -rf {USBROUTE_STATE} {} /tmp/inner-* /tmp/serve* /tmp/libvirt-*; \
+             [ -e {SERIO}/driver ] || echo -n serio0 > /sys/bus/serio/drivers/atkbd/bind; true",
+            crate::libvirt::STATE
         ))
         .await?;
         self.verify_bare().await?;
