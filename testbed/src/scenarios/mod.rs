@@ -15,6 +15,7 @@ mod hotplug;
 mod hub_subtree;
 mod inner_qemu;
 pub(crate) mod inventory;
+mod libvirt;
 mod port_routing;
 mod qemu_attach;
 mod qemu_by_port;
@@ -80,6 +81,7 @@ pub fn all() -> Vec<Scenario> {
         scenario!("vfio-rollback", vfio_rollback, "a bind failing after every member moved rolls back; the only keyboard is refused"),
         scenario!("port-routing", port_routing, "usbroute reads the guest xHCI's routing registers through live sysfs as dd does, refuses the non-Intel xHCI, changes no byte"),
         scenario!("twins", twins, "a USB 3 storage device and a USB 2 keyboard plugged in turn into one xHCI socket both go to the VM of one `port:CONTROLLER/N` rule"),
+        scenario!("libvirt", libvirt, "a real libvirtd in the guest: `virsh attach-device --live` of a hand-written hostdev gives a guest device to a TCG domain (live XML, QEMU attached), detach by alias; a restart closes clients; the manual plug -> attached baseline"),
         scenario!("record-sysfs", record_sysfs, "a recording made in the guest lists the same, in the guest and on the host"),
     ]
 }
