@@ -103,7 +103,7 @@ pub async fn restart_closes_connection(bed: &mut Bed, events: &EventClient) -> R
     .await?;
     let said = bed.guest_ok(&format!("cat {EVENTS_OUT}")).await?;
     ensure!(
-        said.contains("Disconnected from qemu:///system due to end of file"),
+        said.contains(&format!("Disconnected from {URI} due to end of file")),
         "the event client did not report its connection closed by the restart:\n{said}"
     );
     let warm = libvirt::start(bed).await?;
@@ -231,6 +231,9 @@ async fn bus_device(bed: &mut Bed, name: &str) -> Result<(u32, u32)> {
 
 /// "p50 X s, p99 Y s" (nearest rank: with 20 samples p99 is the slowest).
 fn percentiles(samples: &mut [Duration]) -> String {
+    if samples.is_empty() {
+        return "no samples".into();
+    }
     samples.sort();
     let rank = |q: f64| {
         let i = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
