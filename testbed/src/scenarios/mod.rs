@@ -75,13 +75,13 @@ pub fn all() -> Vec<Scenario> {
         scenario!("qemu-attach", qemu_attach, "`usbroute attach` by address gives a guest device to an inner QEMU (attached: true); detach gives it back"),
         scenario!("qemu-by-port", qemu_by_port, "`usbroute attach --by port` of an empty port: the inner QEMU takes the device on plug and re-plug, lets go on unplug"),
         scenario!("qemu-fd-passing", qemu_fd_passing, "an inner QEMU running as nobody gets a device through usbroute's fd passing"),
+        scenario!("libvirt", libvirt, "a real libvirtd in the guest: `virsh attach-device --live` of a hand-written hostdev gives a guest device to a TCG domain (live XML, QEMU attached), detach by alias; a restart closes clients; the manual plug -> attached baseline"),
         scenario!("inventory", inventory, "`usbroute list --json` in the guest matches what QMP plugged"),
         scenario!("vfio-ehci", vfio_ehci, "the EHCI+UHCI IOMMU group goes to vfio-pci and back twice; devices re-enumerate"),
         scenario!("vfio-xhci", vfio_xhci, "the xHCI on vfio-pci runs in an inner QEMU, at start and by `controller attach`"),
         scenario!("vfio-rollback", vfio_rollback, "a bind failing after every member moved rolls back; the only keyboard is refused"),
         scenario!("port-routing", port_routing, "usbroute reads the guest xHCI's routing registers through live sysfs as dd does, refuses the non-Intel xHCI, changes no byte"),
         scenario!("twins", twins, "a USB 3 storage device and a USB 2 keyboard plugged in turn into one xHCI socket both go to the VM of one `port:CONTROLLER/N` rule"),
-        scenario!("libvirt", libvirt, "a real libvirtd in the guest: `virsh attach-device --live` of a hand-written hostdev gives a guest device to a TCG domain (live XML, QEMU attached), detach by alias; a restart closes clients; the manual plug -> attached baseline"),
         scenario!("record-sysfs", record_sysfs, "a recording made in the guest lists the same, in the guest and on the host"),
     ]
 }
