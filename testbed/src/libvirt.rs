@@ -249,3 +249,29 @@ pub async fn stop(bed: &mut Bed) -> Result<()> {
 pub const STATE: &str = "/run/libvirt /run/libvirtd.pid /var/lib/libvirt/qemu/* \
                          /etc/libvirt/qemu/*.xml /etc/libvirt/qemu/autostart \
                          /var/log/libvirt/qemu/* /var/log/libvirt/libvirtd.*";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quoted_argument_reaches_sh_unchanged_whatever_it_holds() {
+        let arg = r#"<alias name='ua-x'/> $(reboot) "; `id` \ *"#;
+
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s {}", quote(arg)))
+            .output()
+            .expect("sh runs");
+
+        assert_eq!(String::from_utf8_lossy(&out.stdout), arg);
+    }
+
+    #[test]
+    fn the_hand_written_hostdev_names_bus_device_and_alias() {
+        let xml = hostdev_xml(1, 12, "ua-manual-3");
+
+        assert!(xml.contains("<address bus='1' device='12'/>"), "{xml}");
+        assert!(xml.contains("<alias name='ua-manual-3'/>"), "{xml}");
+    }
+}

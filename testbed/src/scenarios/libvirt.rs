@@ -241,3 +241,15 @@ fn percentiles(samples: &mut [Duration]) -> String {
     };
     format!("p50 {:.2} s, p99 {:.2} s", rank(0.50), rank(0.99))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank_so_p99_of_twenty_is_the_slowest() {
+        let mut samples: Vec<Duration> = (1..=20).rev().map(Duration::from_secs).collect();
+
+        assert_eq!(percentiles(&mut samples), "p50 10.00 s, p99 20.00 s");
+    }
+}
