@@ -29,6 +29,7 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
     manual_attach_detach(bed).await?;
     restart_closes_connection(bed, &events).await?;
     baseline(bed, BASELINE_PLUGS).await?;
+    super::libvirt_serve::run(bed, BASELINE_PLUGS).await?;
     libvirt::stop(bed).await
 }
 
@@ -174,36 +175,55 @@ pub async fn baseline(bed: &mut Bed, plugs: usize) -> Result<()> {
 /// numbers, `virsh attach-device`, poll QEMU until its usb-host says attached. Prints
 /// two /proc/uptime stamps: the device seen, QEMU attached.
 fn chain_script(bed: &Bed, name: &str, alias: &str) -> String {
-    // Polled every 20 ms, so many times within the (scaled) deadline.
-    let polls = (bed.scaled(CHAIN_TIMEOUT).as_millis() / 20).max(1);
     let dev = format!("/sys/bus/usb/devices/{name}");
-    let qom = serde_json::json!({
-        "execute": "qom-get",
-        "arguments": {"path": format!("/machine/peripheral/{alias}"), "property": "attached"},
-    })
-    .to_string();
     let file = "/tmp/libvirt-hostdev.xml";
+    format!(
+        "{wait}; seen=$(now); alias={alias_q}; \
+         printf \"<hostdev mode='subsystem' type='usb'><source><address bus='%d' device='%d'/></source><alias name='%s'/></hostdev>\\n\" \
+           $(cat {dev}/busnum {dev}/devnum) \"$alias\" > {file}; \
+         virsh -c {URI} attach-device {DOMAIN} {file} --live >/dev/null || exit 1; \
+         {poll}; echo $seen $(now)",
+        wait = wait_node_script(bed, name),
+        alias_q = quote(alias),
+        poll = qom_poll(polls(bed, CHAIN_TIMEOUT)),
+    )
+}
+
+/// How many 20 ms polls fit in `timeout` (KVM base, scaled): the count a chain script
+/// gives up after.
+pub(super) fn polls(bed: &Bed, timeout: Duration) -> u128 {
+    (bed.scaled(timeout).as_millis() / 20).max(1)
+}
+
+/// The start of a timed chain in the guest: defines `now` (the uptime stamp) and waits,
+/// polling every 20 ms, until the device at `name` is in sysfs with its /dev/bus/usb node.
+pub(super) fn wait_node_script(bed: &Bed, name: &str) -> String {
+    let dev = format!("/sys/bus/usb/devices/{name}");
     format!(
         "now() {{ cut -d' ' -f1 /proc/uptime; }}; \
          node() {{ [ -e {dev}/devnum ] && printf /dev/bus/usb/%03d/%03d $(cat {dev}/busnum {dev}/devnum); }}; \
          n=0; until node >/dev/null && [ -e \"$(node)\" ]; do n=$((n+1)); \
-           [ $n -gt {polls} ] && {{ echo '{name} never appeared' >&2; exit 1; }}; sleep 0.02; done; \
-         seen=$(now); \
-         printf \"<hostdev mode='subsystem' type='usb'><source><address bus='%d' device='%d'/></source><alias name='%s'/></hostdev>\\n\" \
-           $(cat {dev}/busnum {dev}/devnum) {alias_q} > {file}; \
-         virsh -c {URI} attach-device {DOMAIN} {file} --live >/dev/null || exit 1; \
-         n=0; until virsh -c {URI} qemu-monitor-command {DOMAIN} {qom_q} | grep -qE '\"return\": ?true'; do n=$((n+1)); \
-           [ $n -gt {polls} ] && {{ echo 'QEMU never said {alias} is attached' >&2; exit 1; }}; sleep 0.02; done; \
-         echo $seen $(now)",
-        alias_q = quote(alias),
-        qom_q = quote(&qom),
+           [ $n -gt {polls} ] && {{ echo '{name} never appeared' >&2; exit 1; }}; sleep 0.02; done",
+        polls = polls(bed, CHAIN_TIMEOUT),
+    )
+}
+
+/// Poll QEMU through libvirt every 20 ms, at most `polls` times, until its usb-host
+/// `$alias` (a shell variable the script set: an alias of digits, letters and dashes)
+/// says attached.
+pub(super) fn qom_poll(polls: u128) -> String {
+    format!(
+        "n=0; until virsh -c {URI} qemu-monitor-command {DOMAIN} \
+           \"{{\\\"execute\\\":\\\"qom-get\\\",\\\"arguments\\\":{{\\\"path\\\":\\\"/machine/peripheral/$alias\\\",\\\"property\\\":\\\"attached\\\"}}}}\" \
+           | grep -qE '\"return\": ?true'; do n=$((n+1)); \
+           [ $n -gt {polls} ] && {{ echo \"QEMU never said $alias is attached\" >&2; exit 1; }}; sleep 0.02; done"
     )
 }
 
 /// `device_add` the keyboard on the outer QMP, tracked (as `name`, the port's kernel
 /// name) so the reset unplugs it if a later step fails. Nothing waits for the guest here:
 /// the timed chain does, in the guest.
-async fn device_add(bed: &mut Bed, kbd: &UsbDevice, name: &str) -> Result<()> {
+pub(super) async fn device_add(bed: &mut Bed, kbd: &UsbDevice, name: &str) -> Result<()> {
     bed.qmp()
         .execute("device_add", Some(kbd.device_add_args(None)))
         .await
@@ -216,7 +236,7 @@ async fn device_add(bed: &mut Bed, kbd: &UsbDevice, name: &str) -> Result<()> {
 }
 
 /// The bus and device numbers of the guest's USB device `name`.
-async fn bus_device(bed: &mut Bed, name: &str) -> Result<(u32, u32)> {
+pub(super) async fn bus_device(bed: &mut Bed, name: &str) -> Result<(u32, u32)> {
     let out = bed
         .guest_ok(&format!(
             "cat /sys/bus/usb/devices/{name}/busnum /sys/bus/usb/devices/{name}/devnum"
@@ -230,7 +250,7 @@ async fn bus_device(bed: &mut Bed, name: &str) -> Result<(u32, u32)> {
 }
 
 /// "p50 X s, p99 Y s" (nearest rank: with 20 samples p99 is the slowest).
-fn percentiles(samples: &mut [Duration]) -> String {
+pub(super) fn percentiles(samples: &mut [Duration]) -> String {
     if samples.is_empty() {
         return "no samples".into();
     }
@@ -251,5 +271,31 @@ mod tests {
         let mut samples: Vec<Duration> = (1..=20).rev().map(Duration::from_secs).collect();
 
         assert_eq!(percentiles(&mut samples), "p50 10.00 s, p99 20.00 s");
+    }
+
+    #[test]
+    fn the_qom_poll_sends_qemu_valid_json_naming_the_alias_and_stops_on_true() {
+        // A stand-in `virsh` shows the command it was given (on stderr) and answers
+        // `true`: the real sh expands the script exactly as the guest's will.
+        let script = format!(
+            "virsh() {{ printf '%s' \"$5\" >&2; echo '{{\"return\": true}}'; }}; \
+             alias=ua-usbroute-addr-1-5; {}",
+            qom_poll(3)
+        );
+
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .unwrap();
+
+        assert!(out.status.success(), "{out:?}");
+        let sent: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+        assert_eq!(sent["execute"], "qom-get");
+        assert_eq!(
+            sent["arguments"]["path"],
+            "/machine/peripheral/ua-usbroute-addr-1-5"
+        );
+        assert_eq!(sent["arguments"]["property"], "attached");
     }
 }

@@ -16,6 +16,7 @@ mod hub_subtree;
 mod inner_qemu;
 pub(crate) mod inventory;
 mod libvirt;
+mod libvirt_serve;
 mod port_routing;
 mod qemu_attach;
 mod qemu_by_port;
