@@ -76,7 +76,7 @@ pub fn all() -> Vec<Scenario> {
         scenario!("qemu-attach", qemu_attach, "`usbroute attach` by address gives a guest device to an inner QEMU (attached: true); detach gives it back"),
         scenario!("qemu-by-port", qemu_by_port, "`usbroute attach --by port` of an empty port: the inner QEMU takes the device on plug and re-plug, lets go on unplug"),
         scenario!("qemu-fd-passing", qemu_fd_passing, "an inner QEMU running as nobody gets a device through usbroute's fd passing"),
-        scenario!("libvirt", libvirt, "a real libvirtd in the guest: `virsh attach-device --live` of a hand-written hostdev gives a guest device to a TCG domain (live XML, QEMU attached), detach by alias; a restart closes clients; the manual plug -> attached baseline"),
+        scenario!("libvirt", libvirt, "a real libvirtd in the guest: `virsh attach-device --live` of a hand-written hostdev gives a guest device to a TCG domain (live XML, QEMU attached), detach by alias; a restart closes clients; the manual plug -> attached baseline; then usbroute serve manages the domain: plug, unplug, re-plug, domain restart, plugged while down, SIGKILL restart without duplicate, the user's hostdev left alone, libvirtd restart, and usbroute's plug -> attached beside the baseline"),
         scenario!("inventory", inventory, "`usbroute list --json` in the guest matches what QMP plugged"),
         scenario!("vfio-ehci", vfio_ehci, "the EHCI+UHCI IOMMU group goes to vfio-pci and back twice; devices re-enumerate"),
         scenario!("vfio-xhci", vfio_xhci, "the xHCI on vfio-pci runs in an inner QEMU, at start and by `controller attach`"),
