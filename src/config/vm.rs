@@ -41,10 +41,22 @@ impl VmConfig {
         }
     }
 
-    /// Why the daemon will not manage this VM, when this build has no backend for it.
+    /// Why the daemon will not manage this VM: this build has no backend for it, or its
+    /// backend cannot reach it as written (a libvirt URI of another host or driver). A
+    /// warning, not an error: the rest of the config still works.
     pub fn without_backend(&self) -> Option<String> {
-        (!self.target.is_built())
-            .then(|| crate::backend::driver::not_built(&self.name, &self.target))
+        if !self.target.is_built() {
+            return Some(crate::backend::driver::not_built(&self.name, &self.target));
+        }
+        let VmTarget::Libvirt { uri: Some(uri), .. } = &self.target else {
+            return None;
+        };
+        let refused = crate::backend::libvirt::rpc::LibvirtUri::check_form(uri).err()?;
+        Some(format!(
+            "{}: the daemon will not manage VM {}",
+            crate::error_chain::one_line(&refused),
+            self.name
+        ))
     }
 }
 

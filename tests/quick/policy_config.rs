@@ -567,3 +567,23 @@ fn a_vm_whose_backend_this_build_lacks_loads_and_says_the_daemon_will_not_manage
     assert_eq!(qemu.vms[0].without_backend(), None);
     assert_eq!(libvirt.vms[0].without_backend(), None);
 }
+
+#[test]
+fn a_libvirt_uri_usbroute_cannot_reach_loads_with_a_warning_naming_what_is_supported() {
+    let remote = one_vm("libvirt = \"v\"\nuri = \"qemu+ssh://host/system\"\n").expect("valid");
+    let xen = one_vm("libvirt = \"v\"\nuri = \"xen:///system\"\n").expect("valid");
+    let local =
+        one_vm("libvirt = \"v\"\nuri = \"qemu:///system?socket=/run/libvirt/libvirt-sock\"\n")
+            .expect("valid");
+
+    let remote = remote.vms[0].without_backend().expect("a warning");
+    let xen = xen.vms[0].without_backend().expect("a warning");
+    assert!(remote.contains("qemu+ssh://host/system"), "{remote}");
+    assert!(remote.contains("supported: qemu:///system"), "{remote}");
+    assert!(
+        remote.ends_with("the daemon will not manage VM v"),
+        "{remote}"
+    );
+    assert!(xen.contains("driver `xen` is not QEMU"), "{xen}");
+    assert_eq!(local.vms[0].without_backend(), None);
+}

@@ -59,6 +59,12 @@ impl LibvirtUri {
         let runtime_dir = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
         LibvirtUri::parse_in(uri, runtime_dir.as_deref())
     }
+
+    /// Is `uri` of a form [`Self::parse`] accepts, whatever this process's environment
+    /// (a session URI is checked as if `$XDG_RUNTIME_DIR` were set)? For the config check.
+    pub fn check_form(uri: &str) -> Result<(), RpcError> {
+        LibvirtUri::parse_in(uri, Some(std::path::Path::new("/run/user/0"))).map(drop)
+    }
 }
 
 /// A domain as libvirt names it on the wire (`remote_nonnull_domain`).
