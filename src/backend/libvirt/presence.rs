@@ -44,6 +44,7 @@ pub(super) async fn watch_domain(
 ) {
     let mut sessions = link.session.clone();
     let mut said_missing = false;
+    let mut failures = 0u32;
     loop {
         let Some(session) = next_session(&mut sessions, &report).await else {
             return;
@@ -53,6 +54,7 @@ pub(super) async fn watch_domain(
         let domain = match running_domain(&session, &watched.domain).await {
             Ok(Running::Yes(domain)) => domain,
             Ok(missing_or_off) => {
+                failures = 0;
                 if let Running::Undefined = missing_or_off {
                     if !said_missing {
                         tracing::warn!(vm = %watched.vm, uri = %link.uri.text, "libvirt has no domain `{}` (`virsh list --all` lists the defined ones); waiting for it to be defined and started", watched.domain);
@@ -76,23 +78,24 @@ pub(super) async fn watch_domain(
                 }
             }
             Err(reason) => {
-                tracing::warn!(vm = %watched.vm, "cannot tell whether libvirt domain `{}` runs: {reason}", watched.domain);
-                match wait(
-                    &watched,
-                    None,
-                    &mut events,
-                    &mut sessions,
-                    &mut wakes,
-                    &report,
-                )
-                .await
-                {
-                    Woken::Done => return,
-                    _ => continue,
+                failures += 1;
+                let pause = error_backoff(failures);
+                tracing::warn!(vm = %watched.vm, "cannot tell whether libvirt domain `{}` runs: {reason}; asking again in {:.1} s", watched.domain, pause.as_secs_f64());
+                // A connection that answers with errors sends no event about it: ask
+                // again after a pause (only while it fails), or sooner if something happens.
+                tokio::select! {
+                    woken = wait(&watched, None, &mut events, &mut sessions, &mut wakes, &report) => {
+                        if let Woken::Done = woken {
+                            return;
+                        }
+                    }
+                    () = tokio::time::sleep(pause) => {}
                 }
+                continue;
             }
         };
         said_missing = false;
+        failures = 0;
         tracing::info!(vm = %watched.vm, uri = %link.uri.text, "VM up (libvirt domain `{}` running)", watched.domain);
         let backend = LibvirtVm::new(&watched, domain.clone(), session.clone());
         if report.send(PresenceEvent::Up(Arc::new(backend))).is_err() {
@@ -126,6 +129,12 @@ pub(super) async fn watch_domain(
             return;
         }
     }
+}
+
+/// The pause before asking again after `failures` failed questions in a row: 500 ms
+/// doubling to 30 s.
+fn error_backoff(failures: u32) -> Duration {
+    Duration::from_millis(500u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(30))
 }
 
 /// The current session, waiting for one while disconnected; `None` when the daemon
@@ -231,6 +240,14 @@ mod tests {
             uuid: [0; 16],
             id: 3,
         }
+    }
+
+    #[test]
+    fn a_failing_question_is_asked_again_after_500_ms_doubling_to_30_s() {
+        assert_eq!(error_backoff(1), Duration::from_millis(500));
+        assert_eq!(error_backoff(2), Duration::from_secs(1));
+        assert_eq!(error_backoff(7), Duration::from_secs(30));
+        assert_eq!(error_backoff(u32::MAX), Duration::from_secs(30));
     }
 
     #[test]
