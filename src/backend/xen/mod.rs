@@ -30,9 +30,13 @@
 //! by port or id is followed by usbroute attaching each plug by its address
 //! ([`BY_ADDRESS_ONLY`], what `why` and `emit` say).
 
+pub mod client;
 pub mod decide;
 pub mod usb_list;
+pub mod wire;
 pub mod xenstore;
+pub mod xl;
+
 
 use crate::backend::AttachMode;
 
