@@ -21,6 +21,10 @@ pub struct Capabilities {
     /// The attach modes it supports. Each mode is the identity the hypervisor finds the
     /// host device by: bus+address, bus+port path, or vendor:product.
     pub modes: BTreeSet<AttachMode>,
+    /// It follows a port or a kind of device itself, attaching each plug by its address:
+    /// the plan then places a rule by a mode it lacks by address instead of keeping the
+    /// device home (Xen, whose libxl attaches by bus+address only).
+    pub follows_by_address: bool,
 }
 
 impl Capabilities {
@@ -79,6 +83,11 @@ pub trait VmDriver: Send + Sync {
     fn name(&self) -> &'static str;
     /// The attach modes its backends support.
     fn modes(&self) -> BTreeSet<AttachMode>;
+    /// `true` when a rule by a mode it lacks is carried out by address, plug by plug (see
+    /// [`Capabilities::follows_by_address`]); `false` keeps such a rule's devices home.
+    fn follows_by_address(&self) -> bool {
+        false
+    }
     /// Watch VM `vm` at `target` (a target of this driver's kind). Needs a tokio runtime.
     fn watch(&self, vm: &str, target: &VmTarget) -> Result<PresenceStream, BackendError>;
 
@@ -87,6 +96,7 @@ pub trait VmDriver: Send + Sync {
         Capabilities {
             backend: self.name().to_string(),
             modes: self.modes(),
+            follows_by_address: self.follows_by_address(),
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use super::output::print_json;
 use super::{ConfigFile, Global};
-use crate::backend::{Drivers, VmTarget};
+use crate::backend::{AttachMode, Drivers, VmTarget};
 use crate::config::{Config, ConfigError, Problem, VmConfig};
 use crate::inventory::Snapshot;
 use crate::policy::{Rule, RuleAction};
@@ -273,7 +273,8 @@ fn backend_warnings(
             let RuleAction::Pass { vm: to, mode } = &rule.action else {
                 continue;
             };
-            if *to == vm.name && !caps.supports(*mode) {
+            let followed = caps.follows_by_address && caps.supports(AttachMode::Address);
+            if *to == vm.name && !caps.supports(*mode) && !followed {
                 let instead: Vec<String> = caps
                     .modes
                     .iter()

@@ -79,6 +79,10 @@ pub enum Reason {
         /// one: the device goes with the hub's subtree.
         #[serde(skip_serializing_if = "Option::is_none")]
         behind_hub: Option<PortPath>,
+        /// The rule asks for a mode the VM's backend lacks, and the backend follows it by
+        /// address instead ([`Capabilities::follows_by_address`]).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        by_address: Option<ByAddress>,
     },
     /// A forbid rule matched.
     Forbidden {
@@ -164,6 +168,16 @@ pub enum Reason {
         /// What wanted this device in a VM (`None`: a manual attach).
         wanted_by: Option<RuleRef>,
     },
+}
+
+/// A rule by port or id carried out by address: the backend attaches by address only, and
+/// usbroute follows the port or kind itself, attaching each plug it matches by its address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ByAddress {
+    /// The backend (`xen`).
+    pub backend: String,
+    /// The mode the rule asked for.
+    pub asked: AttachMode,
 }
 
 /// A `hub:` rule as seen from a hub it covers: the devices behind go to `vm`.
@@ -336,15 +350,27 @@ pub(super) fn decide(input: &PlanInput<'_>, device: &Device) -> Decision {
         });
     }
     // Before "not running": a down VM that cannot take the device should not promise it.
+    let mut by_address = None;
     if let Some(caps) = input.backends.get(vm).filter(|c| !c.supports(mode)) {
-        return host(Reason::ModeUnsupported {
-            vm: vm.clone(),
+        if !(caps.follows_by_address && caps.supports(AttachMode::Address)) {
+            return host(Reason::ModeUnsupported {
+                vm: vm.clone(),
+                backend: caps.backend.clone(),
+                mode,
+                supported: caps.modes.iter().copied().collect(),
+                wanted_by,
+            });
+        }
+        by_address = Some(ByAddress {
             backend: caps.backend.clone(),
-            mode,
-            supported: caps.modes.iter().copied().collect(),
-            wanted_by,
+            asked: mode,
         });
     }
+    let mode = if by_address.is_some() {
+        AttachMode::Address
+    } else {
+        mode
+    };
     if !input.vms_up.contains(vm) {
         return host(Reason::VmDown {
             vm: vm.clone(),
@@ -365,6 +391,7 @@ pub(super) fn decide(input: &PlanInput<'_>, device: &Device) -> Decision {
         (Some(rule), Some(deciding), _) => Reason::Rule {
             rule,
             behind_hub: hub_above(deciding, device),
+            by_address,
         },
         _ => Reason::ManualAttach,
     };
@@ -474,8 +501,20 @@ impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Reason::NoRule => f.write_str("no rule matches it"),
-            Reason::Rule { rule, behind_hub: None } => write!(f, "{}", rule.text),
-            Reason::Rule { rule, behind_hub: Some(hub) } => write!(f, "{}: the device is behind hub {hub}", rule.text),
+            Reason::Rule { rule, behind_hub, by_address } => {
+                f.write_str(&rule.text)?;
+                if let Some(hub) = behind_hub {
+                    write!(f, ": the device is behind hub {hub}")?;
+                }
+                match by_address {
+                    Some(ByAddress { backend, asked }) => write!(
+                        f,
+                        "; the VM's backend ({backend}) attaches by bus+address only, so usbroute follows the {} itself and attaches each plug by its address",
+                        if *asked == AttachMode::Id { "kind of device" } else { "port" }
+                    ),
+                    None => Ok(()),
+                }
+            }
             Reason::Followed { rule, previous, after_ms } => write!(
                 f,
                 "{} followed the device it gave the VM, which left {previous}; this one appeared there {}.{:03} s later",

@@ -110,8 +110,18 @@ fn b_by_address_only() -> BTreeMap<String, Capabilities> {
     let caps = Capabilities {
         backend: "xen".into(),
         modes: [AttachMode::Address].into(),
+        follows_by_address: false,
     };
     [("b".to_string(), caps)].into()
+}
+
+/// VM `b`'s backend attaches by address only and follows ports and kinds itself (Xen's).
+fn b_following_by_address() -> BTreeMap<String, Capabilities> {
+    let mut backends = b_by_address_only();
+    backends
+        .values_mut()
+        .for_each(|c| c.follows_by_address = true);
+    backends
 }
 
 fn run_with(
@@ -169,6 +179,26 @@ proptest! {
             let by_id = placements.iter().filter(|p| matches!(p, Placement::Vm { mode: AttachMode::Id, .. })).count();
             let on_vm = placements.iter().filter(|p| matches!(p, Placement::Vm { .. })).count();
             prop_assert!(by_id == 0 || on_vm == 1, "a kind attached by id shares with {on_vm} placed devices");
+        }
+    }
+
+    #[test]
+    fn a_backend_that_follows_by_address_gets_what_it_would_get_by_any_mode_but_by_address(w in world()) {
+        let unlimited = run(&w, &w.devices);
+        let following = run_with(&w, &w.devices, &b_following_by_address());
+        for d in &w.devices {
+            let was = &unlimited.devices[&d.port].placement;
+            let now = &following.devices[&d.port].placement;
+            match was {
+                Placement::Vm { vm, .. } if vm == "b" => {
+                    prop_assert_eq!(now, &Placement::Vm { vm: "b".into(), mode: AttachMode::Address }, "{}", d.port);
+                }
+                // By id, QEMU lets one device claim a kind; by address every plug goes.
+                _ if matches!(now, Placement::Vm { vm, .. } if vm == "b") => {
+                    prop_assert!(matches!(following.devices[&d.port].reason, Reason::Rule { .. } | Reason::Followed { .. }), "{}", d.port);
+                }
+                other => prop_assert_eq!(now, other, "{}", d.port),
+            }
         }
     }
 

@@ -131,8 +131,66 @@ fn a_by_address_only(world: &mut World) {
     let caps = Capabilities {
         backend: "xen".into(),
         modes: [AttachMode::Address].into(),
+        follows_by_address: false,
     };
     world.backends.insert("a".into(), caps);
+}
+
+/// VM `a`'s backend attaches by address only and follows ports and kinds itself, plug by
+/// plug, as Xen's does.
+fn a_following_by_address(world: &mut World) {
+    let caps = Capabilities {
+        backend: "xen".into(),
+        modes: [AttachMode::Address].into(),
+        follows_by_address: true,
+    };
+    world.backends.insert("a".into(), caps);
+}
+
+#[test]
+fn a_rule_by_port_for_a_backend_that_follows_by_address_places_the_plug_by_address_and_says_so() {
+    let rule = pass_by(0, "port:1-1", "a", AttachMode::Port);
+    let mut world = World::new(vec![device("1-1", 2)], vec![rule]);
+    a_following_by_address(&mut world);
+
+    let reason = world.reason("1-1");
+
+    assert_eq!(
+        world.placement("1-1"),
+        Placement::Vm {
+            vm: "a".into(),
+            mode: AttachMode::Address
+        }
+    );
+    assert!(
+        reason.to_string().ends_with(
+            "; the VM's backend (xen) attaches by bus+address only, so usbroute follows the port itself and attaches each plug by its address"
+        ),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_rule_by_id_for_a_backend_that_follows_by_address_places_every_device_of_the_kind() {
+    let rule = pass_by(0, "id:046d:c016", "a", AttachMode::Id);
+    let devices = vec![
+        with_id(device("1-1", 2), 0x046d, 0xc016),
+        with_id(device("1-2", 3), 0x046d, 0xc016),
+    ];
+    let mut world = World::new(devices, vec![rule]);
+    a_following_by_address(&mut world);
+
+    let placements = [world.placement("1-1"), world.placement("1-2")];
+
+    let by_address = Placement::Vm {
+        vm: "a".into(),
+        mode: AttachMode::Address,
+    };
+    assert_eq!(placements, [by_address.clone(), by_address]);
+    assert!(world
+        .reason("1-2")
+        .to_string()
+        .contains("follows the kind of device itself"));
 }
 
 #[test]
