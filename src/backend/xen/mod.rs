@@ -32,11 +32,16 @@
 
 pub mod client;
 pub mod decide;
+pub mod driver;
+mod presence;
+pub mod store;
 pub mod usb_list;
+pub mod vm;
 pub mod wire;
 pub mod xenstore;
 pub mod xl;
 
+pub use driver::{driver, XenDriver};
 
 use crate::backend::AttachMode;
 

@@ -157,7 +157,7 @@ pub fn domain_ports<'a>(
 }
 
 /// Decimal without leading zeros (xenstore keys are written by `%d`).
-fn number(s: &str) -> Option<u32> {
+pub(super) fn number(s: &str) -> Option<u32> {
     let ok = !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
     (ok && (s == "0" || !s.starts_with('0')))
         .then(|| s.parse().ok())

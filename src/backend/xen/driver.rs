@@ -1,0 +1,79 @@
+//! The Xen driver: a VM is up while a domain of its name runs with a connected qusb USB
+//! controller, as xenstore says (`presence`, one xenstored connection per VM, watches
+//! only). Not registered in [`crate::backend::drivers`] until it is proven on a real Xen.
+
+use super::client::{DEFAULT_SOCKET, DEFAULT_TIMEOUT};
+use super::presence::{self, Watched};
+use super::xl::Xl;
+use crate::backend::driver::Retry;
+use crate::backend::{AttachMode, BackendError, PresenceStream, VmDriver, VmTarget};
+use crate::sysfs::SysfsRoot;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Drives Xen domains through xenstore (presence, ports, marks) and `xl` (attach, detach).
+#[derive(Debug, Clone)]
+pub struct XenDriver {
+    /// xenstored's socket.
+    pub socket: PathBuf,
+    /// How long a xenstore request waits for its reply.
+    pub timeout: Duration,
+    /// How xl is run.
+    pub xl: Xl,
+    /// Where the host's sysfs is (each busid's device address).
+    pub root: SysfsRoot,
+}
+
+/// The Xen driver with dom0's defaults, reading the host under `root`.
+pub fn driver(root: SysfsRoot) -> Arc<dyn VmDriver> {
+    Arc::new(XenDriver {
+        socket: DEFAULT_SOCKET.into(),
+        timeout: DEFAULT_TIMEOUT,
+        xl: Xl::default(),
+        root,
+    })
+}
+
+impl VmDriver for XenDriver {
+    fn name(&self) -> &'static str {
+        "xen"
+    }
+
+    fn modes(&self) -> BTreeSet<AttachMode> {
+        super::MODES.into()
+    }
+
+    fn follows_by_address(&self) -> bool {
+        true
+    }
+
+    fn watch(&self, vm: &str, target: &VmTarget) -> Result<PresenceStream, BackendError> {
+        let VmTarget::Xen { domain } = target else {
+            return Err(BackendError::Refused {
+                vm: vm.to_string(),
+                reason: format!(
+                    "the Xen driver cannot reach {target}; give the VM `xen = \"DOMAIN\"`"
+                ),
+            });
+        };
+        let (report, events) = mpsc::unbounded_channel();
+        let (wake, wakes) = mpsc::unbounded_channel();
+        let watched = Watched {
+            vm: vm.to_string(),
+            domain: domain.clone(),
+            socket: self.socket.clone(),
+            timeout: self.timeout,
+            xl: self.xl.clone(),
+            root: self.root.clone(),
+        };
+        tokio::spawn(presence::watch_domain(watched, wakes, report));
+        // A retry looks at the domain again, or reconnects now if xenstored was down.
+        let retry: Retry = Arc::new(move || {
+            let _ = wake.send(());
+        });
+        Ok(PresenceStream::new(events, retry))
+    }
+}
