@@ -7,6 +7,7 @@
 pub mod driver;
 pub mod libvirt;
 pub mod qemu;
+pub mod reconnect;
 pub mod xen;
 
 /// The fake VM the tests above the backends run on (see the module); not a backend.

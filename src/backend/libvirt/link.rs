@@ -8,9 +8,8 @@
 //! the connection is up.
 
 use super::rpc::{Connection, DomainEvent, LibvirtUri};
-use crate::backend::qemu::socket_watch::SocketWatcher;
+use crate::backend::reconnect::{self, backoff};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::{broadcast, watch, Notify};
 
 /// Events buffered per subscriber; one that falls further behind re-reads the state.
@@ -52,11 +51,6 @@ impl Link {
     pub(super) fn retry(&self) {
         self.retry.notify_one();
     }
-}
-
-/// The wait after `failures` failed connects in a row: 100 ms doubling to 30 s.
-fn backoff(failures: u32) -> Duration {
-    Duration::from_millis(100u64 << failures.saturating_sub(1).min(9)).min(Duration::from_secs(30))
 }
 
 /// Keep a connection to `uri` open and published until every receiver is gone.
@@ -116,33 +110,11 @@ async fn keep_connected(
     }
 }
 
-/// Resolves when one of `uri`'s sockets is created (the daemon started); never when it
-/// cannot be watched (the backoff is then all there is).
+/// Resolves when one of `uri`'s sockets is created (the daemon started).
 async fn socket_appears(uri: &LibvirtUri) {
     let sockets = uri
         .sockets
         .iter()
         .map(|path| (uri.text.clone(), path.clone()));
-    match SocketWatcher::new(sockets) {
-        Ok(mut watcher) => {
-            if watcher.next().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-        Err(_) => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_starts_at_100_ms_and_stops_at_30_s() {
-        assert_eq!(backoff(1), Duration::from_millis(100));
-        assert_eq!(backoff(2), Duration::from_millis(200));
-        assert_eq!(backoff(9), Duration::from_millis(25_600));
-        assert_eq!(backoff(10), Duration::from_secs(30));
-        assert_eq!(backoff(u32::MAX), Duration::from_secs(30));
-    }
+    reconnect::socket_appears(sockets).await
 }
