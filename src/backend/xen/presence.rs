@@ -12,6 +12,7 @@ use super::decide::NoPort;
 use super::store;
 use super::vm::XenVm;
 use super::xl::Xl;
+use crate::backend::reconnect::{self, backoff};
 use crate::backend::PresenceEvent;
 use crate::sysfs::SysfsRoot;
 use std::path::PathBuf;
@@ -47,6 +48,110 @@ enum Seen {
     Ready(u32),
     /// The domain runs but cannot take devices (no controller, or none connected): why.
     Unusable(u32, String),
+}
+
+impl Seen {
+    fn domid(&self) -> Option<u32> {
+        match self {
+            Seen::Absent => None,
+            Seen::Ready(d) | Seen::Unusable(d, _) => Some(*d),
+        }
+    }
+}
+
+/// What the task has reported: the domain id it said up, the reason it said held.
+#[derive(Debug, Default)]
+struct State {
+    up: Option<u32>,
+    held: Option<String>,
+}
+
+/// One thing to report.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Up(u32),
+    Gone(String),
+    Held(Option<String>),
+}
+
+impl State {
+    /// What to report after a look found `seen`, and the state after it.
+    fn step(&mut self, seen: Seen, domain: &str) -> Vec<Step> {
+        let mut steps = Vec::new();
+        if let (Seen::Ready(d), Some(up)) = (&seen, self.up) {
+            if *d == up {
+                return steps;
+            }
+        }
+        if self.up.take().is_some() {
+            steps.push(Step::Gone(match &seen {
+                Seen::Ready(_) => "the domain was destroyed and created again".into(),
+                Seen::Absent => format!("Xen domain {domain} is no longer running"),
+                Seen::Unusable(_, why) => why.clone(),
+            }));
+        }
+        match seen {
+            Seen::Ready(d) => {
+                self.held = None;
+                self.up = Some(d);
+                steps.push(Step::Up(d));
+            }
+            Seen::Unusable(_, why) if self.held.as_ref() != Some(&why) => {
+                self.held = Some(why.clone());
+                steps.push(Step::Held(Some(why)));
+            }
+            Seen::Absent if self.held.take().is_some() => steps.push(Step::Held(None)),
+            _ => {}
+        }
+        steps
+    }
+
+    /// The connection is gone: the domain with it, if it was up.
+    fn lose(&mut self, reason: &str) -> Vec<Step> {
+        self.held = None;
+        self.up
+            .take()
+            .map(|_| Step::Gone(reason.into()))
+            .into_iter()
+            .collect()
+    }
+}
+
+impl Step {
+    /// The event to send; an up domain gets its backend on connection `xs`.
+    fn event(self, watched: &Watched, xs: &Xenstore) -> PresenceEvent {
+        match self {
+            Step::Up(domid) => {
+                tracing::info!(vm = %watched.vm, "VM up (Xen domain {} is domain {domid}, its USB controller connected)", watched.domain);
+                let vm = XenVm::new(
+                    &watched.vm,
+                    &watched.domain,
+                    domid,
+                    xs.clone(),
+                    watched.xl.clone(),
+                    watched.root.clone(),
+                );
+                PresenceEvent::Up(Arc::new(vm))
+            }
+            Step::Gone(reason) => {
+                tracing::info!(vm = %watched.vm, "VM gone ({reason})");
+                PresenceEvent::Gone { reason }
+            }
+            Step::Held(why) => PresenceEvent::Held(why),
+        }
+    }
+}
+
+/// Report `steps`; `false` once the daemon stopped listening.
+fn send_all(
+    watched: &Watched,
+    xs: &Xenstore,
+    report: &mpsc::UnboundedSender<PresenceEvent>,
+    steps: Vec<Step>,
+) -> bool {
+    steps
+        .into_iter()
+        .all(|s| report.send(s.event(watched, xs)).is_ok())
 }
 
 /// Why following a connection ended.
@@ -92,7 +197,7 @@ pub(super) async fn watch_domain(
         }
         tokio::select! {
             () = tokio::time::sleep(backoff(failures.max(1))) => {}
-            () = socket_appears(&watched.socket) => {}
+            () = reconnect::socket_appears([("xenstored".to_string(), watched.socket.clone())]) => {}
             w = wakes.recv() => if w.is_none() { return },
             () = report.closed() => return,
         }
@@ -113,102 +218,68 @@ async fn follow(
             return lost(e);
         }
     }
-    let mut up: Option<u32> = None;
-    let mut held: Option<String> = None;
+    let mut state = State::default();
     let mut dir_watched: Option<u32> = None;
-    let gone = |up: &mut Option<u32>, reason: String| {
-        if up.take().is_some() {
-            tracing::info!(vm = %watched.vm, "VM gone ({reason})");
-            return report.send(PresenceEvent::Gone { reason }).is_ok();
-        }
-        true
-    };
     loop {
-        let seen = match look(xs, &watched.domain).await {
+        let seen = match look(xs, &watched.domain, state.up).await {
             Ok(seen) => seen,
             Err(e) => {
-                gone(&mut up, "the xenstore connection failed".into());
+                let _ = send_all(
+                    watched,
+                    xs,
+                    report,
+                    state.lose("the xenstore connection failed"),
+                );
                 return lost(e);
             }
         };
         // Follow the found domain's controllers; a watch fires once when it is set.
-        let domid = match &seen {
-            Seen::Absent => None,
-            Seen::Ready(d) | Seen::Unusable(d, _) => Some(*d),
-        };
-        if dir_watched != domid {
-            if let Some(old) = dir_watched.take() {
-                if let Err(e) = xs.unwatch(&store::qusb_dir(old), TOKEN).await {
-                    gone(&mut up, "the xenstore connection failed".into());
-                    return lost(e);
+        if dir_watched != seen.domid() {
+            let moved = async {
+                if let Some(old) = dir_watched.take() {
+                    xs.unwatch(&store::qusb_dir(old), TOKEN).await?;
                 }
-            }
-            if let Some(new) = domid {
-                if let Err(e) = xs.watch(&store::qusb_dir(new), TOKEN).await {
-                    gone(&mut up, "the xenstore connection failed".into());
-                    return lost(e);
+                if let Some(new) = seen.domid() {
+                    xs.watch(&store::qusb_dir(new), TOKEN).await?;
+                    dir_watched = Some(new);
                 }
-                dir_watched = Some(new);
-            }
-        }
-        let still = match &seen {
-            Seen::Ready(d) => up == Some(*d),
-            _ => false,
-        };
-        if !still {
-            let reason = match (&seen, up) {
-                (Seen::Ready(_), Some(_)) => "the domain was destroyed and created again".into(),
-                (Seen::Absent, _) => format!("Xen domain {} is no longer running", watched.domain),
-                (Seen::Unusable(_, why), _) => why.clone(),
-                (Seen::Ready(_), None) => String::new(),
+                Ok::<_, XsError>(())
             };
-            if !gone(&mut up, reason) {
-                return Ended::Done;
+            if let Err(e) = moved.await {
+                let _ = send_all(
+                    watched,
+                    xs,
+                    report,
+                    state.lose("the xenstore connection failed"),
+                );
+                return lost(e);
             }
         }
-        let sent = match seen {
-            Seen::Ready(domid) if !still => {
-                held = None;
-                up = Some(domid);
-                tracing::info!(vm = %watched.vm, "VM up (Xen domain {} is domain {domid}, its USB controller connected)", watched.domain);
-                let vm = XenVm::new(
-                    &watched.vm,
-                    &watched.domain,
-                    domid,
-                    xs.clone(),
-                    watched.xl.clone(),
-                    watched.root.clone(),
-                );
-                report.send(PresenceEvent::Up(Arc::new(vm))).is_ok()
-            }
-            Seen::Unusable(_, why) if held.as_ref() != Some(&why) => {
-                held = Some(why.clone());
-                report.send(PresenceEvent::Held(Some(why))).is_ok()
-            }
-            Seen::Absent if held.take().is_some() => report.send(PresenceEvent::Held(None)).is_ok(),
-            _ => true,
-        };
-        if !sent {
+        let steps = state.step(seen, &watched.domain);
+        if !send_all(watched, xs, report, steps) {
             return Ended::Done;
         }
-        tokio::select! {
-            event = events.recv() => if event.is_none() {
-                gone(&mut up, "the xenstore connection closed".into());
-                return Ended::Lost("xenstored closed the connection".into());
-            },
-            w = wakes.recv() => if w.is_none() { return Ended::Done },
-            () = xs.closed() => {
-                gone(&mut up, "the xenstore connection closed".into());
-                return Ended::Lost("xenstored closed the connection".into());
-            }
+        let closed = tokio::select! {
+            event = events.recv() => event.is_none(),
+            w = wakes.recv() => if w.is_none() { return Ended::Done } else { false },
+            () = xs.closed() => true,
             () = report.closed() => return Ended::Done,
+        };
+        if closed {
+            let _ = send_all(
+                watched,
+                xs,
+                report,
+                state.lose("the xenstore connection closed"),
+            );
+            return Ended::Lost("xenstored closed the connection".into());
         }
     }
 }
 
 /// Whether the domain runs and can take devices.
-async fn look(xs: &Xenstore, domain: &str) -> Result<Seen, XsError> {
-    let Some(domid) = store::domain_id(xs, domain).await? else {
+async fn look(xs: &Xenstore, domain: &str, hint: Option<u32>) -> Result<Seen, XsError> {
+    let Some(domid) = store::domain_id(xs, domain, hint).await? else {
         return Ok(Seen::Absent);
     };
     let ctrls = store::controllers(xs, 0, domid).await?;
@@ -228,20 +299,87 @@ async fn look(xs: &Xenstore, domain: &str) -> Result<Seen, XsError> {
     Ok(Seen::Unusable(domid, why.to_string()))
 }
 
-/// The wait after `failures` failed connects in a row: 100 ms doubling to 30 s.
-fn backoff(failures: u32) -> Duration {
-    Duration::from_millis(100u64 << failures.saturating_sub(1).min(9)).min(Duration::from_secs(30))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Resolves when xenstored's socket is created; never when it cannot be watched.
-async fn socket_appears(socket: &std::path::Path) {
-    use crate::backend::qemu::socket_watch::SocketWatcher;
-    match SocketWatcher::new([("xenstored".to_string(), socket.to_path_buf())]) {
-        Ok(mut watcher) => {
-            if watcher.next().await.is_err() {
-                std::future::pending::<()>().await;
-            }
+    fn after(seen: &[Seen]) -> (State, Vec<Step>) {
+        let mut state = State::default();
+        let mut steps = Vec::new();
+        for s in seen {
+            steps = state.step(s.clone(), "lab");
         }
-        Err(_) => std::future::pending().await,
+        (state, steps)
+    }
+
+    fn unusable(domid: u32) -> Seen {
+        Seen::Unusable(domid, "no qusb controller".into())
+    }
+
+    #[test]
+    fn a_domain_with_a_connected_controller_comes_up_once() {
+        assert_eq!(after(&[Seen::Absent, Seen::Ready(3)]).1, [Step::Up(3)]);
+        assert!(after(&[Seen::Ready(3), Seen::Ready(3)]).1.is_empty());
+    }
+
+    #[test]
+    fn a_domain_created_again_under_a_new_id_is_gone_then_up() {
+        let (_, steps) = after(&[Seen::Ready(3), Seen::Ready(5)]);
+
+        assert_eq!(
+            steps,
+            [
+                Step::Gone("the domain was destroyed and created again".into()),
+                Step::Up(5)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_destroyed_domain_is_gone_and_names_itself() {
+        let (state, steps) = after(&[Seen::Ready(3), Seen::Absent]);
+
+        assert_eq!(
+            steps,
+            [Step::Gone("Xen domain lab is no longer running".into())]
+        );
+        assert_eq!(state.up, None);
+    }
+
+    #[test]
+    fn a_domain_without_a_usable_controller_is_held_once_with_the_reason() {
+        assert_eq!(
+            after(&[Seen::Absent, unusable(3)]).1,
+            [Step::Held(Some("no qusb controller".into()))]
+        );
+        assert!(after(&[unusable(3), unusable(3)]).1.is_empty());
+    }
+
+    #[test]
+    fn a_held_domain_whose_controller_connects_comes_up_and_one_destroyed_stops_being_held() {
+        assert_eq!(after(&[unusable(3), Seen::Ready(3)]).1, [Step::Up(3)]);
+        assert_eq!(after(&[unusable(3), Seen::Absent]).1, [Step::Held(None)]);
+    }
+
+    #[test]
+    fn an_up_domain_whose_controller_goes_is_gone_and_held() {
+        let (_, steps) = after(&[Seen::Ready(3), unusable(3)]);
+
+        assert_eq!(
+            steps,
+            [
+                Step::Gone("no qusb controller".into()),
+                Step::Held(Some("no qusb controller".into()))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_lost_connection_is_gone_only_for_a_domain_that_was_up() {
+        let (mut up, _) = after(&[Seen::Ready(3)]);
+        let (mut down, _) = after(&[Seen::Absent]);
+
+        assert_eq!(up.lose("closed"), [Step::Gone("closed".into())]);
+        assert!(down.lose("closed").is_empty());
     }
 }
