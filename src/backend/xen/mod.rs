@@ -1,8 +1,8 @@
-//! Xen (xl PVUSB): the **pure half** of a backend. It reads what xl and xenstore say and
-//! decides; it does no I/O and is not registered in [`crate::backend::drivers`] (a
-//! backend that cannot act must not be). The live half (a `VmDriver` watching
-//! `@introduceDomain`/`@releaseDomain`, a `VmBackend` running `xl usbdev-attach`) is not
-//! built yet; what it will stand on is here:
+//! Xen (xl PVUSB). The live half: [`driver::XenDriver`] follows each domain through
+//! xenstore watches (`presence`), [`vm::XenVm`] lists from xenstore and attaches and
+//! detaches through [`xl`]; [`client`] is a native xenstored client ([`wire`] its
+//! protocol), [`store`] what it reads of a domain. It is **not registered** in
+//! [`crate::backend::drivers`] until it is proven on a real Xen. The pure half it stands on:
 //!
 //! - [`usb_list`]: `xl usb-list DOMAIN` read into controllers and ports (bus and device
 //!   are printed as zero-padded hex);
@@ -26,9 +26,9 @@
 //!
 //! ## Attach modes
 //!
-//! libxl attaches by bus+address only, so the driver will offer [`MODES`] = address; a rule
-//! by port or id is followed by usbroute attaching each plug by its address
-//! ([`BY_ADDRESS_ONLY`], what `why` and `emit` say).
+//! libxl attaches by bus+address only, so the driver offers [`MODES`] = address and says it
+//! follows ports and kinds itself: the plan places a rule by port or id by address, plug
+//! by plug ([`BY_ADDRESS_ONLY`], what `emit` and a refused attach say).
 
 pub mod client;
 pub mod decide;
@@ -45,13 +45,12 @@ pub use driver::{driver, XenDriver};
 
 use crate::backend::AttachMode;
 
-/// The attach modes the Xen driver will give the plan (its `Capabilities`): address only,
+/// The attach modes the Xen driver gives the plan (its `Capabilities`): address only,
 /// the one identity libxl attaches by (`usbdev-attach hostbus= hostaddr=`). A rule with
 /// `by = "port"` or `"id"` is honoured by usbroute itself, not by Xen: each plug it matches
 /// is attached by its address under its own address key; when it is unplugged, its port
 /// goes stale and is cleared ([`xenstore::judge`]), and the next plug is attached by its
-/// new address. (Today's plan keeps such a rule's device home for an address-only backend,
-/// docs/config.md; placing it by address instead is the live half's change to make.)
+/// new address (the driver's `follows_by_address`).
 pub const MODES: [AttachMode; 1] = [AttachMode::Address];
 
 /// What `why` and `emit` say of a Xen domain and a rule by port or id.
