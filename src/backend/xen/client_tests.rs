@@ -1,50 +1,16 @@
-//! The client against `FakeXenstored`, a named fake: a Unix listener that answers each
-//! request as the test scripts it. It is here for what a real xenstored does not do on
-//! demand (garbage, a reply that never comes, a close in the middle of a call); the
-//! answers the happy-path tests script are the shapes `xs_wire.h` and `xs.c` give, until
-//! the Xen test bed records the real ones.
+//! The client against [`FakeXenstored`] (see there for what it is for). The answers the
+//! happy-path tests script are the shapes `xs_wire.h` and `xs.c` give, until the Xen test
+//! bed records the real ones.
 
 use super::*;
+use crate::backend::xen::fake_xenstored::{FakeXenstored, Script};
 use crate::backend::xen::wire::encode;
-use tokio::net::UnixListener;
 
-/// What the fake does with one request: its header and payload in, bytes out (`None`:
-/// hang up).
-type Script = Box<dyn Fn(&Header, &[u8]) -> Option<Vec<u8>> + Send + Sync>;
-
-/// A fake xenstored serving one connection by `script`.
-struct FakeXenstored {
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl FakeXenstored {
-    fn start(script: Script) -> FakeXenstored {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("socket");
-        let listener = UnixListener::bind(&socket).unwrap();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            loop {
-                let mut head = [0u8; HEADER_LEN];
-                if stream.read_exact(&mut head).await.is_err() {
-                    return;
-                }
-                let header = Header::parse(&head).unwrap();
-                let mut payload = vec![0; header.len as usize];
-                stream.read_exact(&mut payload).await.unwrap();
-                match script(&header, &payload) {
-                    Some(bytes) => stream.write_all(&bytes).await.unwrap(),
-                    None => return,
-                }
-            }
-        });
-        FakeXenstored { _dir: dir, socket }
-    }
-
-    async fn connect(&self, timeout: Duration) -> (Xenstore, mpsc::Receiver<WatchEvent>) {
-        Xenstore::connect(&self.socket, timeout).await.unwrap()
-    }
+async fn connect(
+    fake: &FakeXenstored,
+    timeout: Duration,
+) -> (Xenstore, mpsc::Receiver<WatchEvent>) {
+    Xenstore::connect(&fake.socket, timeout).await.unwrap()
 }
 
 fn reply(to: &Header, kind: Kind, payload: &[u8]) -> Vec<u8> {
@@ -64,7 +30,7 @@ fn one_name() -> Script {
 #[tokio::test]
 async fn a_read_returns_the_value_and_a_missing_node_is_none() {
     let fake = FakeXenstored::start(one_name());
-    let (xs, _events) = fake.connect(DEFAULT_TIMEOUT).await;
+    let (xs, _events) = connect(&fake, DEFAULT_TIMEOUT).await;
 
     let name = xs.read(0, "/local/domain/3/name").await.unwrap();
     let missing = xs.read(0, "/local/domain/4/name").await.unwrap();
@@ -76,7 +42,7 @@ async fn a_read_returns_the_value_and_a_missing_node_is_none() {
 #[tokio::test]
 async fn an_error_reply_names_the_request_and_the_errno() {
     let fake = FakeXenstored::start(Box::new(|h, _| Some(reply(h, Kind::Error, b"EACCES\0"))));
-    let (xs, _events) = fake.connect(DEFAULT_TIMEOUT).await;
+    let (xs, _events) = connect(&fake, DEFAULT_TIMEOUT).await;
 
     let err = xs
         .write(0, "/local/domain/0/backend/qusb/3/0/port/1", "")
@@ -101,7 +67,7 @@ async fn a_watch_event_between_a_request_and_its_reply_reaches_the_events_and_th
         });
         Some(out)
     }));
-    let (xs, mut events) = fake.connect(DEFAULT_TIMEOUT).await;
+    let (xs, mut events) = connect(&fake, DEFAULT_TIMEOUT).await;
 
     xs.watch("@releaseDomain", "t").await.unwrap();
     let event = events.recv().await.unwrap();
@@ -115,7 +81,7 @@ async fn a_directory_lists_the_children() {
     let fake = FakeXenstored::start(Box::new(|h, _| {
         Some(reply(h, Kind::Directory, b"0\x003\x00"))
     }));
-    let (xs, _events) = fake.connect(DEFAULT_TIMEOUT).await;
+    let (xs, _events) = connect(&fake, DEFAULT_TIMEOUT).await;
 
     let children = xs.directory(0, "/local/domain").await.unwrap();
 
@@ -131,7 +97,7 @@ async fn a_transaction_id_is_read_and_eagain_at_its_end_says_retry() {
             _ => reply(h, Kind::Error, b"EINVAL\0"),
         })
     }));
-    let (xs, _events) = fake.connect(DEFAULT_TIMEOUT).await;
+    let (xs, _events) = connect(&fake, DEFAULT_TIMEOUT).await;
 
     let tx = xs.transaction_start().await.unwrap();
     let committed = xs.transaction_end(tx, true).await.unwrap();
@@ -147,7 +113,7 @@ async fn a_header_announcing_a_huge_payload_closes_the_connection_without_readin
         garbage[12..16].copy_from_slice(&u32::MAX.to_ne_bytes());
         Some(garbage)
     }));
-    let (xs, _events) = fake.connect(DEFAULT_TIMEOUT).await;
+    let (xs, _events) = connect(&fake, DEFAULT_TIMEOUT).await;
 
     let err = xs.read(0, "/local/domain/3/name").await.unwrap_err();
     xs.closed().await;
@@ -159,7 +125,7 @@ async fn a_header_announcing_a_huge_payload_closes_the_connection_without_readin
 #[tokio::test]
 async fn a_reply_that_never_comes_times_out_and_ends_the_connection() {
     let fake = FakeXenstored::start(Box::new(|_, _| Some(Vec::new())));
-    let (xs, _events) = fake.connect(Duration::from_millis(200)).await;
+    let (xs, _events) = connect(&fake, Duration::from_millis(200)).await;
 
     let err = xs.read(0, "/local/domain/3/name").await.unwrap_err();
 
@@ -170,7 +136,7 @@ async fn a_reply_that_never_comes_times_out_and_ends_the_connection() {
 #[tokio::test]
 async fn a_close_in_the_middle_of_a_call_fails_it_as_closed() {
     let fake = FakeXenstored::start(Box::new(|_, _| None));
-    let (xs, _events) = fake.connect(DEFAULT_TIMEOUT).await;
+    let (xs, _events) = connect(&fake, DEFAULT_TIMEOUT).await;
 
     let err = xs.read(0, "/local/domain/3/name").await.unwrap_err();
 
@@ -182,7 +148,7 @@ async fn a_reply_to_another_request_ends_the_connection() {
     let fake = FakeXenstored::start(Box::new(|h, _| {
         Some(encode(Kind::Read, h.req_id + 1, 0, b"x").unwrap())
     }));
-    let (xs, _events) = fake.connect(DEFAULT_TIMEOUT).await;
+    let (xs, _events) = connect(&fake, DEFAULT_TIMEOUT).await;
 
     let err = xs.read(0, "/a").await.unwrap_err();
 
@@ -192,7 +158,7 @@ async fn a_reply_to_another_request_ends_the_connection() {
 #[tokio::test]
 async fn nothing_is_sent_for_a_relative_path() {
     let fake = FakeXenstored::start(one_name());
-    let (xs, _events) = fake.connect(DEFAULT_TIMEOUT).await;
+    let (xs, _events) = connect(&fake, DEFAULT_TIMEOUT).await;
 
     let err = xs.read(0, "local/domain").await.unwrap_err();
 

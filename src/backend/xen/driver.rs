@@ -77,3 +77,65 @@ impl VmDriver for XenDriver {
         Ok(PresenceStream::new(events, retry))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::xen::fake_xenstored::FakeXenstored;
+    use crate::backend::PresenceEvent;
+
+    fn driver_at(socket: PathBuf) -> XenDriver {
+        XenDriver {
+            socket,
+            timeout: Duration::from_secs(5),
+            xl: Xl::default(),
+            root: SysfsRoot::default(),
+        }
+    }
+
+    #[test]
+    fn xen_attaches_by_address_and_follows_ports_and_kinds_itself() {
+        let caps = driver(SysfsRoot::default()).capabilities();
+
+        assert_eq!(caps.backend, "xen");
+        assert_eq!(caps.modes, [AttachMode::Address].into());
+        assert!(caps.follows_by_address);
+    }
+
+    #[test]
+    fn a_vm_that_is_not_a_xen_domain_is_refused_with_the_key_to_use() {
+        let target = VmTarget::Qemu {
+            qmp: "/run/a.qmp".into(),
+        };
+
+        let err = driver_at("/x".into()).watch("a", &target).err().unwrap();
+
+        assert!(err.to_string().contains("`xen = \"DOMAIN\"`"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_xenstored_that_closes_every_connection_is_reconnected_to_and_nothing_comes_up() {
+        let fake = FakeXenstored::start(Box::new(|_, _| None));
+        let target = VmTarget::Xen {
+            domain: "lab".into(),
+        };
+        let mut stream = driver_at(fake.socket.clone())
+            .watch("lab", &target)
+            .unwrap();
+
+        let reconnected = tokio::time::timeout(Duration::from_secs(20), async {
+            while fake.connections() < 3 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let event = tokio::time::timeout(Duration::ZERO, stream.next()).await;
+
+        assert!(reconnected.is_ok(), "{} connections", fake.connections());
+        assert!(
+            !matches!(event, Ok(Some(PresenceEvent::Up(_)))),
+            "came up on a broken xenstored"
+        );
+        assert!(event.is_err(), "an event from a xenstored that never answered");
+    }
+}

@@ -33,6 +33,8 @@
 pub mod client;
 pub mod decide;
 pub mod driver;
+#[cfg(test)]
+mod fake_xenstored;
 mod presence;
 pub mod store;
 pub mod usb_list;
