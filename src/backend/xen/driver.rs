@@ -136,6 +136,9 @@ mod tests {
             !matches!(event, Ok(Some(PresenceEvent::Up(_)))),
             "came up on a broken xenstored"
         );
-        assert!(event.is_err(), "an event from a xenstored that never answered");
+        assert!(
+            event.is_err(),
+            "an event from a xenstored that never answered"
+        );
     }
 }

@@ -221,21 +221,10 @@ async fn follow(
     let mut state = State::default();
     let mut dir_watched: Option<u32> = None;
     loop {
-        let seen = match look(xs, &watched.domain, state.up).await {
-            Ok(seen) => seen,
-            Err(e) => {
-                let _ = send_all(
-                    watched,
-                    xs,
-                    report,
-                    state.lose("the xenstore connection failed"),
-                );
-                return lost(e);
-            }
-        };
-        // Follow the found domain's controllers; a watch fires once when it is set.
-        if dir_watched != seen.domid() {
-            let moved = async {
+        let looked = async {
+            let seen = look(xs, &watched.domain, state.up).await?;
+            // Follow the found domain's controllers; a watch fires once when it is set.
+            if dir_watched != seen.domid() {
                 if let Some(old) = dir_watched.take() {
                     xs.unwatch(&store::qusb_dir(old), TOKEN).await?;
                 }
@@ -243,18 +232,17 @@ async fn follow(
                     xs.watch(&store::qusb_dir(new), TOKEN).await?;
                     dir_watched = Some(new);
                 }
-                Ok::<_, XsError>(())
-            };
-            if let Err(e) = moved.await {
-                let _ = send_all(
-                    watched,
-                    xs,
-                    report,
-                    state.lose("the xenstore connection failed"),
-                );
+            }
+            Ok::<_, XsError>(seen)
+        };
+        let seen = match looked.await {
+            Ok(seen) => seen,
+            Err(e) => {
+                let steps = state.lose("the xenstore connection failed");
+                let _ = send_all(watched, xs, report, steps);
                 return lost(e);
             }
-        }
+        };
         let steps = state.step(seen, &watched.domain);
         if !send_all(watched, xs, report, steps) {
             return Ended::Done;

@@ -17,29 +17,18 @@ pub async fn domain_id(
     name: &str,
     hint: Option<u32>,
 ) -> Result<Option<u32>, XsError> {
+    let named = |domid: u32| async move {
+        let path = format!("/local/domain/{domid}/name");
+        Ok::<_, XsError>(xs.read(0, &path).await?.as_deref() == Some(name))
+    };
     if let Some(domid) = hint {
-        if xs
-            .read(0, &format!("/local/domain/{domid}/name"))
-            .await?
-            .as_deref()
-            == Some(name)
-        {
+        if named(domid).await? {
             return Ok(Some(domid));
         }
     }
-    for id in xs
-        .directory(0, "/local/domain")
-        .await?
-        .iter()
-        .take(MAX_DOMAINS)
-    {
-        let Some(domid) = number(id) else { continue };
-        if xs
-            .read(0, &format!("/local/domain/{domid}/name"))
-            .await?
-            .as_deref()
-            == Some(name)
-        {
+    let ids = xs.directory(0, "/local/domain").await?;
+    for domid in ids.iter().take(MAX_DOMAINS).filter_map(|id| number(id)) {
+        if named(domid).await? {
             return Ok(Some(domid));
         }
     }
