@@ -121,7 +121,8 @@ pub enum Reason {
         /// What wanted it in a VM (`None`: a manual attach).
         wanted_by: Option<RuleRef>,
     },
-    /// The VM's backend cannot attach by the mode asked for (Xen attaches by address only).
+    /// The VM's backend cannot attach by the mode asked for (libvirt has no by-port) and does
+    /// not follow it by address itself.
     ModeUnsupported {
         /// The VM.
         vm: String,
