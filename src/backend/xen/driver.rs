@@ -141,4 +141,38 @@ mod tests {
             "an event from a xenstored that never answered"
         );
     }
+
+    #[tokio::test]
+    async fn a_xenstored_that_refuses_every_read_is_reconnected_to_with_backoff_not_at_once() {
+        use crate::backend::xen::wire::{encode, Kind};
+        let fake = FakeXenstored::start(Box::new(|h, _| {
+            let (kind, payload): (Kind, &[u8]) = match h.kind {
+                Kind::Watch => (Kind::Watch, b"OK\0"),
+                _ => (Kind::Error, b"EACCES\0"),
+            };
+            Some(encode(kind, h.req_id, h.tx_id, payload).unwrap())
+        }));
+        let target = VmTarget::Xen {
+            domain: "lab".into(),
+        };
+        let started = tokio::time::Instant::now();
+        let _stream = driver_at(fake.socket.clone())
+            .watch("lab", &target)
+            .unwrap();
+
+        let reconnected = tokio::time::timeout(Duration::from_secs(20), async {
+            while fake.connections() < 4 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+
+        assert!(reconnected.is_ok(), "{} connections", fake.connections());
+        // 100 + 200 + 400 ms of backoff before the fourth; at once would be 3 x 100 ms.
+        assert!(
+            started.elapsed() >= Duration::from_millis(600),
+            "{:?}",
+            started.elapsed()
+        );
+    }
 }

@@ -177,13 +177,20 @@ pub(super) async fn watch_domain(
         };
         match connected {
             Ok((xs, events)) => {
-                failures = 0;
-                said = None;
-                match follow(&watched, &xs, events, &mut wakes, &report).await {
-                    Ended::Done => return,
-                    Ended::Lost(why) => {
-                        tracing::warn!(vm = %watched.vm, "xenstore connection lost: {why}; reconnecting")
-                    }
+                let mut looked = false;
+                let ended = follow(&watched, &xs, events, &mut wakes, &report, &mut looked).await;
+                let Ended::Lost(why) = ended else { return };
+                // A connection that never got as far as one look (xenstored refusing a
+                // read) backs off like a failed connect, instead of retrying at once.
+                if looked {
+                    failures = 0;
+                    said = None;
+                }
+                failures += 1;
+                let text = format!("xenstore connection lost: {why}; reconnecting");
+                if said.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(vm = %watched.vm, "{text}");
+                    said = Some(text);
                 }
             }
             Err(e) => {
@@ -204,13 +211,15 @@ pub(super) async fn watch_domain(
     }
 }
 
-/// Follow the domain over one connection until it fails or the daemon stops watching.
+/// Follow the domain over one connection until it fails or the daemon stops watching;
+/// `looked` is set once a look succeeded.
 async fn follow(
     watched: &Watched,
     xs: &Xenstore,
     mut events: mpsc::Receiver<WatchEvent>,
     wakes: &mut mpsc::UnboundedReceiver<()>,
     report: &mpsc::UnboundedSender<PresenceEvent>,
+    looked: &mut bool,
 ) -> Ended {
     let lost = |e: XsError| Ended::Lost(crate::error_chain::one_line(&e));
     for special in ["@introduceDomain", "@releaseDomain"] {
@@ -221,7 +230,7 @@ async fn follow(
     let mut state = State::default();
     let mut dir_watched: Option<u32> = None;
     loop {
-        let looked = async {
+        let looked_now = async {
             let seen = look(xs, &watched.domain, state.up).await?;
             // Follow the found domain's controllers; a watch fires once when it is set.
             if dir_watched != seen.domid() {
@@ -235,8 +244,11 @@ async fn follow(
             }
             Ok::<_, XsError>(seen)
         };
-        let seen = match looked.await {
-            Ok(seen) => seen,
+        let seen = match looked_now.await {
+            Ok(seen) => {
+                *looked = true;
+                seen
+            }
             Err(e) => {
                 let steps = state.lose("the xenstore connection failed");
                 let _ = send_all(watched, xs, report, steps);
