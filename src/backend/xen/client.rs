@@ -110,6 +110,8 @@ struct Inner {
 struct Caller {
     writer: OwnedWriteHalf,
     replies: mpsc::Receiver<Reply>,
+    /// A call was dropped while writing: the stream may hold half a message.
+    torn: bool,
 }
 
 impl Drop for Inner {
@@ -146,7 +148,11 @@ impl Xenstore {
             let _ = closed_tx.send(true);
         });
         let inner = Inner {
-            caller: Mutex::new(Caller { writer, replies }),
+            caller: Mutex::new(Caller {
+                writer,
+                replies,
+                torn: false,
+            }),
             next_id: AtomicU32::new(1),
             timeout,
             closed,
@@ -175,19 +181,24 @@ impl Xenstore {
         request: String,
     ) -> Result<Vec<u8>, XsError> {
         let mut caller = self.inner.caller.lock().await;
-        if *self.inner.closed.borrow() || self.inner.reader.is_finished() {
+        if *self.inner.closed.borrow() || self.inner.reader.is_finished() || caller.torn {
+            self.inner.reader.abort();
             return Err(XsError::Closed);
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let bytes = wire::encode(kind, id, tx, &payload)?;
         let exchange = async {
-            caller
-                .writer
-                .write_all(&bytes)
-                .await
-                .map_err(|_| XsError::Closed)?;
-            let reply = caller.replies.recv().await.ok_or(XsError::Closed)?;
-            Ok::<_, XsError>(reply)
+            caller.torn = true;
+            let written = caller.writer.write_all(&bytes).await;
+            caller.torn = false;
+            written.map_err(|_| XsError::Closed)?;
+            loop {
+                let reply = caller.replies.recv().await.ok_or(XsError::Closed)?;
+                // An earlier id: the reply to a call whose caller gave up waiting.
+                if reply.header.req_id >= id {
+                    return Ok::<_, XsError>(reply);
+                }
+            }
         };
         let reply = match tokio::time::timeout(self.inner.timeout, exchange).await {
             Ok(reply) => reply?,

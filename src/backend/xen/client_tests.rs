@@ -177,3 +177,27 @@ async fn a_missing_socket_says_where_it_looked() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn the_late_reply_to_a_call_given_up_is_skipped_and_the_next_call_gets_its_own() {
+    let first_seen = Arc::new(tokio::sync::Notify::new());
+    let seen = first_seen.clone();
+    let fake = FakeXenstored::start(Box::new(move |h, _| {
+        if h.req_id == 1 {
+            seen.notify_one();
+            return Some(Vec::new());
+        }
+        let mut out = encode(Kind::Read, 1, 0, b"late").unwrap();
+        out.extend(reply(h, Kind::Read, b"lab"));
+        Some(out)
+    }));
+    let (xs, _events) = connect(&fake, DEFAULT_TIMEOUT).await;
+    tokio::select! {
+        _ = xs.read(0, "/local/domain/3/name") => panic!("the first call was never answered"),
+        () = first_seen.notified() => {}
+    }
+
+    let name = xs.read(0, "/local/domain/3/name").await.unwrap();
+
+    assert_eq!(name.as_deref(), Some("lab"));
+}
