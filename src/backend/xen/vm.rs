@@ -156,27 +156,27 @@ impl XenVm {
                 .transaction_start()
                 .await
                 .map_err(|e| self.xs_failed(e))?;
-            let held = self
-                .xs
-                .read(tx, &path)
-                .await
-                .map_err(|e| self.xs_failed(e))?;
-            if held.as_deref() != Some(busid.to_string().as_str()) {
-                let _ = self.xs.transaction_end(tx, false).await;
-                return Ok(());
+            let wrote = async {
+                if self.xs.read(tx, &path).await?.as_deref() != Some(busid.to_string().as_str()) {
+                    return Ok(false);
+                }
+                self.xs.write(tx, &path, "").await?;
+                Ok::<_, XsError>(true)
             }
-            self.xs
-                .write(tx, &path, "")
-                .await
-                .map_err(|e| self.xs_failed(e))?;
-            if self
-                .xs
-                .transaction_end(tx, true)
-                .await
-                .map_err(|e| self.xs_failed(e))?
-            {
-                tracing::info!(vm = %self.vm, "emptied port node {path} (its device {busid} was removed while attached)");
-                return Ok(());
+            .await;
+            match wrote {
+                Ok(true) => {
+                    let committed = self.xs.transaction_end(tx, true).await;
+                    if committed.map_err(|e| self.xs_failed(e))? {
+                        tracing::info!(vm = %self.vm, "emptied port node {path} (its device {busid} was removed while attached)");
+                        return Ok(());
+                    }
+                }
+                // Not a transaction left open on the connection (xenstored limits them).
+                done => {
+                    let _ = self.xs.transaction_end(tx, false).await;
+                    return done.map(|_| ()).map_err(|e| self.xs_failed(e));
+                }
             }
         }
         Err(self.refused(format!(
