@@ -14,7 +14,7 @@
 //! destroy and create the domain meanwhile, or restart xenstored.
 
 use std::time::{Duration, Instant};
-use usbroute::backend::xen::client::{Xenstore, DEFAULT_SOCKET, DEFAULT_TIMEOUT};
+use usbroute::backend::xen::client::{candidate_sockets, pick_socket, Xenstore, DEFAULT_TIMEOUT};
 use usbroute::backend::xen::vm::XenVm;
 use usbroute::backend::xen::xl::Xl;
 use usbroute::backend::xen::{store, xenstore};
@@ -51,7 +51,8 @@ async fn probe() -> Result<(), Failed> {
             .and_then(|i| args.get(i + 1))
     };
     let root = SysfsRoot::default();
-    let (xs, _events) = Xenstore::connect(DEFAULT_SOCKET.as_ref(), DEFAULT_TIMEOUT).await?;
+    let (xs, _events) =
+        Xenstore::connect(&pick_socket(&candidate_sockets()), DEFAULT_TIMEOUT).await?;
     let started = Instant::now();
     let domid = store::domain_id(&xs, domain, None)
         .await?

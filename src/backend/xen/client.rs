@@ -18,8 +18,29 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch, Mutex};
 
-/// Where xenstored listens in dom0 (`XEN_RUN_STORED/socket`; `/var/run` is `/run`).
-pub const DEFAULT_SOCKET: &str = "/run/xenstored/socket";
+/// Where xenstored listens in dom0 (`XEN_RUN_STORED/socket`), and where it listens when
+/// `/var/run` is not a link to `/run` (a minimal dom0).
+pub const SOCKETS: [&str; 2] = ["/run/xenstored/socket", "/var/run/xenstored/socket"];
+/// The environment variable that names the socket instead, as Xen's own libxenstore reads it.
+pub const SOCKET_ENV: &str = "XENSTORED_PATH";
+
+/// The sockets xenstored may be at: `$XENSTORED_PATH` alone when set, else [`SOCKETS`].
+pub fn candidate_sockets() -> Vec<PathBuf> {
+    match std::env::var_os(SOCKET_ENV) {
+        Some(path) if !path.is_empty() => vec![path.into()],
+        _ => SOCKETS.iter().map(PathBuf::from).collect(),
+    }
+}
+
+/// The socket to connect to now: the first of `candidates` that exists, else the first.
+pub fn pick_socket(candidates: &[PathBuf]) -> PathBuf {
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .or(candidates.first())
+        .cloned()
+        .unwrap_or_else(|| SOCKETS[0].into())
+}
 /// How long a request waits for its reply unless told otherwise (xenstored answers in
 /// milliseconds; a TCG guest under load takes longer).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -201,3 +201,14 @@ async fn the_late_reply_to_a_call_given_up_is_skipped_and_the_next_call_gets_its
 
     assert_eq!(name.as_deref(), Some("lab"));
 }
+
+#[test]
+fn the_first_existing_socket_is_picked_else_the_first_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let there = dir.path().join("there");
+    std::fs::write(&there, "").unwrap();
+    let missing = dir.path().join("missing");
+
+    assert_eq!(pick_socket(&[missing.clone(), there.clone()]), there);
+    assert_eq!(pick_socket(&[missing.clone()]), missing);
+}

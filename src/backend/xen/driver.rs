@@ -2,7 +2,7 @@
 //! controller, as xenstore says (`presence`, one xenstored connection per VM, watches
 //! only). Not registered in [`crate::backend::drivers`] until it is proven on a real Xen.
 
-use super::client::{DEFAULT_SOCKET, DEFAULT_TIMEOUT};
+use super::client::{candidate_sockets, DEFAULT_TIMEOUT};
 use super::presence::{self, Watched};
 use super::xl::Xl;
 use crate::backend::driver::Retry;
@@ -17,8 +17,9 @@ use tokio::sync::mpsc;
 /// Drives Xen domains through xenstore (presence, ports, marks) and `xl` (attach, detach).
 #[derive(Debug, Clone)]
 pub struct XenDriver {
-    /// xenstored's socket.
-    pub socket: PathBuf,
+    /// Where xenstored's socket may be, the first existing one used at each connect
+    /// ([`super::client::candidate_sockets`]).
+    pub sockets: Vec<PathBuf>,
     /// How long a xenstore request waits for its reply.
     pub timeout: Duration,
     /// How xl is run.
@@ -30,7 +31,7 @@ pub struct XenDriver {
 /// The Xen driver with dom0's defaults, reading the host under `root`.
 pub fn driver(root: SysfsRoot) -> Arc<dyn VmDriver> {
     Arc::new(XenDriver {
-        socket: DEFAULT_SOCKET.into(),
+        sockets: candidate_sockets(),
         timeout: DEFAULT_TIMEOUT,
         xl: Xl::default(),
         root,
@@ -64,7 +65,7 @@ impl VmDriver for XenDriver {
         let watched = Watched {
             vm: vm.to_string(),
             domain: domain.clone(),
-            socket: self.socket.clone(),
+            sockets: self.sockets.clone(),
             timeout: self.timeout,
             xl: self.xl.clone(),
             root: self.root.clone(),
@@ -86,7 +87,7 @@ mod tests {
 
     fn driver_at(socket: PathBuf) -> XenDriver {
         XenDriver {
-            socket,
+            sockets: vec![socket],
             timeout: Duration::from_secs(5),
             xl: Xl::default(),
             root: SysfsRoot::default(),

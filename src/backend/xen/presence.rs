@@ -7,7 +7,7 @@
 //! gives it one. xenstored going away is gone, and the task reconnects with backoff, woken
 //! early when its socket reappears.
 
-use super::client::{WatchEvent, Xenstore, XsError};
+use super::client::{pick_socket, WatchEvent, Xenstore, XsError};
 use super::decide::NoPort;
 use super::store;
 use super::vm::XenVm;
@@ -29,8 +29,8 @@ pub(super) struct Watched {
     pub(super) vm: String,
     /// The Xen domain's name.
     pub(super) domain: String,
-    /// xenstored's socket.
-    pub(super) socket: PathBuf,
+    /// Where xenstored's socket may be.
+    pub(super) sockets: Vec<PathBuf>,
     /// How long a xenstore request waits.
     pub(super) timeout: Duration,
     /// How xl is run.
@@ -171,8 +171,9 @@ pub(super) async fn watch_domain(
     let mut failures = 0u32;
     let mut said: Option<String> = None;
     loop {
+        let socket = pick_socket(&watched.sockets);
         let connected = tokio::select! {
-            c = Xenstore::connect(&watched.socket, watched.timeout) => c,
+            c = Xenstore::connect(&socket, watched.timeout) => c,
             () = report.closed() => return,
         };
         match connected {
@@ -204,7 +205,7 @@ pub(super) async fn watch_domain(
         }
         tokio::select! {
             () = tokio::time::sleep(backoff(failures.max(1))) => {}
-            () = reconnect::socket_appears([("xenstored".to_string(), watched.socket.clone())]) => {}
+            () = reconnect::socket_appears(watched.sockets.iter().map(|s| ("xenstored".to_string(), s.clone()))) => {}
             w = wakes.recv() => if w.is_none() { return },
             () = report.closed() => return,
         }
