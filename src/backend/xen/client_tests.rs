@@ -210,5 +210,5 @@ fn the_first_existing_socket_is_picked_else_the_first_named() {
     let missing = dir.path().join("missing");
 
     assert_eq!(pick_socket(&[missing.clone(), there.clone()]), there);
-    assert_eq!(pick_socket(&[missing.clone()]), missing);
+    assert_eq!(pick_socket(std::slice::from_ref(&missing)), missing);
 }
