@@ -16,6 +16,9 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(15);
 const QMP_TIMEOUT: Duration = Duration::from_secs(8);
 /// What the guest's boot may take, QEMU start to the agent's READY (KVM base).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same for the Xen machine: Xen, then dom0 as its PV guest (31-37 s under TCG on an
+/// idle machine, 92 s once on a loaded one, against the plain guest's 5-8 s).
+const XEN_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a condition is polled.
 const POLL_EVERY: Duration = Duration::from_millis(100);
 
@@ -32,6 +35,9 @@ pub struct Bed {
     waits: WaitLog,
     /// How long the boot took (QEMU start to agent ready).
     pub boot_time: Duration,
+    /// On the Xen machine, how long creating the domU took (`xl create` to its first
+    /// report in xenstore); `None` on the plain guest.
+    pub domu_time: Option<Duration>,
 }
 
 impl Bed {
@@ -40,7 +46,20 @@ impl Bed {
     pub async fn boot(cfg: &MachineConfig) -> Result<Bed> {
         let mut bed = Self::boot_with(cfg, Pace::uncalibrated(cfg.accel)).await?;
         bed.pace = bed.calibrate().await?;
+        bed.start_domu().await?;
         Ok(bed)
+    }
+
+    /// On the Xen machine, create the domU every `xen-*` scenario shares (after the
+    /// calibration: its deadlines are scaled).
+    async fn start_domu(&mut self) -> Result<()> {
+        if self.config.xen.is_some() {
+            let took = crate::xen::create_domu(self)
+                .await
+                .with_context(|| format!("creating the domU\n{}", self.failure_log()))?;
+            self.domu_time = Some(took);
+        }
+        Ok(())
     }
 
     /// Boot with a known pace (a reboot keeps the first boot's measurement).
@@ -53,7 +72,11 @@ impl Bed {
             let qmp =
                 Qmp::connect_with_timeout(&machine.qmp_socket, pace.deadline(QMP_TIMEOUT)).await?;
             let mut agent = Agent::connect(&machine.agent_socket).await?;
-            agent.wait_ready(pace.deadline(BOOT_TIMEOUT)).await?;
+            let boot_timeout = match cfg.xen {
+                None => BOOT_TIMEOUT,
+                Some(_) => XEN_BOOT_TIMEOUT,
+            };
+            agent.wait_ready(pace.deadline(boot_timeout)).await?;
             anyhow::Ok((qmp, agent))
         }
         .await;
@@ -76,6 +99,7 @@ impl Bed {
             pace,
             waits: WaitLog::default(),
             boot_time: started.elapsed(),
+            domu_time: None,
         };
         bed.guest_ok(
             "test -x /bin/usbroute || { echo 'no /bin/usbroute in the guest: scripts/testbed appends it to the initramfs' >&2; exit 1; }",
@@ -110,7 +134,7 @@ impl Bed {
         let waits = std::mem::take(&mut self.waits);
         *self = fresh;
         self.waits = waits;
-        Ok(())
+        self.start_domu().await
     }
 
     /// The guest's measured speed.
@@ -277,6 +301,22 @@ impl Bed {
         Ok(name)
     }
 
+    /// `device_add` through the outer QMP and return at once, the device tracked (as
+    /// `name`, its port's kernel name, learnt from an earlier plug there) so the reset
+    /// unplugs it if a later step fails: for a timed chain that waits for the device in
+    /// the guest itself, without the bed's round trips in between.
+    pub async fn device_add(&mut self, dev: &UsbDevice, name: &str) -> Result<()> {
+        self.qmp
+            .execute("device_add", Some(dev.device_add_args(None)))
+            .await
+            .with_context(|| format!("plugging {} at {}", dev.id, dev.port))?;
+        self.plugged.push(Plugged {
+            dev: dev.clone(),
+            guest_name: Some(name.to_string()),
+        });
+        Ok(())
+    }
+
     /// Wait until every interface of `name` has a driver and, for storage, its disk
     /// exists (usb-storage scans a second after binding), for a hub its ports are
     /// powered: what a listing taken right after `plug` should already show, and what a
@@ -331,6 +371,20 @@ impl Bed {
             .wait_guest(&what, &script, Duration::from_secs(10))
             .await?;
         Ok(name.trim().to_string())
+    }
+
+    /// The bus and device numbers of the guest's USB device `name`.
+    pub async fn bus_device(&mut self, name: &str) -> Result<(u32, u32)> {
+        let out = self
+            .guest_ok(&format!(
+                "cat /sys/bus/usb/devices/{name}/busnum /sys/bus/usb/devices/{name}/devnum"
+            ))
+            .await?;
+        let mut numbers = out.split_whitespace().map(str::parse::<u32>);
+        match (numbers.next(), numbers.next()) {
+            (Some(Ok(bus)), Some(Ok(device))) => Ok((bus, device)),
+            _ => bail!("busnum and devnum of {name} read: {out}"),
+        }
     }
 
     /// Unplug a device (device_del), wait for DEVICE_DELETED and, for a device this bed

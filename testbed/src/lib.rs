@@ -15,3 +15,4 @@ pub mod runner;
 pub mod scenarios;
 pub mod shell;
 pub mod usb;
+pub mod xen;

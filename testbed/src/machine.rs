@@ -22,6 +22,18 @@ pub struct MachineConfig {
     pub accel: Accel,
     /// Emulate an Intel IOMMU (VT-d); without it the guest has no IOMMU groups.
     pub iommu: bool,
+    /// Boot Xen with `kernel` as its dom0 instead of a plain guest (the `xen-*` scenarios).
+    pub xen: Option<XenBoot>,
+}
+
+/// The Xen machine's own pieces (testbed/xen/prepare builds them): the hypervisor is the
+/// multiboot kernel, the guest kernel and this initramfs its dom0.
+#[derive(Debug, Clone)]
+pub struct XenBoot {
+    /// Xen itself, the uncompressed 32-bit multiboot ELF.
+    pub hypervisor: PathBuf,
+    /// dom0's initramfs (uncompressed cpio, usbroute appended).
+    pub dom0_initrd: PathBuf,
 }
 
 /// How long a killed leftover QEMU may take to disappear (it is not our child, so it
@@ -58,33 +70,10 @@ impl Machine {
         let log = std::fs::File::create(&qemu_log)
             .with_context(|| format!("creating {}", qemu_log.display()))?;
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-M", "q35", "-smp", "2", "-m", "1024", "-nodefaults"])
-            // S3 (suspend to RAM) for the `suspend` scenario: q35 hides it unless asked
-            // (QEMU's ICH9 defaults to disable_s3=1). It only adds the _S3 state to
-            // the ACPI tables; the guest uses it only when told to (`echo mem`).
-            .args(["-global", "ICH9-LPC.disable_s3=0"])
-            .args(cfg.accel.qemu_args())
+        cmd.args(["-M", "q35", "-smp", "2", "-nodefaults"])
             .args(["-display", "none", "-no-reboot"])
             .arg("-pidfile")
-            .arg(&pid_file);
-        // no_timer_check: under TCG on a loaded host the IO-APIC timer check can fail and
-        // panic the boot ("timer doesn't work through Interrupt-remapped IO-APIC").
-        // usbcore.autosuspend=-1: an idle emulated hub is runtime-suspended after 2 s, and a
-        // device QEMU then attaches behind it was sometimes never seen (no remote wakeup
-        // through the emulated hub); scenarios test usbroute, not USB power management.
-        let mut append =
-            String::from("console=ttyS0 panic=-1 quiet no_timer_check usbcore.autosuspend=-1");
-        if cfg.iommu {
-            cmd.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
-            append.push_str(" intel_iommu=on");
-        }
-        cmd.arg("-kernel")
-            .arg(&cfg.kernel)
-            .arg("-initrd")
-            .arg(&cfg.initrd)
-            .args(["-append", &append])
-            .arg("-serial")
-            .arg(format!("file:{}", console_log.display()))
+            .arg(&pid_file)
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_socket.display()))
             // A second monitor for people: QEMU serves one client per monitor and the
@@ -98,19 +87,12 @@ impl Machine {
             .arg(format!(
                 "socket,id=agent,path={},server=on,wait=off",
                 agent_socket.display()
-            ))
-            .args(["-device", "virtio-serial-pci,id=vser"])
-            .args([
-                "-device",
-                "virtserialport,chardev=agent,name=org.usbroute.agent",
-            ])
-            .arg("-fsdev")
-            .arg(format!(
-                "local,id=hostfs,path={},security_model=none",
-                cfg.share.display()
-            ))
-            .args(["-device", "virtio-9p-pci,fsdev=hostfs,mount_tag=host"])
-            .args(usb_controllers())
+            ));
+        match &cfg.xen {
+            None => plain_args(&mut cmd, cfg, &console_log),
+            Some(xen) => xen_args(&mut cmd, cfg, xen, &console_log)?,
+        }
+        cmd.args(usb_controllers())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -164,6 +146,97 @@ impl Machine {
             tail(&self.qemu_log, 20)
         )
     }
+}
+
+/// The plain guest: the kernel boots directly, the agent on a virtio-serial port, the
+/// share over 9p, an IOMMU when asked.
+fn plain_args(cmd: &mut Command, cfg: &MachineConfig, console_log: &Path) {
+    cmd.args(["-m", "1024"])
+        // S3 (suspend to RAM) for the `suspend` scenario: q35 hides it unless asked
+        // (QEMU's ICH9 defaults to disable_s3=1). It only adds the _S3 state to
+        // the ACPI tables; the guest uses it only when told to (`echo mem`).
+        .args(["-global", "ICH9-LPC.disable_s3=0"])
+        .args(cfg.accel.qemu_args());
+    // no_timer_check: under TCG on a loaded host the IO-APIC timer check can fail and
+    // panic the boot ("timer doesn't work through Interrupt-remapped IO-APIC").
+    // usbcore.autosuspend=-1: an idle emulated hub is runtime-suspended after 2 s, and a
+    // device QEMU then attaches behind it was sometimes never seen (no remote wakeup
+    // through the emulated hub); scenarios test usbroute, not USB power management.
+    let mut append =
+        String::from("console=ttyS0 panic=-1 quiet no_timer_check usbcore.autosuspend=-1");
+    if cfg.iommu {
+        cmd.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
+        append.push_str(" intel_iommu=on");
+    }
+    cmd.arg("-kernel")
+        .arg(&cfg.kernel)
+        .arg("-initrd")
+        .arg(&cfg.initrd)
+        .args(["-append", &append])
+        .arg("-serial")
+        .arg(format!("file:{}", console_log.display()))
+        .args(agent_port())
+        .arg("-fsdev")
+        .arg(format!(
+            "local,id=hostfs,path={},security_model=none",
+            cfg.share.display()
+        ))
+        .args(["-device", "virtio-9p-pci,fsdev=hostfs,mount_tag=host"]);
+}
+
+/// The Xen machine: Xen as the multiboot kernel, the guest kernel and the dom0 image as
+/// its modules; COM1 is Xen's and dom0's console (hvc0), the agent on virtio-serial as in
+/// the plain guest (a PV dom0's virtio rings go through the DMA API). Always TCG,
+/// with XSAVE hidden: with it, dom0's processes crashed at random once a domU ran (GPFs
+/// on TLS reads, xl's lock assertion). dom0 reads no 9p share: usbroute is in its image.
+fn xen_args(
+    cmd: &mut Command,
+    cfg: &MachineConfig,
+    xen: &XenBoot,
+    console_log: &Path,
+) -> Result<()> {
+    // QEMU splits -initrd at commas (one module each) and a module's path from its
+    // command line at the first space.
+    for path in [&cfg.kernel, &xen.dom0_initrd] {
+        let text = path.to_string_lossy();
+        if text.contains([',', ' ']) {
+            bail!("{text}: a path with a comma or space cannot be a multiboot module; move the checkout");
+        }
+    }
+    cmd.args([
+        "-m",
+        "2048",
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max,-xsave",
+    ])
+    .arg("-kernel")
+    .arg(&xen.hypervisor)
+    .args([
+        "-append",
+        "dom0_mem=1024M,max:1024M dom0_max_vcpus=2 console=com1 com1=115200,8n1 noreboot",
+    ])
+    .arg("-initrd")
+    .arg(format!(
+        "{} console=hvc0 panic=-1 quiet no_timer_check usbcore.autosuspend=-1,{}",
+        cfg.kernel.display(),
+        xen.dom0_initrd.display()
+    ))
+    .arg("-serial")
+    .arg(format!("file:{}", console_log.display()))
+    .args(agent_port());
+    Ok(())
+}
+
+/// The agent's virtio-serial port, named for the guest (or dom0) to find it.
+fn agent_port() -> [&'static str; 4] {
+    [
+        "-device",
+        "virtio-serial-pci,id=vser",
+        "-device",
+        "virtserialport,chardev=agent,name=org.usbroute.agent",
+    ]
 }
 
 /// xHCI at 00:03.0; EHCI at 00:1d.7 with UHCI companions 00:1d.0-2 (two ports each).

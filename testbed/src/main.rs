@@ -24,6 +24,12 @@ struct Args {
     /// Sockets, logs and the KVM verdict cache.
     #[arg(long, global = true, default_value = "target/testbed/run")]
     run_dir: PathBuf,
+    /// Xen (uncompressed multiboot ELF) for the `xen-*` scenarios' machine.
+    #[arg(long, global = true, requires = "xen_dom0_initrd")]
+    xen_hypervisor: Option<PathBuf>,
+    /// dom0's initramfs for the Xen machine (testbed/xen/prepare, usbroute appended).
+    #[arg(long, global = true, requires = "xen_hypervisor")]
+    xen_dom0_initrd: Option<PathBuf>,
     /// Force an accelerator instead of probing KVM.
     #[arg(long, global = true, value_parser = ["kvm", "tcg"])]
     accel: Option<String>,
@@ -35,7 +41,7 @@ struct Args {
 enum Cmd {
     /// Run scenarios (all, or those named).
     Run {
-        /// Scenario names; all when none.
+        /// Scenario names; all when none; `xen` is every `xen-*` scenario.
         names: Vec<String>,
     },
     /// List scenario names.
@@ -101,10 +107,39 @@ async fn real_main() -> Result<ExitCode> {
         run_dir: args.run_dir,
         accel: verdict.accel,
         iommu: true,
+        xen: None,
+    };
+    // The Xen machine boots the same kernel as dom0, always under TCG (see machine.rs),
+    // with its own sockets and logs.
+    let xen_cfg = match (args.xen_hypervisor, args.xen_dom0_initrd) {
+        (Some(hypervisor), Some(dom0_initrd)) => Some(machine::MachineConfig {
+            run_dir: cfg.run_dir.join("xen"),
+            accel: accel::Accel::Tcg,
+            iommu: false,
+            xen: Some(machine::XenBoot {
+                hypervisor,
+                dom0_initrd,
+            }),
+            ..cfg.clone()
+        }),
+        _ => None,
     };
     match command {
         Cmd::List => unreachable!("handled above"),
         Cmd::Run { names } => {
+            let names: Vec<String> = names
+                .into_iter()
+                .flat_map(|n| {
+                    if n == "xen" {
+                        all.iter()
+                            .filter(|s| s.needs_xen())
+                            .map(|s| s.name.to_string())
+                            .collect()
+                    } else {
+                        vec![n]
+                    }
+                })
+                .collect();
             let unknown: Vec<&String> = names
                 .iter()
                 .filter(|n| !all.iter().any(|s| s.name == **n))
@@ -120,7 +155,7 @@ async fn real_main() -> Result<ExitCode> {
                 .into_iter()
                 .filter(|s| names.is_empty() || names.iter().any(|n| n == s.name))
                 .collect();
-            let report = runner::run(&cfg, verdict.reason, &selected).await;
+            let report = runner::run(&cfg, xen_cfg.as_ref(), verdict.reason, &selected).await;
             report.print(started.elapsed());
             Ok(if report.failed() == 0 {
                 ExitCode::SUCCESS

@@ -122,6 +122,19 @@ pub fn above_median(waits: &[Wait]) -> Vec<&Wait> {
     slow
 }
 
+/// "p50 X s, p99 Y s" (nearest rank: with 20 samples p99 is the slowest).
+pub fn percentiles(samples: &mut [Duration]) -> String {
+    if samples.is_empty() {
+        return "no samples".into();
+    }
+    samples.sort();
+    let rank = |q: f64| {
+        let i = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i].as_secs_f64()
+    };
+    format!("p50 {:.2} s, p99 {:.2} s", rank(0.50), rank(0.99))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +185,13 @@ mod tests {
             pace.deadline(Duration::from_secs(1)),
             Duration::from_secs(32)
         );
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank_so_p99_of_twenty_is_the_slowest() {
+        let mut samples: Vec<Duration> = (1..=20).rev().map(Duration::from_secs).collect();
+
+        assert_eq!(percentiles(&mut samples), "p50 10.00 s, p99 20.00 s");
     }
 
     #[test]

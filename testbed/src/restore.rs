@@ -39,6 +39,9 @@ impl Bed {
     /// undone that a scenario should have undone itself (a controller left on vfio-pci);
     /// `Err` means the machine could not be restored (reboot it).
     pub async fn reset(&mut self) -> Result<Vec<String>> {
+        if self.config().xen.is_some() {
+            return crate::xen::reset(self).await;
+        }
         if let Some(why) = self.broken() {
             bail!("the guest is unusable: {why}");
         }

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 /// Longest any one scenario may run (KVM base, scaled by the guest's pace).
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(75);
+/// The same on the Xen machine, where every step is an `xl` or `xenstore-*` process in a
+/// PV dom0 (a third of a second each under TCG) and the domU's frontend is slow to react.
+const XEN_SCENARIO_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// How one scenario ended.
 #[derive(Debug)]
@@ -21,7 +24,8 @@ enum Outcome {
 
 /// What a run produced.
 pub struct Report {
-    boot: Option<Duration>,
+    /// Each machine's boot (and the Xen machine's domU creation), by label.
+    boots: Vec<(&'static str, Option<Duration>)>,
     accel_reason: String,
     results: Vec<(&'static str, Outcome, Duration)>,
 }
@@ -43,9 +47,11 @@ impl Report {
     /// Timings table; the last line is `N passed, N failed`.
     pub fn print(&self, total: Duration) {
         println!("== timings ({})", self.accel_reason);
-        match self.boot {
-            Some(b) => println!("  {:<24} {:>7.1} s", "boot", b.as_secs_f64()),
-            None => println!("  {:<24} {:>9}", "boot", "failed"),
+        for (label, took) in &self.boots {
+            match took {
+                Some(b) => println!("  {:<24} {:>7.1} s", label, b.as_secs_f64()),
+                None => println!("  {:<24} {:>9}", label, "failed"),
+            }
         }
         for (name, outcome, time) in &self.results {
             let verdict = match outcome {
@@ -60,32 +66,83 @@ impl Report {
     }
 }
 
-/// Boot once and run `scenarios` in order. Between scenarios the machine is put back
-/// and verified ([`Bed::reset`]); when that fails (or the guest died), the guest is booted
-/// again, so the next scenario starts from a clean machine and the failure stays with
-/// the scenario that caused it. Only a guest that cannot be booted again ends the run:
-/// the remaining scenarios are reported as not run (failed).
-pub async fn run(cfg: &MachineConfig, accel_reason: String, scenarios: &[Scenario]) -> Report {
+/// Run `scenarios`: those for the plain guest on `plain`, then the `xen-*` ones on `xen`
+/// (each machine booted once, and only when one of its scenarios is selected).
+pub async fn run(
+    plain: &MachineConfig,
+    xen: Option<&MachineConfig>,
+    accel_reason: String,
+    scenarios: &[Scenario],
+) -> Report {
     let mut report = Report {
-        boot: None,
+        boots: Vec::new(),
         accel_reason,
         results: Vec::new(),
     };
-    println!("== booting the guest ({:?})", cfg.accel);
+    let (on_xen, on_plain): (Vec<&Scenario>, Vec<&Scenario>) =
+        scenarios.iter().partition(|s| s.needs_xen());
+    if !on_plain.is_empty() {
+        run_on(plain, "boot", &on_plain, &mut report).await;
+    }
+    if !on_xen.is_empty() {
+        match xen {
+            Some(cfg) => run_on(cfg, "Xen + dom0 boot", &on_xen, &mut report).await,
+            None => {
+                for s in on_xen {
+                    let why = "no Xen machine was prepared (scripts/testbed xen prepares it)";
+                    println!("NOT RUN {}: {why}", s.name);
+                    report
+                        .results
+                        .push((s.name, Outcome::NotRun(why.into()), Duration::ZERO));
+                }
+            }
+        }
+    }
+    report
+}
+
+/// Boot `cfg` once and run `scenarios` in order. Between scenarios the machine is put
+/// back and verified ([`Bed::reset`]); when that fails (or the guest died), the guest is
+/// booted again, so the next scenario starts from a clean machine and the failure stays
+/// with the scenario that caused it. Only a guest that cannot be booted again ends the
+/// group: its remaining scenarios are reported as not run (failed).
+async fn run_on(
+    cfg: &MachineConfig,
+    label: &'static str,
+    scenarios: &[&Scenario],
+    report: &mut Report,
+) {
+    println!(
+        "== booting the {} ({:?})",
+        if cfg.xen.is_some() {
+            "Xen machine"
+        } else {
+            "guest"
+        },
+        cfg.accel
+    );
     let mut bed = match Bed::boot(cfg).await {
         Ok(bed) => Some(bed),
         Err(e) => {
-            println!("FAIL boot: {e:#}");
+            println!("FAIL {label}: {e:#}");
+            report.boots.push((label, None));
             None
         }
     };
     if let Some(bed) = &bed {
-        report.boot = Some(bed.boot_time);
+        report.boots.push((label, Some(bed.boot_time)));
         println!(
             "   booted in {:.1} s; {}",
             bed.boot_time.as_secs_f64(),
             bed.pace().describe()
         );
+        if let Some(domu) = bed.domu_time {
+            report.boots.push(("domU create", Some(domu)));
+            println!(
+                "   domU created and reporting in {:.1} s",
+                domu.as_secs_f64()
+            );
+        }
     }
     for s in scenarios {
         let Some(live) = bed.as_mut() else {
@@ -112,7 +169,6 @@ pub async fn run(cfg: &MachineConfig, accel_reason: String, scenarios: &[Scenari
     if let Some(bed) = bed {
         bed.shutdown().await;
     }
-    report
 }
 
 /// Run one scenario and put the machine back; how it went, how long it took, and why the
@@ -120,7 +176,11 @@ pub async fn run(cfg: &MachineConfig, accel_reason: String, scenarios: &[Scenari
 async fn run_one(bed: &mut Bed, s: &Scenario) -> (Outcome, Duration, Option<String>) {
     println!("== {}: {}", s.name, s.about);
     let started = Instant::now();
-    let limit = bed.scaled(SCENARIO_TIMEOUT);
+    let limit = bed.scaled(if s.needs_xen() {
+        XEN_SCENARIO_TIMEOUT
+    } else {
+        SCENARIO_TIMEOUT
+    });
     let result = match tokio::time::timeout(limit, (s.run)(bed)).await {
         Ok(r) => r,
         Err(_) => Err(anyhow::anyhow!("did not finish within {limit:.0?}")),

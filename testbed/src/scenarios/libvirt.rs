@@ -7,8 +7,9 @@
 //!
 //! The parts are functions so usbroute's half of the scenario can reuse them.
 
-use crate::bed::{Bed, Plugged};
+use crate::bed::Bed;
 use crate::libvirt::{self, quote, DOMAIN, URI};
+use crate::pace::percentiles;
 use crate::usb::{Ctrl, Kind, UsbDevice};
 use anyhow::{bail, ensure, Context, Result};
 use std::time::{Duration, Instant};
@@ -71,7 +72,7 @@ pub async fn start_with_events(bed: &mut Bed) -> Result<EventClient> {
 pub async fn manual_attach_detach(bed: &mut Bed) -> Result<()> {
     let kbd = UsbDevice::new(Kind::Kbd, "lv-kbd", Ctrl::Xhci, PORT);
     let name = bed.plug(&kbd).await?;
-    let (bus, device) = bus_device(bed, &name).await?;
+    let (bus, device) = bed.bus_device(&name).await?;
     let alias = "ua-manual-1";
     let file = "/tmp/libvirt-hostdev.xml";
     libvirt::write_file(bed, file, &libvirt::hostdev_xml(bus, device, alias)).await?;
@@ -135,7 +136,7 @@ pub async fn baseline(bed: &mut Bed, plugs: usize) -> Result<()> {
     for i in 1..=plugs {
         let alias = format!("ua-manual-{i}");
         let started = Instant::now();
-        device_add(bed, &kbd, &name).await?;
+        bed.device_add(&kbd, &name).await?;
         let script = chain_script(bed, &name, &alias);
         let out = bed.guest_with_timeout(&script, CHAIN_TIMEOUT * 2).await?;
         let total = started.elapsed();
@@ -220,58 +221,9 @@ pub(super) fn qom_poll(polls: u128) -> String {
     )
 }
 
-/// `device_add` the keyboard on the outer QMP, tracked (as `name`, the port's kernel
-/// name) so the reset unplugs it if a later step fails. Nothing waits for the guest here:
-/// the timed chain does, in the guest.
-pub(super) async fn device_add(bed: &mut Bed, kbd: &UsbDevice, name: &str) -> Result<()> {
-    bed.qmp()
-        .execute("device_add", Some(kbd.device_add_args(None)))
-        .await
-        .with_context(|| format!("plugging {} at {}", kbd.id, kbd.port))?;
-    bed.plugged.push(Plugged {
-        dev: kbd.clone(),
-        guest_name: Some(name.to_string()),
-    });
-    Ok(())
-}
-
-/// The bus and device numbers of the guest's USB device `name`.
-pub(super) async fn bus_device(bed: &mut Bed, name: &str) -> Result<(u32, u32)> {
-    let out = bed
-        .guest_ok(&format!(
-            "cat /sys/bus/usb/devices/{name}/busnum /sys/bus/usb/devices/{name}/devnum"
-        ))
-        .await?;
-    let mut numbers = out.split_whitespace().map(str::parse::<u32>);
-    match (numbers.next(), numbers.next()) {
-        (Some(Ok(bus)), Some(Ok(device))) => Ok((bus, device)),
-        _ => bail!("busnum and devnum of {name} read: {out}"),
-    }
-}
-
-/// "p50 X s, p99 Y s" (nearest rank: with 20 samples p99 is the slowest).
-pub(super) fn percentiles(samples: &mut [Duration]) -> String {
-    if samples.is_empty() {
-        return "no samples".into();
-    }
-    samples.sort();
-    let rank = |q: f64| {
-        let i = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
-        samples[i].as_secs_f64()
-    };
-    format!("p50 {:.2} s, p99 {:.2} s", rank(0.50), rank(0.99))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percentiles_are_nearest_rank_so_p99_of_twenty_is_the_slowest() {
-        let mut samples: Vec<Duration> = (1..=20).rev().map(Duration::from_secs).collect();
-
-        assert_eq!(percentiles(&mut samples), "p50 10.00 s, p99 20.00 s");
-    }
 
     #[test]
     fn the_qom_poll_sends_qemu_valid_json_naming_the_alias_and_stops_on_true() {

@@ -8,9 +8,10 @@
 //! time over 20 plugs, beside the manual baseline of the same boot.
 
 use super::daemon::{daemon_status, start_daemon, wait_settled, CONFIG, CONTROL};
-use super::libvirt::{bus_device, device_add, percentiles, polls, qom_poll};
+use super::libvirt::{polls, qom_poll};
 use crate::bed::Bed;
 use crate::libvirt::{self, DOMAIN};
+use crate::pace::percentiles;
 use crate::usb::{Ctrl, Kind, UsbDevice};
 use anyhow::{bail, ensure, Context, Result};
 use std::time::{Duration, Instant};
@@ -76,7 +77,7 @@ pub async fn run(bed: &mut Bed, plugs: usize) -> Result<()> {
 
     // The user's own hostdev (a live one: it went with the domain's restarts above).
     let hand = bed.plug(&tablet).await?;
-    let (bus, device) = bus_device(bed, &hand).await?;
+    let (bus, device) = bed.bus_device(&hand).await?;
     let file = "/tmp/libvirt-hand.xml";
     libvirt::write_file(bed, file, &libvirt::hostdev_xml(bus, device, HAND_ALIAS)).await?;
     libvirt::attach(bed, file).await?;
@@ -120,7 +121,7 @@ pub async fn run(bed: &mut Bed, plugs: usize) -> Result<()> {
 
 /// The alias usbroute gives the guest's device `name` now (its address key).
 async fn our_alias(bed: &mut Bed, name: &str) -> Result<String> {
-    let (bus, device) = bus_device(bed, name).await?;
+    let (bus, device) = bed.bus_device(name).await?;
     Ok(format!("{OURS}addr-{bus}-{device}"))
 }
 
@@ -214,7 +215,7 @@ async fn timed_plugs(bed: &mut Bed, kbd: &UsbDevice, name: &str, plugs: usize) -
     let mut attaches = Vec::with_capacity(plugs);
     for i in 1..=plugs {
         let started = Instant::now();
-        device_add(bed, kbd, name).await?;
+        bed.device_add(kbd, name).await?;
         let script = daemon_chain_script(bed, name);
         let out = bed.guest_with_timeout(&script, CHAIN_TIMEOUT * 2).await?;
         let total = started.elapsed();

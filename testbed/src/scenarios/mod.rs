@@ -28,6 +28,7 @@ mod vfio_ehci;
 mod vfio_rollback;
 mod vfio_support;
 mod vfio_xhci;
+mod xen_manual;
 
 /// A scenario's body.
 pub type RunFn = for<'a> fn(&'a mut Bed) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + 'a>>;
@@ -43,6 +44,14 @@ pub struct Scenario {
     /// Why the guest is rebooted after this scenario even when it restores cleanly:
     /// what it did leaves state the reset cannot see or undo.
     pub reboot_after: Option<&'static str>,
+}
+
+impl Scenario {
+    /// Whether it runs on the Xen machine (dom0 + a PV domU) rather than the plain guest:
+    /// every scenario named `xen-*` does, and those share one boot, after the others.
+    pub fn needs_xen(&self) -> bool {
+        self.name.starts_with("xen-")
+    }
 }
 
 /// `scenario!("name", module, "what it proves")`.
@@ -84,5 +93,6 @@ pub fn all() -> Vec<Scenario> {
         scenario!("port-routing", port_routing, "usbroute reads the guest xHCI's routing registers through live sysfs as dd does, refuses the non-Intel xHCI, changes no byte"),
         scenario!("twins", twins, "a USB 3 storage device and a USB 2 keyboard plugged in turn into one xHCI socket both go to the VM of one `port:CONTROLLER/N` rule"),
         scenario!("record-sysfs", record_sysfs, "a recording made in the guest lists the same, in the guest and on the host"),
+        scenario!("xen-manual", xen_manual, "real Xen PVUSB by hand: xl usbdev-attach gives a dom0 keyboard to a PV domU and detach takes it back; a surprise removal leaves the port holding the busid; the manual plug -> visible in the domU floor"),
     ]
 }
