@@ -135,6 +135,20 @@ pub fn percentiles(samples: &mut [Duration]) -> String {
     format!("p50 {:.2} s, p99 {:.2} s", rank(0.50), rank(0.99))
 }
 
+/// The `N` /proc/uptime stamps a timed chain script printed for plug `plug` (one guest
+/// script per plug prints them on one line), or an error quoting what it printed.
+pub fn stamps<const N: usize>(plug: usize, printed: &str) -> anyhow::Result<[f64; N]> {
+    let read: Result<Vec<f64>, _> = printed.split_whitespace().map(str::parse).collect();
+    read.ok()
+        .and_then(|v| <[f64; N]>::try_from(v).ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "plug {plug}: the chain printed '{}', not {N} stamps",
+                printed.trim()
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +206,16 @@ mod tests {
         let mut samples: Vec<Duration> = (1..=20).rev().map(Duration::from_secs).collect();
 
         assert_eq!(percentiles(&mut samples), "p50 10.00 s, p99 20.00 s");
+    }
+
+    #[test]
+    fn a_chain_prints_as_many_stamps_as_asked_or_is_refused_quoting_it() {
+        assert_eq!(stamps::<2>(1, "12.5 13.25\n").unwrap(), [12.5, 13.25]);
+        let err = stamps::<3>(7, "12.5 13.25").unwrap_err().to_string();
+        assert!(
+            err.contains("plug 7") && err.contains("'12.5 13.25'"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -9,9 +9,9 @@
 
 use crate::bed::Bed;
 use crate::libvirt::{self, quote, DOMAIN, URI};
-use crate::pace::percentiles;
+use crate::pace::{percentiles, stamps};
 use crate::usb::{Ctrl, Kind, UsbDevice};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use std::time::{Duration, Instant};
 
 /// The port every keyboard of this scenario is plugged into.
@@ -148,15 +148,7 @@ pub async fn baseline(bed: &mut Bed, plugs: usize) -> Result<()> {
                 out.stderr.trim()
             );
         }
-        let stamps: Vec<f64> = out
-            .stdout
-            .split_whitespace()
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("plug {i}: the chain printed {}", out.stdout))?;
-        let [seen, attached] = stamps[..] else {
-            bail!("plug {i}: the chain printed {}", out.stdout);
-        };
+        let [seen, attached] = stamps(i, &out.stdout)?;
         totals.push(total);
         attaches.push(Duration::from_secs_f64((attached - seen).max(0.0)));
         libvirt::detach(bed, &alias).await?;

@@ -11,7 +11,7 @@ use super::daemon::{daemon_status, start_daemon, wait_settled, CONFIG, CONTROL};
 use super::libvirt::{polls, qom_poll};
 use crate::bed::Bed;
 use crate::libvirt::{self, DOMAIN};
-use crate::pace::percentiles;
+use crate::pace::{percentiles, stamps};
 use crate::usb::{Ctrl, Kind, UsbDevice};
 use anyhow::{bail, ensure, Context, Result};
 use std::time::{Duration, Instant};
@@ -227,15 +227,7 @@ async fn timed_plugs(bed: &mut Bed, kbd: &UsbDevice, name: &str, plugs: usize) -
                 log.stdout
             );
         }
-        let stamps: Vec<f64> = out
-            .stdout
-            .split_whitespace()
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("plug {i}: the chain printed {}", out.stdout))?;
-        let [seen, attached] = stamps[..] else {
-            bail!("plug {i}: the chain printed {}", out.stdout);
-        };
+        let [seen, attached] = stamps(i, &out.stdout)?;
         totals.push(total);
         attaches.push(Duration::from_secs_f64((attached - seen).max(0.0)));
         bed.unplug(&kbd.id).await?;

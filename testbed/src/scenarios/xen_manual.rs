@@ -10,7 +10,7 @@
 //! `<run dir>/fixtures/` (copied by hand to tests/fixtures/xen/ for the backend's tests).
 
 use crate::bed::Bed;
-use crate::pace::percentiles;
+use crate::pace::{percentiles, stamps};
 use crate::usb::{Ctrl, Kind, UsbDevice};
 use crate::xen::{self, DOMID_FILE, DOMU, QUSB_BACKEND};
 use anyhow::{bail, ensure, Context, Result};
@@ -117,15 +117,7 @@ async fn floor(bed: &mut Bed, kbd: &UsbDevice, name: &str, plugs: usize) -> Resu
                 out.stderr.trim()
             );
         }
-        let stamps: Vec<f64> = out
-            .stdout
-            .split_whitespace()
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("plug {i}: the chain printed {}", out.stdout))?;
-        let [seen, attached, visible] = stamps[..] else {
-            bail!("plug {i}: the chain printed {}", out.stdout);
-        };
+        let [seen, attached, visible] = stamps(i, &out.stdout)?;
         totals.push(total);
         attaches.push(Duration::from_secs_f64((attached - seen).max(0.0)));
         to_domu.push(Duration::from_secs_f64((visible - attached).max(0.0)));
