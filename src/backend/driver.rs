@@ -136,7 +136,11 @@ pub fn not_built(vm: &str, target: &VmTarget) -> String {
 
 /// Every driver this build has. A new hypervisor is one line here.
 pub fn drivers(root: SysfsRoot) -> Drivers {
-    Drivers::new(vec![super::qemu::driver(root), super::libvirt::driver()])
+    Drivers::new(vec![
+        super::qemu::driver(root.clone()),
+        super::libvirt::driver(),
+        super::xen::driver(root),
+    ])
 }
 
 /// The fake driver beside the trait, for unit tests of what sits on drivers (the daemon,
@@ -187,7 +191,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_registry_finds_qemu_and_libvirt_and_nothing_for_xen() {
+    fn the_registry_finds_qemu_libvirt_and_xen() {
         let registry = drivers(SysfsRoot::default());
         let qemu = VmTarget::Qemu {
             qmp: "/run/a.qmp".into(),
@@ -201,7 +205,7 @@ mod tests {
         let found = registry.for_target(&qemu).map(|d| d.name());
 
         assert_eq!(found, Some("qemu"));
-        assert!(registry.for_target(&xen).is_none());
+        assert_eq!(registry.for_target(&xen).map(|d| d.name()), Some("xen"));
         assert_eq!(
             registry.for_target(&libvirt).map(|d| d.name()),
             Some("libvirt")

@@ -1,7 +1,7 @@
 //! The VM backend traits: what the engine needs from a hypervisor. Small on purpose:
 //! list, attach, detach ([`VmBackend`]), and a driver that says what it can attach by and
 //! reports a VM's presence ([`driver::VmDriver`]). One sub-folder per hypervisor
-//! ([`qemu`], [`libvirt`]; [`xen`], the pure half of Xen's, not registered yet): a new hypervisor is a new folder here plus one line of registration in
+//! ([`qemu`], [`libvirt`], [`xen`]): a new hypervisor is a new folder here plus one line of registration in
 //! [`driver::drivers`].
 
 pub mod driver;

@@ -130,17 +130,22 @@ pub async fn port_node(bed: &mut Bed, ctrl: u32, port: u32) -> Result<String> {
 /// `xl create` the domU and wait until it reports its USB view; how long that took.
 /// Any domU of that name is destroyed first.
 pub async fn create_domu(bed: &mut Bed) -> Result<Duration> {
+    create_domu_from(bed, DOMU_CFG).await
+}
+
+/// [`create_domu`] from another config in dom0 (one that names the same domU).
+pub async fn create_domu_from(bed: &mut Bed, cfg: &str) -> Result<Duration> {
     destroy_domu(bed).await?;
     let started = Instant::now();
     bed.guest_with_timeout(
-        &format!("rm -f {DOMU_CONSOLE}; xl create -q {DOMU_CFG} && xl domid {DOMU} > {DOMID_FILE}"),
+        &format!("rm -f {DOMU_CONSOLE}; xl create -q {cfg} && xl domid {DOMU} > {DOMID_FILE}"),
         CREATE_TIMEOUT,
     )
     .await
     .and_then(|out| {
         ensure!(
             out.rc == 0,
-            "xl create {DOMU_CFG} failed (rc {}): {}",
+            "xl create {cfg} failed (rc {}): {}",
             out.rc,
             out.stderr.trim()
         );

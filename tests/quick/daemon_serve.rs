@@ -261,7 +261,7 @@ fn serve_at_default_verbosity_says_it_is_ready_and_sees_no_usb_in_plain_text() {
 }
 
 #[test]
-fn serve_leaves_alone_a_vm_whose_backend_this_build_lacks_and_says_so_once() {
+fn serve_watches_a_xen_vm_beside_a_qemu_one_and_reports_both_down_without_their_daemons() {
     let dir = tempfile::tempdir().unwrap();
     default_config(
         dir.path(),
@@ -279,15 +279,15 @@ fn serve_leaves_alone_a_vm_whose_backend_this_build_lacks_and_says_so_once() {
         String::from_utf8_lossy(&reload.stderr)
     );
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let managed: Vec<&str> = status["vms"]
+    let mut managed: Vec<(&str, bool)> = status["vms"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| v["name"].as_str().unwrap())
+        .map(|v| (v["name"].as_str().unwrap(), v["up"] == true))
         .collect();
-    assert_eq!(managed, ["lab"]);
-    let warning = "no xen backend in this build yet: the daemon will not manage VM dom1";
-    assert_eq!(log.matches(warning).count(), 1, "{log}");
+    managed.sort();
+    assert_eq!(managed, [("dom1", false), ("lab", false)]);
+    assert!(!log.contains("backend in this build"), "{log}");
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! Xen (xl PVUSB). The live half: [`driver::XenDriver`] follows each domain through
 //! xenstore watches (`presence`), [`vm::XenVm`] lists from xenstore and attaches and
 //! detaches through [`xl`]; [`client`] is a native xenstored client ([`wire`] its
-//! protocol), [`store`] what it reads of a domain. It is **not registered** in
-//! [`crate::backend::drivers`] until it is proven on a real Xen. The pure half it stands on:
+//! protocol), [`store`] what it reads of a domain. Registered in
+//! [`crate::backend::drivers`], proven on a real Xen in the test bed (`xen-serve`). The pure
+//! half it stands on:
 //!
 //! - [`usb_list`]: `xl usb-list DOMAIN` read into controllers and ports (bus and device
 //!   are printed as zero-padded hex);

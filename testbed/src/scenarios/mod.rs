@@ -29,6 +29,7 @@ mod vfio_rollback;
 mod vfio_support;
 mod vfio_xhci;
 mod xen_manual;
+mod xen_serve;
 
 /// A scenario's body.
 pub type RunFn = for<'a> fn(&'a mut Bed) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + 'a>>;
@@ -94,5 +95,6 @@ pub fn all() -> Vec<Scenario> {
         scenario!("twins", twins, "a USB 3 storage device and a USB 2 keyboard plugged in turn into one xHCI socket both go to the VM of one `port:CONTROLLER/N` rule"),
         scenario!("record-sysfs", record_sysfs, "a recording made in the guest lists the same, in the guest and on the host"),
         scenario!("xen-manual", xen_manual, "real Xen PVUSB by hand: xl usbdev-attach gives a dom0 keyboard to a PV domU and detach takes it back; a surprise removal leaves the port holding the busid; the manual plug -> visible in the domU floor"),
+        scenario!("xen-serve", xen_serve, "usbroute serve in dom0 gives the PV domU its keyboard through the Xen backend: plug, unplug (port freed), re-plug, domain destroyed and created, plugged while it is down, SIGKILL restart without duplicate and with a stale port cleared, the user's xl device left alone, a hub refused with why; usbroute's plug -> visible in the domU beside the floor; then emit --for xl lines accepted by xl create"),
     ]
 }
