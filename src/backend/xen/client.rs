@@ -1,10 +1,10 @@
-//! A native client of xenstored over its Unix socket ([`DEFAULT_SOCKET`]), speaking the
+//! A native client of xenstored over its Unix socket ([`SOCKETS`], or `$XENSTORED_PATH`), speaking the
 //! wire protocol of [`super::wire`]: no C library and no `xenstore-*` programs, so a host
 //! without Xen builds and runs usbroute, and watches (what makes presence event-driven)
 //! arrive on the same connection as replies.
 //!
 //! One request is in flight at a time per connection, as Xen's own `xs.c` does it; a reader
-//! task hands replies to the caller and watch events to [`Xenstore::events`]' receiver. A
+//! task hands replies to the caller and watch events to the events receiver [`Xenstore::connect`] returns. A
 //! request unanswered within the timeout breaks the connection (a late reply would be taken
 //! for the next one's), and so does anything malformed: the caller reconnects.
 
