@@ -241,3 +241,35 @@ pub(super) async fn wait_hosts(bed: &mut Bed, what: &str, want: &[&str]) -> Resu
         }
     }
 }
+
+/// Wait until the daemon's status says its (only) VM `vm` is `up`, or down.
+pub(super) async fn wait_vm(bed: &mut Bed, vm: &str, up: bool) -> Result<()> {
+    let what = format!(
+        "the daemon to see VM {vm} {}",
+        if up { "up" } else { "down" }
+    );
+    let poll = bed.poll(&what, Duration::from_secs(30));
+    loop {
+        let status = daemon_status(bed).await?;
+        if status["vms"][0]["up"] == up {
+            poll.met(bed);
+            return Ok(());
+        }
+        if let Err(e) = poll.again(bed, &status["vms"]).await {
+            let log = bed.guest("tail -n 30 /tmp/serve.log").await?;
+            return Err(e.context(format!("daemon log:\n{}", log.stdout)));
+        }
+    }
+}
+
+/// `usbroute vm devices --vm VM --json` through the daemon: every device it lists.
+pub(super) async fn vm_devices_of(bed: &mut Bed, vm: &str) -> Result<Vec<Value>> {
+    let out = bed
+        .guest_ok(&format!(
+            "usbroute --control {CONTROL} vm devices --vm {vm} --json"
+        ))
+        .await?;
+    let listed: Value =
+        serde_json::from_str(&out).with_context(|| format!("vm devices --json printed: {out}"))?;
+    Ok(listed.as_array().cloned().unwrap_or_default())
+}

@@ -7,7 +7,7 @@
 //! usbroute reconnects and the next plug is attached. Then usbroute's plug -> attached
 //! time over 20 plugs, beside the manual baseline of the same boot.
 
-use super::daemon::{daemon_status, start_daemon, wait_settled, CONFIG, CONTROL};
+use super::daemon::{start_daemon, vm_devices_of, wait_settled, wait_vm, CONFIG, CONTROL};
 use super::libvirt::{polls, qom_poll};
 use crate::bed::Bed;
 use crate::libvirt::{self, DOMAIN};
@@ -39,7 +39,7 @@ pub async fn run(bed: &mut Bed, plugs: usize) -> Result<()> {
     let tablet = UsbDevice::new(Kind::Wacom, "lvs-hand", Ctrl::Xhci, HAND_PORT);
 
     let daemon = start_daemon(bed).await?;
-    wait_vm(bed, true).await?;
+    wait_vm(bed, VM, true).await?;
     let name = bed.plug_unbound(&kbd).await?;
     let first = our_alias(bed, &name).await?;
     wait_ours(bed, "plug: the keyboard in the domain", &[&first]).await?;
@@ -53,7 +53,7 @@ pub async fn run(bed: &mut Bed, plugs: usize) -> Result<()> {
     wait_ours(bed, "re-plug: attached again", &[&second]).await?;
 
     libvirt::destroy_domain(bed).await?;
-    wait_vm(bed, false).await?;
+    wait_vm(bed, VM, false).await?;
     libvirt::start_domain(bed).await?;
     wait_ours(
         bed,
@@ -63,7 +63,7 @@ pub async fn run(bed: &mut Bed, plugs: usize) -> Result<()> {
     .await?;
 
     libvirt::destroy_domain(bed).await?;
-    wait_vm(bed, false).await?;
+    wait_vm(bed, VM, false).await?;
     bed.unplug(&kbd.id).await?;
     bed.plug_unbound(&kbd).await?;
     let third = our_alias(bed, &name).await?;
@@ -95,7 +95,7 @@ pub async fn run(bed: &mut Bed, plugs: usize) -> Result<()> {
     hand_is_not_ours(bed).await?;
 
     libvirt::restart(bed).await?;
-    wait_vm(bed, true).await?;
+    wait_vm(bed, VM, true).await?;
     bed.unplug(&kbd.id).await?;
     wait_ours(bed, "after libvirtd's restart: the unplug seen", &[]).await?;
     bed.plug_unbound(&kbd).await?;
@@ -163,39 +163,16 @@ async fn wait_ours(bed: &mut Bed, what: &str, want: &[&str]) -> Result<()> {
     }
 }
 
-/// Wait until the daemon's status says VM `lab` is `up` (or down).
-async fn wait_vm(bed: &mut Bed, up: bool) -> Result<()> {
-    let what = format!(
-        "the daemon to see VM {VM} {}",
-        if up { "up" } else { "down" }
-    );
-    let poll = bed.poll(&what, Duration::from_secs(20));
-    loop {
-        let status = daemon_status(bed).await?;
-        if status["vms"][0]["up"] == up {
-            poll.met(bed);
-            return Ok(());
-        }
-        poll.again(bed, &status["vms"]).await?;
-    }
-}
-
 /// The user's hostdev is in the live XML, attached, and `vm devices --vm` lists it as
 /// not ours.
 async fn hand_is_not_ours(bed: &mut Bed) -> Result<()> {
-    let out = bed
-        .guest_ok(&format!(
-            "usbroute --control {CONTROL} vm devices --vm {VM} --json"
-        ))
-        .await?;
-    let listed: serde_json::Value =
-        serde_json::from_str(&out).with_context(|| format!("vm devices --json printed: {out}"))?;
+    let listed = vm_devices_of(bed, VM).await?;
     let hand = listed
-        .as_array()
-        .into_iter()
-        .flatten()
+        .iter()
         .find(|d| d["id"] == HAND_ALIAS)
-        .with_context(|| format!("vm devices --vm {VM} lacks the user's {HAND_ALIAS}: {out}"))?;
+        .with_context(|| {
+            format!("vm devices --vm {VM} lacks the user's {HAND_ALIAS}: {listed:?}")
+        })?;
     ensure!(
         hand["ours"] == false,
         "the user's hostdev is listed as ours: {hand}"

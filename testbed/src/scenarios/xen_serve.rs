@@ -8,12 +8,12 @@
 //! alone; a hub a rule names -> refused, `why` saying so. Then usbroute's plug -> visible in
 //! the domU over 20 plugs, beside the floor of `xen-manual`.
 
-use super::daemon::{daemon_status, start_daemon, CONFIG, CONTROL};
+use super::daemon::{daemon_status, start_daemon, vm_devices_of, wait_vm, CONFIG, CONTROL};
 use crate::bed::Bed;
 use crate::pace::percentiles;
 use crate::usb::{Ctrl, Kind, UsbDevice};
 use crate::xen::{self, DOMID_FILE, QUSB_BACKEND};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use std::time::{Duration, Instant};
 
 /// usb-kbd's ids, which the rule names.
@@ -35,10 +35,10 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
          [[rule]]\nvm = \"{VM}\"\nmatch = \"id:0409:55aa\"\n",
         xen::DOMU
     );
-    write_file(bed, CONFIG, &config).await?;
+    crate::libvirt::write_file(bed, CONFIG, &config).await?;
     let kbd = UsbDevice::new(Kind::Kbd, "xs-kbd", Ctrl::Xhci, "1");
     let daemon = start_daemon(bed).await?;
-    wait_vm(bed, true).await?;
+    wait_vm(bed, VM, true).await?;
 
     let name = bed.plug_unbound(&kbd).await?;
     xen::wait_domu(bed, KBD, true).await?;
@@ -55,12 +55,12 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
     xen::wait_domu(bed, KBD, true).await?;
 
     xen::destroy_domu(bed).await?;
-    wait_vm(bed, false).await?;
+    wait_vm(bed, VM, false).await?;
     xen::create_domu(bed).await?;
     xen::wait_domu(bed, KBD, true).await?;
 
     xen::destroy_domu(bed).await?;
-    wait_vm(bed, false).await?;
+    wait_vm(bed, VM, false).await?;
     bed.unplug(&kbd.id).await?;
     bed.plug_unbound(&kbd).await?;
     xen::create_domu(bed).await?;
@@ -69,7 +69,7 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
     // SIGKILL and restart: the same one device, not attached twice.
     bed.guest_ok(&format!("kill -9 {daemon}")).await?;
     let daemon = start_daemon(bed).await?;
-    wait_vm(bed, true).await?;
+    wait_vm(bed, VM, true).await?;
     let listed = ours(bed).await?;
     ensure!(
         listed.len() == 1,
@@ -105,49 +105,13 @@ pub async fn run(bed: &mut Bed) -> Result<()> {
     emitted_lines_create(bed).await
 }
 
-/// Write `contents` to `path` in dom0 (through base64: nothing in it reaches `sh`).
-async fn write_file(bed: &mut Bed, path: &str, contents: &str) -> Result<()> {
-    crate::libvirt::write_file(bed, path, contents).await
-}
-
-/// Wait until the daemon's status says VM `lab` is `up` (or not).
-async fn wait_vm(bed: &mut Bed, up: bool) -> Result<()> {
-    let what = format!(
-        "the daemon to see VM {VM} {}",
-        if up { "up" } else { "down" }
-    );
-    let poll = bed.poll(&what, Duration::from_secs(30));
-    loop {
-        let status = daemon_status(bed).await?;
-        if status["vms"][0]["up"] == up {
-            poll.met(bed);
-            return Ok(());
-        }
-        if let Err(e) = poll.again(bed, &status["vms"]).await {
-            let log = bed.guest("tail -n 30 /tmp/serve.log").await?;
-            return Err(e.context(format!("daemon log:\n{}", log.stdout)));
-        }
-    }
-}
-
 /// `vm devices --vm lab --json`: the entries usbroute says are ours.
 async fn ours(bed: &mut Bed) -> Result<Vec<serde_json::Value>> {
-    Ok(vm_devices(bed)
+    Ok(vm_devices_of(bed, VM)
         .await?
         .into_iter()
         .filter(|d| d["ours"] == true)
         .collect())
-}
-
-async fn vm_devices(bed: &mut Bed) -> Result<Vec<serde_json::Value>> {
-    let out = bed
-        .guest_ok(&format!(
-            "usbroute --control {CONTROL} vm devices --vm {VM} --json"
-        ))
-        .await?;
-    let listed: serde_json::Value =
-        serde_json::from_str(&out).with_context(|| format!("vm devices --json printed: {out}"))?;
-    Ok(listed.as_array().cloned().unwrap_or_default())
 }
 
 /// Wait until every port of the domU's controller 0 is empty in xenstore.
@@ -174,7 +138,7 @@ async fn hand_attached_is_not_ours(bed: &mut Bed) -> Result<()> {
         Duration::from_secs(10),
     );
     let hand = loop {
-        let listed = vm_devices(bed).await?;
+        let listed = vm_devices_of(bed, VM).await?;
         if let Some(hand) = listed
             .iter()
             .find(|d| d["address"] == addr && d["bus"] == bus)
@@ -270,15 +234,7 @@ async fn timed_plugs(bed: &mut Bed, kbd: &UsbDevice, name: &str, plugs: usize) -
                 log.stdout
             );
         }
-        let stamps: Vec<f64> = out
-            .stdout
-            .split_whitespace()
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("plug {i}: the chain printed {}", out.stdout))?;
-        let [seen, visible] = stamps[..] else {
-            bail!("plug {i}: the chain printed {}", out.stdout);
-        };
+        let [seen, visible] = crate::pace::stamps(i, &out.stdout)?;
         totals.push(total);
         to_domu.push(Duration::from_secs_f64((visible - seen).max(0.0)));
         bed.unplug(&kbd.id).await?;
@@ -309,7 +265,7 @@ async fn emitted_lines_create(bed: &mut Bed) -> Result<()> {
         "emit --for xl printed no usbctrl=/usbdev= lines:\n{lines}"
     );
     let cfg = "/tmp/domu-emitted.cfg";
-    write_file(bed, "/tmp/emitted.lines", &lines).await?;
+    crate::libvirt::write_file(bed, "/tmp/emitted.lines", &lines).await?;
     bed.guest_ok(&format!(
         "grep -v '^usbctrl' {} > {cfg} && cat /tmp/emitted.lines >> {cfg}",
         xen::DOMU_CFG
