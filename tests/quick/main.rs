@@ -68,3 +68,4 @@ mod vfio_props;
 mod vfio_rules;
 mod vfio_state;
 mod vfio_verdict;
+mod xen_recordings;
