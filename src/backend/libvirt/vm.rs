@@ -121,7 +121,7 @@ impl LibvirtVm {
                     Ok(DomainEvent::DeviceRemoved { domain, alias: a })
                         if domain.name == self.domain.name && a == alias =>
                     {
-                        return Ok(());
+                        return Ok(true);
                     }
                     Ok(DomainEvent::DeviceRemovalFailed { domain, alias: a })
                         if domain.name == self.domain.name && a == alias =>
@@ -136,14 +136,16 @@ impl LibvirtVm {
                     }
                     Ok(_) => {}
                     // Events missed or the connection gone: the XML says the rest.
-                    Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => return Ok(()),
+                    Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => return Ok(false),
                 }
             }
         })
         .await;
         match removed {
             Ok(Err(refused)) => Err(refused),
-            Ok(Ok(())) | Err(_) => match self.listing().await? {
+            // libvirt's event is its word that the device is gone: no XML to read.
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) | Err(_) => match self.listing().await? {
                 devices if devices.iter().any(|d| d.key.as_ref() == Some(key)) => {
                     Err(BackendError::Timeout {
                         vm: self.vm.clone(),
