@@ -454,7 +454,14 @@ impl Coordinator {
     }
 
     /// When a retry or a re-list falls due, or an unknown VM's grace runs out.
+    ///
+    /// Only times still ahead count. A retry that is due but was not sent this round is
+    /// held back by something whose end wakes the engine anyway (a busy worker reports, an
+    /// unknown VM's list answers or its grace runs out); arming a timer for a time already
+    /// past would wake the loop at once, round after round, spinning without yielding
+    /// until that other thing happened (under a paused clock: forever).
     fn next_wake(&self) -> Option<Duration> {
+        let now = self.now();
         let relists = self
             .workers
             .values()
@@ -465,11 +472,11 @@ impl Coordinator {
             .iter()
             .filter(|(_, w)| w.holdings_unknown)
             .map(|(name, w)| self.wait_ends(name, w));
-        self.retries
-            .next_retry()
-            .into_iter()
+        let retries = self.retries.pending().map(|p| p.retry_at);
+        retries
             .chain(relists)
-            .chain(graces.filter(|at| *at > self.now()))
+            .chain(graces)
+            .filter(|at| *at > now)
             .min()
     }
 }

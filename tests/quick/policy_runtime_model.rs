@@ -289,14 +289,68 @@ proptest! {
 
     #[test]
     fn runtime_converges_to_plan_and_never_doubles(events in prop::collection::vec(event(), 1..25), jitter in any::<u64>()) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().expect("runtime");
-        rt.block_on(async {
-            let mut h = Harness::new(jitter);
-            for e in &events {
-                h.apply(e).await?;
+        run_case(jitter, &events)?;
+    }
+}
+
+/// Runs `events` against a fresh harness on a paused clock, then settles and checks,
+/// under a [`Watchdog`].
+fn run_case(jitter: u64, events: &[Event]) -> Result<(), TestCaseError> {
+    let _watchdog = Watchdog::arm(format!("jitter {jitter}, events {events:?}"));
+    paused_runtime().block_on(async {
+        let mut h = Harness::new(jitter);
+        for e in events {
+            h.apply(e).await?;
+        }
+        h.settle_and_check().await
+    })
+}
+
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("runtime")
+}
+
+/// Turns a hung case into a failure that names it. With the clock paused, a livelock
+/// (tasks waking each other forever) never lets virtual time reach the settle timeout,
+/// so only a wall-clock deadline can catch it; a case takes milliseconds, and the
+/// deadline is generous for the slowest machine.
+struct Watchdog {
+    done: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Watchdog {
+    const DEADLINE: Duration = Duration::from_secs(30);
+
+    fn arm(case: String) -> Watchdog {
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                finished.recv_timeout(Self::DEADLINE)
+            {
+                // Straight to the file descriptor: the test harness captures `eprintln!`
+                // (in this thread too) and would lose it with the abort.
+                let text = format!(
+                    "policy_runtime_model: a case did not finish in {:?} of wall time \
+                     (a livelock or deadlock in the runtime): {case}\n",
+                    Self::DEADLINE
+                );
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), text.as_bytes());
+                std::process::abort();
             }
-            h.settle_and_check().await
-        })?;
+        });
+        Watchdog { done: Some(done) }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(());
+        }
     }
 }
 
@@ -304,11 +358,6 @@ proptest! {
 /// replayed so the harness keeps addresses unique (the engine attaches each by its own id).
 #[test]
 fn replugs_that_wrap_devnums_never_give_two_present_devices_one_address() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .expect("runtime");
     let events = [
         Event::VmStart(2),
         Event::Plug(1, false),
@@ -322,15 +371,47 @@ fn replugs_that_wrap_devnums_never_give_two_present_devices_one_address() {
         Event::VmStart(1),
         Event::Settle,
     ];
-    rt.block_on(async {
-        let mut h = Harness::new(0);
-        for e in &events {
-            h.apply(e).await?;
-        }
-        let addresses: Vec<u16> = h.host.devices().iter().filter_map(|d| d.address).collect();
-        let unique: BTreeSet<u16> = addresses.iter().copied().collect();
-        prop_assert_eq!(addresses.len(), unique.len(), "addresses {:?}", addresses);
-        h.settle_and_check().await
-    })
-    .expect("the replayed case holds");
+    paused_runtime()
+        .block_on(async {
+            let mut h = Harness::new(0);
+            for e in &events {
+                h.apply(e).await?;
+            }
+            let addresses: Vec<u16> = h.host.devices().iter().filter_map(|d| d.address).collect();
+            let unique: BTreeSet<u16> = addresses.iter().copied().collect();
+            prop_assert_eq!(addresses.len(), unique.len(), "addresses {:?}", addresses);
+            h.settle_and_check().await
+        })
+        .expect("the replayed case holds");
+}
+
+/// A case proptest found hanging CI: VM c's attach failed (its retry fell due) while VM b,
+/// which a rule could give the same device, refused its list, so the attach was held back
+/// until b answers. The engine armed its timer for the retry already due, woke at once,
+/// held it back again, and spun; under the paused clock b's re-list never came.
+#[test]
+fn a_due_retry_held_back_by_an_unlisted_vm_does_not_spin_the_engine() {
+    use Event::*;
+    let events = [
+        Reload(vec![(4, 1, 1, 1), (4, 3, 0, 0), (3, 0, 1, 2)]),
+        Reload(vec![(2, 2, 0, 2)]),
+        Reload(vec![(4, 1, 1, 0)]),
+        Settle,
+        Unplug(0),
+        RestartDaemon,
+        Reload(vec![(4, 0, 0, 0), (3, 1, 1, 2), (3, 3, 1, 0)]),
+        VmStart(2),
+        Settle,
+        Plug(1, false),
+        Unplug(1),
+        Unplug(2),
+        Reload(vec![(3, 2, 2, 1)]),
+        Unplug(1),
+        Plug(1, true),
+        Replug(0),
+        VmStart(1),
+        Faults(1, vec![false, false]),
+        Faults(2, vec![false]),
+    ];
+    run_case(11806348995018000873, &events).expect("the replayed case settles");
 }
