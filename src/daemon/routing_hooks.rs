@@ -134,12 +134,20 @@ impl RoutingHooks {
         }
     }
 
-    /// A kernel uevent: the routed xHCI's own (bind, change, runtime PM) may mean the
-    /// kernel rewrote XUSB2PR, so the engine checks now rather than at its next tick.
+    /// A kernel uevent of the routed xHCI or its EHCIs, or of a USB device below them,
+    /// may mean the kernel rewrote XUSB2PR: the xHCI's own (a bind rewrites it), or a
+    /// device leaving one controller for the other (what a rewrite does to a routed
+    /// port's device). The engine checks now: this, the start and a resume are the only
+    /// times it reads the register (no timer; see `engine::routing::worker`).
     pub(super) fn on_uevent(&self, devpath: &str) {
         let Some(on) = &self.on else { return };
-        if devpath.ends_with(&on.detected.xhci.to_string()) {
-            self.check("after a uevent of the xHCI");
+        let detected = &on.detected;
+        let controllers = std::iter::once(detected.xhci).chain(detected.ehci.iter().map(|e| e.pci));
+        if controllers
+            .into_iter()
+            .any(|pci| below(devpath, &pci.to_string()))
+        {
+            self.check("after a uevent of the routed controllers or a device on them");
         }
     }
 
@@ -182,10 +190,27 @@ impl RoutingHooks {
     }
 }
 
+/// `devpath` is the device named `name` or a device below it.
+fn below(devpath: &str, name: &str) -> bool {
+    devpath.split('/').any(|part| part == name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::engine::coordinator::{self as engine, EngineOptions};
+
+    #[test]
+    fn a_uevent_is_below_a_controller_when_its_path_passes_through_it() {
+        let ehci = "0000:00:1d.0";
+        assert!(below("/devices/pci0000:00/0000:00:1d.0", ehci));
+        assert!(below(
+            "/devices/pci0000:00/0000:00:1d.0/usb2/2-1/2-1.3",
+            ehci
+        ));
+        assert!(!below("/devices/pci0000:00/0000:00:1d.1/usb3/3-1", ehci));
+        assert!(!below("/devices/pci0000:00/0000:00:14.0/usb1/1-1", ehci));
+    }
 
     #[tokio::test]
     async fn routing_is_off_without_profiles_and_looks_for_no_xhci() {

@@ -203,8 +203,8 @@ impl Coordinator {
 
     fn forward_to_routing(&mut self, input: RoutingInput) {
         let status = self.status.clone();
-        let (every, dry_run) = (self.options.routing_watch, self.options.dry_run);
-        self.routing.forward(input, every, dry_run, move |r| {
+        let dry_run = self.options.dry_run;
+        self.routing.forward(input, dry_run, move |r| {
             status.send_modify(|s| s.routing = Some(r))
         });
     }

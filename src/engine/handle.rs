@@ -3,7 +3,7 @@
 
 use super::controllers::ControllerConfig;
 use super::retry::BackoffPolicy;
-use super::routing::worker::{self as routing_worker, RoutingInput};
+use super::routing::worker::RoutingInput;
 use super::routing::{RoutingAnswer, RoutingRequest};
 use super::status::Status;
 use crate::backend::{Capabilities, VmBackend};
@@ -82,9 +82,6 @@ pub struct EngineOptions {
     /// Only attaches of devices that VM could hold wait (see `engine::unknown`), and a
     /// VM never heard from gets one grace per engine run, however often it comes and goes.
     pub unknown_holdings_grace: Duration,
-    /// How often the routing reconciler reads the register when nothing asks it to (the
-    /// kernel sends no uevent on a runtime resume, which rewrites it).
-    pub routing_watch: Duration,
 }
 
 impl Default for EngineOptions {
@@ -93,7 +90,6 @@ impl Default for EngineOptions {
             backoff: BackoffPolicy::default(),
             dry_run: false,
             unknown_holdings_grace: Duration::from_secs(10),
-            routing_watch: routing_worker::WATCH_INTERVAL,
         }
     }
 }

@@ -11,7 +11,8 @@
 //! The record is written first, as an intent (target registers, and the `power/control`
 //! to give back), then `power/control` is pinned, then the registers are written. A kill
 //! at any point leaves a record naming where the host is going, and
-//! [`Router::reconcile`] (the daemon runs it at start and every few seconds) finishes
+//! [`Router::reconcile`] (the daemon runs it at start, after a resume and on the
+//! routed controllers' uevents) finishes
 //! the move: registers, pin and un-pin.
 
 use super::config_space::{ConfigSpace, SysfsConfigSpace, USB3_PSSEN, XUSB2PR};
@@ -248,8 +249,8 @@ impl<C: ConfigSpace> Router<C> {
     }
 
     /// If the registers no longer hold the active routing (the kernel rewrote them on
-    /// resume, or someone ran setpci), write it back. Call periodically and on every
-    /// `change`/resume uevent of the xHCI. `Ok(None)` when nothing needed doing.
+    /// resume, or someone ran setpci), write it back. Call at start, after a resume and on
+    /// the uevents of the xHCI, its EHCIs and the devices on them. `Ok(None)` when nothing needed doing.
     pub fn reconcile(&mut self) -> Result<Option<Reapplied>, RoutingError> {
         let _lock = self.lock()?;
         let Some(active) = self.active()? else {

@@ -81,7 +81,6 @@ fn options() -> EngineOptions {
         // The model checks that a device is never on two VMs: attaches must wait until
         // every VM's holdings are known (the finite injected faults let lists answer).
         unknown_holdings_grace: Duration::from_secs(3600),
-        ..EngineOptions::default()
     }
 }
 

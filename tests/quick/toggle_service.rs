@@ -412,13 +412,10 @@ fn routing_config() -> RoutingConfig {
     config()
 }
 
-/// The engine with its routing reconciler on `pch` (checking every 20 ms), and a
-/// toggle service whose requests go to it, as in `usbroute serve`.
+/// The engine with its routing reconciler on `pch`, and a toggle service whose requests
+/// go to it, as in `usbroute serve`.
 fn engine_routing(pch: &Pch) -> (engine::EngineHandle, ToggleService) {
-    let (handle, _task) = engine::spawn(EngineOptions {
-        routing_watch: Duration::from_millis(20),
-        ..EngineOptions::default()
-    });
+    let (handle, _task) = engine::spawn(EngineOptions::default());
     let router = ProfileRouter::open(&pch.root(), &routing_config()).unwrap();
     handle.send(Input::Routing(RoutingInput::Use(Box::new(router))));
     let service = ToggleService::new(Arc::new(handle.clone()));
@@ -428,13 +425,17 @@ fn engine_routing(pch: &Pch) -> (engine::EngineHandle, ToggleService) {
 #[tokio::test]
 async fn the_engine_puts_the_routing_back_after_a_resume() {
     let pch = Pch::lynx_point(Regs::LYNX_DEFAULT);
-    let (_engine, service) = engine_routing(&pch);
+    let (engine, service) = engine_routing(&pch);
     let access = Access::unrestricted("control socket");
     let reply = service
         .handle_line(&access, &mut Session::default(), b"guest")
         .await
         .map(|r| r.to_string());
     pch.kernel_resume_rewrite();
+    // What the daemon's clock watch sends when it sees the host resume.
+    engine.send(Input::Routing(RoutingInput::Check {
+        why: "after the host resumed".into(),
+    }));
 
     let mask = eventually_mask(&pch, GUEST).await;
 

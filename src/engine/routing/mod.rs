@@ -14,8 +14,8 @@
 //! `dry_run` nothing is written: the reconciler says what it would write and the reply
 //! carries the mask it would have set.
 //!
-//! [`worker`] runs it inside the engine: requests, the periodic check and the checks the
-//! xHCI's uevents ask for, one at a time, and the result in the engine's `Status`.
+//! [`worker`] runs it inside the engine: requests, the first check and the checks the
+//! daemon asks for (a resume, the routed controllers' uevents), one at a time, and the result in the engine's `Status`.
 
 pub mod worker;
 

@@ -194,7 +194,7 @@ fn status_answers_the_profile_in_force_and_changes_nothing() {
     assert_eq!(fake.state().writes, 0);
 }
 
-/// The worker on `fake`, checking every 10 ms; its published statuses.
+/// The worker on `fake` (it checks once at start, then when asked); its published statuses.
 fn start(
     fake: &FakeRouting,
     dry_run: bool,
@@ -203,14 +203,9 @@ fn start(
     mpsc::UnboundedReceiver<RoutingStatus>,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let inputs = worker::spawn(
-        Box::new(fake.clone()),
-        Duration::from_millis(10),
-        dry_run,
-        move |s| {
-            let _ = tx.send(s);
-        },
-    );
+    let inputs = worker::spawn(Box::new(fake.clone()), dry_run, move |s| {
+        let _ = tx.send(s);
+    });
     (inputs, rx)
 }
 

@@ -1,21 +1,20 @@
 //! The routing reconciler at work inside the engine: one task owns the
-//! [`PortRouting`], so requests from every listener, the periodic check and the checks
-//! the xHCI's uevents ask for run one at a time. Its state goes into the engine's
-//! `Status` after each of them.
+//! [`PortRouting`], so requests from every listener and the checks the daemon asks for
+//! run one at a time. Its state goes into the engine's `Status` after each of them.
 //!
-//! The kernel sends no uevent on a runtime resume of the xHCI (which rewrites XUSB2PR),
-//! so besides the checks asked for, the register is read every [`WATCH_INTERVAL`].
+//! Nothing runs on a timer: the register is read once at start and whenever something
+//! may have rewritten it. The kernel rewrites XUSB2PR on every resume of the xHCI; a
+//! runtime resume sends no uevent, but cannot happen while a routing is in force (the
+//! router pins the xHCI's `power/control` to `on`), a system resume is noticed by the
+//! daemon's clock watch, and a rewrite that moves a device is seen by its uevents (the
+//! daemon checks on the uevents of USB devices below the xHCI and its EHCIs).
 
 use super::{answer, decide, PortRouting, RoutingRequest, RoutingStatus, RoutingStep};
 use super::{PowerStep, RoutingAnswer};
-use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-/// How often the register is checked by default.
-pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
-
-/// Why the periodic check runs, for its log lines.
-const WATCH_WHY: &str = "the kernel resets it when the xHCI resumes";
+/// Why the first check runs, for its log lines.
+const START_WHY: &str = "at start (the kernel resets it at boot and on each resume of the xHCI)";
 
 /// Something for the routing reconciler.
 pub enum RoutingInput {
@@ -46,7 +45,6 @@ impl RoutingSlot {
     pub fn forward(
         &mut self,
         input: RoutingInput,
-        every: Duration,
         dry_run: bool,
         publish: impl Fn(RoutingStatus) + Send + 'static,
     ) {
@@ -55,7 +53,7 @@ impl RoutingSlot {
                 let _ = tx.send(input);
             }
             (None, RoutingInput::Use(routing)) => {
-                self.0 = Some(spawn(routing, every, dry_run, publish));
+                self.0 = Some(spawn(routing, dry_run, publish));
             }
             (None, _) => {}
         }
@@ -66,7 +64,6 @@ impl RoutingSlot {
 /// gets its status after every check and request.
 pub fn spawn(
     routing: Box<dyn PortRouting>,
-    every: Duration,
     dry_run: bool,
     publish: impl Fn(RoutingStatus) + Send + 'static,
 ) -> mpsc::UnboundedSender<RoutingInput> {
@@ -79,7 +76,7 @@ pub fn spawn(
         last: None,
         publish: Box::new(publish),
     };
-    tokio::spawn(worker.run(rx, every));
+    tokio::spawn(worker.run(rx));
     tx
 }
 
@@ -87,7 +84,7 @@ struct Worker {
     routing: Box<dyn PortRouting>,
     dry_run: bool,
     /// What a dry run last said it would write back: said again only when it changes,
-    /// not at every tick.
+    /// not at every check.
     said: Option<RoutingStep>,
     /// Why the last check failed.
     error: Option<String>,
@@ -97,25 +94,20 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<RoutingInput>, every: Duration) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => self.check(WATCH_WHY),
-                input = inputs.recv() => match input {
-                    None => return,
-                    Some(RoutingInput::Use(routing)) => {
-                        self.routing = routing;
-                        self.publish();
-                    }
-                    Some(RoutingInput::Check { why }) => self.check(&why),
-                    Some(RoutingInput::Request { request, reply }) => {
-                        let answer = answer(&mut *self.routing, &request, self.dry_run);
-                        self.publish();
-                        let _ = reply.send(answer);
-                    }
-                },
+    async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<RoutingInput>) {
+        self.check(START_WHY);
+        while let Some(input) = inputs.recv().await {
+            match input {
+                RoutingInput::Use(routing) => {
+                    self.routing = routing;
+                    self.publish();
+                }
+                RoutingInput::Check { why } => self.check(&why),
+                RoutingInput::Request { request, reply } => {
+                    let answer = answer(&mut *self.routing, &request, self.dry_run);
+                    self.publish();
+                    let _ = reply.send(answer);
+                }
             }
         }
     }
