@@ -7,6 +7,8 @@
 
 #[path = "../qemu_support/mod.rs"]
 mod qemu_support;
+#[path = "../routing_support/mod.rs"]
+mod routing_support;
 #[path = "../serve_support/mod.rs"]
 mod serve_support;
 #[path = "../vfio_support/mod.rs"]
@@ -15,6 +17,7 @@ mod vfio_support;
 mod daemon_clock;
 mod daemon_control;
 mod daemon_controllers;
+mod daemon_idle;
 mod daemon_monitor;
 mod daemon_qemu;
 mod daemon_uevents;
