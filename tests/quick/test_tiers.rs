@@ -147,11 +147,14 @@ fn every_file_in_a_test_binary_folder_is_one_of_its_modules() {
 fn scripts_test_cargo_test_lines() -> Vec<Vec<String>> {
     let script =
         std::fs::read_to_string(manifest_dir().join("scripts/test")).expect("scripts/test");
+    // From `cargo test` on: it may run under `timeout`, `if !`, ...; `; then` ends it.
     script
         .lines()
-        .map(str::trim)
-        .filter(|line| line.starts_with("cargo test"))
-        .map(|line| line.split_whitespace().map(str::to_string).collect())
+        .map(str::trim_start)
+        .filter(|line| !line.starts_with('#') && !line.starts_with("echo"))
+        .filter_map(|line| line.find("cargo test").map(|at| &line[at..]))
+        .map(|command| command.split(';').next().unwrap_or(command))
+        .map(|command| command.split_whitespace().map(str::to_string).collect())
         .collect()
 }
 
