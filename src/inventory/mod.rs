@@ -5,6 +5,7 @@
 //! Parse, don't trust: a missing or malformed attribute makes that one field `None` and
 //! adds a line to [`Snapshot::warnings`]; it never fails the listing.
 
+mod patch;
 pub(crate) mod pci;
 mod physical;
 mod reader;
@@ -15,6 +16,7 @@ pub mod text;
 mod types;
 pub(crate) mod usb;
 
+pub use patch::{patch, usb_object, PatchFailed, Patched, UsbObject};
 pub use physical::{BadControllerName, BadPhysicalPort, ControllerName, PhysicalPort};
 pub use reader::ScanFailed;
 pub use types::*;

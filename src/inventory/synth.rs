@@ -189,6 +189,51 @@ impl SysfsBuilder {
         Ok(dir)
     }
 
+    /// Unplug the device named `port` as the kernel does: it, its interfaces and every
+    /// device behind it (a hub's children go with it) leave `/sys/bus/usb/devices` and
+    /// their directories go. A device that is not there is no error.
+    pub fn remove_device(&self, port: &str) -> io::Result<()> {
+        let links = self.real("/sys/bus/usb/devices");
+        let Ok(dir) = self.device_dir(port) else {
+            return Ok(()); // its hub is gone, so is it
+        };
+        // `1-3`, `1-3:1.0`, `1-3.2` and `1-3.2:1.0` are its; `1-30` is not.
+        let owned = |name: &str| {
+            let device = name.split_once(':').map_or(name, |(d, _)| d);
+            device == port || device.starts_with(&format!("{port}."))
+        };
+        for entry in std::fs::read_dir(&links)? {
+            let entry = entry?;
+            if owned(&entry.file_name().to_string_lossy()) {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        match std::fs::remove_dir_all(self.real(&dir)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Bind interface `number` of device `port` to `driver`, or unbind it (`None`).
+    pub fn interface_driver(&self, port: &str, number: u8, driver: Option<&str>) -> io::Result<()> {
+        let link = format!("{}/{port}:1.{number}/driver", self.device_dir(port)?);
+        match std::fs::remove_file(self.real(&link)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        match driver {
+            Some(driver) => self.link(&link, &format!("/sys/bus/usb/drivers/{driver}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Give interface `number` of device `port` a host network interface `name` (the
+    /// kernel's `<interface>/net/NAME`, with its `ifindex`).
+    pub fn netdev(&self, port: &str, number: u8, name: &str, ifindex: u32) -> io::Result<()> {
+        let dir = format!("{}/{port}:1.{number}/net/{name}", self.device_dir(port)?);
+        self.attr(&dir, "ifindex", &ifindex.to_string())
+    }
+
     /// The host directory of the device named `port`: below its hub's directory.
     fn device_dir(&self, port: &str) -> io::Result<String> {
         let parent = match port.rsplit_once('.') {

@@ -9,13 +9,13 @@ use super::{
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-const USB_DEVICES: &str = "/sys/bus/usb/devices";
+pub(super) const USB_DEVICES: &str = "/sys/bus/usb/devices";
 const SPEED: &str = "a speed in Mb/s";
 const HEX_ID: &str = "a 4-digit hex id";
 
 /// What one entry of `/sys/bus/usb/devices` is, from its name alone.
 #[derive(Debug, PartialEq)]
-enum Entry {
+pub(super) enum Entry {
     /// `usb3`: a root hub, i.e. a bus.
     RootHub(u8),
     /// `1-3.4.2`: a device.
@@ -26,7 +26,7 @@ enum Entry {
     RootHubInterface,
 }
 
-fn classify(name: &str) -> Option<Entry> {
+pub(super) fn classify(name: &str) -> Option<Entry> {
     if let Some(n) = name.strip_prefix("usb") {
         return super::types::parse_decimal_u8(n)
             .filter(|b| *b > 0)
@@ -151,7 +151,11 @@ fn check_twins(r: &mut Reader, buses: &mut [Bus]) {
 /// The socket a device is in, named by its controller. A device on a USB 3 bus takes the
 /// name of its port's USB 2 twin when the kernel linked one (`peer`), so a USB 3 and a
 /// USB 2 device in the same socket get the same name; without one, the `ss` marker.
-fn physical_port(r: &mut Reader, buses: &[Bus], device: &Device) -> Option<PhysicalPort> {
+pub(super) fn physical_port(
+    r: &mut Reader,
+    buses: &[Bus],
+    device: &Device,
+) -> Option<PhysicalPort> {
     let bus = buses.iter().find(|b| b.number == device.bus)?;
     let ports = &device.port.ports;
     if !bus.is_superspeed() || ports.len() < 2 {
@@ -228,7 +232,12 @@ fn parse_port_dir_name(name: &str) -> Option<PortPath> {
     format!("{path}").parse().ok()
 }
 
-fn read_device(r: &mut Reader, port: PortPath, name: &str, ifaces: Vec<(u8, String)>) -> Device {
+pub(super) fn read_device(
+    r: &mut Reader,
+    port: PortPath,
+    name: &str,
+    ifaces: Vec<(u8, String)>,
+) -> Device {
     let who = format!("usb {name}");
     let dir = r.resolve(&Path::new(USB_DEVICES).join(name));
     let mut a = r.attrs(&who, &dir);

@@ -27,6 +27,7 @@ mod guest_recordings;
 mod inventory_cli;
 mod inventory_cli_edges;
 mod inventory_fixture;
+mod inventory_patch;
 mod inventory_props;
 mod inventory_twins;
 mod libvirt_rpc_fake_peer;
