@@ -3,6 +3,7 @@
 //! feeds it to [`crate::engine::coordinator`], which alone decides and acts; it answers
 //! control requests from the engine's published status, and keeps systemd informed.
 
+use super::changes::Changes;
 use super::protocol::{Reply, Request};
 use super::routing_hooks::RoutingHooks;
 use super::server::{ControlGroup, ControlHandler, ControlServer, Peer, ServiceError};
@@ -19,7 +20,7 @@ use crate::sysfs::SysfsRoot;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 
 /// How to run the daemon.
 pub struct DaemonOptions {
@@ -122,10 +123,10 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     let mut status = engine.status();
     let (presence_tx, mut presence) = mpsc::unbounded_channel();
     let (inputs_tx, mut inputs) = mpsc::unbounded_channel();
-    let dirty = Arc::new(Notify::new());
+    let changes = Arc::new(Changes::default());
     let mut clock_jumps = super::clock_watch::spawn();
     if let Some(sock) = uevents {
-        tokio::spawn(listen_uevents(sock, dirty.clone(), routing.clone()));
+        tokio::spawn(listen_uevents(sock, changes.clone(), routing.clone()));
     }
     tokio::spawn(server.serve(Arc::new(ControlBridge(inputs_tx))));
 
@@ -155,7 +156,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
 
     loop {
         tokio::select! {
-            _ = dirty.notified() => daemon.rescan("uevent"),
+            pending = changes.next() => daemon.on_changes(pending),
             () = sleep_until(daemon.scan_retry) => daemon.rescan("retry after a failed scan"),
             Some(p) = presence.recv() => daemon.on_presence(p),
             Some(jump) = clock_jumps.recv() => daemon.on_clock_jump(jump),
@@ -183,17 +184,19 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Read uevents, log each, and mark the picture dirty for the ones that matter. Marking
-/// (not queueing) coalesces a storm into few rescans: a rescan reads the current state,
-/// so no decision is lost however many events arrive or are dropped.
-async fn listen_uevents(mut sock: UeventSocket, dirty: Arc<Notify>, routing: RoutingHooks) {
+/// Read uevents, log each, and note what the ones that matter ask of the picture
+/// ([`Changes`]: the devices to read again, coalesced, or a full scan after a resync).
+async fn listen_uevents(mut sock: UeventSocket, changes: Arc<Changes>, routing: RoutingHooks) {
     loop {
         match sock.recv().await {
             Received::Event(ev) => {
                 routing.on_uevent(&ev.devpath);
-                let trigger = ev.trigger();
-                if trigger == Trigger::Ignore {
+                if !changes.note(&ev) {
                     tracing::trace!(device = ev.kernel_name(), action = %ev.action, "uevent ignored");
+                    continue;
+                }
+                if ev.trigger() == Trigger::Ignore {
+                    tracing::debug!(object = ev.kernel_name(), action = %ev.action, "uevent: re-reading its device");
                     continue;
                 }
                 tracing::info!(
@@ -204,11 +207,10 @@ async fn listen_uevents(mut sock: UeventSocket, dirty: Arc<Notify>, routing: Rou
                         ev.product.as_deref().unwrap_or("no product string")
                     )
                 );
-                dirty.notify_one();
             }
             Received::Resync { reason } => {
                 tracing::warn!("uevents may be lost ({reason}); rescanning sysfs");
-                dirty.notify_one();
+                changes.resync();
             }
             // The reason quotes the datagram's header: escape what it may carry.
             Received::Rejected { reason } => tracing::warn!(
@@ -292,10 +294,18 @@ impl Daemon {
             devices = self.snapshot.devices.len(),
             "rescanned sysfs ({why})"
         );
-        self.engine
-            .send(EngineInput::MountedDisks(super::mounts::mounted_disks(
-                &self.options.root,
-            )));
+        self.tell_engine(true);
+    }
+
+    /// Hand the picture to the engine, with the host's mounted disks read again when
+    /// `mounts`.
+    pub(super) fn tell_engine(&self, mounts: bool) {
+        if mounts {
+            self.engine
+                .send(EngineInput::MountedDisks(super::mounts::mounted_disks(
+                    &self.options.root,
+                )));
+        }
         self.engine
             .send(EngineInput::Devices(self.snapshot.devices.clone()));
     }

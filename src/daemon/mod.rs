@@ -9,6 +9,7 @@
 //! config has routing profiles. The `[[controller]]` rules are the engine's
 //! ([`crate::engine::controllers`]): the daemon only hands them over.
 
+mod changes;
 pub mod client;
 pub mod clock_watch;
 mod control;
