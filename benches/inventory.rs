@@ -3,6 +3,11 @@
 //! that does the least any reader must: list `/sys/bus/usb/devices`, resolve each link
 //! and read one attribute.
 //!
+//! Then the daemon's per-uevent path beside the full scan it replaces, in the same
+//! interleaved rounds: `inventory::patch` reading one added device into a kept picture,
+//! against `scan`, on the recorded fixture `tests/fixtures/guest-xhci-ehci` and on a
+//! generated tree of 512 devices.
+//!
 //! Run: `cargo bench --bench inventory` (optionally `-- ITERATIONS`). Under `cargo test`
 //! (no `--bench` argument) it runs 3 iterations as a smoke test.
 
@@ -11,10 +16,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use usbroute::inventory::render::{self, Listing};
 use usbroute::inventory::synth::{PciFunction, SysfsBuilder, UsbDevice};
-use usbroute::inventory::{scan, Snapshot};
+use usbroute::inventory::{patch, scan, Snapshot};
 use usbroute::sysfs::SysfsRoot;
 
 const DEVICES: usize = 1_000;
+/// The generated tree the per-uevent patch is timed on.
+const PATCH_DEVICES: usize = 512;
 const CONTROLLERS: u8 = 5;
 const HUB_PORTS: u8 = 8;
 /// Root ports used per bus: 6 ports × 17 devices × 10 buses just exceeds `DEVICES`.
@@ -27,7 +34,7 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(if smoke { 3 } else { 200 });
     let dir = tempfile::tempdir().expect("temp dir");
-    let made = generate(dir.path());
+    let made = generate(dir.path(), DEVICES);
     let root = SysfsRoot::new(dir.path());
     let snapshot = scan(&root);
     assert_eq!(
@@ -80,11 +87,96 @@ fn main() {
         let with_ratio = name.starts_with("scan").then_some(baseline);
         report(name, s, with_ratio, made);
     }
+    per_uevent(iterations);
+}
+
+/// One added device read into a kept picture, beside a full scan of the same tree.
+fn per_uevent(iterations: usize) {
+    let fixture = SysfsRoot::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/guest-xhci-ehci"),
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    assert_eq!(generate(dir.path(), PATCH_DEVICES), PATCH_DEVICES);
+    let generated = SysfsRoot::new(dir.path());
+    let mut fixture_added = AddOne::new(&fixture);
+    let mut generated_added = AddOne::new(&generated);
+    println!(
+        "per uevent: guest-xhci-ehci (recorded, {} devices) and a generated tree ({} devices); the added device is {} and {}",
+        fixture_added.kept.devices.len() + 1,
+        generated_added.kept.devices.len() + 1,
+        fixture_added.port,
+        generated_added.port,
+    );
+    let fixture_devices = fixture_added.kept.devices.len() + 1;
+    let mut cases: Vec<Case> = vec![
+        ("fixture: scan", Box::new(|| scan(&fixture).devices.len())),
+        (
+            "fixture: patch one added device",
+            Box::new(|| fixture_added.run()),
+        ),
+        ("512: scan", Box::new(|| scan(&generated).devices.len())),
+        (
+            "512: patch one added device",
+            Box::new(|| generated_added.run()),
+        ),
+    ];
+    let stats = measure(iterations, &mut cases);
+    for (pair, devices) in [(0, fixture_devices), (2, PATCH_DEVICES)] {
+        let (scan, patched) = (&stats[pair], &stats[pair + 1]);
+        report(cases[pair].0, scan, None, devices);
+        report(cases[pair + 1].0, patched, None, 1);
+        println!(
+            "{:<36} scan / patch: {:.1}x at p50, {:.1}x mean",
+            "",
+            scan.p50.as_secs_f64() / patched.p50.as_secs_f64(),
+            scan.mean.as_secs_f64() / patched.mean.as_secs_f64()
+        );
+    }
+}
+
+/// A kept picture that lacks one leaf device of its tree, as it is between the device's
+/// plug and its uevent: each run patches it in, then takes it out again (a `Vec::remove`,
+/// which is all the undoing costs).
+struct AddOne<'a> {
+    root: &'a SysfsRoot,
+    kept: Snapshot,
+    port: usbroute::inventory::PortPath,
+}
+
+impl<'a> AddOne<'a> {
+    fn new(root: &'a SysfsRoot) -> Self {
+        // (A recording lacks what no command reads, non-USB PCI classes among it: the
+        // scan warns about those; the patch reads USB devices only and must not warn.)
+        let kept = scan(root);
+        let port = kept
+            .devices
+            .iter()
+            .rev()
+            .find(|d| !d.hub)
+            .expect("a leaf device")
+            .port
+            .clone();
+        let mut added = AddOne { root, kept, port };
+        added.take_out();
+        added
+    }
+
+    fn take_out(&mut self) {
+        let at = self.kept.devices.iter().position(|d| d.port == self.port);
+        self.kept.devices.remove(at.expect("the added device"));
+    }
+
+    fn run(&mut self) -> usize {
+        let patched = patch(self.root, &mut self.kept, [&self.port]).expect("patch");
+        assert!(patched.changed && patched.warnings.is_empty());
+        self.take_out();
+        self.kept.devices.len()
+    }
 }
 
 /// Build the tree: per controller a USB 2 and a USB 3 bus; on each root port a hub whose
 /// port 1 holds another hub; leaves fill the remaining ports until `DEVICES` exist.
-fn generate(dir: &Path) -> usize {
+fn generate(dir: &Path, devices: usize) -> usize {
     let b = SysfsBuilder::new(dir);
     let mut count = 0;
     let mut names: Vec<String> = Vec::new();
@@ -111,7 +203,7 @@ fn generate(dir: &Path) -> usize {
                 names.extend((1..=HUB_PORTS).map(|p| format!("{nested}.{p}")));
                 names.extend((2..=HUB_PORTS).map(|p| format!("{hub}.{p}")));
                 for name in &names {
-                    if count == DEVICES {
+                    if count == devices {
                         break 'all;
                     }
                     devnum += 1;
