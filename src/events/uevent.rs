@@ -193,11 +193,11 @@ impl UEvent {
 /// What a uevent asks of the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
-    /// A USB device is ready (its `bind`): rescan and reconcile, it may go to a VM.
+    /// A USB device is ready (its `bind`): read it again and reconcile, it may go to a VM.
     DeviceReady,
-    /// A USB device was removed: rescan and reconcile, detach it from its VM.
+    /// A USB device was removed: drop it (and what is behind it), detach it from its VM.
     DeviceGone,
-    /// Something about a USB device changed: rescan and reconcile.
+    /// Something about a USB device changed: read it again and reconcile.
     Rescan,
     /// Not about a USB device, or not yet actionable (`add`).
     Ignore,
