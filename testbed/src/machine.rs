@@ -148,6 +148,9 @@ impl Machine {
     }
 }
 
+/// The guest clock's socket in the run directory (see `plain_args`).
+pub const CLOCK_SOCKET: &str = "clock.sock";
+
 /// The plain guest: the kernel boots directly, the agent on a virtio-serial port, the
 /// share over 9p, an IOMMU when asked.
 fn plain_args(cmd: &mut Command, cfg: &MachineConfig, console_log: &Path) {
@@ -176,6 +179,18 @@ fn plain_args(cmd: &mut Command, cfg: &MachineConfig, console_log: &Path) {
         .arg("-serial")
         .arg(format!("file:{}", console_log.display()))
         .args(agent_port())
+        // The `bench` scenario's clock: its guest program answers the time here, so the
+        // host's `device_add` and the guest's stamps share one clock (a port of its own:
+        // the agent's round trip forks a shell and is too slow for that).
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=clock,path={},server=on,wait=off",
+            cfg.run_dir.join(CLOCK_SOCKET).display()
+        ))
+        .args([
+            "-device",
+            "virtserialport,chardev=clock,name=org.usbroute.clock",
+        ])
         .arg("-fsdev")
         .arg(format!(
             "local,id=hostfs,path={},security_model=none",

@@ -26,10 +26,14 @@ const CONTROLLERS: [(&str, &str); 5] = [
 const USBROUTE_STATE: &str = "/run/usbroute /var/lib/usbroute";
 
 /// The processes scenarios start in the guest (inner QEMUs and libvirt's domains, usbroute,
-/// libvirtd), killed and waited for between them.
+/// libvirtd; the `bench` scenario's guest program and the socat its udev rule runs), killed
+/// and waited for between them.
 /// Busybox `killall` and `pidof`: the guest's busybox (Debian's busybox-static) has no
 /// `pkill` or `pgrep`, and a `! pgrep` that is not found passes.
-const GUEST_PROCESSES: &str = "qemu-system-x86_64 usbroute libvirtd";
+const GUEST_PROCESSES: &str = "qemu-system-x86_64 usbroute libvirtd usbroute-bench socat";
+
+/// The udev rule the `bench` scenario installs (its udev_socat method), removed with it.
+pub const BENCH_UDEV_RULE: &str = "/etc/udev/rules.d/99-usbroute-bench.rules";
 
 /// The guest's PS/2 keyboard (q35's i8042), which a scenario may unbind.
 const SERIO: &str = "/sys/bus/serio/devices/serio0";
@@ -59,7 +63,8 @@ impl Bed {
         // The PS/2 keyboard: vfio-rollback lets it go for a while.
         // libvirt's state goes too (not its capability cache: the next start stays warm).
         self.guest_ok(&format!(
-            "rm -rf {USBROUTE_STATE} {} /tmp/inner-* /tmp/serve* /tmp/libvirt-*; \
+            "rm -rf {USBROUTE_STATE} {} /tmp/inner-* /tmp/serve* /tmp/libvirt-* /tmp/bench-*; \
+             [ -e {BENCH_UDEV_RULE} ] && rm -f {BENCH_UDEV_RULE} && udevadm control --reload; \
              [ -e {SERIO}/driver ] || echo -n serio0 > /sys/bus/serio/drivers/atkbd/bind; true",
             crate::libvirt::STATE
         ))
