@@ -44,6 +44,9 @@ enum Cmd {
         /// Scenario names; all when none; `xen` is every `xen-*` scenario.
         names: Vec<String>,
     },
+    /// Run the `bench` scenario in full (50 plugs per method, a 30 s storm); a plain
+    /// run has the short one.
+    Bench,
     /// List scenario names.
     List,
     /// Boot with the rich topology and write usbroute record-sysfs recordings
@@ -124,8 +127,17 @@ async fn real_main() -> Result<ExitCode> {
         }),
         _ => None,
     };
+    let command = match command {
+        Cmd::Bench => {
+            scenarios::bench::run_full();
+            Cmd::Run {
+                names: vec!["bench".into()],
+            }
+        }
+        other => other,
+    };
     match command {
-        Cmd::List => unreachable!("handled above"),
+        Cmd::List | Cmd::Bench => unreachable!("handled above"),
         Cmd::Run { names } => {
             let names: Vec<String> = names
                 .into_iter()

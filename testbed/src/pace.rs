@@ -128,11 +128,18 @@ pub fn percentiles(samples: &mut [Duration]) -> String {
         return "no samples".into();
     }
     samples.sort();
-    let rank = |q: f64| {
-        let i = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
-        samples[i].as_secs_f64()
-    };
+    let rank = |q: f64| nearest_rank(samples, q).as_secs_f64();
     format!("p50 {:.2} s, p99 {:.2} s", rank(0.50), rank(0.99))
+}
+
+/// The `q` quantile (0.5 for p50) of `sorted` by nearest rank (p99 of 20 samples is the
+/// slowest); zero for no samples.
+pub fn nearest_rank(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
 }
 
 /// The `N` /proc/uptime stamps a timed chain script printed for plug `plug` (one guest

@@ -176,11 +176,11 @@ async fn run_on(
 async fn run_one(bed: &mut Bed, s: &Scenario) -> (Outcome, Duration, Option<String>) {
     println!("== {}: {}", s.name, s.about);
     let started = Instant::now();
-    let limit = bed.scaled(if s.needs_xen() {
+    let limit = bed.scaled(s.timeout.unwrap_or(if s.needs_xen() {
         XEN_SCENARIO_TIMEOUT
     } else {
         SCENARIO_TIMEOUT
-    });
+    }));
     let result = match tokio::time::timeout(limit, (s.run)(bed)).await {
         Ok(r) => r,
         Err(_) => Err(anyhow::anyhow!("did not finish within {limit:.0?}")),

@@ -9,6 +9,8 @@ use crate::bed::Bed;
 use std::future::Future;
 use std::pin::Pin;
 
+pub mod bench;
+mod bench_storm;
 mod daemon;
 mod follow;
 mod hotplug;
@@ -45,6 +47,8 @@ pub struct Scenario {
     /// Why the guest is rebooted after this scenario even when it restores cleanly:
     /// what it did leaves state the reset cannot see or undo.
     pub reboot_after: Option<&'static str>,
+    /// Its own time limit (KVM base) when the runner's default is too short for it.
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl Scenario {
@@ -63,11 +67,18 @@ macro_rules! scenario {
             about: $about,
             run: |bed| Box::pin($module::run(bed)),
             reboot_after: None,
+            timeout: None,
         }
     };
     ($name:literal, $module:ident, $about:literal, reboot_after: $why:literal) => {
         Scenario {
             reboot_after: Some($why),
+            ..scenario!($name, $module, $about)
+        }
+    };
+    ($name:literal, $module:ident, $about:literal, timeout_secs: $secs:literal) => {
+        Scenario {
+            timeout: Some(std::time::Duration::from_secs($secs)),
             ..scenario!($name, $module, $about)
         }
     };
@@ -93,6 +104,7 @@ pub fn all() -> Vec<Scenario> {
         scenario!("vfio-rollback", vfio_rollback, "a bind failing after every member moved rolls back; the only keyboard is refused"),
         scenario!("port-routing", port_routing, "usbroute reads the guest xHCI's routing registers through live sysfs as dd does, refuses the non-Intel xHCI, changes no byte"),
         scenario!("twins", twins, "a USB 3 storage device and a USB 2 keyboard plugged in turn into one xHCI socket both go to the VM of one `port:CONTROLLER/N` rule"),
+        scenario!("bench", bench, "plug -> attached on the real kernel: usbroute serve beside the minimal attacher (the floor), QEMU's own rescan and a udev rule with socat, in rounds, p50/p99 and target/bench/testbed.json; then a storm of 16 devices plugged and unplugged as fast as QMP allows, every device where the rules say", timeout_secs: 600),
         scenario!("record-sysfs", record_sysfs, "a recording made in the guest lists the same, in the guest and on the host"),
         scenario!("xen-manual", xen_manual, "real Xen PVUSB by hand: xl usbdev-attach gives a dom0 keyboard to a PV domU and detach takes it back; a surprise removal leaves the port holding the busid; the manual plug -> visible in the domU floor"),
         scenario!("xen-serve", xen_serve, "usbroute serve in dom0 gives the PV domU its keyboard through the Xen backend: plug, unplug (port freed), re-plug, domain destroyed and created, plugged while it is down, SIGKILL restart without duplicate and with a stale port cleared, the user's xl device left alone, a hub refused with why; usbroute's plug -> visible in the domU beside the floor; then emit --for xl lines accepted by xl create"),
