@@ -14,7 +14,7 @@
 //! that clock through a virtio-serial port (best of several round trips). Then the storm
 //! (`bench_storm.rs`). Figures go to stdout and to `target/bench/testbed.json`.
 
-use super::daemon::{start_daemon, wait_vm, CONFIG, CONTROL};
+use super::daemon::{probe_on, start_daemon, usb_hosts_on, wait_vm, CONFIG, CONTROL};
 use crate::bed::Bed;
 use crate::inner::InnerQemu;
 use crate::machine::CLOCK_SOCKET;
@@ -384,7 +384,7 @@ async fn wait_clean(bed: &mut Bed, method: Method) -> Result<()> {
     let what = format!("the inner QEMU at rest after a {} plug", method.name());
     let poll = bed.poll(&what, CHAIN_TIMEOUT);
     loop {
-        let hosts = usb_hosts(bed, PROBE_QMP).await?;
+        let hosts = usb_hosts_on(bed, PROBE_QMP).await?;
         let mut clean = hosts.iter().all(|h| h == RESCAN_ID);
         if clean && !hosts.is_empty() {
             let path = format!("/machine/peripheral/{RESCAN_ID}");
@@ -407,50 +407,8 @@ async fn wait_clean(bed: &mut Bed, method: Method) -> Result<()> {
     }
 }
 
-/// One command on a guest monitor of the inner QEMU the bed uses; its `return`.
-pub(super) async fn probe_on(
-    bed: &mut Bed,
-    socket: &str,
-    command: &str,
-    arguments: Value,
-) -> Result<Value> {
-    let reply = bed
-        .qmp_in_guest(
-            socket,
-            command,
-            Some(arguments),
-            Duration::from_secs(10),
-            false,
-        )
-        .await?;
-    reply
-        .get("return")
-        .cloned()
-        .with_context(|| format!("{command} on {socket}: {reply}"))
-}
-
 async fn probe(bed: &mut Bed, command: &str, arguments: Value) -> Result<Value> {
     probe_on(bed, PROBE_QMP, command, arguments).await
-}
-
-/// The usb-host ids of the inner QEMU whose monitor `socket` is, sorted.
-pub(super) async fn usb_hosts(bed: &mut Bed, socket: &str) -> Result<Vec<String>> {
-    let listed = probe_on(
-        bed,
-        socket,
-        "qom-list",
-        json!({"path": "/machine/peripheral"}),
-    )
-    .await?;
-    let mut ids: Vec<String> = listed
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["type"] == "child<usb-host>")
-        .filter_map(|p| p["name"].as_str().map(str::to_string))
-        .collect();
-    ids.sort();
-    Ok(ids)
 }
 
 /// The udev rule's scripts, the hobbyist way: a shell, the numbers from udev's

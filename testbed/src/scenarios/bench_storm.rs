@@ -5,8 +5,8 @@
 //! have caught up, every device still plugged is attached in the VM its rule names and
 //! nowhere else, every unplugged one is in no VM. A misplaced device fails it.
 
-use super::bench::{probe_on, usb_hosts, Size, PROBE_QMP};
-use super::daemon::{daemon_status, start_daemon, CONFIG, CONTROL};
+use super::bench::{Size, PROBE_QMP};
+use super::daemon::{daemon_status, probe_on, start_daemon, usb_hosts_on, CONFIG, CONTROL};
 use crate::bed::{Bed, Plugged};
 use crate::inner::InnerQemu;
 use crate::usb::{Ctrl, Kind, UsbDevice, XHCI_PCI};
@@ -239,8 +239,8 @@ async fn check(
         }
         want_a.sort();
         want_b.sort();
-        let have_a = usb_hosts(bed, PROBE_QMP).await?;
-        let have_b = usb_hosts(bed, B_PROBE_QMP).await?;
+        let have_a = usb_hosts_on(bed, PROBE_QMP).await?;
+        let have_b = usb_hosts_on(bed, B_PROBE_QMP).await?;
         let mut placed = guest_wrong.is_empty() && have_a == want_a && have_b == want_b;
         let mut detached = Vec::new();
         if placed {

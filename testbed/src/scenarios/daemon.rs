@@ -183,9 +183,19 @@ pub(super) async fn wait_settled(bed: &mut Bed, what: &str, ports: &[&str]) -> R
 
 /// A QMP command on the probe monitor (the daemon holds the VM's first one).
 async fn probe(bed: &mut Bed, command: &str, arguments: Value) -> Result<Value> {
+    probe_on(bed, PROBE, command, arguments).await
+}
+
+/// A QMP command on the guest monitor `socket` of an inner QEMU; its `return`.
+pub(super) async fn probe_on(
+    bed: &mut Bed,
+    socket: &str,
+    command: &str,
+    arguments: Value,
+) -> Result<Value> {
     let reply = bed
         .qmp_in_guest(
-            PROBE,
+            socket,
             command,
             Some(arguments),
             Duration::from_secs(10),
@@ -195,12 +205,23 @@ async fn probe(bed: &mut Bed, command: &str, arguments: Value) -> Result<Value> 
     reply
         .get("return")
         .cloned()
-        .with_context(|| format!("{command} on the probe monitor {PROBE}: {reply}"))
+        .with_context(|| format!("{command} on the monitor {socket}: {reply}"))
 }
 
 /// The usb-host ids of the inner QEMU, sorted.
 pub(super) async fn usb_hosts(bed: &mut Bed) -> Result<Vec<String>> {
-    let listed = probe(bed, "qom-list", json!({"path": "/machine/peripheral"})).await?;
+    usb_hosts_on(bed, PROBE).await
+}
+
+/// The usb-host ids of the inner QEMU whose monitor `socket` is, sorted.
+pub(super) async fn usb_hosts_on(bed: &mut Bed, socket: &str) -> Result<Vec<String>> {
+    let listed = probe_on(
+        bed,
+        socket,
+        "qom-list",
+        json!({"path": "/machine/peripheral"}),
+    )
+    .await?;
     let mut ids: Vec<String> = listed
         .as_array()
         .into_iter()
