@@ -172,9 +172,6 @@ fn floor(qmp: &PathBuf, qemu_bus: &str) -> Result<()> {
             line.clear();
         }
     });
-    let add = format!(
-        r#"{{"execute":"device_add","arguments":{{"driver":"usb-host","bus":"{qemu_bus}","hostdevice":"/dev/fdset/"#
-    );
     let fd = uevent_socket()?;
     // The bench waits for this before it plugs anything.
     println!("ready");
@@ -182,8 +179,7 @@ fn floor(qmp: &PathBuf, qemu_bus: &str) -> Result<()> {
     loop {
         let ev = next_usb_event(&fd, &mut buf)?;
         let (b, d) = (ev.bus, ev.dev);
-        // One fdset per plug (devnum never repeats within a bench).
-        let set = u64::from(b) * 1000 + u64::from(d);
+        let [add_fd, add, remove] = floor_commands(qemu_bus, b, d);
         match ev.action.as_str() {
             "bind" => {
                 let node = format!("/dev/bus/usb/{b:03}/{d:03}");
@@ -192,8 +188,6 @@ fn floor(qmp: &PathBuf, qemu_bus: &str) -> Result<()> {
                     .write(true)
                     .open(&node)
                     .with_context(|| format!("opening {node}"))?;
-                let add_fd =
-                    format!("{{\"execute\":\"add-fd\",\"arguments\":{{\"fdset-id\":{set}}}}}\r\n");
                 sendmsg::<()>(
                     stream.as_raw_fd(),
                     &[IoSlice::new(add_fd.as_bytes())],
@@ -202,19 +196,30 @@ fn floor(qmp: &PathBuf, qemu_bus: &str) -> Result<()> {
                     None,
                 )
                 .context("sending add-fd")?;
-                let command = format!("{add}{set}\",\"id\":\"floor-{b}-{d}\"}}}}\r\n");
-                stream.write_all(command.as_bytes())?;
+                stream.write_all(add.as_bytes())?;
             }
-            "remove" => {
-                let command = format!(
-                    "{{\"execute\":\"device_del\",\"arguments\":{{\"id\":\"floor-{b}-{d}\"}}}}\r\n\
-                     {{\"execute\":\"remove-fd\",\"arguments\":{{\"fdset-id\":{set}}}}}\r\n"
-                );
-                stream.write_all(command.as_bytes())?;
-            }
+            "remove" => stream.write_all(remove.as_bytes())?,
             _ => {}
         }
     }
+}
+
+/// The floor's prepared commands for the device at bus `b`, address `d`, each a QMP line:
+/// `add-fd` (sent with the open node), `device_add` of it, and what undoes both. One
+/// fdset per plug: a devnum never repeats within a bench.
+fn floor_commands(qemu_bus: &str, b: u32, d: u32) -> [String; 3] {
+    let set = u64::from(b) * 1000 + u64::from(d);
+    let id = format!("floor-{b}-{d}");
+    [
+        format!(r#"{{"execute":"add-fd","arguments":{{"fdset-id":{set}}}}}"#) + "\r\n",
+        format!(
+            r#"{{"execute":"device_add","arguments":{{"driver":"usb-host","bus":"{qemu_bus}","hostdevice":"/dev/fdset/{set}","id":"{id}"}}}}"#
+        ) + "\r\n",
+        format!(r#"{{"execute":"device_del","arguments":{{"id":"{id}"}}}}"#)
+            + "\r\n"
+            + &format!(r#"{{"execute":"remove-fd","arguments":{{"fdset-id":{set}}}}}"#)
+            + "\r\n",
+    ]
 }
 
 /// The stopwatch (see the file's header).
@@ -337,5 +342,30 @@ fn serve_clock(mut port: std::fs::File, epoch: Instant) {
             Ok(_) => std::thread::sleep(Duration::from_millis(50)),
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_floors_commands_are_qmp_lines_naming_one_fdset_and_one_id_per_plug() {
+        let [add_fd, add, remove] = floor_commands("xhci.0", 1, 12);
+
+        let parse = |text: &str| -> Vec<serde_json::Value> {
+            assert!(text.ends_with("\r\n"), "{text:?}");
+            text.lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        };
+        let (add_fd, add, remove) = (parse(&add_fd), parse(&add), parse(&remove));
+        assert_eq!(add_fd[0]["arguments"]["fdset-id"], 1012);
+        assert_eq!(add[0]["arguments"]["hostdevice"], "/dev/fdset/1012");
+        assert_eq!(add[0]["arguments"]["id"], "floor-1-12");
+        assert_eq!(add[0]["arguments"]["bus"], "xhci.0");
+        assert_eq!(remove[0]["execute"], "device_del");
+        assert_eq!(remove[0]["arguments"]["id"], "floor-1-12");
+        assert_eq!(remove[1]["arguments"]["fdset-id"], 1012);
     }
 }
