@@ -8,7 +8,9 @@
 //! Shape: one reader task owns the read half and routes each reply to the command waiting
 //! for its `id`, and each event to [`Qmp::events`] subscribers. Commands are written under
 //! a lock, so a [`Qmp`] is shared by `&self` or cloned cheaply (clones share the
-//! connection). Every command has a timeout. When the peer closes the stream or sends
+//! connection). Commands that need not wait for each other go out together in one write
+//! ([`Qmp::execute_batch`]): QEMU answers them in order, so a batch costs one round trip.
+//! Every command has a timeout. When the peer closes the stream or sends
 //! something that is not QMP, every waiting and every later command fails with an error
 //! that says so ([`QmpError::Closed`], [`QmpError::Garbage`]).
 
@@ -90,6 +92,10 @@ struct Shared {
     writer: tokio::sync::Mutex<Writer>,
     state: Arc<Mutex<State>>,
     next_id: AtomicU64,
+    /// Held by an exchange that passes a file descriptor, until its replies are in.
+    fd_gate: tokio::sync::Mutex<()>,
+    commands_sent: AtomicU64,
+    writes: AtomicU64,
     greeting: Value,
     peer: Option<PeerCredentials>,
     reader: tokio::task::JoinHandle<()>,
@@ -207,6 +213,9 @@ impl Qmp {
                 writer: tokio::sync::Mutex::new(writer),
                 state,
                 next_id: AtomicU64::new(1),
+                fd_gate: tokio::sync::Mutex::new(()),
+                commands_sent: AtomicU64::new(0),
+                writes: AtomicU64::new(0),
                 greeting,
                 peer,
                 reader,
@@ -287,40 +296,95 @@ impl Qmp {
         self.send(command, arguments, Some(fd)).await
     }
 
+    /// Run `commands` written together, in one write, and return each one's result in
+    /// order: one round trip however many there are. QEMU runs a monitor's commands one
+    /// after the other in the order received, so a later command sees what an earlier one
+    /// did (`device_add` after the `add-fd` that passed its file). `fd`, when given, rides
+    /// with the first command (`add-fd`, `getfd`) and needs a Unix socket. A failed command
+    /// does not stop the ones after it: each has its own result.
+    pub async fn execute_batch(
+        &self,
+        commands: Vec<(&str, Option<Value>)>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Vec<Result<Value, QmpError>> {
+        if fd.is_some() && !self.can_pass_fds().await {
+            let first = commands.first().map_or("", |c| c.0).to_string();
+            return commands
+                .iter()
+                .map(|_| {
+                    Err(QmpError::FdPassingUnsupported {
+                        command: first.clone(),
+                    })
+                })
+                .collect();
+        }
+        self.send_all(commands, fd).await
+    }
+
+    /// How many commands this connection has written, and in how many writes (each write
+    /// waits for its replies: one round trip). Every clone of the connection counts.
+    pub fn sent(&self) -> Sent {
+        Sent {
+            commands: self.shared.commands_sent.load(Ordering::Relaxed),
+            writes: self.shared.writes.load(Ordering::Relaxed),
+        }
+    }
+
     async fn send(
         &self,
         command: &str,
         arguments: Option<Value>,
         fd: Option<BorrowedFd<'_>>,
     ) -> Result<Value, QmpError> {
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut message = Map::new();
-        message.insert("execute".into(), json!(command));
-        if let Some(args) = arguments.filter(|a| !a.is_null()) {
-            message.insert("arguments".into(), args);
-        }
-        message.insert("id".into(), json!(id));
-        let mut line = serde_json::to_vec(&message).expect("a JSON map always serialises");
-        line.push(b'\n');
+        let mut results = self.send_all(vec![(command, arguments)], fd).await;
+        results.pop().expect("one result per command")
+    }
 
-        let (tx, rx) = oneshot::channel();
+    async fn send_all(
+        &self,
+        commands: Vec<(&str, Option<Value>)>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Vec<Result<Value, QmpError>> {
+        let count = commands.len() as u64;
+        let first = self.shared.next_id.fetch_add(count, Ordering::Relaxed);
+        let names: Vec<String> = commands.iter().map(|(c, _)| c.to_string()).collect();
+        let fail_all = |e: &QmpError| -> Vec<Result<Value, QmpError>> {
+            names
+                .iter()
+                .map(|c| Err(e.clone().for_command(c)))
+                .collect()
+        };
+        let mut bytes = Vec::new();
+        let mut replies = Vec::with_capacity(commands.len());
         {
             let mut st = self.lock_state();
             if let Some(broken) = &st.broken {
-                return Err(broken.clone().for_command(command));
+                return fail_all(broken);
             }
-            st.pending.insert(
-                id,
-                Pending {
-                    command: command.to_string(),
-                    reply: tx,
-                },
-            );
+            for (id, (command, arguments)) in (first..).zip(commands) {
+                encode(&mut bytes, id, command, arguments);
+                let (tx, rx) = oneshot::channel();
+                st.pending.insert(
+                    id,
+                    Pending {
+                        command: command.to_string(),
+                        reply: tx,
+                    },
+                );
+                replies.push(rx);
+            }
         }
-        // Forget the id however this ends (reply, error, timeout, or the caller dropping us).
+        // Forget the ids however this ends (replies, error, timeout, or the caller dropping
+        // us).
         let _forget = ForgetOnDrop {
             state: &self.shared.state,
-            id,
+            ids: first..first + count,
+        };
+        // QEMU keeps a passed descriptor until a command takes it, and a second one arriving
+        // first replaces (closes) it: one exchange carrying a descriptor at a time.
+        let _gate = match fd {
+            Some(_) => Some(self.shared.fd_gate.lock().await),
+            None => None,
         };
         let exchange = async {
             let written = self
@@ -328,8 +392,12 @@ impl Qmp {
                 .writer
                 .lock()
                 .await
-                .write_message(&line, fd)
+                .write_message(&bytes, fd)
                 .await;
+            self.shared.writes.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .commands_sent
+                .fetch_add(count, Ordering::Relaxed);
             if let Err(e) = written {
                 // A write error on a closed socket usually races the reader seeing the end;
                 // prefer its clearer account when it has one.
@@ -344,26 +412,34 @@ impl Qmp {
                         source: std::sync::Arc::new(e),
                     }
                 };
-                return Err(self.broken_or(fallback).for_command(command));
+                return fail_all(&self.broken_or(fallback));
             }
-            match rx.await {
-                Ok(result) => result,
-                Err(_) => Err(self
-                    .broken_or(QmpError::Closed {
-                        command: None,
-                        partial: None,
-                    })
-                    .for_command(command)),
+            let mut results = Vec::with_capacity(replies.len());
+            for (rx, command) in replies.into_iter().zip(&names) {
+                results.push(match rx.await {
+                    Ok(result) => result,
+                    Err(_) => Err(self
+                        .broken_or(QmpError::Closed {
+                            command: None,
+                            partial: None,
+                        })
+                        .for_command(command)),
+                });
             }
+            results
         };
-        tokio::time::timeout(self.timeout, exchange)
-            .await
-            .unwrap_or_else(|_| {
-                Err(QmpError::Timeout {
-                    command: command.to_string(),
-                    seconds: self.timeout.as_secs_f64(),
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(results) => results,
+            Err(_) => names
+                .iter()
+                .map(|command| {
+                    Err(QmpError::Timeout {
+                        command: command.clone(),
+                        seconds: self.timeout.as_secs_f64(),
+                    })
                 })
-            })
+                .collect(),
+        }
     }
 
     fn broken_or(&self, fallback: QmpError) -> QmpError {
@@ -383,13 +459,48 @@ struct Deadlines {
 
 struct ForgetOnDrop<'a> {
     state: &'a Mutex<State>,
-    id: u64,
+    ids: std::ops::Range<u64>,
 }
 
 impl Drop for ForgetOnDrop<'_> {
     fn drop(&mut self) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.pending.remove(&self.id);
+        for id in self.ids.clone() {
+            st.pending.remove(&id);
+        }
+    }
+}
+
+/// Append `{"execute": command, "arguments": ..., "id": id}` and its line end to `bytes`.
+fn encode(bytes: &mut Vec<u8>, id: u64, command: &str, arguments: Option<Value>) {
+    let mut message = Map::new();
+    message.insert("execute".into(), json!(command));
+    if let Some(args) = arguments.filter(|a| !a.is_null()) {
+        message.insert("arguments".into(), args);
+    }
+    message.insert("id".into(), json!(id));
+    serde_json::to_writer(&mut *bytes, &message).expect("a JSON map always serialises");
+    bytes.push(b'\n');
+}
+
+/// What a connection has written so far ([`Qmp::sent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sent {
+    /// Commands written.
+    pub commands: u64,
+    /// Writes they went out in; each write then waits for its replies, so this counts
+    /// round trips.
+    pub writes: u64,
+}
+
+impl std::ops::Sub for Sent {
+    type Output = Sent;
+
+    fn sub(self, earlier: Sent) -> Sent {
+        Sent {
+            commands: self.commands - earlier.commands,
+            writes: self.writes - earlier.writes,
+        }
     }
 }
 
