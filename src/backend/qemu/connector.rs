@@ -45,6 +45,15 @@ impl VmConnector for QemuConnector {
                 ..QemuOptions::default()
             };
             let backend = QemuBackend::connect_as(name, qmp, options).await?;
+            // Its USB buses now, so no attach has to walk QOM for them. A VM that cannot
+            // answer this will fail its attaches too; they list again.
+            if let Err(e) = backend.learn_buses().await {
+                tracing::debug!(
+                    vm = name,
+                    "listing the USB buses at connect: {}",
+                    crate::error_chain::one_line(&e)
+                );
+            }
             let mut events = backend.qmp().events();
             let closed = Box::pin(async move {
                 // Lagging behind is fine here: only the end of the stream matters.

@@ -1,5 +1,6 @@
 //! The VM's USB controllers and buses, found over QOM, and which bus a device of a given
-//! speed may go on.
+//! speed may go on. The backend lists them once per connection and keeps the list
+//! current ([`super::known_buses`]).
 //!
 //! Why name the bus at all: left to choose, QEMU 10.0 put a full-speed device on an EHCI
 //! bus, failed every port with "speed mismatch" and refused the device.
@@ -84,52 +85,87 @@ pub fn choose_bus(buses: &[VmUsbBus], speed: Option<Speed>) -> Option<&VmUsbBus>
         .min_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)))
 }
 
+/// One USB host controller of the VM, as listed: what [`buses_of`] turns into buses, kept
+/// by controller so that a `DEVICE_DELETED` naming it takes its buses away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmController {
+    /// Its QOM path (`/machine/peripheral/xhci`, `/machine/peripheral-anon/device[2]`), what
+    /// `DEVICE_DELETED` names it by.
+    pub path: String,
+    /// Its QOM type name (`qemu-xhci`).
+    pub type_name: String,
+    /// Its kind.
+    pub kind: VmControllerKind,
+    /// The buses it provides (`xhci.0`).
+    pub buses: Vec<String>,
+    /// For a UHCI/OHCI companion, the EHCI bus it serves (`masterbus`).
+    pub masterbus: Option<String>,
+}
+
 /// Every USB bus of the VM.
 pub async fn discover(qmp: &Qmp) -> Result<Vec<VmUsbBus>, QmpError> {
-    // Asked all at once: QEMU answers in turn, but we wait for one round trip, not many.
+    Ok(buses_of(&list_controllers(qmp).await?))
+}
+
+/// Every USB host controller of the VM, in two round trips: the containers, then each
+/// controller's properties (and a companion's `masterbus`) asked for all at once.
+pub async fn list_controllers(qmp: &Qmp) -> Result<Vec<VmController>, QmpError> {
     let containers = try_join_all(CONTAINERS.map(|c| qom::children(qmp, c))).await?;
-    let controllers: Vec<_> = containers
+    let found: Vec<_> = containers
         .into_iter()
         .flatten()
         .filter_map(|child| {
             VmControllerKind::from_type_name(&child.type_name).map(|kind| (child, kind))
         })
         .collect();
-    let properties = try_join_all(controllers.iter().map(|(c, _)| qom::list(qmp, &c.path))).await?;
-    let mut buses = Vec::new();
-    let mut companion_of = Vec::new();
-    for ((controller, kind), properties) in controllers.iter().zip(properties) {
-        for p in &properties {
-            if p.type_name == "child<usb-bus>" {
-                buses.push(VmUsbBus {
-                    name: p.name.clone(),
-                    kind: *kind,
-                    controller_type: controller.type_name.clone(),
-                    has_companions: false,
-                });
-            }
-        }
-        if properties.iter().any(|p| p.name == "masterbus") {
-            let master = qom::get_string(qmp, &controller.path, "masterbus").await?;
-            if !master.is_empty() {
-                companion_of.push(master);
-            }
-        }
-    }
-    for bus in &mut buses {
-        bus.has_companions = companion_of.contains(&bus.name);
-    }
-    Ok(buses)
+    let read = found.into_iter().map(|(child, kind)| async move {
+        let properties = qom::list(qmp, &child.path).await?;
+        let masterbus = match properties.iter().any(|p| p.name == "masterbus") {
+            true => Some(qom::get_string(qmp, &child.path, "masterbus").await?),
+            false => None,
+        };
+        Ok::<_, QmpError>(VmController {
+            buses: properties
+                .into_iter()
+                .filter(|p| p.type_name == "child<usb-bus>")
+                .map(|p| p.name)
+                .collect(),
+            masterbus: masterbus.filter(|m| !m.is_empty()),
+            path: child.path,
+            type_name: child.type_name,
+            kind,
+        })
+    });
+    try_join_all(read).await
+}
+
+/// The buses of `controllers`, an EHCI bus marked as having companions when a UHCI/OHCI
+/// names it as its `masterbus`.
+pub fn buses_of(controllers: &[VmController]) -> Vec<VmUsbBus> {
+    let companion_of: Vec<&str> = controllers
+        .iter()
+        .filter_map(|c| c.masterbus.as_deref())
+        .collect();
+    controllers
+        .iter()
+        .flat_map(|c| {
+            c.buses.iter().map(|name| VmUsbBus {
+                name: name.clone(),
+                kind: c.kind,
+                controller_type: c.type_name.clone(),
+                has_companions: companion_of.contains(&name.as_str()),
+            })
+        })
+        .collect()
 }
 
 /// The id usbroute gives a `qemu-xhci` it adds.
 pub const ADDED_CONTROLLER_ID: &str = "usbroute-xhci";
 
-/// Add a `qemu-xhci` (as Proxmox does for a VM without a USB controller) and return its
-/// bus name. Where: wherever QEMU puts it (a PC's root bus takes hotplug), else the first
+/// Add a `qemu-xhci` (as Proxmox does for a VM without a USB controller) and return it. Where: wherever QEMU puts it (a PC's root bus takes hotplug), else the first
 /// free hotpluggable PCI(e) slot (a q35's root bus does not take hotplug; its root ports
 /// and bridges do).
-pub async fn add_xhci(qmp: &Qmp) -> Result<String, AddControllerError> {
+pub async fn add_xhci(qmp: &Qmp) -> Result<VmController, AddControllerError> {
     let args = |bus: Option<&str>| {
         let mut a = json!({"driver": "qemu-xhci", "id": ADDED_CONTROLLER_ID});
         if let Some(bus) = bus {
@@ -138,19 +174,30 @@ pub async fn add_xhci(qmp: &Qmp) -> Result<String, AddControllerError> {
         Some(a)
     };
     let first = match qmp.execute("device_add", args(None)).await {
-        Ok(_) => return Ok(format!("{ADDED_CONTROLLER_ID}.0")),
+        Ok(_) => return Ok(added_xhci()),
         Err(QmpError::Command { desc, .. }) => desc,
         Err(e) => return Err(AddControllerError::Qmp(e)),
     };
     let mut tried = vec![format!("(QEMU's choice: {first})")];
     for bus in pci_buses(qmp).await.map_err(AddControllerError::Qmp)? {
         match qmp.execute("device_add", args(Some(&bus))).await {
-            Ok(_) => return Ok(format!("{ADDED_CONTROLLER_ID}.0")),
+            Ok(_) => return Ok(added_xhci()),
             Err(QmpError::Command { desc, .. }) => tried.push(format!("{bus}: {desc}")),
             Err(e) => return Err(AddControllerError::Qmp(e)),
         }
     }
     Err(AddControllerError::NoSlot { tried })
+}
+
+/// The `qemu-xhci` [`add_xhci`] adds, as a listing would show it.
+fn added_xhci() -> VmController {
+    VmController {
+        path: format!("/machine/peripheral/{ADDED_CONTROLLER_ID}"),
+        type_name: "qemu-xhci".to_string(),
+        kind: VmControllerKind::Xhci,
+        buses: vec![format!("{ADDED_CONTROLLER_ID}.0")],
+        masterbus: None,
+    }
 }
 
 /// Why no `qemu-xhci` could be added.
@@ -258,6 +305,33 @@ mod tests {
         assert_eq!(
             choose_bus(&without, Some(Speed(480.0))).map(|b| b.name.as_str()),
             Some("ehci.0")
+        );
+    }
+
+    #[test]
+    fn buses_of_marks_an_ehci_bus_that_a_companion_serves() {
+        let controller = |path: &str, bus: &str, kind, masterbus: Option<&str>| VmController {
+            path: path.into(),
+            type_name: path.into(),
+            kind,
+            buses: vec![bus.into()],
+            masterbus: masterbus.map(Into::into),
+        };
+        let listed = [
+            controller("ehci", "ehci.0", VmControllerKind::Ehci, None),
+            controller("uhci", "uhci.0", VmControllerKind::Uhci, Some("ehci.0")),
+            controller("lone", "lone.0", VmControllerKind::Ehci, None),
+        ];
+
+        let buses = buses_of(&listed);
+
+        let companions: Vec<(&str, bool)> = buses
+            .iter()
+            .map(|b| (b.name.as_str(), b.has_companions))
+            .collect();
+        assert_eq!(
+            companions,
+            [("ehci.0", true), ("uhci.0", false), ("lone.0", false)]
         );
     }
 

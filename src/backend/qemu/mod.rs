@@ -1,15 +1,19 @@
 //! The QEMU backend: usb-host devices attached, detached and listed over QMP.
 //!
-//! Attach names the bus (a controller that fits the device's speed, or a `qemu-xhci`
+//! Attach names the bus (a controller that fits the device's speed, chosen among the VM's
+//! buses listed once per connection and kept current, [`known_buses`]; or a `qemu-xhci`
 //! added first), gives the device the id of its [`crate::backend::AttachKey`] ([`ids`]:
-//! `usbroute-port-1-3`, read back into the key when listing) and, for an unprivileged QEMU, passes the device as an
-//! open file. Detach waits for `DEVICE_DELETED`. List reads QOM, never `info usb`.
+//! `usbroute-port-1-3`, read back into the key when listing), for an unprivileged QEMU
+//! passes the device as an open file, and sends its commands in one batch (`add.rs`).
+//! Detach waits for `DEVICE_DELETED`. List reads QOM, never `info usb`.
 
+mod add;
 pub mod connector;
 pub mod controllers;
 pub mod driver;
 pub mod fdpass;
 pub mod ids;
+pub mod known_buses;
 pub mod listing;
 mod presence;
 pub mod qmp;
@@ -29,6 +33,8 @@ use crate::sysfs::SysfsRoot;
 use serde_json::{json, Value};
 use std::os::fd::AsFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -94,6 +100,10 @@ pub struct QemuBackend {
     name: String,
     qmp: Qmp,
     options: QemuOptions,
+    /// The VM's USB controllers as this connection knows them.
+    known: Arc<known_buses::KnownBuses>,
+    /// How many files this connection has passed (for their fdset ids).
+    fdsets: Arc<AtomicU64>,
 }
 
 impl QemuBackend {
@@ -103,6 +113,8 @@ impl QemuBackend {
             name: name.into(),
             qmp,
             options,
+            known: Arc::default(),
+            fdsets: Arc::default(),
         }
     }
 
@@ -165,6 +177,11 @@ impl QemuBackend {
 
     /// Attach what `request` describes. Leaves no usb-host device and no passed file behind
     /// when it fails (a `qemu-xhci` added for it stays: see [`Attached::added_controller`]).
+    ///
+    /// One round trip to QEMU when the VM's buses are known ([`QemuBackend::learn_buses`]):
+    /// `add-fd`, `device_add`, `remove-fd` by address with a passed file, `device_add`
+    /// alone by address without, `device_add` and a read of `attached` by port or id
+    /// (`add.rs`). Whether the VM had the device already is asked only when QEMU refuses.
     pub async fn attach_request(&self, request: AttachRequest) -> Result<Attached, BackendError> {
         let AttachRequest { key, speed, what } = request;
         let (mode, id) = (key.mode(), ids::device_id(&key));
@@ -173,57 +190,38 @@ impl QemuBackend {
             .map_err(|reason| self.refused(format!("{what}: {reason}")))?;
         let notes: Vec<String> = fdpass::unprivileged_note(mode, peer).into_iter().collect();
 
-        if let Some(existing) = self.existing(&id).await? {
-            return Ok(Attached {
-                device: existing,
-                bus: String::new(),
-                added_controller: None,
-                fd_passed: false,
-                already_there: true,
-                notes,
-            });
-        }
         // Look at the host before touching the VM: an absent device then changes nothing
         // (not even a controller added for it, which on q35 the guest would have to release).
         let file = match &key {
             AttachKey::Address { bus, address } => {
-                self.check_node(&what, *bus, *address, pass_fd)?
+                match self.check_node(&what, *bus, *address, pass_fd) {
+                    Ok(file) => file,
+                    Err(e) => return self.already_there(&id, notes).await?.ok_or(e),
+                }
             }
             _ => None,
         };
 
         let (bus, added_controller) = self.bus_for(speed, &what).await?;
-        let mut arguments = usb_host::device_add_arguments(&key, &bus);
-
-        let mut fdset = None;
-        if let Some(file) = &file {
-            let added = self
-                .qmp
-                .execute_with_fd("add-fd", Some(json!({"opaque": id})), file.as_fd())
-                .await;
-            match added {
-                Ok(reply) => {
-                    let set = reply["fdset-id"].as_u64().ok_or_else(|| {
-                        self.refused(format!("`add-fd` answered {reply} without an fdset-id"))
-                    })?;
-                    // With `hostdevice` QEMU opens that path once and ignores hostbus and
-                    // hostaddr for the open; they stay set so listings show the address.
-                    arguments["hostdevice"] = json!(format!("/dev/fdset/{set}"));
-                    fdset = Some(set);
-                }
-                Err(e) => return Err(self.qmp_error(e)),
+        let fdset = file
+            .as_ref()
+            .map(|_| add::fdset_id(self.fdsets.fetch_add(1, Ordering::Relaxed)));
+        let confirm = mode != AttachMode::Address;
+        let arguments = usb_host::device_add_arguments(&key, &bus);
+        let commands = add::commands(arguments, &id, fdset, confirm);
+        let results = self
+            .qmp
+            .execute_batch(commands, file.as_ref().map(|f| f.as_fd()))
+            .await;
+        let outcome = add::Outcome::from_results(results, fdset.is_some(), confirm);
+        if let Err(e) = outcome.added() {
+            if let Some(there) = self.already_there(&id, notes).await? {
+                return Ok(there);
             }
-        }
-        let added = self.qmp.execute("device_add", Some(arguments)).await;
-        if let Some(set) = fdset {
-            // QEMU holds its own duplicate once the device is realized; the set itself is
-            // only the hand-over.
-            let _ = self
-                .qmp
-                .execute("remove-fd", Some(json!({"fdset-id": set})))
-                .await;
-        }
-        if let Err(e) = added {
+            if matches!(&e, QmpError::Command { desc, .. } if desc.contains(&format!("'{bus}'"))) {
+                // The bus went away unseen (an event missed): list again next time.
+                self.known.forget();
+            }
             let mut err = self.attach_error(e, &what, &key, fdset.is_some());
             if let (Some(id), BackendError::Refused { reason, .. }) = (&added_controller, &mut err)
             {
@@ -233,13 +231,17 @@ impl QemuBackend {
             }
             return Err(err);
         }
-        // QEMU has exactly the match properties just given; only `attached` is news.
-        let attached = qom::get(&self.qmp, &format!("/machine/peripheral/{id}"), "attached")
-            .await
-            .map_err(|e| self.qmp_error(e))?;
+        let attached = match outcome.attached {
+            // By address (or passed file) QEMU opened and attached it inside device_add.
+            None => true,
+            Some(read) => read
+                .map_err(|e| self.qmp_error(e))?
+                .as_bool()
+                .unwrap_or(false),
+        };
         let device = VmUsbDevice {
             id,
-            attached: attached.as_bool().unwrap_or(false),
+            attached,
             matcher: listing::match_of_key(&key),
             key: Some(key),
         };
@@ -251,6 +253,38 @@ impl QemuBackend {
             already_there: false,
             notes,
         })
+    }
+
+    /// The VM's USB buses as listed now; later attaches choose among them without asking
+    /// QEMU (kept current from its events: [`known_buses`]). The daemon calls this at
+    /// connect; otherwise the first attach does.
+    pub async fn learn_buses(&self) -> Result<Vec<controllers::VmUsbBus>, BackendError> {
+        self.known
+            .learn(&self.qmp)
+            .await
+            .map_err(|e| self.qmp_error(e))
+    }
+
+    /// The VM's USB buses as this connection knows them, `None` before they are listed
+    /// (or after they were forgotten).
+    pub fn known_buses(&self) -> Option<Vec<controllers::VmUsbBus>> {
+        self.known.buses()
+    }
+
+    /// What to answer when the VM turns out to have our device `id` already.
+    async fn already_there(
+        &self,
+        id: &str,
+        notes: Vec<String>,
+    ) -> Result<Option<Attached>, BackendError> {
+        Ok(self.existing(id).await?.map(|device| Attached {
+            device,
+            bus: String::new(),
+            added_controller: None,
+            fd_passed: false,
+            already_there: true,
+            notes,
+        }))
     }
 
     /// The device with id `id`, if the VM has it (one `qom-list`, no reads of the others).
@@ -267,21 +301,32 @@ impl QemuBackend {
             .map_err(|e| self.qmp_error(e))
     }
 
-    /// The bus for a device of `speed`, adding a `qemu-xhci` when none fits.
+    /// The bus for a device of `speed`, from the known buses; when none fits, the VM is
+    /// listed again (a controller added through another monitor sends no event), and a
+    /// `qemu-xhci` is added only when still none fits.
     async fn bus_for(
         &self,
         speed: Option<Speed>,
         what: &str,
     ) -> Result<(String, Option<String>), BackendError> {
-        let buses = controllers::discover(&self.qmp)
-            .await
-            .map_err(|e| self.qmp_error(e))?;
+        let known = self.known.buses();
+        if let Some(bus) = known
+            .as_deref()
+            .and_then(|b| controllers::choose_bus(b, speed))
+        {
+            return Ok((bus.name.clone(), None));
+        }
+        let buses = self.learn_buses().await?;
         if let Some(bus) = controllers::choose_bus(&buses, speed) {
             return Ok((bus.name.clone(), None));
         }
         tracing::info!(vm = %self.name, "no USB controller fits {what}; adding a qemu-xhci");
         match controllers::add_xhci(&self.qmp).await {
-            Ok(bus) => Ok((bus, Some(controllers::ADDED_CONTROLLER_ID.to_string()))),
+            Ok(controller) => {
+                let bus = controller.buses[0].clone();
+                self.known.added(controller);
+                Ok((bus, Some(controllers::ADDED_CONTROLLER_ID.to_string())))
+            }
             Err(controllers::AddControllerError::Qmp(e)) => Err(self.qmp_error(e)),
             Err(controllers::AddControllerError::NoSlot { tried }) => Err(self.refused(format!(
                 "no USB controller fits {what} ({}), and a qemu-xhci could not be added: {}; \
