@@ -12,4 +12,5 @@ mod backend_contract;
 mod qemu_backend;
 mod qemu_cli;
 mod qemu_qmp;
+mod qemu_round_trips;
 mod vfio_attach_qemu;

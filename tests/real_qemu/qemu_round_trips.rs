@@ -1,0 +1,275 @@
+//! What one attach costs in QMP, on a real `qemu-system-x86_64`: the commands QEMU
+//! received (its own trace, `handle_qmp_command`) and the writes usbroute made for them
+//! (`Qmp::sent`: each write waits for its replies, so writes are round trips). And the
+//! backend's known buses following a controller added behind its back.
+//!
+//! This host has no USB devices, so an attach by address ends in QEMU's refusal; what
+//! it sends up to that refusal is the whole of a successful attach (a refusal alone adds
+//! the check whether the VM had the device already).
+
+use crate::qemu_support;
+
+use qemu_support::{host_device, QemuGuard};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use usbroute::backend::qemu::qmp::{Qmp, Sent};
+use usbroute::backend::qemu::{FdPassing, QemuBackend, QemuOptions};
+use usbroute::backend::AttachMode;
+
+/// Generous for a loaded machine; every wait below ends as soon as its condition holds.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A q35 with a qemu-xhci whose QMP commands QEMU traces into a file.
+struct Traced {
+    qemu: QemuGuard,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Traced {
+    fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("qmp.trace");
+        let log_arg = log.display().to_string();
+        let mut args = vec!["-trace", "handle_qmp_command", "-D", &log_arg];
+        args.extend_from_slice(extra);
+        Traced {
+            qemu: QemuGuard::q35(&args),
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// The commands QEMU has received so far, by name, once it has received `last`.
+    fn commands_through(&self, last: usize) -> Vec<String> {
+        let started = Instant::now();
+        loop {
+            let names = received(&self.log);
+            if names.len() >= last || started.elapsed() > DEADLINE {
+                return names;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The `execute` of every request in QEMU's `handle_qmp_command` trace at `log`.
+fn received(log: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| line.split_once("req: "))
+        .filter_map(|(_, request)| serde_json::from_str::<Value>(request).ok())
+        .filter_map(|request| request["execute"].as_str().map(str::to_string))
+        .collect()
+}
+
+async fn connected(qemu: &QemuGuard, options: QemuOptions) -> QemuBackend {
+    let vm = QemuBackend::connect(qemu.socket(), options)
+        .await
+        .expect("connect");
+    vm.learn_buses().await.expect("buses listed");
+    vm
+}
+
+/// A root whose /dev/bus/usb has a node for bus 1 address 2 (a plain file).
+fn root_with_node() -> (tempfile::TempDir, usbroute::sysfs::SysfsRoot) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = dir.path().join("dev/bus/usb/001/002");
+    std::fs::create_dir_all(node.parent().unwrap()).expect("mkdir");
+    std::fs::write(&node, b"").expect("node");
+    let root = usbroute::sysfs::SysfsRoot::new(dir.path());
+    (dir, root)
+}
+
+#[tokio::test]
+async fn attach_by_address_with_a_passed_file_is_one_write_of_add_fd_device_add_remove_fd() {
+    let bed = Traced::start(&["-device", "qemu-xhci,id=xhci"]);
+    let (_dir, root) = root_with_node();
+    let options = QemuOptions {
+        root,
+        fd_passing: FdPassing::Always,
+        ..QemuOptions::default()
+    };
+    let vm = connected(&bed.qemu, options).await;
+    let before_names = bed.commands_through(0).len();
+    let before = vm.qmp().sent();
+    let device = host_device("1-1", 2, 0x046d, 0xc016, 12.0);
+
+    let err = vm
+        .attach_device(&device, AttachMode::Address)
+        .await
+        .unwrap_err();
+
+    let sent = vm.qmp().sent() - before;
+    let names = bed.commands_through(before_names + 4)[before_names..].to_vec();
+    assert!(
+        err.to_string().contains("could not use the passed file"),
+        "{err}"
+    );
+    // The attach: one write of three commands. QEMU's refusal then costs one more: was
+    // the device there already?
+    assert_eq!(names, ["add-fd", "device_add", "remove-fd", "qom-list"]);
+    assert_eq!(
+        sent,
+        Sent {
+            commands: 4,
+            writes: 2
+        }
+    );
+}
+
+#[tokio::test]
+async fn attach_by_port_is_one_write_of_device_add_and_the_read_of_attached() {
+    let bed = Traced::start(&["-device", "qemu-xhci,id=xhci"]);
+    let vm = connected(&bed.qemu, QemuOptions::default()).await;
+    let before_names = bed.commands_through(0).len();
+    let before = vm.qmp().sent();
+    let stick = host_device("2-4.1", 9, 0x0781, 0x5581, 480.0);
+
+    let attached = vm
+        .attach_device(&stick, AttachMode::Port)
+        .await
+        .expect("attach");
+
+    let sent = vm.qmp().sent() - before;
+    let names = bed.commands_through(before_names + 2)[before_names..].to_vec();
+    assert_eq!(attached.bus, "xhci.0");
+    assert!(!attached.device.attached, "no such device on this host");
+    assert_eq!(names, ["device_add", "qom-get"]);
+    assert_eq!(
+        sent,
+        Sent {
+            commands: 2,
+            writes: 1
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_batch_is_answered_in_order_and_a_failure_stops_nothing_after_it() {
+    let qemu = QemuGuard::machine_none();
+    let qmp = Qmp::connect(qemu.socket()).await.expect("connect");
+    let before = qmp.sent();
+
+    let results = qmp
+        .execute_batch(
+            vec![
+                ("query-status", None),
+                ("no-such-command", None),
+                ("query-name", None),
+            ],
+            None,
+        )
+        .await;
+
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[0].as_ref().expect("status")["status"], "prelaunch");
+    assert!(results[1].is_err(), "{:?}", results[1]);
+    assert_eq!(results[2].as_ref().expect("name"), &json!({}));
+    assert_eq!(
+        qmp.sent() - before,
+        Sent {
+            commands: 3,
+            writes: 1
+        }
+    );
+}
+
+#[tokio::test]
+async fn known_buses_find_a_controller_added_through_another_monitor_when_needed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let other = dir.path().join("other.qmp");
+    let other_arg = format!("unix:{},server=on,wait=off", other.display());
+    let qemu = QemuGuard::q35(&[
+        "-device",
+        "ich9-usb-ehci1,id=ehci",
+        "-device",
+        "pcie-root-port,id=rp1,chassis=1",
+        "-qmp",
+        &other_arg,
+    ]);
+    let vm = connected(&qemu, QemuOptions::default()).await;
+    let names = |buses: Option<Vec<usbroute::backend::qemu::controllers::VmUsbBus>>| {
+        let mut names: Vec<String> = buses
+            .unwrap_or_default()
+            .into_iter()
+            .map(|b| b.name)
+            .collect();
+        names.sort();
+        names
+    };
+    let at_connect = names(vm.known_buses());
+    // Another client adds a qemu-xhci: QEMU tells no monitor of a device added.
+    let admin = connect_when_ready(&other).await;
+    admin
+        .execute(
+            "device_add",
+            Some(json!({"driver": "qemu-xhci", "id": "x2", "bus": "rp1"})),
+        )
+        .await
+        .expect("qemu-xhci added");
+    let mouse = host_device("1-3", 7, 0x046d, 0xc016, 12.0);
+
+    // A full-speed device fits no EHCI without companions: the backend lists again and
+    // finds the new xHCI instead of adding one of its own.
+    let attached = vm
+        .attach_device(&mouse, AttachMode::Id)
+        .await
+        .expect("attach");
+    let before = vm.qmp().sent();
+    let stick = host_device("2-4.1", 9, 0x0781, 0x5581, 480.0);
+    let second = vm
+        .attach_device(&stick, AttachMode::Port)
+        .await
+        .expect("attach");
+
+    assert_eq!(at_connect, ["ehci.0"]);
+    assert_eq!(attached.bus, "x2.0");
+    assert_eq!(attached.added_controller, None);
+    assert_eq!(names(vm.known_buses()), ["ehci.0", "x2.0"]);
+    // Known now: the next attach asks nothing about buses.
+    assert_eq!(second.bus, "x2.0");
+    assert_eq!(
+        vm.qmp().sent() - before,
+        Sent {
+            commands: 2,
+            writes: 1
+        }
+    );
+}
+
+#[tokio::test]
+async fn known_buses_take_in_the_qemu_xhci_the_backend_adds() {
+    let qemu = QemuGuard::q35(&["-device", "pcie-root-port,id=rp1,chassis=1"]);
+    let vm = connected(&qemu, QemuOptions::default()).await;
+    let mouse = host_device("1-3", 7, 0x046d, 0xc016, 12.0);
+    let at_connect = vm.known_buses().expect("listed");
+
+    let attached = vm
+        .attach_device(&mouse, AttachMode::Id)
+        .await
+        .expect("attach");
+
+    assert!(at_connect.is_empty(), "{at_connect:?}");
+    assert_eq!(attached.added_controller.as_deref(), Some("usbroute-xhci"));
+    let known: Vec<String> = vm
+        .known_buses()
+        .expect("listed")
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    assert_eq!(known, ["usbroute-xhci.0"]);
+}
+
+/// A QMP connection to `socket` once QEMU serves it.
+async fn connect_when_ready(socket: &Path) -> Qmp {
+    let started = Instant::now();
+    loop {
+        match Qmp::connect(socket).await {
+            Ok(qmp) => return qmp,
+            Err(e) if started.elapsed() > DEADLINE => panic!("{}: {e}", socket.display()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
