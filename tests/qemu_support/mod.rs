@@ -203,3 +203,14 @@ pub async fn peripheral_ids(qmp: &usbroute::backend::qemu::qmp::Qmp) -> Vec<Stri
     ids.sort();
     ids
 }
+
+/// A root whose /dev/bus/usb has a node for bus 1 address 2 (a plain file: QEMU itself
+/// looks the device up through libusb, which finds nothing on this host).
+pub fn root_with_node() -> (tempfile::TempDir, usbroute::sysfs::SysfsRoot) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = dir.path().join("dev/bus/usb/001/002");
+    std::fs::create_dir_all(node.parent().unwrap()).expect("mkdir");
+    std::fs::write(&node, b"").expect("node");
+    let root = usbroute::sysfs::SysfsRoot::new(dir.path());
+    (dir, root)
+}

@@ -5,7 +5,7 @@
 use crate::qemu_support;
 
 use nix::sys::signal::Signal;
-use qemu_support::{host_device, peripheral_ids, QemuGuard};
+use qemu_support::{host_device, peripheral_ids, root_with_node, QemuGuard};
 use serde_json::json;
 use std::time::Duration;
 use usbroute::backend::qemu::qmp::Qmp;
@@ -137,17 +137,6 @@ async fn attach_by_address_of_absent_device_fails_and_leaves_nothing_behind() {
         "{text}"
     );
     assert_eq!(peripheral_ids(vm.qmp()).await, ["xhci"]);
-}
-
-/// A root whose /dev/bus/usb has a node for bus 1 address 2 (a plain file: QEMU itself
-/// looks the device up through libusb, which finds nothing on this host).
-fn root_with_node() -> (tempfile::TempDir, usbroute::sysfs::SysfsRoot) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let node = dir.path().join("dev/bus/usb/001/002");
-    std::fs::create_dir_all(node.parent().unwrap()).expect("mkdir");
-    std::fs::write(&node, b"").expect("node");
-    let root = usbroute::sysfs::SysfsRoot::new(dir.path());
-    (dir, root)
 }
 
 #[tokio::test]

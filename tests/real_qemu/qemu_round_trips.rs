@@ -9,7 +9,7 @@
 
 use crate::qemu_support;
 
-use qemu_support::{host_device, QemuGuard};
+use qemu_support::{host_device, root_with_node, QemuGuard};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -64,22 +64,17 @@ fn received(log: &Path) -> Vec<String> {
         .collect()
 }
 
+/// `commands` commands in `writes` writes.
+fn sent(commands: u64, writes: u64) -> Sent {
+    Sent { commands, writes }
+}
+
 async fn connected(qemu: &QemuGuard, options: QemuOptions) -> QemuBackend {
     let vm = QemuBackend::connect(qemu.socket(), options)
         .await
         .expect("connect");
     vm.learn_buses().await.expect("buses listed");
     vm
-}
-
-/// A root whose /dev/bus/usb has a node for bus 1 address 2 (a plain file).
-fn root_with_node() -> (tempfile::TempDir, usbroute::sysfs::SysfsRoot) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let node = dir.path().join("dev/bus/usb/001/002");
-    std::fs::create_dir_all(node.parent().unwrap()).expect("mkdir");
-    std::fs::write(&node, b"").expect("node");
-    let root = usbroute::sysfs::SysfsRoot::new(dir.path());
-    (dir, root)
 }
 
 #[tokio::test]
@@ -101,7 +96,7 @@ async fn attach_by_address_with_a_passed_file_is_one_write_of_add_fd_device_add_
         .await
         .unwrap_err();
 
-    let sent = vm.qmp().sent() - before;
+    let cost = vm.qmp().sent() - before;
     let names = bed.commands_through(before_names + 4)[before_names..].to_vec();
     assert!(
         err.to_string().contains("could not use the passed file"),
@@ -110,13 +105,7 @@ async fn attach_by_address_with_a_passed_file_is_one_write_of_add_fd_device_add_
     // The attach: one write of three commands. QEMU's refusal then costs one more: was
     // the device there already?
     assert_eq!(names, ["add-fd", "device_add", "remove-fd", "qom-list"]);
-    assert_eq!(
-        sent,
-        Sent {
-            commands: 4,
-            writes: 2
-        }
-    );
+    assert_eq!(cost, sent(4, 2));
 }
 
 #[tokio::test]
@@ -132,18 +121,12 @@ async fn attach_by_port_is_one_write_of_device_add_and_the_read_of_attached() {
         .await
         .expect("attach");
 
-    let sent = vm.qmp().sent() - before;
+    let cost = vm.qmp().sent() - before;
     let names = bed.commands_through(before_names + 2)[before_names..].to_vec();
     assert_eq!(attached.bus, "xhci.0");
     assert!(!attached.device.attached, "no such device on this host");
     assert_eq!(names, ["device_add", "qom-get"]);
-    assert_eq!(
-        sent,
-        Sent {
-            commands: 2,
-            writes: 1
-        }
-    );
+    assert_eq!(cost, sent(2, 1));
 }
 
 #[tokio::test]
@@ -167,13 +150,7 @@ async fn a_batch_is_answered_in_order_and_a_failure_stops_nothing_after_it() {
     assert_eq!(results[0].as_ref().expect("status")["status"], "prelaunch");
     assert!(results[1].is_err(), "{:?}", results[1]);
     assert_eq!(results[2].as_ref().expect("name"), &json!({}));
-    assert_eq!(
-        qmp.sent() - before,
-        Sent {
-            commands: 3,
-            writes: 1
-        }
-    );
+    assert_eq!(qmp.sent() - before, sent(3, 1));
 }
 
 #[tokio::test]
@@ -230,13 +207,7 @@ async fn known_buses_find_a_controller_added_through_another_monitor_when_needed
     assert_eq!(names(vm.known_buses()), ["ehci.0", "x2.0"]);
     // Known now: the next attach asks nothing about buses.
     assert_eq!(second.bus, "x2.0");
-    assert_eq!(
-        vm.qmp().sent() - before,
-        Sent {
-            commands: 2,
-            writes: 1
-        }
-    );
+    assert_eq!(vm.qmp().sent() - before, sent(2, 1));
 }
 
 #[tokio::test]
