@@ -4,8 +4,9 @@
 //! sample one full round trip:
 //! - `query-status`: the baseline, one command and its reply;
 //! - `device_add` + `device_del` + DEVICE_DELETED: the raw QMP work of attach and detach;
-//! - backend attach + detach: what `usbroute attach --by id` and `detach` do (listing,
-//!   controller discovery over QOM, device_add, read-back, device_del, wait for the event).
+//! - backend attach + detach: what `usbroute serve` does to attach by id and detach
+//!   (`device_add` and the read of `attached` in one write, on the buses the connection
+//!   listed when it was made; `device_del`, wait for the event).
 //!
 //! Run: `cargo bench --bench qmp` (`-- N` to set the attach sample count, default 200).
 //! Under `cargo test` (no `--bench` argument) it runs 3 samples as a smoke test.
@@ -38,6 +39,8 @@ async fn run(qemu: &QemuGuard, samples: usize) {
     let vm = QemuBackend::connect(qemu.socket(), QemuOptions::default())
         .await
         .expect("connect");
+    // As the daemon's connector does: the VM's buses are listed with the connection.
+    vm.learn_buses().await.expect("buses listed");
     let qmp = vm.qmp().clone();
     let mouse = host_device("1-3", 7, 0x046d, 0xc016, 12.0);
 
