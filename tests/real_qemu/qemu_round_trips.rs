@@ -13,6 +13,7 @@ use qemu_support::{host_device, root_with_node, QemuGuard};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use usbroute::backend::qemu::controllers::VmUsbBus;
 use usbroute::backend::qemu::qmp::{Qmp, Sent};
 use usbroute::backend::qemu::{FdPassing, QemuBackend, QemuOptions};
 use usbroute::backend::AttachMode;
@@ -167,16 +168,7 @@ async fn known_buses_find_a_controller_added_through_another_monitor_when_needed
         &other_arg,
     ]);
     let vm = connected(&qemu, QemuOptions::default()).await;
-    let names = |buses: Option<Vec<usbroute::backend::qemu::controllers::VmUsbBus>>| {
-        let mut names: Vec<String> = buses
-            .unwrap_or_default()
-            .into_iter()
-            .map(|b| b.name)
-            .collect();
-        names.sort();
-        names
-    };
-    let at_connect = names(vm.known_buses());
+    let at_connect = bus_names(vm.known_buses());
     // Another client adds a qemu-xhci: QEMU tells no monitor of a device added.
     let admin = connect_when_ready(&other).await;
     admin
@@ -204,10 +196,65 @@ async fn known_buses_find_a_controller_added_through_another_monitor_when_needed
     assert_eq!(at_connect, ["ehci.0"]);
     assert_eq!(attached.bus, "x2.0");
     assert_eq!(attached.added_controller, None);
-    assert_eq!(names(vm.known_buses()), ["ehci.0", "x2.0"]);
+    assert_eq!(bus_names(vm.known_buses()), ["ehci.0", "x2.0"]);
     // Known now: the next attach asks nothing about buses.
     assert_eq!(second.bus, "x2.0");
     assert_eq!(vm.qmp().sent() - before, sent(2, 1));
+}
+
+#[tokio::test]
+async fn an_attach_to_a_controller_gone_before_its_event_lists_again_and_goes_elsewhere() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let other = dir.path().join("other.qmp");
+    let other_arg = format!("unix:{},server=on,wait=off", other.display());
+    // Native PCIe hotplug instead of q35's ACPI one: a device hot-added to a root port of a
+    // paused VM sits in a powered-off slot, and device_del takes it out of QOM at once;
+    // QEMU 10.0 sends its DEVICE_DELETED only when it is finalized, which here is late.
+    let qemu = QemuGuard::q35(&[
+        "-global",
+        "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+        "-device",
+        "qemu-xhci,id=xhci",
+        "-device",
+        "pcie-root-port,id=rp1,chassis=1",
+        "-qmp",
+        &other_arg,
+    ]);
+    let vm = connected(&qemu, QemuOptions::default()).await;
+    let admin = connect_when_ready(&other).await;
+    admin
+        .execute(
+            "device_add",
+            Some(json!({"driver": "qemu-xhci", "id": "x2", "bus": "rp1"})),
+        )
+        .await
+        .expect("qemu-xhci added");
+    // As a reconnect would: now the backend knows x2.0, and prefers it (by name).
+    vm.learn_buses().await.expect("listed again");
+    let listed = bus_names(vm.known_buses());
+    admin
+        .execute("device_del", Some(json!({"id": "x2"})))
+        .await
+        .expect("device_del");
+    let started = Instant::now();
+    while qemu_support::peripheral_ids(&admin)
+        .await
+        .contains(&"x2".to_string())
+    {
+        assert!(started.elapsed() < DEADLINE, "x2 never left QOM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mouse = host_device("1-3", 7, 0x046d, 0xc016, 12.0);
+
+    let attached = vm
+        .attach_device(&mouse, AttachMode::Id)
+        .await
+        .expect("attach");
+
+    assert_eq!(listed, ["x2.0", "xhci.0"]);
+    assert_eq!(attached.bus, "xhci.0");
+    assert_eq!(attached.added_controller, None);
+    assert_eq!(bus_names(vm.known_buses()), ["xhci.0"]);
 }
 
 #[tokio::test]
@@ -231,6 +278,17 @@ async fn known_buses_take_in_the_qemu_xhci_the_backend_adds() {
         .map(|b| b.name)
         .collect();
     assert_eq!(known, ["usbroute-xhci.0"]);
+}
+
+/// The names of `buses`, sorted (none when not listed).
+fn bus_names(buses: Option<Vec<VmUsbBus>>) -> Vec<String> {
+    let mut names: Vec<String> = buses
+        .unwrap_or_default()
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    names.sort();
+    names
 }
 
 /// A QMP connection to `socket` once QEMU serves it.

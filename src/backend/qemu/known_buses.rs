@@ -5,9 +5,11 @@
 //! removes, a controller too, so a removal is seen whoever asked for it; a `qemu-xhci`
 //! this backend adds is put in directly. QEMU has no event for a device added: a
 //! controller added through another monitor is found when no known bus fits a device
-//! (the backend lists again before adding a controller of its own) or on reconnect. A
-//! subscriber that fell behind QEMU's events, or a `device_add` refused for its bus,
-//! forgets the list: the next attach lists again.
+//! (the backend lists again before adding a controller of its own) or on reconnect. And
+//! `DEVICE_DELETED` can be late: QEMU sends it when the device is finalized, not when it
+//! leaves QOM (QEMU 10.0, a `qemu-xhci` unplugged from a powered-off PCIe slot of a paused
+//! VM). So a `device_add` refused for its bus forgets the list and the attach is sent once
+//! more on a fresh one; a subscriber that fell behind QEMU's events forgets it too.
 
 use super::controllers::{self, VmController, VmUsbBus};
 use super::qmp::{Qmp, QmpError};

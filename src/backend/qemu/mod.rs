@@ -94,6 +94,14 @@ pub struct Attached {
     pub notes: Vec<String>,
 }
 
+/// What [`QemuBackend::send_attach`] sent and what QEMU answered.
+struct SentAttach {
+    bus: String,
+    added_controller: Option<String>,
+    fdset: Option<u64>,
+    outcome: add::Outcome,
+}
+
 /// One QEMU VM, reached over its QMP socket.
 #[derive(Debug, Clone)]
 pub struct QemuBackend {
@@ -202,25 +210,18 @@ impl QemuBackend {
             _ => None,
         };
 
-        let (bus, added_controller) = self.bus_for(speed, &what).await?;
-        let fdset = file
-            .as_ref()
-            .map(|_| add::fdset_id(self.fdsets.fetch_add(1, Ordering::Relaxed)));
         let confirm = mode != AttachMode::Address;
-        let arguments = usb_host::device_add_arguments(&key, &bus);
-        let commands = add::commands(arguments, &id, fdset, confirm);
-        let results = self
-            .qmp
-            .execute_batch(commands, file.as_ref().map(|f| f.as_fd()))
-            .await;
-        let outcome = add::Outcome::from_results(results, fdset.is_some(), confirm);
+        let SentAttach {
+            bus,
+            added_controller,
+            fdset,
+            outcome,
+        } = self
+            .send_attach(&key, speed, &what, file.as_ref(), confirm)
+            .await?;
         if let Err(e) = outcome.added() {
             if let Some(there) = self.already_there(&id, notes).await? {
                 return Ok(there);
-            }
-            if matches!(&e, QmpError::Command { desc, .. } if desc.contains(&format!("'{bus}'"))) {
-                // The bus went away unseen (an event missed): list again next time.
-                self.known.forget();
             }
             let mut err = self.attach_error(e, &what, &key, fdset.is_some());
             if let (Some(id), BackendError::Refused { reason, .. }) = (&added_controller, &mut err)
@@ -253,6 +254,51 @@ impl QemuBackend {
             already_there: false,
             notes,
         })
+    }
+
+    /// Choose the bus and send the attach's batch. A `device_add` refused because its bus
+    /// is gone is sent once more on a fresh listing: QEMU sends `DEVICE_DELETED` when a
+    /// removed controller is finalized, which can come well after its removal (seen on
+    /// QEMU 10.0: a `qemu-xhci` unplugged from a powered-off PCIe slot of a paused VM
+    /// left QOM at once, its event did not come).
+    async fn send_attach(
+        &self,
+        key: &AttachKey,
+        speed: Option<Speed>,
+        what: &str,
+        file: Option<&std::fs::File>,
+        confirm: bool,
+    ) -> Result<SentAttach, BackendError> {
+        let id = ids::device_id(key);
+        let mut listed_again = false;
+        loop {
+            let (bus, added_controller) = self.bus_for(speed, what).await?;
+            let fdset = file.map(|_| add::fdset_id(self.fdsets.fetch_add(1, Ordering::Relaxed)));
+            let arguments = usb_host::device_add_arguments(key, &bus);
+            let commands = add::commands(arguments, &id, fdset, confirm);
+            let results = self
+                .qmp
+                .execute_batch(commands, file.map(|f| f.as_fd()))
+                .await;
+            let outcome = add::Outcome::from_results(results, fdset.is_some(), confirm);
+            let bus_gone = matches!(
+                outcome.added(),
+                Err(QmpError::Command { desc, .. }) if desc.contains(&format!("'{bus}'"))
+            );
+            if bus_gone {
+                self.known.forget();
+                if !listed_again {
+                    listed_again = true;
+                    continue;
+                }
+            }
+            return Ok(SentAttach {
+                bus,
+                added_controller,
+                fdset,
+                outcome,
+            });
+        }
     }
 
     /// The VM's USB buses as listed now; later attaches choose among them without asking
