@@ -54,15 +54,20 @@ async fn run(qemu: &QemuGuard, samples: usize) {
     let mut status = Vec::new();
     let (mut raw_add, mut raw_del, mut raw) = (Vec::new(), Vec::new(), Vec::new());
     let (mut attach, mut detach, mut backend) = (Vec::new(), Vec::new(), Vec::new());
-    // Interleaved, so drift in machine load hits all alike.
+    // Interleaved, so drift in machine load hits all alike; each attach comes after the
+    // same five query-status round trips behind a detach, so both meet QEMU in the same
+    // state (the backend's attach used to follow the raw detach directly).
     for _ in 0..samples {
-        for _ in 0..10 {
+        for _ in 0..5 {
             status.push(query_status(&qmp).await);
         }
         let (a, d) = raw_attach_detach(&qmp).await;
         raw_add.push(a);
         raw_del.push(d);
         raw.push(a + d);
+        for _ in 0..5 {
+            status.push(query_status(&qmp).await);
+        }
         let (a, d) = backend_attach_detach(&vm, &mouse).await;
         attach.push(a);
         detach.push(d);
