@@ -156,28 +156,11 @@ async fn a_batch_is_answered_in_order_and_a_failure_stops_nothing_after_it() {
 
 #[tokio::test]
 async fn known_buses_find_a_controller_added_through_another_monitor_when_needed() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let other = dir.path().join("other.qmp");
-    let other_arg = format!("unix:{},server=on,wait=off", other.display());
-    let qemu = QemuGuard::q35(&[
-        "-device",
-        "ich9-usb-ehci1,id=ehci",
-        "-device",
-        "pcie-root-port,id=rp1,chassis=1",
-        "-qmp",
-        &other_arg,
-    ]);
-    let vm = connected(&qemu, QemuOptions::default()).await;
+    let bed = TwoMonitors::start(&["-device", "ich9-usb-ehci1,id=ehci"]).await;
+    let vm = connected(&bed.qemu, QemuOptions::default()).await;
     let at_connect = bus_names(vm.known_buses());
     // Another client adds a qemu-xhci: QEMU tells no monitor of a device added.
-    let admin = connect_when_ready(&other).await;
-    admin
-        .execute(
-            "device_add",
-            Some(json!({"driver": "qemu-xhci", "id": "x2", "bus": "rp1"})),
-        )
-        .await
-        .expect("qemu-xhci added");
+    bed.add_x2().await;
     let mouse = host_device("1-3", 7, 0x046d, 0xc016, 12.0);
 
     // A full-speed device fits no EHCI without companions: the backend lists again and
@@ -204,40 +187,27 @@ async fn known_buses_find_a_controller_added_through_another_monitor_when_needed
 
 #[tokio::test]
 async fn an_attach_to_a_controller_gone_before_its_event_lists_again_and_goes_elsewhere() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let other = dir.path().join("other.qmp");
-    let other_arg = format!("unix:{},server=on,wait=off", other.display());
     // Native PCIe hotplug instead of q35's ACPI one: a device hot-added to a root port of a
     // paused VM sits in a powered-off slot, and device_del takes it out of QOM at once;
     // QEMU 10.0 sends its DEVICE_DELETED only when it is finalized, which here is late.
-    let qemu = QemuGuard::q35(&[
+    let bed = TwoMonitors::start(&[
         "-global",
         "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
         "-device",
         "qemu-xhci,id=xhci",
-        "-device",
-        "pcie-root-port,id=rp1,chassis=1",
-        "-qmp",
-        &other_arg,
-    ]);
-    let vm = connected(&qemu, QemuOptions::default()).await;
-    let admin = connect_when_ready(&other).await;
-    admin
-        .execute(
-            "device_add",
-            Some(json!({"driver": "qemu-xhci", "id": "x2", "bus": "rp1"})),
-        )
-        .await
-        .expect("qemu-xhci added");
+    ])
+    .await;
+    let vm = connected(&bed.qemu, QemuOptions::default()).await;
+    bed.add_x2().await;
     // As a reconnect would: now the backend knows x2.0, and prefers it (by name).
     vm.learn_buses().await.expect("listed again");
     let listed = bus_names(vm.known_buses());
-    admin
+    bed.admin
         .execute("device_del", Some(json!({"id": "x2"})))
         .await
         .expect("device_del");
     let started = Instant::now();
-    while qemu_support::peripheral_ids(&admin)
+    while qemu_support::peripheral_ids(&bed.admin)
         .await
         .contains(&"x2".to_string())
     {
@@ -278,6 +248,47 @@ async fn known_buses_take_in_the_qemu_xhci_the_backend_adds() {
         .map(|b| b.name)
         .collect();
     assert_eq!(known, ["usbroute-xhci.0"]);
+}
+
+/// A q35 with a root port `rp1`, `extra`, and a second QMP monitor held by another
+/// client (`admin`), as a management tool beside usbroute would.
+struct TwoMonitors {
+    qemu: QemuGuard,
+    admin: Qmp,
+    _dir: tempfile::TempDir,
+}
+
+impl TwoMonitors {
+    async fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let other = dir.path().join("other.qmp");
+        let other_arg = format!("unix:{},server=on,wait=off", other.display());
+        let mut args = vec![
+            "-device",
+            "pcie-root-port,id=rp1,chassis=1",
+            "-qmp",
+            &other_arg,
+        ];
+        args.extend_from_slice(extra);
+        let qemu = QemuGuard::q35(&args);
+        let admin = connect_when_ready(&other).await;
+        TwoMonitors {
+            qemu,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    /// The other client adds a `qemu-xhci` `x2` (bus `x2.0`) on `rp1`.
+    async fn add_x2(&self) {
+        self.admin
+            .execute(
+                "device_add",
+                Some(json!({"driver": "qemu-xhci", "id": "x2", "bus": "rp1"})),
+            )
+            .await
+            .expect("qemu-xhci added");
+    }
 }
 
 /// The names of `buses`, sorted (none when not listed).
