@@ -495,8 +495,10 @@ async fn fd_passing_auto_hands_the_node_to_an_unprivileged_qemu() {
     assert!(err.to_string().contains("/dev/fdset/"), "{err}");
 }
 
+/// A root QEMU could open the node itself, but by bus and address it asks libusb, which
+/// may not know a device the kernel has just bound: the file passed needs no lookup.
 #[tokio::test]
-async fn fd_passing_auto_lets_a_root_qemu_open_the_node_itself() {
+async fn fd_passing_auto_passes_the_node_to_a_root_qemu_too_when_it_opens() {
     let qemu = QemuGuard::q35(&["-device", XHCI]);
     let (_dir, root) = root_with_node();
     let options = QemuOptions {
@@ -513,11 +515,7 @@ async fn fd_passing_auto_lets_a_root_qemu_open_the_node_itself() {
         .unwrap_err();
 
     assert_eq!(vm.qmp().peer().map(|p| p.uid), Some(0));
-    assert!(
-        err.to_string()
-            .contains("failed to find host usb device 1:2"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("/dev/fdset/"), "{err}");
 }
 
 #[tokio::test]

@@ -18,8 +18,11 @@ use std::path::PathBuf;
 #[serde(rename_all = "lowercase")]
 #[derive(clap::ValueEnum)]
 pub enum FdPassing {
-    /// When QEMU does not run as root (seen with SO_PEERCRED on the QMP socket) and the
-    /// device is attached by address.
+    /// By address: always when QEMU does not run as root (seen with SO_PEERCRED on the
+    /// QMP socket); when it does, whenever usbroute can open the node (else QEMU opens it).
+    /// A passed file needs no lookup: QEMU's own, by bus and address, asks libusb, which
+    /// hears of a new device only after udevd has handled it, so a `device_add` sent at
+    /// the kernel's `bind` can fail with "failed to find host usb device".
     #[default]
     Auto,
     /// Always (only possible by address).
@@ -28,23 +31,37 @@ pub enum FdPassing {
     Never,
 }
 
+/// Whether one attach passes the device as an open file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// No: QEMU opens the node itself.
+    No,
+    /// Yes: a node usbroute cannot open is an error.
+    Yes,
+    /// When usbroute can open the node; else QEMU opens it itself (it runs as root).
+    IfItOpens,
+}
+
 /// Should this attach pass an fd? `Err` says why it cannot when the user insisted.
 pub fn decide(
     policy: FdPassing,
     mode: AttachMode,
     qemu: Option<PeerCredentials>,
-) -> Result<bool, String> {
+) -> Result<Pass, String> {
     match (policy, mode) {
-        (FdPassing::Never, _) => Ok(false),
-        (FdPassing::Always, AttachMode::Address) => Ok(true),
+        (FdPassing::Never, _) => Ok(Pass::No),
+        (FdPassing::Always, AttachMode::Address) => Ok(Pass::Yes),
         (FdPassing::Always, _) => Err(format!(
             "fd passing works only when attaching by address: by {} QEMU reopens the device \
              on every re-plug itself, so it needs access to /dev/bus/usb; use --by address or \
              --fd-passing auto",
             mode_word(mode)
         )),
-        (FdPassing::Auto, AttachMode::Address) => Ok(qemu.is_some_and(|c| c.uid != 0)),
-        (FdPassing::Auto, _) => Ok(false),
+        (FdPassing::Auto, AttachMode::Address) => match qemu {
+            Some(c) if c.uid != 0 => Ok(Pass::Yes),
+            _ => Ok(Pass::IfItOpens),
+        },
+        (FdPassing::Auto, _) => Ok(Pass::No),
     }
 }
 
@@ -96,7 +113,7 @@ mod tests {
     }
 
     #[test]
-    fn decide_auto_passes_to_unprivileged_qemu_by_address_only() {
+    fn decide_auto_passes_by_address_only_and_to_a_root_qemu_when_the_node_opens() {
         let by_address = decide(FdPassing::Auto, AttachMode::Address, peer(1000));
         let by_port = decide(FdPassing::Auto, AttachMode::Port, peer(1000));
         let root_qemu = decide(FdPassing::Auto, AttachMode::Address, peer(0));
@@ -104,7 +121,12 @@ mod tests {
 
         assert_eq!(
             (by_address, by_port, root_qemu, unknown),
-            (Ok(true), Ok(false), Ok(false), Ok(false))
+            (
+                Ok(Pass::Yes),
+                Ok(Pass::No),
+                Ok(Pass::IfItOpens),
+                Ok(Pass::IfItOpens)
+            )
         );
     }
 

@@ -24,6 +24,7 @@ pub mod vfio_attach;
 
 pub use driver::{driver, QemuDriver};
 pub use fdpass::FdPassing;
+use fdpass::Pass;
 pub use presence::SLOW_RETRY;
 
 use crate::backend::qemu::qmp::{Qmp, QmpError};
@@ -194,8 +195,11 @@ impl QemuBackend {
         let AttachRequest { key, speed, what } = request;
         let (mode, id) = (key.mode(), ids::device_id(&key));
         let peer = self.qmp.peer();
-        let pass_fd = fdpass::decide(self.options.fd_passing, mode, peer)
+        let mut pass_fd = fdpass::decide(self.options.fd_passing, mode, peer)
             .map_err(|reason| self.refused(format!("{what}: {reason}")))?;
+        if pass_fd == Pass::IfItOpens && !self.qmp.can_pass_fds().await {
+            pass_fd = Pass::No; // QMP over a serial line or TCP: no SCM_RIGHTS
+        }
         let notes: Vec<String> = fdpass::unprivileged_note(mode, peer).into_iter().collect();
 
         // Look at the host before touching the VM: an absent device then changes nothing
@@ -390,13 +394,18 @@ impl QemuBackend {
         what: &str,
         bus: u8,
         address: u16,
-        pass_fd: bool,
+        pass_fd: Pass,
     ) -> Result<Option<std::fs::File>, BackendError> {
         let node = fdpass::device_node(&self.options.root, bus, address);
-        let opened = if pass_fd {
-            fdpass::open_device_node(&self.options.root, bus, address).map(Some)
-        } else {
-            std::fs::metadata(&node).map(|_| None)
+        let open = || fdpass::open_device_node(&self.options.root, bus, address).map(Some);
+        let exists = || std::fs::metadata(&node).map(|_| None);
+        let opened = match pass_fd {
+            Pass::No => exists(),
+            Pass::Yes => open(),
+            Pass::IfItOpens => match open() {
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => exists(),
+                other => other,
+            },
         };
         opened.map_err(|e| {
             let fix = match e.kind() {
