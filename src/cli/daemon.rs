@@ -16,6 +16,11 @@ pub struct ServeArgs {
     /// Log what would be done, do nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Hear uevents as datagrams in the kernel's format on a Unix socket bound at PATH
+    /// (senders of the daemon's own uid only) instead of the kernel's netlink socket:
+    /// for benches and tests that run the daemon on a recorded host (`--sysfs-root`).
+    #[arg(long, value_name = "PATH", hide = true)]
+    pub uevent_socket: Option<PathBuf>,
 }
 
 /// `usbroute status`.
@@ -49,7 +54,10 @@ pub(super) fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
         root: g.root(),
         dry_run: a.dry_run,
         drivers: crate::backend::drivers(g.root()),
-        uevents: true,
+        uevents: match a.uevent_socket {
+            Some(path) => crate::events::UeventFeed::Socket(path),
+            None => crate::events::UeventFeed::Kernel,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -14,7 +14,7 @@ use crate::engine::coordinator::{
     self as engine, EngineHandle, EngineOptions, Input as EngineInput,
 };
 use crate::engine::{ControllerConfig, VfioControllers};
-use crate::events::{Received, Trigger, UeventSocket};
+use crate::events::{Received, Trigger, UeventFeed, UeventSource};
 use crate::inventory::{self, ScanFailed, Snapshot};
 use crate::sysfs::SysfsRoot;
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,8 +35,9 @@ pub struct DaemonOptions {
     /// The hypervisor drivers: each VM's presence comes from the driver of its kind
     /// ([`crate::backend::drivers`]; tests register fakes).
     pub drivers: Drivers,
-    /// Listen to kernel uevents (off only in benches that feed events themselves).
-    pub uevents: bool,
+    /// Which uevents to listen to: the kernel's (`serve`), a socket's (`serve
+    /// --uevent-socket`, benches and tests on a recorded host), or none.
+    pub uevents: UeventFeed,
 }
 
 /// The daemon could not start.
@@ -106,7 +107,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         .map(ControlGroup::lookup)
         .transpose()?;
     let server = ControlServer::bind(&socket, group)?;
-    let uevents = options.uevents.then(UeventSocket::open).transpose()?;
+    let uevents = options.uevents.open()?;
     let (engine, _engine_task) = engine::spawn_with_controllers(
         EngineOptions {
             dry_run: options.dry_run,
@@ -186,7 +187,7 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 
 /// Read uevents, log each, and note what the ones that matter ask of the picture
 /// ([`Changes`]: the devices to read again, coalesced, or a full scan after a resync).
-async fn listen_uevents(mut sock: UeventSocket, changes: Arc<Changes>, routing: RoutingHooks) {
+async fn listen_uevents(mut sock: UeventSource, changes: Arc<Changes>, routing: RoutingHooks) {
     loop {
         match sock.recv().await {
             Received::Event(ev) => {
@@ -214,7 +215,7 @@ async fn listen_uevents(mut sock: UeventSocket, changes: Arc<Changes>, routing: 
             }
             // The reason quotes the datagram's header: escape what it may carry.
             Received::Rejected { reason } => tracing::warn!(
-                "ignored a netlink datagram: {}",
+                "ignored a uevent datagram: {}",
                 crate::inventory::text::escaped(&reason)
             ),
         }

@@ -249,7 +249,7 @@ mod tests {
             root: crate::sysfs::SysfsRoot::new(fixture),
             dry_run: false,
             drivers: Drivers::new(vec![driver.clone()]),
-            uevents: false,
+            uevents: crate::events::UeventFeed::Off,
         };
         let daemon = tokio::spawn(crate::daemon::run(options));
 

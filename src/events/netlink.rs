@@ -59,6 +59,17 @@ pub enum EventsError {
     /// tokio could not register the socket.
     #[error("uevent netlink socket: cannot register with the async runtime: {0}")]
     Runtime(std::io::Error),
+    /// The uevent socket of `serve --uevent-socket` could not be set up.
+    #[error("uevent socket {}: {what} failed; choose a path in a directory the daemon can write, not in use by another daemon", path.display())]
+    Listener {
+        /// The socket path.
+        path: std::path::PathBuf,
+        /// What was tried.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// An open, bound uevent socket.
@@ -154,7 +165,7 @@ impl UeventSocket {
 
 /// Hand the socket to tokio's reactor.
 #[allow(unsafe_code)]
-fn register(fd: OwnedFd) -> Result<AsyncFd<OwnedFd>, EventsError> {
+pub(super) fn register(fd: OwnedFd) -> Result<AsyncFd<OwnedFd>, EventsError> {
     // SAFETY: an `OwnedFd` is an open descriptor that stays open, and always returns the
     // same number from `as_raw_fd`, for as long as it lives; the `AsyncFd` owns it.
     unsafe { AsyncFd::register(fd) }.map_err(|e| EventsError::Runtime(e.into()))

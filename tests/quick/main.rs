@@ -22,6 +22,7 @@ mod cli_pipe;
 mod crash_consistency;
 mod daemon_dry_run;
 mod daemon_serve;
+mod daemon_uevent_socket;
 mod fuzz_seeds;
 mod guest_recordings;
 mod inventory_cli;
