@@ -1,46 +1,130 @@
-//! The peers the daemon bench drives: a paused QEMU, `usbroute serve` as a process, the
-//! control socket by hand, and latency percentiles.
+//! The peers the daemon bench drives: paused QEMUs, `usbroute serve` as a process with
+//! its log read line by line as it comes, the control socket and QMP by hand, and
+//! latency percentiles.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// `usbroute serve` as a process (the release binary). Killed on drop.
-pub struct Daemon(pub Child);
+/// `usbroute serve` as a process, its stderr (the log, at
+/// the default verbosity) read by a thread that stamps each line as it arrives. Killed on
+/// drop.
+pub struct Daemon {
+    pub child: Child,
+    lines: mpsc::Receiver<(Instant, String)>,
+    /// Every line read so far, for the message of a wait that failed.
+    seen: Vec<String>,
+}
 
 impl Daemon {
-    pub fn start(config: &Path, sysfs: &Path, control: &Path) -> Daemon {
-        let child = Command::new(env!("CARGO_BIN_EXE_usbroute"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .arg("--sysfs-root")
-            .arg(sysfs)
+    /// Start `BINARY serve --control CONTROL` with `args` (config, sysfs root, ...),
+    /// without waiting for anything.
+    pub fn spawn(binary: &Path, control: &Path, args: &[&std::ffi::OsStr]) -> Daemon {
+        let mut child = Command::new(binary)
+            .arg("serve")
+            .args(args)
             .arg("--control")
             .arg(control)
             .stdin(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
-            .unwrap();
-        wait_for(Duration::from_secs(20), || {
-            UnixStream::connect(control).is_ok()
+            .expect("start usbroute serve");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
         });
-        Daemon(child)
+        Daemon {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Start it and wait until its control socket answers `status`.
+    pub fn start(binary: &Path, control: &Path, args: &[&std::ffi::OsStr]) -> Daemon {
+        let daemon = Daemon::spawn(binary, control, args);
+        wait_for(Duration::from_secs(30), "the daemon to answer status", || {
+            status(control).get("vms").is_some()
+        });
+        daemon
+    }
+
+    /// Read the log until a line satisfies `want`; when it arrived. Panics with the log
+    /// after `within`.
+    pub fn wait_line(&mut self, within: Duration, mut want: impl FnMut(&str) -> bool) -> Instant {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((at, line)) => {
+                    let hit = want(&line);
+                    self.seen.push(line);
+                    if hit {
+                        return at;
+                    }
+                }
+                Err(_) => panic!(
+                    "waited {within:?} for a line of the daemon's log; it said:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The daemon's resident set, kB.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.child.id())
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-pub fn wait_for(within: Duration, mut ok: impl FnMut() -> bool) {
+/// The `usbroute` binary built with this bench.
+pub fn usbroute() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_usbroute"))
+}
+
+/// Whether `line` of the daemon's log says an action `verb` (`attach`, `detach`) is done
+/// for the device QEMU calls `id` (`None`: any device): `INFO attach 1-2.1 (label) by
+/// Port done vm="serve" id="usbroute-port-1-2.1"`, logged when the VM confirmed it.
+pub fn done(line: &str, verb: &str, id: Option<&str>) -> bool {
+    line.contains(&format!("INFO {verb} "))
+        && line.contains(" done ")
+        && id.map_or(true, |id| line.contains(&format!("id=\"{id}\"")))
+}
+
+/// `VmRSS` of a process, kB (0 if it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:")
+                    .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// Poll `ok` every 20 ms until it holds; panics naming `what` after `within`.
+pub fn wait_for(within: Duration, what: &str, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !ok() {
-        assert!(Instant::now() < deadline, "waited {within:?}");
+        assert!(Instant::now() < deadline, "waited {within:?} for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -60,44 +144,42 @@ pub fn status(control: &Path) -> serde_json::Value {
     serde_json::from_str(&control_line(control, "{\"request\":\"status\"}")).unwrap_or_default()
 }
 
-/// A paused QEMU with an xHCI controller, serving QMP. Killed on drop.
+/// A small paused QEMU (`-S`, 32 MiB, no default devices) with one xHCI controller
+/// (`xhci.0`), serving QMP. Killed on drop.
 pub struct Qemu {
     pub child: Child,
     pub qmp: PathBuf,
 }
 
 impl Qemu {
+    /// Start it and wait for its QMP socket.
     pub fn start(qmp: &Path) -> Qemu {
+        let qemu = Qemu::spawn(qmp);
+        qemu.wait_ready();
+        qemu
+    }
+
+    /// Start it without waiting (start many, then [`Qemu::wait_ready`] each).
+    pub fn spawn(qmp: &Path) -> Qemu {
         let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-machine",
-                "q35",
-                "-accel",
-                "tcg",
-                "-S",
-                "-m",
-                "64",
-                "-nodefaults",
-                "-display",
-                "none",
-            ])
+            .args(["-machine", "q35", "-accel", "tcg", "-S", "-m", "32"])
+            .args(["-nodefaults", "-display", "none"])
             .args(["-device", "qemu-xhci,id=xhci", "-qmp"])
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
             .stdin(Stdio::null())
             .spawn()
             .expect("qemu-system-x86_64 (apt-get install qemu-system-x86)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(qmp).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "QEMU's QMP socket did not appear"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
         Qemu {
             child,
             qmp: qmp.to_path_buf(),
         }
+    }
+
+    /// Wait until its QMP socket accepts.
+    pub fn wait_ready(&self) {
+        wait_for(Duration::from_secs(60), "QEMU's QMP socket", || {
+            UnixStream::connect(&self.qmp).is_ok()
+        });
     }
 }
 
@@ -108,23 +190,59 @@ impl Drop for Qemu {
     }
 }
 
-/// Negotiate on `stream`, run each command and wait for its reply (events are skipped).
-pub fn qmp_commands(stream: UnixStream, commands: impl Iterator<Item = String>) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut writer = stream;
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    for cmd in std::iter::once("{\"execute\":\"qmp_capabilities\"}".to_string()).chain(commands) {
-        writer.write_all(cmd.as_bytes()).unwrap();
-        writer.write_all(b"\n").unwrap();
+/// A negotiated QMP connection, read line by line.
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    line: String,
+}
+
+impl Qmp {
+    /// Connect, read the greeting, negotiate.
+    pub fn connect(qmp: &Path) -> Qmp {
+        let stream = UnixStream::connect(qmp).expect("connect to QMP");
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+            line: String::new(),
+        };
+        // The greeting carries no "return": the first command's wait skips it.
+        qmp.command("{\"execute\":\"qmp_capabilities\"}");
+        qmp
+    }
+
+    /// Send one command (a JSON object on one line) and return its reply line (events
+    /// before it are skipped).
+    pub fn command(&mut self, command: &str) -> &str {
+        self.writer.write_all(command.as_bytes()).unwrap();
+        self.writer.write_all(b"\n").unwrap();
         loop {
-            line.clear();
-            reader.read_line(&mut line).unwrap();
-            if line.contains("\"return\"") || line.contains("\"error\"") {
-                break;
+            self.line.clear();
+            let n = self.reader.read_line(&mut self.line).unwrap();
+            assert!(n > 0, "QEMU closed the QMP connection");
+            if self.line.contains("\"return\"") || self.line.contains("\"error\"") {
+                return &self.line;
             }
         }
     }
+
+    /// [`Qmp::command`] that must succeed.
+    pub fn ok(&mut self, command: &str) {
+        let reply = self.command(command);
+        assert!(reply.contains("\"return\""), "{command}: {reply}");
+    }
+}
+
+/// `device_add` of a usb-host by port on `xhci.0`: what the daemon sends for a rule `by =
+/// "port"` (QEMU waits for such a device; it needs none on this host).
+pub fn device_add_by_port(id: &str, bus: u8, port: &str) -> String {
+    format!(
+        "{{\"execute\":\"device_add\",\"arguments\":{{\"driver\":\"usb-host\",\"bus\":\"xhci.0\",\"hostbus\":{bus},\"hostport\":\"{port}\",\"id\":\"{id}\"}}}}"
+    )
+}
+
+pub fn device_del(id: &str) -> String {
+    format!("{{\"execute\":\"device_del\",\"arguments\":{{\"id\":\"{id}\"}}}}")
 }
 
 /// Latency samples with their percentiles.
@@ -135,19 +253,27 @@ impl Percentiles {
         samples.sort();
         Percentiles(samples)
     }
+
+    /// The `q` quantile (nearest rank), µs.
     pub fn at(&self, q: f64) -> f64 {
         let i = ((self.0.len() as f64 - 1.0) * q).round() as usize;
         self.0[i].as_secs_f64() * 1e6
     }
+
     pub fn p50(&self) -> f64 {
         self.at(0.50)
     }
-    pub fn line(&self, name: &str) -> String {
-        format!(
-            "{name:<52} p50 {:>9.1} µs   p99 {:>9.1} µs   (n={})",
-            self.p50(),
-            self.at(0.99),
-            self.0.len()
-        )
+
+    pub fn p99(&self) -> f64 {
+        self.at(0.99)
+    }
+
+    /// `{"p50_us", "p99_us", "n"}`.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "p50_us": self.p50().round() as u64,
+            "p99_us": self.p99().round() as u64,
+            "n": self.0.len(),
+        })
     }
 }
