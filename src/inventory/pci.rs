@@ -60,7 +60,7 @@ fn read_controller(
     let group_link = a.link("iommu_group");
     let vendor_name = vendor_id.and_then(pci_vendor_name);
     let device_name = match (vendor_id, device_id) {
-        (Some(v), Some(d)) => pci_ids::Device::from_vid_pid(v.0, d.0).map(|d| d.name().to_string()),
+        (Some(v), Some(d)) => super::ids::pci_device(v.0, d.0).map(str::to_string),
         _ => None,
     };
     let iommu_group = group_link.and_then(|n| {
@@ -158,8 +158,7 @@ fn link_companions(controllers: &mut [Controller]) {
 }
 
 fn pci_vendor_name(id: HexId) -> Option<String> {
-    use pci_ids::FromId;
-    pci_ids::Vendor::from_id(id.0).map(|v| v.name().to_string())
+    super::ids::pci_vendor(id.0).map(str::to_string)
 }
 
 /// `0x0c0330` → 0x0c0330.

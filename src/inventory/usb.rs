@@ -327,12 +327,11 @@ fn class_triple(a: &mut Attrs, names: [&str; 3]) -> Option<ClassTriple> {
 
 /// Name fallbacks from the usb-ids database, for devices without the strings.
 fn usb_vendor_name(vendor: HexId) -> Option<String> {
-    use usb_ids::FromId;
-    usb_ids::Vendor::from_id(vendor.0).map(|v| v.name().to_string())
+    super::ids::usb_vendor(vendor.0).map(str::to_string)
 }
 
 fn usb_product_name(vendor: HexId, product: HexId) -> Option<String> {
-    usb_ids::Device::from_vid_pid(vendor.0, product.0).map(|d| d.name().to_string())
+    super::ids::usb_product(vendor.0, product.0).map(str::to_string)
 }
 
 /// The class devices below `dir` (`net/usb0`, `block/sda`), none if `dir` does not exist.

@@ -70,8 +70,9 @@ impl Member {
     /// Vendor and device name from the PCI id database, if known.
     pub fn product_name(&self) -> Option<String> {
         let (v, d) = (self.vendor_id?, self.device_id?);
-        let dev = pci_ids::Device::from_vid_pid(v.0, d.0)?;
-        Some(format!("{} {}", dev.vendor().name(), dev.name()))
+        let device = crate::inventory::ids::pci_device(v.0, d.0)?;
+        let vendor = crate::inventory::ids::pci_vendor(v.0)?;
+        Some(format!("{vendor} {device}"))
     }
 
     /// One line for people: `0000:00:1d.0 USB controller (UHCI), driver uhci_hcd`.
