@@ -59,8 +59,10 @@ pub(super) fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
             None => crate::events::UeventFeed::Kernel,
         },
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: the daemon waits on sockets almost always, and its work per event is
+    // small; worker threads cost their stacks and malloc arenas for the daemon's whole
+    // life (blocking work, vfio binds, goes to `spawn_blocking` threads while it lasts).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
