@@ -107,7 +107,14 @@ fn main() {
     .unwrap();
     println!("figures written to {}", path.display());
     if let Some(baseline) = std::env::var_os("USBROUTE_BENCH_BASELINE") {
-        compare_memory(Path::new(&baseline), dir.path(), vms, per_vm, &scale, idle_rss_kib);
+        compare_memory(
+            Path::new(&baseline),
+            dir.path(),
+            vms,
+            per_vm,
+            &scale,
+            idle_rss_kib,
+        );
     }
 }
 
@@ -266,18 +273,23 @@ fn socat_per_event(dir: &Path, qmp: &Path, n: usize) -> Percentiles {
     for i in 0..n {
         let id = format!("socat{i}");
         let t = Instant::now();
-        let status = Command::new("/bin/sh")
+        // Its exit status says little: socat fails when QEMU writes after the dialogue
+        // ended (EPIPE). The device_del below is the proof that it attached.
+        Command::new("/bin/sh")
             .arg(&script)
             .arg(qmp)
             .arg(&id)
+            .stderr(std::process::Stdio::null())
             .status()
-            .expect("sh (and socat: apt-get install socat)");
+            .expect("/bin/sh");
         samples.push(t.elapsed());
-        assert!(status.success(), "the socat script failed (is socat installed?)");
-        // Proof that it attached, and its port freed (a usb-host holds one even while it
-        // waits for its device): not timed, and on a connection of its own, since QEMU
-        // serves one client per monitor.
-        Qmp::connect(qmp).ok(&device_del(&id));
+        // Not timed, on a connection of its own (QEMU serves one client per monitor); it
+        // frees the xHCI port too (a usb-host holds one even while it waits for its device).
+        let reply = Qmp::connect(qmp).command(&device_del(&id)).to_string();
+        assert!(
+            reply.contains("\"return\""),
+            "the socat script did not attach {id} (is socat installed?): {reply}"
+        );
     }
     Percentiles::new(samples)
 }
@@ -334,7 +346,10 @@ fn through_daemon(dir: &Path, n: usize) -> (Percentiles, Percentiles) {
         );
         attaches.push(t.elapsed());
         assert!(reply.contains("confirmed by the VM"), "{reply}");
-        let reply = control_line(&control, "{\"request\":\"detach\",\"selector\":\"port:1-4\"}");
+        let reply = control_line(
+            &control,
+            "{\"request\":\"detach\",\"selector\":\"port:1-4\"}",
+        );
         assert!(reply.contains("\"done\""), "{reply}");
     }
     drop(daemon);

@@ -52,9 +52,11 @@ impl Daemon {
     /// Start it and wait until its control socket answers `status`.
     pub fn start(binary: &Path, control: &Path, args: &[&std::ffi::OsStr]) -> Daemon {
         let daemon = Daemon::spawn(binary, control, args);
-        wait_for(Duration::from_secs(30), "the daemon to answer status", || {
-            status(control).get("vms").is_some()
-        });
+        wait_for(
+            Duration::from_secs(30),
+            "the daemon to answer status",
+            || status(control).get("vms").is_some(),
+        );
         daemon
     }
 
