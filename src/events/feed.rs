@@ -14,9 +14,8 @@
 
 use super::netlink::{EventsError, Received, UeventSocket};
 use super::uevent::UEvent;
-use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, UnixAddr};
-use std::io::IoSliceMut;
-use std::os::fd::{AsRawFd, OwnedFd};
+use nix::sys::socket::{setsockopt, sockopt, UnixAddr};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -141,21 +140,10 @@ fn resync(path: &Path, e: &std::io::Error) -> Received {
     }
 }
 
-/// One non-blocking `recvmsg` with the sender's credentials.
+/// One non-blocking `recvmsg` with the sender's credentials, judged.
 fn read_one(fd: &OwnedFd, datagram: &mut [u8], own_uid: u32) -> std::io::Result<Received> {
-    let mut cmsg = nix::cmsg_space!(libc::ucred);
-    let mut iov = [IoSliceMut::new(datagram)];
-    let msg = recvmsg::<UnixAddr>(fd.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
-        .map_err(std::io::Error::from)?;
-    let uid = msg.cmsgs().ok().and_then(|mut c| {
-        c.find_map(|m| match m {
-            ControlMessageOwned::ScmCredentials(cred) => Some(cred.uid()),
-            _ => None,
-        })
-    });
-    let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
-    let len = msg.bytes;
-    Ok(judge(uid, own_uid, truncated, &datagram[..len]))
+    let (_, got) = super::netlink::read_with_credentials::<UnixAddr>(fd, datagram)?;
+    Ok(judge(got.uid, own_uid, got.truncated, &datagram[..got.len]))
 }
 
 /// Decide what a datagram on the uevent socket is, from its sender's uid (`None`: no

@@ -192,20 +192,49 @@ fn open_socket(receive_buffer: usize) -> Result<OwnedFd, EventsError> {
 
 /// One non-blocking `recvmsg`, checked: WouldBlock and other errors go up as io errors.
 fn read_one(fd: &OwnedFd, datagram: &mut [u8]) -> std::io::Result<Received> {
+    let (sender, got) = read_with_credentials::<NetlinkAddr>(fd, datagram)?;
+    let sender = sender.map(|a| a.pid());
+    Ok(classify(
+        sender,
+        got.uid,
+        got.truncated,
+        &datagram[..got.len],
+    ))
+}
+
+/// What one datagram read with its sender's credentials carried.
+pub(super) struct Credentialed {
+    /// The sender's uid from SCM_CREDENTIALS (`None`: none came with it).
+    pub(super) uid: Option<u32>,
+    /// The datagram was longer than the buffer.
+    pub(super) truncated: bool,
+    /// Bytes read into the buffer.
+    pub(super) len: usize,
+}
+
+/// One non-blocking `recvmsg` into `datagram` with room for SCM_CREDENTIALS (the socket
+/// has SO_PASSCRED): the sender's address and what came. Shared by the kernel's netlink
+/// socket and the benches' Unix one (`feed.rs`), which judge the sender differently.
+pub(super) fn read_with_credentials<A: nix::sys::socket::SockaddrLike>(
+    fd: &OwnedFd,
+    datagram: &mut [u8],
+) -> std::io::Result<(Option<A>, Credentialed)> {
     let mut cmsg = nix::cmsg_space!(libc::ucred);
     let mut iov = [IoSliceMut::new(datagram)];
-    let msg = recvmsg::<NetlinkAddr>(fd.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
+    let msg = recvmsg::<A>(fd.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
         .map_err(std::io::Error::from)?;
-    let sender = msg.address.map(|a| a.pid());
     let uid = msg.cmsgs().ok().and_then(|mut c| {
         c.find_map(|m| match m {
             ControlMessageOwned::ScmCredentials(cred) => Some(cred.uid()),
             _ => None,
         })
     });
-    let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
-    let len = msg.bytes;
-    Ok(classify(sender, uid, truncated, &datagram[..len]))
+    let got = Credentialed {
+        uid,
+        truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
+        len: msg.bytes,
+    };
+    Ok((msg.address, got))
 }
 
 /// Decide what a datagram is from its sender, credentials and bytes. Pure.
