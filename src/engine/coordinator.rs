@@ -19,7 +19,7 @@ use super::retry::RetryBook;
 use super::routing::worker::{RoutingInput, RoutingSlot};
 pub use super::status::Status;
 use super::unknown::{Policy, Unknowns};
-use super::vm_worker::{work, Job, Report, Worker};
+use super::vm_worker::{verb, work, Job, Report, Worker};
 use crate::backend::{BackendError, Capabilities, VmBackend};
 use crate::inventory::{Device, PciAddress, PortPath};
 use crate::policy::{plan, why, Override, PlanInput, Rule};
@@ -255,14 +255,11 @@ impl Coordinator {
                 Err(BackendError::Refused { .. }) => Outcome::Refused,
                 Err(_) => Outcome::Unknown,
             };
+            // Logged by the worker as each action returned (`vm_worker::work`).
             match result {
-                Ok(()) => {
-                    tracing::info!(vm = action.vm(), id, "{} done", verb(&action));
-                    self.retries.succeeded(&action);
-                }
+                Ok(()) => self.retries.succeeded(&action),
                 Err(e) => {
                     let error = crate::error_chain::one_line(&e);
-                    tracing::warn!(vm = action.vm(), id, %error, "{} failed", verb(&action));
                     self.retries.failed(&action, &id, error, now);
                 }
             }
@@ -478,15 +475,6 @@ impl Coordinator {
             .chain(graces)
             .filter(|at| *at > now)
             .min()
-    }
-}
-
-fn verb(action: &Action) -> String {
-    match action {
-        Action::Attach { device, mode, .. } => {
-            format!("attach {} ({}) by {mode:?}", device.port, device.label())
-        }
-        Action::Detach { .. } => "detach".to_string(),
     }
 }
 

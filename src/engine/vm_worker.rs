@@ -64,6 +64,16 @@ pub(super) async fn work(
                 }
                 Action::Detach { key, .. } => backend.detach(key).await,
             };
+            // Said now, when the VM answered, not after the list below (several round
+            // trips): "attach ... done" is the moment the device is the guest's.
+            let id = backend.device_id(action.key());
+            match &result {
+                Ok(()) => tracing::info!(vm = %vm, id, "{} done", verb(&action)),
+                Err(e) => {
+                    let error = crate::error_chain::one_line(e);
+                    tracing::warn!(vm = %vm, id, %error, "{} failed", verb(&action));
+                }
+            }
             results.push((action, result));
         }
         let list = backend.list().await;
@@ -76,5 +86,15 @@ pub(super) async fn work(
         if reports.send(report).is_err() {
             return;
         }
+    }
+}
+
+/// What an action does, for the log.
+pub(super) fn verb(action: &Action) -> String {
+    match action {
+        Action::Attach { device, mode, .. } => {
+            format!("attach {} ({}) by {mode:?}", device.port, device.label())
+        }
+        Action::Detach { .. } => "detach".to_string(),
     }
 }
