@@ -4,7 +4,8 @@
 //! QMP socket appearing; a rule naming a hub attaches nothing and `why` says why.
 //!
 //! QEMU gets two QMP monitors: one for the daemon, one the test reads through, so the test
-//! never competes with the daemon for a connection.
+//! never competes with the daemon for a connection. The CLI's commands against this bed
+//! are in `daemon_qemu_cli.rs`.
 
 use clap::Parser;
 use std::io::{BufRead, BufReader, Write};
@@ -20,7 +21,7 @@ use qemu_support::QemuAt;
 use serve_support::{wait_until, Serve};
 
 /// The ids usbroute derives for the two devices the rules pass.
-const EXPECTED: [&str; 2] = ["usbroute-id-46f4-0001", "usbroute-port-1-2.1"];
+pub(crate) const EXPECTED: [&str; 2] = ["usbroute-id-46f4-0001", "usbroute-port-1-2.1"];
 
 /// The recorded test-bed guest: a mouse at 1-2.1 (behind the hub 1-2), USB 3 storage at 2-3.
 const FIXTURE: &str = concat!(
@@ -28,12 +29,12 @@ const FIXTURE: &str = concat!(
     "/tests/fixtures/guest-xhci-ehci"
 );
 
-struct Bed {
+pub(crate) struct Bed {
     dir: tempfile::TempDir,
 }
 
 impl Bed {
-    fn new() -> Bed {
+    pub(crate) fn new() -> Bed {
         let bed = Bed {
             dir: tempfile::tempdir().unwrap(),
         };
@@ -41,12 +42,12 @@ impl Bed {
         bed
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
     /// The mouse by port, the USB 3 disk by id, and a rule naming the hub.
-    fn write_config(&self) {
+    pub(crate) fn write_config(&self) {
         let config = format!(
             "[[vm]]\nname = \"guest\"\nqmp = \"{}\"\n\n\
              [[rule]]\nvm = \"guest\"\nmatch = \"port:1-2.1\"\nby = \"port\"\n\n\
@@ -58,7 +59,7 @@ impl Bed {
     }
 
     /// Start QEMU without waiting for it.
-    fn spawn_qemu(&self) -> QemuAt {
+    pub(crate) fn spawn_qemu(&self) -> QemuAt {
         QemuAt::spawn(
             &[&self.path("guest.qmp"), &self.path("probe.qmp")],
             &[
@@ -73,7 +74,7 @@ impl Bed {
     }
 
     /// Start QEMU and wait until it serves QMP.
-    fn qemu(&self) -> QemuAt {
+    pub(crate) fn qemu(&self) -> QemuAt {
         let qemu = self.spawn_qemu();
         wait_until(Duration::from_secs(20), "QEMU's probe QMP socket", || {
             UnixStream::connect(self.path("probe.qmp")).is_ok()
@@ -82,22 +83,22 @@ impl Bed {
     }
 
     /// The daemon's VM is up and the daemon is at rest (`status.at_rest`).
-    fn at_rest(&self) -> bool {
+    pub(crate) fn at_rest(&self) -> bool {
         let status: serde_json::Value =
             serde_json::from_str(&self.cli(&["status", "--json"])).unwrap();
         status["vms"][0]["up"] == true && status["at_rest"] == true
     }
 
-    fn daemon(&self) -> Serve {
+    pub(crate) fn daemon(&self) -> Serve {
         self.daemon_with(&[])
     }
 
-    fn daemon_with(&self, extra: &[&str]) -> Serve {
+    pub(crate) fn daemon_with(&self, extra: &[&str]) -> Serve {
         self.daemon_on(Path::new(FIXTURE), extra)
     }
 
     /// The daemon reading sysfs under `sysfs` (a copy of the fixture a test may break).
-    fn daemon_on(&self, sysfs: &Path, extra: &[&str]) -> Serve {
+    pub(crate) fn daemon_on(&self, sysfs: &Path, extra: &[&str]) -> Serve {
         Serve::at(self.path("control.sock"))
             .args(&["-vv"])
             .args(extra)
@@ -106,18 +107,18 @@ impl Bed {
             .start()
     }
 
-    fn cli(&self, args: &[&str]) -> String {
+    pub(crate) fn cli(&self, args: &[&str]) -> String {
         serve_support::cli(&self.path("control.sock"), args)
     }
 
     /// `usbroute ARGS` that must fail: its stderr.
-    fn cli_fails(&self, args: &[&str]) -> String {
+    pub(crate) fn cli_fails(&self, args: &[&str]) -> String {
         serve_support::cli_fails(&self.path("control.sock"), args)
     }
 
     /// The usb-host ids QEMU has, read through the probe monitor (none while that
     /// monitor is not up yet, as right after a QEMU restart).
-    fn usb_hosts(&self) -> Vec<String> {
+    pub(crate) fn usb_hosts(&self) -> Vec<String> {
         let Ok(stream) = UnixStream::connect(self.path("probe.qmp")) else {
             return Vec::new();
         };
@@ -153,7 +154,7 @@ impl Bed {
         ids
     }
 
-    fn wait_for_hosts(&self, within: Duration) -> Duration {
+    pub(crate) fn wait_for_hosts(&self, within: Duration) -> Duration {
         let start = Instant::now();
         wait_until(within, "QEMU to have the expected usb-host devices", || {
             self.usb_hosts() == EXPECTED
@@ -441,110 +442,6 @@ fn manual_attach_without_by_takes_the_passing_rules_mode() {
         usbroute::daemon::Reply::done("1-2.1 attached to VM guest (confirmed by the VM)")
     );
     assert_eq!(bed.usb_hosts(), EXPECTED);
-}
-
-#[test]
-fn cli_attach_vm_goes_through_the_daemon_and_is_confirmed() {
-    let bed = Bed::new();
-    let _qemu = bed.qemu();
-    let _daemon = bed.daemon();
-    bed.wait_for_hosts(Duration::from_secs(15));
-
-    let out = bed.cli(&["attach", "port:1-4", "--vm", "guest", "--by", "port"]);
-
-    assert_eq!(out, "1-4 attached to VM guest (confirmed by the VM)\n");
-    assert!(
-        bed.usb_hosts().contains(&"usbroute-port-1-4".to_string()),
-        "{:?}",
-        bed.usb_hosts()
-    );
-}
-
-#[test]
-fn cli_attach_vm_takes_a_device_named_by_its_controller_anchored_port() {
-    let bed = Bed::new();
-    let _qemu = bed.qemu();
-    let _daemon = bed.daemon();
-    bed.wait_for_hosts(Duration::from_secs(15));
-
-    // 1-4 of the recording: socket 4 of the xHCI at 0000:00:03.0.
-    let out = bed.cli(&[
-        "attach",
-        "port:0000:00:03.0/4",
-        "--vm",
-        "guest",
-        "--by",
-        "port",
-    ]);
-
-    assert_eq!(out, "1-4 attached to VM guest (confirmed by the VM)\n");
-    assert!(
-        bed.usb_hosts().contains(&"usbroute-port-1-4".to_string()),
-        "{:?}",
-        bed.usb_hosts()
-    );
-}
-
-#[test]
-fn cli_detach_keeps_a_ruled_device_on_the_host_until_cleared() {
-    let bed = Bed::new();
-    let _qemu = bed.qemu();
-    let _daemon = bed.daemon();
-    bed.wait_for_hosts(Duration::from_secs(15));
-
-    bed.cli(&["detach", "port:1-2.1"]);
-    let detached = bed.usb_hosts();
-    bed.cli(&["detach", "port:1-2.1", "--clear"]);
-    wait_until(
-        Duration::from_secs(10),
-        "the rule to attach 1-2.1 again",
-        || bed.usb_hosts() == EXPECTED,
-    );
-
-    assert_eq!(detached, ["usbroute-id-46f4-0001"]);
-}
-
-/// Changed with issue 13 item 7: a `--qmp` form on a VM the daemon manages used to be
-/// refused; the daemon holds that monitor's one connection, so now the daemon does it,
-/// and `--force` talks to QEMU directly (and finds the monitor held).
-#[test]
-fn cli_qmp_forms_on_a_managed_vm_go_through_the_daemon_unless_forced() {
-    let bed = Bed::new();
-    let _qemu = bed.qemu();
-    let _daemon = bed.daemon();
-    bed.wait_for_hosts(Duration::from_secs(15));
-    let qmp = bed.path("guest.qmp");
-
-    let out = bed.cli(&[
-        "attach",
-        "port:1-4",
-        "--by",
-        "port",
-        "--qmp",
-        qmp.to_str().unwrap(),
-    ]);
-    let forced = bed.cli_fails(&[
-        "detach",
-        "port:1-2.1",
-        "--force",
-        "--qmp",
-        qmp.to_str().unwrap(),
-    ]);
-
-    assert!(out.starts_with("the usbroute daemon ("), "{out}");
-    assert!(out.contains("manages VM `guest`"), "{out}");
-    assert!(
-        out.ends_with("1-4 attached to VM guest (confirmed by the VM)\n"),
-        "{out}"
-    );
-    assert!(
-        forced.contains("is probably held by another client"),
-        "{forced}"
-    );
-    assert_eq!(
-        bed.usb_hosts(),
-        [EXPECTED[0], EXPECTED[1], "usbroute-port-1-4"]
-    );
 }
 
 #[test]

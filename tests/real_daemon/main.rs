@@ -20,5 +20,6 @@ mod daemon_controllers;
 mod daemon_idle;
 mod daemon_monitor;
 mod daemon_qemu;
+mod daemon_qemu_cli;
 mod daemon_uevents;
 mod daemon_vm_sockets;
