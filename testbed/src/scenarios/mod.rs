@@ -11,6 +11,7 @@ use std::pin::Pin;
 
 pub mod bench;
 mod bench_storm;
+mod bench_udev;
 mod daemon;
 mod follow;
 mod hotplug;
