@@ -26,8 +26,9 @@
 //! argument) every part runs a few iterations on 4 VMs × 4 devices, writing
 //! `target/bench/daemon-smoke.json` instead, so the bench stays working.
 //!
-//! `USBROUTE_BENCH_BASELINE=/path/to/usbroute` runs the memory parts (idle, scale) again
-//! with that binary (one built before a change) and prints both side by side.
+//! `USBROUTE_BENCH_BASELINE=/path/to/usbroute` runs the daemon's parts (uevent and
+//! control latency, idle, scale) again with that binary (one built before a change) and
+//! prints both side by side, with ratios.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -68,7 +69,8 @@ fn main() {
     let raw_device_add = raw_device_add(&raw_qemu.qmp, n);
     let socat_per_event = socat_per_event(dir.path(), &raw_qemu.qmp, n.min(200));
     drop(raw_qemu);
-    let (uevent_to_confirmed, control_attach_to_confirmed) = through_daemon(dir.path(), n);
+    let (uevent_to_confirmed, control_attach_to_confirmed) =
+        through_daemon(&peers::usbroute(), dir.path(), n);
     let scale = scale::run(&peers::usbroute(), vms, per_vm);
 
     let rows = [
@@ -107,43 +109,63 @@ fn main() {
     .unwrap();
     println!("figures written to {}", path.display());
     if let Some(baseline) = std::env::var_os("USBROUTE_BENCH_BASELINE") {
-        compare_memory(
+        let ours = (&uevent_to_confirmed, &control_attach_to_confirmed);
+        compare_baseline(
             Path::new(&baseline),
-            dir.path(),
-            vms,
-            per_vm,
+            &dir.path().join("baseline"),
+            (n, vms, per_vm),
+            ours,
             &scale,
             idle_rss_kib,
         );
     }
 }
 
-/// The memory parts again with another `usbroute` binary (`USBROUTE_BENCH_BASELINE`, say
-/// one built before a change), printed beside this build's figures of the same run.
-fn compare_memory(
+/// The daemon's parts again with another `usbroute` binary (`USBROUTE_BENCH_BASELINE`,
+/// say one built before a change), printed beside this build's figures of the same run.
+fn compare_baseline(
     baseline: &Path,
     dir: &Path,
-    vms: usize,
-    per_vm: usize,
+    (n, vms, per_vm): (usize, usize, usize),
+    (uevent, control): (&Percentiles, &Percentiles),
     scale: &scale::ScaleFigures,
     idle_rss_kib: u64,
 ) {
-    let idle = idle_rss(baseline, &dir.join("baseline"));
+    std::fs::create_dir_all(dir).unwrap();
+    let (their_uevent, their_control) = through_daemon(baseline, dir, n);
+    let idle = idle_rss(baseline, dir);
     let theirs = scale::run(baseline, vms, per_vm);
-    println!("memory, this build vs {}:", baseline.display());
+    println!("this build vs {} (p50 / p99 µs):", baseline.display());
+    for (name, ours, theirs) in [
+        ("uevent_to_confirmed", uevent, &their_uevent),
+        ("control_attach_to_confirmed", control, &their_control),
+    ] {
+        println!(
+            "  {name:<28} {:>8.1} / {:>8.1} vs {:>8.1} / {:>8.1} ({:.2}x / {:.2}x)",
+            ours.p50(),
+            ours.p99(),
+            theirs.p50(),
+            theirs.p99(),
+            ours.p50() / theirs.p50(),
+            ours.p99() / theirs.p99()
+        );
+    }
     println!(
         "  idle RSS {idle_rss_kib} KiB vs {idle} KiB ({:+} KiB)",
         idle_rss_kib as i64 - idle as i64
     );
     println!(
-        "  {} VMs x {} devices: RSS {} KiB vs {} KiB ({:+} KiB); placed {} ms vs {} ms",
+        "  {} VMs x {} devices: RSS {} KiB vs {} KiB ({:+} KiB); placed {} ms vs {} ms \
+         ({:.2}x vs {:.2}x their runs' bare clients)",
         scale.vms,
         scale.devices,
         scale.rss_kib,
         theirs.rss_kib,
         scale.rss_kib as i64 - theirs.rss_kib as i64,
         scale.placed.as_millis(),
-        theirs.placed.as_millis()
+        theirs.placed.as_millis(),
+        scale.placed.as_secs_f64() / scale.bare.as_secs_f64(),
+        theirs.placed.as_secs_f64() / theirs.bare.as_secs_f64()
     );
 }
 
@@ -299,7 +321,7 @@ fn socat_per_event(dir: &Path, qmp: &Path, n: usize) -> Percentiles {
 /// uevent input, each plug timed to its "attach done"; (2) `attach` of another device
 /// (1-4) over the control socket `n` times, timed to the reply, each detached again
 /// (not timed).
-fn through_daemon(dir: &Path, n: usize) -> (Percentiles, Percentiles) {
+fn through_daemon(usbroute: &Path, dir: &Path, n: usize) -> (Percentiles, Percentiles) {
     let qemu = Qemu::start(&dir.join("serve.qmp"));
     let mouse = uevents::RecordedDevice::copy(Path::new(FIXTURE), dir, "1-2.1");
     let config = dir.join("serve.toml");
@@ -314,7 +336,7 @@ fn through_daemon(dir: &Path, n: usize) -> (Percentiles, Percentiles) {
     let control = dir.join("serve.sock");
     let socket = dir.join("serve-uevents.sock");
     let mut daemon = Daemon::start(
-        &peers::usbroute(),
+        usbroute,
         &control,
         &[
             "--config".as_ref(),

@@ -3,9 +3,11 @@
 //! worker; the coordinator never awaits a backend.
 //!
 //! The daemon feeds [`Input`]s (from uevents, inotify, the control socket, SIGHUP) through
-//! an [`EngineHandle`] and reads [`Status`] from it. Every input leads to a new round.
-//! A device counts as attached only once the VM's own list shows it; an attach whose
-//! answer is lost counts as held (never as done) until a list says otherwise.
+//! an [`EngineHandle`] and reads [`Status`] from it. Every input leads to a new round
+//! (what is already waiting is taken in first: a burst costs one round). A worker reports
+//! a job's results as soon as the VM answered them, which settles a control request, and
+//! then the list that ends the job, which is the truth and brings the round. An attach
+//! whose answer is lost counts as held (never as done) until a list says otherwise.
 
 use super::controller_host::SharedControllerHost;
 use super::controllers::{owned_by_running, ControllerConfig, Groups};
@@ -19,8 +21,8 @@ use super::retry::RetryBook;
 use super::routing::worker::{RoutingInput, RoutingSlot};
 pub use super::status::Status;
 use super::unknown::{Policy, Unknowns};
-use super::vm_worker::{verb, work, Job, Report, Worker};
-use crate::backend::{BackendError, Capabilities, VmBackend};
+use super::vm_worker::{verb, work, Job, Report, Reported, Worker};
+use crate::backend::{BackendError, Capabilities, VmBackend, VmUsbDevice};
 use crate::inventory::{Device, PciAddress, PortPath};
 use crate::policy::{plan, why, Override, PlanInput, Rule};
 use std::collections::{BTreeMap, BTreeSet};
@@ -124,24 +126,55 @@ impl Coordinator {
     async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<Input>) {
         loop {
             let wake = self.next_wake().map(|at| self.start + at);
-            tokio::select! {
+            let mut round = tokio::select! {
                 input = inputs.recv() => match input {
-                    // Routing has its own reconciler: no device round for it.
-                    Some(Input::Routing(input)) => {
-                        self.forward_to_routing(input);
-                        continue;
-                    }
-                    Some(input) => self.handle_input(input),
+                    Some(input) => self.take(input),
                     None => break,
                 },
                 Some(report) = self.reports_rx.recv() => self.handle_report(report),
                 Some(done) = self.group_work.finished_batch() => {
                     self.group_work.record(done, self.options.dry_run);
+                    true
                 }
-                () = sleep_until(wake) => {}
+                () = sleep_until(wake) => true,
+            };
+            round |= self.take_waiting(&mut inputs);
+            if round {
+                self.round();
             }
-            self.round();
         }
+    }
+
+    /// Take in one input; whether a round must follow (routing has its own reconciler).
+    fn take(&mut self, input: Input) -> bool {
+        match input {
+            Input::Routing(input) => {
+                self.forward_to_routing(input);
+                false
+            }
+            input => {
+                self.handle_input(input);
+                true
+            }
+        }
+    }
+
+    /// Take in what is already waiting, so that a burst (64 VMs answering their first
+    /// lists at start) costs one round, not one each. Stops after a device change: the
+    /// follow bookkeeping compares each change with the plan of the round before it.
+    fn take_waiting(&mut self, inputs: &mut mpsc::UnboundedReceiver<Input>) -> bool {
+        let mut round = false;
+        while let Ok(report) = self.reports_rx.try_recv() {
+            round |= self.handle_report(report);
+        }
+        while let Ok(input) = inputs.try_recv() {
+            let devices = matches!(input, Input::Devices(_));
+            round |= self.take(input);
+            if devices {
+                break;
+            }
+        }
+        round
     }
 
     fn handle_input(&mut self, input: Input) {
@@ -229,6 +262,7 @@ impl Coordinator {
             backend,
             generation: self.generation,
             busy: true,
+            acting: false,
             holdings_unknown: true,
             up_since: self.now(),
             answering: false,
@@ -239,16 +273,35 @@ impl Coordinator {
         self.workers.insert(name, worker);
     }
 
-    fn handle_report(&mut self, report: Report) {
-        let now = self.now();
+    /// Take in a worker's report; whether a round must follow (results alone only
+    /// update the status: the list that follows them brings the round).
+    fn handle_report(&mut self, report: Report) -> bool {
         let Some(worker) = self.workers.get_mut(&report.vm) else {
-            return;
+            return false;
         };
         if worker.generation != report.generation {
-            return; // from a previous run of this VM
+            return false; // from a previous run of this VM
         }
-        worker.busy = false;
-        for (action, result) in report.results {
+        match report.body {
+            Reported::Results(results) => {
+                worker.acting = false;
+                self.take_results(&report.vm, results);
+                self.publish_outcomes();
+                false
+            }
+            Reported::Listed(list) => {
+                self.take_list(&report.vm, list);
+                true
+            }
+        }
+    }
+
+    fn take_results(&mut self, vm: &str, results: Vec<(Action, Result<(), BackendError>)>) {
+        let now = self.now();
+        let Some(worker) = self.workers.get(vm) else {
+            return;
+        };
+        for (action, result) in results {
             let id = worker.backend.device_id(action.key());
             let outcome = match &result {
                 Ok(()) => Outcome::Done,
@@ -265,23 +318,61 @@ impl Coordinator {
             }
             self.holdings.acted(&action, &id, outcome);
         }
-        match report.list {
+    }
+
+    fn take_list(&mut self, vm: &str, list: Result<Vec<VmUsbDevice>, BackendError>) {
+        let now = self.now();
+        let Some(worker) = self.workers.get_mut(vm) else {
+            return;
+        };
+        worker.busy = false;
+        match list {
             Ok(devices) => {
                 // Only an answered list makes its holdings known: a failed one says
                 // nothing about what it holds.
                 worker.holdings_unknown = false;
                 worker.answering = true;
                 worker.list_failures = 0;
-                self.unknowns.listed(&report.vm, &devices);
-                self.holdings.listed(&report.vm, devices);
+                self.unknowns.listed(vm, &devices);
+                self.holdings.listed(vm, devices);
             }
             Err(e) => {
                 worker.answering = false;
                 worker.list_failures += 1;
                 worker.relist_at = now + self.options.backoff.delay(worker.list_failures);
-                tracing::warn!(vm = %report.vm, error = %crate::error_chain::one_line(&e), "cannot read the VM's devices; its last known devices stay reserved");
+                tracing::warn!(vm = %vm, error = %crate::error_chain::one_line(&e), "cannot read the VM's devices; its last known devices stay reserved");
             }
         }
+    }
+
+    /// The VMs that answered their last list.
+    fn answering(&self) -> BTreeSet<String> {
+        self.workers
+            .iter()
+            .filter(|(_, w)| w.answering)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// The VMs whose actions are in flight.
+    fn acting(&self) -> BTreeSet<String> {
+        self.workers
+            .iter()
+            .filter(|(_, w)| w.acting)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Publish what a worker's results changed (holdings, retries) without a round.
+    fn publish_outcomes(&mut self) {
+        let vms = self.holdings.actual(&self.answering());
+        let pending: Vec<_> = self.retries.pending().cloned().collect();
+        let acting = self.acting();
+        self.status.send_modify(|s| {
+            s.vms = vms;
+            s.pending = pending;
+            s.acting = acting;
+        });
     }
 
     fn vms_up_and_owned(&self) -> (BTreeSet<String>, BTreeMap<PciAddress, String>) {
@@ -316,12 +407,7 @@ impl Coordinator {
             .next(&self.controllers.rules, &up, &self.controllers.vms);
         self.group_work.push(group_steps, self.options.dry_run);
         let desired = plan(&self.plan_input(&up, &owned));
-        let answering: BTreeSet<String> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.answering)
-            .map(|(n, _)| n.clone())
-            .collect();
+        let answering = self.answering();
         let actual = self.holdings.actual(&answering);
         let mut due = due_actions(&desired, &actual, &self.devices, &mut self.retries, now);
         self.add_renewals(&actual, &mut due);
@@ -371,6 +457,7 @@ impl Coordinator {
                 .filter(|(_, w)| w.busy)
                 .map(|(n, _)| n.clone())
                 .collect(),
+            acting: self.acting(),
             routing: None,
             controllers: self.group_work.outcomes(),
             rules: self.rules.clone(),
@@ -426,7 +513,9 @@ impl Coordinator {
                 }
                 tracing::info!(vm = %name, id, "{}", verb(a));
             }
+            let acting = !actions.is_empty();
             worker.busy = worker.jobs.send(Job { actions }).is_ok();
+            worker.acting = worker.busy && acting;
         }
     }
 

@@ -51,7 +51,10 @@ impl Holdings {
         let key = action.key();
         let is_this = |e: &VmUsbDevice| e.key.as_ref() == Some(key);
         match (action, outcome) {
-            (_, Outcome::Refused) => {}
+            // Nothing changed. An attach is sent only for a key the VM did not list, so
+            // the entry for it is the one put in while it was in flight: it goes.
+            (Action::Attach { .. }, Outcome::Refused) => list.retain(|e| !is_this(e)),
+            (Action::Detach { .. }, Outcome::Refused) => {}
             (Action::Attach { .. }, _) => {
                 if !list.iter().any(is_this) {
                     list.push(VmUsbDevice {

@@ -30,6 +30,9 @@ pub struct Status {
     /// VMs with work in flight (actions or a list). With none busy, nothing pending and
     /// every VM answering, the engine is at rest: the VMs hold what the plan wants.
     pub busy: BTreeSet<String>,
+    /// VMs with actions in flight whose answers have not come back (a subset of `busy`:
+    /// the list that follows them may still be under way).
+    pub acting: BTreeSet<String>,
     /// Port routing, when the daemon routes ports.
     pub routing: Option<RoutingStatus>,
     /// The last bind, restore or keep (in a dry run: its description) of each
@@ -148,13 +151,17 @@ impl Status {
             return None;
         }
         let decision = self.desired.devices.get(port)?;
-        // An attach in flight already shows as held (so no other VM gets the device); only
-        // once the VM is no longer busy has it listed the device itself.
+        // An attach in flight already shows as held (so no other VM gets the device); once
+        // the VM answered it, without a failure waiting for its retry (an answer lost is
+        // not a yes), the VM has it.
         let here = self.holder(device);
         match (to, &decision.placement) {
             (None, _) if here.is_none() => Some(Settled::OnHost),
             (Some((vm, _)), Placement::Vm { vm: planned, .. })
-                if planned == vm && here.as_deref() == Some(vm) && !self.busy.contains(vm) =>
+                if planned == vm
+                    && here.as_deref() == Some(vm)
+                    && !self.acting.contains(vm)
+                    && self.pending_for(device).is_none() =>
             {
                 Some(Settled::Attached { vm: vm.to_string() })
             }
@@ -305,7 +312,7 @@ mod tests {
     }
 
     #[test]
-    fn settled_attach_needs_the_vm_to_hold_it_and_be_done_listing() {
+    fn settled_attach_needs_the_vm_to_hold_it_and_to_have_answered() {
         let d = device("1-3", 5);
         let mut s = holding("win", vec![entry(key_of(AttachMode::Port, &d), true)]);
         plan(&mut s, &d, to_vm("win"), Reason::ManualAttach);
@@ -315,11 +322,13 @@ mod tests {
             force: false,
         };
         override_to(&mut s, &d, action);
+        s.acting.insert("win".into());
+        let in_flight = s.settled(&d, Some(("win", AttachMode::Port)));
+        s.acting.clear();
+        // Its answer came back; the list that follows may still be on its way.
         s.busy.insert("win".into());
-        let busy = s.settled(&d, Some(("win", AttachMode::Port)));
-        s.busy.clear();
 
-        assert_eq!(busy, None);
+        assert_eq!(in_flight, None);
         assert_eq!(
             s.settled(&d, Some(("win", AttachMode::Port))),
             Some(Settled::Attached { vm: "win".into() })
@@ -358,6 +367,36 @@ mod tests {
         assert_eq!(
             s.settled(&d, Some(("win", AttachMode::Port))),
             Some(Settled::Failed(failure))
+        );
+    }
+
+    #[test]
+    fn settled_attach_whose_answer_was_lost_is_a_failure_not_an_attach() {
+        // The attach timed out: it counts as held until a list says otherwise, and its
+        // retry waits. That is not the VM confirming it.
+        let d = device("1-3", 5);
+        let key = key_of(AttachMode::Port, &d);
+        let mut s = holding("win", vec![entry(key.clone(), true)]);
+        plan(&mut s, &d, to_vm("win"), Reason::ManualAttach);
+        let action = OverrideAction::Attach {
+            vm: "win".into(),
+            mode: AttachMode::Port,
+            force: false,
+        };
+        override_to(&mut s, &d, action);
+        let lost = Pending {
+            vm: "win".into(),
+            key,
+            id: "a handle of the backend's".into(),
+            failures: 1,
+            retry_at: Duration::ZERO,
+            last_error: "no answer within 10 s".into(),
+        };
+        s.pending.push(lost.clone());
+
+        assert_eq!(
+            s.settled(&d, Some(("win", AttachMode::Port))),
+            Some(Settled::Failed(lost))
         );
     }
 

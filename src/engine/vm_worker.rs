@@ -13,12 +13,22 @@ pub(super) struct Job {
     pub(super) actions: Vec<Action>,
 }
 
-/// A worker's answer: every action's result and a fresh list.
+/// A worker's answer to a job: first its actions' results (when it had actions), then a
+/// fresh list.
 pub(super) struct Report {
     pub(super) vm: String,
     pub(super) generation: u64,
-    pub(super) results: Vec<(Action, Result<(), BackendError>)>,
-    pub(super) list: Result<Vec<VmUsbDevice>, BackendError>,
+    pub(super) body: Reported,
+}
+
+/// What one [`Report`] carries.
+pub(super) enum Reported {
+    /// Every action of the job with the VM's answer, sent as soon as the last one
+    /// returned: a control request waiting on an attach need not wait for the list too
+    /// (several round trips).
+    Results(Vec<(Action, Result<(), BackendError>)>),
+    /// The list that ends every job: what the VM holds now. The worker is idle after it.
+    Listed(Result<Vec<VmUsbDevice>, BackendError>),
 }
 
 pub(super) struct Worker {
@@ -26,7 +36,10 @@ pub(super) struct Worker {
     /// The backend it works on; asked only what it calls a device (for status and logs).
     pub(super) backend: Arc<dyn VmBackend>,
     pub(super) generation: u64,
+    /// A job is in flight: it reports its list (after its results) before the next.
     pub(super) busy: bool,
+    /// The job in flight has actions whose results have not come back yet.
+    pub(super) acting: bool,
     /// No list has answered since it came up: it may hold anything.
     pub(super) holdings_unknown: bool,
     /// When it came up (engine clock).
@@ -76,14 +89,18 @@ pub(super) async fn work(
             }
             results.push((action, result));
         }
-        let list = backend.list().await;
-        let report = Report {
-            vm: vm.clone(),
-            generation,
-            results,
-            list,
+        let send = |body| {
+            let report = Report {
+                vm: vm.clone(),
+                generation,
+                body,
+            };
+            reports.send(report).is_ok()
         };
-        if reports.send(report).is_err() {
+        if !results.is_empty() && !send(Reported::Results(results)) {
+            return;
+        }
+        if !send(Reported::Listed(backend.list().await)) {
             return;
         }
     }

@@ -521,3 +521,76 @@ async fn a_backend_with_device_names_of_its_own_is_driven_by_key_alone() {
         vm.calls()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_attach_is_confirmed_when_the_vm_answers_it_not_after_the_list_behind_it() {
+    // A control request waits on `Status::settled`; the list each job ends with is several
+    // round trips more and must not hold the reply. Here that list never answers.
+    let host = FakeHost::new();
+    let a = host.start("a");
+    let d = device("1-1", 5);
+    let engine = start(&host, vec![], vec![d.clone()], &[backend(&a)], options());
+    let mut status = engine.status();
+    wait_for(&mut status, "a listed", |s| {
+        s.vms.get("a").is_some_and(|v| v.reachable) && s.busy.is_empty()
+    })
+    .await;
+    a.inject_on(Call::List, Fault::Hang);
+    let attach = usbroute::policy::Override {
+        address: Some(5),
+        action: usbroute::policy::OverrideAction::Attach {
+            vm: "a".into(),
+            mode: AttachMode::Address,
+            force: false,
+        },
+    };
+    engine.send(Input::Override {
+        port: "1-1".parse().expect("port"),
+        value: Some(attach),
+    });
+    let to = Some(("a", AttachMode::Address));
+    wait_for(&mut status, "the attach settled", |s| {
+        s.settled(&d, to).is_some()
+    })
+    .await;
+
+    let s = status.borrow().clone();
+    assert_eq!(
+        s.settled(&d, to),
+        Some(usbroute::engine::Settled::Attached { vm: "a".into() })
+    );
+    assert!(s.busy.contains("a"), "the list behind it is still out");
+    assert_eq!(a.ids(), vec!["usbroute-addr-1-5"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_attach_is_not_held_while_the_list_behind_it_is_out() {
+    // Between the results and the list, the engine's view is what the results said: a
+    // refused attach holds nothing, and its retry waits out its backoff.
+    let host = FakeHost::new();
+    let a = host.start("a");
+    let engine = start(
+        &host,
+        vec![rule(0, "port:1-1", "a")],
+        vec![],
+        &[backend(&a)],
+        options(),
+    );
+    let mut status = engine.status();
+    wait_for(&mut status, "a listed", |s| {
+        s.vms.get("a").is_some_and(|v| v.reachable) && s.busy.is_empty()
+    })
+    .await;
+    a.inject_on(Call::Attach, Fault::Refuse);
+    a.inject_on(Call::List, Fault::Hang);
+    plug(&host, &engine, vec![device("1-1", 5)]);
+    wait_for(&mut status, "the refusal is pending a retry", |s| {
+        !s.pending.is_empty()
+    })
+    .await;
+
+    let s = status.borrow().clone();
+    assert!(s.busy.contains("a") && s.acting.is_empty());
+    assert_eq!(s.holder(&device("1-1", 5)), None);
+    assert_eq!(s.pending[0].failures, 1);
+}

@@ -131,6 +131,38 @@ async fn attach_by_port_is_one_write_of_device_add_and_the_read_of_attached() {
 }
 
 #[tokio::test]
+async fn a_list_is_two_writes_however_many_devices_the_vm_has() {
+    // Three usb-host devices by port (two with an id, one without): both containers in
+    // one write, then six properties of each in one more.
+    let bed = Traced::start(&[
+        "-device",
+        "qemu-xhci,id=xhci",
+        "-device",
+        "usb-host,id=usbroute-port-1-3,hostbus=1,hostport=3",
+        "-device",
+        "usb-host,id=mine,hostbus=1,hostport=4",
+        "-device",
+        "usb-host,hostbus=2,hostport=1",
+    ]);
+    let vm = connected(&bed.qemu, QemuOptions::default()).await;
+    let before_names = bed.commands_through(0).len();
+    let before = vm.qmp().sent();
+
+    let listed = vm.list_devices().await.expect("list");
+
+    let cost = vm.qmp().sent() - before;
+    let names = bed.commands_through(before_names + 20)[before_names..].to_vec();
+    let ids: Vec<&str> = listed.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert_eq!(&ids[..2], ["mine", "usbroute-port-1-3"]);
+    assert!(ids[2].starts_with("/machine/peripheral-anon/"), "{ids:?}");
+    assert!(listed[1].key.is_some() && listed[0].key.is_none());
+    assert_eq!(names[..2], ["qom-list", "qom-list"]);
+    assert!(names[2..].iter().all(|n| n == "qom-get"), "{names:?}");
+    assert_eq!(cost, sent(20, 2));
+}
+
+#[tokio::test]
 async fn a_batch_is_answered_in_order_and_a_failure_stops_nothing_after_it() {
     let qemu = QemuGuard::machine_none();
     let qmp = Qmp::connect(qemu.socket()).await.expect("connect");

@@ -7,7 +7,6 @@ use super::qom;
 use crate::backend::qemu::qmp::{Qmp, QmpError};
 use crate::backend::{AttachKey, HostMatch, VmUsbDevice};
 use crate::inventory::HexId;
-use futures_util::future::try_join_all;
 use serde_json::Value;
 
 /// The usb-host properties read for each device.
@@ -28,14 +27,21 @@ pub const MAX_USB_HOSTS: usize = 256;
 
 /// Every usb-host device: those with an id (`/machine/peripheral`, listed by id) and those
 /// without (`/machine/peripheral-anon`, listed by QOM path, which `device_del` accepts too),
-/// sorted by id.
+/// sorted by id. Two round trips: both containers in one write, then every property of
+/// every device in one write.
 pub async fn usb_hosts(qmp: &Qmp) -> Result<Vec<VmUsbDevice>, QmpError> {
-    let mut found = Vec::new();
-    for (container, by_path) in [
+    const CONTAINERS: [(&str, bool); 2] = [
         ("/machine/peripheral", false),
         ("/machine/peripheral-anon", true),
-    ] {
-        for child in qom::children(qmp, container).await? {
+    ];
+    let lists = CONTAINERS
+        .iter()
+        .map(|(path, _)| ("qom-list", Some(qom::list_arguments(path))))
+        .collect();
+    let replies = qmp.execute_batch(lists, None).await;
+    let mut found = Vec::new();
+    for ((container, by_path), reply) in CONTAINERS.into_iter().zip(replies) {
+        for child in qom::children_in(container, qom::properties(&reply?)) {
             if child.type_name == "usb-host" {
                 let id = if by_path {
                     child.path.clone()
@@ -53,34 +59,64 @@ pub async fn usb_hosts(qmp: &Qmp) -> Result<Vec<VmUsbDevice>, QmpError> {
             limit: MAX_USB_HOSTS,
         });
     }
-    let mut devices =
-        try_join_all(found.into_iter().map(|(id, path)| read_one(qmp, id, path))).await?;
+    let mut devices = read_all(qmp, found).await?;
     // QOM lists in no particular order; by id (devices without one last) reads well and
     // stays the same from run to run.
     devices.sort_by(|a, b| (a.id.starts_with('/'), &a.id).cmp(&(b.id.starts_with('/'), &b.id)));
     Ok(devices)
 }
 
-/// One usb-host device at `path`; its properties are asked for all at once.
+/// One usb-host device at `path`, its properties asked for in one write.
 pub async fn read_one(qmp: &Qmp, id: String, path: String) -> Result<VmUsbDevice, QmpError> {
-    let values = try_join_all(PROPERTIES.iter().map(|p| qom::get(qmp, &path, p))).await?;
-    let [bus, address, port, vendor, product, attached] = values.as_slice() else {
-        unreachable!("one value per property asked for")
-    };
+    let mut read = read_all(qmp, vec![(id, path)]).await?;
+    Ok(read.pop().expect("one device read for one asked"))
+}
+
+/// The usb-host devices `(id, QOM path)`, every property of each asked for in one write.
+async fn read_all(qmp: &Qmp, found: Vec<(String, String)>) -> Result<Vec<VmUsbDevice>, QmpError> {
+    let gets = found
+        .iter()
+        .flat_map(|(_, path)| {
+            PROPERTIES
+                .iter()
+                .map(|p| ("qom-get", Some(qom::get_arguments(path, p))))
+        })
+        .collect();
+    let mut values = qmp.execute_batch(gets, None).await.into_iter();
+    let mut devices = Vec::with_capacity(found.len());
+    for (id, _) in found {
+        let mut next = || values.next().expect("one reply per command sent");
+        let [bus, address, port, vendor, product, attached] =
+            [next()?, next()?, next()?, next()?, next()?, next()?];
+        devices.push(device_from(
+            id,
+            [bus, address, port, vendor, product],
+            &attached,
+        ));
+    }
+    Ok(devices)
+}
+
+/// A usb-host device from its `PROPERTIES`' values (`attached` last).
+fn device_from(
+    id: String,
+    [bus, address, port, vendor, product]: [Value; 5],
+    attached: &Value,
+) -> VmUsbDevice {
     let number = |v: &Value| v.as_u64().unwrap_or(0);
     let matcher = match_from_properties(
-        number(bus),
-        number(address),
+        number(&bus),
+        number(&address),
         port.as_str().unwrap_or_default(),
-        number(vendor),
-        number(product),
+        number(&vendor),
+        number(&product),
     );
-    Ok(VmUsbDevice {
+    VmUsbDevice {
         key: super::ids::key_of(&id),
         attached: attached.as_bool().unwrap_or(false),
         matcher,
         id,
-    })
+    }
 }
 
 /// What a usb-host matches on, from its properties (0 and "" mean unset). A port wins over

@@ -25,10 +25,18 @@ pub struct Child {
 
 /// Every property of the object at `path`.
 pub async fn list(qmp: &Qmp, path: &str) -> Result<Vec<Property>, QmpError> {
-    let reply = qmp
-        .execute("qom-list", Some(json!({ "path": path })))
-        .await?;
-    Ok(reply
+    let reply = qmp.execute("qom-list", Some(list_arguments(path))).await?;
+    Ok(properties(&reply))
+}
+
+/// The arguments of a `qom-list` of `path` (to send in a batch).
+pub fn list_arguments(path: &str) -> Value {
+    json!({ "path": path })
+}
+
+/// The properties in a `qom-list` reply.
+pub fn properties(reply: &Value) -> Vec<Property> {
+    reply
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or_default()
@@ -39,13 +47,17 @@ pub async fn list(qmp: &Qmp, path: &str) -> Result<Vec<Property>, QmpError> {
                 type_name: p.get("type")?.as_str()?.to_string(),
             })
         })
-        .collect())
+        .collect()
 }
 
 /// Every child object of the container at `path`.
 pub async fn children(qmp: &Qmp, path: &str) -> Result<Vec<Child>, QmpError> {
-    Ok(list(qmp, path)
-        .await?
+    Ok(children_in(path, list(qmp, path).await?))
+}
+
+/// The child objects among `properties`, those of the container at `path`.
+pub fn children_in(path: &str, properties: Vec<Property>) -> Vec<Child> {
+    properties
         .into_iter()
         .filter_map(|p| {
             let type_name = p.type_name.strip_prefix("child<")?.strip_suffix('>')?;
@@ -55,16 +67,18 @@ pub async fn children(qmp: &Qmp, path: &str) -> Result<Vec<Child>, QmpError> {
                 name: p.name,
             })
         })
-        .collect())
+        .collect()
 }
 
 /// One property's value.
 pub async fn get(qmp: &Qmp, path: &str, property: &str) -> Result<Value, QmpError> {
-    qmp.execute(
-        "qom-get",
-        Some(json!({ "path": path, "property": property })),
-    )
-    .await
+    qmp.execute("qom-get", Some(get_arguments(path, property)))
+        .await
+}
+
+/// The arguments of a `qom-get` of `property` of `path` (to send in a batch).
+pub fn get_arguments(path: &str, property: &str) -> Value {
+    json!({ "path": path, "property": property })
 }
 
 /// One string property's value (empty if it is not a string).
