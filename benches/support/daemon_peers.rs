@@ -92,6 +92,21 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Where the time goes: `USBROUTE_BENCH_LOG=FILE RUST_LOG=usbroute=debug` keeps
+        // every daemon's log (timestamped to the microsecond) in FILE.
+        if let Some(path) = std::env::var_os("USBROUTE_BENCH_LOG") {
+            self.seen.extend(self.lines.try_iter().map(|(_, line)| line));
+            let mut text = self.seen.join("\n");
+            text.push('\n');
+            let appended = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
+            if let Err(e) = appended {
+                eprintln!("cannot keep the daemon's log in {path:?}: {e}");
+            }
+        }
     }
 }
 

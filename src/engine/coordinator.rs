@@ -5,9 +5,10 @@
 //! The daemon feeds [`Input`]s (from uevents, inotify, the control socket, SIGHUP) through
 //! an [`EngineHandle`] and reads [`Status`] from it. Every input leads to a new round
 //! (what is already waiting is taken in first: a burst costs one round). A worker reports
-//! a job's results as soon as the VM answered them, which settles a control request, and
-//! then the list that ends the job, which is the truth and brings the round. An attach
-//! whose answer is lost counts as held (never as done) until a list says otherwise.
+//! a job's results as soon as the VM answered them, which settles a control request. A
+//! job the VM said yes to throughout ends there; after a refusal or a lost answer the
+//! worker lists, and that list is the truth. An attach whose answer is lost counts as
+//! held (never as done) until a list says otherwise.
 
 use super::controller_host::SharedControllerHost;
 use super::controllers::{owned_by_running, ControllerConfig, Groups};
@@ -273,8 +274,8 @@ impl Coordinator {
         self.workers.insert(name, worker);
     }
 
-    /// Take in a worker's report; whether a round must follow (results alone only
-    /// update the status: the list that follows them brings the round).
+    /// Take in a worker's report; whether a round must follow (results a list will
+    /// follow only update the status: the list brings the round).
     fn handle_report(&mut self, report: Report) -> bool {
         let Some(worker) = self.workers.get_mut(&report.vm) else {
             return false;
@@ -283,11 +284,15 @@ impl Coordinator {
             return false; // from a previous run of this VM
         }
         match report.body {
-            Reported::Results(results) => {
+            Reported::Results { results, idle } => {
                 worker.acting = false;
+                worker.busy = !idle;
                 self.take_results(&report.vm, results);
-                self.publish_outcomes();
-                false
+                if !idle {
+                    self.publish_outcomes();
+                }
+                // An idle worker may have work waiting for it: that takes a round.
+                idle
             }
             Reported::Listed(list) => {
                 self.take_list(&report.vm, list);

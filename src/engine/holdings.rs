@@ -1,10 +1,11 @@
-//! What the engine believes each running VM holds. A VM's last answered `list` is the
-//! truth; between lists, an attach whose outcome is unknown (a timeout, a lost reply)
-//! counts as held, so that a VM that stops answering can never make the engine give the
-//! same device to a second VM. Pure data.
+//! What the engine believes each running VM holds: its last answered `list`, with the
+//! actions it confirmed since (a job the VM said yes to throughout is not followed by a
+//! list). An attach whose outcome is unknown (a timeout, a lost reply) counts as held
+//! until a list says otherwise, so that a VM that stops answering can never make the
+//! engine give the same device to a second VM. Pure data.
 
 use super::diff::{Action, Actual, VmView};
-use crate::backend::{HostMatch, VmUsbDevice};
+use crate::backend::VmUsbDevice;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// How an action ended, as far as holdings are concerned.
@@ -57,11 +58,13 @@ impl Holdings {
             (Action::Detach { .. }, Outcome::Refused) => {}
             (Action::Attach { .. }, _) => {
                 if !list.iter().any(is_this) {
+                    // What the VM's list would show for it (a list follows only a job
+                    // with a failure in it).
                     list.push(VmUsbDevice {
                         id: id.to_string(),
                         attached: true,
                         key: Some(key.clone()),
-                        matcher: HostMatch::Other {},
+                        matcher: key.host_match(),
                     });
                 }
             }

@@ -13,8 +13,8 @@ pub(super) struct Job {
     pub(super) actions: Vec<Action>,
 }
 
-/// A worker's answer to a job: first its actions' results (when it had actions), then a
-/// fresh list.
+/// A worker's answer to a job: its actions' results (when it had actions), then a fresh
+/// list unless every action succeeded.
 pub(super) struct Report {
     pub(super) vm: String,
     pub(super) generation: u64,
@@ -24,10 +24,18 @@ pub(super) struct Report {
 /// What one [`Report`] carries.
 pub(super) enum Reported {
     /// Every action of the job with the VM's answer, sent as soon as the last one
-    /// returned: a control request waiting on an attach need not wait for the list too
+    /// returned: a control request waiting on an attach need not wait for a list too
     /// (several round trips).
-    Results(Vec<(Action, Result<(), BackendError>)>),
-    /// The list that ends every job: what the VM holds now. The worker is idle after it.
+    Results {
+        results: Vec<(Action, Result<(), BackendError>)>,
+        /// Every answer was yes: no list follows and the worker is idle. The VM holds
+        /// what the engine now counts it holding (by address, `device_add` returning
+        /// means attached), and a list would only say so again, a few round trips later,
+        /// holding up the next job.
+        idle: bool,
+    },
+    /// The list that ends a job with a refusal or a lost answer in it (only a list tells
+    /// what the VM has then), and a job with no actions. The worker is idle after it.
     Listed(Result<Vec<VmUsbDevice>, BackendError>),
 }
 
@@ -36,7 +44,8 @@ pub(super) struct Worker {
     /// The backend it works on; asked only what it calls a device (for status and logs).
     pub(super) backend: Arc<dyn VmBackend>,
     pub(super) generation: u64,
-    /// A job is in flight: it reports its list (after its results) before the next.
+    /// A job is in flight: its last report (the list, or results that all succeeded)
+    /// has not come back.
     pub(super) busy: bool,
     /// The job in flight has actions whose results have not come back yet.
     pub(super) acting: bool,
@@ -52,7 +61,8 @@ pub(super) struct Worker {
     pub(super) renew: bool,
 }
 
-/// One VM's worker: runs its jobs one after another, then lists.
+/// One VM's worker: runs its jobs one after another, each followed by a list unless the
+/// VM said yes to every action of it.
 pub(super) async fn work(
     vm: String,
     generation: u64,
@@ -97,10 +107,11 @@ pub(super) async fn work(
             };
             reports.send(report).is_ok()
         };
-        if !results.is_empty() && !send(Reported::Results(results)) {
+        let idle = !results.is_empty() && results.iter().all(|(_, r)| r.is_ok());
+        if !results.is_empty() && !send(Reported::Results { results, idle }) {
             return;
         }
-        if !send(Reported::Listed(backend.list().await)) {
+        if !idle && !send(Reported::Listed(backend.list().await)) {
             return;
         }
     }

@@ -215,10 +215,15 @@ fn holdings_keep_unknown_attach_as_held() {
     };
     holdings.acted(&attach, "usbroute-addr-1-5", Outcome::Unknown);
     let view = holdings.actual(&BTreeSet::new());
+    // As the VM's list would show it.
+    let held = VmUsbDevice {
+        matcher: HostMatch::Address { bus: 1, address: 5 },
+        ..usb("usbroute-addr-1-5", true)
+    };
     assert_eq!(
         view["a"],
         VmView {
-            devices: vec![usb("usbroute-addr-1-5", true)],
+            devices: vec![held],
             reachable: false
         }
     );

@@ -523,9 +523,9 @@ async fn a_backend_with_device_names_of_its_own_is_driven_by_key_alone() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_attach_is_confirmed_when_the_vm_answers_it_not_after_the_list_behind_it() {
-    // A control request waits on `Status::settled`; the list each job ends with is several
-    // round trips more and must not hold the reply. Here that list never answers.
+async fn an_attach_the_vm_said_yes_to_settles_with_no_list_behind_it() {
+    // A control request waits on `Status::settled`; a list is several round trips more
+    // and must not hold the reply, nor the next job. Here a list would never answer.
     let host = FakeHost::new();
     let a = host.start("a");
     let d = device("1-1", 5);
@@ -559,14 +559,14 @@ async fn an_attach_is_confirmed_when_the_vm_answers_it_not_after_the_list_behind
         s.settled(&d, to),
         Some(usbroute::engine::Settled::Attached { vm: "a".into() })
     );
-    assert!(s.busy.contains("a"), "the list behind it is still out");
+    assert!(s.busy.is_empty(), "no list after a job the VM said yes to");
     assert_eq!(a.ids(), vec!["usbroute-addr-1-5"]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_refused_attach_is_not_held_while_the_list_behind_it_is_out() {
-    // Between the results and the list, the engine's view is what the results said: a
-    // refused attach holds nothing, and its retry waits out its backoff.
+    // A refusal is followed by a list. Until it answers, the engine's view is what the
+    // results said: a refused attach holds nothing, and its retry waits out its backoff.
     let host = FakeHost::new();
     let a = host.start("a");
     let engine = start(
