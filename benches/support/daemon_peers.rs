@@ -95,7 +95,8 @@ impl Drop for Daemon {
         // Where the time goes: `USBROUTE_BENCH_LOG=FILE RUST_LOG=usbroute=debug` keeps
         // every daemon's log (timestamped to the microsecond) in FILE.
         if let Some(path) = std::env::var_os("USBROUTE_BENCH_LOG") {
-            self.seen.extend(self.lines.try_iter().map(|(_, line)| line));
+            self.seen
+                .extend(self.lines.try_iter().map(|(_, line)| line));
             let mut text = self.seen.join("\n");
             text.push('\n');
             let appended = std::fs::OpenOptions::new()

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use usbroute::backend::qemu::controllers::VmUsbBus;
 use usbroute::backend::qemu::qmp::{Qmp, Sent};
 use usbroute::backend::qemu::{FdPassing, QemuBackend, QemuOptions};
-use usbroute::backend::AttachMode;
+use usbroute::backend::{AttachMode, VmBackend};
 
 /// Generous for a loaded machine; every wait below ends as soon as its condition holds.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -128,6 +128,28 @@ async fn attach_by_port_is_one_write_of_device_add_and_the_read_of_attached() {
     assert!(!attached.device.attached, "no such device on this host");
     assert_eq!(names, ["device_add", "qom-get"]);
     assert_eq!(cost, sent(2, 1));
+}
+
+#[tokio::test]
+async fn the_engines_attach_by_port_is_device_add_alone() {
+    // The engine needs QEMU to hold the place; whether it attached the device now is for
+    // the next list (the CLI above reads it for its message).
+    let bed = Traced::start(&["-device", "qemu-xhci,id=xhci"]);
+    let vm = connected(&bed.qemu, QemuOptions::default()).await;
+    let before_names = bed.commands_through(0).len();
+    let before = vm.qmp().sent();
+    let stick = host_device("2-4.1", 9, 0x0781, 0x5581, 480.0);
+
+    let device = VmBackend::attach(&vm, &stick, AttachMode::Port)
+        .await
+        .expect("attach");
+
+    let cost = vm.qmp().sent() - before;
+    let names = bed.commands_through(before_names + 1)[before_names..].to_vec();
+    assert_eq!(device.id, "usbroute-port-2-4.1");
+    assert!(!device.attached, "not read, so not claimed");
+    assert_eq!(names, ["device_add"]);
+    assert_eq!(cost, sent(1, 1));
 }
 
 #[tokio::test]

@@ -10,7 +10,8 @@
 //! by address (`hostbus` + `hostaddr`) or by passed file (`hostdevice`) is opened and
 //! attached to the guest's bus inside `device_add`, or `device_add` fails; success means
 //! attached, and nothing is asked after it. By port or id QEMU may keep the device waiting
-//! for a match (its 2 s rescan): `attached` is read in the same batch.
+//! for a match (its 2 s rescan): `attached` is read in the same batch when the caller
+//! wants to say so (the CLI; the engine does not need it).
 
 use super::qmp::QmpError;
 use serde_json::{json, Value};
