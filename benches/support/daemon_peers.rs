@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// `usbroute serve` as a process, its stderr (the log, at
 /// the default verbosity) read by a thread that stamps each line as it arrives. Killed on
@@ -62,16 +62,29 @@ impl Daemon {
 
     /// Read the log until a line satisfies `want`; when it arrived. Panics with the log
     /// after `within`.
-    pub fn wait_line(&mut self, within: Duration, mut want: impl FnMut(&str) -> bool) -> Instant {
+    pub fn wait_line(&mut self, within: Duration, want: impl FnMut(&str) -> bool) -> Instant {
+        self.wait_stamped(within, want).0
+    }
+
+    /// [`Daemon::wait_line`], with the time the daemon itself stamped on the line (when
+    /// it logged it, to the microsecond: before the pipe and this process's reader).
+    pub fn wait_stamped(
+        &mut self,
+        within: Duration,
+        mut want: impl FnMut(&str) -> bool,
+    ) -> (Instant, SystemTime) {
         let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok((at, line)) => {
                     let hit = want(&line);
+                    let stamp = hit.then(|| log_stamp(&line));
                     self.seen.push(line);
-                    if hit {
-                        return at;
+                    if let Some(stamp) = stamp {
+                        let stamp = stamp
+                            .unwrap_or_else(|| panic!("no timestamp on {:?}", self.seen.last()));
+                        return (at, stamp);
                     }
                 }
                 Err(_) => panic!(
@@ -109,6 +122,28 @@ impl Drop for Daemon {
             }
         }
     }
+}
+
+/// The time at the start of a line of the daemon's log (`2026-12-02T05:27:55.930953Z`,
+/// UTC, as tracing's default timer writes it).
+pub fn log_stamp(line: &str) -> Option<SystemTime> {
+    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut ymd = date.splitn(3, '-').map(str::parse::<i64>);
+    let (y, m, d) = (ymd.next()?.ok()?, ymd.next()?.ok()?, ymd.next()?.ok()?);
+    let (hms, micros) = time.split_once('.')?;
+    let mut hms = hms.splitn(3, ':').map(str::parse::<u64>);
+    let (h, min, sec) = (hms.next()?.ok()?, hms.next()?.ok()?, hms.next()?.ok()?);
+    let nanos = format!("{micros:0<9}").parse::<u32>().ok()?;
+    // Days since 1970-01-01 of a civil date (the proleptic Gregorian calendar).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    let secs = days * 86_400 + h * 3600 + min * 60 + sec;
+    Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
 }
 
 /// The `usbroute` binary built with this bench.

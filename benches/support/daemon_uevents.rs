@@ -117,13 +117,18 @@ impl RecordedDevice {
         feed.send(&self.event("remove", None));
     }
 
-    /// Put the device back in the copy, then send what the kernel says as it comes:
-    /// the device added, its interfaces added and bound, the device bound (ready).
-    pub fn plug(&self, feed: &UeventFeed) {
+    /// Put the device's files back in the copy (what the kernel has done before its first
+    /// uevent).
+    pub fn put_back(&self) {
         std::fs::rename(&self.parked, self.dir()).unwrap();
         for (link, target) in self.links() {
             std::os::unix::fs::symlink(target, link).unwrap();
         }
+    }
+
+    /// Send the kernel's uevents for a plug of the device put back: added, its interfaces
+    /// added and bound, the device bound (ready).
+    pub fn announce(&self, feed: &UeventFeed) {
         feed.send(&self.event("add", None));
         for iface in &self.interfaces {
             feed.send(&self.event("add", Some(iface)));
