@@ -100,6 +100,7 @@ fn main() {
             "placed_ms": scale.placed.as_millis() as u64,
             "bare_ms": scale.bare.as_millis() as u64,
             "rss_kib": scale.rss_kib,
+            "anon_kib": scale.anon_kib,
             "vms": scale.vms,
             "devices": scale.devices,
         }),
@@ -208,14 +209,15 @@ fn print_table(rows: &[(&str, &Percentiles)], scale: &scale::ScaleFigures, idle_
     }
     println!("(floor: raw_device_add)");
     println!(
-        "scale: {} VMs x {} devices: usbroute serve placed all {:.0} ms after start, bare client {:.0} ms ({:.2}x); daemon RSS {} KiB ({:.1} MiB)",
+        "scale: {} VMs x {} devices: usbroute serve placed all {:.0} ms after start, bare client {:.0} ms ({:.2}x); daemon RSS {} KiB ({:.1} MiB; {} KiB anonymous)",
         scale.vms,
         scale.devices,
         scale.placed.as_secs_f64() * 1e3,
         scale.bare.as_secs_f64() * 1e3,
         scale.placed.as_secs_f64() / scale.bare.as_secs_f64(),
         scale.rss_kib,
-        scale.rss_kib as f64 / 1024.0
+        scale.rss_kib as f64 / 1024.0,
+        scale.anon_kib
     );
     println!(
         "idle: no config, RSS {idle_rss_kib} KiB ({:.1} MiB)",

@@ -99,6 +99,12 @@ impl Daemon {
     pub fn rss_kib(&self) -> u64 {
         rss_kib(self.child.id())
     }
+
+    /// Of its resident set, the anonymous part (heap, stacks), kB; the rest is the
+    /// binary's and libraries' pages.
+    pub fn anon_kib(&self) -> u64 {
+        status_kib(self.child.id(), "RssAnon")
+    }
 }
 
 impl Drop for Daemon {
@@ -162,12 +168,21 @@ pub fn done(line: &str, verb: &str, id: Option<&str>) -> bool {
 
 /// `VmRSS` of a process, kB (0 if it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `RssAnon`, `RssFile`), 0 if unreadable.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines().find_map(|l| {
-                l.strip_prefix("VmRSS:")
-                    .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+                l.strip_prefix(field)?
+                    .strip_prefix(':')?
+                    .trim()
+                    .trim_end_matches(" kB")
+                    .parse()
+                    .ok()
             })
         })
         .unwrap_or(0)

@@ -14,6 +14,8 @@ pub struct ScaleFigures {
     pub placed: Duration,
     pub bare: Duration,
     pub rss_kib: u64,
+    /// Of `rss_kib`, the anonymous part (heap, stacks).
+    pub anon_kib: u64,
     pub vms: usize,
     pub devices: usize,
 }
@@ -131,13 +133,14 @@ pub fn run(binary: &Path, vms: usize, per_vm: usize) -> ScaleFigures {
         attached == total
     });
     let placed = done - start;
-    let rss_kib = daemon.rss_kib();
+    let (rss_kib, anon_kib) = (daemon.rss_kib(), daemon.anon_kib());
     drop(daemon);
     drop(vms_);
     ScaleFigures {
         placed,
         bare,
         rss_kib,
+        anon_kib,
         vms,
         devices: total,
     }

@@ -44,8 +44,12 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// nothing once its main loop runs.
 pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How many events a slow subscriber may fall behind before it sees `Lagged`.
-const EVENT_BUFFER: usize = 256;
+/// How many events a slow subscriber may fall behind before it sees `Lagged`. Every
+/// subscriber takes `Lagged` in its stride (a detach lists the VM, the known buses are
+/// listed again, the end of the stream is all the connector waits for), and the channel
+/// keeps this many slots, with the last events in them, for every VM: 256 cost the
+/// daemon about 35 KiB a VM.
+const EVENT_BUFFER: usize = 32;
 
 /// One asynchronous event from QEMU (`DEVICE_DELETED`, `STOP`, or one this code has never
 /// heard of: all are delivered alike).
@@ -262,7 +266,7 @@ impl Qmp {
     }
 
     /// Subscribe to events from now on. The stream ends (`RecvError::Closed`) when the
-    /// connection does; a subscriber that falls more than 256 events behind sees `Lagged`.
+    /// connection does; a subscriber that falls more than 32 events behind sees `Lagged`.
     pub fn events(&self) -> broadcast::Receiver<QmpEvent> {
         let st = self.lock_state();
         match &st.events {
