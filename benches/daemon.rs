@@ -19,8 +19,8 @@
 //! - `socat_per_event`: a udev-style script, a shell and socat per event;
 //! - `scale`: N QEMUs × M devices (synthetic sysfs), `usbroute serve` from start to
 //!   every device attached, against a bare client sending the same `device_add`s (one
-//!   connection per VM, all in parallel); the daemon's RSS at the end;
-//! - `idle_rss_kib`: the daemon's RSS with no config, once it answers.
+//!   connection per VM, all in parallel); the daemon's RSS once it is at rest after that;
+//! - `idle_rss_kib`: the daemon's RSS with no config, once it answers at rest.
 //!
 //! Figures go to `target/bench/daemon.json` (a stable interface, read by regression
 //! checks) and a table with ratios to the floor. Under `cargo test` (no `--bench`
@@ -226,7 +226,7 @@ fn print_table(rows: &[(&str, &Percentiles)], scale: &scale::ScaleFigures, idle_
 }
 
 /// The daemon (`binary`) with no config on the recorded guest, its RSS once it answers
-/// `status`.
+/// `status` at rest.
 fn idle_rss(binary: &Path, dir: &Path) -> u64 {
     std::fs::create_dir_all(dir).unwrap();
     let control = dir.join("idle.sock");
@@ -241,6 +241,7 @@ fn idle_rss(binary: &Path, dir: &Path) -> u64 {
             uevents.as_os_str(),
         ],
     );
+    peers::wait_at_rest(&control);
     daemon.rss_kib()
 }
 

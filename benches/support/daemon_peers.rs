@@ -212,6 +212,14 @@ pub fn status(control: &Path) -> serde_json::Value {
     serde_json::from_str(&control_line(control, "{\"request\":\"status\"}")).unwrap_or_default()
 }
 
+/// Wait until the daemon at `control` says it is at rest (its steady state: what it
+/// holds then is what it keeps).
+pub fn wait_at_rest(control: &Path) {
+    wait_for(Duration::from_secs(60), "the daemon to be at rest", || {
+        status(control)["at_rest"] == true
+    });
+}
+
 /// A small paused QEMU (`-S`, 32 MiB, no default devices) with one xHCI controller
 /// (`xhci.0`), serving QMP. Killed on drop.
 pub struct Qemu {

@@ -4,7 +4,7 @@
 //! from its own log lines saying an attach is done), against a bare client sending the same
 //! `device_add`s (one connection per VM, all VMs in parallel).
 
-use super::peers::{device_add_by_port, device_del, done, Daemon, Qemu, Qmp};
+use super::peers::{device_add_by_port, device_del, done, wait_at_rest, Daemon, Qemu, Qmp};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use usbroute::inventory::synth::{PciFunction, SysfsBuilder, UsbDevice};
@@ -133,6 +133,7 @@ pub fn run(binary: &Path, vms: usize, per_vm: usize) -> ScaleFigures {
         attached == total
     });
     let placed = done - start;
+    wait_at_rest(&control);
     let (rss_kib, anon_kib) = (daemon.rss_kib(), daemon.anon_kib());
     drop(daemon);
     drop(vms_);

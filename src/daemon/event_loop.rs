@@ -76,6 +76,7 @@ pub(super) struct Daemon {
     pub(super) watches: u64,
     last_status: String,
     decisions: super::narrate::DecisionLog,
+    trim: super::memory::Trim,
     pub(super) routing: RoutingHooks,
     /// VMs of the config whose kind has no driver in this build (said once, not managed).
     pub(super) unmanaged: BTreeSet<String>,
@@ -142,6 +143,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         watches: 0,
         last_status: String::new(),
         decisions: Default::default(),
+        trim: Default::default(),
         routing,
         unmanaged: BTreeSet::new(),
         controller_batches: 0,
@@ -346,6 +348,17 @@ impl Daemon {
             let s = self.engine.status();
             let s = s.borrow();
             self.decisions.update(&s.desired, &self.snapshot);
+            let up = self
+                .vms
+                .iter()
+                .filter(|(_, v)| v.up)
+                .map(|(name, _)| name.as_str());
+            if self
+                .trim
+                .status_changed(s.at_rest(&self.snapshot.devices, up))
+            {
+                tracing::trace!("at rest: free heap memory given back");
+            }
             let passed = s
                 .desired
                 .devices

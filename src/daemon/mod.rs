@@ -14,6 +14,7 @@ pub mod client;
 pub mod clock_watch;
 mod control;
 pub mod event_loop;
+mod memory;
 pub mod mounts;
 mod narrate;
 pub mod protocol;

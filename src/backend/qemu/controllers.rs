@@ -125,10 +125,13 @@ pub async fn list_controllers(qmp: &Qmp) -> Result<Vec<VmController>, QmpError> 
             false => None,
         };
         Ok::<_, QmpError>(VmController {
+            // Copied out, not collected in place: that would keep the whole property
+            // list's allocation (kilobytes) for a bus name or two, for as long as the
+            // VM's buses are known.
             buses: properties
-                .into_iter()
+                .iter()
                 .filter(|p| p.type_name == "child<usb-bus>")
-                .map(|p| p.name)
+                .map(|p| p.name.clone())
                 .collect(),
             masterbus: masterbus.filter(|m| !m.is_empty()),
             path: child.path,

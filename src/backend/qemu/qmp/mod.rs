@@ -49,7 +49,12 @@ pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
 /// listed again, the end of the stream is all the connector waits for), and the channel
 /// keeps this many slots, with the last events in them, for every VM: 256 cost the
 /// daemon about 35 KiB a VM.
-const EVENT_BUFFER: usize = 32;
+const EVENT_BUFFER: usize = 16;
+
+/// The read buffer of a connection. QEMU's answers to usbroute are a few hundred bytes
+/// (a listing's a few KiB, read in a few turns; a line is collected whatever its length);
+/// tokio's default of 8 KiB was 512 KiB of the daemon's heap at 64 VMs.
+const READ_BUFFER: usize = 2048;
 
 /// One asynchronous event from QEMU (`DEVICE_DELETED`, `STOP`, or one this code has never
 /// heard of: all are delivered alike).
@@ -194,7 +199,7 @@ impl Qmp {
     where
         R: AsyncRead + Unpin + Send + 'static,
     {
-        let mut reader = BufReader::new(read);
+        let mut reader = BufReader::with_capacity(READ_BUFFER, read);
         let greeting = match deadlines.greeting {
             Some(wait) => tokio::time::timeout(wait, read_greeting(&mut reader))
                 .await
@@ -266,7 +271,7 @@ impl Qmp {
     }
 
     /// Subscribe to events from now on. The stream ends (`RecvError::Closed`) when the
-    /// connection does; a subscriber that falls more than 32 events behind sees `Lagged`.
+    /// connection does; a subscriber that falls more than 16 events behind sees `Lagged`.
     pub fn events(&self) -> broadcast::Receiver<QmpEvent> {
         let st = self.lock_state();
         match &st.events {
