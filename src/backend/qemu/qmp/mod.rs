@@ -105,7 +105,9 @@ struct Shared {
     fd_gate: tokio::sync::Mutex<()>,
     commands_sent: AtomicU64,
     writes: AtomicU64,
-    greeting: Value,
+    /// The greeting's `QMP` member as JSON text: parsed, its few small objects were
+    /// about 2 KiB a connection, kept for as long as it lives.
+    greeting: Box<str>,
     peer: Option<PeerCredentials>,
     reader: tokio::task::JoinHandle<()>,
 }
@@ -127,7 +129,7 @@ pub(crate) struct State {
 
 struct Pending {
     command: String,
-    reply: oneshot::Sender<Result<Value, QmpError>>,
+    reply: oneshot::Sender<Result<reader::Returned, QmpError>>,
 }
 
 impl Qmp {
@@ -225,7 +227,7 @@ impl Qmp {
                 fd_gate: tokio::sync::Mutex::new(()),
                 commands_sent: AtomicU64::new(0),
                 writes: AtomicU64::new(0),
-                greeting,
+                greeting: greeting.to_string().into_boxed_str(),
                 peer,
                 reader,
             }),
@@ -249,13 +251,14 @@ impl Qmp {
     }
 
     /// The `QMP` member of the greeting (`{"version": ..., "capabilities": [...]}`).
-    pub fn greeting(&self) -> &Value {
-        &self.shared.greeting
+    pub fn greeting(&self) -> Value {
+        serde_json::from_str(&self.shared.greeting).unwrap_or_default()
     }
 
     /// QEMU's version from the greeting, `(major, minor, micro)`.
     pub fn version(&self) -> Option<(u64, u64, u64)> {
-        let v = self.shared.greeting.get("version")?.get("qemu")?;
+        let greeting = self.greeting();
+        let v = greeting.get("version")?.get("qemu")?;
         let n = |k: &str| v.get(k).and_then(Value::as_u64);
         Some((n("major")?, n("minor")?, n("micro")?))
     }
@@ -426,7 +429,8 @@ impl Qmp {
             let mut results = Vec::with_capacity(replies.len());
             for (rx, command) in replies.into_iter().zip(&names) {
                 results.push(match rx.await {
-                    Ok(result) => result,
+                    // Parsed here, by the caller, one reply at a time.
+                    Ok(result) => result.map(reader::Returned::value),
                     Err(_) => Err(self
                         .broken_or(QmpError::Closed {
                             command: None,
@@ -569,5 +573,37 @@ mod tests {
 
         assert_eq!(id, Some(serde_json::json!(7)));
         assert_eq!(result, Err(("GenericError".into(), "no".into())));
+    }
+
+    #[test]
+    fn a_reply_is_kept_as_its_line_and_gives_its_return_when_taken() {
+        let line = br#"{"return": [{"name": "xhci.0", "type": "child<usb-bus>"}], "id": 3}"#;
+
+        let Ok(Message::Reply { id, result }) = parse_message(line) else {
+            panic!("not a reply")
+        };
+
+        assert_eq!(id, Some(serde_json::json!(3)));
+        assert!(matches!(result, Ok(super::reader::Returned::Line(_))));
+        assert_eq!(
+            result.map(super::reader::Returned::value),
+            Ok(serde_json::json!([{"name": "xhci.0", "type": "child<usb-bus>"}]))
+        );
+    }
+
+    #[test]
+    fn a_reply_with_a_repeated_member_is_still_a_reply() {
+        // serde's derive refuses a repeated field; the whole-tree parse takes the last.
+        let line = br#"{"return": 1, "return": 2, "id": 4}"#;
+
+        let Ok(Message::Reply { id, result }) = parse_message(line) else {
+            panic!("not a reply")
+        };
+
+        assert_eq!(id, Some(serde_json::json!(4)));
+        assert_eq!(
+            result.map(super::reader::Returned::value),
+            Ok(serde_json::json!(2))
+        );
     }
 }

@@ -83,18 +83,64 @@ pub(crate) enum Message {
     /// `{"return": ...}` or `{"error": ...}`, with the `id` if there was one.
     Reply {
         id: Option<Value>,
-        result: Result<Value, (String, String)>,
+        result: Result<Returned, (String, String)>,
     },
     /// `{"event": ...}`.
     Event(QmpEvent),
 }
 
+/// What a command returned: a reply's line as QEMU sent it, parsed only when its caller
+/// takes it. A `qom-list`'s reply is a few KiB of text but tens of KiB as a tree of JSON
+/// objects (each a map node of its own); 64 VMs answering at once held them all, most of
+/// the daemon's peak heap (heaptrack), where the caller keeps a few names of each.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Returned {
+    /// The whole reply line, `{"return": ..., "id": ...}`.
+    Line(Box<str>),
+    /// The `return` member, already parsed.
+    Parsed(Value),
+}
+
+impl Returned {
+    /// The `return` member.
+    pub(crate) fn value(self) -> Value {
+        match self {
+            Returned::Parsed(value) => value,
+            Returned::Line(line) => match serde_json::from_str::<Value>(&line) {
+                Ok(Value::Object(mut map)) => map.remove("return").unwrap_or_default(),
+                _ => Value::Null, // it parsed as a reply once: cannot happen
+            },
+        }
+    }
+}
+
+/// The members of a reply that route it, nothing else kept (`IgnoredAny` allocates
+/// nothing): a line with a `return`, no `QMP` and no `event` is a reply.
+#[derive(serde::Deserialize)]
+struct Routing {
+    #[serde(rename = "QMP")]
+    greeting: Option<serde::de::IgnoredAny>,
+    event: Option<serde::de::IgnoredAny>,
+    #[serde(rename = "return")]
+    returned: Option<serde::de::IgnoredAny>,
+    id: Option<Value>,
+}
+
 /// Classify one line; `Err` carries a description of the garbage.
 pub(crate) fn parse_message(line: &[u8]) -> Result<Message, String> {
     let text = String::from_utf8_lossy(line);
+    if let Ok(Routing {
+        greeting: None,
+        event: None,
+        returned: Some(_),
+        id,
+    }) = serde_json::from_str(&text)
+    {
+        let result = Ok(Returned::Line(text.into()));
+        return Ok(Message::Reply { id, result });
+    }
     let value: Value = serde_json::from_str(&text).map_err(|_| shorten(&text, SHOWN))?;
-    // Taken apart, not copied: a listing's reply is kilobytes, and 64 VMs answering at
-    // once made these copies most of the daemon's peak heap (heaptrack).
+    // Taken apart, not copied.
     let Value::Object(mut map) = value else {
         return Err(format!(
             "{} (JSON, but not an object)",
@@ -114,10 +160,8 @@ pub(crate) fn parse_message(line: &[u8]) -> Result<Message, String> {
     }
     let id = map.remove("id");
     if let Some(ret) = map.remove("return") {
-        return Ok(Message::Reply {
-            id,
-            result: Ok(ret),
-        });
+        let result = Ok(Returned::Parsed(ret));
+        return Ok(Message::Reply { id, result });
     }
     if let Some(error) = map.get("error") {
         let field = |k: &str| {
