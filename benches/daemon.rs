@@ -27,7 +27,8 @@
 //! argument) every part runs a few iterations on 4 VMs × 4 devices, writing
 //! `target/bench/daemon-smoke.json` instead, so the bench stays working.
 //!
-//! `USBROUTE_BENCH_BASELINE=/path/to/usbroute` runs the daemon's parts (uevent and
+//! `USBROUTE_BENCH_SCALE_ONLY=/path/to/usbroute` runs only the scale part with that binary
+//! (for a profiler's wrapper). `USBROUTE_BENCH_BASELINE=/path/to/usbroute` runs the daemon's parts (uevent and
 //! control latency, idle, scale) again with that binary (one built before a change) and
 //! prints both side by side, with ratios.
 
@@ -71,6 +72,18 @@ fn main() {
     let n = if full { 500 } else { 5 };
     let (vms, per_vm) = if full { (64, 8) } else { (4, 4) };
     let dir = tempfile::tempdir().unwrap();
+    if let Some(wrapper) = std::env::var_os("USBROUTE_BENCH_SCALE_ONLY") {
+        // Profiling the scale part alone: `USBROUTE_BENCH_SCALE_ONLY=/path/to/usbroute`
+        // (a wrapper script running it under heaptrack, say). Writes no figures.
+        let scale = scale::run(Path::new(&wrapper), vms, per_vm);
+        println!(
+            "scale only: placed {} ms, RSS {} KiB ({} KiB anonymous)",
+            scale.placed.as_millis(),
+            scale.rss_kib,
+            scale.anon_kib
+        );
+        return;
+    }
 
     let idle_rss_kib = idle_rss(&peers::usbroute(), dir.path());
     let raw_qemu = Qemu::start(&dir.path().join("raw.qmp"));

@@ -135,6 +135,14 @@ pub fn run(binary: &Path, vms: usize, per_vm: usize) -> ScaleFigures {
     let placed = done - start;
     wait_at_rest(&control);
     let (rss_kib, anon_kib) = (daemon.rss_kib(), daemon.anon_kib());
+    if let Some(pid_file) = std::env::var_os("USBROUTE_BENCH_HOLD") {
+        // For a look at the daemon at rest (its /proc/PID/smaps): its pid in the file,
+        // and the daemon kept until the file is deleted.
+        std::fs::write(&pid_file, daemon.child.id().to_string()).unwrap();
+        while Path::new(&pid_file).exists() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     drop(daemon);
     drop(vms_);
     ScaleFigures {
