@@ -12,7 +12,7 @@ use serde::Serialize;
 use std::fmt;
 
 /// The device that left, as the engine remembered it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Departed {
     /// Its port path when it left (`1-3.4`).
     pub port: PortPath,

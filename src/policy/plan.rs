@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// Where a device belongs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(tag = "on", rename_all = "lowercase")]
 pub enum Placement {
     /// The host keeps it.
@@ -45,7 +45,7 @@ pub enum Placement {
 }
 
 /// A rule, as named in reasons: its number, line and text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct RuleRef {
     /// Position in the file, from 0.
     pub index: usize,
@@ -66,7 +66,7 @@ impl From<&Rule> for RuleRef {
 }
 
 /// Why a device is where the plan puts it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum Reason {
     /// No rule matched.
@@ -173,7 +173,7 @@ pub enum Reason {
 
 /// A rule by port or id carried out by address: the backend attaches by address only, and
 /// usbroute follows the port or kind itself, attaching each plug it matches by its address.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct ByAddress {
     /// The backend (`xen`).
     pub backend: String,
@@ -182,7 +182,7 @@ pub struct ByAddress {
 }
 
 /// A `hub:` rule as seen from a hub it covers: the devices behind go to `vm`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct SubtreeRule {
     /// The rule.
     pub rule: RuleRef,
@@ -191,7 +191,7 @@ pub struct SubtreeRule {
 }
 
 /// Where one device belongs, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Decision {
     /// Host or VM.
     #[serde(flatten)]
