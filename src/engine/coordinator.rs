@@ -350,22 +350,23 @@ impl Coordinator {
         }
     }
 
-    /// The VMs that answered their last list.
-    fn answering(&self) -> BTreeSet<String> {
+    /// The VMs whose worker is `what`.
+    fn vms_where(&self, what: impl Fn(&Worker) -> bool) -> BTreeSet<String> {
         self.workers
             .iter()
-            .filter(|(_, w)| w.answering)
+            .filter(|(_, w)| what(w))
             .map(|(n, _)| n.clone())
             .collect()
     }
 
+    /// The VMs that answered their last list.
+    fn answering(&self) -> BTreeSet<String> {
+        self.vms_where(|w| w.answering)
+    }
+
     /// The VMs whose actions are in flight.
     fn acting(&self) -> BTreeSet<String> {
-        self.workers
-            .iter()
-            .filter(|(_, w)| w.acting)
-            .map(|(n, _)| n.clone())
-            .collect()
+        self.vms_where(|w| w.acting)
     }
 
     /// Publish what a worker's results changed (holdings, retries) without a round.
@@ -456,12 +457,7 @@ impl Coordinator {
             pending: self.retries.pending().cloned().collect(),
             overrides: self.overrides.clone(),
             dry_run_actions: self.dry_run_actions.clone(),
-            busy: self
-                .workers
-                .iter()
-                .filter(|(_, w)| w.busy)
-                .map(|(n, _)| n.clone())
-                .collect(),
+            busy: self.vms_where(|w| w.busy),
             acting: self.acting(),
             routing: None,
             controllers: self.group_work.outcomes(),

@@ -311,17 +311,36 @@ mod tests {
         assert_eq!(s.settled(&d, None), Some(Settled::OnHost));
     }
 
-    #[test]
-    fn settled_attach_needs_the_vm_to_hold_it_and_to_have_answered() {
-        let d = device("1-3", 5);
-        let mut s = holding("win", vec![entry(key_of(AttachMode::Port, &d), true)]);
-        plan(&mut s, &d, to_vm("win"), Reason::ManualAttach);
+    /// A failed attach of `d` by port to VM win, `failures` times, waiting for its retry.
+    fn failed_on_win(d: &Device, failures: u32, error: &str) -> Pending {
+        Pending {
+            vm: "win".into(),
+            key: key_of(AttachMode::Port, d),
+            id: "a handle of the backend's".into(),
+            failures,
+            retry_at: Duration::ZERO,
+            last_error: error.into(),
+        }
+    }
+
+    /// `d` attached to VM win by hand, by port: planned there, held there, the override
+    /// taken in.
+    fn attached_by_hand_to_win(d: &Device) -> Status {
+        let mut s = holding("win", vec![entry(key_of(AttachMode::Port, d), true)]);
+        plan(&mut s, d, to_vm("win"), Reason::ManualAttach);
         let action = OverrideAction::Attach {
             vm: "win".into(),
             mode: AttachMode::Port,
             force: false,
         };
-        override_to(&mut s, &d, action);
+        override_to(&mut s, d, action);
+        s
+    }
+
+    #[test]
+    fn settled_attach_needs_the_vm_to_hold_it_and_to_have_answered() {
+        let d = device("1-3", 5);
+        let mut s = attached_by_hand_to_win(&d);
         s.acting.insert("win".into());
         let in_flight = s.settled(&d, Some(("win", AttachMode::Port)));
         s.acting.clear();
@@ -348,14 +367,7 @@ mod tests {
         plan(&mut s, &d, Placement::Host, Reason::Hub { subtree: None });
         let refused = s.settled(&d, Some(("win", AttachMode::Port)));
         plan(&mut s, &d, to_vm("win"), Reason::ManualAttach);
-        let failure = Pending {
-            vm: "win".into(),
-            key: key_of(AttachMode::Port, &d),
-            id: "a handle of the backend's".into(),
-            failures: 2,
-            retry_at: Duration::ZERO,
-            last_error: "QMP said no".into(),
-        };
+        let failure = failed_on_win(&d, 2, "QMP said no");
         s.pending.push(failure.clone());
 
         assert_eq!(
@@ -375,23 +387,8 @@ mod tests {
         // The attach timed out: it counts as held until a list says otherwise, and its
         // retry waits. That is not the VM confirming it.
         let d = device("1-3", 5);
-        let key = key_of(AttachMode::Port, &d);
-        let mut s = holding("win", vec![entry(key.clone(), true)]);
-        plan(&mut s, &d, to_vm("win"), Reason::ManualAttach);
-        let action = OverrideAction::Attach {
-            vm: "win".into(),
-            mode: AttachMode::Port,
-            force: false,
-        };
-        override_to(&mut s, &d, action);
-        let lost = Pending {
-            vm: "win".into(),
-            key,
-            id: "a handle of the backend's".into(),
-            failures: 1,
-            retry_at: Duration::ZERO,
-            last_error: "no answer within 10 s".into(),
-        };
+        let mut s = attached_by_hand_to_win(&d);
+        let lost = failed_on_win(&d, 1, "no answer within 10 s");
         s.pending.push(lost.clone());
 
         assert_eq!(

@@ -94,6 +94,30 @@ pub(crate) fn backend(vm: &Arc<impl VmBackend + 'static>) -> Arc<dyn VmBackend> 
     Arc::clone(vm) as Arc<dyn VmBackend>
 }
 
+/// Attach the device at `port` (devnum `address`) to `vm` by hand, by address.
+fn attach_by_hand(engine: &EngineHandle, port: &str, address: u16, vm: &str) {
+    let attach = usbroute::policy::Override {
+        address: Some(address),
+        action: usbroute::policy::OverrideAction::Attach {
+            vm: vm.into(),
+            mode: AttachMode::Address,
+            force: false,
+        },
+    };
+    engine.send(Input::Override {
+        port: port.parse().expect("port"),
+        value: Some(attach),
+    });
+}
+
+/// Wait until `vm` answered a list and no worker has work in flight.
+async fn listed_and_idle(status: &mut watch::Receiver<Status>, vm: &str) {
+    wait_for(status, &format!("{vm} listed"), |s| {
+        s.vms.get(vm).is_some_and(|v| v.reachable) && s.busy.is_empty()
+    })
+    .await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn attaches_matching_device_once_vm_confirms() {
     let host = FakeHost::new();
@@ -348,18 +372,7 @@ async fn override_ends_when_device_is_replugged() {
         options(),
     );
     let mut status = engine.status();
-    let attach = usbroute::policy::Override {
-        address: Some(5),
-        action: usbroute::policy::OverrideAction::Attach {
-            vm: "a".into(),
-            mode: AttachMode::Address,
-            force: false,
-        },
-    };
-    engine.send(Input::Override {
-        port: "1-1".parse().expect("port"),
-        value: Some(attach),
-    });
+    attach_by_hand(&engine, "1-1", 5, "a");
     wait_for(&mut status, "a holds 1-1 by hand", |s| {
         holds(s, "a", "usbroute-addr-1-5")
     })
@@ -531,23 +544,9 @@ async fn an_attach_the_vm_said_yes_to_settles_with_no_list_behind_it() {
     let d = device("1-1", 5);
     let engine = start(&host, vec![], vec![d.clone()], &[backend(&a)], options());
     let mut status = engine.status();
-    wait_for(&mut status, "a listed", |s| {
-        s.vms.get("a").is_some_and(|v| v.reachable) && s.busy.is_empty()
-    })
-    .await;
+    listed_and_idle(&mut status, "a").await;
     a.inject_on(Call::List, Fault::Hang);
-    let attach = usbroute::policy::Override {
-        address: Some(5),
-        action: usbroute::policy::OverrideAction::Attach {
-            vm: "a".into(),
-            mode: AttachMode::Address,
-            force: false,
-        },
-    };
-    engine.send(Input::Override {
-        port: "1-1".parse().expect("port"),
-        value: Some(attach),
-    });
+    attach_by_hand(&engine, "1-1", 5, "a");
     let to = Some(("a", AttachMode::Address));
     wait_for(&mut status, "the attach settled", |s| {
         s.settled(&d, to).is_some()
@@ -577,10 +576,7 @@ async fn a_refused_attach_is_not_held_while_the_list_behind_it_is_out() {
         options(),
     );
     let mut status = engine.status();
-    wait_for(&mut status, "a listed", |s| {
-        s.vms.get("a").is_some_and(|v| v.reachable) && s.busy.is_empty()
-    })
-    .await;
+    listed_and_idle(&mut status, "a").await;
     a.inject_on(Call::Attach, Fault::Refuse);
     a.inject_on(Call::List, Fault::Hang);
     plug(&host, &engine, vec![device("1-1", 5)]);
