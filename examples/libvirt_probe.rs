@@ -45,8 +45,17 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn probe() -> Result<(), Box<dyn std::error::Error>> {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter: Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::ERROR));
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_max_level(LevelFilter::TRACE)
+        .finish()
+        .with(filter)
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let name = args.first().map_or("ua-probe", String::as_str);

@@ -187,21 +187,68 @@ fn log_level(verbose: u8, quiet: u8, narrates: bool) -> &'static str {
 
 /// Log to stderr; colours only on a terminal, so journald and pipes get plain text; the
 /// module a line comes from only when debugging.
+///
+/// `RUST_LOG` takes targets and levels (`usbroute=debug,info`); one that does not read as
+/// such is ignored for `level`. (Not tracing's `EnvFilter`: its span and field filters
+/// bring a regex engine, about 160 KB of code a resident daemon would map for nothing.)
 fn init_logging(level: &str) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref(), level);
+    // The builder's own filter lets INFO and above through: `filter` decides instead.
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(LevelFilter::TRACE)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(matches!(level, "debug" | "trace"))
+        .finish()
+        .with(filter)
         .try_init();
+}
+
+/// What is logged: `rust_log` (`RUST_LOG`) when it reads as targets and levels, else
+/// `level` (said on stderr: span and field filters, `[...]` and `{...}`, would otherwise
+/// read as odd target names and silence everything).
+fn log_filter(rust_log: Option<&str>, level: &str) -> tracing_subscriber::filter::Targets {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    let plain = |v: &&str| {
+        v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_:=,.-".contains(c))
+    };
+    if let Some(odd) = rust_log.filter(|v| !plain(v)) {
+        eprintln!(
+            "usbroute: RUST_LOG={odd:?} is not targets and levels (`usbroute=debug,info`); \
+             logging at {level}"
+        );
+    }
+    rust_log
+        .filter(plain)
+        .and_then(|v| v.parse().ok())
+        .or_else(|| level.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::WARN))
 }
 
 #[cfg(test)]
 mod log_level_tests {
-    use super::log_level;
+    use super::{log_filter, log_level};
+    use tracing::Level;
+
+    #[test]
+    fn rust_log_names_targets_and_levels_and_one_it_cannot_read_leaves_the_level() {
+        let daemon = "usbroute::daemon::event_loop";
+        let by_target = log_filter(Some("usbroute=debug,warn"), "info");
+        let unreadable = log_filter(Some("usbroute[span{x}]=trace"), "info");
+        let unset = log_filter(None, "error");
+
+        assert!(by_target.would_enable(daemon, &Level::DEBUG));
+        assert!(!by_target.would_enable(daemon, &Level::TRACE));
+        assert!(!by_target.would_enable("tokio::runtime", &Level::INFO));
+        assert!(unreadable.would_enable(daemon, &Level::INFO));
+        assert!(!unreadable.would_enable(daemon, &Level::DEBUG));
+        assert!(!unset.would_enable(daemon, &Level::WARN));
+    }
 
     #[test]
     fn serve_speaks_at_info_by_default_and_q_quiets_it() {
