@@ -297,3 +297,71 @@ fn dispatch(state: &Mutex<State>, message: Message) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_message, Message, Returned};
+
+    #[test]
+    fn parse_unknown_event_keeps_raw_json() {
+        let line = br#"{"event": "SOMETHING_NEW_IN_QEMU_12", "data": {"x": [1]}, "timestamp": {"seconds": 1700000000, "microseconds": 5}}"#;
+
+        let message = parse_message(line);
+
+        let Ok(Message::Event(event)) = message else {
+            panic!("not an event")
+        };
+        assert_eq!(event.name, "SOMETHING_NEW_IN_QEMU_12");
+        assert_eq!(event.data["x"][0], 1);
+        assert_eq!(event.raw["timestamp"]["microseconds"], 5);
+        assert!(event.timestamp.is_some());
+    }
+
+    #[test]
+    fn parse_object_without_qmp_members_is_garbage_naming_it() {
+        let err = parse_message(br#"{"hello": 1}"#).err().expect("garbage");
+
+        assert!(err.contains("hello"), "{err}");
+    }
+
+    #[test]
+    fn parse_error_reply_keeps_class_and_desc() {
+        let line = br#"{"id": 7, "error": {"class": "GenericError", "desc": "no"}}"#;
+
+        let Ok(Message::Reply { id, result }) = parse_message(line) else {
+            panic!("not a reply")
+        };
+
+        assert_eq!(id, Some(serde_json::json!(7)));
+        assert_eq!(result, Err(("GenericError".into(), "no".into())));
+    }
+
+    #[test]
+    fn a_reply_is_kept_as_its_line_and_gives_its_return_when_taken() {
+        let line = br#"{"return": [{"name": "xhci.0", "type": "child<usb-bus>"}], "id": 3}"#;
+
+        let Ok(Message::Reply { id, result }) = parse_message(line) else {
+            panic!("not a reply")
+        };
+
+        assert_eq!(id, Some(serde_json::json!(3)));
+        assert!(matches!(result, Ok(Returned::Line(_))));
+        assert_eq!(
+            result.map(Returned::value),
+            Ok(serde_json::json!([{"name": "xhci.0", "type": "child<usb-bus>"}]))
+        );
+    }
+
+    #[test]
+    fn a_reply_with_a_repeated_member_is_still_a_reply() {
+        // serde's derive refuses a repeated field; the whole-tree parse takes the last.
+        let line = br#"{"return": 1, "return": 2, "id": 4}"#;
+
+        let Ok(Message::Reply { id, result }) = parse_message(line) else {
+            panic!("not a reply")
+        };
+
+        assert_eq!(id, Some(serde_json::json!(4)));
+        assert_eq!(result.map(Returned::value), Ok(serde_json::json!(2)));
+    }
+}
