@@ -182,15 +182,8 @@ fn generate(dir: &Path, devices: usize) -> usize {
     let mut names: Vec<String> = Vec::new();
     'all: for c in 0..CONTROLLERS {
         let pci = format!("0000:00:{:02x}.0", 0x10 + c);
-        b.pci(&PciFunction {
-            address: &pci,
-            class: 0x0c0330,
-            vendor: 0x1b36,
-            device: 0x000d,
-            driver: Some("xhci_hcd"),
-            iommu_group: Some(u32::from(c)),
-        })
-        .expect("pci");
+        b.pci(&PciFunction::qemu_xhci(&pci, Some(u32::from(c))))
+            .expect("pci");
         for (bus, speed, version) in [(2 * c + 1, "480", "2.00"), (2 * c + 2, "5000", "3.00")] {
             b.bus(&pci, bus, speed, version, ROOT_PORTS).expect("bus");
             let mut devnum = 1;

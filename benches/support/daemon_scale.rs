@@ -54,15 +54,8 @@ fn fixture(dir: &Path, vms: usize, per_vm: usize) -> (PathBuf, Vec<Vec<(u8, Stri
     let mut devices = Vec::new();
     for bus in 1..=vms.div_ceil(PORTS_PER_BUS) {
         let pci = format!("0000:00:{:02x}.0", bus + 3);
-        b.pci(&PciFunction {
-            address: &pci,
-            class: 0x0c0330,
-            vendor: 0x1b36,
-            device: 0x000d,
-            driver: Some("xhci_hcd"),
-            iommu_group: Some(bus as u32),
-        })
-        .unwrap();
+        b.pci(&PciFunction::qemu_xhci(&pci, Some(bus as u32)))
+            .unwrap();
         b.bus(&pci, bus as u8, "480", "2.00", PORTS_PER_BUS as u8)
             .unwrap();
         for port in 1..=PORTS_PER_BUS.min(vms - (bus - 1) * PORTS_PER_BUS) {

@@ -71,13 +71,8 @@ impl Daemon {
     fn status(&self) -> StatusReport {
         let engine = self.engine.status();
         let s = engine.borrow();
-        let up = self
-            .vms
-            .iter()
-            .filter(|(_, v)| v.up)
-            .map(|(name, _)| name.as_str());
         StatusReport {
-            at_rest: s.at_rest(&self.snapshot.devices, up),
+            at_rest: self.at_rest(&s),
             config: self.config.origin.as_ref().map(|p| p.display().to_string()),
             dry_run: self.options.dry_run,
             vms: self

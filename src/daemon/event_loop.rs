@@ -337,6 +337,17 @@ impl Daemon {
         ))
     }
 
+    /// Whether the engine's status `s` says it is at rest with the devices present and
+    /// the VMs up now.
+    pub(super) fn at_rest(&self, s: &crate::engine::coordinator::Status) -> bool {
+        let up = self
+            .vms
+            .iter()
+            .filter(|(_, v)| v.up)
+            .map(|(name, _)| name.as_str());
+        s.at_rest(&self.snapshot.devices, up)
+    }
+
     fn publish_status(&mut self) {
         let batches = self.engine.status().borrow().controller_batches;
         if batches != self.controller_batches {
@@ -348,15 +359,8 @@ impl Daemon {
             let s = self.engine.status();
             let s = s.borrow();
             self.decisions.update(&s.desired, &self.snapshot);
-            let up = self
-                .vms
-                .iter()
-                .filter(|(_, v)| v.up)
-                .map(|(name, _)| name.as_str());
-            if self
-                .trim
-                .status_changed(s.at_rest(&self.snapshot.devices, up))
-            {
+            let at_rest = self.at_rest(&s);
+            if self.trim.status_changed(at_rest) {
                 tracing::trace!("at rest: free heap memory given back");
             }
             let passed = s

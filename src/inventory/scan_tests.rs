@@ -243,15 +243,7 @@ fn missing_vendor_id_keeps_the_device_listed() {
 fn controller_without_iommu_has_no_group_and_a_blocking_verdict() {
     let dir = tempfile::tempdir().unwrap();
     let b = SysfsBuilder::new(dir.path());
-    b.pci(&PciFunction {
-        address: XHCI,
-        class: 0x0c0330,
-        vendor: 0x1b36,
-        device: 0x000d,
-        driver: Some("xhci_hcd"),
-        iommu_group: None,
-    })
-    .unwrap();
+    b.pci(&PciFunction::qemu_xhci(XHCI, None)).unwrap();
 
     let s = scan_of(&dir);
 

@@ -38,6 +38,19 @@ impl<'a> PciFunction<'a> {
             iommu_group: None,
         }
     }
+
+    /// QEMU's `qemu-xhci` (1b36:000d) at `address`, bound to `xhci_hcd`, in IOMMU group
+    /// `iommu_group`.
+    pub fn qemu_xhci(address: &'a str, iommu_group: Option<u32>) -> Self {
+        PciFunction {
+            address,
+            class: 0x0c0330,
+            vendor: 0x1b36,
+            device: 0x000d,
+            driver: Some("xhci_hcd"),
+            iommu_group,
+        }
+    }
 }
 
 /// A USB device to create (its hub, if any, must have been created first).
