@@ -5,6 +5,7 @@
 //! Parse, don't trust: a missing or malformed attribute makes that one field `None` and
 //! adds a line to [`Snapshot::warnings`]; it never fails the listing.
 
+mod id_blocks;
 pub mod ids;
 mod patch;
 pub(crate) mod pci;

@@ -60,7 +60,7 @@ fn read_controller(
     let group_link = a.link("iommu_group");
     let vendor_name = vendor_id.and_then(pci_vendor_name);
     let device_name = match (vendor_id, device_id) {
-        (Some(v), Some(d)) => super::ids::pci_device(v.0, d.0).map(str::to_string),
+        (Some(v), Some(d)) => super::ids::pci_device(v.0, d.0),
         _ => None,
     };
     let iommu_group = group_link.and_then(|n| {
@@ -158,7 +158,7 @@ fn link_companions(controllers: &mut [Controller]) {
 }
 
 fn pci_vendor_name(id: HexId) -> Option<String> {
-    super::ids::pci_vendor(id.0).map(str::to_string)
+    super::ids::pci_vendor(id.0)
 }
 
 /// `0x0c0330` → 0x0c0330.

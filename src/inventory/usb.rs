@@ -327,11 +327,11 @@ fn class_triple(a: &mut Attrs, names: [&str; 3]) -> Option<ClassTriple> {
 
 /// Name fallbacks from the usb-ids database, for devices without the strings.
 fn usb_vendor_name(vendor: HexId) -> Option<String> {
-    super::ids::usb_vendor(vendor.0).map(str::to_string)
+    super::ids::usb_vendor(vendor.0)
 }
 
 fn usb_product_name(vendor: HexId, product: HexId) -> Option<String> {
-    super::ids::usb_product(vendor.0, product.0).map(str::to_string)
+    super::ids::usb_product(vendor.0, product.0)
 }
 
 /// The class devices below `dir` (`net/usb0`, `block/sda`), none if `dir` does not exist.

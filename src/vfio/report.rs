@@ -111,8 +111,7 @@ fn class_name(class: Option<u32>) -> String {
         return "unknown class".to_string();
     };
     let (base, sub) = ((class >> 16) as u8, (class >> 8) as u8);
-    crate::inventory::ids::pci_subclass(base, sub)
-        .map_or_else(|| format!("class {class:#08x}"), str::to_string)
+    crate::inventory::ids::pci_subclass(base, sub).unwrap_or_else(|| format!("class {class:#08x}"))
 }
 
 /// The text section: what an IOMMU group is (once), then per controller its one-line
