@@ -163,7 +163,7 @@ impl<'a> AddOne<'a> {
 
     fn take_out(&mut self) {
         let at = self.kept.devices.iter().position(|d| d.port == self.port);
-        self.kept.devices.remove(at.expect("the added device"));
+        std::sync::Arc::make_mut(&mut self.kept.devices).remove(at.expect("the added device"));
     }
 
     fn run(&mut self) -> usize {

@@ -158,11 +158,11 @@ mod tests {
 
     fn snapshot() -> Snapshot {
         Snapshot {
-            devices: vec![
+            devices: std::sync::Arc::new(vec![
                 device("1-3", 5, 0x046d, 0xc016),
                 device("1-4", 6, 0x046d, 0xc016),
                 device("2-1", 2, 0x0781, 0x5581),
-            ],
+            ]),
             ..Snapshot::default()
         }
     }

@@ -65,7 +65,7 @@ struct Coordinator {
     /// The groups of `controllers` as the engine has moved them.
     groups: Groups,
     group_work: GroupWork,
-    devices: Vec<Device>,
+    devices: Arc<Vec<Device>>,
     /// Whether any [`Input::Devices`] came yet: without a picture of the host, the plan
     /// would take every VM's devices away, so no action is taken.
     devices_known: bool,
@@ -101,7 +101,7 @@ impl Coordinator {
             controllers: ControllerConfig::default(),
             groups: Groups::default(),
             group_work: GroupWork::new(host),
-            devices: vec![],
+            devices: Arc::default(),
             devices_known: false,
             mounted: BTreeSet::new(),
             backends: BTreeMap::new(),

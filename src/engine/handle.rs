@@ -22,8 +22,9 @@ pub enum Input {
     /// (through the engine's [`ControllerHost`](super::ControllerHost)), and while a rule's VM runs, devices on
     /// any function of its group stay out of the device rules.
     Controllers(ControllerConfig),
-    /// A fresh list of the devices present (after a uevent, a rescan, ENOBUFS).
-    Devices(Vec<Device>),
+    /// A fresh list of the devices present (after a uevent, a rescan, ENOBUFS), shared
+    /// with the daemon's picture.
+    Devices(Arc<Vec<Device>>),
     /// Whole disks with a host filesystem mounted (see [`PlanInput::mounted_disks`]).
     MountedDisks(BTreeSet<String>),
     /// What each configured VM's backend can attach by (start, reload); a VM absent may

@@ -64,7 +64,7 @@ fn scan_with(r: &mut Reader) -> Snapshot {
     Snapshot {
         controllers,
         buses,
-        devices,
+        devices: devices.into(),
         warnings: Vec::new(),
     }
 }

@@ -16,6 +16,7 @@ use super::{Device, PortPath, Snapshot};
 use crate::sysfs::SysfsRoot;
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::Arc;
 
 /// The USB object a uevent's `DEVPATH` belongs to, as the inventory keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,26 +151,30 @@ fn listed(devices: &[Device], port: &PortPath) -> bool {
     devices.binary_search_by(|d| d.port.cmp(port)).is_ok()
 }
 
-/// Put `device` in its place in the sorted list; `true` if the list changed.
-fn put(devices: &mut Vec<Device>, device: Device) -> bool {
+/// Put `device` in its place in the sorted list; `true` if the list changed. The list
+/// is copied (the engine may hold the one before) only when it changes.
+fn put(devices: &mut Arc<Vec<Device>>, device: Device) -> bool {
     match devices.binary_search_by(|d| d.port.cmp(&device.port)) {
         Ok(at) if devices[at] == device => false,
         Ok(at) => {
-            devices[at] = device;
+            Arc::make_mut(devices)[at] = device;
             true
         }
         Err(at) => {
-            devices.insert(at, device);
+            Arc::make_mut(devices).insert(at, device);
             true
         }
     }
 }
 
 /// Drop the device at `port` and every device behind it; `true` if any was there.
-fn drop_subtree(devices: &mut Vec<Device>, port: &PortPath) -> bool {
-    let before = devices.len();
-    devices.retain(|d| d.port != *port && !d.port.is_behind(port));
-    devices.len() != before
+fn drop_subtree(devices: &mut Arc<Vec<Device>>, port: &PortPath) -> bool {
+    let gone = |d: &Device| d.port == *port || d.port.is_behind(port);
+    if !devices.iter().any(gone) {
+        return false;
+    }
+    Arc::make_mut(devices).retain(|d| !gone(d));
+    true
 }
 
 #[cfg(test)]
@@ -215,19 +220,24 @@ mod tests {
     #[test]
     fn put_keeps_the_list_sorted_and_says_whether_it_changed() {
         let at = |s: &str| Device::at(s.parse().unwrap());
-        let mut list = vec![at("1-1"), at("1-3")];
+        let mut list = Arc::new(vec![at("1-1"), at("1-3")]);
+        let engines = list.clone();
 
+        assert!(!put(&mut list, at("1-3")));
+        assert!(Arc::ptr_eq(&list, &engines), "no change, no copy");
         assert!(put(&mut list, at("1-2")));
         assert!(!put(&mut list, at("1-2")));
         let ports: Vec<String> = list.iter().map(|d| d.port.to_string()).collect();
         assert_eq!(ports, ["1-1", "1-2", "1-3"]);
+        assert_eq!(engines.len(), 2, "the list another holds is not changed");
     }
 
     #[test]
     fn dropping_a_hub_drops_what_is_behind_it_and_nothing_else() {
         let at = |s: &str| Device::at(s.parse().unwrap());
-        let mut list = vec![at("1-1"), at("1-1.2"), at("1-1.2.3"), at("1-10"), at("2-1")];
+        let mut list = Arc::new(vec![at("1-1"), at("1-1.2"), at("1-1.2.3"), at("1-10"), at("2-1")]);
 
+        assert!(!drop_subtree(&mut list, &"1-2".parse().unwrap()));
         assert!(drop_subtree(&mut list, &"1-1".parse().unwrap()));
         let ports: Vec<String> = list.iter().map(|d| d.port.to_string()).collect();
         assert_eq!(ports, ["1-10", "2-1"]);

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize, Serializer};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// A PCI function address, `0000:00:14.0`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -515,8 +516,10 @@ pub struct Snapshot {
     pub controllers: Vec<Controller>,
     /// USB buses (root hubs), sorted by number.
     pub buses: Vec<Bus>,
-    /// USB devices, sorted by port path.
-    pub devices: Vec<Device>,
+    /// USB devices, sorted by port path. Shared: the daemon hands the engine the same
+    /// list it keeps, and a change copies it (`Arc::make_mut`) only while the engine
+    /// still holds the one before.
+    pub devices: Arc<Vec<Device>>,
     /// What could not be read, one line each ("1-3: speed `x` is not a number").
     #[serde(skip)]
     pub warnings: Vec<String>,

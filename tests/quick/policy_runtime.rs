@@ -87,7 +87,7 @@ pub(crate) fn start(
 /// The host has exactly `devices` now, and the engine is told (as after a rescan).
 pub(crate) fn plug(host: &FakeHost, engine: &EngineHandle, devices: Vec<Device>) {
     host.set_devices(&devices);
-    engine.send(Input::Devices(devices));
+    engine.send(Input::Devices(devices.into()));
 }
 
 pub(crate) fn backend(vm: &Arc<impl VmBackend + 'static>) -> Arc<dyn VmBackend> {

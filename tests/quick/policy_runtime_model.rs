@@ -130,7 +130,7 @@ impl Harness {
 
     fn send_devices(&mut self) {
         self.freed_unseen.clear();
-        self.engine.send(Input::Devices(self.host.devices()));
+        self.engine.send(Input::Devices(self.host.devices().into()));
     }
 
     async fn apply(&mut self, event: &Event) -> Result<(), TestCaseError> {

@@ -67,7 +67,7 @@ fn snapshot(devices: Vec<Device>) -> Snapshot {
             bus(3, "0000:00:14.0", 480.0),
             bus(4, "0000:00:14.0", 5000.0),
         ],
-        devices,
+        devices: devices.into(),
         warnings: vec![],
     }
 }

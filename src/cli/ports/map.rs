@@ -233,7 +233,7 @@ mod tests {
                 twin: None,
                 twin_ports: Vec::new(),
             }],
-            devices,
+            devices: devices.into(),
             ..Snapshot::default()
         }
     }
