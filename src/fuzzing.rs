@@ -8,7 +8,7 @@
 //! main crate so that a parser's change that breaks a target fails `cargo build`, not
 //! only the fuzz build. Not a stable interface: hidden from the docs.
 
-use crate::backend::qemu::qmp::reader::{parse_message, read_line, Line, Message};
+use crate::backend::qemu::qmp::reader::{parse_message, Line, LineReader, Message};
 use crate::backend::qemu::qmp::Qmp;
 use crate::config::{Config, ConfigError};
 use crate::daemon::mounts::mounted_devices;
@@ -139,7 +139,7 @@ pub fn config(data: &[u8]) {
 }
 
 /// What a QEMU (or something pretending to be one) sends on its QMP socket. The first
-/// byte sets the reader's buffer size, so lines also arrive split across reads.
+/// byte sets how much the reader reads at a time, so lines also arrive split across reads.
 pub fn qmp_stream(data: &[u8]) {
     let Some((&first, stream)) = data.split_first() else {
         return;
@@ -158,13 +158,13 @@ pub fn qmp_stream(data: &[u8]) {
 /// The line reader against a model: the lines are the `\n`-separated pieces, their line
 /// ends stripped, the last unterminated piece is the partial; each line is classified.
 async fn read_every_line(stream: &[u8], capacity: usize) {
-    let mut reader = tokio::io::BufReader::with_capacity(capacity, stream);
+    let mut reader = LineReader::with_chunk(stream, capacity);
     let mut expected = stream.split(|b| *b == b'\n');
     loop {
         let piece = expected
             .next()
             .expect("the reader returned more lines than there are");
-        match read_line(&mut reader).await {
+        match reader.read_line().await {
             Ok(Line::Complete(line)) => {
                 let mut want = piece;
                 while let Some(rest) = want.strip_suffix(b"\r") {

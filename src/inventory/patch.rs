@@ -235,7 +235,13 @@ mod tests {
     #[test]
     fn dropping_a_hub_drops_what_is_behind_it_and_nothing_else() {
         let at = |s: &str| Device::at(s.parse().unwrap());
-        let mut list = Arc::new(vec![at("1-1"), at("1-1.2"), at("1-1.2.3"), at("1-10"), at("2-1")]);
+        let mut list = Arc::new(vec![
+            at("1-1"),
+            at("1-1.2"),
+            at("1-1.2.3"),
+            at("1-10"),
+            at("2-1"),
+        ]);
 
         assert!(!drop_subtree(&mut list, &"1-2".parse().unwrap()));
         assert!(drop_subtree(&mut list, &"1-1".parse().unwrap()));

@@ -29,7 +29,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot};
 use writer::Writer;
@@ -50,11 +50,6 @@ pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
 /// keeps this many slots, with the last events in them, for every VM: 256 cost the
 /// daemon about 35 KiB a VM.
 const EVENT_BUFFER: usize = 16;
-
-/// The read buffer of a connection. QEMU's answers to usbroute are a few hundred bytes
-/// (a listing's a few KiB, read in a few turns; a line is collected whatever its length);
-/// tokio's default of 8 KiB was 512 KiB of the daemon's heap at 64 VMs.
-const READ_BUFFER: usize = 2048;
 
 /// One asynchronous event from QEMU (`DEVICE_DELETED`, `STOP`, or one this code has never
 /// heard of: all are delivered alike).
@@ -201,7 +196,7 @@ impl Qmp {
     where
         R: AsyncRead + Unpin + Send + 'static,
     {
-        let mut reader = BufReader::with_capacity(READ_BUFFER, read);
+        let mut reader = reader::LineReader::new(read);
         let greeting = match deadlines.greeting {
             Some(wait) => tokio::time::timeout(wait, read_greeting(&mut reader))
                 .await
@@ -517,8 +512,10 @@ impl std::ops::Sub for Sent {
     }
 }
 
-async fn read_greeting<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -> Result<Value, QmpError> {
-    let line = match reader::read_line(reader).await {
+async fn read_greeting<R: AsyncRead + Unpin>(
+    reader: &mut reader::LineReader<R>,
+) -> Result<Value, QmpError> {
+    let line = match reader.read_line().await {
         Ok(Line::Complete(line)) => line,
         Ok(Line::End { partial }) => {
             return Err(QmpError::Closed {

@@ -5,9 +5,11 @@ use super::error::shorten;
 use super::{QmpError, QmpEvent, State};
 use serde_json::Value;
 use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Poll};
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// The longest QMP line (one reply or one event) read. QEMU's largest reply,
 /// `query-qmp-schema`, is about 240 KB (QEMU 10.0); usbroute's own are far smaller. A
@@ -46,33 +48,87 @@ impl std::fmt::Display for LineTooLong {
 
 impl std::error::Error for LineTooLong {}
 
-/// Read one `\n`-terminated line, at most [`MAX_LINE`] bytes (then [`LineTooLong`]).
-pub(crate) async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -> io::Result<Line> {
-    let mut line = Vec::new();
-    loop {
-        let available = reader.fill_buf().await?;
-        if available.is_empty() {
-            return Ok(Line::End { partial: line });
+/// The most read from the socket at a time. Read into the stack, so an idle connection
+/// holds no buffer: at 64 VMs, a 2 KiB buffer each was 128 KiB of the daemon's heap.
+pub(crate) const READ_CHUNK: usize = 2048;
+
+/// Splits a stream into lines. Holds memory only for what has arrived and is not yet a
+/// whole line: nothing, between QEMU's messages.
+pub(crate) struct LineReader<R> {
+    read: R,
+    /// Bytes read and not yet returned.
+    pending: Vec<u8>,
+    /// How far `pending` is known to hold no line end.
+    scanned: usize,
+    /// How much one read asks for (at most [`READ_CHUNK`]; less splits lines across
+    /// reads, for the fuzzer).
+    chunk: usize,
+}
+
+impl<R: AsyncRead + Unpin> LineReader<R> {
+    /// Lines of `read`.
+    pub(crate) fn new(read: R) -> Self {
+        Self::with_chunk(read, READ_CHUNK)
+    }
+
+    /// Lines of `read`, read `chunk` bytes at a time at most.
+    pub(crate) fn with_chunk(read: R, chunk: usize) -> Self {
+        LineReader {
+            read,
+            pending: Vec::new(),
+            scanned: 0,
+            chunk: chunk.clamp(1, READ_CHUNK),
         }
-        let (taken, done) = match available.iter().position(|b| *b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (available.len(), false),
-        };
-        line.extend_from_slice(&available[..taken]);
-        reader.consume(taken);
-        if done {
-            while matches!(line.last(), Some(b'\n' | b'\r')) {
-                line.pop();
+    }
+
+    /// Read one `\n`-terminated line, at most [`MAX_LINE`] bytes (then [`LineTooLong`]).
+    pub(crate) async fn read_line(&mut self) -> io::Result<Line> {
+        loop {
+            let unscanned = &self.pending[self.scanned..];
+            let end = match unscanned.iter().position(|b| *b == b'\n') {
+                Some(i) => Some(self.scanned + i),
+                None => {
+                    self.scanned = self.pending.len();
+                    None
+                }
+            };
+            if end.unwrap_or(self.pending.len()) > MAX_LINE {
+                let start = shorten(&String::from_utf8_lossy(&self.pending[..SHOWN]), SHOWN);
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    LineTooLong { start },
+                ));
             }
-            return Ok(Line::Complete(line));
+            if let Some(end) = end {
+                let rest = self.pending.split_off(end + 1);
+                let mut line = std::mem::replace(&mut self.pending, rest);
+                self.scanned = 0;
+                line.truncate(end);
+                while line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(Line::Complete(line));
+            }
+            if self.read_some().await? == 0 {
+                self.scanned = 0;
+                return Ok(Line::End {
+                    partial: std::mem::take(&mut self.pending),
+                });
+            }
         }
-        if line.len() > MAX_LINE {
-            let start = shorten(&String::from_utf8_lossy(&line[..SHOWN]), SHOWN);
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                LineTooLong { start },
-            ));
-        }
+    }
+
+    /// One read onto the end of `pending`; 0 at the end of the stream.
+    async fn read_some(&mut self) -> io::Result<usize> {
+        let (read, pending, chunk) = (&mut self.read, &mut self.pending, self.chunk);
+        std::future::poll_fn(|cx| {
+            let mut buffer = [0u8; READ_CHUNK];
+            let mut got = ReadBuf::new(&mut buffer[..chunk]);
+            ready!(Pin::new(&mut *read).poll_read(cx, &mut got))?;
+            pending.extend_from_slice(got.filled());
+            Poll::Ready(Ok(got.filled().len()))
+        })
+        .await
     }
 }
 
@@ -194,12 +250,12 @@ fn timestamp(v: &Value) -> Option<SystemTime> {
 ///
 /// `peer` names the other end (the socket path) for errors.
 pub(crate) async fn run<R: AsyncRead + Unpin>(
-    mut reader: BufReader<R>,
+    mut reader: LineReader<R>,
     state: Arc<Mutex<State>>,
     peer: String,
 ) {
     let broken = loop {
-        let line = match read_line(&mut reader).await {
+        let line = match reader.read_line().await {
             Ok(Line::Complete(line)) if line.is_empty() => continue,
             Ok(Line::Complete(line)) => line,
             Ok(Line::End { partial }) => {
@@ -300,7 +356,52 @@ fn dispatch(state: &Mutex<State>, message: Message) {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_message, Message, Returned};
+    use super::{parse_message, Line, LineReader, Message, Returned, MAX_LINE};
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn lines_split_across_reads_come_whole_and_nothing_is_held_between_them() {
+        let (mut qemu, ours) = tokio::io::duplex(64);
+        let mut reader = LineReader::new(ours);
+        qemu.write_all(b"{\"return\": {}, ").await.unwrap();
+        qemu.write_all(b"\"id\": 1}\r\n{\"ev").await.unwrap();
+
+        let Line::Complete(first) = reader.read_line().await.unwrap() else {
+            panic!("a whole line")
+        };
+        assert_eq!(first, b"{\"return\": {}, \"id\": 1}");
+        assert_eq!(reader.pending, b"{\"ev", "the next line's start is kept");
+        qemu.write_all(b"ent\": \"STOP\"}\n").await.unwrap();
+        let Line::Complete(second) = reader.read_line().await.unwrap() else {
+            panic!("a whole line")
+        };
+        assert_eq!(second, b"{\"event\": \"STOP\"}");
+        assert_eq!(
+            reader.pending.capacity(),
+            0,
+            "an idle connection holds no buffer"
+        );
+
+        qemu.write_all(b"{\"cut").await.unwrap();
+        drop(qemu);
+        let Line::End { partial } = reader.read_line().await.unwrap() else {
+            panic!("the end")
+        };
+        assert_eq!(partial, b"{\"cut");
+    }
+
+    #[tokio::test]
+    async fn a_line_past_the_limit_is_refused_whole_or_in_part() {
+        for ends in [true, false] {
+            let mut stream = vec![b'x'; MAX_LINE + 1];
+            if ends {
+                stream.push(b'\n');
+            }
+            let mut reader = LineReader::new(&stream[..]);
+            let refused = reader.read_line().await.err().expect("refused");
+            assert!(refused.to_string().contains("longer than"), "{refused}");
+        }
+    }
 
     #[test]
     fn parse_unknown_event_keeps_raw_json() {
