@@ -47,8 +47,8 @@ pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many events a slow subscriber may fall behind before it sees `Lagged`. Every
 /// subscriber takes `Lagged` in its stride (a detach lists the VM, the known buses are
 /// listed again, the end of the stream is all the connector waits for), and the channel
-/// keeps this many slots, with the last events in them, for every VM: 256 cost the
-/// daemon about 35 KiB a VM.
+/// keeps this many slots for every VM: 256 cost the daemon about 35 KiB a VM. A slot
+/// holds an `Arc` of its event, 8 bytes where the event itself is over 100.
 const EVENT_BUFFER: usize = 16;
 
 /// One asynchronous event from QEMU (`DEVICE_DELETED`, `STOP`, or one this code has never
@@ -119,7 +119,7 @@ pub(crate) struct State {
     /// Set once the connection is gone; every later command fails with it.
     broken: Option<QmpError>,
     /// `None` once the connection is gone, which ends every subscriber's stream.
-    events: Option<broadcast::Sender<QmpEvent>>,
+    events: Option<broadcast::Sender<Arc<QmpEvent>>>,
 }
 
 struct Pending {
@@ -270,7 +270,7 @@ impl Qmp {
 
     /// Subscribe to events from now on. The stream ends (`RecvError::Closed`) when the
     /// connection does; a subscriber that falls more than 16 events behind sees `Lagged`.
-    pub fn events(&self) -> broadcast::Receiver<QmpEvent> {
+    pub fn events(&self) -> broadcast::Receiver<Arc<QmpEvent>> {
         let st = self.lock_state();
         match &st.events {
             Some(tx) => tx.subscribe(),

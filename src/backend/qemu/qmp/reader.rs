@@ -327,7 +327,7 @@ fn dispatch(state: &Mutex<State>, message: Message) {
             tracing::trace!(event = %event.name, "QMP event");
             if let Some(tx) = &st.events {
                 // No subscriber is fine: events nobody waits for are dropped.
-                let _ = tx.send(event);
+                let _ = tx.send(Arc::new(event));
             }
         }
         Message::Greeting(_) => tracing::warn!("QMP peer sent a second greeting; ignored"),
