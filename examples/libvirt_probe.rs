@@ -33,7 +33,7 @@ const TABLET: &str = "<input type='tablet' bus='usb'><alias name='ua-probe-table
 const MISSING_USB: &str = "<hostdev mode='subsystem' type='usb' managed='yes'><source>\
     <vendor id='0xdead'/><product id='0xbeef'/></source><alias name='ua-id-dead-beef'/></hostdev>";
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     match probe().await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -23,7 +23,7 @@ use usbroute::sysfs::SysfsRoot;
 
 type Failed = Box<dyn std::error::Error>;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     match probe().await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -234,7 +234,7 @@ mod tests {
         assert!(unmanaged.is_empty());
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[tokio::test]
     async fn the_daemon_forwards_a_drivers_presence_and_plans_with_its_modes() {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("usbroute.toml");
