@@ -271,6 +271,8 @@ pub struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     line: String,
+    /// Events read while waiting for replies, not yet asked for.
+    events: Vec<String>,
 }
 
 impl Qmp {
@@ -281,6 +283,7 @@ impl Qmp {
             reader: BufReader::new(stream.try_clone().unwrap()),
             writer: stream,
             line: String::new(),
+            events: Vec::new(),
         };
         // The greeting carries no "return": the first command's wait skips it.
         qmp.command("{\"execute\":\"qmp_capabilities\"}");
@@ -299,7 +302,35 @@ impl Qmp {
             if self.line.contains("\"return\"") || self.line.contains("\"error\"") {
                 return &self.line;
             }
+            if self.line.contains("\"event\"") {
+                self.events.push(self.line.clone());
+            }
         }
+    }
+
+    /// Wait for the event `name` (one already read counts), at most `within`.
+    pub fn wait_event(&mut self, name: &str, within: Duration) {
+        let wanted = format!("\"event\": \"{name}\"");
+        if let Some(at) = self.events.iter().position(|e| e.contains(&wanted)) {
+            self.events.remove(at);
+            return;
+        }
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(within))
+            .unwrap();
+        loop {
+            self.line.clear();
+            let n = self
+                .reader
+                .read_line(&mut self.line)
+                .unwrap_or_else(|e| panic!("no {name} within {within:?}: {e}"));
+            assert!(n > 0, "QEMU closed the QMP connection");
+            if self.line.contains(&wanted) {
+                break;
+            }
+        }
+        self.reader.get_ref().set_read_timeout(None).unwrap();
     }
 
     /// [`Qmp::command`] that must succeed.
