@@ -5,6 +5,8 @@
 //! - `raw_query_status`: one QMP round trip on an open, negotiated socket;
 //! - `raw_device_add`: a usb-host `device_add` by port alone on such a socket (the
 //!   floor: what QEMU itself needs);
+//! - `raw_device_add_after_delete`: the same, each after the previous device's
+//!   `DEVICE_DELETED`, the pause the uevent part's plugs come after (a control);
 //! - `uevent_to_confirmed`: `usbroute serve` as a process on a copy of the recorded
 //!   test-bed guest (`--sysfs-root`), its mouse (1-2.1) taken out and put back, and the
 //!   kernel's uevents for each sent to its uevent input (`--uevent-socket`: the same
@@ -88,8 +90,8 @@ fn main() {
     let idle_rss_kib = idle_rss(&peers::usbroute(), dir.path());
     let raw_qemu = Qemu::start(&dir.path().join("raw.qmp"));
     let raw_query_status = raw_round_trip(&raw_qemu.qmp, n);
-    let raw_device_add = raw_device_add(&raw_qemu.qmp, n);
-    let raw_device_add_after_delete = raw_device_add_after_delete(&raw_qemu.qmp, n);
+    let back_to_back = raw_device_add(&raw_qemu.qmp, n, false);
+    let after_delete = raw_device_add(&raw_qemu.qmp, n, true);
     let socat_per_event = socat_per_event(dir.path(), &raw_qemu.qmp, n.min(200));
     drop(raw_qemu);
     let (uevent_to_confirmed, control_attach_to_confirmed) =
@@ -98,8 +100,8 @@ fn main() {
 
     let rows = [
         ("raw_query_status", &raw_query_status),
-        ("raw_device_add", &raw_device_add),
-        ("raw_device_add_after_delete", &raw_device_add_after_delete),
+        ("raw_device_add", &back_to_back),
+        ("raw_device_add_after_delete", &after_delete),
         ("uevent_to_confirmed", &uevent_to_confirmed),
         ("control_attach_to_confirmed", &control_attach_to_confirmed),
         ("socat_per_event", &socat_per_event),
@@ -291,14 +293,15 @@ fn raw_round_trip(qmp: &Path, n: usize) -> Percentiles {
 }
 
 /// QEMU's own cost of a usb-host `device_add` (by port), on an open connection; each is
-/// removed again (not timed).
-/// The floor as the uevent part meets it: each `device_add` after the previous device's
-/// `DEVICE_DELETED` (QEMU's unplug ends about 60 ms after `device_del` answers), as each
-/// plug of the uevent part comes after the daemon's detach is done, the machine idle
-/// meanwhile. A control for `raw_device_add` (back to back): if the pause made QEMU
+/// removed again (not timed), the next sent at once (`raw_device_add`, the floor) or after
+/// the removed device's `DEVICE_DELETED` (`raw_device_add_after_delete`).
+///
+/// The second is the floor as the uevent part meets it: QEMU's unplug ends about 60 ms
+/// after `device_del` answers, and each plug of the uevent part comes after the daemon's
+/// detach is done, the machine idle meanwhile. It is a control: if the pause made QEMU
 /// slower, the uevent part's distance from the back-to-back floor would not all be the
-/// daemon's. On this machine the two floors agree (280 against 293 µs p50).
-fn raw_device_add_after_delete(qmp: &Path, n: usize) -> Percentiles {
+/// daemon's. On this machine the two agree (280 against 293 µs p50).
+fn raw_device_add(qmp: &Path, n: usize, after_delete: bool) -> Percentiles {
     let mut qmp = Qmp::connect(qmp);
     let add = device_add_by_port("raw", 1, "2.1");
     let samples = (0..n)
@@ -307,22 +310,9 @@ fn raw_device_add_after_delete(qmp: &Path, n: usize) -> Percentiles {
             qmp.ok(&add);
             let took = t.elapsed();
             qmp.ok(&device_del("raw"));
-            qmp.wait_event("DEVICE_DELETED", STEP);
-            took
-        })
-        .collect();
-    Percentiles::new(samples)
-}
-
-fn raw_device_add(qmp: &Path, n: usize) -> Percentiles {
-    let mut qmp = Qmp::connect(qmp);
-    let add = device_add_by_port("raw", 1, "2.1");
-    let samples = (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            qmp.ok(&add);
-            let took = t.elapsed();
-            qmp.ok(&device_del("raw"));
+            if after_delete {
+                qmp.wait_event("DEVICE_DELETED", STEP);
+            }
             took
         })
         .collect();
