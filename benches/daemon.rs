@@ -205,11 +205,14 @@ fn bench_dir() -> PathBuf {
 }
 
 fn print_table(rows: &[(&str, &Percentiles)], scale: &scale::ScaleFigures, idle_rss_kib: u64) {
-    let floor = rows
-        .iter()
-        .find(|(name, _)| *name == "raw_device_add")
-        .map(|(_, p)| (p.p50(), p.p99()))
-        .unwrap();
+    // (p50, p99) of the row named `wanted`.
+    let row = |wanted: &str| {
+        rows.iter()
+            .find(|(name, _)| *name == wanted)
+            .map(|(_, p)| (p.p50(), p.p99()))
+            .unwrap()
+    };
+    let floor = row("raw_device_add");
     println!(
         "{:<30} {:>11} {:>11} {:>5} {:>9} {:>9}",
         "path", "p50 µs", "p99 µs", "n", "p50/floor", "p99/floor"
@@ -225,16 +228,10 @@ fn print_table(rows: &[(&str, &Percentiles)], scale: &scale::ScaleFigures, idle_
         );
     }
     println!("(floor: raw_device_add)");
-    let after_delete = rows
-        .iter()
-        .find(|(name, _)| *name == "raw_device_add_after_delete")
-        .map(|(_, p)| (p.p50(), p.p99()))
-        .unwrap();
-    let uevent = rows
-        .iter()
-        .find(|(name, _)| *name == "uevent_to_confirmed")
-        .map(|(_, p)| (p.p50(), p.p99()))
-        .unwrap();
+    let (after_delete, uevent) = (
+        row("raw_device_add_after_delete"),
+        row("uevent_to_confirmed"),
+    );
     println!(
         "uevent_to_confirmed above its floor: p50 +{:.0} µs / p99 +{:.0} µs over raw_device_add, +{:.0} / +{:.0} µs over raw_device_add_after_delete",
         uevent.0 - floor.0,
